@@ -1,0 +1,170 @@
+"""``instaclone``: command-line client of the control API.
+
+Errors are one line on stderr and a non-zero exit status (1 for an error the
+daemon reported, 2 for a usage error, 3 when the daemon cannot be reached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import aiohttp
+
+DEFAULT_SOCKET = "/run/instaclone/control.sock"
+
+
+class CliError(Exception):
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _request(sock: str, method: str, path: str, body: dict[str, Any] | None = None,
+                   timeout_s: float = 660.0) -> dict[str, Any]:
+    conn = aiohttp.UnixConnector(path=sock)
+    try:
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
+            async with s.request(method, f"http://instaclone{path}", json=body) as resp:
+                try:
+                    data = await resp.json(content_type=None)
+                except ValueError:
+                    raise CliError(f"daemon sent a non-JSON answer (HTTP {resp.status})") from None
+                if resp.status >= 400:
+                    err = (data or {}).get("error", {})
+                    raise CliError(f"{err.get('message', 'HTTP ' + str(resp.status))} [{err.get('code', '?')}]")
+                return dict(data)
+    except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
+        raise CliError(f"cannot reach instacloned at {sock}: {exc.strerror or exc}", 3) from None
+
+
+def _fmt_ms(v: Any) -> str:
+    return "-" if v is None else f"{v:.0f}ms"
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    print(f"job {job['id']}  source={job['source']}  state={job['state']}")
+    print(f"  clones: {', '.join(job['spec'].get('names', []))}")
+    durations = job.get("durations_ms", {})
+    t0 = job["history"][0]["at"] if job["history"] else 0
+    for h in job["history"]:
+        print(f"  {h['state']:<20} +{(h['at'] - t0) * 1000:8.1f} ms  (step {_fmt_ms(durations.get(h['state']))})")
+    if job.get("error"):
+        e = job["error"]
+        print(f"  error: {e.get('message')} [{e.get('code')}]" + (f" at {e['step']}" if e.get("step") else ""))
+        for left in e.get("left_behind", []):
+            print(f"  left behind: {left}")
+    result = job.get("result") or {}
+    if result.get("stun_ms") is not None:
+        print(f"  source stunned for {result['stun_ms']:.1f} ms")
+    for c in result.get("clones", []):
+        print(f"  clone {c['name']}  uuid={c['uuid']}  mac={','.join(c.get('macs', []))}  state={c.get('state')}")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+async def run(args: argparse.Namespace) -> int:
+    sock = args.socket
+    out_json = args.output == "json"
+
+    def emit(data: Any) -> None:
+        print(json.dumps(data, indent=2, sort_keys=True))
+
+    if args.cmd == "clone":
+        wait = f"?wait={args.timeout:g}" if args.wait else ""
+        data = await _request(sock, "POST", f"/v1/jobs{wait}",
+                              {"source": args.source, "name": args.name, "count": args.count})
+        job = data["job"]
+        if out_json:
+            emit(job)
+        else:
+            _print_job(job)
+        if args.wait and job["state"] != "Unstunned":
+            return 1
+        return 0
+    if args.cmd == "jobs":
+        if args.jobs_cmd == "show":
+            q = f"?wait={args.wait:g}" if args.wait else ""
+            job = (await _request(sock, "GET", f"/v1/jobs/{args.job_id}{q}"))["job"]
+            emit(job) if out_json else _print_job(job)
+            return 0
+        jobs = (await _request(sock, "GET", "/v1/jobs"))["jobs"]
+        if out_json:
+            emit(jobs)
+        else:
+            _table([[j["id"], j["source"], ",".join(j["spec"].get("names", [])), j["state"],
+                     time.strftime("%H:%M:%S", time.localtime(j["created_at"]))] for j in jobs],
+                   ["JOB", "SOURCE", "CLONES", "STATE", "CREATED"])
+        return 0
+    if args.cmd == "clones":
+        clones = (await _request(sock, "GET", "/v1/clones"))["clones"]
+        if out_json:
+            emit(clones)
+        else:
+            _table([[c["name"], c["source"], c["state"], c["uuid"], c["job_id"]] for c in clones],
+                   ["NAME", "SOURCE", "STATE", "UUID", "JOB"])
+        return 0
+    if args.cmd == "destroy":
+        data = await _request(sock, "DELETE", f"/v1/clones/{args.name}")
+        emit(data) if out_json else print(f"destroyed {args.name}")
+        return 0
+    if args.cmd == "status":
+        data = await _request(sock, "GET", "/v1/health")
+        if out_json:
+            emit(data)
+        else:
+            for k, v in data.items():
+                print(f"{k}: {v}")
+        return 0
+    raise CliError("no command given", 2)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="instaclone", description="instant clones of running libvirt VMs")
+    p.add_argument("--socket", default=os.environ.get("INSTACLONE_SOCKET", DEFAULT_SOCKET),
+                   help="control socket of instacloned (env INSTACLONE_SOCKET)")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("clone", help="instant-clone a running or paused VM")
+    c.add_argument("source")
+    c.add_argument("--name", required=True, help="clone name; with --count > 1, the prefix of NAME-1..NAME-K")
+    c.add_argument("--count", type=int, default=1)
+    c.add_argument("--wait", action="store_true", help="wait until the job finishes")
+    c.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
+    j = sub.add_parser("jobs", help="list or show clone jobs")
+    jsub = j.add_subparsers(dest="jobs_cmd", required=True)
+    jsub.add_parser("ls")
+    js = jsub.add_parser("show")
+    js.add_argument("job_id")
+    js.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for the job to end")
+    cl = sub.add_parser("clones", help="list clones")
+    clsub = cl.add_subparsers(dest="clones_cmd", required=True)
+    clsub.add_parser("ls")
+    d = sub.add_parser("destroy", help="power off and delete a clone and its files")
+    d.add_argument("name")
+    sub.add_parser("status", help="daemon status")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except CliError as exc:
+        print(f"instaclone: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Build a clone's domain definition from its source's XML. Pure: no I/O."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+IC_NS = "https://instaclone.dev/xmlns/clone/1"
+
+ET.register_namespace("qemu", QEMU_NS)
+ET.register_namespace("instaclone", IC_NS)
+
+
+@dataclass
+class CloneIdentity:
+    name: str
+    uuid: str
+    macs: list[str]
+    dir: Path  # the clone's own directory: logs, sockets, per-clone files
+    disks: dict[str, Path]  # disk target -> the clone's delta
+    source: str = ""
+    job_id: str = ""
+    extra_qemu_args: list[str] = field(default_factory=list)
+
+
+def count_interfaces(xml: str) -> int:
+    return len(ET.fromstring(xml).findall("./devices/interface"))
+
+
+def clone_xml(source_xml: str, ident: CloneIdentity) -> str:
+    """Return the clone's domain XML.
+
+    Everything host-visible that would collide with the source is replaced:
+    name, UUID, MAC addresses, disk paths, and any file or socket path of
+    serial ports, consoles and channels (moved into the clone's directory).
+    Devices and their addresses are kept exactly, so that the source's
+    migrated device state fits the clone.
+    """
+    root = ET.fromstring(source_xml)
+    root.attrib.pop("id", None)
+    for tag in ("name", "uuid"):
+        el = root.find(tag)
+        if el is None:
+            el = ET.SubElement(root, tag)
+        el.text = ident.name if tag == "name" else ident.uuid
+
+    # A VM generation ID must change on every clone; libvirt makes a fresh one
+    # for an empty <genid/>.
+    genid = root.find("genid")
+    if genid is not None:
+        genid.text = None
+
+    # Drop dynamic security labels: they belong to the source's process.
+    for seclabel in root.findall("seclabel"):
+        if seclabel.get("type") == "dynamic":
+            root.remove(seclabel)
+
+    devices = root.find("devices")
+    if devices is None:
+        raise ValueError("domain XML has no <devices>")
+
+    for disk in devices.findall("disk"):
+        tgt = disk.find("target")
+        src = disk.find("source")
+        if tgt is None or src is None:
+            continue
+        new = ident.disks.get(tgt.get("dev", ""))
+        if new is None:
+            continue
+        src.set("file", str(new))
+        for child in list(src):
+            if child.tag == "seclabel":
+                src.remove(child)
+        drv = disk.find("driver")
+        if drv is not None:
+            drv.set("type", "qcow2")
+        # libvirt re-reads the chain from the image headers.
+        for bs in disk.findall("backingStore"):
+            disk.remove(bs)
+
+    ifaces = devices.findall("interface")
+    if len(ifaces) != len(ident.macs):
+        raise ValueError(f"{len(ifaces)} interfaces but {len(ident.macs)} MAC addresses")
+    for iface, mac in zip(ifaces, ident.macs):
+        mac_el = iface.find("mac")
+        if mac_el is None:
+            mac_el = ET.SubElement(iface, "mac")
+        mac_el.set("address", mac)
+        target = iface.find("target")
+        if target is not None and target.get("managed") != "no":
+            iface.remove(target)
+
+    # Serial ports, consoles and channels: one new path per old path, so the
+    # <console> that mirrors serial0 keeps pointing at the same file.
+    moved: dict[str, str] = {}
+
+    def relocate(path: str) -> str:
+        if path not in moved:
+            base = Path(path).name
+            if ident.source and ident.source in base:
+                base = base.replace(ident.source, ident.name)
+            moved[path] = str(ident.dir / base)
+        return moved[path]
+
+    for dev in list(devices.findall("serial")) + devices.findall("console") + devices.findall("channel"):
+        for src in dev.findall("source"):
+            if src.get("path"):
+                src.set("path", relocate(src.get("path", "")))
+        log = dev.find("log")
+        if log is not None and log.get("file"):
+            log.set("file", relocate(log.get("file", "")))
+    for gfx in devices.findall("graphics"):
+        if gfx.get("autoport") == "no" or gfx.get("port") not in (None, "-1"):
+            gfx.set("autoport", "yes")
+            gfx.attrib.pop("port", None)
+        gfx.attrib.pop("websocket", None)
+
+    # Mark the domain as ours, with where it came from.
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.SubElement(root, "metadata")
+    for old in metadata.findall(f"{{{IC_NS}}}clone"):
+        metadata.remove(old)
+    ET.SubElement(metadata, f"{{{IC_NS}}}clone", {"source": ident.source, "job": ident.job_id})
+
+    # A clone of a clone inherits its source's one-shot arguments; drop them.
+    root = ET.fromstring(strip_incoming(ET.tostring(root, encoding="unicode")))
+    cmdline = root.find(f"{{{QEMU_NS}}}commandline")
+    if ident.extra_qemu_args:
+        if cmdline is None:
+            cmdline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+        for arg in ident.extra_qemu_args:
+            ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", {"value": arg})
+
+    return ET.tostring(root, encoding="unicode")
+
+
+def strip_incoming(xml: str) -> str:
+    """``xml`` without a ``-incoming <uri>`` pair in its QEMU command line."""
+    root = ET.fromstring(xml)
+    cmdline = root.find(f"{{{QEMU_NS}}}commandline")
+    if cmdline is None:
+        return xml
+    args = cmdline.findall(f"{{{QEMU_NS}}}arg")
+    for a, b in zip(args, args[1:]):
+        if a.get("value") == "-incoming":
+            cmdline.remove(a)
+            cmdline.remove(b)
+    if not list(cmdline):
+        root.remove(cmdline)
+    return ET.tostring(root, encoding="unicode")
+
+
+def macs(xml: str) -> list[str]:
+    root = ET.fromstring(xml)
+    return [m.get("address", "") for m in root.iterfind("./devices/interface/mac")]

@@ -1,0 +1,501 @@
+"""The clone engine: runs one state machine per clone job.
+
+Jobs come from the persistent queue (the journal). Each job runs in its own
+supervised task; jobs for the same source are serialized by a per-source
+lock, jobs for different sources run concurrently up to
+``daemon.max_concurrent_jobs``. Every step records what it is about to create
+before creating it, and pushes an undo; on failure the undos run in reverse
+order and the source is always resumed (shielded from cancellation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import domxml, identity, journal as jr
+from .backends import CloneTarget, MemoryBackend, StorageBackend, StunContext
+from .config import Config
+from .errors import (
+    DomainNotFound,
+    InstacloneError,
+    Interrupted,
+    InvalidRequest,
+    NameInUse,
+    NotFound,
+    SourceNotCloneable,
+    SourceNotFound,
+    StepFailed,
+    StunDeadlineExceeded,
+)
+from .journal import CloneRecord, Journal, JobRecord
+from .log import get as get_logger
+from .states import State, StateEntry
+from .virt import Hypervisor
+
+EventListener = Callable[[dict[str, Any]], None]
+Undo = Callable[[], Awaitable[None]]
+
+#: Fault-injection hook for tests: called with (job_id, step) before each step.
+StepHook = Callable[[str, str], Awaitable[None]]
+
+
+@dataclass
+class _Run:
+    """Mutable bookkeeping of one running job."""
+
+    job: JobRecord
+    undo: list[tuple[str, Undo]] = field(default_factory=list)
+    resources: list[int] = field(default_factory=list)
+    stunned: bool = False
+    step: str = State.REQUESTED.value
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        journal: Journal,
+        virt: Hypervisor,
+        storage: StorageBackend,
+        memory: MemoryBackend,
+    ) -> None:
+        self.config = config
+        self.journal = journal
+        self.virt = virt
+        self.storage = storage
+        self.memory = memory
+        self.log = get_logger(storage=storage.name, memory=memory.name)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._source_locks: dict[str, asyncio.Lock] = {}
+        self._slots = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
+        self._submit_lock = asyncio.Lock()
+        self._done: dict[str, asyncio.Event] = {}
+        self._listeners: list[EventListener] = []
+        self.step_hook: StepHook | None = None
+        self.accepting = True
+
+    # -- public API -------------------------------------------------------------------
+
+    def add_listener(self, fn: EventListener) -> None:
+        self._listeners.append(fn)
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self._tasks)
+
+    async def submit(self, *, source: object, name: object, count: object = 1) -> JobRecord:
+        """Validate a clone request, persist it as Requested and queue it."""
+        if not self.accepting:
+            raise InvalidRequest("the daemon is shutting down and accepts no new jobs")
+        src = identity.validate_name(source, what="source name")
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise InvalidRequest("count must be an integer")
+        if not 1 <= count <= self.config.clone.max_count:
+            raise InvalidRequest(f"count must be between 1 and {self.config.clone.max_count}, got {count}")
+        names = identity.clone_names(identity.validate_name(name), count)
+        if src in names:
+            raise NameInUse(f"clone name {src!r} is the source's own name")
+        try:
+            info = await self.virt.lookup(src)
+        except DomainNotFound:
+            raise SourceNotFound(f"source domain {src!r} does not exist") from None
+        if not info.active:
+            raise SourceNotCloneable(f"source {src!r} is {info.state}; it must be running or paused")
+        why = self.memory.can_serve(info)
+        if why:
+            raise SourceNotCloneable(f"memory backend {self.memory.name!r} cannot clone {src!r}: {why}")
+        async with self._submit_lock:  # no two jobs may claim the same name
+            taken = (await self.journal.names_in_use()) | set(await self.virt.list_names())
+            clash = sorted(set(names) & taken)
+            if clash:
+                raise NameInUse(f"name already in use: {', '.join(clash)}")
+            spec = {
+                "names": names,
+                "count": count,
+                "storage_backend": self.storage.name,
+                "memory_backend": self.memory.name,
+            }
+            job = await self.journal.create_job(identity.new_job_id(), src, spec)
+        self._emit(job, job.history.entries[-1])
+        self._dispatch(job)
+        return job
+
+    async def wait(self, job_id: str, timeout_s: float) -> None:
+        """Wait until the job is terminal (or ``timeout_s`` passes)."""
+        ev = self._done.get(job_id)
+        if ev is not None:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), timeout_s)
+
+    async def destroy_clone(self, name: str) -> CloneRecord:
+        """Power off and remove a clone made by instaclone, with its files."""
+        rec = await self.journal.get_clone(name)
+        if rec is None:
+            raise NotFound(f"{name!r} is not a clone made by instaclone")
+        await self.virt.undefine(name)
+        clone_dir = Path(rec.dir)
+        if clone_dir.parent == self.config.clones_dir:  # never outside our directory
+            await asyncio.to_thread(shutil.rmtree, clone_dir, True)
+        await self.journal.remove_clone(name)
+        self.log.info("clone.destroyed", clone=name, source=rec.source)
+        return rec
+
+    async def recover(self) -> list[str]:
+        """Reconcile unfinished jobs after a restart; returns the ids handled.
+
+        Jobs still in Requested with nothing created are run again (roll
+        forward); any job past Requested is rolled back from its journal:
+        a source it stunned is resumed first, then recorded domains and files
+        are removed, and the job is marked Failed (or NeedsAttention).
+        """
+        handled = []
+        for job in await self.journal.list_jobs(unfinished=True):
+            handled.append(job.id)
+            resources = await self.journal.resources(job.id)
+            if job.state is State.REQUESTED and not resources:
+                self.log.info("job.requeued", job_id=job.id, source=job.source)
+                self._dispatch(job)
+                continue
+            registered = [c for c in await self.journal.list_clones() if c.job_id == job.id]
+            if registered:
+                # The clones were handed over before the crash: only the final
+                # state record is missing.
+                await self._finish(job, State.UNSTUNNED, result=job.result or {"recovered": True})
+                continue
+            leftovers = await self._rollback_from_journal(job, resources)
+            err = Interrupted(f"the daemon stopped while the job was in {job.state.value}; rolled back",
+                              step=job.state.value)
+            await self._fail(job, err, leftovers)
+        return handled
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting jobs; let running jobs finish for ``grace_s``, then roll them back."""
+        self.accepting = False
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    # -- dispatching --------------------------------------------------------------------
+
+    def _dispatch(self, job: JobRecord) -> None:
+        self._done.setdefault(job.id, asyncio.Event())
+        task = asyncio.get_running_loop().create_task(self._supervise(job), name=f"job-{job.id}")
+        self._tasks[job.id] = task
+        task.add_done_callback(lambda _t, jid=job.id: self._tasks.pop(jid, None))
+
+    async def _supervise(self, job: JobRecord) -> None:
+        lock = self._source_locks.setdefault(job.source, asyncio.Lock())
+        try:
+            async with lock, self._slots:
+                await self._run(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: never let it take the daemon down
+            self.log.exception("job.crashed", job_id=job.id)
+        finally:
+            self._done[job.id].set()
+
+    def _emit(self, job: JobRecord, entry: StateEntry) -> None:
+        durations = job.history.durations_ms()
+        event = {
+            "job_id": job.id,
+            "source": job.source,
+            "clones": job.spec.get("names", []),
+            "state": entry.state.value,
+            "at": entry.at,
+            "seq": len(job.history.entries),
+            "duration_ms": durations.get(entry.state.value),
+            "error": job.error if entry.state in (State.FAILED, State.NEEDS_ATTENTION) else None,
+        }
+        log = self.log.bind(job_id=job.id, source=job.source, clone=",".join(event["clones"]))
+        if entry.state is State.FAILED or entry.state is State.NEEDS_ATTENTION:
+            log.warning("job.transition", state=entry.state.value, duration_ms=event["duration_ms"],
+                        error=job.error)
+        else:
+            log.info("job.transition", state=entry.state.value, duration_ms=event["duration_ms"])
+        for fn in self._listeners:
+            try:
+                fn(event)
+            except Exception:
+                self.log.exception("listener.failed")
+
+    async def _advance(self, run: _Run, state: State, **kw: Any) -> None:
+        entry = await self.journal.record_state(run.job, state, **kw)
+        self._emit(run.job, entry)
+
+    async def _finish(self, job: JobRecord, state: State, **kw: Any) -> None:
+        entry = await self.journal.record_state(job, state, **kw)
+        self._emit(job, entry)
+
+    async def _fail(self, job: JobRecord, err: InstacloneError, leftovers: list[str]) -> None:
+        error = err.to_dict()
+        if leftovers:
+            error["left_behind"] = leftovers
+            await self._finish(job, State.NEEDS_ATTENTION, error=error)
+        else:
+            await self._finish(job, State.FAILED, error=error)
+
+    # -- one job ------------------------------------------------------------------------
+
+    def _recorder(self, run: _Run) -> Callable[..., Awaitable[int]]:
+        async def record(kind: str, ref: str, *, clone: str | None = None) -> int:
+            rid = await self.journal.plan(run.job.id, kind, ref, clone=clone)
+            run.resources.append(rid)
+            return rid
+
+        return record
+
+    async def _step(self, run: _Run, step: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        run.step = step
+        if self.step_hook is not None:
+            await self.step_hook(run.job.id, step)
+        try:
+            async with asyncio.timeout(self.config.clone.step_timeout_s):
+                return await fn()
+        except TimeoutError:
+            raise StepFailed(f"step {step} did not finish within {self.config.clone.step_timeout_s:g} s",
+                             step=step) from None
+
+    async def _run(self, job: JobRecord) -> None:
+        run = _Run(job)
+        record = self._recorder(run)
+        names: list[str] = job.spec["names"]
+        log = self.log.bind(job_id=job.id, source=job.source)
+        ctx: StunContext | None = None
+        try:
+            info = await self.virt.lookup(job.source)
+            if not info.active:
+                raise SourceNotCloneable(f"source {job.source!r} is {info.state}; it must be running or paused")
+            job_dir = self.config.jobs_dir / job.id
+            await record(jr.FILE, str(job_dir))
+            await asyncio.to_thread(job_dir.mkdir, parents=True, exist_ok=True)
+            run.undo.append(("remove job directory", lambda: _rmtree(job_dir)))
+            # A source that is already paused (a template, or paused by its
+            # owner) is not ours to pause or resume: it is used as frozen.
+            ctx = StunContext(job.id, info, job_dir, frozen=info.state == "paused")
+
+            deadline_s = self.config.clone.stun_deadline_ms / 1000.0
+            stun_started = time.monotonic()
+            if not ctx.frozen:
+                await record(jr.STUN, job.source)
+                run.stunned = True  # set before the call: a failed pause is still resumed
+                await self._step(run, State.STUNNED.value, lambda: self.virt.suspend(job.source))
+                stun_started = time.monotonic()
+                await self._advance(run, State.STUNNED)
+            try:
+                async with asyncio.timeout(None if ctx.frozen else deadline_s) as stun_window:
+                    clones = await self._stunned_steps(run, ctx, names, record)
+            except TimeoutError:
+                if stun_window.expired():
+                    raise StunDeadlineExceeded(
+                        f"the source was stunned longer than the {self.config.clone.stun_deadline_ms} ms "
+                        f"deadline (during {run.step}); the job was aborted and the source resumed",
+                        step=run.step,
+                    ) from None
+                raise
+            stun_ms = None
+            if run.stunned:
+                await self._unstun_source(run)
+                stun_ms = round((time.monotonic() - stun_started) * 1000.0, 3)
+            await self._step(run, State.UNSTUNNED.value, lambda: self._start_clones(run, ctx, clones))
+            await self.memory.release(ctx=ctx)
+            await _rmtree(job_dir)
+            result = await self._result(ctx, clones, stun_ms)
+            records = [
+                CloneRecord(c.name, c.uuid, job.source, job.id, str(c.dir), time.time()) for c in clones
+            ]
+            await self.journal.add_clones(job.id, records, run.resources)
+            await self._advance(run, State.UNSTUNNED, result=result)
+            log.info("job.done", clones=names, stun_ms=stun_ms)
+        except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            err = _as_error(exc, run.step)
+            rollback = asyncio.ensure_future(self._rollback(run, ctx))
+            try:
+                leftovers = await asyncio.shield(rollback)
+            except asyncio.CancelledError:
+                leftovers = await rollback
+            await asyncio.shield(self._fail(job, err, leftovers))
+            if cancelled or not isinstance(exc, Exception):
+                raise
+
+    async def _stunned_steps(
+        self, run: _Run, ctx: StunContext, names: list[str], record: Callable[..., Awaitable[int]]
+    ) -> list[CloneTarget]:
+        job = run.job
+        # SourceDeltaCreated: the source's writes go to a new delta from now on.
+        run.undo.append(("remove unused source deltas", lambda: self._drop_unused_source_deltas(job)))
+        ctx.tops = await self._step(
+            run, State.SOURCE_DELTA_CREATED.value,
+            lambda: self.storage.create_source_delta(ctx=ctx, record=record),
+        )
+        await self._advance(run, State.SOURCE_DELTA_CREATED)
+
+        # CloneDeltaCreated: an empty delta per clone, backed by the top at stun.
+        clones = [
+            CloneTarget(name=n, uuid=identity.new_uuid(), dir=self.config.clones_dir / n) for n in names
+        ]
+
+        async def make_deltas() -> None:
+            for clone in clones:
+                await record(jr.FILE, str(clone.dir), clone=clone.name)
+                await asyncio.to_thread(clone.dir.mkdir, parents=True, exist_ok=False)
+                run.undo.append((f"remove {clone.dir}", lambda d=clone.dir: _rmtree(d)))
+                clone.disks = await self.storage.create_clone_delta(ctx=ctx, clone=clone, record=record)
+
+        await self._step(run, State.CLONE_DELTA_CREATED.value, make_deltas)
+        await self._advance(run, State.CLONE_DELTA_CREATED)
+
+        # MemoryLinked: the source's memory and device state at stun.
+        ctx.memory = await self._step(
+            run, State.MEMORY_LINKED.value, lambda: self.memory.capture(ctx=ctx, record=record)
+        )
+        run.undo.append(("release memory image", lambda: self.memory.release(ctx=ctx)))
+        await self._advance(run, State.MEMORY_LINKED)
+
+        # Configured: each clone's own domain definition.
+        nics = domxml.count_interfaces(ctx.source.xml)
+
+        async def define_all() -> None:
+            for clone in clones:
+                ident = domxml.CloneIdentity(
+                    name=clone.name, uuid=clone.uuid, macs=[identity.new_mac() for _ in range(nics)],
+                    dir=clone.dir, disks=clone.disks, source=job.source, job_id=job.id,
+                    extra_qemu_args=self.memory.qemu_args(ctx=ctx, clone=clone),
+                )
+                xml = self.memory.adjust_xml(ctx=ctx, clone=clone, xml=domxml.clone_xml(ctx.source.xml, ident))
+                await record(jr.DOMAIN, clone.name, clone=clone.name)
+                run.undo.append((f"undefine {clone.name}", lambda n=clone.name: self.virt.undefine(n)))
+                await self.virt.define(xml)
+
+        await self._step(run, State.CONFIGURED.value, define_all)
+        await self._advance(run, State.CONFIGURED)
+        return clones
+
+    async def _unstun_source(self, run: _Run) -> None:
+        """Resume the source: shielded, idempotent, and done at most once per job."""
+        if run.stunned:
+            await asyncio.shield(self.virt.resume(run.job.source))
+            run.stunned = False
+
+    async def _start_clones(self, run: _Run, ctx: StunContext, clones: list[CloneTarget]) -> None:
+        for clone in clones:
+            await self.memory.start_clone(ctx=ctx, clone=clone)
+            await self.virt.resume(clone.name)
+            # The persistent definition must not keep the one-shot
+            # "-incoming defer": a later plain start would wait forever.
+            await self.virt.define(domxml.strip_incoming(await self.virt.inactive_xml(clone.name)))
+
+    async def _result(self, ctx: StunContext, clones: list[CloneTarget], stun_ms: float | None) -> dict[str, Any]:
+        out = []
+        for c in clones:
+            info = await self.virt.lookup(c.name)
+            depth = {}
+            for tgt, path in c.disks.items():
+                with suppress(InstacloneError):
+                    depth[tgt] = await self.storage.chain_depth(path=path)
+            out.append({
+                "name": c.name,
+                "uuid": c.uuid,
+                "state": info.state,
+                "macs": domxml.macs(info.xml),
+                "disks": {k: str(v) for k, v in c.disks.items()},
+                "chain_depth": depth,
+                "dir": str(c.dir),
+            })
+        return {
+            "clones": out,
+            "frozen_source": ctx.frozen,
+            "stun_ms": stun_ms,
+            "source_tops_at_stun": {k: str(v) for k, v in ctx.tops.items()},
+            "memory": ctx.memory if isinstance(ctx.memory, dict) else None,
+        }
+
+    async def _rollback(self, run: _Run, ctx: StunContext | None) -> list[str]:
+        """Undo in reverse order; the source is resumed first, whatever else fails."""
+        leftovers: list[str] = []
+        try:
+            await self._unstun_source(run)
+        except Exception as exc:
+            leftovers.append(f"source {run.job.source} may still be paused: {exc}")
+        for what, undo in reversed(run.undo):
+            try:
+                await undo()
+            except DomainNotFound:
+                pass
+            except Exception as exc:
+                leftovers.append(f"{what}: {exc}")
+        if not leftovers:
+            for rid in run.resources:
+                with suppress(Exception):
+                    await self.journal.set_resource(rid, jr.RELEASED)
+        return leftovers
+
+    async def _rollback_from_journal(self, job: JobRecord, resources: list[jr.Resource]) -> list[str]:
+        """Crash recovery: undo what the journal says a dead run created."""
+        leftovers: list[str] = []
+        order = {jr.STUN: 0, jr.DOMAIN: 1, jr.SOURCE_DELTA: 2, jr.FILE: 3}
+        for res in sorted(resources, key=lambda r: (order.get(r.kind, 9), -r.id)):
+            try:
+                if res.kind == jr.STUN:
+                    with suppress(DomainNotFound):
+                        await self.virt.resume(res.ref)
+                elif res.kind == jr.DOMAIN:
+                    await self.virt.undefine(res.ref)
+                elif res.kind == jr.SOURCE_DELTA:
+                    await self._drop_unused_source_deltas(job)
+                elif res.kind == jr.FILE:
+                    await _rmtree(Path(res.ref))
+                await self.journal.set_resource(res.id, jr.RELEASED)
+            except Exception as exc:
+                leftovers.append(f"{res.kind} {res.ref}: {exc}")
+        return leftovers
+
+
+    async def _drop_unused_source_deltas(self, job: JobRecord) -> None:
+        """Delete this job's source deltas that the source does not use.
+
+        A delta the source writes to is the source's disk now and stays; one
+        that a failed snapshot left behind (or that was never created) goes.
+        """
+        in_use: set[str] = set()
+        with suppress(DomainNotFound):
+            in_use = {str(d.path) for d in (await self.virt.lookup(job.source)).disks}
+        for res in await self.journal.resources(job.id):
+            if res.kind == jr.SOURCE_DELTA and res.ref not in in_use:
+                await asyncio.to_thread(Path(res.ref).unlink, missing_ok=True)
+
+
+async def _rmtree(path: Path) -> None:
+    def do() -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    await asyncio.to_thread(do)
+
+
+def _as_error(exc: BaseException, step: str) -> InstacloneError:
+    if isinstance(exc, InstacloneError):
+        if exc.step is None:
+            exc.step = step
+        return exc
+    if isinstance(exc, asyncio.CancelledError):
+        return Interrupted(f"the job was interrupted during {step} (daemon shutdown); rolled back", step=step)
+    err = StepFailed(f"{step} failed: {type(exc).__name__}: {exc}", step=step)
+    err.__cause__ = exc
+    return err

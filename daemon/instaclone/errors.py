@@ -1,0 +1,163 @@
+"""The project's error tree.
+
+Every error the daemon raises on purpose is an :class:`InstacloneError`. Each
+class carries a stable ``code`` (part of the API), the HTTP status it maps to,
+and whether retrying the same request later may succeed. The step that failed,
+when there is one, travels with the error so that a job's record can say
+which transition broke and why.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class InstacloneError(Exception):
+    """Base of every error the daemon raises deliberately."""
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, step: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.step = step
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.step:
+            out["step"] = self.step
+        return out
+
+
+# -- request errors: the caller can fix them ---------------------------------
+
+
+class InvalidRequest(InstacloneError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class InvalidName(InvalidRequest):
+    code = "invalid_name"
+
+
+class NotFound(InstacloneError):
+    code = "not_found"
+    http_status = 404
+
+
+class SourceNotFound(NotFound):
+    code = "source_not_found"
+
+
+class Conflict(InstacloneError):
+    code = "conflict"
+    http_status = 409
+
+
+class NameInUse(Conflict):
+    code = "name_in_use"
+
+
+class SourceNotCloneable(Conflict):
+    """The source exists but is in a state we cannot clone from (e.g. shut off)."""
+
+    code = "source_not_cloneable"
+
+
+class NotSupportedError(InstacloneError):
+    """A backend was asked for an optional operation it does not offer."""
+
+    code = "not_supported"
+    http_status = 400
+
+
+class ConfigError(InstacloneError):
+    code = "config_error"
+
+
+class StateError(InstacloneError):
+    """A transition was attempted from a state that does not allow it."""
+
+    code = "state_error"
+
+    def __init__(self, state: object, required: object) -> None:
+        super().__init__(f"job is in state {state}, which does not allow {required}")
+        self.state = state
+        self.required = required
+
+
+# -- errors while running a job ------------------------------------------------
+
+
+class StepFailed(InstacloneError):
+    """A clone step failed; ``__cause__`` holds the original error."""
+
+    code = "step_failed"
+
+
+class StunDeadlineExceeded(InstacloneError):
+    code = "stun_deadline_exceeded"
+    retryable = True
+
+
+class StorageError(InstacloneError):
+    code = "storage_error"
+
+
+class MemoryError_(InstacloneError):  # noqa: N801 - avoid shadowing the builtin
+    code = "memory_backend_error"
+
+
+class Interrupted(InstacloneError):
+    """The daemon stopped (or crashed) while the job ran; it was rolled back."""
+
+    code = "interrupted"
+    retryable = True
+
+
+# -- hypervisor errors (translated from libvirtError in instaclone.virt) --------
+
+
+class VirtError(InstacloneError):
+    code = "libvirt_error"
+
+    def __init__(self, message: str, *, libvirt_code: int | None = None, step: str | None = None) -> None:
+        super().__init__(message, step=step)
+        self.libvirt_code = libvirt_code
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.libvirt_code is not None:
+            out["libvirt_code"] = self.libvirt_code
+        return out
+
+
+class VirtConnectionError(VirtError):
+    code = "libvirt_unavailable"
+    http_status = 503
+    retryable = True
+
+
+class DomainNotFound(VirtError):
+    code = "domain_not_found"
+    http_status = 404
+
+
+class DomainExists(VirtError):
+    code = "domain_exists"
+    http_status = 409
+
+
+class VirtStateError(VirtError):
+    """libvirt refused because the domain is in the wrong state."""
+
+    code = "domain_state_invalid"
+    http_status = 409
+
+
+class VirtTimeout(VirtError):
+    code = "libvirt_timeout"
+    retryable = True

@@ -1,0 +1,439 @@
+"""The hypervisor layer: the only module that imports ``libvirt``.
+
+Every libvirt call runs on a worker thread (libvirt-python blocks), so the
+event loop never waits on libvirtd. ``libvirtError`` is translated here, by
+error code, into the project's :mod:`instaclone.errors`; nothing above this
+layer sees a libvirt type.
+
+Memory state is moved with QEMU's own migration stream, driven through the
+QEMU monitor: the stream goes to a file descriptor that we hand to QEMU with
+``getfd`` (``exec:`` URIs get QEMU killed by libvirt's seccomp sandbox, which
+denies spawning processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import libvirt
+import libvirt_qemu
+
+from .errors import (
+    DomainExists,
+    DomainNotFound,
+    VirtConnectionError,
+    VirtError,
+    VirtStateError,
+    VirtTimeout,
+)
+
+T = TypeVar("T")
+
+# libvirt prints every error to stderr unless a handler is installed; we
+# report errors ourselves, through exceptions.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+_NOT_FOUND = {libvirt.VIR_ERR_NO_DOMAIN}
+_EXISTS = {libvirt.VIR_ERR_DOM_EXIST}
+_STATE = {libvirt.VIR_ERR_OPERATION_INVALID}
+_TIMEOUT = {libvirt.VIR_ERR_OPERATION_TIMEOUT, libvirt.VIR_ERR_AGENT_UNRESPONSIVE}
+_CONNECTION = {
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+}
+
+
+def translate(exc: libvirt.libvirtError, action: str) -> VirtError:
+    """Map a libvirtError to our error tree by its code."""
+    code = exc.get_error_code()
+    msg = f"{action}: {exc.get_error_message() or exc}"
+    if code in _NOT_FOUND:
+        return DomainNotFound(msg, libvirt_code=code)
+    if code in _EXISTS:
+        return DomainExists(msg, libvirt_code=code)
+    if code in _STATE:
+        return VirtStateError(msg, libvirt_code=code)
+    if code in _TIMEOUT:
+        return VirtTimeout(msg, libvirt_code=code)
+    if code in _CONNECTION:
+        return VirtConnectionError(msg, libvirt_code=code)
+    if code == libvirt.VIR_ERR_OPERATION_FAILED and "already exists" in msg:
+        return DomainExists(msg, libvirt_code=code)
+    return VirtError(msg, libvirt_code=code)
+
+
+@dataclass(frozen=True)
+class Disk:
+    target: str  # e.g. "vda"
+    path: Path  # the active (top) image
+    format: str  # e.g. "qcow2"
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    uuid: str
+    state: str  # running | paused | shutoff | other
+    reason: int
+    xml: str  # migratable live XML (inactive XML if not running)
+    disks: tuple[Disk, ...] = field(default_factory=tuple)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("running", "paused")
+
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+}
+
+
+def file_disks(xml: str) -> tuple[Disk, ...]:
+    """The file-backed writable disks of a domain XML (CD-ROMs and the like excluded)."""
+    root = ET.fromstring(xml)
+    out = []
+    for disk in root.iterfind("./devices/disk"):
+        if disk.get("device", "disk") != "disk" or disk.get("type") != "file":
+            continue
+        src = disk.find("source")
+        tgt = disk.find("target")
+        drv = disk.find("driver")
+        if src is None or tgt is None or not src.get("file"):
+            continue
+        out.append(
+            Disk(
+                target=tgt.get("dev", ""),
+                path=Path(src.get("file", "")),
+                format=(drv.get("type", "raw") if drv is not None else "raw"),
+                readonly=disk.find("readonly") is not None,
+            )
+        )
+    return tuple(out)
+
+
+class Hypervisor:
+    """Async access to one libvirt connection."""
+
+    def __init__(self, uri: str = "qemu:///system", *, threads: int = 8) -> None:
+        self.uri = uri
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="libvirt")
+        self._conn: libvirt.virConnect | None = None
+        self._conn_lock = threading.Lock()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    async def _call(self, action: str, fn: Callable[[], T], cancel: threading.Event | None = None) -> T:
+        """Run ``fn`` on a worker thread; translate libvirt errors.
+
+        If the caller is cancelled we still wait for the thread to finish: a
+        libvirt call cannot be interrupted, and its effect must be known before
+        any undo runs. Long operations take a ``cancel`` event that is set
+        first, so that they stop early (e.g. cancel a migration).
+        """
+
+        def wrapped() -> T:
+            try:
+                return fn()
+            except libvirt.libvirtError as exc:
+                raise translate(exc, action) from None
+
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, wrapped)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if cancel is not None:
+                cancel.set()
+            await asyncio.wait([fut])
+            raise
+
+    def _connection(self) -> libvirt.virConnect:
+        with self._conn_lock:
+            if self._conn is None or not self._alive(self._conn):
+                try:
+                    self._conn = libvirt.open(self.uri)
+                except libvirt.libvirtError as exc:
+                    raise VirtConnectionError(
+                        f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}",
+                        libvirt_code=exc.get_error_code(),
+                    ) from None
+            return self._conn
+
+    @staticmethod
+    def _alive(conn: libvirt.virConnect) -> bool:
+        try:
+            return bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def _dom(self, name: str) -> libvirt.virDomain:
+        return self._connection().lookupByName(name)
+
+    async def connect(self) -> None:
+        await self._call("connect", self._connection)
+
+    async def is_connected(self) -> bool:
+        conn = self._conn
+        return conn is not None and await self._call("isAlive", lambda: self._alive(conn))
+
+    async def close(self) -> None:
+        def do() -> None:
+            with self._conn_lock:
+                if self._conn is not None:
+                    try:
+                        self._conn.close()
+                    except libvirt.libvirtError:
+                        pass
+                    self._conn = None
+
+        await self._call("close", do)
+        self._pool.shutdown(wait=True)
+
+    # -- domains ------------------------------------------------------------------
+
+    async def lookup(self, name: str) -> DomainInfo:
+        """Name, UUID, state and migratable XML of a domain; DomainNotFound if absent."""
+
+        def do() -> DomainInfo:
+            dom = self._dom(name)
+            state, reason = dom.state()
+            flags = libvirt.VIR_DOMAIN_XML_SECURE
+            if dom.isActive():
+                flags |= libvirt.VIR_DOMAIN_XML_MIGRATABLE
+            xml = dom.XMLDesc(flags)
+            return DomainInfo(
+                name=dom.name(),
+                uuid=dom.UUIDString(),
+                state=_STATE_NAMES.get(state, "other"),
+                reason=reason,
+                xml=xml,
+                disks=file_disks(xml),
+            )
+
+        return await self._call(f"look up domain {name!r}", do)
+
+    async def inactive_xml(self, name: str) -> str:
+        """The persistent (next-boot) definition of ``name``."""
+
+        def do() -> str:
+            return str(self._dom(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+
+        return await self._call(f"definition of {name!r}", do)
+
+    async def exists(self, name: str) -> bool:
+        try:
+            await self._call(f"look up domain {name!r}", lambda: self._dom(name))
+        except DomainNotFound:
+            return False
+        return True
+
+    async def state(self, name: str) -> str:
+        def do() -> str:
+            return _STATE_NAMES.get(self._dom(name).state()[0], "other")
+
+        return await self._call(f"state of {name!r}", do)
+
+    async def list_names(self) -> list[str]:
+        def do() -> list[str]:
+            return sorted(d.name() for d in self._connection().listAllDomains(0))
+
+        return await self._call("list domains", do)
+
+    async def suspend(self, name: str) -> None:
+        await self._call(f"pause {name!r}", lambda: self._dom(name).suspend())
+
+    async def resume(self, name: str) -> None:
+        """Resume ``name``; a domain that is already running is left alone."""
+
+        def do() -> None:
+            dom = self._dom(name)
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+
+        await self._call(f"resume {name!r}", do)
+
+    async def define(self, xml: str) -> str:
+        """Define a persistent domain; returns its name."""
+
+        def do() -> str:
+            return str(self._connection().defineXML(xml).name())
+
+        return await self._call("define domain", do)
+
+    async def start(self, name: str, *, paused: bool = False) -> None:
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        await self._call(f"start {name!r}", lambda: self._dom(name).createWithFlags(flags))
+
+    async def destroy(self, name: str) -> None:
+        """Power off ``name`` if it runs; absent or stopped domains are fine."""
+
+        def do() -> None:
+            try:
+                dom = self._dom(name)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return
+                raise
+            if dom.isActive():
+                try:
+                    dom.destroy()
+                except libvirt.libvirtError as exc:
+                    if dom.isActive():
+                        raise exc
+
+        await self._call(f"destroy {name!r}", do)
+
+    async def undefine(self, name: str) -> None:
+        """Remove the definition of ``name`` (stopping it first); absent is fine."""
+
+        def do() -> None:
+            try:
+                dom = self._dom(name)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return
+                raise
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(
+                libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            )
+
+        await self._call(f"undefine {name!r}", do)
+
+    async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
+        """External disk-only snapshot: each disk target gets a new overlay file.
+
+        The old top image becomes the read-only backing file of the overlay.
+        No snapshot metadata is kept (the overlays belong to instaclone).
+        """
+        disks = "".join(
+            f"<disk name='{tgt}' snapshot='external'><driver type='qcow2'/>"
+            f"<source file='{_xml_attr(str(path))}'/></disk>"
+            for tgt, path in overlays.items()
+        )
+        xml = f"<domainsnapshot><description>instaclone</description><disks>{disks}</disks></domainsnapshot>"
+        flags = (
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        )
+        await self._call(
+            f"disk snapshot of {name!r}", lambda: self._dom(name).snapshotCreateXML(xml, flags)
+        )
+
+    # -- QEMU monitor: memory and device state --------------------------------------
+
+    def _qmp(self, dom: libvirt.virDomain, command: str, arguments: dict[str, Any] | None = None,
+             files: list[int] | None = None) -> Any:
+        cmd: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            cmd["arguments"] = arguments
+        text = json.dumps(cmd)
+        if files:
+            reply, _ = libvirt_qemu.qemuMonitorCommandWithFiles(dom, text, files, 0)
+        else:
+            reply = libvirt_qemu.qemuMonitorCommand(dom, text, 0)
+        data = json.loads(reply)
+        if "error" in data:
+            raise VirtError(f"QEMU {command}: {data['error'].get('desc', data['error'])}")
+        return data.get("return")
+
+    async def qmp(self, name: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        return await self._call(f"QMP {command} on {name!r}",
+                                lambda: self._qmp(self._dom(name), command, arguments))
+
+    def _wait_migration(self, dom: libvirt.virDomain, what: str, timeout_s: float,
+                        cancel: threading.Event) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        delay = 0.002
+        while True:
+            info = self._qmp(dom, "query-migrate") or {}
+            status = info.get("status")
+            if status == "completed":
+                return dict(info)
+            if status in ("failed", "cancelled"):
+                raise VirtError(f"{what} failed: {info.get('error-desc', status)}")
+            if cancel.is_set() or time.monotonic() > deadline:
+                try:
+                    self._qmp(dom, "migrate_cancel")
+                except VirtError:
+                    pass
+                if cancel.is_set():
+                    raise VirtError(f"{what} was cancelled")
+                raise VirtTimeout(f"{what} did not finish within {timeout_s:g} s (status {status})")
+            cancel.wait(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _set_caps(self, dom: libvirt.virDomain, ignore_shared: bool) -> None:
+        self._qmp(dom, "migrate-set-capabilities", {
+            "capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]
+        })
+
+    async def save_state(self, name: str, path: Path, *, ignore_shared: bool = False,
+                         timeout_s: float = 120.0) -> dict[str, Any]:
+        """Write the (paused) domain's migration stream to ``path``.
+
+        With ``ignore_shared``, RAM in shared memory backends is skipped and
+        only device state is written. The domain stays paused and can be
+        resumed afterwards. Returns QEMU's final migration statistics.
+        """
+
+        def do() -> dict[str, Any]:
+            dom = self._dom(name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                self._set_caps(dom, ignore_shared)
+                # QEMU's default bandwidth cap (32 MiB/s) is for networks, not files.
+                self._qmp(dom, "migrate-set-parameters", {"max-bandwidth": 1 << 40})
+                self._qmp(dom, "getfd", {"fdname": "instaclone-out"}, files=[fd])
+            finally:
+                os.close(fd)
+            self._qmp(dom, "migrate", {"uri": "fd:instaclone-out"})
+            return self._wait_migration(dom, f"saving state of {name!r}", timeout_s, cancel)
+
+        cancel = threading.Event()
+        return await self._call(f"save state of {name!r}", do, cancel)
+
+    async def load_state(self, name: str, path: Path, *, ignore_shared: bool = False,
+                         timeout_s: float = 120.0) -> None:
+        """Feed ``path`` into a domain started paused with ``-incoming defer``."""
+
+        def do() -> None:
+            dom = self._dom(name)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._set_caps(dom, ignore_shared)
+                self._qmp(dom, "getfd", {"fdname": "instaclone-in"}, files=[fd])
+            finally:
+                os.close(fd)
+            self._qmp(dom, "migrate-incoming", {"uri": "fd:instaclone-in"})
+            self._wait_migration(dom, f"loading state into {name!r}", timeout_s, cancel)
+
+        cancel = threading.Event()
+        await self._call(f"load state into {name!r}", do, cancel)
+
+
+def _xml_attr(value: str) -> str:
+    return (value.replace("&", "&amp;").replace("'", "&apos;").replace("<", "&lt;")
+            .replace(">", "&gt;").replace('"', "&quot;"))

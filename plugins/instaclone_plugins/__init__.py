@@ -1,0 +1,1 @@
+"""instaclone's built-in backends, registered through entry points like any plugin."""

@@ -1,0 +1,88 @@
+"""Storage backend ``qcow2``: delta disks as qcow2 external overlays.
+
+* Source delta: a libvirt disk-only external snapshot. The source's top image
+  at stun, T, becomes the read-only backing file of a new, empty overlay that
+  the source writes to from then on.
+* Clone delta: ``qemu-img create -b T -F <fmt>``, an empty overlay per clone.
+
+Chain rule: when the source already runs on deltas (it was cloned before, or
+is itself a clone), the new source delta goes on top of its current top, and
+clones are backed by that top: every clone operation adds one image to the
+source's chain, and each clone's chain is the source's chain at stun plus its
+own delta.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from instaclone.backends import CloneTarget, Recorder, StorageBackend, StunContext
+from instaclone.config import Config
+from instaclone.errors import ConfigError, StorageError
+from instaclone.journal import FILE, SOURCE_DELTA
+from instaclone.virt import Hypervisor
+
+from ._proc import run
+
+
+class Qcow2Storage(StorageBackend):
+    name = "qcow2"
+    supports_running_source = True
+
+    def __init__(self, *, config: Config, virt: Hypervisor) -> None:
+        super().__init__(config=config, virt=virt)
+        self.qemu_img = config.qcow2.qemu_img
+        self.delta_dir = config.delta_dir
+
+    async def check(self) -> None:
+        try:
+            await run(self.qemu_img, "--version")
+        except Exception as exc:
+            raise ConfigError(f"storage.qcow2.qemu_img: {exc}") from None
+
+    async def _virtual_size(self, image: Path) -> int:
+        # --force-share: the image is open in the (paused) source's QEMU.
+        out = await run(self.qemu_img, "info", "--force-share", "--output=json", str(image))
+        return int(json.loads(out)["virtual-size"])
+
+    async def create_source_delta(self, *, ctx: StunContext, record: Recorder) -> dict[str, Path]:
+        disks = [d for d in ctx.source.disks if not d.readonly]
+        if not disks:
+            raise StorageError(f"source {ctx.source.name!r} has no writable file-backed disk to clone")
+        source_dir = self.delta_dir / ctx.source.name
+        await asyncio.to_thread(source_dir.mkdir, parents=True, exist_ok=True)
+        overlays: dict[str, Path] = {}
+        for disk in disks:
+            path = source_dir / f"{ctx.source.name}.{disk.target}.{ctx.job_id}.qcow2"
+            await record(SOURCE_DELTA, str(path))
+            overlays[disk.target] = path
+        await self.virt.snapshot_disks(ctx.source.name, overlays)
+        return {d.target: d.path for d in disks}
+
+    async def create_clone_delta(
+        self, *, ctx: StunContext, clone: CloneTarget, record: Recorder
+    ) -> dict[str, Path]:
+        fmt = {d.target: d.format for d in ctx.source.disks}
+        out: dict[str, Path] = {}
+        for target, top in ctx.tops.items():
+            size = await self._virtual_size(top)
+            path = clone.dir / f"{target}.qcow2"
+            await record(FILE, str(path), clone=clone.name)
+            # -u: do not open the backing chain (it is in use by the source);
+            # the size comes from the top image instead.
+            await run(
+                self.qemu_img, "create", "-q", "-f", "qcow2", "-u",
+                "-b", str(top), "-F", fmt.get(target, "qcow2"), str(path), str(size),
+            )
+            out[target] = path
+        return out
+
+    async def remove(self, *, paths: list[Path]) -> None:
+        for path in paths:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+
+    async def chain_depth(self, *, path: Path) -> int:
+        out = await run(self.qemu_img, "info", "--force-share", "--backing-chain", "--output=json", str(path))
+        return len(json.loads(out))

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Install everything instaclone needs on a Debian 12 host, as root. Idempotent:
+# a second run checks, finds everything in place and returns in a few seconds.
+#
+#   scripts/setup.sh            # packages, virtualenv (.venv), libvirt running
+#
+# Environment: INSTACLONE_VENV (default: <repo>/.venv).
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+venv=${INSTACLONE_VENV:-$repo/.venv}
+say() { printf 'setup: %s\n' "$*"; }
+
+[ "$(id -u)" = 0 ] || { echo "setup: must run as root (installs packages, starts libvirtd)" >&2; exit 1; }
+
+pkgs=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
+      pkg-config busybox-static cpio python3-venv gcc)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+    say "packages present"
+fi
+
+# libvirt runs QEMU as libvirt-qemu; the Debian package creates the user, but a
+# half-installed host may lack it.
+if ! id libvirt-qemu >/dev/null 2>&1; then
+    say "creating user libvirt-qemu"
+    getent group kvm >/dev/null || groupadd --system kvm
+    useradd --system --no-create-home --gid kvm --shell /usr/sbin/nologin libvirt-qemu
+fi
+
+# Start virtlogd and libvirtd: through systemd when it runs, by hand otherwise.
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    systemctl start virtlogd.socket libvirtd.socket libvirtd.service >/dev/null 2>&1 || true
+fi
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+    pgrep -x virtlogd >/dev/null || { say "starting virtlogd"; virtlogd -d; }
+    pgrep -x libvirtd >/dev/null || { say "starting libvirtd"; libvirtd -d; }
+    for _ in $(seq 1 50); do
+        virsh -c qemu:///system version >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+fi
+virsh -c qemu:///system version >/dev/null || { echo "setup: libvirtd does not answer on qemu:///system" >&2; exit 1; }
+say "libvirtd answers on qemu:///system"
+
+# The project's virtualenv. libvirt-python compiles against libvirt-dev.
+if [ ! -x "$venv/bin/python" ]; then
+    say "creating virtualenv $venv"
+    python3 -m venv "$venv"
+fi
+stamp="$venv/.instaclone-installed"
+if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
+    say "installing instaclone (editable) and test dependencies into $venv"
+    "$venv/bin/pip" install -q --upgrade pip >/dev/null
+    "$venv/bin/pip" install -q -e "$repo[test]" 2>&1 | grep -vE "^WARNING: Location|^$" || true
+    "$venv/bin/python" -c "import instaclone, libvirt, aiohttp, structlog"
+    touch "$stamp"
+else
+    say "virtualenv up to date"
+fi
+say "done"

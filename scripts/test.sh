@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run instaclone's test suite from a fresh machine: set up (packages, libvirtd,
+# virtualenv), build the test guest, then pytest (unit + real-VM integration).
+#
+#   scripts/test.sh [pytest args...]
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+"$repo/scripts/setup.sh"
+if [ -x "$repo/scripts/build-guest.sh" ]; then
+    "$repo/scripts/build-guest.sh"
+fi
+cd "$repo"
+exec "${INSTACLONE_VENV:-$repo/.venv}/bin/pytest" -ra "$@"

@@ -1,0 +1,167 @@
+"""Fakes for fault injection in unit tests. Never used where a test claims a VM was cloned."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from instaclone.backends import CloneTarget, MemoryBackend, Recorder, StorageBackend, StunContext
+from instaclone.errors import DomainExists, DomainNotFound, VirtError
+from instaclone.journal import FILE, SOURCE_DELTA
+from instaclone.virt import DomainInfo, file_disks
+
+SOURCE_XML = """<domain type='qemu'>
+  <name>{name}</name><uuid>{uuid}</uuid>
+  <memory unit='KiB'>262144</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
+    <interface type='user'><mac address='52:54:00:00:00:01'/><model type='virtio'/></interface>
+    <serial type='file'><source path='/tmp/{name}.serial.log'/><target port='0'/></serial>
+  </devices>
+</domain>"""
+
+
+@dataclass
+class FakeDomain:
+    name: str
+    uuid: str
+    xml: str
+    state: str = "shutoff"
+
+
+class FakeHypervisor:
+    """In-memory stand-in for instaclone.virt.Hypervisor."""
+
+    def __init__(self) -> None:
+        self.domains: dict[str, FakeDomain] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.fail: dict[str, Exception] = {}  # method name -> error to raise
+        self.delay: dict[str, float] = {}  # method name -> seconds to sleep
+
+    async def _hook(self, method: str, name: str) -> None:
+        self.calls.append((method, name))
+        if method in self.delay:
+            await asyncio.sleep(self.delay[method])
+        if method in self.fail:
+            raise self.fail[method]
+
+    def add_source(self, name: str, disk: Path, state: str = "running") -> FakeDomain:
+        dom = FakeDomain(name, str(uuid.uuid4()), SOURCE_XML.format(name=name, uuid=uuid.uuid4(), disk=disk), state)
+        self.domains[name] = dom
+        return dom
+
+    def _get(self, name: str) -> FakeDomain:
+        if name not in self.domains:
+            raise DomainNotFound(f"no domain {name!r}")
+        return self.domains[name]
+
+    async def connect(self) -> None: ...
+
+    async def is_connected(self) -> bool:
+        return True
+
+    async def close(self) -> None: ...
+
+    async def lookup(self, name: str) -> DomainInfo:
+        await self._hook("lookup", name)
+        d = self._get(name)
+        return DomainInfo(d.name, d.uuid, d.state, 0, d.xml, file_disks(d.xml))
+
+    async def state(self, name: str) -> str:
+        return self._get(name).state
+
+    async def list_names(self) -> list[str]:
+        return sorted(self.domains)
+
+    async def suspend(self, name: str) -> None:
+        await self._hook("suspend", name)
+        self._get(name).state = "paused"
+
+    async def resume(self, name: str) -> None:
+        await self._hook("resume", name)
+        d = self._get(name)
+        if d.state == "paused":
+            d.state = "running"
+
+    async def define(self, xml: str) -> str:
+        name = ET.fromstring(xml).findtext("name") or ""
+        await self._hook("define", name)
+        if name in self.domains and self.domains[name].xml.find("instaclone") < 0 and "incoming" not in xml:
+            raise DomainExists(f"domain {name!r} exists")
+        old = self.domains.get(name)
+        self.domains[name] = FakeDomain(name, ET.fromstring(xml).findtext("uuid") or "", xml,
+                                        old.state if old else "shutoff")
+        return name
+
+    async def inactive_xml(self, name: str) -> str:
+        return self._get(name).xml
+
+    async def start(self, name: str, *, paused: bool = False) -> None:
+        await self._hook("start", name)
+        self._get(name).state = "paused" if paused else "running"
+
+    async def destroy(self, name: str) -> None:
+        if name in self.domains:
+            self.domains[name].state = "shutoff"
+
+    async def undefine(self, name: str) -> None:
+        await self._hook("undefine", name)
+        self.domains.pop(name, None)
+
+    async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
+        await self._hook("snapshot_disks", name)
+        d = self._get(name)
+        root = ET.fromstring(d.xml)
+        for disk in root.iterfind("./devices/disk"):
+            tgt = disk.find("target").get("dev")  # type: ignore[union-attr]
+            if tgt in overlays:
+                overlays[tgt].write_bytes(b"overlay")
+                disk.find("source").set("file", str(overlays[tgt]))  # type: ignore[union-attr]
+        d.xml = ET.tostring(root, encoding="unicode")
+
+    async def save_state(self, name: str, path: Path, **_: Any) -> dict[str, Any]:
+        await self._hook("save_state", name)
+        path.write_bytes(b"state")
+        return {}
+
+    async def load_state(self, name: str, path: Path, **_: Any) -> None:
+        await self._hook("load_state", name)
+        assert path.exists()
+
+
+class FakeStorage(StorageBackend):
+    """File-creating storage backend without qemu-img."""
+
+    name = "fake"
+
+    async def create_source_delta(self, *, ctx: StunContext, record: Recorder) -> dict[str, Path]:
+        overlays = {}
+        for d in ctx.source.disks:
+            p = self.config.delta_dir / f"{ctx.source.name}.{d.target}.{ctx.job_id}.qcow2"
+            await record(SOURCE_DELTA, str(p))
+            overlays[d.target] = p
+        self.config.delta_dir.mkdir(parents=True, exist_ok=True)
+        await self.virt.snapshot_disks(ctx.source.name, overlays)
+        return {d.target: d.path for d in ctx.source.disks}
+
+    async def create_clone_delta(self, *, ctx: StunContext, clone: CloneTarget, record: Recorder) -> dict[str, Path]:
+        out = {}
+        for tgt in ctx.tops:
+            p = clone.dir / f"{tgt}.qcow2"
+            await record(FILE, str(p), clone=clone.name)
+            p.write_bytes(b"delta")
+            out[tgt] = p
+        return out
+
+    async def remove(self, *, paths: list[Path]) -> None:
+        for p in paths:
+            p.unlink(missing_ok=True)
+
+    async def chain_depth(self, *, path: Path) -> int:
+        return 2

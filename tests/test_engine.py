@@ -1,0 +1,269 @@
+"""State-machine tests with fault injection at every step (fakes for libvirt).
+
+Each test asserts the exact state sequence, that the source runs afterwards,
+and that nothing the job created is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from instaclone import config as cfg
+from instaclone.engine import Engine
+from instaclone.errors import (
+    InvalidName,
+    InvalidRequest,
+    NameInUse,
+    SourceNotCloneable,
+    SourceNotFound,
+    VirtError,
+)
+from instaclone.journal import Journal
+from instaclone.states import HAPPY_PATH, State
+from instaclone_plugins.saverestore import SaveRestoreMemory
+
+from .fakes import FakeHypervisor, FakeStorage
+
+STEPS = [s.value for s in HAPPY_PATH[1:]]
+
+
+@pytest.fixture
+async def env(tmp_path: Path):
+    c = cfg.Config()
+    c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "state"),
+                clone=replace(c.clone, stun_deadline_ms=500, step_timeout_s=5))
+    journal = Journal(c.journal_path)
+    await journal.open()
+    virt = FakeHypervisor()
+    base = tmp_path / "base.qcow2"
+    base.write_bytes(b"base")
+    virt.add_source("src", base)
+    engine = Engine(config=c, journal=journal, virt=virt,  # type: ignore[arg-type]
+                    storage=FakeStorage(config=c, virt=virt),  # type: ignore[arg-type]
+                    memory=SaveRestoreMemory(config=c, virt=virt))  # type: ignore[arg-type]
+    yield engine, virt, journal, c
+    await engine.shutdown(5)
+    await journal.close()
+
+
+async def run_job(engine: Engine, journal: Journal, **kw):
+    job = await engine.submit(source=kw.pop("source", "src"), name=kw.pop("name", "c1"), **kw)
+    await engine.wait(job.id, 10)
+    return await journal.get_job(job.id)
+
+
+def leftover_files(c: cfg.Config) -> list[Path]:
+    """Files in the state directory other than the journal and source deltas in use."""
+    out = []
+    for p in c.daemon.state_dir.rglob("*"):
+        if p.is_file() and not p.name.startswith("journal.sqlite") and p.parent != c.delta_dir:
+            out.append(p)
+    return out
+
+
+async def test_happy_path(env):
+    engine, virt, journal, c = env
+    job = await run_job(engine, journal, name="c1")
+    assert [e.state for e in job.history.entries] == list(HAPPY_PATH)
+    assert virt.domains["src"].state == "running"
+    assert virt.domains["c1"].state == "running"
+    assert "-incoming" not in virt.domains["c1"].xml  # persistent definition is clean
+    assert job.result["clones"][0]["name"] == "c1"
+    assert set(job.durations_ms if hasattr(job, "durations_ms") else job.history.durations_ms()) == set(STEPS)
+    clones = await journal.list_clones()
+    assert [x.name for x in clones] == ["c1"]
+    assert not (await journal.resources(job.id))  # all handed over
+    assert not list(c.jobs_dir.iterdir())  # scratch removed
+
+
+async def test_count_makes_n_clones_from_one_stun(env):
+    engine, virt, journal, _ = env
+    job = await run_job(engine, journal, name="pool", count=3)
+    assert job.state is State.UNSTUNNED
+    assert {"pool-1", "pool-2", "pool-3"} <= set(virt.domains)
+    assert [m for m, n in virt.calls if n == "src"].count("suspend") == 1
+    macs = [r["macs"][0] for r in job.result["clones"]]
+    assert len(set(macs)) == 3
+    uuids = {virt.domains[n].uuid for n in ("pool-1", "pool-2", "pool-3", "src")}
+    assert len(uuids) == 4
+
+
+@pytest.mark.parametrize("step", STEPS)
+async def test_fault_at_every_step_rolls_back(env, step):
+    engine, virt, journal, c = env
+
+    async def hook(job_id: str, at: str) -> None:
+        if at == step:
+            raise VirtError(f"injected failure at {at}")
+
+    engine.step_hook = hook
+    job = await run_job(engine, journal, name="c1", count=2)
+    assert job.state is State.FAILED, job.error
+    assert job.error["step"] == step
+    assert "injected failure" in job.error["message"]
+    expected = list(HAPPY_PATH[: HAPPY_PATH.index(State(step))]) + [State.FAILED]
+    assert [e.state for e in job.history.entries] == expected
+    assert virt.domains["src"].state == "running"
+    assert set(virt.domains) == {"src"}
+    assert leftover_files(c) == []
+    assert not (await journal.resources(job.id))
+    assert await journal.list_clones() == []
+
+
+@pytest.mark.parametrize("method", ["suspend", "snapshot_disks", "save_state", "define", "start", "load_state"])
+async def test_backend_failure_rolls_back(env, method):
+    engine, virt, journal, c = env
+    virt.fail[method] = VirtError(f"{method} broke")
+    job = await run_job(engine, journal, name="c1")
+    assert job.state is State.FAILED
+    assert f"{method} broke" in job.error["message"]
+    assert virt.domains["src"].state == "running"
+    assert set(virt.domains) == {"src"}
+    assert leftover_files(c) == []
+
+
+async def test_stun_deadline_aborts_and_resumes(env):
+    engine, virt, journal, c = env
+    virt.delay["save_state"] = 2.0  # deadline is 500 ms
+    job = await run_job(engine, journal, name="c1")
+    assert job.state is State.FAILED
+    assert job.error["code"] == "stun_deadline_exceeded"
+    assert job.error["step"] == "MemoryLinked"
+    assert virt.domains["src"].state == "running"
+    assert set(virt.domains) == {"src"}
+    assert leftover_files(c) == []
+
+
+async def test_rollback_failure_is_needs_attention(env):
+    engine, virt, journal, _ = env
+    virt.fail["start"] = VirtError("start broke")
+    virt.fail["undefine"] = VirtError("undefine broke too")
+    job = await run_job(engine, journal, name="c1")
+    assert job.state is State.NEEDS_ATTENTION
+    assert any("undefine c1" in x for x in job.error["left_behind"])
+    assert virt.domains["src"].state == "running"
+
+
+async def test_paused_source_is_used_frozen_and_stays_paused(env):
+    engine, virt, journal, _ = env
+    virt.domains["src"].state = "paused"
+    job = await run_job(engine, journal, name="c1")
+    assert job.state is State.UNSTUNNED
+    assert State.STUNNED not in [e.state for e in job.history.entries]
+    assert virt.domains["src"].state == "paused"
+    assert ("suspend", "src") not in virt.calls and ("resume", "src") not in virt.calls
+
+
+@pytest.mark.parametrize("kw,err", [
+    ({"name": "../etc"}, InvalidName),
+    ({"name": "a b"}, InvalidName),
+    ({"name": "x" * 64}, InvalidName),
+    ({"name": "<x>"}, InvalidName),
+    ({"name": ""}, InvalidName),
+    ({"name": 7}, InvalidName),
+    ({"name": "ok", "count": 0}, InvalidRequest),
+    ({"name": "ok", "count": -3}, InvalidRequest),
+    ({"name": "ok", "count": "2"}, InvalidRequest),
+    ({"name": "ok", "count": 10_000}, InvalidRequest),
+    ({"name": "src"}, NameInUse),
+    ({"name": "ok", "source": "nosuch"}, SourceNotFound),
+    ({"name": "ok", "source": "a;rm -rf"}, InvalidName),
+])
+async def test_bad_input_is_refused_before_anything_happens(env, kw, err):
+    engine, virt, journal, _ = env
+    with pytest.raises(err):
+        await engine.submit(source=kw.pop("source", "src"), **kw)
+    assert await journal.list_jobs() == []
+    assert virt.calls == [] or all(m == "lookup" for m, _ in virt.calls)
+
+
+async def test_shut_off_source_is_refused(env):
+    engine, virt, _, _ = env
+    virt.domains["src"].state = "shutoff"
+    with pytest.raises(SourceNotCloneable):
+        await engine.submit(source="src", name="c1")
+
+
+async def test_duplicate_names_across_jobs(env):
+    engine, virt, journal, _ = env
+    virt.delay["save_state"] = 0.2
+    await engine.submit(source="src", name="dup")
+    with pytest.raises(NameInUse):
+        await engine.submit(source="src", name="dup")
+    await engine.shutdown(5)
+
+
+async def test_same_source_is_serialized(env):
+    engine, virt, journal, _ = env
+    virt.delay["save_state"] = 0.05
+    jobs = [await engine.submit(source="src", name=f"s{i}") for i in range(5)]
+    for j in jobs:
+        await engine.wait(j.id, 10)
+    states = [(await journal.get_job(j.id)).state for j in jobs]
+    assert states == [State.UNSTUNNED] * 5
+    # stuns never overlap: suspend/resume of src strictly alternate
+    seq = [m for m, n in virt.calls if n == "src" and m in ("suspend", "resume")]
+    assert seq == ["suspend", "resume"] * 5
+
+
+async def test_destroy_removes_clone_and_files_not_source(env):
+    engine, virt, journal, c = env
+    job = await run_job(engine, journal, name="c1")
+    clone_dir = Path(job.result["clones"][0]["dir"])
+    assert clone_dir.exists()
+    await engine.destroy_clone("c1")
+    assert "c1" not in virt.domains and "src" in virt.domains
+    assert not clone_dir.exists()
+    with pytest.raises(Exception):
+        await engine.destroy_clone("src")  # not ours
+    assert "src" in virt.domains
+
+
+async def test_recovery_resumes_stunned_source_and_removes_orphans(env):
+    """Model a SIGKILL after Configured: only the journal and the world remain."""
+    engine, virt, journal, c = env
+    from instaclone import journal as jr
+
+    job = await journal.create_job("deadbeef", "src", {"names": ["c1"], "count": 1})
+    job_dir = c.jobs_dir / job.id
+    clone_dir = c.clones_dir / "c1"
+    await journal.plan(job.id, jr.FILE, str(job_dir))
+    job_dir.mkdir(parents=True)
+    (job_dir / "memory.state").write_bytes(b"x")
+    await journal.plan(job.id, jr.STUN, "src")
+    await virt.suspend("src")
+    await journal.record_state(job, State.STUNNED)
+    orphan_delta = c.delta_dir / "src.vda.deadbeef.qcow2"
+    await journal.plan(job.id, jr.SOURCE_DELTA, str(orphan_delta))
+    c.delta_dir.mkdir(parents=True, exist_ok=True)
+    orphan_delta.write_bytes(b"never attached")
+    await journal.record_state(job, State.SOURCE_DELTA_CREATED)
+    await journal.plan(job.id, jr.FILE, str(clone_dir), clone="c1")
+    clone_dir.mkdir(parents=True)
+    (clone_dir / "vda.qcow2").write_bytes(b"d")
+    await journal.record_state(job, State.CLONE_DELTA_CREATED)
+    await journal.plan(job.id, jr.DOMAIN, "c1", clone="c1")
+    await virt.define(virt.domains["src"].xml.replace("<name>src</name>", "<name>c1</name>"))
+    # ... daemon killed here. A new engine recovers:
+    handled = await engine.recover()
+    assert handled == [job.id]
+    rec = await journal.get_job(job.id)
+    assert rec.state is State.FAILED
+    assert rec.error["code"] == "interrupted"
+    assert virt.domains["src"].state == "running"
+    assert set(virt.domains) == {"src"}
+    assert not job_dir.exists() and not clone_dir.exists() and not orphan_delta.exists()
+    assert not (await journal.resources(job.id))
+
+
+async def test_recovery_requeues_untouched_requested_jobs(env):
+    engine, virt, journal, _ = env
+    job = await journal.create_job("cafe", "src", {"names": ["c9"], "count": 1})
+    assert await engine.recover() == [job.id]
+    await engine.wait(job.id, 10)
+    assert (await journal.get_job(job.id)).state is State.UNSTUNNED
+    assert "c9" in virt.domains
