@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import __version__
 from .engine import Engine
-from .errors import InstacloneError, InvalidRequest, NotFound
+from .errors import BodyTooLarge, InstacloneError, InvalidRequest, NotFound
 from .journal import Journal
 from .log import get as get_logger
 
@@ -27,6 +27,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ENGINE = web.AppKey("engine", Engine)
 JOURNAL = web.AppKey("journal", Journal)
+PEER = web.RequestKey("peer", dict)
 
 log = get_logger(component="api")
 
@@ -59,7 +60,7 @@ async def peer_credentials(request: web.Request, handler: Handler) -> web.Stream
         try:
             pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                  struct.calcsize("3i")))
-            request["peer"] = {"pid": pid, "uid": uid, "gid": gid}
+            request[PEER] = {"pid": pid, "uid": uid, "gid": gid}
         except OSError:
             pass
     return await handler(request)
@@ -67,7 +68,7 @@ async def peer_credentials(request: web.Request, handler: Handler) -> web.Stream
 
 async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise InvalidRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
+        raise BodyTooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
     raw = await request.read()
     try:
         data = json.loads(raw or b"{}")
@@ -110,7 +111,7 @@ async def create_job(request: web.Request) -> web.Response:
     if "source" not in body or "name" not in body:
         raise InvalidRequest("fields 'source' and 'name' are required")
     engine = request.app[ENGINE]
-    peer = request.get("peer")
+    peer = request.get(PEER)
     job = await engine.submit(source=body["source"], name=body["name"], count=body.get("count", 1))
     log.info("api.clone_requested", job_id=job.id, source=job.source, peer=peer)
     wait = _wait_param(request)
@@ -152,7 +153,7 @@ async def list_clones(request: web.Request) -> web.Response:
 async def destroy_clone(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     rec = await request.app[ENGINE].destroy_clone(name)
-    log.info("api.clone_destroyed", clone=name, peer=request.get("peer"))
+    log.info("api.clone_destroyed", clone=name, peer=request.get(PEER))
     return web.json_response({"destroyed": rec.to_dict()})
 
 

@@ -11,6 +11,7 @@ order and the source is always resumed (shielded from cancellation).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -349,10 +350,15 @@ class Engine:
             CloneTarget(name=n, uuid=identity.new_uuid(), dir=self.config.clones_dir / n) for n in names
         ]
 
+        # The clone's QEMU creates sockets and logs in the clone's directory, so
+        # the directory belongs to the user libvirt runs QEMU as: the owner
+        # that libvirt gave the source's top image.
+        owner = await asyncio.to_thread(_owner, next(iter(ctx.tops.values()), None))
+
         async def make_deltas() -> None:
             for clone in clones:
                 await record(jr.FILE, str(clone.dir), clone=clone.name)
-                await asyncio.to_thread(clone.dir.mkdir, parents=True, exist_ok=False)
+                await asyncio.to_thread(_make_dir, clone.dir, owner)
                 run.undo.append((f"remove {clone.dir}", lambda d=clone.dir: _rmtree(d)))
                 clone.disks = await self.storage.create_clone_delta(ctx=ctx, clone=clone, record=record)
 
@@ -477,6 +483,22 @@ class Engine:
         for res in await self.journal.resources(job.id):
             if res.kind == jr.SOURCE_DELTA and res.ref not in in_use:
                 await asyncio.to_thread(Path(res.ref).unlink, missing_ok=True)
+
+
+def _owner(path: Path | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_uid, st.st_gid
+
+
+def _make_dir(path: Path, owner: tuple[int, int] | None) -> None:
+    path.mkdir(parents=True, exist_ok=False)
+    if owner is not None and owner != (0, 0):
+        os.chown(path, *owner)
 
 
 async def _rmtree(path: Path) -> None:

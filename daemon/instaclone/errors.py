@@ -39,6 +39,11 @@ class InvalidRequest(InstacloneError):
     http_status = 400
 
 
+class BodyTooLarge(InvalidRequest):
+    code = "body_too_large"
+    http_status = 413
+
+
 class InvalidName(InvalidRequest):
     code = "invalid_name"
 

@@ -1,0 +1,89 @@
+"""Control API over a real Unix socket, engine on the fake hypervisor: every error is JSON."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from instaclone import config as cfg
+from instaclone.api import make_app
+from instaclone.engine import Engine
+from instaclone.journal import Journal
+from instaclone_plugins.saverestore import SaveRestoreMemory
+
+from .fakes import FakeHypervisor, FakeStorage
+from .apiclient import Api
+
+
+@pytest.fixture
+async def api(tmp_path: Path):
+    c = cfg.Config()
+    c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "s"))
+    journal = Journal(c.journal_path)
+    await journal.open()
+    virt = FakeHypervisor()
+    (tmp_path / "b.qcow2").write_bytes(b"")
+    virt.add_source("src", tmp_path / "b.qcow2")
+    engine = Engine(config=c, journal=journal, virt=virt,  # type: ignore[arg-type]
+                    storage=FakeStorage(config=c, virt=virt),  # type: ignore[arg-type]
+                    memory=SaveRestoreMemory(config=c, virt=virt))  # type: ignore[arg-type]
+    runner = web.AppRunner(make_app(engine, journal))
+    await runner.setup()
+    sock = tmp_path / "ctl.sock"
+    await web.UnixSite(runner, str(sock)).start()
+    async with Api(sock) as client:
+        yield client, virt
+    await engine.shutdown(5)
+    await runner.cleanup()
+    await journal.close()
+
+
+async def test_clone_and_list(api):
+    client, virt = api
+    status, body = await client.call("POST", "/v1/jobs?wait=10", {"source": "src", "name": "c1"})
+    assert status == 201 and body["job"]["state"] == "Unstunned"
+    status, body = await client.call("GET", f"/v1/jobs/{body['job']['id']}")
+    assert status == 200 and set(body["job"]["durations_ms"]) >= {"Stunned", "Unstunned"}
+    status, body = await client.call("GET", "/v1/clones")
+    assert [c["name"] for c in body["clones"]] == ["c1"]
+    status, body = await client.call("GET", "/v1/health")
+    assert status == 200 and body["libvirt_connected"] is True
+
+
+@pytest.mark.parametrize("method,path,kw,status,code", [
+    ("POST", "/v1/jobs", {"raw": b"{not json"}, 400, "invalid_request"),
+    ("POST", "/v1/jobs", {"raw": b"[1,2]"}, 400, "invalid_request"),
+    ("POST", "/v1/jobs", {"raw": b"\xff\xfe"}, 400, "invalid_request"),
+    ("POST", "/v1/jobs", {"body": {"source": "src"}}, 400, "invalid_request"),
+    ("POST", "/v1/jobs", {"body": {"source": "src", "name": "c", "evil": 1}}, 400, "invalid_request"),
+    ("POST", "/v1/jobs", {"body": {"source": "src", "name": "a/b"}}, 400, "invalid_name"),
+    ("POST", "/v1/jobs", {"body": {"source": "src", "name": "é"}}, 400, "invalid_name"),
+    ("POST", "/v1/jobs", {"body": {"source": "src", "name": "x" * 10_000}}, 400, "invalid_name"),
+    ("POST", "/v1/jobs", {"body": {"source": "src", "name": "c", "count": -1}}, 400, "invalid_request"),
+    ("POST", "/v1/jobs", {"body": {"source": "src", "name": "c", "count": 1.5}}, 400, "invalid_request"),
+    ("POST", "/v1/jobs", {"body": {"source": "ghost", "name": "c"}}, 404, "source_not_found"),
+    ("POST", "/v1/jobs", {"body": {"source": "src", "name": "src"}}, 409, "name_in_use"),
+    ("POST", "/v1/jobs?wait=abc", {"body": {"source": "src", "name": "c"}}, 400, "invalid_request"),
+    ("POST", "/v1/jobs", {"raw": b"{" + b" " * 200_000 + b"}"}, 413, "body_too_large"),
+    ("GET", "/v1/jobs/nope", {}, 404, "not_found"),
+    ("DELETE", "/v1/clones/src", {}, 404, "not_found"),
+    ("GET", "/v1/nothing", {}, 404, "not_found"),
+    ("PUT", "/v1/jobs", {}, 405, "method_not_allowed"),
+])
+async def test_errors_are_json(api, method, path, kw, status, code):
+    client, virt = api
+    got, body = await client.call(method, path, kw.get("body"), raw=kw.get("raw"))
+    assert got == status, body
+    assert body["error"]["code"] == code
+    assert "Traceback" not in body["error"]["message"]
+    assert set(virt.domains) == {"src"}
+
+
+async def test_openapi_document(api):
+    client, _ = api
+    status, body = await client.call("GET", "/v1/openapi.json")
+    assert status == 200 and body["openapi"].startswith("3.")
+    assert "/v1/jobs" in body["paths"]

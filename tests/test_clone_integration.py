@@ -1,0 +1,170 @@
+"""Integration: clone real running guests through the daemon (libvirt + QEMU, no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from instaclone import devguest
+from instaclone.virt import Hypervisor
+
+from .conftest import libvirt_ready
+from .vmlib import Api, Scratch, boot_source, make_config, running_daemon
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
+                                                          reason=str(libvirt_ready()))]
+
+
+@pytest.fixture
+async def world():
+    """A scratch dir, a daemon on it, a libvirt handle; everything removed afterwards."""
+    scratch = Scratch()
+    virt = Hypervisor()
+    await virt.connect()
+    before = set(await virt.list_names())
+    config = make_config(scratch)
+    daemon = await running_daemon(config)
+    try:
+        yield scratch, virt, daemon, config
+    finally:
+        await daemon.stop()
+        for name in set(await virt.list_names()) - before:
+            await virt.undefine(name)
+        await virt.close()
+        scratch.cleanup()
+    # Nothing of ours may survive the test.
+    left = subprocess.run(["pgrep", "-f", f"qemu-system.*{scratch.path.name}"], capture_output=True, text=True)
+    assert not left.stdout.strip(), f"QEMU processes left behind: {left.stdout}"
+
+
+def clone_log(config, name: str) -> Path:
+    return config.clones_dir / name / f"{name}.serial.log"
+
+
+def first_counter(log: Path) -> tuple[str, int] | None:
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("IC boot="):
+            boot, count = line.split()[1:3]
+            return boot.split("=", 1)[1], int(count.split("=", 1)[1])
+    return None
+
+
+async def test_clone_running_guest_end_to_end(world):
+    scratch, virt, daemon, config = world
+    src = await boot_source(virt, scratch, "ic-src")
+    boot_src, _ = devguest.read_counter(src.serial_log)
+
+    async with Api(config.daemon.socket) as api:
+        status, body = await api.call("POST", "/v1/jobs?wait=120", {"source": "ic-src", "name": "ic-clone"})
+        assert status == 201, body
+        job = body["job"]
+    assert job["state"] == "Unstunned", job
+    assert [h["state"] for h in job["history"]] == [
+        "Requested", "Stunned", "SourceDeltaCreated", "CloneDeltaCreated", "MemoryLinked", "Configured",
+        "Unstunned"]
+    print("per-state ms:", json.dumps(job["durations_ms"]), "stun_ms:", job["result"]["stun_ms"])
+
+    # The source ran on past the stun, on a new delta.
+    _, count_at_stun = devguest.read_counter(src.serial_log)
+    assert await virt.state("ic-src") == "running"
+    await devguest.wait_counter(src.serial_log, above=count_at_stun + 2, timeout=30)
+    info = await virt.lookup("ic-src")
+    assert info.disks[0].path != src.disk  # writes go to the new source delta
+
+    # (a) no reboot: the clone continues the source's process, same boot id,
+    # its counter picks up where the source was stunned.
+    log = clone_log(config, "ic-clone")
+    boot_clone, n = await devguest.wait_counter(log, above=0, timeout=30)
+    assert boot_clone == boot_src
+    first = first_counter(log)
+    assert first is not None and first[1] >= count_at_stun - 2 and first[1] > 2, (first, count_at_stun)
+    await devguest.wait_counter(log, above=n + 2, timeout=30)
+
+    # (c) its own identity.
+    clone = await virt.lookup("ic-clone")
+    assert clone.name != info.name and clone.uuid != info.uuid
+    from instaclone.domxml import macs
+    assert set(macs(clone.xml)).isdisjoint(macs(info.xml))
+    assert clone.state == "running"
+
+    # (b) disk isolation, both ways, below the guests' page caches.
+    s = await devguest.GuestChannel.connect(src.cmd_sock)
+    c = await devguest.GuestChannel.connect(config.clones_dir / "ic-clone" / "ic-clone.cmd.sock")
+    try:
+        write = "echo {p} | dd of=/dev/vda bs=512 seek={sec} conv=notrunc,fsync 2>/dev/null; echo ok"
+        read = "echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=512 skip={sec} count=1 2>/dev/null"
+        assert (await s.run(write.format(p="SRC-ONLY-PATTERN", sec=100)))[0] == 0
+        assert (await c.run(write.format(p="CLONE-ONLY-PATTERN", sec=200)))[0] == 0
+        _, s100 = await s.run(read.format(sec=100))
+        _, s200 = await s.run(read.format(sec=200))
+        _, c100 = await c.run(read.format(sec=100))
+        _, c200 = await c.run(read.format(sec=200))
+    finally:
+        await s.close()
+        await c.close()
+    assert "SRC-ONLY-PATTERN" in s100 and "CLONE-ONLY-PATTERN" not in s200
+    assert "CLONE-ONLY-PATTERN" in c200 and "SRC-ONLY-PATTERN" not in c100
+
+    # (d) the source is running; destroy removes the clone and only the clone.
+    assert await virt.state("ic-src") == "running"
+    async with Api(config.daemon.socket) as api:
+        status, body = await api.call("DELETE", "/v1/clones/ic-clone")
+        assert status == 200, body
+        status, body = await api.call("DELETE", "/v1/clones/ic-src")
+        assert status == 404 and body["error"]["code"] == "not_found"
+    assert not await virt.exists("ic-clone")
+    assert not (config.clones_dir / "ic-clone").exists()
+    assert await virt.state("ic-src") == "running"
+    assert src.disk.exists() and info.disks[0].path.exists()
+
+
+async def test_cli_clone_count_and_errors(world):
+    scratch, virt, daemon, config = world
+    await boot_source(virt, scratch, "ic-src2")
+    env = {**os.environ, "INSTACLONE_SOCKET": str(config.daemon.socket)}
+    cli = [sys.executable, "-m", "instaclone.cli"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    r = await asyncio.to_thread(run, "-o", "json", "clone", "ic-src2", "--name", "ic-pool", "--count", "2", "--wait")
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)
+    names = [c["name"] for c in job["result"]["clones"]]
+    assert names == ["ic-pool-1", "ic-pool-2"]
+    assert len({m for c in job["result"]["clones"] for m in c["macs"]}) == 2
+    for n in names:
+        assert await virt.state(n) == "running"
+        await devguest.wait_counter(clone_log(config, n), above=0, timeout=30)
+    assert await virt.state("ic-src2") == "running"
+
+    r = await asyncio.to_thread(run, "clones", "ls")
+    assert r.returncode == 0 and "ic-pool-1" in r.stdout and "ic-pool-2" in r.stdout
+    r = await asyncio.to_thread(run, "jobs", "show", job["id"])
+    assert r.returncode == 0 and "Unstunned" in r.stdout
+
+    # Errors: one line, non-zero exit, no traceback.
+    for args, needle in [
+        (("clone", "ic-src2", "--name", "ic-pool-1"), "name_in_use"),
+        (("clone", "no-such-vm", "--name", "x1"), "source_not_found"),
+        (("clone", "ic-src2", "--name", "../../etc/passwd"), "invalid_name"),
+        (("clone", "ic-src2", "--name", "ok", "--count", "-1"), "invalid_request"),
+        (("destroy", "ic-src2"), "not_found"),
+    ]:
+        r = await asyncio.to_thread(run, *args)
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([*cli, "--socket", str(scratch.path / "nope.sock"), "status"], capture_output=True, text=True)
+    assert r.returncode == 3 and "cannot reach instacloned" in r.stderr
+
+    for n in names:
+        r = await asyncio.to_thread(run, "destroy", n)
+        assert r.returncode == 0, r.stderr
+    assert await virt.state("ic-src2") == "running"

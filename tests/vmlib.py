@@ -1,0 +1,104 @@
+"""Real-VM helpers for integration tests: scratch dirs, source guests, an in-process daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from instaclone import config as cfg, devguest
+from instaclone.daemon import Daemon
+from instaclone.virt import Hypervisor
+
+from .apiclient import Api  # noqa: F401  (re-exported for tests)
+from .conftest import SCRATCH_ROOT
+
+
+def qemu_owner() -> tuple[int, int]:
+    try:
+        pw = pwd.getpwnam("libvirt-qemu")
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 0, 0
+
+
+class Scratch:
+    """A directory libvirt's QEMU user can use; removed with everything in it."""
+
+    def __init__(self) -> None:
+        SCRATCH_ROOT.mkdir(parents=True, exist_ok=True)
+        SCRATCH_ROOT.chmod(0o755)
+        self.path = SCRATCH_ROOT / uuid.uuid4().hex[:10]
+        self.path.mkdir()
+        os.chown(self.path, *qemu_owner())
+        self.path.chmod(0o755)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass
+class SourceVM:
+    name: str
+    disk: Path
+    workdir: Path
+
+    @property
+    def serial_log(self) -> Path:
+        return self.workdir / f"{self.name}.serial.log"
+
+    @property
+    def cmd_sock(self) -> Path:
+        return self.workdir / f"{self.name}.cmd.sock"
+
+
+async def boot_source(virt: Hypervisor, scratch: Scratch, name: str, *, memory_mib: int = 256,
+                      file_backed_ram: bool = False) -> SourceVM:
+    disk = scratch.path / f"{name}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(devguest.GUEST_DIR / "base.qcow2"),
+                    "-F", "qcow2", str(disk)], check=True)
+    vm = SourceVM(name, disk, scratch.path)
+    xml = devguest.domain_xml(name, disk=disk, workdir=scratch.path, memory_mib=memory_mib,
+                              file_backed_ram=file_backed_ram)
+    await virt.define(xml)
+    await virt.start(name)
+    await devguest.wait_counter(vm.serial_log, above=1, timeout=60)
+    return vm
+
+
+async def remove_domain(virt: Hypervisor, name: str) -> None:
+    await virt.undefine(name)
+
+
+def make_config(scratch: Scratch, **clone_overrides: Any) -> cfg.Config:
+    c = cfg.Config()
+    return replace(
+        c,
+        daemon=replace(c.daemon, state_dir=scratch.path / "state", socket=scratch.path / "ctl.sock",
+                       log_format="console"),
+        # TCG guests on a shared 2-core CI machine are slow; the deadline is
+        # tested with fakes, not here.
+        clone=replace(c.clone, **{"stun_deadline_ms": 20000, **clone_overrides}),
+    )
+
+
+async def running_daemon(config: cfg.Config) -> Daemon:
+    d = Daemon(config)
+    await d.start()
+    return d
+
+
+async def wait_state(virt: Hypervisor, name: str, want: str, timeout: float = 20) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        if await virt.state(name) == want:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} not {want} after {timeout} s")
