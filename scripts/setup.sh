@@ -57,6 +57,24 @@ if ! virsh -c qemu:///system version >/dev/null 2>&1; then
     done
 fi
 virsh -c qemu:///system version >/dev/null || { echo "setup: libvirtd does not answer on qemu:///system" >&2; exit 1; }
+
+# The filecow memory backend's libvirt hook (see the script's docstring).
+# libvirtd finds hook scripts when it starts, so a new or changed hook means
+# a restart (running domains are not affected: libvirtd reconnects to them).
+hook=/etc/libvirt/hooks/qemu.d/instaclone
+if ! cmp -s "$repo/plugins/instaclone_plugins/libvirt_hook.py" "$hook"; then
+    say "installing libvirt hook $hook"
+    install -D -m 0755 "$repo/plugins/instaclone_plugins/libvirt_hook.py" "$hook"
+    if [ -d /run/systemd/system ] && systemctl is-active -q libvirtd.service 2>/dev/null; then
+        systemctl restart libvirtd.service
+    else
+        pkill -x libvirtd || true
+        for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+        libvirtd -d
+    fi
+    for _ in $(seq 1 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+    virsh -c qemu:///system version >/dev/null || { echo "setup: libvirtd did not come back after installing the hook" >&2; exit 1; }
+fi
 say "libvirtd answers on qemu:///system"
 
 # The project's virtualenv. libvirt-python compiles against libvirt-dev.

@@ -22,6 +22,8 @@ def test_example_config_is_valid_and_documents_every_key():
             assert f"{key} =" in text or f"# {key} =" in text, f"{section}.{key} undocumented"
     for key in c.qcow2.__dataclass_fields__:
         assert f"{key} =" in text, f"storage.qcow2.{key} undocumented"
+    for key in c.filecow.__dataclass_fields__:
+        assert f"{key} =" in text, f"memory.filecow.{key} undocumented"
 
 
 @pytest.mark.parametrize("raw,key", [
@@ -31,6 +33,7 @@ def test_example_config_is_valid_and_documents_every_key():
     ({"daemon": {"socket": "relative/path"}}, "daemon.socket"),
     ({"daemon": {"log_format": "xml"}}, "daemon.log_format"),
     ({"nope": {}}, "nope"),
+    ({"memory": {"filecow": {"source_mode": "teleport"}}}, "memory.filecow.source_mode"),
     ({"storage": {"qcow2": {"delta_dir": 3}}}, "storage.qcow2.delta_dir"),
 ])
 def test_errors_name_the_key(raw, key):

@@ -33,7 +33,8 @@ class StunContext:
     job_id: str
     source: DomainInfo
     job_dir: Path  # scratch space for this job, removed when the job ends
-    frozen: bool = False
+    frozen: bool = False  # a registered template: never stunned, never resumed
+    paused_by_owner: bool = False  # paused, not by us: not resumed by us either
     tops: dict[str, Path] = field(default_factory=dict)  # disk target -> top image at stun
     memory: Any = None  # the memory backend's image of the source at stun
 
@@ -122,6 +123,15 @@ class MemoryBackend(abc.ABC):
     @abc.abstractmethod
     async def start_clone(self, *, ctx: StunContext, clone: CloneTarget) -> None:
         """Start the defined clone domain paused and load the captured state into it."""
+
+    async def detach_source(self, *, ctx: StunContext, resume: bool) -> None:
+        """End the stun: let the source go on (``resume``) without touching the captured image.
+
+        The default resumes it in place; a backend whose clones share the
+        source's live memory must first move the source off it.
+        """
+        if resume:
+            await self.virt.resume(ctx.source.name)
 
     @abc.abstractmethod
     async def release(self, *, ctx: StunContext) -> None:

@@ -35,7 +35,9 @@ class LibvirtConfig:
 @dataclass(frozen=True)
 class CloneConfig:
     storage_backend: str = "qcow2"
-    memory_backend: str = "saverestore"
+    memory_backend: str = "filecow"
+    # Used for sources the first backend cannot serve ("none": refuse them).
+    memory_fallback: str = "saverestore"
     stun_deadline_ms: int = 2000
     step_timeout_s: float = 120.0
     max_count: int = 64
@@ -48,11 +50,22 @@ class Qcow2Config:
 
 
 @dataclass(frozen=True)
+class FileCowConfig:
+    # How a running source is kept from writing into the RAM its clones map:
+    # "copy": clones map a sparse copy of the RAM file made during the stun
+    #         (the source runs on in place and stays cloneable);
+    # "respawn": the source's QEMU is restarted as one more private child of
+    #         the frozen file (no copy; the stun includes a QEMU restart).
+    source_mode: str = "copy"
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     clone: CloneConfig = field(default_factory=CloneConfig)
     qcow2: Qcow2Config = field(default_factory=Qcow2Config)
+    filecow: FileCowConfig = field(default_factory=FileCowConfig)
 
     @property
     def delta_dir(self) -> Path:
@@ -72,7 +85,8 @@ class Config:
 
 
 # Section name in the TOML file -> dataclass field of Config.
-_SECTIONS = {"daemon": "daemon", "libvirt": "libvirt", "clone": "clone", "storage.qcow2": "qcow2"}
+_SECTIONS = {"daemon": "daemon", "libvirt": "libvirt", "clone": "clone", "storage.qcow2": "qcow2",
+             "memory.filecow": "filecow"}
 
 # (min, max) for numeric keys.
 _RANGES: dict[str, tuple[float, float]] = {
@@ -86,6 +100,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 _CHOICES = {
     "daemon.log_format": ("json", "console"),
     "daemon.log_level": ("debug", "info", "warning", "error"),
+    "memory.filecow.source_mode": ("copy", "respawn"),
 }
 
 
@@ -119,9 +134,9 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
 def _flatten_sections(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, table in raw.items():
-        if name == "storage" and isinstance(table, dict):
+        if name in ("storage", "memory") and isinstance(table, dict):
             for sub, subtable in table.items():
-                out[f"storage.{sub}"] = subtable
+                out[f"{name}.{sub}"] = subtable
         else:
             out[name] = table
     return out

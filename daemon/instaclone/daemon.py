@@ -38,7 +38,9 @@ class Daemon:
     async def start(self) -> None:
         c = self.config
         storage_cls = backends.storage_backend(c.clone.storage_backend)
-        memory_cls = backends.memory_backend(c.clone.memory_backend)
+        memory_classes = [backends.memory_backend(c.clone.memory_backend)]
+        if c.clone.memory_fallback != "none" and c.clone.memory_fallback != c.clone.memory_backend:
+            memory_classes.append(backends.memory_backend(c.clone.memory_fallback))
         for d in (c.daemon.state_dir, c.clones_dir, c.jobs_dir, c.delta_dir):
             d.mkdir(parents=True, exist_ok=True)
             # libvirt's QEMU user must reach disks and logs below these.
@@ -46,10 +48,11 @@ class Daemon:
         await self.journal.open()
         await self.virt.connect()
         storage = storage_cls(config=c, virt=self.virt)
-        memory = memory_cls(config=c, virt=self.virt)
+        memories = [cls(config=c, virt=self.virt) for cls in memory_classes]
         await storage.check()
-        await memory.check()
-        self.engine = Engine(config=c, journal=self.journal, virt=self.virt, storage=storage, memory=memory)
+        for m in memories:
+            await m.check()
+        self.engine = Engine(config=c, journal=self.journal, virt=self.virt, storage=storage, memory=memories)
         recovered = await self.engine.recover()
         if recovered:
             self.log.info("daemon.recovered", jobs=recovered)
@@ -63,7 +66,7 @@ class Daemon:
         await site.start()
         os.chmod(sock_path, c.daemon.socket_mode)
         self.log.info("daemon.ready", socket=str(sock_path), state_dir=str(c.daemon.state_dir),
-                      storage=storage.name, memory=memory.name, libvirt=c.libvirt.uri)
+                      storage=storage.name, memory=[m.name for m in memories], libvirt=c.libvirt.uri)
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         if self.engine is not None:
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         ))
         backends.storage_backend(config.clone.storage_backend)
         backends.memory_backend(config.clone.memory_backend)
+        if config.clone.memory_fallback != "none":
+            backends.memory_backend(config.clone.memory_fallback)
     except InstacloneError as exc:
         print(f"instacloned: {exc.message}", file=sys.stderr)
         return 2

@@ -1,10 +1,21 @@
 """The project's test guest (built by ``scripts/build-guest.sh``): domain XML and drivers.
 
-Used by the tests, the demo and the benchmarks; not by the daemon. The guest
-prints ``IC boot=<id> count=<n>`` on its serial console every second, writes
-the same line to sector 0 of its data disk, and runs commands sent to its
-second serial port (a UNIX socket on the host), framing their output as
-``@@IC-BEGIN <id>`` ... ``@@IC-END <id> <status>``.
+Used by the tests, the demo and the benchmarks, never by the daemon, and so
+free of libvirt: it writes domain XML and talks to files and sockets.
+
+The guest (a Debian cloud kernel and a busybox initramfs) boots in a few
+seconds even without KVM, then:
+
+* prints ``IC ready boot=<boot id>`` once and ``IC boot=<boot id> count=<n>``
+  every second on its serial console (serial 0, logged to
+  ``<workdir>/<name>.serial.log``), and writes the counter line to sector 0 of
+  its data disk ``/dev/vda``. A clone keeps the boot id and counts on from
+  where its source was; a rebooted guest has a new boot id and starts at 1.
+* runs shell commands received on its second serial port, which the host
+  reaches as the UNIX socket ``<workdir>/<name>.cmd.sock``: the host sends
+  ``<id> <command>\\n``; the guest answers ``@@IC-BEGIN <id>\\n``, the
+  command's stdout and stderr, ``\\n@@IC-END <id> <exit status>\\n``.
+  :class:`GuestChannel` is the client.
 """
 
 from __future__ import annotations
@@ -16,17 +27,26 @@ import os
 import re
 import sys
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
+from types import TracebackType
 
 GUEST_DIR = Path(os.environ.get("INSTACLONE_GUEST_DIR", "/var/lib/instaclone/guest"))
 
-_COUNTER = re.compile(r"^IC boot=(\S+) count=(\d+)\s*$")
+#: Used when the guest directory has no ``cmdline`` file (build-guest.sh writes one).
+DEFAULT_CMDLINE = "console=ttyS0 loglevel=1 panic=-1"
+
+_COUNTER = re.compile(rb"^IC boot=(\S+) count=(\d+)[ \t\r]*$", re.MULTILINE)
+_END = re.compile(rb"\n@@IC-END (\S+) (-?\d+)\r?\n")
 
 
 def accel() -> str:
-    """'kvm' where KVM was shown to work by build-guest.sh, else 'tcg' (env INSTACLONE_ACCEL wins)."""
-    forced = os.environ.get("INSTACLONE_ACCEL")
+    """``'kvm'`` or ``'tcg'``: what build-guest.sh found to work here.
+
+    The environment variable ``INSTACLONE_ACCEL`` overrides it. Without a
+    built guest the answer is ``'tcg'``, which works everywhere.
+    """
+    forced = os.environ.get("INSTACLONE_ACCEL", "").strip()
     if forced in ("kvm", "tcg"):
         return forced
     try:
@@ -35,82 +55,127 @@ def accel() -> str:
         return "tcg"
 
 
+def domain_type() -> str:
+    """The libvirt ``<domain type=...>`` for :func:`accel`: ``'kvm'`` or ``'qemu'`` (TCG)."""
+    return "kvm" if accel() == "kvm" else "qemu"
+
+
+def kernel_cmdline() -> str:
+    """The guest kernel's command line, as build-guest.sh recorded it."""
+    try:
+        return (GUEST_DIR / "cmdline").read_text().strip() or DEFAULT_CMDLINE
+    except OSError:
+        return DEFAULT_CMDLINE
+
+
+def serial_log_path(name: str, workdir: Path) -> Path:
+    """Where the console of guest ``name`` defined with :func:`domain_xml` is logged."""
+    return Path(workdir) / f"{name}.serial.log"
+
+
+def cmd_sock_path(name: str, workdir: Path) -> Path:
+    """The command channel socket of guest ``name`` defined with :func:`domain_xml`."""
+    return Path(workdir) / f"{name}.cmd.sock"
+
+
 def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
                file_backed_ram: bool = False) -> str:
     """Libvirt domain XML for the test guest.
 
-    Serial 0 (the console) logs to ``workdir/<name>.serial.log``; serial 1 is
-    the command channel at ``workdir/<name>.cmd.sock``. Guest ACPI is on (NIC
-    hot-plug needs it); the NIC uses user-mode networking, which needs no
-    host setup.
+    Direct kernel boot from :data:`GUEST_DIR`, one vCPU, ACPI (PCI hot-plug
+    needs it), the qcow2 ``disk`` as virtio ``vda``, a virtio NIC on
+    user-mode networking (no host setup), serial 0 logged to
+    :func:`serial_log_path`, serial 1 a UNIX socket at
+    :func:`cmd_sock_path` (QEMU listens), no graphics, no balloon, no USB.
+    ``file_backed_ram`` backs guest RAM with a shared file.
+    Paths must be absolute and reachable by libvirt's QEMU user.
     """
-    dom_type = "kvm" if accel() == "kvm" else "qemu"
-    cmdline = (GUEST_DIR / "cmdline").read_text().strip() if (GUEST_DIR / "cmdline").exists() \
-        else "console=ttyS0 loglevel=1 panic=-1"
-    backing = ("<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
-               if file_backed_ram else "")
-    log = workdir / f"{name}.serial.log"
-    sock = workdir / f"{name}.cmd.sock"
-    return f"""<domain type='{dom_type}'>
-  <name>{name}</name>
-  <uuid>{uuid.uuid4()}</uuid>
-  <memory unit='MiB'>{int(memory_mib)}</memory>
-  {backing}
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{GUEST_DIR / 'vmlinuz'}</kernel>
-    <initrd>{GUEST_DIR / 'initrd.img'}</initrd>
-    <cmdline>{cmdline}</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file={quoteattr(str(disk))}/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='user'><model type='virtio'/></interface>
-    <serial type='file'><source path={quoteattr(str(log))}/><target port='0'/></serial>
-    <serial type='unix'><source mode='bind' path={quoteattr(str(sock))}/><target port='1'/></serial>
-    <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
+    if memory_mib <= 0:
+        raise ValueError(f"memory_mib must be positive, not {memory_mib}")
+    dom = ET.Element("domain", type=domain_type())
+    ET.SubElement(dom, "name").text = name
+    ET.SubElement(dom, "memory", unit="MiB").text = str(int(memory_mib))
+    if file_backed_ram:
+        mb = ET.SubElement(dom, "memoryBacking")
+        ET.SubElement(mb, "source", type="file")
+        ET.SubElement(mb, "access", mode="shared")
+    ET.SubElement(dom, "vcpu").text = "1"
+    os_ = ET.SubElement(dom, "os")
+    ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
+    ET.SubElement(os_, "kernel").text = str(GUEST_DIR / "vmlinuz")
+    ET.SubElement(os_, "initrd").text = str(GUEST_DIR / "initrd.img")
+    ET.SubElement(os_, "cmdline").text = kernel_cmdline()
+    features = ET.SubElement(dom, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(dom, "on_poweroff").text = "destroy"
+    ET.SubElement(dom, "on_reboot").text = "destroy"
+    ET.SubElement(dom, "on_crash").text = "destroy"
+    dev = ET.SubElement(dom, "devices")
+    d = ET.SubElement(dev, "disk", type="file", device="disk")
+    ET.SubElement(d, "driver", name="qemu", type="qcow2")
+    ET.SubElement(d, "source", file=str(disk))
+    ET.SubElement(d, "target", dev="vda", bus="virtio")
+    nic = ET.SubElement(dev, "interface", type="user")
+    ET.SubElement(nic, "model", type="virtio")
+    # type='file': libvirt hands QEMU a virtlogd pipe and the log file can be
+    # read while the guest runs.
+    s0 = ET.SubElement(dev, "serial", type="file")
+    ET.SubElement(s0, "source", path=str(serial_log_path(name, workdir)))
+    ET.SubElement(s0, "target", port="0")
+    s1 = ET.SubElement(dev, "serial", type="unix")
+    ET.SubElement(s1, "source", mode="bind", path=str(cmd_sock_path(name, workdir)))
+    ET.SubElement(s1, "target", port="1")
+    ET.SubElement(dev, "controller", type="usb", model="none")
+    ET.SubElement(dev, "memballoon", model="none")
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode") + "\n"
 
 
 def read_counter(serial_log: Path) -> tuple[str, int] | None:
-    """(boot id, count) of the last counter line in ``serial_log``, if any."""
+    """(boot id, count) from the last complete counter line in ``serial_log``, or None."""
     try:
-        text = serial_log.read_text(errors="replace")
+        with open(serial_log, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            # Counter lines are ~60 bytes: the tail holds the newest.
+            f.seek(max(0, size - 16384))
+            tail = f.read()
     except OSError:
         return None
-    for line in reversed(text.splitlines()):
-        m = _COUNTER.match(line)
-        if m:
-            return m.group(1), int(m.group(2))
-    return None
+    # A last line without its newline may still be being written.
+    tail = tail[: tail.rfind(b"\n") + 1]
+    last = None
+    for last in _COUNTER.finditer(tail):
+        pass
+    if last is None:
+        return None
+    return last.group(1).decode(errors="replace"), int(last.group(2))
 
 
 async def wait_counter(serial_log: Path, *, above: int = 0, timeout: float = 30) -> tuple[str, int]:
-    """Wait until the guest's counter exceeds ``above``; return (boot id, count)."""
+    """Wait until the counter in ``serial_log`` is greater than ``above``; return (boot id, count).
+
+    Raises TimeoutError after ``timeout`` seconds.
+    """
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while True:
         got = read_counter(serial_log)
-        if got and got[1] > above:
+        if got is not None and got[1] > above:
             return got
-        if loop.time() > end:
-            raise TimeoutError(f"counter in {serial_log} did not pass {above} within {timeout} s (last: {got})")
-        await asyncio.sleep(0.2)
+        if loop.time() >= end:
+            raise TimeoutError(f"guest counter in {serial_log} not above {above} after {timeout} s "
+                               f"(last: {got})")
+        await asyncio.sleep(0.1)
 
 
 class GuestChannel:
-    """Runs shell commands in the guest over its command serial port."""
+    """Client of the guest's command channel (its second serial port).
+
+    One command at a time (concurrent :meth:`run` calls queue). Whatever else
+    is in the channel, such as the output of a command that was running when
+    the VM was cloned, or of one a timed-out :meth:`run` gave up on, is
+    skipped: only the output framed with this call's id is returned.
+    """
 
     _ids = itertools.count(1)
 
@@ -118,64 +183,95 @@ class GuestChannel:
         self._reader = reader
         self._writer = writer
         self._lock = asyncio.Lock()
+        self._buf = b""
 
     @classmethod
-    async def connect(cls, sock_path: Path, timeout: float = 10) -> "GuestChannel":
+    async def connect(cls, sock_path: Path, timeout: float = 10) -> GuestChannel:
+        """Connect to the channel's socket, retrying until it exists (QEMU creates it at start)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(str(sock_path))
+                reader, writer = await asyncio.open_unix_connection(str(sock_path), limit=1 << 20)
                 return cls(reader, writer)
-            except OSError:
-                if loop.time() > end:
-                    raise
-                await asyncio.sleep(0.2)
+            except OSError as exc:
+                if loop.time() >= end:
+                    raise ConnectionError(f"cannot connect to guest channel {sock_path}: {exc}") from exc
+                await asyncio.sleep(0.1)
 
     async def run(self, cmd: str, timeout: float = 20) -> tuple[int, str]:
-        """Run ``cmd`` (one line of sh) in the guest; return (exit status, output)."""
-        if "\n" in cmd:
-            raise ValueError("command must be a single line")
-        tag = f"{os.getpid()}x{next(self._ids)}x{uuid.uuid4().hex[:6]}"
-        async with self._lock:
-            self._writer.write(f"{tag} {cmd}\n".encode())
-            await self._writer.drain()
-            return await asyncio.wait_for(self._collect(tag), timeout)
+        """Run ``cmd`` with ``sh -c`` in the guest; return (exit status, stdout+stderr).
 
-    async def _collect(self, tag: str) -> tuple[int, str]:
-        out: list[str] = []
-        inside = False
+        The output is returned as the command wrote it (trailing newline
+        included; bytes that are not UTF-8 replaced). ``cmd`` must be one line.
+        Raises TimeoutError (the guest may still be running the command) or
+        ConnectionError.
+        """
+        if "\n" in cmd or "\r" in cmd:
+            raise ValueError("guest commands must be a single line")
+        tag = f"h{os.getpid()}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        async with self._lock:
+            # The leading newline ends any partial line the guest holds (it
+            # skips the noise), so our line is read whole.
+            self._writer.write(f"\n{tag} {cmd}\n".encode())
+            await self._writer.drain()
+            rc, out = await asyncio.wait_for(self._collect(tag.encode()), timeout)
+        return rc, out.decode(errors="replace")
+
+    async def _collect(self, tag: bytes) -> tuple[int, bytes]:
+        begin = b"@@IC-BEGIN " + tag + b"\n"
+        # Wait for our BEGIN at the start of a line; drop everything before it.
         while True:
-            raw = await self._reader.readline()
-            if not raw:
-                raise ConnectionError("guest command channel closed")
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            if not inside:
-                # Anything before our BEGIN (echo of a half-read line, output
-                # of an earlier command) is not ours.
-                inside = line == f"@@IC-BEGIN {tag}"
-                continue
-            if line.startswith(f"@@IC-END {tag} "):
-                return int(line.rsplit(" ", 1)[1]), "\n".join(out).strip("\n")
-            out.append(line)
+            i = self._buf.find(begin)
+            if i >= 0 and (i == 0 or self._buf[i - 1:i] == b"\n"):
+                self._buf = self._buf[i + len(begin):]
+                break
+            # Keep enough for a BEGIN split across reads.
+            self._buf = self._buf[-len(begin):]
+            await self._fill()
+        # Then for the END with our id (output in between is the command's).
+        while True:
+            for m in _END.finditer(self._buf):
+                if m.group(1) == tag:
+                    out = self._buf[:m.start()]
+                    self._buf = self._buf[m.end():]
+                    return int(m.group(2)), out
+            await self._fill()
+
+    async def _fill(self) -> None:
+        data = await self._reader.read(65536)
+        if not data:
+            raise ConnectionError("guest command channel closed")
+        self._buf += data
 
     async def close(self) -> None:
+        """Close the connection (the guest keeps serving; reconnect at will)."""
         self._writer.close()
         try:
             await self._writer.wait_closed()
-        except OSError:
+        except (OSError, ConnectionError):
             pass
+
+    async def __aenter__(self) -> GuestChannel:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m instaclone.devguest")
+    """``python -m instaclone.devguest xml NAME --disk D --workdir W [...]``: print domain XML."""
+    p = argparse.ArgumentParser(prog="python -m instaclone.devguest",
+                                description="instaclone's test guest")
     sub = p.add_subparsers(dest="cmd", required=True)
-    x = sub.add_parser("xml", help="print the test guest's domain XML")
+    x = sub.add_parser("xml", help="print the test guest's libvirt domain XML")
     x.add_argument("name")
-    x.add_argument("--disk", type=Path, required=True)
-    x.add_argument("--workdir", type=Path, required=True)
+    x.add_argument("--disk", type=Path, required=True, help="qcow2 data disk (vda)")
+    x.add_argument("--workdir", type=Path, required=True,
+                   help="directory for NAME.serial.log and NAME.cmd.sock")
     x.add_argument("--memory-mib", type=int, default=256)
-    x.add_argument("--file-backed-ram", action="store_true")
+    x.add_argument("--file-backed-ram", action="store_true", help="back guest RAM with a shared file")
     a = p.parse_args(argv)
     sys.stdout.write(domain_xml(a.name, disk=a.disk.absolute(), workdir=a.workdir.absolute(),
                                 memory_mib=a.memory_mib, file_backed_ram=a.file_backed_ram))

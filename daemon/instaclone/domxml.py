@@ -156,3 +156,65 @@ def strip_incoming(xml: str) -> str:
 def macs(xml: str) -> list[str]:
     root = ET.fromstring(xml)
     return [m.get("address", "") for m in root.iterfind("./devices/interface/mac")]
+
+
+def file_ram(xml: str) -> tuple[bool, str | None]:
+    """(file-backed, access mode) of a domain's memory backing."""
+    root = ET.fromstring(xml)
+    src = root.find("./memoryBacking/source")
+    access = root.find("./memoryBacking/access")
+    return (src is not None and src.get("type") == "file",
+            access.get("mode") if access is not None else None)
+
+
+def has_numa(xml: str) -> bool:
+    return ET.fromstring(xml).find("./cpu/numa") is not None
+
+
+def map_frozen_ram(xml: str, *, ram: Path, ramdir: Path, incoming: bool) -> str:
+    """Make ``xml`` start on a private (copy-on-write) mapping of the frozen ``ram`` file.
+
+    The libvirt hook reads the ``ram``/``ramdir`` attributes of our metadata
+    and links the file where libvirt's QEMU will open it.
+    """
+    root = ET.fromstring(xml)
+    mb = root.find("memoryBacking")
+    if mb is None:
+        mb = ET.SubElement(root, "memoryBacking")
+    for tag, attrs in (("source", {"type": "file"}), ("access", {"mode": "private"})):
+        el = mb.find(tag)
+        if el is None:
+            el = ET.SubElement(mb, tag)
+        el.attrib.clear()
+        el.attrib.update(attrs)
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.SubElement(root, "metadata")
+    mark = metadata.find(f"{{{IC_NS}}}clone")
+    if mark is None:
+        mark = ET.SubElement(metadata, f"{{{IC_NS}}}clone")
+    mark.set("ram", str(ram))
+    mark.set("ramdir", str(ramdir))
+    out = ET.tostring(root, encoding="unicode")
+    if incoming:
+        root = ET.fromstring(strip_incoming(out))
+        cmdline = root.find(f"{{{QEMU_NS}}}commandline")
+        if cmdline is None:
+            cmdline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+        for arg in ("-incoming", "defer"):
+            ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", {"value": arg})
+        out = ET.tostring(root, encoding="unicode")
+    return out
+
+
+def forget_frozen_ram(xml: str) -> str:
+    """The persistent definition after start: no hook link, no ``-incoming``.
+
+    A later cold boot of the domain gets fresh private RAM.
+    """
+    root = ET.fromstring(strip_incoming(xml))
+    mark = root.find(f"./metadata/{{{IC_NS}}}clone")
+    if mark is not None:
+        for key in ("ram", "ramdir"):
+            mark.attrib.pop(key, None)
+    return ET.tostring(root, encoding="unicode")

@@ -38,7 +38,7 @@ from .errors import (
 from .journal import CloneRecord, Journal, JobRecord
 from .log import get as get_logger
 from .states import State, StateEntry
-from .virt import Hypervisor
+from .virt import DomainInfo, Hypervisor
 
 EventListener = Callable[[dict[str, Any]], None]
 Undo = Callable[[], Awaitable[None]]
@@ -52,6 +52,7 @@ class _Run:
     """Mutable bookkeeping of one running job."""
 
     job: JobRecord
+    memory: MemoryBackend
     undo: list[tuple[str, Undo]] = field(default_factory=list)
     resources: list[int] = field(default_factory=list)
     stunned: bool = False
@@ -66,14 +67,17 @@ class Engine:
         journal: Journal,
         virt: Hypervisor,
         storage: StorageBackend,
-        memory: MemoryBackend,
+        memory: MemoryBackend | list[MemoryBackend],
     ) -> None:
         self.config = config
         self.journal = journal
         self.virt = virt
         self.storage = storage
-        self.memory = memory
-        self.log = get_logger(storage=storage.name, memory=memory.name)
+        #: Memory backends in order of preference: each job takes the first
+        #: that can serve its source.
+        self.memories = memory if isinstance(memory, list) else [memory]
+        self.memory = self.memories[0]
+        self.log = get_logger(storage=storage.name)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._source_locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
@@ -110,9 +114,7 @@ class Engine:
             raise SourceNotFound(f"source domain {src!r} does not exist") from None
         if not info.active:
             raise SourceNotCloneable(f"source {src!r} is {info.state}; it must be running or paused")
-        why = self.memory.can_serve(info)
-        if why:
-            raise SourceNotCloneable(f"memory backend {self.memory.name!r} cannot clone {src!r}: {why}")
+        memory = self._pick_memory(info)
         async with self._submit_lock:  # no two jobs may claim the same name
             taken = (await self.journal.names_in_use()) | set(await self.virt.list_names())
             clash = sorted(set(names) & taken)
@@ -122,12 +124,27 @@ class Engine:
                 "names": names,
                 "count": count,
                 "storage_backend": self.storage.name,
-                "memory_backend": self.memory.name,
+                "memory_backend": memory.name,
             }
             job = await self.journal.create_job(identity.new_job_id(), src, spec)
         self._emit(job, job.history.entries[-1])
         self._dispatch(job)
         return job
+
+    def _pick_memory(self, info: DomainInfo) -> MemoryBackend:
+        reasons = []
+        for mem in self.memories:
+            why = mem.can_serve(info)
+            if why is None:
+                return mem
+            reasons.append(f"{mem.name}: {why}")
+        raise SourceNotCloneable(f"no memory backend can clone {info.name!r} ({'; '.join(reasons)})")
+
+    def _memory_named(self, name: str | None) -> MemoryBackend:
+        for mem in self.memories:
+            if mem.name == name:
+                return mem
+        return self.memory
 
     async def wait(self, job_id: str, timeout_s: float) -> None:
         """Wait until the job is terminal (or ``timeout_s`` passes)."""
@@ -271,7 +288,7 @@ class Engine:
                              step=step) from None
 
     async def _run(self, job: JobRecord) -> None:
-        run = _Run(job)
+        run = _Run(job, self._memory_named(job.spec.get("memory_backend")))
         record = self._recorder(run)
         names: list[str] = job.spec["names"]
         log = self.log.bind(job_id=job.id, source=job.source)
@@ -284,20 +301,28 @@ class Engine:
             await record(jr.FILE, str(job_dir))
             await asyncio.to_thread(job_dir.mkdir, parents=True, exist_ok=True)
             run.undo.append(("remove job directory", lambda: _rmtree(job_dir)))
-            # A source that is already paused (a template, or paused by its
-            # owner) is not ours to pause or resume: it is used as frozen.
-            ctx = StunContext(job.id, info, job_dir, frozen=info.state == "paused")
+            # A frozen source (registered by "freeze") stays paused and is
+            # never snapshotted per job: its top at freeze is the clones'
+            # backing image. A source paused by its owner is not ours to
+            # pause or resume, but is otherwise handled like a running one.
+            frozen = job.source in await self.journal.frozen()
+            if frozen and info.state != "paused":
+                raise SourceNotCloneable(f"source {job.source!r} is registered frozen but is {info.state}; "
+                                         "unfreeze and freeze it again")
+            ctx = StunContext(job.id, info, job_dir, frozen=frozen)
+            if info.state == "paused" and not frozen:
+                ctx.paused_by_owner = True
 
             deadline_s = self.config.clone.stun_deadline_ms / 1000.0
             stun_started = time.monotonic()
-            if not ctx.frozen:
+            if info.state == "running":
                 await record(jr.STUN, job.source)
                 run.stunned = True  # set before the call: a failed pause is still resumed
                 await self._step(run, State.STUNNED.value, lambda: self.virt.suspend(job.source))
                 stun_started = time.monotonic()
                 await self._advance(run, State.STUNNED)
             try:
-                async with asyncio.timeout(None if ctx.frozen else deadline_s) as stun_window:
+                async with asyncio.timeout(deadline_s if run.stunned else None) as stun_window:
                     clones = await self._stunned_steps(run, ctx, names, record)
             except TimeoutError:
                 if stun_window.expired():
@@ -308,13 +333,16 @@ class Engine:
                     ) from None
                 raise
             stun_ms = None
-            if run.stunned:
-                await self._unstun_source(run)
+            was_stunned = run.stunned
+            await self._detach_source(run, ctx)
+            if was_stunned:
                 stun_ms = round((time.monotonic() - stun_started) * 1000.0, 3)
             await self._step(run, State.UNSTUNNED.value, lambda: self._start_clones(run, ctx, clones))
-            await self.memory.release(ctx=ctx)
+            if ctx.frozen:
+                await self.journal.count_frozen_clones(job.source, len(clones))
+            await run.memory.release(ctx=ctx)
             await _rmtree(job_dir)
-            result = await self._result(ctx, clones, stun_ms)
+            result = await self._result(run, ctx, clones, stun_ms)
             records = [
                 CloneRecord(c.name, c.uuid, job.source, job.id, str(c.dir), time.time()) for c in clones
             ]
@@ -339,10 +367,15 @@ class Engine:
         job = run.job
         # SourceDeltaCreated: the source's writes go to a new delta from now on.
         run.undo.append(("remove unused source deltas", lambda: self._drop_unused_source_deltas(job)))
-        ctx.tops = await self._step(
-            run, State.SOURCE_DELTA_CREATED.value,
-            lambda: self.storage.create_source_delta(ctx=ctx, record=record),
-        )
+        if ctx.frozen:
+            # Frozen at freeze time: its current top is read-only until unfreeze,
+            # which gives the source a new delta before it runs again.
+            ctx.tops = {d.target: d.path for d in ctx.source.disks if not d.readonly}
+        else:
+            ctx.tops = await self._step(
+                run, State.SOURCE_DELTA_CREATED.value,
+                lambda: self.storage.create_source_delta(ctx=ctx, record=record),
+            )
         await self._advance(run, State.SOURCE_DELTA_CREATED)
 
         # CloneDeltaCreated: an empty delta per clone, backed by the top at stun.
@@ -367,9 +400,9 @@ class Engine:
 
         # MemoryLinked: the source's memory and device state at stun.
         ctx.memory = await self._step(
-            run, State.MEMORY_LINKED.value, lambda: self.memory.capture(ctx=ctx, record=record)
+            run, State.MEMORY_LINKED.value, lambda: run.memory.capture(ctx=ctx, record=record)
         )
-        run.undo.append(("release memory image", lambda: self.memory.release(ctx=ctx)))
+        run.undo.append(("release memory image", lambda: run.memory.release(ctx=ctx)))
         await self._advance(run, State.MEMORY_LINKED)
 
         # Configured: each clone's own domain definition.
@@ -380,9 +413,9 @@ class Engine:
                 ident = domxml.CloneIdentity(
                     name=clone.name, uuid=clone.uuid, macs=[identity.new_mac() for _ in range(nics)],
                     dir=clone.dir, disks=clone.disks, source=job.source, job_id=job.id,
-                    extra_qemu_args=self.memory.qemu_args(ctx=ctx, clone=clone),
+                    extra_qemu_args=run.memory.qemu_args(ctx=ctx, clone=clone),
                 )
-                xml = self.memory.adjust_xml(ctx=ctx, clone=clone, xml=domxml.clone_xml(ctx.source.xml, ident))
+                xml = run.memory.adjust_xml(ctx=ctx, clone=clone, xml=domxml.clone_xml(ctx.source.xml, ident))
                 await record(jr.DOMAIN, clone.name, clone=clone.name)
                 run.undo.append((f"undefine {clone.name}", lambda n=clone.name: self.virt.undefine(n)))
                 await self.virt.define(xml)
@@ -390,6 +423,14 @@ class Engine:
         await self._step(run, State.CONFIGURED.value, define_all)
         await self._advance(run, State.CONFIGURED)
         return clones
+
+    async def _detach_source(self, run: _Run, ctx: StunContext) -> None:
+        """Success path of the unstun: the memory backend lets the source go on."""
+        resume = run.stunned
+        if ctx.frozen:
+            return
+        await asyncio.shield(run.memory.detach_source(ctx=ctx, resume=resume))
+        run.stunned = False
 
     async def _unstun_source(self, run: _Run) -> None:
         """Resume the source: shielded, idempotent, and done at most once per job."""
@@ -399,13 +440,13 @@ class Engine:
 
     async def _start_clones(self, run: _Run, ctx: StunContext, clones: list[CloneTarget]) -> None:
         for clone in clones:
-            await self.memory.start_clone(ctx=ctx, clone=clone)
+            await run.memory.start_clone(ctx=ctx, clone=clone)
             await self.virt.resume(clone.name)
             # The persistent definition must not keep the one-shot
             # "-incoming defer": a later plain start would wait forever.
             await self.virt.define(domxml.strip_incoming(await self.virt.inactive_xml(clone.name)))
 
-    async def _result(self, ctx: StunContext, clones: list[CloneTarget], stun_ms: float | None) -> dict[str, Any]:
+    async def _result(self, run: _Run, ctx: StunContext, clones: list[CloneTarget], stun_ms: float | None) -> dict[str, Any]:
         out = []
         for c in clones:
             info = await self.virt.lookup(c.name)
@@ -425,6 +466,7 @@ class Engine:
         return {
             "clones": out,
             "frozen_source": ctx.frozen,
+            "memory_backend": run.memory.name,
             "stun_ms": stun_ms,
             "source_tops_at_stun": {k: str(v) for k, v in ctx.tops.items()},
             "memory": ctx.memory if isinstance(ctx.memory, dict) else None,

@@ -54,6 +54,11 @@ CREATE TABLE IF NOT EXISTS resources (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS resources_job ON resources(job_id);
+CREATE TABLE IF NOT EXISTS frozen (
+    name TEXT PRIMARY KEY,
+    since REAL NOT NULL,
+    clones INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS clones (
     name TEXT PRIMARY KEY,
     uuid TEXT NOT NULL,
@@ -376,3 +381,27 @@ class Journal:
             return names
 
         return await self._run(do)
+
+    # -- frozen sources ---------------------------------------------------------------
+
+    async def set_frozen(self, name: str, frozen: bool) -> None:
+        def do(db: sqlite3.Connection) -> None:
+            if frozen:
+                db.execute("INSERT OR IGNORE INTO frozen(name, since) VALUES (?, ?)", (name, time.time()))
+            else:
+                db.execute("DELETE FROM frozen WHERE name=?", (name,))
+
+        await self._run(do)
+
+    async def frozen(self) -> dict[str, dict[str, Any]]:
+        def do(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            rows = db.execute("SELECT name, since, clones FROM frozen ORDER BY name").fetchall()
+            return {n: {"name": n, "since": since, "clones": c} for n, since, c in rows}
+
+        return await self._run(do)
+
+    async def count_frozen_clones(self, name: str, n: int) -> None:
+        def do(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE frozen SET clones = clones + ? WHERE name=?", (n, name))
+
+        await self._run(do)

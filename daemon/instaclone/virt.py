@@ -363,6 +363,20 @@ class Hypervisor:
         return await self._call(f"QMP {command} on {name!r}",
                                 lambda: self._qmp(self._dom(name), command, arguments))
 
+    async def ram_file(self, name: str, alias: str = "pc.ram") -> tuple[Path, bool] | None:
+        """(path, shared) of the file behind the domain's RAM backend, or None if not file-backed."""
+
+        def do() -> tuple[Path, bool] | None:
+            dom = self._dom(name)
+            try:
+                path = self._qmp(dom, "qom-get", {"path": f"/objects/{alias}", "property": "mem-path"})
+                share = self._qmp(dom, "qom-get", {"path": f"/objects/{alias}", "property": "share"})
+            except VirtError:
+                return None  # not a memory-backend-file
+            return Path(path), bool(share)
+
+        return await self._call(f"RAM file of {name!r}", do)
+
     def _wait_migration(self, dom: libvirt.virDomain, what: str, timeout_s: float,
                         cancel: threading.Event) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

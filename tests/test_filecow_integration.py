@@ -1,0 +1,85 @@
+"""Integration: copy-on-write memory clones (filecow) of real running and frozen guests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from instaclone import devguest
+
+from .conftest import libvirt_ready
+from .test_clone_integration import clone_log, first_counter, world  # noqa: F401  (fixture)
+from .vmlib import Api, boot_source
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
+                                                          reason=str(libvirt_ready()))]
+
+HOG = "dd if=/dev/urandom of=/tmp/hog bs=1M count={mib} 2>/dev/null; sync; echo done"
+
+
+async def clone(api: Api, source: str, name: str, count: int = 1) -> dict:
+    status, body = await api.call("POST", "/v1/jobs?wait=180", {"source": source, "name": name, "count": count})
+    assert status in (201, 202), body
+    job = body["job"]
+    assert job["state"] == "Unstunned", job
+    return job
+
+
+def cmd_sock(config, name: str):
+    return config.clones_dir / name / f"{name}.cmd.sock"
+
+
+async def test_running_source_filecow_isolation(world):
+    scratch, virt, daemon, config = world
+    src = await boot_source(virt, scratch, "fc-src", file_backed_ram=True)
+    s = await devguest.GuestChannel.connect(src.cmd_sock)
+    try:
+        assert (await s.run("echo BEFORE-STUN > /tmp/pre; echo ok"))[0] == 0
+        async with Api(config.daemon.socket) as api:
+            job = await clone(api, "fc-src", "fc-c", count=2)
+        assert job["result"]["memory_backend"] == "filecow"
+        print("filecow per-state ms:", job["durations_ms"], "stun_ms:", job["result"]["stun_ms"],
+              "state bytes:", job["result"]["memory"]["state_bytes"])
+        assert job["result"]["memory"]["state_bytes"] < 8 * 1024 * 1024  # device state only, no RAM
+
+        # Source: respawned in place, same boot, counter continues, memory intact.
+        boot_src = devguest.read_counter(src.serial_log)[0]
+        _, n = await devguest.wait_counter(src.serial_log, above=0)
+        await devguest.wait_counter(src.serial_log, above=n + 1, timeout=30)
+        assert devguest.read_counter(src.serial_log)[0] == boot_src
+        s2 = await devguest.GuestChannel.connect(src.cmd_sock)
+        await s.close()
+        s = s2
+        assert "BEFORE-STUN" in (await s.run("cat /tmp/pre"))[1]
+
+        chans = [await devguest.GuestChannel.connect(cmd_sock(config, f"fc-c-{i}")) for i in (1, 2)]
+        try:
+            for i, c in enumerate(chans, 1):
+                boot, _ = await devguest.wait_counter(clone_log(config, f"fc-c-{i}"), above=0)
+                assert boot == boot_src
+                # The clone has the source's memory at stun...
+                assert "BEFORE-STUN" in (await c.run("cat /tmp/pre"))[1]
+            # ...and after unstun nobody sees anybody else's writes (RAM: tmpfs).
+            await s.run("echo SRC-AFTER > /tmp/mark")
+            await chans[0].run("echo C1-AFTER > /tmp/mark")
+            await chans[1].run("echo C2-AFTER > /tmp/mark")
+            assert (await s.run("cat /tmp/mark"))[1].strip() == "SRC-AFTER"
+            assert (await chans[0].run("cat /tmp/mark"))[1].strip() == "C1-AFTER"
+            assert (await chans[1].run("cat /tmp/mark"))[1].strip() == "C2-AFTER"
+            # Heavy writes in the source must not reach the clones' memory.
+            assert (await s.run(HOG.format(mib=96), timeout=120))[1].strip().endswith("done")
+            await asyncio.sleep(2)
+            for i, c in enumerate(chans, 1):
+                assert (await c.run("cat /tmp/mark; ls /tmp"))[1].startswith(f"C{i}-AFTER")
+                assert "hog" not in (await c.run("ls /tmp"))[1]
+                _, before = devguest.read_counter(clone_log(config, f"fc-c-{i}"))
+                await devguest.wait_counter(clone_log(config, f"fc-c-{i}"), above=before + 1, timeout=20)
+                text = clone_log(config, f"fc-c-{i}").read_text(errors="replace")
+                assert "Kernel panic" not in text and "Oops" not in text
+        finally:
+            for c in chans:
+                await c.close()
+    finally:
+        await s.close()
+    assert await virt.state("fc-src") == "running"
