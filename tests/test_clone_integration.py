@@ -21,6 +21,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not
                                                           reason=str(libvirt_ready()))]
 
 
+#: Every domain the integration tests create starts with one of these.
+TEST_PREFIXES = ("ic-", "fc-", "fz-")
+
+
 @pytest.fixture
 async def world():
     """A scratch dir, a daemon on it, a libvirt handle; everything removed afterwards."""
@@ -34,8 +38,10 @@ async def world():
         yield scratch, virt, daemon, config
     finally:
         await daemon.stop()
+        # Only what this test made (other users' domains may come and go meanwhile).
         for name in set(await virt.list_names()) - before:
-            await virt.undefine(name)
+            if name.startswith(TEST_PREFIXES):
+                await virt.undefine(name)
         await virt.close()
         scratch.cleanup()
     # Nothing of ours may survive the test.

@@ -83,3 +83,58 @@ async def test_running_source_filecow_isolation(world):
     finally:
         await s.close()
     assert await virt.state("fc-src") == "running"
+
+
+async def test_frozen_source_clones_without_stun(world):
+    scratch, virt, daemon, config = world
+    src = await boot_source(virt, scratch, "fz-src", file_backed_ram=True)
+    async with Api(config.daemon.socket) as api:
+        status, body = await api.call("POST", "/v1/sources/fz-src/freeze")
+        assert status == 200, body
+        assert body["frozen"]["backend"] == "filecow"
+        status, body = await api.call("POST", "/v1/sources/fz-src/freeze")
+        assert status == 409
+        assert await virt.state("fz-src") == "paused"
+        _, frozen_at = devguest.read_counter(src.serial_log)
+        jobs = [await clone(api, "fz-src", name) for name in ("fz-a", "fz-b")]
+        for job in jobs:
+            states = [h["state"] for h in job["history"]]
+            assert "Stunned" not in states and states[-1] == "Unstunned"
+            assert job["result"]["frozen_source"] is True
+        # Both jobs share the one image made at freeze.
+        assert jobs[0]["result"]["memory"]["ram"] == jobs[1]["result"]["memory"]["ram"]
+        assert await virt.state("fz-src") == "paused"
+        boot = devguest.read_counter(src.serial_log)[0]
+        chans = {}
+        for n in ("fz-a", "fz-b"):
+            b, _ = await devguest.wait_counter(clone_log(config, n), above=0)
+            assert b == boot
+            first = first_counter(clone_log(config, n))
+            assert first is not None and first[1] >= frozen_at
+            chans[n] = await devguest.GuestChannel.connect(cmd_sock(config, n))
+        try:
+            await chans["fz-a"].run("echo A > /tmp/who")
+            await chans["fz-b"].run("echo B > /tmp/who")
+            assert (await chans["fz-a"].run("cat /tmp/who"))[1].strip() == "A"
+            assert (await chans["fz-b"].run("cat /tmp/who"))[1].strip() == "B"
+
+            status, body = await api.call("POST", "/v1/sources/fz-src/unfreeze")
+            assert status == 200, body
+            assert await virt.state("fz-src") == "running"
+            await devguest.wait_counter(src.serial_log, above=frozen_at + 2, timeout=30)
+            s = await devguest.GuestChannel.connect(src.cmd_sock)
+            try:
+                assert (await s.run(HOG.format(mib=64), timeout=120))[1].strip().endswith("done")
+                assert "who" not in (await s.run("ls /tmp"))[1]
+            finally:
+                await s.close()
+            # The clones outlive the unfreeze and the source's writes.
+            for n, c in chans.items():
+                assert (await c.run("cat /tmp/who"))[1].strip() == n[-1].upper()
+                _, k = devguest.read_counter(clone_log(config, n))
+                await devguest.wait_counter(clone_log(config, n), above=k + 1, timeout=20)
+        finally:
+            for c in chans.values():
+                await c.close()
+        status, body = await api.call("POST", "/v1/sources/fz-src/unfreeze")
+        assert status == 404

@@ -157,6 +157,22 @@ async def destroy_clone(request: web.Request) -> web.Response:
     return web.json_response({"destroyed": rec.to_dict()})
 
 
+async def freeze(request: web.Request) -> web.Response:
+    entry = await request.app[ENGINE].freeze(request.match_info["name"])
+    log.info("api.frozen", source=entry["name"], peer=request.get(PEER))
+    return web.json_response({"frozen": entry})
+
+
+async def unfreeze(request: web.Request) -> web.Response:
+    entry = await request.app[ENGINE].unfreeze(request.match_info["name"])
+    log.info("api.unfrozen", source=entry["name"], peer=request.get(PEER))
+    return web.json_response({"unfrozen": entry})
+
+
+async def list_frozen(request: web.Request) -> web.Response:
+    return web.json_response({"frozen": list((await request.app[JOURNAL].frozen()).values())})
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(OPENAPI)
 
@@ -172,6 +188,9 @@ def make_app(engine: Engine, journal: Journal) -> web.Application:
     app.router.add_get("/v1/jobs/{job_id}", get_job)
     app.router.add_get("/v1/clones", list_clones)
     app.router.add_delete("/v1/clones/{name}", destroy_clone)
+    app.router.add_get("/v1/frozen", list_frozen)
+    app.router.add_post("/v1/sources/{name}/freeze", freeze)
+    app.router.add_post("/v1/sources/{name}/unfreeze", unfreeze)
     return app
 
 
@@ -201,6 +220,13 @@ OPENAPI: dict[str, Any] = {
             "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "one job"}, "404": _ERR}}},
         "/v1/clones": {"get": {"responses": {"200": {"description": "clones made by instaclone"}}}},
+        "/v1/frozen": {"get": {"responses": {"200": {"description": "frozen sources"}}}},
+        "/v1/sources/{name}/freeze": {"post": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "frozen"}, "404": _ERR, "409": _ERR}}},
+        "/v1/sources/{name}/unfreeze": {"post": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "unfrozen"}, "404": _ERR}}},
         "/v1/clones/{name}": {"delete": {
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "destroyed"}, "404": _ERR}}},

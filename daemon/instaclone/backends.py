@@ -37,6 +37,7 @@ class StunContext:
     paused_by_owner: bool = False  # paused, not by us: not resumed by us either
     tops: dict[str, Path] = field(default_factory=dict)  # disk target -> top image at stun
     memory: Any = None  # the memory backend's image of the source at stun
+    memory_cached: bool = False  # the image belongs to a frozen source: not released by the job
 
 
 @dataclass

@@ -117,6 +117,26 @@ async def run(args: argparse.Namespace) -> int:
         data = await _request(sock, "DELETE", f"/v1/clones/{args.name}")
         emit(data) if out_json else print(f"destroyed {args.name}")
         return 0
+    if args.cmd in ("freeze", "unfreeze"):
+        data = await _request(sock, "POST", f"/v1/sources/{args.source}/{args.cmd}")
+        entry = data["frozen" if args.cmd == "freeze" else "unfrozen"]
+        if out_json:
+            emit(entry)
+        elif args.cmd == "freeze":
+            print(f"froze {args.source} in {entry['freeze_ms']:.0f} ms (memory backend {entry['backend']}); "
+                  "clones from it need no stun")
+        else:
+            print(f"unfroze {args.source} ({entry['clones']} clones made while frozen)")
+        return 0
+    if args.cmd == "frozen":
+        rows = (await _request(sock, "GET", "/v1/frozen"))["frozen"]
+        if out_json:
+            emit(rows)
+        else:
+            _table([[r["name"], r["status"], r["backend"], str(r["clones"]),
+                     time.strftime("%H:%M:%S", time.localtime(r["since"]))] for r in rows],
+                   ["SOURCE", "STATUS", "MEMORY", "CLONES", "SINCE"])
+        return 0
     if args.cmd == "status":
         data = await _request(sock, "GET", "/v1/health")
         if out_json:
@@ -151,6 +171,11 @@ def parser() -> argparse.ArgumentParser:
     clsub.add_parser("ls")
     d = sub.add_parser("destroy", help="power off and delete a clone and its files")
     d.add_argument("name")
+    f = sub.add_parser("freeze", help="pause a source once as a template: clones from it need no stun")
+    f.add_argument("source")
+    u = sub.add_parser("unfreeze", help="let a frozen source run again (its clones are not affected)")
+    u.add_argument("source")
+    sub.add_parser("frozen", help="list frozen sources")
     sub.add_parser("status", help="daemon status")
     return p
 

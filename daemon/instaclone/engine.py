@@ -24,6 +24,7 @@ from . import domxml, identity, journal as jr
 from .backends import CloneTarget, MemoryBackend, StorageBackend, StunContext
 from .config import Config
 from .errors import (
+    Conflict,
     DomainNotFound,
     InstacloneError,
     Interrupted,
@@ -175,6 +176,12 @@ class Engine:
         are removed, and the job is marked Failed (or NeedsAttention).
         """
         handled = []
+        # A freeze cut short: resume the source it paused, drop its image.
+        for entry in (await self.journal.frozen()).values():
+            if entry["status"] == "freezing":
+                self.log.warning("freeze.rolled_back", source=entry["name"])
+                await self._undo_freeze(entry["name"], entry["paused_by_us"],
+                                        self._memory_named(entry["backend"]), None)
         for job in await self.journal.list_jobs(unfinished=True):
             handled.append(job.id)
             resources = await self.journal.resources(job.id)
@@ -193,6 +200,78 @@ class Engine:
                               step=job.state.value)
             await self._fail(job, err, leftovers)
         return handled
+
+    async def freeze(self, name: object) -> dict[str, Any]:
+        """Pause ``name`` once as a template (like VMware's instantclone.freeze).
+
+        Its memory image is made now, so clones from it need no stun and share
+        one image. It stays paused until :meth:`unfreeze`.
+        """
+        src = identity.validate_name(name, what="source name")
+        async with self._source_locks.setdefault(src, asyncio.Lock()):
+            if src in await self.journal.frozen():
+                raise Conflict(f"{src!r} is already frozen")
+            try:
+                info = await self.virt.lookup(src)
+            except DomainNotFound:
+                raise SourceNotFound(f"source domain {src!r} does not exist") from None
+            if not info.active:
+                raise SourceNotCloneable(f"source {src!r} is {info.state}; it must be running or paused")
+            memory = self._pick_memory(info)
+            paused_by_us = info.state == "running"
+            await self.journal.add_frozen(src, paused_by_us=paused_by_us, backend=memory.name)
+            ctx = StunContext(f"frozen-{src}", info, self._frozen_dir(src), frozen=True)
+            t0 = time.monotonic()
+            try:
+                if paused_by_us:
+                    await self.virt.suspend(src)
+                await asyncio.to_thread(ctx.job_dir.mkdir, parents=True, exist_ok=True)
+                ctx.memory = await memory.capture(ctx=ctx, record=_no_record)
+                await self.journal.set_frozen_image(src, ctx.memory)
+            except BaseException:
+                await asyncio.shield(self._undo_freeze(src, paused_by_us, memory, ctx))
+                raise
+            ms = round((time.monotonic() - t0) * 1000.0, 3)
+        self.log.info("source.frozen", source=src, memory=memory.name, ms=ms)
+        return {**(await self.journal.frozen())[src], "freeze_ms": ms}
+
+    async def unfreeze(self, name: object) -> dict[str, Any]:
+        """Let a frozen source run again; its clones are not affected."""
+        src = identity.validate_name(name, what="source name")
+        async with self._source_locks.setdefault(src, asyncio.Lock()):
+            entry = (await self.journal.frozen()).get(src)
+            if entry is None:
+                raise NotFound(f"{src!r} is not frozen")
+            info = await self.virt.lookup(src)
+            if entry["clones"] and info.active:
+                # Clones are backed by the source's current top image: the
+                # source must write to a new delta from now on.
+                ctx = StunContext(f"unfreeze-{identity.new_job_id()[:8]}", info, self._frozen_dir(src))
+                await self.storage.create_source_delta(ctx=ctx, record=_no_record)
+            if entry["paused_by_us"]:
+                await self.virt.resume(src)
+            memory = self._memory_named(entry["backend"])
+            if entry["image"]:
+                await memory.release(ctx=StunContext(f"frozen-{src}", info, self._frozen_dir(src),
+                                                     memory=entry["image"]))
+            await _rmtree(self._frozen_dir(src))
+            await self.journal.remove_frozen(src)
+        self.log.info("source.unfrozen", source=src, clones=entry["clones"])
+        return entry
+
+    def _frozen_dir(self, src: str) -> Path:
+        return self.config.daemon.state_dir / "frozen" / src
+
+    async def _undo_freeze(self, src: str, paused_by_us: bool, memory: MemoryBackend,
+                           ctx: StunContext | None) -> None:
+        if paused_by_us:
+            with suppress(DomainNotFound):
+                await self.virt.resume(src)
+        if ctx is not None and isinstance(ctx.memory, dict):
+            with suppress(Exception):
+                await memory.release(ctx=ctx)
+        await _rmtree(self._frozen_dir(src))
+        await self.journal.remove_frozen(src)
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop accepting jobs; let running jobs finish for ``grace_s``, then roll them back."""
@@ -305,7 +384,10 @@ class Engine:
             # never snapshotted per job: its top at freeze is the clones'
             # backing image. A source paused by its owner is not ours to
             # pause or resume, but is otherwise handled like a running one.
-            frozen = job.source in await self.journal.frozen()
+            entry = (await self.journal.frozen()).get(job.source)
+            if entry is not None and entry["status"] != "frozen":
+                raise SourceNotCloneable(f"source {job.source!r} is being frozen; try again")
+            frozen = entry is not None
             if frozen and info.state != "paused":
                 raise SourceNotCloneable(f"source {job.source!r} is registered frozen but is {info.state}; "
                                          "unfreeze and freeze it again")
@@ -340,7 +422,8 @@ class Engine:
             await self._step(run, State.UNSTUNNED.value, lambda: self._start_clones(run, ctx, clones))
             if ctx.frozen:
                 await self.journal.count_frozen_clones(job.source, len(clones))
-            await run.memory.release(ctx=ctx)
+            if not ctx.memory_cached:
+                await run.memory.release(ctx=ctx)
             await _rmtree(job_dir)
             result = await self._result(run, ctx, clones, stun_ms)
             records = [
@@ -398,11 +481,17 @@ class Engine:
         await self._step(run, State.CLONE_DELTA_CREATED.value, make_deltas)
         await self._advance(run, State.CLONE_DELTA_CREATED)
 
-        # MemoryLinked: the source's memory and device state at stun.
-        ctx.memory = await self._step(
-            run, State.MEMORY_LINKED.value, lambda: run.memory.capture(ctx=ctx, record=record)
-        )
-        run.undo.append(("release memory image", lambda: run.memory.release(ctx=ctx)))
+        # MemoryLinked: the source's memory and device state at stun. A frozen
+        # source's image was made once, at freeze, and is shared by its jobs.
+        frozen_entry = (await self.journal.frozen()).get(job.source) if ctx.frozen else None
+        if frozen_entry and frozen_entry["image"] and frozen_entry["backend"] == run.memory.name:
+            ctx.memory = frozen_entry["image"]
+            ctx.memory_cached = True
+        else:
+            ctx.memory = await self._step(
+                run, State.MEMORY_LINKED.value, lambda: run.memory.capture(ctx=ctx, record=record)
+            )
+            run.undo.append(("release memory image", lambda: run.memory.release(ctx=ctx)))
         await self._advance(run, State.MEMORY_LINKED)
 
         # Configured: each clone's own domain definition.
@@ -541,6 +630,11 @@ def _make_dir(path: Path, owner: tuple[int, int] | None) -> None:
     path.mkdir(parents=True, exist_ok=False)
     if owner is not None and owner != (0, 0):
         os.chown(path, *owner)
+
+
+async def _no_record(kind: str, ref: str, *, clone: str | None = None) -> int:
+    """Recorder for freeze/unfreeze: their files live at fixed paths recovery knows."""
+    return 0
 
 
 async def _rmtree(path: Path) -> None:

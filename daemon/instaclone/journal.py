@@ -57,6 +57,10 @@ CREATE INDEX IF NOT EXISTS resources_job ON resources(job_id);
 CREATE TABLE IF NOT EXISTS frozen (
     name TEXT PRIMARY KEY,
     since REAL NOT NULL,
+    status TEXT NOT NULL,
+    paused_by_us INTEGER NOT NULL,
+    backend TEXT NOT NULL,
+    image TEXT,
     clones INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS clones (
@@ -383,20 +387,40 @@ class Journal:
         return await self._run(do)
 
     # -- frozen sources ---------------------------------------------------------------
+    # A row exists from the moment a freeze starts ("freezing"), so that a crash
+    # mid-freeze is found and undone; "frozen" once its memory image is made.
 
-    async def set_frozen(self, name: str, frozen: bool) -> None:
+    async def add_frozen(self, name: str, *, paused_by_us: bool, backend: str) -> None:
         def do(db: sqlite3.Connection) -> None:
-            if frozen:
-                db.execute("INSERT OR IGNORE INTO frozen(name, since) VALUES (?, ?)", (name, time.time()))
-            else:
-                db.execute("DELETE FROM frozen WHERE name=?", (name,))
+            db.execute(
+                "INSERT INTO frozen(name, since, status, paused_by_us, backend) VALUES (?,?,?,?,?)",
+                (name, time.time(), "freezing", int(paused_by_us), backend),
+            )
+
+        await self._run(do)
+
+    async def set_frozen_image(self, name: str, image: dict[str, Any]) -> None:
+        def do(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE frozen SET status='frozen', image=? WHERE name=?", (json.dumps(image), name))
+
+        await self._run(do)
+
+    async def remove_frozen(self, name: str) -> None:
+        def do(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM frozen WHERE name=?", (name,))
 
         await self._run(do)
 
     async def frozen(self) -> dict[str, dict[str, Any]]:
         def do(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-            rows = db.execute("SELECT name, since, clones FROM frozen ORDER BY name").fetchall()
-            return {n: {"name": n, "since": since, "clones": c} for n, since, c in rows}
+            rows = db.execute(
+                "SELECT name, since, status, paused_by_us, backend, image, clones FROM frozen ORDER BY name"
+            ).fetchall()
+            return {
+                n: {"name": n, "since": since, "status": status, "paused_by_us": bool(p), "backend": b,
+                    "image": json.loads(img) if img else None, "clones": c}
+                for n, since, status, p, b, img, c in rows
+            }
 
         return await self._run(do)
 
