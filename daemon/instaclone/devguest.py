@@ -193,11 +193,23 @@ class GuestChannel:
         while True:
             try:
                 reader, writer = await asyncio.open_unix_connection(str(sock_path), limit=1 << 20)
-                return cls(reader, writer)
+                break
             except OSError as exc:
                 if loop.time() >= end:
                     raise ConnectionError(f"cannot connect to guest channel {sock_path}: {exc}") from exc
                 await asyncio.sleep(0.1)
+        chan = cls(reader, writer)
+        # Right after boot the guest may not have switched ttyS1 to raw mode
+        # yet, and that switch can drop a line already received: say hello
+        # until the guest answers.
+        while True:
+            try:
+                await chan.run("true", timeout=2)
+                return chan
+            except TimeoutError:
+                if loop.time() >= end + 60:
+                    await chan.close()
+                    raise ConnectionError(f"guest channel {sock_path} does not answer") from None
 
     async def run(self, cmd: str, timeout: float = 20) -> tuple[int, str]:
         """Run ``cmd`` with ``sh -c`` in the guest; return (exit status, stdout+stderr).

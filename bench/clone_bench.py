@@ -1,0 +1,279 @@
+"""Clone benchmark: cold boot vs saverestore vs filecow, on real guests, in one run.
+
+    .venv/bin/python bench/clone_bench.py [--sizes 256,1024,2048] [--pool 10] [--json out.json]
+
+For each guest RAM size it boots a source (file-backed shared RAM, with
+64 MiB written into its tmpfs so that there is memory to carry) and measures,
+for each way of getting a warm VM:
+
+* cold boot: define + start a fresh guest until its first counter line;
+* saverestore: full RAM through the migration stream;
+* filecow (running source, copy mode), filecow (running source, respawn mode),
+  filecow (frozen source).
+
+Figures: the source's stun, clone-ready latency (request until the clone's
+first counter line), and the clone QEMU's memory from /proc/PID/smaps_rollup
+(RSS, PSS, private dirty). Then ``--pool`` clones from one stun. Results are
+ratios against the baselines of the same run; absolute numbers depend on
+the machine (here: TCG emulation, 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from instaclone import config as cfg, devguest
+from instaclone.daemon import Daemon
+from instaclone.log import setup as log_setup
+from instaclone.virt import Hypervisor
+
+ROOT = Path("/var/lib/instaclone/bench")
+HOG_MIB = 64
+
+
+def smaps(name: str, ram_mib: int) -> dict[str, int]:
+    """Memory (KiB) of the domain's QEMU process, from /proc/PID/smaps.
+
+    Whole process: Rss, Pss, Private_Dirty. And the guest-RAM mapping alone
+    (the VMA of exactly guest RAM size: the RAM file, or anonymous memory for
+    saverestore): ``ram_private`` = its anonymous pages (copied-on-write or
+    loaded: memory no other VM shares), ``ram_rss``. QEMU's own overhead (the TCG translation cache,
+    heap, libraries) is the rest.
+    """
+    pid = Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip()
+    out = {"Rss": 0, "Pss": 0, "Private_Dirty": 0, "ram_private": 0, "ram_rss": 0}
+    vma_is_ram = owns_resident = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if not head:
+            continue
+        if "-" in head[0] and not head[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            # Exactly guest RAM: the TCG translation cache is a large VMA too.
+            vma_is_ram = abs((hi - lo) - (ram_mib << 20)) <= 2 << 20
+            # A private file mapping (a filecow clone) owns only its anonymous
+            # (copied-on-write) pages; an anonymous mapping (saverestore) or a
+            # shared file of its own (a booted guest) owns every resident page.
+            owns_resident = len(head) < 6 or "s" in head[1]
+            continue
+        key = head[0].rstrip(":")
+        if key in ("Rss", "Pss", "Private_Dirty"):
+            out[key] += int(head[1])
+        # Anonymous pages inside the guest-RAM mapping: what this VM owns
+        # alone (copy-on-write copies, or all of RAM loaded by saverestore).
+        # Not smaps' Private_*: a page-cache page of the image mapped by just
+        # one process counts as "private" there although it is shared cache.
+        if vma_is_ram and key == ("Rss" if owns_resident else "Anonymous"):
+            out["ram_private"] += int(head[1])
+        if vma_is_ram and key == "Rss":
+            out["ram_rss"] += int(head[1])
+    return out
+
+
+class Bench:
+    def __init__(self, virt: Hypervisor, work: Path) -> None:
+        self.virt = virt
+        self.work = work
+        self.created: list[str] = []
+
+    async def boot(self, name: str, mib: int, *, shared: bool = True) -> tuple[float, Path]:
+        disk = self.work / f"{name}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(devguest.GUEST_DIR / "base.qcow2"),
+                        "-F", "qcow2", str(disk)], check=True)
+        await self.virt.define(devguest.domain_xml(name, disk=disk, workdir=self.work, memory_mib=mib,
+                                                   file_backed_ram=shared))
+        self.created.append(name)
+        t0 = time.monotonic()
+        await self.virt.start(name)
+        log = self.work / f"{name}.serial.log"
+        await devguest.wait_counter(log, above=0, timeout=120)
+        return time.monotonic() - t0, log
+
+    async def fill(self, name: str) -> None:
+        ch = await devguest.GuestChannel.connect(self.work / f"{name}.cmd.sock")
+        try:
+            # Random (not zero: zero pages are skipped by migration) but quick under TCG.
+            rc, out = await ch.run("dd if=/dev/urandom of=/tmp/seed bs=1M count=4 2>/dev/null; "
+                                   f"for i in $(seq {HOG_MIB // 4}); do cat /tmp/seed; done > /tmp/fill; echo ok",
+                                   timeout=300)
+            assert rc == 0, out
+        finally:
+            await ch.close()
+
+    async def cleanup(self) -> None:
+        for name in reversed(self.created):
+            try:
+                await self.virt.undefine(name)
+            except Exception as exc:  # noqa: BLE001
+                print(f"cleanup {name}: {exc}", file=sys.stderr)
+        self.created.clear()
+
+
+async def daemon_for(work: Path, memory: str, mode: str = "copy") -> Daemon:
+    c = cfg.Config()
+    c = replace(c,
+                daemon=replace(c.daemon, state_dir=work / f"state-{memory}-{mode}", socket=work / f"{memory}-{mode}.sock",
+                               log_format="console", log_level="warning"),
+                clone=replace(c.clone, memory_backend=memory, memory_fallback="none", stun_deadline_ms=60000,
+                              step_timeout_s=600),
+                filecow=replace(c.filecow, source_mode=mode))
+    d = Daemon(c)
+    await d.start()
+    return d
+
+
+async def clone_once(d: Daemon, source: str, name: str, count: int = 1) -> tuple[dict[str, Any], float, list[Path]]:
+    assert d.engine is not None
+    t0 = time.monotonic()
+    job = await d.engine.submit(source=source, name=name, count=count)
+    await d.engine.wait(job.id, 900)
+    rec = await d.journal.get_job(job.id)
+    assert rec is not None and rec.state.value == "Unstunned", (rec.state if rec else None, rec.error if rec else None)
+    names = [c["name"] for c in rec.result["clones"]]
+    logs = [d.config.clones_dir / n / f"{n}.serial.log" for n in names]
+    for log in logs:
+        await devguest.wait_counter(log, above=0, timeout=120)
+    return rec.to_dict(), time.monotonic() - t0, logs
+
+
+async def run(sizes: list[int], pool: int) -> dict[str, Any]:
+    log_setup("console", "warning")
+    work = ROOT / uuid.uuid4().hex[:8]
+    work.mkdir(parents=True)
+    os.chown(work, *_qemu_owner())
+    virt = Hypervisor()
+    await virt.connect()
+    b = Bench(virt, work)
+    results: dict[str, Any] = {"sizes": {}, "accel": devguest.accel(), "fill_mib": HOG_MIB}
+    daemons = {key: await daemon_for(work, *key) for key in
+               [("saverestore", "copy"), ("filecow", "copy"), ("filecow", "respawn")]}
+    try:
+        for mib in sizes:
+            row: dict[str, Any] = {}
+            cold_s, _ = await b.boot(f"bc-cold-{mib}", mib)
+            await asyncio.sleep(2)
+            row["cold_boot"] = {"ready_s": cold_s, "mem": smaps(f"bc-cold-{mib}", mib)}
+            await b.cleanup()
+            for label, key, frozen in [("saverestore", ("saverestore", "copy"), False),
+                                       ("filecow_running_copy", ("filecow", "copy"), False),
+                                       ("filecow_running_respawn", ("filecow", "respawn"), False),
+                                       ("filecow_frozen", ("filecow", "copy"), True)]:
+                d = daemons[key]
+                src = f"bs-{label[:6]}-{mib}"
+                await b.boot(src, mib)
+                await b.fill(src)
+                if frozen:
+                    assert d.engine is not None
+                    await d.engine.freeze(src)
+                job, ready_s, _ = await clone_once(d, src, f"bk-{label[:6]}-{mib}")
+                await asyncio.sleep(2)
+                cname = job["result"]["clones"][0]["name"]
+                row[label] = {"stun_ms": job["result"]["stun_ms"], "ready_s": ready_s,
+                              "durations_ms": job["durations_ms"], "mem": smaps(cname, mib),
+                              "state_bytes": (job["result"].get("memory") or {}).get("state_bytes")}
+                assert d.engine is not None
+                await d.engine.destroy_clone(cname)
+                if frozen:
+                    await d.engine.unfreeze(src)
+                await b.cleanup()
+            results["sizes"][mib] = row
+            print(json.dumps({mib: {k: {kk: vv for kk, vv in v.items() if kk != "durations_ms"}
+                                    for k, v in row.items()}}), flush=True)
+        # N clones from one stun, 256 MiB guest.
+        if pool:
+            for label, key in [("saverestore", ("saverestore", "copy")), ("filecow_running_copy", ("filecow", "copy"))]:
+                d = daemons[key]
+                src = f"bp-{label[:6]}"
+                await b.boot(src, 256)
+                await b.fill(src)
+                job, ready_s, _ = await clone_once(d, src, f"bq-{label[:6]}", count=pool)
+                await asyncio.sleep(3)
+                names = [c["name"] for c in job["results"]["clones"]] if "results" in job else \
+                    [c["name"] for c in job["result"]["clones"]]
+                mems = [smaps(n, 256) for n in names]
+                results.setdefault("pool", {})[label] = {
+                    "count": pool, "stun_ms": job["result"]["stun_ms"], "all_ready_s": ready_s,
+                    "pss_kib_mean": statistics.mean(m["Pss"] for m in mems),
+                    "private_dirty_kib_mean": statistics.mean(m["Private_Dirty"] for m in mems),
+                    "rss_kib_mean": statistics.mean(m["Rss"] for m in mems),
+                    "ram_private_kib_mean": statistics.mean(m["ram_private"] for m in mems),
+                }
+                assert d.engine is not None
+                for n in names:
+                    await d.engine.destroy_clone(n)
+                await b.cleanup()
+                print(json.dumps({"pool": results["pool"][label]}), flush=True)
+    finally:
+        await b.cleanup()
+        for d in daemons.values():
+            assert d.engine is not None
+            for c in await d.journal.list_clones():
+                await d.engine.destroy_clone(c.name)
+            await d.stop()
+        await virt.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def _qemu_owner() -> tuple[int, int]:
+    import pwd
+    try:
+        pw = pwd.getpwnam("libvirt-qemu")
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 0, 0
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = [
+        f"Guest: test guest under {res['accel'].upper()}, {res['fill_mib']} MiB written to its tmpfs before cloning.",
+        "",
+        "| guest RAM | method | stun ms | ready s | ready vs cold boot | process RSS MiB | process PSS MiB | process private dirty MiB | guest-RAM private MiB | % of guest RAM |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mib, row in res["sizes"].items():
+        cold = row["cold_boot"]["ready_s"]
+        for label, r in row.items():
+            m = r["mem"]
+            stun = "-" if r.get("stun_ms") is None else f"{r['stun_ms']:.0f}"
+            ratio = "1.00" if label == "cold_boot" else f"{r['ready_s'] / cold:.2f}"
+            lines.append(f"| {mib} MiB | {label} | {stun} | {r['ready_s']:.2f} | {ratio} | {m['Rss'] / 1024:.0f} | "
+                         f"{m['Pss'] / 1024:.0f} | {m['Private_Dirty'] / 1024:.0f} | {m['ram_private'] / 1024:.1f} | "
+                         f"{100 * m['ram_private'] / 1024 / int(mib):.1f} |")
+    if res.get("pool"):
+        lines += ["", "| pool (256 MiB guest) | clones | stun ms | all ready s | mean RSS MiB | mean PSS MiB | mean private dirty MiB | mean guest-RAM private MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label, p in res["pool"].items():
+            lines.append(f"| {label} | {p['count']} | {p['stun_ms']:.0f} | {p['all_ready_s']:.2f} | "
+                         f"{p['rss_kib_mean'] / 1024:.0f} | {p['pss_kib_mean'] / 1024:.0f} | "
+                         f"{p['private_dirty_kib_mean'] / 1024:.0f} | {p['ram_private_kib_mean'] / 1024:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="256,1024,2048")
+    p.add_argument("--pool", type=int, default=10)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    res = asyncio.run(run([int(s) for s in a.sizes.split(",") if s], a.pool))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2))
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""filecow pieces that need no VM: the sparse copy, the XML rewrite, the libvirt hook."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from instaclone import domxml
+from instaclone_plugins import libvirt_hook
+from instaclone_plugins.filecow import FileCowMemory, sparse_copy
+
+from .fakes import SOURCE_XML
+
+HOOK = Path(libvirt_hook.__file__)
+
+
+def test_sparse_copy_copies_data_and_keeps_holes(tmp_path):
+    src = tmp_path / "ram"
+    with open(src, "wb") as f:
+        f.truncate(64 << 20)
+        for i in range(4):
+            f.seek(i * (16 << 20))
+            f.write(bytes([i + 1]) * (1 << 20))
+    dst = tmp_path / "copy"
+    sparse_copy(src, dst)
+    assert dst.stat().st_size == src.stat().st_size
+    assert src.read_bytes() == dst.read_bytes()
+    assert dst.stat().st_blocks * 512 <= 8 << 20  # holes stayed holes
+    with pytest.raises(FileExistsError):
+        sparse_copy(src, dst)  # never overwrites
+
+
+def test_map_frozen_ram_and_forget():
+    xml = SOURCE_XML.format(name="c1", uuid="00000000-0000-0000-0000-000000000001", disk="/d.qcow2")
+    mapped = domxml.map_frozen_ram(xml, ram=Path("/r/instaclone/j/pc.ram"), ramdir=Path("/r"), incoming=True)
+    assert domxml.file_ram(mapped) == (True, "private")
+    assert "/r/instaclone/j/pc.ram" in mapped and "-incoming" in mapped
+    clean = domxml.forget_frozen_ram(mapped)
+    assert "pc.ram" not in clean and "-incoming" not in clean
+    assert domxml.file_ram(clean) == (True, "private")
+
+
+def test_can_serve_needs_shared_file_ram():
+    xml = SOURCE_XML.format(name="s", uuid="00000000-0000-0000-0000-000000000002", disk="/d.qcow2")
+    from instaclone.virt import DomainInfo
+    mem = FileCowMemory.__new__(FileCowMemory)
+    assert "not a shared file" in (mem.can_serve(DomainInfo("s", "u", "running", 0, xml)) or "")
+    shared = xml.replace("<devices>", "<memoryBacking><source type='file'/><access mode='shared'/>"
+                                      "</memoryBacking><devices>")
+    assert mem.can_serve(DomainInfo("s", "u", "running", 0, shared)) is None
+
+
+def run_hook(xml: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(HOOK), *args], input=xml, capture_output=True, text=True)
+
+
+def domain_for_hook(tmp_path: Path, ram: Path, name: str = "a-very-long-clone-name-beyond-twenty") -> str:
+    xml = SOURCE_XML.format(name=name, uuid="00000000-0000-0000-0000-000000000003", disk="/d.qcow2")
+    xml = xml.replace("<domain type='qemu'>", "<domain type='qemu' id='42'>")
+    return domxml.map_frozen_ram(xml, ram=ram, ramdir=tmp_path, incoming=False)
+
+
+def test_hook_links_frozen_ram_into_libvirts_path(tmp_path):
+    frozen = tmp_path / "instaclone" / "job1" / "pc.ram"
+    frozen.parent.mkdir(parents=True)
+    frozen.write_bytes(b"memory")
+    name = "a-very-long-clone-name-beyond-twenty"
+    domdir = tmp_path / f"42-{name[:20]}"
+    domdir.mkdir()
+    r = run_hook(domain_for_hook(tmp_path, frozen, name), name, "start", "begin", "-")
+    assert r.returncode == 0, r.stderr
+    assert (domdir / "pc.ram").stat().st_ino == frozen.stat().st_ino
+
+
+def test_hook_ignores_other_domains_and_phases(tmp_path):
+    plain = SOURCE_XML.format(name="x", uuid="00000000-0000-0000-0000-000000000004", disk="/d")
+    assert run_hook(plain, "x", "start", "begin", "-").returncode == 0
+    assert run_hook("not xml at all", "x", "prepare", "begin", "-").returncode == 0
+
+
+def test_hook_refuses_files_outside_its_directory(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x")
+    (tmp_path / "42-x").mkdir()
+    r = run_hook(domain_for_hook(tmp_path, secret, "x"), "x", "start", "begin", "-")
+    assert r.returncode == 1 and "refusing" in r.stderr
+    assert not (tmp_path / "42-x" / "pc.ram").exists()
