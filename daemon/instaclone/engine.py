@@ -112,12 +112,7 @@ class Engine:
         names = identity.clone_names(identity.validate_name(name), count)
         if src in names:
             raise NameInUse(f"clone name {src!r} is the source's own name")
-        try:
-            info = await self.virt.lookup(src)
-        except DomainNotFound:
-            raise SourceNotFound(f"source domain {src!r} does not exist") from None
-        if not info.active:
-            raise SourceNotCloneable(f"source {src!r} is {info.state}; it must be running or paused")
+        info = await self._active_source(src)
         memory = self._pick_memory(info)
         async with self._submit_lock:  # no two jobs may claim the same name
             taken = (await self.journal.names_in_use()) | set(await self.virt.list_names())
@@ -134,6 +129,16 @@ class Engine:
         self._emit(job, job.history.entries[-1])
         self._dispatch(job)
         return job
+
+    async def _active_source(self, src: str) -> DomainInfo:
+        """The source's current description; it must exist and be running or paused."""
+        try:
+            info = await self.virt.lookup(src)
+        except DomainNotFound:
+            raise SourceNotFound(f"source domain {src!r} does not exist") from None
+        if not info.active:
+            raise SourceNotCloneable(f"source {src!r} is {info.state}; it must be running or paused")
+        return info
 
     def _pick_memory(self, info: DomainInfo) -> MemoryBackend:
         reasons = []
@@ -214,12 +219,7 @@ class Engine:
         async with self._source_locks.setdefault(src, asyncio.Lock()):
             if src in await self.journal.frozen():
                 raise Conflict(f"{src!r} is already frozen")
-            try:
-                info = await self.virt.lookup(src)
-            except DomainNotFound:
-                raise SourceNotFound(f"source domain {src!r} does not exist") from None
-            if not info.active:
-                raise SourceNotCloneable(f"source {src!r} is {info.state}; it must be running or paused")
+            info = await self._active_source(src)
             memory = self._pick_memory(info)
             paused_by_us = info.state == "running"
             await self.journal.add_frozen(src, paused_by_us=paused_by_us, backend=memory.name)
@@ -376,9 +376,7 @@ class Engine:
         log = self.log.bind(job_id=job.id, source=job.source)
         ctx: StunContext | None = None
         try:
-            info = await self.virt.lookup(job.source)
-            if not info.active:
-                raise SourceNotCloneable(f"source {job.source!r} is {info.state}; it must be running or paused")
+            info = await self._active_source(job.source)
             job_dir = self.config.jobs_dir / job.id
             await record(jr.FILE, str(job_dir))
             await asyncio.to_thread(job_dir.mkdir, parents=True, exist_ok=True)

@@ -186,6 +186,14 @@ class Hypervisor:
     def _dom(self, name: str) -> libvirt.virDomain:
         return self._connection().lookupByName(name)
 
+    def _dom_or_none(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self._dom(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
     async def connect(self) -> None:
         await self._call("connect", self._connection)
 
@@ -285,13 +293,8 @@ class Hypervisor:
         """Power off ``name`` if it runs; absent or stopped domains are fine."""
 
         def do() -> None:
-            try:
-                dom = self._dom(name)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return
-                raise
-            if dom.isActive():
+            dom = self._dom_or_none(name)
+            if dom is not None and dom.isActive():
                 try:
                     dom.destroy()
                 except libvirt.libvirtError as exc:
@@ -304,12 +307,9 @@ class Hypervisor:
         """Remove the definition of ``name`` (stopping it first); absent is fine."""
 
         def do() -> None:
-            try:
-                dom = self._dom(name)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return
-                raise
+            dom = self._dom_or_none(name)
+            if dom is None:
+                return
             if dom.isActive():
                 dom.destroy()
             dom.undefineFlags(
