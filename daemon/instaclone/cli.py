@@ -60,8 +60,15 @@ def _print_job(job: dict[str, Any]) -> None:
         for left in e.get("left_behind", []):
             print(f"  left behind: {left}")
     result = job.get("result") or {}
+    if result.get("memory_backend"):
+        mem = result.get("memory") or {}
+        extra = f", device state {mem['state_bytes'] / 1e6:.2f} MB" if mem.get("state_bytes") else ""
+        mode = f" ({mem['mode']})" if mem.get("mode") else ""
+        print(f"  memory backend: {result['memory_backend']}{mode}{extra}")
     if result.get("stun_ms") is not None:
         print(f"  source stunned for {result['stun_ms']:.1f} ms")
+    elif result.get("frozen_source"):
+        print("  frozen source: no stun")
     for c in result.get("clones", []):
         print(f"  clone {c['name']}  uuid={c['uuid']}  mac={','.join(c.get('macs', []))}  state={c.get('state')}")
 
