@@ -267,3 +267,23 @@ async def test_recovery_requeues_untouched_requested_jobs(env):
     await engine.wait(job.id, 10)
     assert (await journal.get_job(job.id)).state is State.UNSTUNNED
     assert "c9" in virt.domains
+
+
+async def test_shutdown_mid_job_rolls_back_and_resumes(env):
+    """SIGTERM path: in-flight jobs past the grace period are cancelled and rolled back."""
+    engine, virt, journal, c = env
+    virt.delay["save_state"] = 5.0
+    job = await engine.submit(source="src", name="c1")
+    for _ in range(200):
+        if virt.domains["src"].state == "paused":
+            break
+        await asyncio.sleep(0.01)
+    await engine.shutdown(0.05)
+    rec = await journal.get_job(job.id)
+    assert rec.state is State.FAILED
+    assert rec.error["code"] == "interrupted"
+    assert virt.domains["src"].state == "running"
+    assert set(virt.domains) == {"src"}
+    assert leftover_files(c) == []
+    with pytest.raises(InvalidRequest, match="shutting down"):
+        await engine.submit(source="src", name="c2")

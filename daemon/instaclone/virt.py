@@ -415,6 +415,12 @@ class Hypervisor:
 
         def do() -> dict[str, Any]:
             dom = self._dom(name)
+            # QEMU migrates a VM only once per pause: a second save fails with
+            # "Can't migrate the vm that was paused due to previous migration".
+            if (self._qmp(dom, "query-status") or {}).get("status") == "postmigrate":
+                raise VirtStateError(
+                    f"{name!r} was already captured during this pause (it was paused by its owner and "
+                    "cloned before); resume it, or freeze it with 'instaclone freeze' to clone it repeatedly")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 self._set_caps(dom, ignore_shared)
