@@ -125,6 +125,14 @@ class FakeHypervisor:
                 disk.find("source").set("file", str(overlays[tgt]))  # type: ignore[union-attr]
         d.xml = ET.tostring(root, encoding="unicode")
 
+    async def set_link(self, name: str, mac: str, *, up: bool) -> None:
+        await self._hook("set_link", name)
+        assert self._get(name).state == ("running" if up else "paused") or up
+
+    async def replug_interface(self, name: str, mac: str, *, link_up: bool) -> None:
+        await self._hook("replug_interface", name)
+        assert self._get(name).state == "running", "NICs are replugged in a running guest"
+
     async def save_state(self, name: str, path: Path, **_: Any) -> dict[str, Any]:
         await self._hook("save_state", name)
         path.write_bytes(b"state")

@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from instaclone import devguest
+from instaclone.domxml import macs
 from instaclone.virt import Hypervisor
 
 from .conftest import libvirt_ready
@@ -95,8 +97,9 @@ async def test_clone_running_guest_end_to_end(world):
     # (c) its own identity.
     clone = await virt.lookup("ic-clone")
     assert clone.name != info.name and clone.uuid != info.uuid
-    from instaclone.domxml import macs
     assert set(macs(clone.xml)).isdisjoint(macs(info.xml))
+    genid = lambda xml: ET.fromstring(xml).findtext("genid")  # noqa: E731
+    assert genid(clone.xml) and genid(info.xml) and genid(clone.xml) != genid(info.xml)
     assert clone.state == "running"
 
     # (b) disk isolation, both ways, below the guests' page caches.
@@ -116,6 +119,16 @@ async def test_clone_running_guest_end_to_end(world):
         await c.close()
     assert "SRC-ONLY-PATTERN" in s100 and "CLONE-ONLY-PATTERN" not in s200
     assert "CLONE-ONLY-PATTERN" in c200 and "SRC-ONLY-PATTERN" not in c100
+
+    # The guest itself sees the clone's new MAC (NIC replugged); the source keeps its own.
+    s = await devguest.GuestChannel.connect(src.cmd_sock)
+    c = await devguest.GuestChannel.connect(config.clones_dir / "ic-clone" / "ic-clone.cmd.sock")
+    try:
+        assert (await c.run("cat /sys/class/net/eth0/address"))[1].strip() == macs(clone.xml)[0]
+        assert (await s.run("cat /sys/class/net/eth0/address"))[1].strip() == macs(info.xml)[0]
+    finally:
+        await s.close()
+        await c.close()
 
     # (d) the source is running; destroy removes the clone and only the clone.
     assert await virt.state("ic-src") == "running"

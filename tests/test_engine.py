@@ -80,6 +80,17 @@ async def test_happy_path(env):
     assert not list(c.jobs_dir.iterdir())  # scratch removed
 
 
+async def test_nic_is_held_down_then_replugged(env):
+    engine, virt, journal, _ = env
+    job = await run_job(engine, journal, name="c1")
+    assert job.state is State.UNSTUNNED
+    seq = [m for m, n in virt.calls if n == "c1" and m in ("set_link", "resume", "replug_interface")]
+    assert seq == ["set_link", "resume", "replug_interface"]
+    job = await run_job(engine, journal, name="c2", keep_network=True)
+    seq = [m for m, n in virt.calls if n == "c2" and m in ("set_link", "resume", "replug_interface")]
+    assert seq == ["resume", "replug_interface"]
+
+
 async def test_count_makes_n_clones_from_one_stun(env):
     engine, virt, journal, _ = env
     job = await run_job(engine, journal, name="pool", count=3)
@@ -114,7 +125,8 @@ async def test_fault_at_every_step_rolls_back(env, step):
     assert await journal.list_clones() == []
 
 
-@pytest.mark.parametrize("method", ["suspend", "snapshot_disks", "save_state", "define", "start", "load_state"])
+@pytest.mark.parametrize("method", ["suspend", "snapshot_disks", "save_state", "define", "start", "load_state",
+                                    "set_link", "replug_interface"])
 async def test_backend_failure_rolls_back(env, method):
     engine, virt, journal, c = env
     virt.fail[method] = VirtError(f"{method} broke")

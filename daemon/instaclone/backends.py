@@ -48,6 +48,7 @@ class CloneTarget:
     uuid: str
     dir: Path
     disks: dict[str, Path] = field(default_factory=dict)  # disk target -> clone delta
+    macs: list[str] = field(default_factory=list)  # one per interface, in device order
 
 
 class StorageBackend(abc.ABC):

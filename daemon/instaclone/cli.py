@@ -89,7 +89,8 @@ async def run(args: argparse.Namespace) -> int:
     if args.cmd == "clone":
         wait = f"?wait={args.timeout:g}" if args.wait else ""
         data = await _request(sock, "POST", f"/v1/jobs{wait}",
-                              {"source": args.source, "name": args.name, "count": args.count})
+                              {"source": args.source, "name": args.name, "count": args.count,
+                               "keep_network": args.keep_network})
         job = data["job"]
         if out_json:
             emit(job)
@@ -166,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--name", required=True, help="clone name; with --count > 1, the prefix of NAME-1..NAME-K")
     c.add_argument("--count", type=int, default=1)
     c.add_argument("--wait", action="store_true", help="wait until the job finishes")
+    c.add_argument("--keep-network", action="store_true",
+                   help="do not hold the clone's link down until its NIC is replaced (isolated networks)")
     c.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
     j = sub.add_parser("jobs", help="list or show clone jobs")
     jsub = j.add_subparsers(dest="jobs_cmd", required=True)

@@ -94,6 +94,8 @@ def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
         raise ValueError(f"memory_mib must be positive, not {memory_mib}")
     dom = ET.Element("domain", type=domain_type())
     ET.SubElement(dom, "name").text = name
+    # A VM generation ID device (libvirt picks the GUID); clones get a new one.
+    ET.SubElement(dom, "genid")
     ET.SubElement(dom, "memory", unit="MiB").text = str(int(memory_mib))
     if file_backed_ram:
         mb = ET.SubElement(dom, "memoryBacking")

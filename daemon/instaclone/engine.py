@@ -100,11 +100,14 @@ class Engine:
     def active_jobs(self) -> int:
         return len(self._tasks)
 
-    async def submit(self, *, source: object, name: object, count: object = 1) -> JobRecord:
+    async def submit(self, *, source: object, name: object, count: object = 1,
+                     keep_network: object = False) -> JobRecord:
         """Validate a clone request, persist it as Requested and queue it."""
         if not self.accepting:
             raise InvalidRequest("the daemon is shutting down and accepts no new jobs")
         src = identity.validate_name(source, what="source name")
+        if not isinstance(keep_network, bool):
+            raise InvalidRequest("keep_network must be true or false")
         if isinstance(count, bool) or not isinstance(count, int):
             raise InvalidRequest("count must be an integer")
         if not 1 <= count <= self.config.clone.max_count:
@@ -124,6 +127,7 @@ class Engine:
                 "count": count,
                 "storage_backend": self.storage.name,
                 "memory_backend": memory.name,
+                "keep_network": keep_network,
             }
             job = await self.journal.create_job(identity.new_job_id(), src, spec)
         self._emit(job, job.history.entries[-1])
@@ -500,8 +504,9 @@ class Engine:
 
         async def define_all() -> None:
             for clone in clones:
+                clone.macs = [identity.new_mac() for _ in range(nics)]
                 ident = domxml.CloneIdentity(
-                    name=clone.name, uuid=clone.uuid, macs=[identity.new_mac() for _ in range(nics)],
+                    name=clone.name, uuid=clone.uuid, macs=clone.macs,
                     dir=clone.dir, disks=clone.disks, source=job.source, job_id=job.id,
                     extra_qemu_args=run.memory.qemu_args(ctx=ctx, clone=clone),
                 )
@@ -532,10 +537,20 @@ class Engine:
         """Start the clones, a few at a time (QEMU start-up dominates a clone's latency)."""
         slots = asyncio.Semaphore(CLONE_START_PARALLEL)
 
+        keep_network = bool(run.job.spec.get("keep_network"))
+
         async def start(clone: CloneTarget) -> None:
             async with slots:
                 await run.memory.start_clone(ctx=ctx, clone=clone)
+                # The guest still has the source's MAC (it is in the migrated
+                # device state): no packet may leave before the NIC is
+                # replaced, unless the network is isolated (keep_network).
+                if not keep_network:
+                    for mac in clone.macs:
+                        await self.virt.set_link(clone.name, mac, up=False)
                 await self.virt.resume(clone.name)
+                for mac in clone.macs:
+                    await self.virt.replug_interface(clone.name, mac, link_up=True)
                 # The persistent definition must not keep the one-shot
                 # "-incoming defer" or the image link: a later plain start
                 # must cold-boot.

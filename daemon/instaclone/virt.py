@@ -342,6 +342,59 @@ class Hypervisor:
             f"disk snapshot of {name!r}", lambda: self._dom(name).snapshotCreateXML(xml, flags)
         )
 
+    # -- network interfaces ---------------------------------------------------------
+
+    @staticmethod
+    def _iface_by_mac(dom: libvirt.virDomain, mac: str) -> ET.Element | None:
+        for iface in ET.fromstring(dom.XMLDesc(0)).iterfind("./devices/interface"):
+            m = iface.find("mac")
+            if m is not None and m.get("address", "").lower() == mac.lower():
+                return iface
+        return None
+
+    async def set_link(self, name: str, mac: str, *, up: bool) -> None:
+        """Set the link state of the running domain's NIC with ``mac``."""
+
+        def do() -> None:
+            dom = self._dom(name)
+            iface = self._iface_by_mac(dom, mac)
+            if iface is None:
+                raise VirtError(f"{name!r} has no interface with MAC {mac}")
+            for old in iface.findall("link"):
+                iface.remove(old)
+            ET.SubElement(iface, "link", {"state": "up" if up else "down"})
+            dom.updateDeviceFlags(ET.tostring(iface, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+        await self._call(f"set link of {name!r} {mac}", do)
+
+    async def replug_interface(self, name: str, mac: str, *, link_up: bool, timeout_s: float = 10.0) -> None:
+        """Hot-unplug the NIC with ``mac`` and plug an identical one back.
+
+        A VM restored from another's state keeps that VM's MAC inside its
+        virtio-net device state; a freshly plugged device makes the guest
+        read the MAC of the definition. Needs guest ACPI hotplug.
+        """
+
+        def do() -> None:
+            dom = self._dom(name)
+            iface = self._iface_by_mac(dom, mac)
+            if iface is None:
+                raise VirtError(f"{name!r} has no interface with MAC {mac}")
+            dom.detachDeviceFlags(ET.tostring(iface, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            deadline = time.monotonic() + timeout_s
+            while self._iface_by_mac(dom, mac) is not None:
+                if time.monotonic() > deadline:
+                    raise VirtTimeout(f"the guest of {name!r} did not release its NIC {mac} within "
+                                      f"{timeout_s:g} s (no ACPI hotplug in the guest?)")
+                time.sleep(0.05)
+            for tag in ("alias", "link", "target"):
+                for el in iface.findall(tag):
+                    iface.remove(el)
+            ET.SubElement(iface, "link", {"state": "up" if link_up else "down"})
+            dom.attachDeviceFlags(ET.tostring(iface, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+        await self._call(f"replug NIC {mac} of {name!r}", do)
+
     # -- QEMU monitor: memory and device state --------------------------------------
 
     def _qmp(self, dom: libvirt.virDomain, command: str, arguments: dict[str, Any] | None = None,
