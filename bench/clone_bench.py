@@ -152,7 +152,7 @@ async def run(sizes: list[int], pool: int) -> dict[str, Any]:
     log_setup("console", "warning")
     work = ROOT / uuid.uuid4().hex[:8]
     work.mkdir(parents=True)
-    os.chown(work, *_qemu_owner())
+    os.chown(work, *devguest.qemu_owner())
     virt = Hypervisor()
     await virt.connect()
     b = Bench(virt, work)
@@ -225,15 +225,6 @@ async def run(sizes: list[int], pool: int) -> dict[str, Any]:
         await virt.close()
         shutil.rmtree(work, ignore_errors=True)
     return results
-
-
-def _qemu_owner() -> tuple[int, int]:
-    import pwd
-    try:
-        pw = pwd.getpwnam("libvirt-qemu")
-        return pw.pw_uid, pw.pw_gid
-    except KeyError:
-        return 0, 0
 
 
 def table(res: dict[str, Any]) -> str:

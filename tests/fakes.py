@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instaclone.backends import CloneTarget, MemoryBackend, Recorder, StorageBackend, StunContext
-from instaclone.errors import DomainExists, DomainNotFound, VirtError
+from instaclone.backends import CloneTarget, Recorder, StorageBackend, StunContext
+from instaclone.errors import DomainExists, DomainNotFound
 from instaclone.journal import FILE, SOURCE_DELTA
 from instaclone.virt import DomainInfo, file_disks
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 import shutil
 import subprocess
 import uuid
@@ -20,14 +19,6 @@ from .apiclient import Api  # noqa: F401  (re-exported for tests)
 from .conftest import SCRATCH_ROOT
 
 
-def qemu_owner() -> tuple[int, int]:
-    try:
-        pw = pwd.getpwnam("libvirt-qemu")
-        return pw.pw_uid, pw.pw_gid
-    except KeyError:
-        return 0, 0
-
-
 class Scratch:
     """A directory libvirt's QEMU user can use; removed with everything in it."""
 
@@ -36,7 +27,7 @@ class Scratch:
         SCRATCH_ROOT.chmod(0o755)
         self.path = SCRATCH_ROOT / uuid.uuid4().hex[:10]
         self.path.mkdir()
-        os.chown(self.path, *qemu_owner())
+        os.chown(self.path, *devguest.qemu_owner())
         self.path.chmod(0o755)
 
     def cleanup(self) -> None:

@@ -13,7 +13,7 @@ import abc
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Awaitable, Callable, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from .config import Config
 from .errors import ConfigError, NotSupportedError
@@ -160,10 +160,3 @@ def storage_backend(name: str) -> type[StorageBackend]:
 
 def memory_backend(name: str) -> type[MemoryBackend]:
     return _load("instaclone.memory", name, MemoryBackend)
-
-
-def available(group: str) -> list[str]:
-    return sorted(ep.name for ep in entry_points(group=group))
-
-
-Undo = Callable[[], Awaitable[None]]

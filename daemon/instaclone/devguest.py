@@ -40,6 +40,17 @@ _COUNTER = re.compile(rb"^IC boot=(\S+) count=(\d+)[ \t\r]*$", re.MULTILINE)
 _END = re.compile(rb"\n@@IC-END (\S+) (-?\d+)\r?\n")
 
 
+def qemu_owner() -> tuple[int, int]:
+    """uid, gid of libvirt's QEMU user (owner for directories QEMU writes in)."""
+    import pwd
+
+    try:
+        pw = pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        return 0, 0
+    return pw.pw_uid, pw.pw_gid
+
+
 def accel() -> str:
     """``'kvm'`` or ``'tcg'``: what build-guest.sh found to work here.
 

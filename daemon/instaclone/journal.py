@@ -254,12 +254,6 @@ class Journal:
         job.updated_at = entry.at
         return entry
 
-    async def save_result(self, job: JobRecord) -> None:
-        def do(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE jobs SET result=? WHERE id=?", (json.dumps(job.result), job.id))
-
-        await self._run(do)
-
     @staticmethod
     def _job_from_row(db: sqlite3.Connection, row: tuple[Any, ...]) -> JobRecord:
         job_id, seq, source, spec, _state, error, result, created_at, updated_at = row

@@ -412,10 +412,6 @@ class Hypervisor:
             raise VirtError(f"QEMU {command}: {data['error'].get('desc', data['error'])}")
         return data.get("return")
 
-    async def qmp(self, name: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        return await self._call(f"QMP {command} on {name!r}",
-                                lambda: self._qmp(self._dom(name), command, arguments))
-
     async def ram_file(self, name: str, alias: str = "pc.ram") -> tuple[Path, bool] | None:
         """(path, shared) of the file behind the domain's RAM backend, or None if not file-backed."""
 
