@@ -33,7 +33,7 @@ die() { printf 'build-guest: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root"
 case ${INSTACLONE_ACCEL:-} in ""|kvm|tcg) ;; *) die "INSTACLONE_ACCEL must be kvm or tcg, not '$INSTACLONE_ACCEL'" ;; esac
-for tool in apt-cache apt-get dpkg-deb depmod cpio gzip qemu-img qemu-system-x86_64 timeout; do
+for tool in apt-cache apt-get dpkg-deb depmod cpio gzip gcc qemu-img qemu-system-x86_64 timeout; do
     command -v "$tool" >/dev/null || die "$tool missing: run scripts/setup.sh"
 done
 
@@ -46,7 +46,7 @@ flock 9
 up_to_date() {
     local f
     for f in vmlinuz initrd.img cmdline accel; do
-        [ -s "$out/$f" ] && [ "$out/$f" -nt "$self" ] || return 1
+        [ -s "$out/$f" ] && [ "$out/$f" -nt "$self" ] && [ "$out/$f" -nt "$(dirname "$self")/guest/ic-agent.c" ] || return 1
     done
     [ -s "$out/base.qcow2" ]
 }
@@ -97,7 +97,7 @@ moddir=$tmp/k/lib/modules/$kver
 
 # --- initramfs -----------------------------------------------------------------
 root=$tmp/root
-mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,lib/modules}
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,lib/modules,run}
 chmod 1777 "$root/tmp"
 # PID 1 gets /dev/console as stdio before /init mounts devtmpfs.
 mknod -m 0600 "$root/dev/console" c 5 1
@@ -135,6 +135,29 @@ for rel in "${order[@]}"; do
 done
 say "modules: $(tr '\n' ' ' < "$root/etc/modules")"
 
+# A minimal QEMU guest agent (the real one needs glib and friends), static.
+gcc -O2 -static -Wall -o "$root/bin/ic-agent" "$(dirname "$self")/guest/ic-agent.c"
+strip "$root/bin/ic-agent" 2>/dev/null || true
+# udhcpc calls this to apply a lease.
+mkdir -p "$root/usr/share/udhcpc"
+cat > "$root/usr/share/udhcpc/default.script" <<'DHCP'
+#!/bin/sh
+case $1 in
+    deconfig) ip -4 addr flush dev "$interface"; ip link set "$interface" up ;;
+    bound|renew)
+        ip -4 addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+        echo "$lease" > "/run/udhcpc.$interface.lease" 2>/dev/null || true ;;
+esac
+exit 0
+DHCP
+chmod 0755 "$root/usr/share/udhcpc/default.script"
+# Debian's busybox looks for it in /etc/udhcpc.
+mkdir -p "$root/etc/udhcpc"
+ln -s /usr/share/udhcpc/default.script "$root/etc/udhcpc/default.script"
+echo testguest > "$root/etc/hostname"
+
 cat > "$root/init" <<'INIT'
 #!/bin/sh
 # instaclone test guest, PID 1. It must never exit: the kernel would panic.
@@ -149,6 +172,11 @@ for m in $(cat /etc/modules); do
 done
 boot=$(cat /proc/sys/kernel/random/boot_id)
 ip link set lo up
+hostname -F /etc/hostname
+mkdir -p /run
+cat /proc/sys/kernel/random/uuid | tr -d - > /etc/machine-id
+# The guest agent on virtio-serial (org.qemu.guest_agent.0), when present.
+(while :; do ic-agent; sleep 2; done) >/dev/null 2>&1 &
 echo "IC ready boot=$boot"
 
 # Command channel on ttyS1: "<id> <command>" lines in; for each, the output

@@ -125,6 +125,18 @@ class FakeHypervisor:
                 disk.find("source").set("file", str(overlays[tgt]))  # type: ignore[union-attr]
         d.xml = ET.tostring(root, encoding="unicode")
 
+    async def agent(self, name: str, command: str, arguments: Any = None, *, timeout_s: int = 10) -> Any:
+        await self._hook("agent", name)
+        if command == "guest-network-get-interfaces":
+            return [{"name": "eth0", "hardware-address": "52:54:00:00:00:99",
+                     "ip-addresses": [{"ip-address": "10.0.2.15", "prefix": 24}]}]
+        return {}
+
+    async def agent_exec(self, name: str, argv: list[str], *, stdin: bytes = b"",
+                         timeout_s: float = 30.0) -> tuple[int, str]:
+        await self._hook("agent_exec", name)
+        return 0, "ok"
+
     async def set_link(self, name: str, mac: str, *, up: bool) -> None:
         await self._hook("set_link", name)
         assert self._get(name).state == ("running" if up else "paused") or up

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not
 
 
 #: Every domain the integration tests create starts with one of these.
-TEST_PREFIXES = ("ic-", "fc-", "fz-")
+TEST_PREFIXES = ("ic-", "fc-", "fz-", "id-")
 
 
 @pytest.fixture

@@ -299,3 +299,36 @@ async def test_shutdown_mid_job_rolls_back_and_resumes(env):
     assert leftover_files(c) == []
     with pytest.raises(InvalidRequest, match="shutting down"):
         await engine.submit(source="src", name="c2")
+
+
+AGENT = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+
+
+async def test_customization_runs_with_links_down_then_up(env):
+    engine, virt, journal, _ = env
+    virt.domains["src"].xml = virt.domains["src"].xml.replace("</devices>", AGENT + "</devices>")
+    job = await run_job(engine, journal, name="c1", config={"a": "b"})
+    assert job.state is State.UNSTUNNED, job.error
+    seq = [m for m, n in virt.calls if n == "c1" and m in ("set_link", "resume", "replug_interface", "agent_exec")]
+    assert seq == ["set_link", "resume", "replug_interface", "agent_exec", "set_link", "agent_exec"]
+    ident = job.result["clones"][0]["identity"]
+    assert ident["hostname"] == "c1" and ident["interfaces"][0]["addresses"] == ["10.0.2.15/24"]
+
+
+async def test_customization_failure_fails_the_job_and_removes_the_clone(env):
+    engine, virt, journal, c = env
+    virt.domains["src"].xml = virt.domains["src"].xml.replace("</devices>", AGENT + "</devices>")
+    virt.fail["agent_exec"] = VirtError("guest-exec: permission denied")
+    job = await run_job(engine, journal, name="c1")
+    assert job.state is State.FAILED
+    assert job.error["code"] == "customization_failed"
+    assert "c1" in job.error["message"] and "permission denied" in job.error["message"]
+    assert set(virt.domains) == {"src"} and virt.domains["src"].state == "running"
+    assert leftover_files(c) == []
+
+
+@pytest.mark.parametrize("config", [{"k": 1}, ["a"], "x", {"k": "v" * 20_000}])
+async def test_bad_guest_config_is_refused(env, config):
+    engine, _, journal, _ = env
+    with pytest.raises(InvalidRequest, match="config"):
+        await engine.submit(source="src", name="c1", config=config)

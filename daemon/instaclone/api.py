@@ -104,7 +104,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def create_job(request: web.Request) -> web.Response:
     body = await _body(request)
-    allowed = {"source", "name", "count", "keep_network"}
+    allowed = {"source", "name", "count", "keep_network", "customize", "config"}
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
@@ -113,7 +113,8 @@ async def create_job(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     peer = request.get(PEER)
     job = await engine.submit(source=body["source"], name=body["name"], count=body.get("count", 1),
-                              keep_network=body.get("keep_network", False))
+                              keep_network=body.get("keep_network", False),
+                              customize=body.get("customize", True), config=body.get("config"))
     log.info("api.clone_requested", job_id=job.id, source=job.source, peer=peer)
     wait = _wait_param(request)
     if wait:
@@ -213,6 +214,8 @@ OPENAPI: dict[str, Any] = {
                         "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
                         "count": {"type": "integer", "minimum": 1},
                         "keep_network": {"type": "boolean"},
+                        "customize": {"type": "boolean"},
+                        "config": {"type": "object", "additionalProperties": {"type": "string"}},
                     }}}}},
                 "responses": {"201": {"description": "job finished"}, "202": {"description": "job accepted"},
                               "400": _ERR, "404": _ERR, "409": _ERR},

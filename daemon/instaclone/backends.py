@@ -49,6 +49,7 @@ class CloneTarget:
     dir: Path
     disks: dict[str, Path] = field(default_factory=dict)  # disk target -> clone delta
     macs: list[str] = field(default_factory=list)  # one per interface, in device order
+    identity: dict[str, Any] = field(default_factory=dict)  # what the guest-side reset did
 
 
 class StorageBackend(abc.ABC):

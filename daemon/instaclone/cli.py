@@ -71,6 +71,20 @@ def _print_job(job: dict[str, Any]) -> None:
         print("  frozen source: no stun")
     for c in result.get("clones", []):
         print(f"  clone {c['name']}  uuid={c['uuid']}  mac={','.join(c.get('macs', []))}  state={c.get('state')}")
+        ident = c.get("identity") or {}
+        if ident.get("hostname"):
+            addrs = [a for i in ident.get("interfaces", []) for a in i.get("addresses", [])]
+            print(f"    guest: hostname={ident['hostname']}  addresses={','.join(addrs) or '-'}")
+
+
+def _kv(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise CliError(f"--config wants KEY=VALUE, got {p!r}", 2)
+        out[key] = value
+    return out
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:
@@ -90,7 +104,8 @@ async def run(args: argparse.Namespace) -> int:
         wait = f"?wait={args.timeout:g}" if args.wait else ""
         data = await _request(sock, "POST", f"/v1/jobs{wait}",
                               {"source": args.source, "name": args.name, "count": args.count,
-                               "keep_network": args.keep_network})
+                               "keep_network": args.keep_network, "customize": not args.no_customize,
+                               "config": _kv(args.config)})
         job = data["job"]
         if out_json:
             emit(job)
@@ -167,6 +182,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--name", required=True, help="clone name; with --count > 1, the prefix of NAME-1..NAME-K")
     c.add_argument("--count", type=int, default=1)
     c.add_argument("--wait", action="store_true", help="wait until the job finishes")
+    c.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="data handed to the guest (/run/instaclone/config.json); repeatable")
+    c.add_argument("--no-customize", action="store_true",
+                   help="skip the guest-side identity reset (hostname, machine-id, DHCP)")
     c.add_argument("--keep-network", action="store_true",
                    help="do not hold the clone's link down until its NIC is replaced (isolated networks)")
     c.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")

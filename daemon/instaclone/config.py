@@ -41,6 +41,8 @@ class CloneConfig:
     stun_deadline_ms: int = 2000
     step_timeout_s: float = 120.0
     max_count: int = 64
+    # Guest-side identity reset through the guest agent, per clone.
+    customize_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "clone.stun_deadline_ms": (50, 600_000),
     "clone.step_timeout_s": (1, 3600),
     "clone.max_count": (1, 1000),
+    "clone.customize_timeout_s": (1, 3600),
 }
 _CHOICES = {
     "daemon.log_format": ("json", "console"),

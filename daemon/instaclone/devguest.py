@@ -138,6 +138,9 @@ def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
     s1 = ET.SubElement(dev, "serial", type="unix")
     ET.SubElement(s1, "source", mode="bind", path=str(cmd_sock_path(name, workdir)))
     ET.SubElement(s1, "target", port="1")
+    # The guest agent's channel (ic-agent in the guest answers on it).
+    ch = ET.SubElement(dev, "channel", type="unix")
+    ET.SubElement(ch, "target", type="virtio", name="org.qemu.guest_agent.0")
     ET.SubElement(dev, "controller", type="usb", model="none")
     ET.SubElement(dev, "memballoon", model="none")
     ET.indent(dom)

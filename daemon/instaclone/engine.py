@@ -11,6 +11,7 @@ order and the source is always resumed (shielded from cancellation).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import domxml, identity, journal as jr
+from . import customize, domxml, identity, journal as jr
 from .backends import CloneTarget, MemoryBackend, StorageBackend, StunContext
 from .config import Config
 from .errors import (
@@ -101,13 +102,17 @@ class Engine:
         return len(self._tasks)
 
     async def submit(self, *, source: object, name: object, count: object = 1,
-                     keep_network: object = False) -> JobRecord:
+                     keep_network: object = False, customize: object = True,
+                     config: object = None) -> JobRecord:
         """Validate a clone request, persist it as Requested and queue it."""
         if not self.accepting:
             raise InvalidRequest("the daemon is shutting down and accepts no new jobs")
         src = identity.validate_name(source, what="source name")
         if not isinstance(keep_network, bool):
             raise InvalidRequest("keep_network must be true or false")
+        if not isinstance(customize, bool):
+            raise InvalidRequest("customize must be true or false")
+        config = _validate_guest_config(config)
         if isinstance(count, bool) or not isinstance(count, int):
             raise InvalidRequest("count must be an integer")
         if not 1 <= count <= self.config.clone.max_count:
@@ -128,6 +133,8 @@ class Engine:
                 "storage_backend": self.storage.name,
                 "memory_backend": memory.name,
                 "keep_network": keep_network,
+                "customize": customize,
+                "config": config,
             }
             job = await self.journal.create_job(identity.new_job_id(), src, spec)
         self._emit(job, job.history.entries[-1])
@@ -538,6 +545,9 @@ class Engine:
         slots = asyncio.Semaphore(CLONE_START_PARALLEL)
 
         keep_network = bool(run.job.spec.get("keep_network"))
+        customizing = bool(run.job.spec.get("customize", True)) and customize.has_agent(ctx.source.xml)
+        why_not = ("not requested" if not run.job.spec.get("customize", True)
+                   else f"the source has no guest agent channel ({customize.AGENT_CHANNEL})")
 
         async def start(clone: CloneTarget) -> None:
             async with slots:
@@ -550,7 +560,23 @@ class Engine:
                         await self.virt.set_link(clone.name, mac, up=False)
                 await self.virt.resume(clone.name)
                 for mac in clone.macs:
-                    await self.virt.replug_interface(clone.name, mac, link_up=True)
+                    await self.virt.replug_interface(clone.name, mac, link_up=not customizing)
+                if customizing:
+                    timeout = self.config.clone.customize_timeout_s
+                    try:
+                        clone.identity = await customize.customize(
+                            self.virt, clone.name, hostname=clone.name,
+                            config=run.job.spec.get("config") or {}, timeout_s=timeout)
+                        for mac in clone.macs:
+                            await self.virt.set_link(clone.name, mac, up=True)
+                        clone.identity["interfaces"] = await customize.renew_network(
+                            self.virt, clone.name, timeout_s=timeout)
+                    except InstacloneError as exc:
+                        raise customize.CustomizationFailed(
+                            f"customization of clone {clone.name!r} failed; the clone was removed: "
+                            f"{exc.message}") from exc
+                else:
+                    clone.identity = {"customized": False, "reason": why_not}
                 # The persistent definition must not keep the one-shot
                 # "-incoming defer" or the image link: a later plain start
                 # must cold-boot.
@@ -570,6 +596,7 @@ class Engine:
                 with suppress(InstacloneError):
                     depth[tgt] = await self.storage.chain_depth(path=path)
             out.append({
+                "identity": c.identity,
                 "name": c.name,
                 "uuid": c.uuid,
                 "state": info.state,
@@ -656,6 +683,21 @@ def _make_dir(path: Path, owner: tuple[int, int] | None) -> None:
     path.mkdir(parents=True, exist_ok=False)
     if owner is not None and owner != (0, 0):
         os.chown(path, *owner)
+
+
+MAX_GUEST_CONFIG_BYTES = 16 * 1024
+
+
+def _validate_guest_config(config: object) -> dict[str, str]:
+    """Key/value data for the guest (like VMware's InstantCloneSpec config)."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in config.items()):
+        raise InvalidRequest("config must be an object of string keys and string values")
+    if len(json.dumps(config)) > MAX_GUEST_CONFIG_BYTES:
+        raise InvalidRequest(f"config is larger than {MAX_GUEST_CONFIG_BYTES} bytes")
+    return dict(config)
 
 
 async def _no_record(kind: str, ref: str, *, clone: str | None = None) -> int:

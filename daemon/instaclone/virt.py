@@ -14,6 +14,7 @@ denies spawning processes).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import threading
@@ -341,6 +342,43 @@ class Hypervisor:
         await self._call(
             f"disk snapshot of {name!r}", lambda: self._dom(name).snapshotCreateXML(xml, flags)
         )
+
+    # -- guest agent ----------------------------------------------------------------
+
+    async def agent(self, name: str, command: str, arguments: dict[str, Any] | None = None,
+                    *, timeout_s: int = 10) -> Any:
+        """Run one QEMU guest agent command through libvirt; returns its "return" value."""
+
+        def do() -> Any:
+            cmd: dict[str, Any] = {"execute": command}
+            if arguments is not None:
+                cmd["arguments"] = arguments
+            reply = json.loads(libvirt_qemu.qemuAgentCommand(self._dom(name), json.dumps(cmd), timeout_s, 0))
+            if "error" in reply:
+                raise VirtError(f"guest agent {command}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+
+        return await self._call(f"guest agent {command} in {name!r}", do)
+
+    async def agent_exec(self, name: str, argv: list[str], *, stdin: bytes = b"",
+                         timeout_s: float = 30.0) -> tuple[int, str]:
+        """Run ``argv`` in the guest (guest-exec); returns (exit status, stdout+stderr)."""
+        args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
+        if stdin:
+            args["input-data"] = base64.b64encode(stdin).decode()
+        pid = (await self.agent(name, "guest-exec", args))["pid"]
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        delay = 0.02
+        while True:
+            st = await self.agent(name, "guest-exec-status", {"pid": pid})
+            if st.get("exited"):
+                out = base64.b64decode(st.get("out-data", "")) + base64.b64decode(st.get("err-data", ""))
+                return int(st.get("exitcode", -1)), out.decode(errors="replace")
+            if loop.time() > end:
+                raise VirtTimeout(f"{argv[0]} in {name!r} did not finish within {timeout_s:g} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     # -- network interfaces ---------------------------------------------------------
 
