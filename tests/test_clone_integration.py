@@ -187,3 +187,22 @@ async def test_cli_clone_count_and_errors(world):
         r = await asyncio.to_thread(run, "destroy", n)
         assert r.returncode == 0, r.stderr
     assert await virt.state("ic-src2") == "running"
+
+
+async def test_frozen_source_with_saverestore(world):
+    """A source without shared file RAM can be frozen too: its saved state serves every job."""
+    scratch, virt, daemon, config = world
+    src = await boot_source(virt, scratch, "ic-frz")
+    async with Api(config.daemon.socket) as api:
+        status, body = await api.call("POST", "/v1/sources/ic-frz/freeze")
+        assert status == 200 and body["frozen"]["backend"] == "saverestore", body
+        boot, _ = devguest.read_counter(src.serial_log)
+        for name in ("ic-frz-a", "ic-frz-b"):
+            status, body = await api.call("POST", "/v1/jobs?wait=180", {"source": "ic-frz", "name": name})
+            assert body["job"]["state"] == "Unstunned", body
+            b, _ = await devguest.wait_counter(clone_log(config, name), above=0, timeout=30)
+            assert b == boot
+        status, body = await api.call("POST", "/v1/sources/ic-frz/unfreeze")
+        assert status == 200 and body["unfrozen"]["clones"] == 2
+    assert await virt.state("ic-frz") == "running"
+    assert not (config.daemon.state_dir / "frozen" / "ic-frz").exists()

@@ -332,3 +332,29 @@ async def test_bad_guest_config_is_refused(env, config):
     engine, _, journal, _ = env
     with pytest.raises(InvalidRequest, match="config"):
         await engine.submit(source="src", name="c1", config=config)
+
+
+async def test_recovery_undoes_a_freeze_cut_short(env):
+    engine, virt, journal, c = env
+    await journal.add_frozen("src", paused_by_us=True, backend="saverestore")
+    await virt.suspend("src")
+    (c.daemon.state_dir / "frozen" / "src").mkdir(parents=True)
+    await engine.recover()
+    assert virt.domains["src"].state == "running"
+    assert await journal.frozen() == {}
+    assert not (c.daemon.state_dir / "frozen" / "src").exists()
+
+
+async def test_freeze_clone_unfreeze_with_fakes(env):
+    engine, virt, journal, _ = env
+    entry = await engine.freeze("src")
+    assert entry["status"] == "frozen" and virt.domains["src"].state == "paused"
+    job = await run_job(engine, journal, name="f1")
+    assert job.state is State.UNSTUNNED and State.STUNNED not in [e.state for e in job.history.entries]
+    assert virt.domains["src"].state == "paused"
+    snapshots_before = [m for m, n in virt.calls if m == "snapshot_disks"]
+    await engine.unfreeze("src")
+    assert virt.domains["src"].state == "running"
+    # the source got a new delta before it ran again (its clone is backed by the old top)
+    assert len([m for m, n in virt.calls if m == "snapshot_disks"]) == len(snapshots_before) + 1
+    assert await journal.frozen() == {}

@@ -284,6 +284,13 @@ class Engine:
         if ctx is not None and isinstance(ctx.memory, dict):
             with suppress(Exception):
                 await memory.release(ctx=ctx)
+        else:
+            # After a crash the image handle is lost, but its place is known:
+            # <RAM dir of the source>/instaclone/frozen-<source>.
+            with suppress(Exception):
+                found = await self.virt.ram_file(src)
+                if found is not None:
+                    await _rmtree(found[0].parent.parent / "instaclone" / f"frozen-{src}")
         await _rmtree(self._frozen_dir(src))
         await self.journal.remove_frozen(src)
 

@@ -38,11 +38,13 @@ class SaveRestoreMemory(MemoryBackend):
         return ["-incoming", "defer"]
 
     async def start_clone(self, *, ctx: StunContext, clone: CloneTarget) -> None:
+        # The image may be a frozen source's, made by an earlier job: use its path.
         await self.virt.start(clone.name, paused=True)
         await self.virt.load_state(
-            clone.name, self._state_path(ctx), ignore_shared=False,
+            clone.name, Path(ctx.memory["path"]), ignore_shared=False,
             timeout_s=self.config.clone.step_timeout_s,
         )
 
     async def release(self, *, ctx: StunContext) -> None:
-        await asyncio.to_thread(self._state_path(ctx).unlink, missing_ok=True)
+        path = Path(ctx.memory["path"]) if isinstance(ctx.memory, dict) else self._state_path(ctx)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
