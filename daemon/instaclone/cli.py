@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 
@@ -87,6 +87,19 @@ def _kv(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _hms(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def _listing(out_json: bool, rows: list[dict[str, Any]], header: list[str],
+             row: Callable[[dict[str, Any]], list[str]]) -> None:
+    """A list from the API: JSON as is, or a table of ``row(item)`` under ``header``."""
+    if out_json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        _table([row(r) for r in rows], header)
+
+
 def _table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
@@ -121,20 +134,14 @@ async def run(args: argparse.Namespace) -> int:
             emit(job) if out_json else _print_job(job)
             return 0
         jobs = (await _request(sock, "GET", "/v1/jobs"))["jobs"]
-        if out_json:
-            emit(jobs)
-        else:
-            _table([[j["id"], j["source"], ",".join(j["spec"].get("names", [])), j["state"],
-                     time.strftime("%H:%M:%S", time.localtime(j["created_at"]))] for j in jobs],
-                   ["JOB", "SOURCE", "CLONES", "STATE", "CREATED"])
+        _listing(out_json, jobs, ["JOB", "SOURCE", "CLONES", "STATE", "CREATED"],
+                 lambda j: [j["id"], j["source"], ",".join(j["spec"].get("names", [])), j["state"],
+                            _hms(j["created_at"])])
         return 0
     if args.cmd == "clones":
         clones = (await _request(sock, "GET", "/v1/clones"))["clones"]
-        if out_json:
-            emit(clones)
-        else:
-            _table([[c["name"], c["source"], c["state"], c["uuid"], c["job_id"]] for c in clones],
-                   ["NAME", "SOURCE", "STATE", "UUID", "JOB"])
+        _listing(out_json, clones, ["NAME", "SOURCE", "STATE", "UUID", "JOB"],
+                 lambda c: [c["name"], c["source"], c["state"], c["uuid"], c["job_id"]])
         return 0
     if args.cmd == "destroy":
         data = await _request(sock, "DELETE", f"/v1/clones/{args.name}")
@@ -153,12 +160,8 @@ async def run(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "frozen":
         rows = (await _request(sock, "GET", "/v1/frozen"))["frozen"]
-        if out_json:
-            emit(rows)
-        else:
-            _table([[r["name"], r["status"], r["backend"], str(r["clones"]),
-                     time.strftime("%H:%M:%S", time.localtime(r["since"]))] for r in rows],
-                   ["SOURCE", "STATUS", "MEMORY", "CLONES", "SINCE"])
+        _listing(out_json, rows, ["SOURCE", "STATUS", "MEMORY", "CLONES", "SINCE"],
+                 lambda r: [r["name"], r["status"], r["backend"], str(r["clones"]), _hms(r["since"])])
         return 0
     if args.cmd == "status":
         data = await _request(sock, "GET", "/v1/health")

@@ -126,23 +126,16 @@ def clone_xml(source_xml: str, ident: CloneIdentity) -> str:
     ET.SubElement(metadata, f"{{{IC_NS}}}clone", {"source": ident.source, "job": ident.job_id})
 
     # A clone of a clone inherits its source's one-shot arguments; drop them.
-    root = ET.fromstring(strip_incoming(ET.tostring(root, encoding="unicode")))
-    cmdline = root.find(f"{{{QEMU_NS}}}commandline")
-    if ident.extra_qemu_args:
-        if cmdline is None:
-            cmdline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
-        for arg in ident.extra_qemu_args:
-            ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", {"value": arg})
-
+    _remove_incoming(root)
+    _add_qemu_args(root, ident.extra_qemu_args)
     return ET.tostring(root, encoding="unicode")
 
 
-def strip_incoming(xml: str) -> str:
-    """``xml`` without a ``-incoming <uri>`` pair in its QEMU command line."""
-    root = ET.fromstring(xml)
+def _remove_incoming(root: ET.Element) -> None:
+    """Drop a ``-incoming <uri>`` pair from the domain's QEMU command line."""
     cmdline = root.find(f"{{{QEMU_NS}}}commandline")
     if cmdline is None:
-        return xml
+        return
     args = cmdline.findall(f"{{{QEMU_NS}}}arg")
     for a, b in zip(args, args[1:]):
         if a.get("value") == "-incoming":
@@ -150,6 +143,22 @@ def strip_incoming(xml: str) -> str:
             cmdline.remove(b)
     if not list(cmdline):
         root.remove(cmdline)
+
+
+def _add_qemu_args(root: ET.Element, args: list[str]) -> None:
+    if not args:
+        return
+    cmdline = root.find(f"{{{QEMU_NS}}}commandline")
+    if cmdline is None:
+        cmdline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+    for arg in args:
+        ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", {"value": arg})
+
+
+def strip_incoming(xml: str) -> str:
+    """``xml`` without a ``-incoming <uri>`` pair in its QEMU command line."""
+    root = ET.fromstring(xml)
+    _remove_incoming(root)
     return ET.tostring(root, encoding="unicode")
 
 
@@ -195,16 +204,10 @@ def map_frozen_ram(xml: str, *, ram: Path, ramdir: Path, incoming: bool) -> str:
         mark = ET.SubElement(metadata, f"{{{IC_NS}}}clone")
     mark.set("ram", str(ram))
     mark.set("ramdir", str(ramdir))
-    out = ET.tostring(root, encoding="unicode")
     if incoming:
-        root = ET.fromstring(strip_incoming(out))
-        cmdline = root.find(f"{{{QEMU_NS}}}commandline")
-        if cmdline is None:
-            cmdline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
-        for arg in ("-incoming", "defer"):
-            ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", {"value": arg})
-        out = ET.tostring(root, encoding="unicode")
-    return out
+        _remove_incoming(root)
+        _add_qemu_args(root, ["-incoming", "defer"])
+    return ET.tostring(root, encoding="unicode")
 
 
 def forget_frozen_ram(xml: str) -> str:
@@ -212,7 +215,8 @@ def forget_frozen_ram(xml: str) -> str:
 
     A later cold boot of the domain gets fresh private RAM.
     """
-    root = ET.fromstring(strip_incoming(xml))
+    root = ET.fromstring(xml)
+    _remove_incoming(root)
     mark = root.find(f"./metadata/{{{IC_NS}}}clone")
     if mark is not None:
         for key in ("ram", "ramdir"):

@@ -350,11 +350,8 @@ class Engine:
             except Exception:
                 self.log.exception("listener.failed")
 
-    async def _advance(self, run: _Run, state: State, **kw: Any) -> None:
-        entry = await self.journal.record_state(run.job, state, **kw)
-        self._emit(run.job, entry)
-
     async def _finish(self, job: JobRecord, state: State, **kw: Any) -> None:
+        """Persist a transition, then emit it."""
         entry = await self.journal.record_state(job, state, **kw)
         self._emit(job, entry)
 
@@ -421,7 +418,7 @@ class Engine:
                 run.stunned = True  # set before the call: a failed pause is still resumed
                 await self._step(run, State.STUNNED.value, lambda: self.virt.suspend(job.source))
                 stun_started = time.monotonic()
-                await self._advance(run, State.STUNNED)
+                await self._finish(run.job, State.STUNNED)
             try:
                 async with asyncio.timeout(deadline_s if run.stunned else None) as stun_window:
                     clones = await self._stunned_steps(run, ctx, names, record)
@@ -449,7 +446,7 @@ class Engine:
                 CloneRecord(c.name, c.uuid, job.source, job.id, str(c.dir), time.time()) for c in clones
             ]
             await self.journal.add_clones(job.id, records, run.resources)
-            await self._advance(run, State.UNSTUNNED, result=result)
+            await self._finish(run.job, State.UNSTUNNED, result=result)
             log.info("job.done", clones=names, stun_ms=stun_ms)
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
@@ -478,7 +475,7 @@ class Engine:
                 run, State.SOURCE_DELTA_CREATED.value,
                 lambda: self.storage.create_source_delta(ctx=ctx, record=record),
             )
-        await self._advance(run, State.SOURCE_DELTA_CREATED)
+        await self._finish(run.job, State.SOURCE_DELTA_CREATED)
 
         # CloneDeltaCreated: an empty delta per clone, backed by the top at stun.
         clones = [
@@ -498,7 +495,7 @@ class Engine:
                 clone.disks = await self.storage.create_clone_delta(ctx=ctx, clone=clone, record=record)
 
         await self._step(run, State.CLONE_DELTA_CREATED.value, make_deltas)
-        await self._advance(run, State.CLONE_DELTA_CREATED)
+        await self._finish(run.job, State.CLONE_DELTA_CREATED)
 
         # MemoryLinked: the source's memory and device state at stun. A frozen
         # source's image was made once, at freeze, and is shared by its jobs.
@@ -511,7 +508,7 @@ class Engine:
                 run, State.MEMORY_LINKED.value, lambda: run.memory.capture(ctx=ctx, record=record)
             )
             run.undo.append(("release memory image", lambda: run.memory.release(ctx=ctx)))
-        await self._advance(run, State.MEMORY_LINKED)
+        await self._finish(run.job, State.MEMORY_LINKED)
 
         # Configured: each clone's own domain definition.
         nics = domxml.count_interfaces(ctx.source.xml)
@@ -530,7 +527,7 @@ class Engine:
                 await self.virt.define(xml)
 
         await self._step(run, State.CONFIGURED.value, define_all)
-        await self._advance(run, State.CONFIGURED)
+        await self._finish(run.job, State.CONFIGURED)
         return clones
 
     async def _detach_source(self, run: _Run, ctx: StunContext) -> None:
