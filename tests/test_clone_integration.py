@@ -8,20 +8,25 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from instaclone import devguest
+from instaclone import devguest, events
+from instaclone.config import WebhookEndpoint
 from instaclone.domxml import macs
 from instaclone.virt import Hypervisor
 
 from .conftest import libvirt_ready
+from .receiver import Receiver
 from .vmlib import Api, Scratch, boot_source, make_config, running_daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
                                                           reason=str(libvirt_ready()))]
 
+
+WEBHOOK_SECRET = events.new_secret()
 
 #: Every domain the integration tests create starts with one of these.
 TEST_PREFIXES = ("ic-", "fc-", "fz-", "id-")
@@ -34,12 +39,17 @@ async def world():
     virt = Hypervisor()
     await virt.connect()
     before = set(await virt.list_names())
+    receiver = await Receiver([WEBHOOK_SECRET]).start()
     config = make_config(scratch)
+    config = replace(config, webhooks=replace(config.webhooks, endpoints=(
+        WebhookEndpoint("test", receiver.url, (WEBHOOK_SECRET,)),)))
     daemon = await running_daemon(config)
+    daemon.receiver = receiver  # type: ignore[attr-defined]
     try:
         yield scratch, virt, daemon, config
     finally:
         await daemon.stop()
+        await receiver.stop()
         # Only what this test made (other users' domains may come and go meanwhile).
         for name in set(await virt.list_names()) - before:
             if name.startswith(TEST_PREFIXES):
@@ -141,6 +151,20 @@ async def test_clone_running_guest_end_to_end(world):
     assert not (config.clones_dir / "ic-clone").exists()
     assert await virt.state("ic-src") == "running"
     assert src.disk.exists() and info.disks[0].path.exists()
+
+    # (e) every state change reached the webhook receiver, signed.
+    receiver: Receiver = daemon.receiver
+    want = ["clone.requested", "clone.stunned", "clone.source_delta_created", "clone.clone_delta_created",
+            "clone.memory_linked", "clone.configured", "clone.ready", "clone.destroyed"]
+    for _ in range(100):
+        if len({r.payload["type"] for r in receiver.received}) >= len(want):
+            break
+        await asyncio.sleep(0.1)
+    got = [r.payload for r in receiver.received if r.payload["data"].get("job_id") == job["id"]]
+    assert sorted(p["type"] for p in got) == sorted(want), got
+    assert all(r.verified_by == [0] for r in receiver.received)
+    stunned = next(p for p in got if p["type"] == "clone.stunned")
+    assert stunned["data"]["duration_ms"] == job["durations_ms"]["Stunned"]
 
 
 async def test_cli_clone_count_and_errors(world):

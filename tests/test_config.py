@@ -24,6 +24,18 @@ def test_example_config_is_valid_and_documents_every_key():
         assert f"{key} =" in text, f"storage.qcow2.{key} undocumented"
     for key in c.filecow.__dataclass_fields__:
         assert f"{key} =" in text, f"memory.filecow.{key} undocumented"
+    for key in c.webhooks.__dataclass_fields__:
+        if key != "endpoints":
+            assert f"{key} =" in text, f"webhooks.{key} undocumented"
+    for key in ("name", "url", "secret", "secrets", "events"):
+        assert f"# {key} =" in text or f"# # {key} =" in text, f"webhooks.endpoints[].{key} undocumented"
+    # The commented endpoint example is valid once uncommented (with a real secret).
+    from instaclone import events
+    block = text.split("# [[webhooks.endpoints]]", 1)[1]
+    lines = [ln[2:] for ln in block.splitlines() if ln.startswith("# ") and not ln.startswith("# #")]
+    example = "[[webhooks.endpoints]]\n" + "\n".join(lines).replace("whsec_...", events.new_secret())
+    import tomllib
+    assert config.from_dict(tomllib.loads(example)).webhooks.endpoints[0].name == "ops"
 
 
 @pytest.mark.parametrize("raw,key", [

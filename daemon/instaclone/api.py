@@ -7,18 +7,21 @@ log), never a traceback to the client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
+from contextlib import suppress
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, events, journal as jr
 from .engine import Engine
 from .errors import BodyTooLarge, InstacloneError, InvalidRequest, NotFound
-from .journal import Journal
+from .journal import Event, Journal
 from .log import get as get_logger
+from .webhooks import WebhookSender
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_WAIT_S = 600.0
@@ -27,6 +30,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ENGINE = web.AppKey("engine", Engine)
 JOURNAL = web.AppKey("journal", Journal)
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)
+SUBSCRIBERS = web.AppKey("subscribers", set)
+CLOSING = web.AppKey("closing", asyncio.Event)
 PEER = web.RequestKey("peer", dict)
 
 log = get_logger(component="api")
@@ -175,14 +181,180 @@ async def list_frozen(request: web.Request) -> web.Response:
     return web.json_response({"frozen": list((await request.app[JOURNAL].frozen()).values())})
 
 
+def _int_param(request: web.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise InvalidRequest(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _type_filter(request: web.Request) -> list[str]:
+    types = [t for t in request.query.get("type", "").split(",") if t]
+    for t in types:
+        if not events.valid_pattern(t):
+            raise InvalidRequest(f"type {t!r} matches no event type (types: {', '.join(events.TYPES)})")
+    return types
+
+
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    """Events as NDJSON, one JSON object per line, oldest first.
+
+    ``since=CURSOR`` gives the events after that cursor, else the last
+    ``tail`` (default 100). With ``follow=1`` the answer stays open and new
+    events follow as they are committed. Filters: ``job=ID``, ``type=T[,T...]``
+    (globs such as ``clone.*``).
+    """
+    journal = request.app[JOURNAL]
+    follow = request.query.get("follow", "0").lower() in ("1", "true", "yes")
+    job_id = request.query.get("job") or None
+    types = _type_filter(request)
+    since = _int_param(request, "since", None, 0, 2**62)
+    tail = _int_param(request, "tail", 100, 0, 10_000)
+    wake = asyncio.Event()
+    closing = request.app[CLOSING]
+    # Taken first, so that nothing committed from here on is missed.
+    top = await journal.last_cursor()
+    if since is None:
+        backlog = [e for e in await journal.events(job_id=job_id, types=types, limit=tail or 1) if e.cursor <= top]
+        backlog = backlog if tail else []
+    else:
+        backlog = [e for e in await journal.events(since=since, job_id=job_id, types=types, limit=100_000)
+                   if e.cursor <= top]
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
+    await resp.prepare(request)
+
+    async def write(evs: list[Event]) -> None:
+        if evs:
+            await resp.write(b"".join(json.dumps(e.to_dict(), sort_keys=True).encode() + b"\n" for e in evs))
+
+    await write(backlog)
+    cursor = max(top, since or 0)
+    if follow:
+        request.app[SUBSCRIBERS].add(wake)
+        try:
+            while not closing.is_set() and request.transport is not None and not request.transport.is_closing():
+                wake.clear()
+                top = await journal.last_cursor()
+                if top > cursor:
+                    await write([e for e in await journal.events(since=cursor, job_id=job_id, types=types,
+                                                                 limit=100_000) if e.cursor <= top])
+                    cursor = top
+                    continue
+                waiter = asyncio.ensure_future(wake.wait())
+                stopper = asyncio.ensure_future(closing.wait())
+                try:
+                    await asyncio.wait([waiter, stopper], timeout=15.0, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                    stopper.cancel()
+        except (ConnectionResetError, ConnectionError):
+            pass  # the client went away
+        finally:
+            request.app[SUBSCRIBERS].discard(wake)
+    with suppress(ConnectionError):
+        await resp.write_eof()
+    return resp
+
+
+def _sender(request: web.Request) -> WebhookSender:
+    sender = request.app.get(WEBHOOKS)
+    if sender is None:
+        raise NotFound("webhooks are not enabled in this daemon")
+    return sender
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    return web.json_response({"webhooks": await _sender(request).status()})
+
+
+async def enable_webhook(request: web.Request) -> web.Response:
+    sender = _sender(request)
+    name = request.match_info["name"]
+    if name not in sender.endpoints:
+        raise NotFound(f"no webhook endpoint {name!r} in the config")
+    was = await sender.enable(name)
+    log.info("api.webhook_enabled", webhook=name, was_disabled=was, peer=request.get(PEER))
+    return web.json_response({"webhook": name, "enabled": True, "was_disabled": was})
+
+
+_DELIVERY_STATUSES = (jr.PENDING, jr.DELIVERED, jr.FAILED, jr.DISABLED)
+
+
+def _status_param(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in _DELIVERY_STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(_DELIVERY_STATUSES)}, got {value!r}")
+    return str(value)
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    _sender(request)
+    q = request.query
+    rows = await request.app[JOURNAL].list_deliveries(
+        status=_status_param(q.get("status")), webhook=q.get("webhook"), job_id=q.get("job"),
+        event_id=q.get("event"), limit=_int_param(request, "limit", 100, 1, 10_000) or 100)
+    return web.json_response({"deliveries": [d.to_dict() for d in rows]})
+
+
+async def replay_deliveries(request: web.Request) -> web.Response:
+    """Queue deliveries again: by ``ids``, or by ``status``/``webhook``/``event_id``."""
+    sender = _sender(request)
+    body = await _body(request)
+    allowed = {"ids", "status", "webhook", "event_id"}
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+    ids = body.get("ids")
+    if ids is not None and (not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids) or len(ids) > 10_000):
+        raise InvalidRequest("ids must be a list of delivery ids (integers)")
+    for key in ("webhook", "event_id"):
+        if key in body and not isinstance(body[key], str):
+            raise InvalidRequest(f"{key} must be a string")
+    if not body:
+        raise InvalidRequest("say what to replay: ids, or a filter (status, webhook, event_id)")
+    replayed = await request.app[JOURNAL].replay_deliveries(
+        ids=ids, status=_status_param(body.get("status")), webhook=body.get("webhook"),
+        event_id=body.get("event_id"))
+    if ids and len(replayed) != len(set(ids)):
+        missing = sorted(set(ids) - set(replayed))
+        log.warning("api.replay_unknown_ids", ids=missing)
+    sender.wake()
+    log.info("api.deliveries_replayed", count=len(replayed), peer=request.get(PEER))
+    return web.json_response({"replayed": replayed})
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(OPENAPI)
 
 
-def make_app(engine: Engine, journal: Journal) -> web.Application:
+def make_app(engine: Engine, journal: Journal, webhooks: WebhookSender | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_as_json, peer_credentials], client_max_size=MAX_BODY_BYTES)
     app[ENGINE] = engine
     app[JOURNAL] = journal
+    if webhooks is not None:
+        app[WEBHOOKS] = webhooks
+    subscribers: set[asyncio.Event] = set()
+    app[SUBSCRIBERS] = subscribers
+    app[CLOSING] = asyncio.Event()
+    journal.on_event(lambda _ev: [w.set() for w in subscribers])
+
+    async def on_shutdown(app: web.Application) -> None:
+        app[CLOSING].set()
+
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_get("/v1/events", stream_events)
+    app.router.add_get("/v1/webhooks", list_webhooks)
+    app.router.add_post("/v1/webhooks/{name}/enable", enable_webhook)
+    app.router.add_get("/v1/webhooks/deliveries", list_deliveries)
+    app.router.add_post("/v1/webhooks/deliveries/replay", replay_deliveries)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_post("/v1/jobs", create_job)
@@ -232,6 +404,35 @@ OPENAPI: dict[str, Any] = {
         "/v1/sources/{name}/unfreeze": {"post": {
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "unfrozen"}, "404": _ERR}}},
+        "/v1/events": {"get": {
+            "description": "NDJSON event stream (application/x-ndjson), oldest first",
+            "parameters": [
+                {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
+                {"name": "job", "in": "query", "schema": {"type": "string"}},
+                {"name": "type", "in": "query", "schema": {"type": "string"},
+                 "description": "comma-separated event types or globs"},
+                {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                {"name": "tail", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10000}},
+            ],
+            "responses": {"200": {"description": "events", "content": {"application/x-ndjson": {}}},
+                          "400": _ERR}}},
+        "/v1/webhooks": {"get": {"responses": {"200": {"description": "endpoints and delivery counts"},
+                                               "404": _ERR}}},
+        "/v1/webhooks/{name}/enable": {"post": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "enabled"}, "404": _ERR}}},
+        "/v1/webhooks/deliveries": {"get": {
+            "parameters": [{"name": n, "in": "query", "schema": {"type": "string"}}
+                           for n in ("status", "webhook", "job", "event")]
+            + [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}],
+            "responses": {"200": {"description": "deliveries, newest first"}, "400": _ERR, "404": _ERR}}},
+        "/v1/webhooks/deliveries/replay": {"post": {
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "ids": {"type": "array", "items": {"type": "integer"}},
+                    "status": {"type": "string", "enum": list(_DELIVERY_STATUSES)},
+                    "webhook": {"type": "string"}, "event_id": {"type": "string"}}}}}},
+            "responses": {"200": {"description": "ids queued again"}, "400": _ERR, "404": _ERR}}},
         "/v1/clones/{name}": {"delete": {
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "destroyed"}, "404": _ERR}}},

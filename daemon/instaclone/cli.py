@@ -163,6 +163,10 @@ async def run(args: argparse.Namespace) -> int:
         _listing(out_json, rows, ["SOURCE", "STATUS", "MEMORY", "CLONES", "SINCE"],
                  lambda r: [r["name"], r["status"], r["backend"], str(r["clones"]), _hms(r["since"])])
         return 0
+    if args.cmd == "events":
+        return await _events(sock, args, out_json)
+    if args.cmd == "webhooks":
+        return await _webhooks(sock, args, out_json, emit)
     if args.cmd == "status":
         data = await _request(sock, "GET", "/v1/health")
         if out_json:
@@ -172,6 +176,91 @@ async def run(args: argparse.Namespace) -> int:
                 print(f"{k}: {v}")
         return 0
     raise CliError("no command given", 2)
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    d = e.get("data", {})
+    ts = d.get("at") or 0
+    when = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int((ts % 1) * 1000):03d}"
+    what = d.get("clone") or ",".join(d.get("clones", [])) or d.get("source", "")
+    line = f"{when}  {e['type']:<28} {(d.get('job_id') or '-'):<16}  {what}"
+    if d.get("duration_ms") is not None:
+        line += f"  ({d['duration_ms']:.0f} ms)"
+    if d.get("stun_ms") is not None:
+        line += f"  stun {d['stun_ms']:.0f} ms"
+    if d.get("error"):
+        line += f"  error: {d['error'].get('message')} [{d['error'].get('code')}]"
+    return line
+
+
+async def _events(sock: str, args: argparse.Namespace, out_json: bool) -> int:
+    """Print events; with --follow keep printing them as they happen (until interrupted)."""
+    q: list[str] = [f"tail={args.tail}"]
+    if args.follow:
+        q.append("follow=1")
+    if args.job:
+        q.append(f"job={args.job}")
+    if args.type:
+        q.append("type=" + ",".join(args.type))
+    if args.since is not None:
+        q.append(f"since={args.since}")
+    conn = aiohttp.UnixConnector(path=sock)
+    try:
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=None)) as s:
+            async with s.get(f"http://instaclone/v1/events?{'&'.join(q)}") as resp:
+                if resp.status >= 400:
+                    err = (await resp.json(content_type=None)).get("error", {})
+                    raise CliError(f"{err.get('message')} [{err.get('code')}]")
+                async for raw in resp.content:
+                    if not raw.strip():
+                        continue
+                    if out_json:
+                        print(raw.decode().strip(), flush=True)
+                    else:
+                        print(_event_line(json.loads(raw)), flush=True)
+    except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
+        raise CliError(f"cannot reach instacloned at {sock}: {getattr(exc, 'strerror', None) or exc}", 3) from None
+    except aiohttp.ClientPayloadError:
+        raise CliError("the daemon closed the event stream (stopping?)") from None
+    return 0
+
+
+async def _webhooks(sock: str, args: argparse.Namespace, out_json: bool, emit: Callable[[Any], None]) -> int:
+    if args.webhooks_cmd == "ls":
+        rows = (await _request(sock, "GET", "/v1/webhooks"))["webhooks"]
+        _listing(out_json, rows, ["NAME", "URL", "ENABLED", "EVENTS", "PENDING", "DELIVERED", "FAILED", "DISABLED"],
+                 lambda w: [w["name"], w["url"], "yes" if w["enabled"] else "no (410)", ",".join(w["events"]),
+                            *(str(w["deliveries"].get(k, 0)) for k in ("pending", "delivered", "failed",
+                                                                       "disabled"))])
+        return 0
+    if args.webhooks_cmd == "enable":
+        data = await _request(sock, "POST", f"/v1/webhooks/{args.name}/enable")
+        emit(data) if out_json else print(f"enabled {args.name}" + (
+            "" if data["was_disabled"] else " (it was not disabled)") +
+            "; replay what it missed with: instaclone webhooks deliveries replay --status disabled")
+        return 0
+    if args.deliveries_cmd == "ls":
+        q = [f"limit={args.limit}"] + [f"{k}={v}" for k, v in (("status", args.status), ("webhook", args.webhook),
+                                                              ("job", args.job), ("event", args.event)) if v]
+        rows = (await _request(sock, "GET", "/v1/webhooks/deliveries?" + "&".join(q)))["deliveries"]
+        _listing(out_json, rows, ["ID", "WEBHOOK", "EVENT", "TYPE", "STATUS", "ATTEMPTS", "LAST", "NEXT", "ERROR"],
+                 lambda d: [str(d["id"]), d["webhook"], d["event_id"], d["event_type"], d["status"],
+                            str(d["attempts"]), str(d["last_status"] or "-"),
+                            _hms(d["next_at"]) if d["status"] == "pending" else "-", (d["last_error"] or "")[:60]])
+        return 0
+    body: dict[str, Any] = {}
+    if args.ids:
+        body["ids"] = args.ids
+    for key in ("status", "webhook"):
+        if getattr(args, key):
+            body[key] = getattr(args, key)
+    if args.event:
+        body["event_id"] = args.event
+    if not body:
+        raise CliError("say what to replay: delivery ids, or --status/--webhook/--event", 2)
+    data = await _request(sock, "POST", "/v1/webhooks/deliveries/replay", body)
+    emit(data) if out_json else print(f"queued {len(data['replayed'])} deliveries again")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -209,6 +298,29 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("source")
     sub.add_parser("frozen", help="list frozen sources")
     sub.add_parser("status", help="daemon status")
+    ev = sub.add_parser("events", help="show events (state changes); -f follows new ones")
+    ev.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    ev.add_argument("--job", help="only this job's events")
+    ev.add_argument("--type", action="append", default=[], metavar="TYPE",
+                    help="event type or glob (clone.ready, clone.*); repeatable")
+    ev.add_argument("--since", type=int, metavar="CURSOR", help="events after this cursor (see -o json)")
+    ev.add_argument("--tail", type=int, default=20, help="how many past events to show first (default 20)")
+    wh = sub.add_parser("webhooks", help="webhook endpoints and their deliveries")
+    whsub = wh.add_subparsers(dest="webhooks_cmd", required=True)
+    whsub.add_parser("ls", help="endpoints from the config, with delivery counts")
+    we = whsub.add_parser("enable", help="re-enable an endpoint that answered 410 Gone")
+    we.add_argument("name")
+    dl = whsub.add_parser("deliveries", help="list or replay deliveries")
+    dlsub = dl.add_subparsers(dest="deliveries_cmd", required=True)
+    dls = dlsub.add_parser("ls", help="deliveries, newest first")
+    dlr = dlsub.add_parser("replay", help="send deliveries again (same event id)")
+    dlr.add_argument("ids", nargs="*", type=int, help="delivery ids")
+    for sp in (dls, dlr):
+        sp.add_argument("--status", choices=("pending", "delivered", "failed", "disabled"))
+        sp.add_argument("--webhook", help="endpoint name")
+        sp.add_argument("--event", help="event id")
+    dls.add_argument("--job", help="job id")
+    dls.add_argument("--limit", type=int, default=50)
     return p
 
 

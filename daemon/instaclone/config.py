@@ -6,11 +6,14 @@ key (``clone.stun_deadline_ms: must be an integer between 50 and 600000``).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from . import events
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/instaclone/instaclone.toml")
@@ -62,12 +65,44 @@ class FileCowConfig:
 
 
 @dataclass(frozen=True)
+class WebhookEndpoint:
+    """One ``[[webhooks.endpoints]]`` table."""
+
+    name: str
+    url: str
+    #: ``whsec_<base64>`` secrets; all of them sign each message (rotation).
+    secrets: tuple[str, ...]
+    #: Event types or globs (``clone.*``); ``*`` is every event.
+    events: tuple[str, ...] = ("*",)
+
+    def keys(self) -> list[bytes]:
+        return [events.decode_secret(s) for s in self.secrets]
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    # Per attempt: a receiver slower than this counts as failed and is retried.
+    timeout_s: float = 10.0
+    # Attempts per delivery before it is marked failed (replayable by hand).
+    max_attempts: int = 12
+    # Exponential backoff with jitter: about initial * 2^(attempt-1), capped.
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 600.0
+    # Requests in flight at once, over all endpoints.
+    max_in_flight: int = 8
+    # Events whose deliveries are all settled are pruned after this long.
+    retention_days: float = 7.0
+    endpoints: tuple[WebhookEndpoint, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     clone: CloneConfig = field(default_factory=CloneConfig)
     qcow2: Qcow2Config = field(default_factory=Qcow2Config)
     filecow: FileCowConfig = field(default_factory=FileCowConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
 
     @property
     def delta_dir(self) -> Path:
@@ -88,7 +123,7 @@ class Config:
 
 # Section name in the TOML file -> dataclass field of Config.
 _SECTIONS = {"daemon": "daemon", "libvirt": "libvirt", "clone": "clone", "storage.qcow2": "qcow2",
-             "memory.filecow": "filecow"}
+             "memory.filecow": "filecow", "webhooks": "webhooks"}
 
 # (min, max) for numeric keys.
 _RANGES: dict[str, tuple[float, float]] = {
@@ -99,6 +134,12 @@ _RANGES: dict[str, tuple[float, float]] = {
     "clone.step_timeout_s": (1, 3600),
     "clone.max_count": (1, 1000),
     "clone.customize_timeout_s": (1, 3600),
+    "webhooks.timeout_s": (0.1, 300),
+    "webhooks.max_attempts": (1, 1000),
+    "webhooks.backoff_initial_s": (0.01, 3600),
+    "webhooks.backoff_max_s": (0.01, 86400),
+    "webhooks.max_in_flight": (1, 256),
+    "webhooks.retention_days": (0, 3650),
 }
 _CHOICES = {
     "daemon.log_format": ("json", "console"),
@@ -158,12 +199,85 @@ def from_dict(raw: dict[str, Any]) -> Config:
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in table.items():
+            if attr == "webhooks" and key == "endpoints":
+                values[key] = _endpoints(value)
+                continue
             if key not in known:
                 raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(known)})")
             f = known[key]
             values[key] = _coerce(f"{section}.{key}", value, f.default, str(f.type))
         built[attr] = cls(**values)
     return Config(**built)
+
+
+_ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _endpoints(raw: Any) -> tuple[WebhookEndpoint, ...]:
+    """Validate ``[[webhooks.endpoints]]``; errors name ``webhooks.endpoints[i].key``."""
+    if not isinstance(raw, list):
+        raise ConfigError("webhooks.endpoints: must be an array of tables ([[webhooks.endpoints]])")
+    out: list[WebhookEndpoint] = []
+    for i, table in enumerate(raw):
+        where = f"webhooks.endpoints[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        unknown = sorted(set(table) - {"name", "url", "secret", "secrets", "events"})
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: name, url, secret, secrets, events)")
+        name = table.get("name", f"endpoint{i}")
+        if not isinstance(name, str) or not _ENDPOINT_NAME.match(name):
+            raise ConfigError(f"{where}.name: must be 1-63 letters, digits, '.', '_' or '-', got {name!r}")
+        if any(e.name == name for e in out):
+            raise ConfigError(f"{where}.name: {name!r} is used by another endpoint")
+        url = table.get("url")
+        problem = _url_problem(url)
+        if problem:
+            raise ConfigError(f"{where}.url: {problem}")
+        if "secret" in table and "secrets" in table:
+            raise ConfigError(f"{where}.secrets: give either 'secret' or 'secrets', not both")
+        secrets = table.get("secrets", [table["secret"]] if "secret" in table else None)
+        key = f"{where}.{'secrets' if 'secrets' in table else 'secret'}"
+        if not isinstance(secrets, list) or not secrets or not all(isinstance(s, str) for s in secrets):
+            raise ConfigError(f"{key}: required: a 'whsec_...' secret, or a list of them while rotating")
+        for s in secrets:
+            try:
+                events.decode_secret(s)
+            except ValueError as exc:
+                raise ConfigError(f"{key}: secret {exc}") from None
+        filters = table.get("events", ["*"])
+        if not isinstance(filters, list) or not filters or not all(isinstance(f, str) for f in filters):
+            raise ConfigError(f"{where}.events: must be a non-empty list of event types or globs")
+        for f in filters:
+            if not events.valid_pattern(f):
+                raise ConfigError(f"{where}.events: {f!r} matches no event type "
+                                  f"(types: {', '.join(events.TYPES)})")
+        out.append(WebhookEndpoint(name, url, tuple(secrets), tuple(filters)))
+    return tuple(out)
+
+
+def _url_problem(url: Any) -> str | None:
+    """Why ``url`` cannot be a webhook target, or None."""
+    if not isinstance(url, str) or not url:
+        return "required: an http:// or https:// URL"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"{url!r} is not a valid URL: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return f"must be an http:// or https:// URL, got {url!r}"
+    if not parts.hostname:
+        return f"has no host: {url!r}"
+    if parts.username or parts.password:
+        return "must not carry credentials (the signature authenticates the daemon)"
+    if parts.fragment:
+        return f"must not have a #fragment: {url!r}"
+    if port == 0:
+        return f"port 0 is not a valid port: {url!r}"
+    if any(c.isspace() or ord(c) < 0x20 for c in url):
+        return f"contains whitespace or control characters: {url!r}"
+    return None
 
 
 def load(path: Path | None) -> Config:

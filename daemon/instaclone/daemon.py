@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .engine import Engine
 from .errors import ConfigError, InstacloneError
 from .journal import Journal
 from .virt import Hypervisor
+from .webhooks import WebhookSender
 
 SHUTDOWN_GRACE_S = 30.0
 
@@ -33,6 +35,8 @@ class Daemon:
         self.journal = Journal(config.journal_path)
         self.virt = Hypervisor(config.libvirt.uri, threads=config.libvirt.threads)
         self.engine: Engine | None = None
+        self.webhooks: WebhookSender | None = None
+        self._sender_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -53,10 +57,13 @@ class Daemon:
         for m in memories:
             await m.check()
         self.engine = Engine(config=c, journal=self.journal, virt=self.virt, storage=storage, memory=memories)
+        # Routes events to endpoints from here on, recovery's own events included.
+        self.webhooks = WebhookSender(c.webhooks, self.journal, gate=self.engine.outside_stun)
         recovered = await self.engine.recover()
         if recovered:
             self.log.info("daemon.recovered", jobs=recovered)
-        app = make_app(self.engine, self.journal)
+        self._sender_task = asyncio.get_running_loop().create_task(self._send_webhooks(), name="webhooks")
+        app = make_app(self.engine, self.journal, self.webhooks)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         sock_path = c.daemon.socket
@@ -68,12 +75,30 @@ class Daemon:
         self.log.info("daemon.ready", socket=str(sock_path), state_dir=str(c.daemon.state_dir),
                       storage=storage.name, memory=[m.name for m in memories], libvirt=c.libvirt.uri)
 
+    async def _send_webhooks(self) -> None:
+        """Run the webhook sender; restart it if it ever fails (deliveries stay queued)."""
+        assert self.webhooks is not None
+        while True:
+            try:
+                await self.webhooks.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("webhooks.sender_failed")
+                await asyncio.sleep(1.0)
+
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         if self.engine is not None:
             await self.engine.shutdown(grace_s)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._sender_task is not None:
+            # Undelivered events stay in the outbox and go out after the next start.
+            self._sender_task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._sender_task
+            self._sender_task = None
         await self.virt.close()
         await self.journal.close()
         self.log.info("daemon.stopped")

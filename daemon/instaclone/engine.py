@@ -42,7 +42,6 @@ from .log import get as get_logger
 from .states import State, StateEntry
 from .virt import DomainInfo, Hypervisor
 
-EventListener = Callable[[dict[str, Any]], None]
 Undo = Callable[[], Awaitable[None]]
 
 #: Clones of one job started at once.
@@ -88,14 +87,28 @@ class Engine:
         self._slots = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
         self._submit_lock = asyncio.Lock()
         self._done: dict[str, asyncio.Event] = {}
-        self._listeners: list[EventListener] = []
+        #: Set while no source is stunned by a job: webhooks are sent only then.
+        self.no_stun = asyncio.Event()
+        self.no_stun.set()
+        self._stunned: set[str] = set()
         self.step_hook: StepHook | None = None
         self.accepting = True
 
     # -- public API -------------------------------------------------------------------
 
-    def add_listener(self, fn: EventListener) -> None:
-        self._listeners.append(fn)
+    async def outside_stun(self) -> None:
+        """Return once no job holds a source stunned."""
+        await self.no_stun.wait()
+
+    def _stun_window(self, job_id: str, open_: bool) -> None:
+        if open_:
+            self._stunned.add(job_id)
+        else:
+            self._stunned.discard(job_id)
+        if self._stunned:
+            self.no_stun.clear()
+        else:
+            self.no_stun.set()
 
     @property
     def active_jobs(self) -> int:
@@ -182,7 +195,7 @@ class Engine:
         clone_dir = Path(rec.dir)
         if clone_dir.parent == self.config.clones_dir:  # never outside our directory
             await asyncio.to_thread(shutil.rmtree, clone_dir, True)
-        await self.journal.remove_clone(name)
+        await self.journal.remove_clone(rec)
         self.log.info("clone.destroyed", clone=name, source=rec.source)
         return rec
 
@@ -241,11 +254,11 @@ class Engine:
                     await self.virt.suspend(src)
                 await asyncio.to_thread(ctx.job_dir.mkdir, parents=True, exist_ok=True)
                 ctx.memory = await memory.capture(ctx=ctx, record=_no_record)
-                await self.journal.set_frozen_image(src, ctx.memory)
+                ms = round((time.monotonic() - t0) * 1000.0, 3)
+                await self.journal.set_frozen_image(src, ctx.memory, freeze_ms=ms)
             except BaseException:
                 await asyncio.shield(self._undo_freeze(src, paused_by_us, memory, ctx))
                 raise
-            ms = round((time.monotonic() - t0) * 1000.0, 3)
         self.log.info("source.frozen", source=src, memory=memory.name, ms=ms)
         return {**(await self.journal.frozen())[src], "freeze_ms": ms}
 
@@ -269,7 +282,7 @@ class Engine:
                 await memory.release(ctx=StunContext(f"frozen-{src}", info, self._frozen_dir(src),
                                                      memory=entry["image"]))
             await _rmtree(self._frozen_dir(src))
-            await self.journal.remove_frozen(src)
+            await self.journal.remove_frozen(src, clones=entry["clones"])
         self.log.info("source.unfrozen", source=src, clones=entry["clones"])
         return entry
 
@@ -344,11 +357,6 @@ class Engine:
                         error=job.error)
         else:
             log.info("job.transition", state=entry.state.value, duration_ms=event["duration_ms"])
-        for fn in self._listeners:
-            try:
-                fn(event)
-            except Exception:
-                self.log.exception("listener.failed")
 
     async def _finish(self, job: JobRecord, state: State, **kw: Any) -> None:
         """Persist a transition, then emit it."""
@@ -416,6 +424,7 @@ class Engine:
             if info.state == "running":
                 await record(jr.STUN, job.source)
                 run.stunned = True  # set before the call: a failed pause is still resumed
+                self._stun_window(job.id, True)
                 await self._step(run, State.STUNNED.value, lambda: self.virt.suspend(job.source))
                 stun_started = time.monotonic()
                 await self._finish(run.job, State.STUNNED)
@@ -433,6 +442,7 @@ class Engine:
             stun_ms = None
             was_stunned = run.stunned
             await self._detach_source(run, ctx)
+            self._stun_window(job.id, False)
             if was_stunned:
                 stun_ms = round((time.monotonic() - stun_started) * 1000.0, 3)
             await self._step(run, State.UNSTUNNED.value, lambda: self._start_clones(run, ctx, clones))
@@ -456,6 +466,8 @@ class Engine:
                 leftovers = await asyncio.shield(rollback)
             except asyncio.CancelledError:
                 leftovers = await rollback
+            finally:
+                self._stun_window(job.id, False)
             await asyncio.shield(self._fail(job, err, leftovers))
             if cancelled or not isinstance(exc, Exception):
                 raise

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from . import events
 from .states import State, StateEntry, StateHistory
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,11 +74,49 @@ CREATE TABLE IF NOT EXISTS clones (
 );
 """
 
+# Version 2: the event outbox. An event row and its delivery rows are written
+# in the same transaction as the change they describe.
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS events (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    job_id TEXT,
+    at REAL NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_cursor INTEGER NOT NULL REFERENCES events(cursor) ON DELETE CASCADE,
+    webhook TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    UNIQUE (event_cursor, webhook)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, next_at);
+CREATE TABLE IF NOT EXISTS webhooks (
+    name TEXT PRIMARY KEY,
+    disabled_at REAL,
+    reason TEXT
+);
+"""
+
 #: Resource kinds recorded in the journal.
 FILE = "file"  # a file or directory the job creates; removed on rollback
 DOMAIN = "domain"  # a libvirt domain (by name) the job defines; undefined on rollback
 STUN = "stun"  # the source was paused by this job; resumed on rollback/recovery
 SOURCE_DELTA = "source_delta"  # the source's new top; kept (the source writes to it)
+
+#: Delivery statuses.
+PENDING = "pending"  # to be sent (again) at next_at
+DELIVERED = "delivered"  # the receiver answered 2xx
+FAILED = "failed"  # gave up after max_attempts; replayable
+DISABLED = "disabled"  # the endpoint answered 410 Gone; replayable once re-enabled
 
 #: Resource statuses.
 PLANNED = "planned"  # recorded, creation may or may not have happened
@@ -139,6 +178,50 @@ class CloneRecord:
         return dict(self.__dict__)
 
 
+@dataclass
+class Event:
+    cursor: int
+    id: str
+    type: str
+    job_id: str | None
+    at: float
+    body: str  # the exact JSON bytes that are signed and sent
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as the event stream shows it: the webhook body plus id and cursor."""
+        return {"id": self.id, "cursor": self.cursor, **json.loads(self.body)}
+
+
+@dataclass
+class Delivery:
+    id: int
+    event_cursor: int
+    event_id: str
+    event_type: str
+    job_id: str | None
+    webhook: str
+    status: str
+    attempts: int
+    next_at: float
+    last_status: int | None
+    last_error: str | None
+    updated_at: float
+    body: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.pop("body")
+        return d
+
+
+#: Routes an event type to the names of the webhook endpoints that want it.
+Router = Callable[[str], list[str]]
+EventListener = Callable[[Event], None]
+
+_DELIVERY_COLS = ("d.id, d.event_cursor, e.id, e.type, e.job_id, d.webhook, d.status, d.attempts, d.next_at, "
+                  "d.last_status, d.last_error, d.updated_at")
+
+
 class Journal:
     """Async facade over one SQLite database; every call runs on its own thread."""
 
@@ -146,6 +229,43 @@ class Journal:
         self.path = path
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._db: sqlite3.Connection | None = None
+        self._router: Router = lambda _type: []
+        self._listeners: list[EventListener] = []
+
+    def set_router(self, router: Router) -> None:
+        """Decide which webhook endpoints get a delivery row for each new event."""
+        self._router = router
+
+    def on_event(self, fn: EventListener) -> None:
+        """Call ``fn(event)`` on the event loop after each event is committed."""
+        self._listeners.append(fn)
+
+    def _announce(self, new: list[Event]) -> None:
+        for ev in new:
+            for fn in self._listeners:
+                try:
+                    fn(ev)
+                except Exception:  # a listener's bug must not fail the state change
+                    import logging
+
+                    logging.getLogger("instaclone").exception("event listener failed")
+
+    def _insert_event(self, db: sqlite3.Connection, event_type: str, job_id: str | None, at: float,
+                      data: dict[str, Any], routes: list[str]) -> Event:
+        """Write one event and its deliveries, inside the caller's transaction."""
+        eid = events.new_id()
+        body = events.body_bytes(events.envelope(event_type, at, data)).decode()
+        cur = db.execute("INSERT INTO events(id, type, job_id, at, body) VALUES (?,?,?,?,?)",
+                         (eid, event_type, job_id, at, body))
+        cursor = int(cur.lastrowid or 0)
+        # An endpoint that answered 410 gets its deliveries parked as "disabled":
+        # not sent, but there to replay once the endpoint is enabled again.
+        disabled = {r[0] for r in db.execute("SELECT name FROM webhooks WHERE disabled_at IS NOT NULL")}
+        db.executemany(
+            "INSERT INTO deliveries(event_cursor, webhook, status, next_at, updated_at) VALUES (?,?,?,?,?)",
+            [(cursor, name, DISABLED if name in disabled else PENDING, at, at) for name in routes],
+        )
+        return Event(cursor, eid, event_type, job_id, at, body)
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -178,6 +298,11 @@ class Journal:
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if int(row[0]) <= SCHEMA_VERSION:
+                # Every migration only adds tables: apply them all, idempotently.
+                db.executescript(_SCHEMA_V2)
+                db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+                row = (str(SCHEMA_VERSION),)
             if int(row[0]) != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {self.path} has schema {row[0]}, this daemon knows {SCHEMA_VERSION}")
             db.isolation_level = "IMMEDIATE"
@@ -210,9 +335,16 @@ class Journal:
                 (job_id, State.REQUESTED.value, now),
             )
             history = StateHistory([StateEntry(State.REQUESTED, now)])
-            return JobRecord(job_id, seq, source, spec, history, created_at=now, updated_at=now)
+            job = JobRecord(job_id, seq, source, spec, history, created_at=now, updated_at=now)
+            etype, data = events.job_event(job, State.REQUESTED, now)
+            new.append(self._insert_event(db, etype, job_id, now, data, routes(etype)))
+            return job
 
-        return await self._run(do)
+        new: list[Event] = []
+        routes = self._router
+        job = await self._run(do)
+        self._announce(new)
+        return job
 
     async def record_state(
         self,
@@ -230,11 +362,17 @@ class Journal:
         if result is not None:
             job.result = result
 
+        etype, data = events.job_event(job, state, entry.at)
+        routes = self._router(etype)
+        new: list[Event] = []
+
         def do(db: sqlite3.Connection) -> None:
+            new.clear()
             db.execute(
                 "INSERT INTO job_states(job_id, n, state, at) VALUES (?,?,?,?)",
                 (job.id, n, state.value, entry.at),
             )
+            new.append(self._insert_event(db, etype, job.id, entry.at, data, routes))
             db.execute(
                 "UPDATE jobs SET state=?, error=?, result=?, updated_at=? WHERE id=?",
                 (
@@ -252,6 +390,7 @@ class Journal:
             job.history.entries.pop()
             raise
         job.updated_at = entry.at
+        self._announce(new)
         return entry
 
     @staticmethod
@@ -360,11 +499,18 @@ class Journal:
 
         return await self._run(do)
 
-    async def remove_clone(self, name: str) -> None:
-        def do(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM clones WHERE name=?", (name,))
+    async def remove_clone(self, rec: CloneRecord) -> None:
+        """Forget a destroyed clone; emits ``clone.destroyed``."""
+        now = time.time()
+        etype = events.CLONE_DESTROYED
+        routes = self._router(etype)
+        data = {"clone": rec.name, "uuid": rec.uuid, "source": rec.source, "job_id": rec.job_id, "at": now}
 
-        await self._run(do)
+        def do(db: sqlite3.Connection) -> Event:
+            db.execute("DELETE FROM clones WHERE name=?", (rec.name,))
+            return self._insert_event(db, etype, rec.job_id, now, data, routes)
+
+        self._announce([await self._run(do)])
 
     async def names_in_use(self) -> set[str]:
         """Clone names registered or claimed by an unfinished job."""
@@ -393,17 +539,35 @@ class Journal:
 
         await self._run(do)
 
-    async def set_frozen_image(self, name: str, image: dict[str, Any]) -> None:
-        def do(db: sqlite3.Connection) -> None:
+    async def set_frozen_image(self, name: str, image: dict[str, Any], *, freeze_ms: float) -> None:
+        """The freeze is complete; emits ``source.frozen``."""
+        now = time.time()
+        etype = events.SOURCE_FROZEN
+        routes = self._router(etype)
+
+        def do(db: sqlite3.Connection) -> Event:
             db.execute("UPDATE frozen SET status='frozen', image=? WHERE name=?", (json.dumps(image), name))
+            return self._insert_event(db, etype, None, now,
+                                      {"source": name, "at": now, "freeze_ms": freeze_ms}, routes)
 
-        await self._run(do)
+        self._announce([await self._run(do)])
 
-    async def remove_frozen(self, name: str) -> None:
-        def do(db: sqlite3.Connection) -> None:
+    async def remove_frozen(self, name: str, *, clones: int | None = None) -> None:
+        """Forget a frozen source; with ``clones`` (an unfreeze) emits ``source.unfrozen``."""
+        now = time.time()
+        etype = events.SOURCE_UNFROZEN
+        routes = self._router(etype)
+
+        def do(db: sqlite3.Connection) -> Event | None:
             db.execute("DELETE FROM frozen WHERE name=?", (name,))
+            if clones is None:
+                return None  # a freeze rolled back: it never happened for the outside world
+            return self._insert_event(db, etype, None, now, {"source": name, "at": now, "clones": clones},
+                                      routes)
 
-        await self._run(do)
+        ev = await self._run(do)
+        if ev is not None:
+            self._announce([ev])
 
     async def frozen(self) -> dict[str, dict[str, Any]]:
         def do(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
@@ -423,3 +587,182 @@ class Journal:
             db.execute("UPDATE frozen SET clones = clones + ? WHERE name=?", (n, name))
 
         await self._run(do)
+
+    # -- events and webhook deliveries --------------------------------------------------
+
+    async def events(self, *, since: int | None = None, job_id: str | None = None,
+                     types: list[str] | None = None, limit: int = 1000) -> list[Event]:
+        """Events in cursor order: after ``since``, or else the last ``limit`` that match."""
+
+        def do(db: sqlite3.Connection) -> list[Event]:
+            where, args = ["1=1"], []
+            if since is not None:
+                where.append("cursor > ?")
+                args.append(since)
+            if job_id is not None:
+                where.append("job_id = ?")
+                args.append(job_id)
+            order = "ASC" if since is not None else "DESC"
+            rows = db.execute(
+                f"SELECT cursor, id, type, job_id, at, body FROM events WHERE {' AND '.join(where)} "
+                f"ORDER BY cursor {order}", args,
+            )
+            out = []
+            for r in rows:
+                if types and not events.matches(r[2], types):
+                    continue
+                out.append(Event(*r))
+                if len(out) >= limit:
+                    break
+            return out if since is not None else out[::-1]
+
+        return await self._run(do)
+
+    async def last_cursor(self) -> int:
+        return await self._run(lambda db: int(db.execute("SELECT COALESCE(MAX(cursor), 0) FROM events")
+                                              .fetchone()[0]))
+
+    async def due_deliveries(self, now: float, webhooks: list[str], *, exclude: set[int],
+                             limit: int) -> list[Delivery]:
+        """Pending deliveries to ``webhooks`` due by ``now``, oldest first, with their bodies."""
+        if not webhooks or limit <= 0:
+            return []
+
+        def do(db: sqlite3.Connection) -> list[Delivery]:
+            rows = db.execute(
+                f"SELECT {_DELIVERY_COLS}, e.body FROM deliveries d JOIN events e ON e.cursor = d.event_cursor "
+                f"WHERE d.status = ? AND d.next_at <= ? AND d.webhook IN ({','.join('?' * len(webhooks))}) "
+                "ORDER BY d.next_at, d.id LIMIT ?",
+                (PENDING, now, *webhooks, limit + len(exclude)),
+            ).fetchall()
+            return [Delivery(*r) for r in rows if r[0] not in exclude][:limit]
+
+        return await self._run(do)
+
+    async def next_due_at(self, webhooks: list[str], *, exclude: set[int]) -> float | None:
+        """When the next pending delivery (not in ``exclude``) to ``webhooks`` is due."""
+        if not webhooks:
+            return None
+        skip = sorted(exclude)
+
+        def do(db: sqlite3.Connection) -> float | None:
+            row = db.execute(
+                f"SELECT MIN(next_at) FROM deliveries WHERE status = ? "
+                f"AND webhook IN ({','.join('?' * len(webhooks))}) "
+                f"AND id NOT IN ({','.join('?' * len(skip))})", (PENDING, *webhooks, *skip),
+            ).fetchone()
+            return row[0]
+
+        return await self._run(do)
+
+    async def settle_delivery(self, delivery_id: int, *, status: str, attempts: int, next_at: float,
+                              http_status: int | None, error: str | None) -> None:
+        now = time.time()
+
+        def do(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE deliveries SET status=?, attempts=?, next_at=?, last_status=?, last_error=?, updated_at=? "
+                "WHERE id=?", (status, attempts, next_at, http_status, error, now, delivery_id),
+            )
+
+        await self._run(do)
+
+    async def disable_webhook(self, name: str, reason: str) -> int:
+        """Mark an endpoint gone (410): its pending deliveries become ``disabled``; returns how many."""
+        now = time.time()
+
+        def do(db: sqlite3.Connection) -> int:
+            db.execute("INSERT INTO webhooks(name, disabled_at, reason) VALUES (?,?,?) "
+                       "ON CONFLICT(name) DO UPDATE SET disabled_at=excluded.disabled_at, reason=excluded.reason",
+                       (name, now, reason))
+            cur = db.execute("UPDATE deliveries SET status=?, updated_at=? WHERE webhook=? AND status=?",
+                             (DISABLED, now, name, PENDING))
+            return cur.rowcount
+
+        return await self._run(do)
+
+    async def enable_webhook(self, name: str) -> bool:
+        """Re-enable an endpoint; True if it was disabled."""
+
+        def do(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM webhooks WHERE name=? AND disabled_at IS NOT NULL",
+                              (name,)).rowcount > 0
+
+        return await self._run(do)
+
+    async def disabled_webhooks(self) -> dict[str, dict[str, Any]]:
+        def do(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            return {n: {"disabled_at": at, "reason": r} for n, at, r in db.execute(
+                "SELECT name, disabled_at, reason FROM webhooks WHERE disabled_at IS NOT NULL")}
+
+        return await self._run(do)
+
+    async def delivery_counts(self) -> dict[str, dict[str, int]]:
+        """{webhook: {status: count}}."""
+
+        def do(db: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for name, status, n in db.execute("SELECT webhook, status, COUNT(*) FROM deliveries "
+                                              "GROUP BY webhook, status"):
+                out.setdefault(name, {})[status] = n
+            return out
+
+        return await self._run(do)
+
+    async def list_deliveries(self, *, status: str | None = None, webhook: str | None = None,
+                              job_id: str | None = None, event_id: str | None = None,
+                              limit: int = 100) -> list[Delivery]:
+        """Deliveries, newest first."""
+
+        def do(db: sqlite3.Connection) -> list[Delivery]:
+            where, args = ["1=1"], []
+            for col, val in (("d.status", status), ("d.webhook", webhook), ("e.job_id", job_id),
+                             ("e.id", event_id)):
+                if val is not None:
+                    where.append(f"{col} = ?")
+                    args.append(val)
+            rows = db.execute(
+                f"SELECT {_DELIVERY_COLS} FROM deliveries d JOIN events e ON e.cursor = d.event_cursor "
+                f"WHERE {' AND '.join(where)} ORDER BY d.id DESC LIMIT ?", (*args, limit),
+            ).fetchall()
+            return [Delivery(*r) for r in rows]
+
+        return await self._run(do)
+
+    async def replay_deliveries(self, *, ids: list[int] | None = None, status: str | None = None,
+                                webhook: str | None = None, event_id: str | None = None) -> list[int]:
+        """Queue deliveries again, now, with a fresh attempt budget; returns their ids.
+
+        The event keeps its id, so a receiver that already has it sees a
+        duplicate it can drop.
+        """
+        now = time.time()
+
+        def do(db: sqlite3.Connection) -> list[int]:
+            where, args = ["1=1"], []
+            if ids is not None:
+                where.append(f"d.id IN ({','.join('?' * len(ids)) or 'NULL'})")
+                args.extend(ids)
+            for col, val in (("d.status", status), ("d.webhook", webhook), ("e.id", event_id)):
+                if val is not None:
+                    where.append(f"{col} = ?")
+                    args.append(val)
+            chosen = [r[0] for r in db.execute(
+                f"SELECT d.id FROM deliveries d JOIN events e ON e.cursor = d.event_cursor "
+                f"WHERE {' AND '.join(where)}", args)]
+            db.executemany("UPDATE deliveries SET status=?, attempts=0, next_at=?, updated_at=? WHERE id=?",
+                           [(PENDING, now, now, i) for i in chosen])
+            return chosen
+
+        return await self._run(do)
+
+    async def prune_events(self, before: float) -> int:
+        """Delete events older than ``before`` whose deliveries are all settled."""
+
+        def do(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "DELETE FROM events WHERE at < ? AND NOT EXISTS (SELECT 1 FROM deliveries d "
+                "WHERE d.event_cursor = events.cursor AND d.status = ?)", (before, PENDING),
+            ).rowcount
+
+        return await self._run(do)

@@ -1,0 +1,137 @@
+"""Events: what a state change looks like on the wire, and how it is signed.
+
+Pure: no I/O. Every job transition (and every clone destroy, freeze and
+unfreeze) becomes one event, written to the journal's outbox in the same
+transaction as the change itself. The payload follows the Standard Webhooks
+shape ``{"type", "timestamp", "data"}``; the event id travels in the
+``webhook-id`` header and is the same for every attempt, every endpoint and
+every replay, so a receiver deduplicates on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import uuid
+from datetime import datetime, timezone
+from fnmatch import fnmatchcase
+from typing import Any
+
+from .states import State
+
+#: Event type of each job state.
+STATE_TYPES: dict[State, str] = {
+    State.REQUESTED: "clone.requested",
+    State.STUNNED: "clone.stunned",
+    State.SOURCE_DELTA_CREATED: "clone.source_delta_created",
+    State.CLONE_DELTA_CREATED: "clone.clone_delta_created",
+    State.MEMORY_LINKED: "clone.memory_linked",
+    State.CONFIGURED: "clone.configured",
+    State.UNSTUNNED: "clone.ready",
+    State.FAILED: "clone.failed",
+    State.NEEDS_ATTENTION: "clone.needs_attention",
+}
+CLONE_DESTROYED = "clone.destroyed"
+SOURCE_FROZEN = "source.frozen"
+SOURCE_UNFROZEN = "source.unfrozen"
+
+#: Every event type the daemon emits.
+TYPES: tuple[str, ...] = (*STATE_TYPES.values(), CLONE_DESTROYED, SOURCE_FROZEN, SOURCE_UNFROZEN)
+
+SECRET_PREFIX = "whsec_"
+
+
+def new_id() -> str:
+    return f"evt_{uuid.uuid4().hex}"
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def envelope(event_type: str, at: float, data: dict[str, Any]) -> dict[str, Any]:
+    """The body of a webhook: ``{"type", "timestamp", "data"}``."""
+    return {"type": event_type, "timestamp": iso(at), "data": data}
+
+
+def job_event(job: Any, state: State, at: float) -> tuple[str, dict[str, Any]]:
+    """(type, data) of ``job``'s transition to ``state`` (already in its history)."""
+    durations = job.history.durations_ms()
+    data = {
+        "job_id": job.id,
+        "source": job.source,
+        "clones": list(job.spec.get("names", [])),
+        "state": state.value,
+        "sequence": len(job.history.entries),
+        "at": at,
+        "started_at": job.created_at,
+        "duration_ms": durations.get(state.value),
+        "error": job.error if state in (State.FAILED, State.NEEDS_ATTENTION) else None,
+    }
+    if state is State.UNSTUNNED:
+        data["durations_ms"] = durations
+        data["stun_ms"] = (job.result or {}).get("stun_ms")
+    return STATE_TYPES[state], data
+
+
+# -- filters -----------------------------------------------------------------------------
+
+
+def valid_pattern(pattern: str) -> bool:
+    """A filter is an event type, ``*``, or a glob such as ``clone.*``."""
+    return any(fnmatchcase(t, pattern) for t in TYPES)
+
+
+def matches(event_type: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    return any(fnmatchcase(event_type, p) for p in patterns)
+
+
+# -- Standard Webhooks signatures -------------------------------------------------------
+
+
+def decode_secret(secret: str) -> bytes:
+    """The key bytes of a ``whsec_<base64>`` secret; ValueError if malformed."""
+    if not secret.startswith(SECRET_PREFIX):
+        raise ValueError(f"must start with {SECRET_PREFIX!r}")
+    try:
+        key = base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not valid base64 after the whsec_ prefix") from None
+    if len(key) < 16:
+        raise ValueError(f"decodes to {len(key)} bytes; use at least 16 (24 to 64 recommended)")
+    return key
+
+
+def new_secret() -> str:
+    import secrets
+
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def sign(keys: list[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header: one ``v1,<base64 HMAC-SHA256>`` per key.
+
+    Several keys sign at once while a secret is rotated; a receiver accepts
+    the message if any signature verifies with a secret it knows.
+    """
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(k, signed, hashlib.sha256).digest()).decode() for k in keys
+    )
+
+
+def headers(keys: list[bytes], msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(keys, msg_id, timestamp, body),
+        "content-type": "application/json",
+    }
+
+
+def body_bytes(payload: dict[str, Any]) -> bytes:
+    """Canonical bytes of a payload: the exact bytes that are signed and sent."""
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
