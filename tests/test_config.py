@@ -17,7 +17,7 @@ def test_defaults_work():
 def test_example_config_is_valid_and_documents_every_key():
     c = config.load(EXAMPLE)
     text = EXAMPLE.read_text()
-    for section in ("daemon", "libvirt", "clone"):
+    for section in ("daemon", "libvirt", "clone", "access"):
         for key in getattr(c, section).__dataclass_fields__:
             assert f"{key} =" in text or f"# {key} =" in text, f"{section}.{key} undocumented"
     for key in c.qcow2.__dataclass_fields__:

@@ -17,6 +17,7 @@ from instaclone.engine import Engine
 from instaclone.errors import (
     InvalidName,
     InvalidRequest,
+    ShuttingDown,
     NameInUse,
     SourceNotCloneable,
     SourceNotFound,
@@ -297,7 +298,7 @@ async def test_shutdown_mid_job_rolls_back_and_resumes(env):
     assert virt.domains["src"].state == "running"
     assert set(virt.domains) == {"src"}
     assert leftover_files(c) == []
-    with pytest.raises(InvalidRequest, match="shutting down"):
+    with pytest.raises(ShuttingDown, match="shutting down"):
         await engine.submit(source="src", name="c2")
 
 

@@ -8,7 +8,9 @@ log), never a traceback to the client.
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
+import os
 import socket
 import struct
 from contextlib import suppress
@@ -18,9 +20,11 @@ from aiohttp import web
 
 from . import __version__, events, journal as jr
 from .engine import Engine
-from .errors import BodyTooLarge, InstacloneError, InvalidRequest, NotFound
+from .config import AccessConfig
+from .errors import BodyTooLarge, Forbidden, InstacloneError, InvalidRequest, NotFound
 from .journal import Event, Journal
 from .log import get as get_logger
+from .metrics import Metrics
 from .webhooks import WebhookSender
 
 MAX_BODY_BYTES = 64 * 1024
@@ -33,7 +37,7 @@ JOURNAL = web.AppKey("journal", Journal)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 SUBSCRIBERS = web.AppKey("subscribers", set)
 CLOSING = web.AppKey("closing", asyncio.Event)
-PEER = web.RequestKey("peer", dict)
+PEER = web.RequestKey("peer", object)
 
 log = get_logger(component="api")
 
@@ -58,26 +62,99 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return _error(500, "internal_error", "internal error; see the daemon log")
 
 
+class Access:
+    """Who may call what, decided from the caller's SO_PEERCRED credentials.
+
+    root and the daemon's own user may do anything; members of a write group
+    may also mutate (POST, DELETE); members of a read group may read. With no
+    read groups configured, anyone who can open the socket may read: the
+    socket's mode and group are then the read gate.
+    """
+
+    def __init__(self, config: AccessConfig) -> None:
+        self.write_gids = _gids(config.write_groups, "access.write_groups")
+        self.read_gids = _gids(config.read_groups, "access.read_groups")
+        self.open_read = not config.read_groups
+        self.own_uid = os.getuid()
+
+    def allows(self, peer: dict[str, Any] | None, *, write: bool) -> bool:
+        if peer is None:
+            return not write and self.open_read
+        if peer["uid"] in (0, self.own_uid):
+            return True
+        groups = set(peer["groups"])
+        if groups & self.write_gids:
+            return True
+        return not write and (self.open_read or bool(groups & self.read_gids))
+
+
+ACCESS = web.AppKey("access", Access)
+
+
+def _gids(names: tuple[str, ...], key: str) -> set[int]:
+    out = set()
+    for n in names:
+        try:
+            out.add(grp.getgrnam(n).gr_gid)
+        except KeyError:
+            log.warning("access.unknown_group", key=key, group=n)
+    return out
+
+
+def _peer(request: web.Request) -> dict[str, Any] | None:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                             struct.calcsize("3i")))
+    except OSError:
+        return None
+    groups = {gid}
+    try:  # supplementary groups: SO_PEERCRED carries only the primary one
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return {"pid": pid, "uid": uid, "gid": gid, "groups": sorted(groups)}
+
+
+_MUTATING = ("POST", "PUT", "PATCH", "DELETE")
+
+
 @web.middleware
 async def peer_credentials(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Identify the caller by SO_PEERCRED (pid, uid, gid) for the log."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is not None and sock.family == socket.AF_UNIX:
-        try:
-            pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                 struct.calcsize("3i")))
-            request[PEER] = {"pid": pid, "uid": uid, "gid": gid}
-        except OSError:
-            pass
-    return await handler(request)
+    """Identify the caller (SO_PEERCRED), enforce read/write access, log every mutating call."""
+    peer = _peer(request)
+    request[PEER] = peer
+    write = request.method in _MUTATING
+    if not request.app[ACCESS].allows(peer, write=write):
+        who = f"uid {peer['uid']}" if peer else "an unidentified caller"
+        log.warning("api.forbidden", method=request.method, path=request.path, peer=peer)
+        raise Forbidden(f"{who} may not {'change' if write else 'read'} anything here: "
+                        f"{'write' if write else 'read'} access needs root or membership in "
+                        f"access.{'write' if write else 'read'}_groups")
+    response = await handler(request)
+    if write:
+        log.info("api.call", method=request.method, path=request.path, status=response.status, peer=peer)
+    return response
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise BodyTooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip on a body that is not
+        raise InvalidRequest(f"request body could not be decoded: {exc}") from None
     try:
         data = json.loads(raw or b"{}")
+    except RecursionError:
+        raise InvalidRequest("request body is not valid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -98,9 +175,14 @@ def _wait_param(request: web.Request) -> float:
 
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
+    connected = await engine.virt.is_connected()
+    if not connected:  # libvirtd may have restarted: try once to reconnect
+        with suppress(InstacloneError):
+            await engine.virt.connect()
+            connected = await engine.virt.is_connected()
     return web.json_response({
         "version": __version__,
-        "libvirt_connected": await engine.virt.is_connected(),
+        "libvirt_connected": connected,
         "active_jobs": engine.active_jobs,
         "accepting": engine.accepting,
         "storage_backend": engine.storage.name,
@@ -118,11 +200,11 @@ async def create_job(request: web.Request) -> web.Response:
         raise InvalidRequest("fields 'source' and 'name' are required")
     engine = request.app[ENGINE]
     peer = request.get(PEER)
+    wait = _wait_param(request)  # before submit: a refused request must not start a job
     job = await engine.submit(source=body["source"], name=body["name"], count=body.get("count", 1),
                               keep_network=body.get("keep_network", False),
                               customize=body.get("customize", True), config=body.get("config"))
     log.info("api.clone_requested", job_id=job.id, source=job.source, peer=peer)
-    wait = _wait_param(request)
     if wait:
         await engine.wait(job.id, wait)
         job = await request.app[JOURNAL].get_job(job.id) or job
@@ -335,10 +417,14 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(OPENAPI)
 
 
-def make_app(engine: Engine, journal: Journal, webhooks: WebhookSender | None = None) -> web.Application:
+def make_app(engine: Engine, journal: Journal, webhooks: WebhookSender | None = None, *,
+             access: AccessConfig | None = None, metrics: Metrics | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_as_json, peer_credentials], client_max_size=MAX_BODY_BYTES)
     app[ENGINE] = engine
     app[JOURNAL] = journal
+    app[ACCESS] = Access(access if access is not None else engine.config.access)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics.handler())
     if webhooks is not None:
         app[WEBHOOKS] = webhooks
     subscribers: set[asyncio.Event] = set()

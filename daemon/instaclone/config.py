@@ -25,8 +25,24 @@ class DaemonConfig:
     socket_mode: int = 0o660
     state_dir: Path = Path("/var/lib/instaclone")
     max_concurrent_jobs: int = 4
-    log_format: str = "json"  # json | console
+    # auto: journald (with JOB_ID, CLONE, ... fields) under systemd, else JSON lines on stdout.
+    log_format: str = "auto"  # auto | json | console | journald
     log_level: str = "info"
+    # On SIGTERM: running jobs get this long to finish, then are rolled back.
+    shutdown_grace_s: float = 30.0
+    # Prometheus metrics on a loopback TCP port too ("127.0.0.1:9464"); "" = only
+    # on the control socket (GET /metrics).
+    metrics_listen: str = ""
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    # Callers are identified by SO_PEERCRED. root and the daemon's own user may
+    # do anything. Members of write_groups may also clone, destroy, freeze,
+    # replay; members of read_groups may only read. With read_groups empty,
+    # anyone who can open the socket (mode daemon.socket_mode) may read.
+    write_groups: tuple[str, ...] = ("instaclone",)
+    read_groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,7 @@ class Config:
     qcow2: Qcow2Config = field(default_factory=Qcow2Config)
     filecow: FileCowConfig = field(default_factory=FileCowConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     @property
     def delta_dir(self) -> Path:
@@ -123,7 +140,7 @@ class Config:
 
 # Section name in the TOML file -> dataclass field of Config.
 _SECTIONS = {"daemon": "daemon", "libvirt": "libvirt", "clone": "clone", "storage.qcow2": "qcow2",
-             "memory.filecow": "filecow", "webhooks": "webhooks"}
+             "memory.filecow": "filecow", "webhooks": "webhooks", "access": "access"}
 
 # (min, max) for numeric keys.
 _RANGES: dict[str, tuple[float, float]] = {
@@ -140,9 +157,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "webhooks.backoff_max_s": (0.01, 86400),
     "webhooks.max_in_flight": (1, 256),
     "webhooks.retention_days": (0, 3650),
+    "daemon.shutdown_grace_s": (0, 3600),
 }
 _CHOICES = {
-    "daemon.log_format": ("json", "console"),
+    "daemon.log_format": ("auto", "json", "console", "journald"),
     "daemon.log_level": ("debug", "info", "warning", "error"),
     "memory.filecow.source_mode": ("copy", "respawn"),
 }
@@ -156,6 +174,16 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
         if not path.is_absolute():
             raise ConfigError(f"{key}: must be an absolute path, got {value!r}")
         return path
+    if annotation.startswith("tuple[str"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key}: must be a list of non-empty strings, got {value!r}")
+        return tuple(value)
+    if key == "daemon.metrics_listen":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        if value:
+            parse_listen(key, value)
+        return value
     if annotation == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: must be an integer, got {value!r}")
@@ -278,6 +306,24 @@ def _url_problem(url: Any) -> str | None:
     if any(c.isspace() or ord(c) < 0x20 for c in url):
         return f"contains whitespace or control characters: {url!r}"
     return None
+
+
+def parse_listen(key: str, value: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:port`` for IPv6) on a loopback address."""
+    import ipaddress
+
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: must be HOST:PORT, e.g. 127.0.0.1:9464, got {value!r}")
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise ConfigError(f"{key}: {host!r} is not an IP address or localhost") from None
+        if not loopback:
+            raise ConfigError(f"{key}: must be a loopback address (metrics are not authenticated), got {host!r}")
+    return host, int(port)
 
 
 def load(path: Path | None) -> Config:

@@ -14,30 +14,40 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import backends, config as cfg, log as logsetup
-from .api import make_app
+from . import backends, config as cfg, log as logsetup, systemd
+from .api import ACCESS, Access, make_app
 from .config import Config
 from .engine import Engine
 from .errors import ConfigError, InstacloneError
 from .journal import Journal
+from .metrics import Metrics
 from .virt import Hypervisor
 from .webhooks import WebhookSender
 
-SHUTDOWN_GRACE_S = 30.0
+#: How often the daemon checks libvirt and refreshes STATUS= (and feeds the watchdog).
+WATCH_PERIOD_S = 5.0
 
 
 class Daemon:
     """Owns the journal, the libvirt connection, the engine and the API server."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, listen_socks: list[socket.socket] | None = None,
+                 config_path: Path | None = None, overrides: dict[str, object] | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        self._overrides = overrides or {}
         self.log = logsetup.get(component="daemon")
         self.journal = Journal(config.journal_path)
         self.virt = Hypervisor(config.libvirt.uri, threads=config.libvirt.threads)
+        self.metrics = Metrics()
+        self.notifier = systemd.Notifier()
         self.engine: Engine | None = None
         self.webhooks: WebhookSender | None = None
-        self._sender_task: asyncio.Task[None] | None = None
+        self._listen_socks = listen_socks or []
+        self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._libvirt_up: bool | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -50,6 +60,7 @@ class Daemon:
             # libvirt's QEMU user must reach disks and logs below these.
             d.chmod(0o755)
         await self.journal.open()
+        self.journal.on_event(self.metrics.on_event)
         await self.virt.connect()
         storage = storage_cls(config=c, virt=self.virt)
         memories = [cls(config=c, virt=self.virt) for cls in memory_classes]
@@ -57,23 +68,41 @@ class Daemon:
         for m in memories:
             await m.check()
         self.engine = Engine(config=c, journal=self.journal, virt=self.virt, storage=storage, memory=memories)
+        _fault_injection(self.engine)
         # Routes events to endpoints from here on, recovery's own events included.
         self.webhooks = WebhookSender(c.webhooks, self.journal, gate=self.engine.outside_stun)
+        self.webhooks.on_outcome = self.metrics.on_delivery
         recovered = await self.engine.recover()
         if recovered:
             self.log.info("daemon.recovered", jobs=recovered)
-        self._sender_task = asyncio.get_running_loop().create_task(self._send_webhooks(), name="webhooks")
-        app = make_app(self.engine, self.journal, self.webhooks)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._send_webhooks(), name="webhooks"))
+        self._tasks.append(loop.create_task(self._watch(), name="watch"))
+        app = make_app(self.engine, self.journal, self.webhooks, metrics=self.metrics)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
-        sock_path = c.daemon.socket
-        sock_path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_socket(sock_path)
-        site = web.UnixSite(self._runner, str(sock_path))
-        await site.start()
-        os.chmod(sock_path, c.daemon.socket_mode)
-        self.log.info("daemon.ready", socket=str(sock_path), state_dir=str(c.daemon.state_dir),
-                      storage=storage.name, memory=[m.name for m in memories], libvirt=c.libvirt.uri)
+        if self._listen_socks:
+            # Socket activation: systemd owns the path, its mode and group.
+            sock = self._listen_socks[0]
+            await web.SockSite(self._runner, sock).start()
+            where = f"{sock.getsockname()} (socket-activated)"
+        else:
+            sock_path = c.daemon.socket
+            sock_path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_socket(sock_path)
+            await web.UnixSite(self._runner, str(sock_path)).start()
+            os.chmod(sock_path, c.daemon.socket_mode)
+            where = str(sock_path)
+        if c.daemon.metrics_listen:
+            host, port = cfg.parse_listen("daemon.metrics_listen", c.daemon.metrics_listen)
+            self._metrics_runner = web.AppRunner(self.metrics.app(), handle_signals=False, access_log=None)
+            await self._metrics_runner.setup()
+            await web.TCPSite(self._metrics_runner, host, port).start()
+        self.log.info("daemon.ready", socket=where, state_dir=str(c.daemon.state_dir), storage=storage.name,
+                      memory=[m.name for m in memories], libvirt=c.libvirt.uri,
+                      metrics=c.daemon.metrics_listen or None, recovered=len(recovered))
+        # Only now: crash recovery is done and the API answers.
+        self.notifier.ready(await self._status_text())
 
     async def _send_webhooks(self) -> None:
         """Run the webhook sender; restart it if it ever fails (deliveries stay queued)."""
@@ -87,18 +116,92 @@ class Daemon:
                 self.log.exception("webhooks.sender_failed")
                 await asyncio.sleep(1.0)
 
-    async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    async def _status_text(self) -> str:
+        assert self.engine is not None
+        up = await self._libvirt_alive()
+        pending = self.webhooks.in_flight if self.webhooks else 0
+        return (f"{self.engine.active_jobs} jobs active ({self.engine.queued_jobs} queued); "
+                f"libvirt {'connected' if up else 'DISCONNECTED'}; {pending} webhook requests in flight")
+
+    async def _libvirt_alive(self) -> bool:
+        try:
+            up = await self.virt.is_connected()
+            if not up:
+                await self.virt.connect()  # reconnect (libvirtd restarted)
+                up = await self.virt.is_connected()
+        except InstacloneError:
+            up = False
+        if up != self._libvirt_up:
+            (self.log.info if up else self.log.error)("libvirt.connection", up=up, uri=self.config.libvirt.uri)
+            self._libvirt_up = up
+        self.metrics.libvirt_up.set(1 if up else 0)
+        return up
+
+    async def _watch(self) -> None:
+        """Keep libvirt connected, STATUS= current, and the watchdog fed from this loop."""
+        interval = self.notifier.watchdog_interval_s()
+        period = min(WATCH_PERIOD_S, interval) if interval else WATCH_PERIOD_S
+        last_status = ""
+        while True:
+            self.notifier.watchdog()
+            try:
+                text = await self._status_text()
+            except Exception:  # never let the watchdog task die
+                self.log.exception("watch.failed")
+                text = last_status
+            if text != last_status:
+                self.notifier.status(text)
+                last_status = text
+            if self.webhooks is not None:
+                self.metrics.webhook_in_flight.set(self.webhooks.in_flight)
+            await asyncio.sleep(period)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config file; apply what is safe to change while running."""
+        self.notifier.reloading()
+        try:
+            new = _apply_overrides(cfg.load(self.config_path), self._overrides)
+        except InstacloneError as exc:
+            self.log.error("config.reload_failed", error=exc.message)
+            self.notifier.ready(await self._status_text())
+            return
+        old = self.config
+        # Safe: clone limits and timeouts (read per job), webhooks, access, log level.
+        applied = replace(old, clone=replace(new.clone, storage_backend=old.clone.storage_backend,
+                                             memory_backend=old.clone.memory_backend,
+                                             memory_fallback=old.clone.memory_fallback),
+                          webhooks=new.webhooks, access=new.access,
+                          daemon=replace(old.daemon, log_level=new.daemon.log_level,
+                                         shutdown_grace_s=new.daemon.shutdown_grace_s))
+        self.config = applied
+        assert self.engine is not None and self.webhooks is not None and self._runner is not None
+        self.engine.config = applied
+        self.webhooks.configure(applied.webhooks)
+        self._runner.app[ACCESS] = Access(applied.access)
+        logsetup.setup(applied.daemon.log_format, applied.daemon.log_level)
+        changed = [k for k, _, _ in _diff(applied, old)]
+        needs_restart = [k for k, _, _ in _diff(new, old) if k not in changed]
+        self.log.info("config.reloaded", changed=changed, needs_restart=needs_restart)
+        self.notifier.ready(await self._status_text())
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace = self.config.daemon.shutdown_grace_s if grace_s is None else grace_s
+        self.notifier.stopping()
         if self.engine is not None:
-            await self.engine.shutdown(grace_s)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._sender_task is not None:
-            # Undelivered events stay in the outbox and go out after the next start.
-            self._sender_task.cancel()
+            # No new jobs from here; running ones finish or are rolled back
+            # (their sources resumed) within the grace period.
+            await self.engine.shutdown(grace)
+        for runner in (self._runner, self._metrics_runner):
+            if runner is not None:
+                await runner.cleanup()
+        self._runner = self._metrics_runner = None
+        # Undelivered events stay in the outbox and go out after the next start.
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
             with suppress(asyncio.CancelledError):
-                await self._sender_task
-            self._sender_task = None
+                await t
+        self._tasks.clear()
         await self.virt.close()
         await self.journal.close()
         self.log.info("daemon.stopped")
@@ -108,12 +211,62 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_hup() -> None:
+            t = loop.create_task(self.reload(), name="reload")
+            reloads.add(t)
+            t.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        # Keep systemd's watchdog fed during a long crash recovery too.
+        early_watchdog = loop.create_task(self.notifier.watchdog_loop(stop), name="watchdog")
         try:
+            await self.start()
             await stop.wait()
             self.log.info("daemon.stopping")
         finally:
+            stop.set()
+            await early_watchdog
+            for t in list(reloads):
+                await t
             await self.stop()
+
+
+def _diff(a: Config, b: Config) -> list[tuple[str, object, object]]:
+    out = []
+    for section in a.__dataclass_fields__:
+        sa, sb = getattr(a, section), getattr(b, section)
+        for key in sa.__dataclass_fields__:
+            va, vb = getattr(sa, key), getattr(sb, key)
+            if va != vb:
+                out.append((f"{section}.{key}", va, vb))
+    return out
+
+
+def _apply_overrides(config: Config, overrides: dict[str, object]) -> Config:
+    return replace(config, daemon=replace(config.daemon, **overrides)) if overrides else config
+
+
+def _fault_injection(engine: Engine) -> None:
+    """Test hook: ``INSTACLONE_FAULT_PAUSE=State:seconds:marker`` pauses every job at that step.
+
+    The daemon writes ``marker`` (a file path) with the job id when it gets
+    there, so a test can kill it at exactly that point. Unset in production.
+    """
+    spec = os.environ.get("INSTACLONE_FAULT_PAUSE")
+    if not spec:
+        return
+    step, seconds, marker = spec.split(":", 2)
+    log = logsetup.get(component="fault")
+
+    async def hook(job_id: str, at: str) -> None:
+        if at == step:
+            log.warning("fault.pause", job_id=job_id, step=at, seconds=float(seconds))
+            Path(marker).write_text(job_id)
+            await asyncio.sleep(float(seconds))
+
+    engine.step_hook = hook
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -136,21 +289,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
     p.add_argument("--socket", type=Path, help="control socket path (overrides daemon.socket)")
     p.add_argument("--state-dir", type=Path, help="state directory (overrides daemon.state_dir)")
-    p.add_argument("--log-format", choices=("json", "console"), help="overrides daemon.log_format")
+    p.add_argument("--log-format", choices=("auto", "json", "console", "journald"),
+                   help="overrides daemon.log_format")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    overrides: dict[str, object] = {}
+    if args.socket:
+        overrides["socket"] = args.socket.absolute()
+    if args.state_dir:
+        overrides["state_dir"] = args.state_dir.absolute()
+    if args.log_format:
+        overrides["log_format"] = args.log_format
     try:
-        config = cfg.load(args.config)
-        d = config.daemon
-        config = replace(config, daemon=replace(
-            d,
-            socket=args.socket.absolute() if args.socket else d.socket,
-            state_dir=args.state_dir.absolute() if args.state_dir else d.state_dir,
-            log_format=args.log_format or d.log_format,
-        ))
+        config = _apply_overrides(cfg.load(args.config), overrides)
         backends.storage_backend(config.clone.storage_backend)
         backends.memory_backend(config.clone.memory_backend)
         if config.clone.memory_fallback != "none":
@@ -162,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"instacloned: config OK ({args.config or 'built-in defaults'})")
         return 0
     logsetup.setup(config.daemon.log_format, config.daemon.log_level)
+    # Taken before anything else can spawn a child that would inherit them.
+    socks = systemd.listen_fds()
     try:
-        asyncio.run(Daemon(config).serve())
+        asyncio.run(Daemon(config, listen_socks=socks, config_path=args.config, overrides=overrides).serve())
     except InstacloneError as exc:
         print(f"instacloned: {exc.message}", file=sys.stderr)
         return 1

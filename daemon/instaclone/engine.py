@@ -33,6 +33,7 @@ from .errors import (
     NameInUse,
     NotFound,
     SourceNotCloneable,
+    ShuttingDown,
     SourceNotFound,
     StepFailed,
     StunDeadlineExceeded,
@@ -86,6 +87,7 @@ class Engine:
         self._source_locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
         self._submit_lock = asyncio.Lock()
+        self._running = 0
         self._done: dict[str, asyncio.Event] = {}
         #: Set while no source is stunned by a job: webhooks are sent only then.
         self.no_stun = asyncio.Event()
@@ -112,14 +114,20 @@ class Engine:
 
     @property
     def active_jobs(self) -> int:
+        """Jobs accepted and not finished (running or queued)."""
         return len(self._tasks)
+
+    @property
+    def queued_jobs(self) -> int:
+        """Jobs waiting for their source's lock or a free slot."""
+        return len(self._tasks) - self._running
 
     async def submit(self, *, source: object, name: object, count: object = 1,
                      keep_network: object = False, customize: object = True,
                      config: object = None) -> JobRecord:
         """Validate a clone request, persist it as Requested and queue it."""
         if not self.accepting:
-            raise InvalidRequest("the daemon is shutting down and accepts no new jobs")
+            raise ShuttingDown("the daemon is shutting down and accepts no new jobs; retry after it restarts")
         src = identity.validate_name(source, what="source name")
         if not isinstance(keep_network, bool):
             raise InvalidRequest("keep_network must be true or false")
@@ -191,6 +199,9 @@ class Engine:
         rec = await self.journal.get_clone(name)
         if rec is None:
             raise NotFound(f"{name!r} is not a clone made by instaclone")
+        if name in await self.journal.frozen():
+            # Its frozen image would outlive it, and clones of it may need it.
+            raise Conflict(f"{name!r} is frozen as a template; unfreeze it before destroying it")
         await self.virt.undefine(name)
         clone_dir = Path(rec.dir)
         if clone_dir.parent == self.config.clones_dir:  # never outside our directory
@@ -269,7 +280,14 @@ class Engine:
             entry = (await self.journal.frozen()).get(src)
             if entry is None:
                 raise NotFound(f"{src!r} is not frozen")
-            info = await self.virt.lookup(src)
+            try:
+                info = await self.virt.lookup(src)
+            except DomainNotFound:
+                # Removed behind our back: nothing to resume, only our records to drop.
+                await _rmtree(self._frozen_dir(src))
+                await self.journal.remove_frozen(src, clones=entry["clones"])
+                self.log.warning("source.unfrozen_gone", source=src)
+                return entry
             if entry["clones"] and info.active:
                 # Clones are backed by the source's current top image: the
                 # source must write to a new delta from now on.
@@ -331,7 +349,11 @@ class Engine:
         lock = self._source_locks.setdefault(job.source, asyncio.Lock())
         try:
             async with lock, self._slots:
-                await self._run(job)
+                self._running += 1
+                try:
+                    await self._run(job)
+                finally:
+                    self._running -= 1
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug: never let it take the daemon down

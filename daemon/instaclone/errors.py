@@ -72,6 +72,19 @@ class SourceNotCloneable(Conflict):
     code = "source_not_cloneable"
 
 
+class Forbidden(InstacloneError):
+    """The caller (identified by SO_PEERCRED) may not do this."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+class ShuttingDown(InstacloneError):
+    code = "shutting_down"
+    http_status = 503
+    retryable = True
+
+
 class NotSupportedError(InstacloneError):
     """A backend was asked for an optional operation it does not offer."""
 

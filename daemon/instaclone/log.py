@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
+
+from . import systemd
+
+
+def resolve_format(fmt: str) -> str:
+    """``auto`` is ``journald`` under systemd (when journald listens), else ``json``."""
+    if fmt != "auto":
+        return fmt
+    if systemd.under_systemd() and os.path.exists(systemd.JOURNAL_SOCKET):
+        return "journald"
+    return "json"
 
 
 def setup(fmt: str = "json", level: str = "info") -> None:
     lvl = getattr(logging, level.upper(), logging.INFO)
     renderer: structlog.types.Processor
+    fmt = resolve_format(fmt)
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
+    elif fmt == "journald":
+        # Fields JOB_ID, CLONE, STATE, ... per entry; JSON on stdout if journald is away.
+        renderer = systemd.JournaldRenderer()
     else:
         renderer = structlog.processors.JSONRenderer()
     structlog.configure(

@@ -14,6 +14,7 @@ denies spawning processes).
 from __future__ import annotations
 
 import asyncio
+import re
 import base64
 import json
 import os
@@ -21,6 +22,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -72,6 +74,13 @@ def translate(exc: libvirt.libvirtError, action: str) -> VirtError:
     if code == libvirt.VIR_ERR_OPERATION_FAILED and "already exists" in msg:
         return DomainExists(msg, libvirt_code=code)
     return VirtError(msg, libvirt_code=code)
+
+
+#: Messages of a connection that libvirtd closed.
+_LOST = re.compile(r"Broken pipe|client socket is closed|Cannot write data|Cannot recv data|"
+                   r"End of file while reading|Connection reset|connection closed", re.I)
+#: ... of those, the ones that mean the request was not sent at all.
+_NOT_SENT = re.compile(r"Cannot write data|client socket is closed|Broken pipe", re.I)
 
 
 @dataclass(frozen=True)
@@ -151,9 +160,24 @@ class Hypervisor:
         """
 
         def wrapped() -> T:
+            conn = self._conn
             try:
                 return fn()
             except libvirt.libvirtError as exc:
+                if not self._connection_lost(exc):
+                    raise translate(exc, action) from None
+                # libvirtd went away (restarted, most likely): drop the dead
+                # connection so that the next call opens a new one.
+                self._drop(conn)
+                if not _NOT_SENT.search(exc.get_error_message() or ""):
+                    raise translate(exc, action) from None
+            # The request never reached libvirtd: sending it once more on a
+            # new connection cannot do anything twice.
+            try:
+                return fn()
+            except libvirt.libvirtError as exc:
+                if self._connection_lost(exc):
+                    self._drop(self._conn)
                 raise translate(exc, action) from None
 
         fut = asyncio.get_running_loop().run_in_executor(self._pool, wrapped)
@@ -176,6 +200,20 @@ class Hypervisor:
                         libvirt_code=exc.get_error_code(),
                     ) from None
             return self._conn
+
+    @staticmethod
+    def _connection_lost(exc: libvirt.libvirtError) -> bool:
+        code = exc.get_error_code()
+        msg = exc.get_error_message() or ""
+        return code in (libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN) or (
+            code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR) and bool(_LOST.search(msg)))
+
+    def _drop(self, conn: libvirt.virConnect | None) -> None:
+        with self._conn_lock:
+            if conn is not None and self._conn is conn:
+                with suppress(libvirt.libvirtError):
+                    conn.close()
+                self._conn = None
 
     @staticmethod
     def _alive(conn: libvirt.virConnect) -> bool:

@@ -83,6 +83,8 @@ class WebhookSender:
         self._session: aiohttp.ClientSession | None = None
         #: Attempts by (endpoint, outcome): delivered, retry, failed, disabled.
         self.outcomes: Counter[tuple[str, str]] = Counter()
+        #: Called with (endpoint, outcome) after each attempt (metrics).
+        self.on_outcome: Callable[[str, str], None] | None = None
         self.configure(config)
         journal.set_router(self.route)
         journal.on_event(self._on_event)
@@ -151,6 +153,11 @@ class WebhookSender:
             await self._session.close()
             self._session = None
 
+    def _outcome(self, endpoint: str, outcome: str) -> None:
+        self.outcomes[(endpoint, outcome)] += 1
+        if self.on_outcome is not None:
+            self.on_outcome(endpoint, outcome)
+
     def _done(self, delivery_id: int) -> None:
         self._inflight.pop(delivery_id, None)
         self._wake.set()
@@ -197,12 +204,12 @@ class WebhookSender:
                             attempt=attempt, ms=ms)
         now = time.time()
         if error is None:
-            self.outcomes[(ep.name, "delivered")] += 1
+            self._outcome(ep.name, "delivered")
             await self.journal.settle_delivery(d.id, status=jr.DELIVERED, attempts=attempt, next_at=now,
                                                http_status=http_status, error=None)
             log.debug("webhook.delivered", http_status=http_status)
         elif http_status == 410:
-            self.outcomes[(ep.name, "disabled")] += 1
+            self._outcome(ep.name, "disabled")
             self._disabled.add(ep.name)
             await self.journal.settle_delivery(d.id, status=jr.DISABLED, attempts=attempt, next_at=now,
                                                http_status=410, error=error)
@@ -210,14 +217,14 @@ class WebhookSender:
             log.warning("webhook.endpoint_disabled", url=ep.url, parked=n + 1,
                         hint=f"instaclone webhooks enable {ep.name}")
         elif attempt >= self.config.max_attempts:
-            self.outcomes[(ep.name, "failed")] += 1
+            self._outcome(ep.name, "failed")
             await self.journal.settle_delivery(d.id, status=jr.FAILED, attempts=attempt, next_at=now,
                                                http_status=http_status, error=error)
             log.error("webhook.gave_up", error=error, hint=f"instaclone webhooks deliveries replay {d.id}")
         else:
             delay = retry_after if retry_after is not None else backoff_s(
                 attempt, self.config.backoff_initial_s, self.config.backoff_max_s)
-            self.outcomes[(ep.name, "retry")] += 1
+            self._outcome(ep.name, "retry")
             await self.journal.settle_delivery(d.id, status=jr.PENDING, attempts=attempt, next_at=now + delay,
                                                http_status=http_status, error=error)
             log.warning("webhook.retry", error=error, retry_in_s=round(delay, 2),

@@ -1,0 +1,476 @@
+"""The daemon as a real process, the way systemd runs it.
+
+Readiness and status on a real NOTIFY_SOCKET, socket activation with a passed
+fd, SIGHUP reload, SIGTERM in the middle of a real clone, metrics scraped,
+config errors named by key, access control by SO_PEERCRED, libvirtd restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from instaclone import config as cfg
+from instaclone.api import make_app
+from instaclone.engine import Engine
+from instaclone.journal import Journal
+from instaclone.virt import Hypervisor
+from instaclone_plugins.saverestore import SaveRestoreMemory
+
+from .conftest import libvirt_ready
+from .fakes import FakeHypervisor, FakeStorage
+from .vmlib import Api, Scratch, boot_source, make_config, running_daemon, wait_state
+
+EXE = Path(sys.executable).parent / "instacloned"
+needs_libvirt = pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvirt_ready()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NotifySocket:
+    """A real sd_notify receiver: an AF_UNIX datagram socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+        self.pos = 0
+
+    async def wait(self, key: str, value: str | None = None, timeout: float = 60.0) -> dict[str, str]:
+        """The next message (after the last one waited for) carrying KEY[=VALUE]."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            for i in range(self.pos, len(self.messages)):
+                m = self.messages[i]
+                if key in m and (value is None or m[key] == value):
+                    self.pos = i + 1
+                    return m
+            left = end - loop.time()
+            if left <= 0:
+                raise AssertionError(f"no {key}={value} in {self.messages[self.pos:]}")
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), left)
+            except TimeoutError:
+                continue
+            self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def write_config(path: Path, scratch_dir: Path, **sections: dict[str, Any]) -> Path:
+    base: dict[str, dict[str, Any]] = {
+        "daemon": {"state_dir": str(scratch_dir / "state"), "socket": str(scratch_dir / "ctl.sock"),
+                   "log_format": "json", "shutdown_grace_s": 5.0},
+        "clone": {"stun_deadline_ms": 60000},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+SD_LAUNCH = """
+import os, sys
+fd = int(sys.argv[1])
+os.dup2(fd, 3)
+os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="control")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+class DaemonProcess:
+    def __init__(self, config: Path, *, env: dict[str, str] | None = None, listen_fd: int | None = None) -> None:
+        self.config = config
+        self.env = {**os.environ, **(env or {})}
+        self.listen_fd = listen_fd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = config.with_suffix(".log")
+
+    def start(self) -> "DaemonProcess":
+        args = [str(EXE), "--config", str(self.config)]
+        if self.listen_fd is not None:
+            # As systemd does: the socket as fd 3, LISTEN_PID set to the pid that
+            # execs the daemon (exec keeps it), LISTEN_FDS=1.
+            args = [sys.executable, "-c", SD_LAUNCH, str(self.listen_fd), *args]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         pass_fds=() if self.listen_fd is None else (self.listen_fd,))
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        end = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > end:
+                raise AssertionError(f"daemon did not exit; log:\n{self.log_text()}")
+            await asyncio.sleep(0.1)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("toml,key", [
+    ("[clone]\nstun_deadline_ms = 5\n", "clone.stun_deadline_ms"),
+    ("[daemon]\nmetrics_listen = \"0.0.0.0:9464\"\n", "daemon.metrics_listen"),
+    ("[daemon]\nshutdown_grace_s = \"long\"\n", "daemon.shutdown_grace_s"),
+    ("[access]\nwrite_groups = \"wheel\"\n", "access.write_groups"),
+    ("[[webhooks.endpoints]]\nurl = \"gopher://x\"\nsecret = \"whsec_AAAAAAAAAAAAAAAAAAAAAA==\"\n",
+     "webhooks.endpoints[0].url"),
+    ("[clone\n", "c.toml"),
+])
+def test_check_config_names_the_key(tmp_path: Path, toml: str, key: str):
+    p = tmp_path / "c.toml"
+    p.write_text(toml)
+    r = subprocess.run([str(EXE), "--check-config", "--config", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr, r.stderr
+    good = tmp_path / "good.toml"
+    good.write_text((Path(__file__).parent.parent / "config" / "instaclone.toml").read_text())
+    r = subprocess.run([str(EXE), "--check-config", "--config", str(good)], capture_output=True, text=True)
+    assert r.returncode == 0 and "config OK" in r.stdout
+
+
+# -- lifecycle under a (simulated) systemd -------------------------------------------------
+
+
+@needs_libvirt
+async def test_notify_ready_status_watchdog_reload_stop_and_metrics(tmp_path: Path):
+    scratch = Scratch()
+    notify = NotifySocket(tmp_path / "notify")
+    port = free_port()
+    conf = write_config(tmp_path / "d.toml", scratch.path, daemon={"metrics_listen": f"127.0.0.1:{port}"})
+    d = DaemonProcess(conf, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}).start()
+    assert d.proc is not None
+    try:
+        ready = await notify.wait("READY", "1")
+        assert "jobs active" in ready.get("STATUS", "") and "libvirt connected" in ready["STATUS"]
+        # READY comes only after recovery and the API are up: the socket answers now.
+        async with Api(scratch.path / "ctl.sock") as api:
+            status, body = await api.call("GET", "/v1/health")
+            assert status == 200 and body["libvirt_connected"] is True
+        await notify.wait("WATCHDOG", "1", timeout=5)  # fed from the event loop
+        # Metrics, on the control socket and on the loopback port.
+        conn = aiohttp.UnixConnector(path=str(scratch.path / "ctl.sock"))
+        async with aiohttp.ClientSession(connector=conn) as s:
+            async with s.get("http://x/metrics") as r:
+                text = await r.text()
+        assert "instaclone_libvirt_up 1.0" in text and "instaclone_jobs_active" in text
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 200 and "instaclone_state_duration_seconds" in await r.text()
+        # SIGHUP: reload what is safe (here clone.max_count), report the rest.
+        write_config(conf, scratch.path, daemon={"metrics_listen": f"127.0.0.1:{port}"},
+                     clone={"max_count": 2, "storage_backend": "qcow2"})
+        d.signal(signal.SIGHUP)
+        await notify.wait("RELOADING", "1")
+        await notify.wait("READY", "1")
+        async with Api(scratch.path / "ctl.sock") as api:
+            status, body = await api.call("POST", "/v1/jobs", {"source": "nope", "name": "x", "count": 3})
+            assert status == 400 and "between 1 and 2" in body["error"]["message"]
+        d.signal(signal.SIGTERM)
+        await notify.wait("STOPPING", "1")
+        assert await d.wait() == 0
+        reloaded = [e for e in d.log_events() if e.get("event") == "config.reloaded"]
+        assert reloaded and "clone.max_count" in reloaded[0]["changed"]
+    finally:
+        d.kill()
+        notify.close()
+        scratch.cleanup()
+
+
+@needs_libvirt
+async def test_socket_activation_with_passed_fd(tmp_path: Path):
+    scratch = Scratch()
+    listen_path = scratch.path / "activated.sock"
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(listen_path))
+    lsock.listen(16)
+    notify = NotifySocket(tmp_path / "notify")
+    conf = write_config(tmp_path / "d.toml", scratch.path)
+    fd = lsock.fileno()
+    d = DaemonProcess(conf, env={"NOTIFY_SOCKET": str(notify.path)}, listen_fd=fd).start()
+    try:
+        await notify.wait("READY", "1")
+        async with Api(listen_path) as api:
+            status, body = await api.call("GET", "/v1/health")
+            assert status == 200 and body["accepting"] is True
+        assert not (scratch.path / "ctl.sock").exists(), "with a passed socket the daemon binds none itself"
+        d.signal(signal.SIGTERM)
+        assert await d.wait() == 0
+    finally:
+        d.kill()
+        lsock.close()
+        notify.close()
+        scratch.cleanup()
+
+
+# -- SIGTERM in the middle of a real clone ------------------------------------------------
+
+
+@pytest.mark.integration
+@needs_libvirt
+async def test_sigterm_mid_clone_rolls_back_and_leaves_source_running(tmp_path: Path):
+    scratch = Scratch()
+    virt = Hypervisor()
+    await virt.connect()
+    notify = NotifySocket(tmp_path / "notify")
+    marker = tmp_path / "paused-at"
+    conf = write_config(tmp_path / "d.toml", scratch.path, daemon={"shutdown_grace_s": 1.0})
+    d = DaemonProcess(conf, env={"NOTIFY_SOCKET": str(notify.path),
+                                 "INSTACLONE_FAULT_PAUSE": f"MemoryLinked:600:{marker}"}).start()
+    try:
+        await boot_source(virt, scratch, "sv-src")
+        await notify.wait("READY", "1")
+        async with Api(scratch.path / "ctl.sock") as api:
+            status, body = await api.call("POST", "/v1/jobs", {"source": "sv-src", "name": "sv-clone"})
+            assert status == 202, body
+            job_id = body["job"]["id"]
+        for _ in range(600):
+            if marker.exists():
+                break
+            await asyncio.sleep(0.1)
+        assert marker.read_text() == job_id
+        assert await virt.state("sv-src") == "paused"  # stunned, paused at MemoryLinked
+        d.signal(signal.SIGTERM)
+        await notify.wait("STOPPING", "1")
+        assert await d.wait() == 0, d.log_text()
+        assert await virt.state("sv-src") == "running", "SIGTERM must never leave a source paused"
+        assert not await virt.exists("sv-clone")
+        # The job is recorded as rolled back; its files are gone; a restart clones normally.
+        d2 = DaemonProcess(conf, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+        try:
+            await notify.wait("READY", "1")
+            async with Api(scratch.path / "ctl.sock") as api:
+                status, body = await api.call("GET", f"/v1/jobs/{job_id}")
+                assert body["job"]["state"] == "Failed" and body["job"]["error"]["code"] == "interrupted", body
+                assert not (scratch.path / "state" / "jobs" / job_id).exists()
+                status, body = await api.call("POST", "/v1/jobs?wait=120", {"source": "sv-src", "name": "sv-c2",
+                                                                             "customize": False})
+                assert status == 201 and body["job"]["state"] == "Unstunned", body
+            conn = aiohttp.UnixConnector(path=str(scratch.path / "ctl.sock"))
+            async with aiohttp.ClientSession(connector=conn) as s:
+                async with s.get("http://x/metrics") as r:
+                    text = await r.text()
+            assert 'instaclone_clones_total{result="ready"} 1.0' in text
+            assert 'instaclone_state_duration_seconds_count{state="Stunned"} 1.0' in text
+            assert "instaclone_stun_duration_seconds_count 1.0" in text
+            d2.signal(signal.SIGTERM)
+            assert await d2.wait() == 0
+        finally:
+            d2.kill()
+    finally:
+        d.kill()
+        for name in ("sv-c2", "sv-clone", "sv-src"):
+            await virt.undefine(name)
+        await virt.close()
+        notify.close()
+        scratch.cleanup()
+
+
+# -- libvirtd restarts under a running daemon ------------------------------------------------
+
+
+def restart_libvirtd() -> None:
+    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
+    for _ in range(100):
+        if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0:
+            break
+        time.sleep(0.1)
+    subprocess.run(["libvirtd", "-d"], check=True)
+    for _ in range(100):
+        if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("libvirtd did not come back")
+
+
+@pytest.mark.integration
+@needs_libvirt
+@pytest.mark.skipif(os.path.isdir("/run/systemd/system"), reason="restarts libvirtd by hand (no systemd here)")
+async def test_libvirtd_restart_daemon_reconnects_and_clones(tmp_path: Path):
+    scratch = Scratch()
+    virt = Hypervisor()
+    await virt.connect()
+    config = make_config(scratch)
+    daemon = await running_daemon(config)
+    try:
+        await boot_source(virt, scratch, "lr-src")
+        await asyncio.to_thread(restart_libvirtd)
+        async with Api(config.daemon.socket) as api:
+            status, body = await api.call("POST", "/v1/jobs?wait=120", {"source": "lr-src", "name": "lr-clone",
+                                                                         "customize": False})
+            assert status == 201 and body["job"]["state"] == "Unstunned", body
+            status, body = await api.call("GET", "/v1/health")
+            assert body["libvirt_connected"] is True
+        await wait_state(virt, "lr-clone", "running")
+        assert await virt.state("lr-src") == "running"
+    finally:
+        await daemon.stop()
+        for name in ("lr-clone", "lr-src"):
+            await virt.undefine(name)
+        await virt.close()
+        scratch.cleanup()
+
+
+# -- access control ---------------------------------------------------------------------------
+
+
+CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+method, path = sys.argv[2], sys.argv[3]
+body = b'{"source": "src", "name": "acl-1"}' if method == "POST" else b""
+s.sendall(f"{method} {path} HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {len(body)}\\r\\n"
+          f"Content-Type: application/json\\r\\nConnection: close\\r\\n\\r\\n".encode() + body)
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+print(data.split(b" ", 2)[1].decode())
+"""
+
+
+@pytest.fixture
+async def acl_api(tmp_path: Path):
+    import grp
+
+    if not (_group_exists("kvm") and _group_exists("disk")):
+        pytest.skip("needs groups named kvm and disk")
+    kvm, disk = grp.getgrnam("kvm").gr_gid, grp.getgrnam("disk").gr_gid
+    c = cfg.Config()
+    c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "s"),
+                access=cfg.AccessConfig(write_groups=("kvm",), read_groups=("disk",)))
+    journal = Journal(c.journal_path)
+    await journal.open()
+    virt = FakeHypervisor()
+    (tmp_path / "b.qcow2").write_bytes(b"")
+    virt.add_source("src", tmp_path / "b.qcow2")
+    engine = Engine(config=c, journal=journal, virt=virt,  # type: ignore[arg-type]
+                    storage=FakeStorage(config=c, virt=virt),  # type: ignore[arg-type]
+                    memory=SaveRestoreMemory(config=c, virt=virt))  # type: ignore[arg-type]
+    runner = web.AppRunner(make_app(engine, journal))
+    await runner.setup()
+    scratch = Scratch()  # reachable by other users, unlike pytest's tmp_path
+    sock = scratch.path / "ctl.sock"
+    await web.UnixSite(runner, str(sock)).start()
+    os.chmod(sock, 0o666)  # let the file mode through: the daemon's own check is under test
+    yield sock, kvm, disk, virt
+    await engine.shutdown(5)
+    await runner.cleanup()
+    await journal.close()
+    scratch.cleanup()
+
+
+def _group_exists(name: str) -> bool:
+    import grp
+
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+async def _as_user(sock: Path, method: str, path: str, *, uid: int, groups: list[int]) -> int:
+    # The venv's interpreter lives under /root, which nobody cannot reach.
+    proc = await asyncio.create_subprocess_exec(
+        SYSTEM_PYTHON, "-c", CLIENT, str(sock), method, path, user=uid, group=65534, extra_groups=groups,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return int(out.decode().strip())
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="needs Debian's python3 (scripts/setup.sh installs it)")
+async def test_access_by_peer_credentials(acl_api):
+    sock, kvm, disk, virt = acl_api
+    nobody = 65534
+    # Not in any configured group: neither read nor write.
+    assert await _as_user(sock, "GET", "/v1/clones", uid=nobody, groups=[]) == 403
+    assert await _as_user(sock, "POST", "/v1/jobs", uid=nobody, groups=[]) == 403
+    assert "acl-1" not in virt.domains
+    # Member of a read group: reads only.
+    assert await _as_user(sock, "GET", "/v1/clones", uid=nobody, groups=[disk]) == 200
+    assert await _as_user(sock, "POST", "/v1/jobs", uid=nobody, groups=[disk]) == 403
+    assert "acl-1" not in virt.domains
+    # Member of the write group (a supplementary group, not the primary one).
+    assert await _as_user(sock, "GET", "/v1/clones", uid=nobody, groups=[kvm]) == 200
+    assert await _as_user(sock, "POST", "/v1/jobs", uid=nobody, groups=[kvm]) == 202
+    # root may always.
+    async with Api(sock) as api:
+        status, _ = await api.call("GET", "/v1/jobs")
+        assert status == 200
+
+
+# -- "Install as a service", as the README says ---------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_install_service_script_installs_verifiable_units(tmp_path: Path):
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PREFIX": str(tmp_path / "opt"), "CONFIG_DIR": str(tmp_path / "etc"),
+           "UNIT_DIR": str(tmp_path / "units"), "HOOK_DIR": str(tmp_path / "hooks"), "BIN_DIR": str(tmp_path / "bin")}
+    r = subprocess.run([str(root / "scripts" / "install-service.sh"), "--no-packages", "--no-start"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "config OK" in r.stdout
+    units = tmp_path / "units"
+    service = (units / "instacloned.service").read_text()
+    assert f"ExecStart={tmp_path}/opt/.venv/bin/instacloned --config {tmp_path}/etc/instaclone.toml" in service
+    v = subprocess.run(["systemd-analyze", "verify", "--man=no", "--recursive-errors=no",
+                        str(units / "instacloned.service"), str(units / "instacloned.socket")],
+                       capture_output=True, text=True)
+    assert v.returncode == 0 and "instacloned" not in v.stderr, v.stderr
+    assert os.access(tmp_path / "hooks" / "instaclone", os.X_OK)
+    r = subprocess.run([str(tmp_path / "bin" / "instaclone"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "webhooks" in r.stdout
