@@ -62,6 +62,9 @@ class CloneConfig:
     max_count: int = 64
     # Guest-side identity reset through the guest agent, per clone.
     customize_timeout_s: float = 60.0
+    # Images in a disk's backing chain above which the running domain's chain
+    # is consolidated after a job (a live block pull into its own top image).
+    max_chain_depth: int = 32
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "clone.step_timeout_s": (1, 3600),
     "clone.max_count": (1, 1000),
     "clone.customize_timeout_s": (1, 3600),
+    "clone.max_chain_depth": (2, 1000),
     "webhooks.timeout_s": (0.1, 300),
     "webhooks.max_attempts": (1, 1000),
     "webhooks.backoff_initial_s": (0.01, 3600),

@@ -352,6 +352,9 @@ class Engine:
                 self._running += 1
                 try:
                     await self._run(job)
+                    # Still under the source's lock: no stun may snapshot a
+                    # disk while a block job runs on it.
+                    await self._consolidate(job)
                 finally:
                     self._running -= 1
         except asyncio.CancelledError:
@@ -360,6 +363,41 @@ class Engine:
             self.log.exception("job.crashed", job_id=job.id)
         finally:
             self._done[job.id].set()
+
+    async def _consolidate(self, job: JobRecord) -> None:
+        """Shorten backing chains longer than ``clone.max_chain_depth`` after a successful job.
+
+        Only a domain's own top image is written (block pull), so images that
+        other clones are backed by never change; a frozen source's top is
+        itself a backing image and is never touched. Failures are logged:
+        the job has succeeded already.
+        """
+        if job.state is not State.UNSTUNNED or not self.storage.supports_consolidation:
+            return
+        limit = self.config.clone.max_chain_depth
+        frozen = await self.journal.frozen()
+        for name in [job.source, *job.spec.get("names", [])]:
+            if name in frozen:
+                continue
+            try:
+                info = await self.virt.lookup(name)
+                if info.state != "running":
+                    continue
+                for disk in info.disks:
+                    if disk.readonly:
+                        continue
+                    depth = await self.storage.chain_depth(path=disk.path)
+                    if depth <= limit:
+                        continue
+                    t0 = time.monotonic()
+                    async with asyncio.timeout(self.config.clone.step_timeout_s):
+                        await self.storage.consolidate(domain=name, target=disk.target)
+                    now_top = next(d.path for d in (await self.virt.lookup(name)).disks if d.target == disk.target)
+                    after = await self.storage.chain_depth(path=now_top)
+                    self.log.info("chain.consolidated", domain=name, disk=disk.target, depth_before=depth,
+                                  depth_after=after, ms=round((time.monotonic() - t0) * 1000.0, 1))
+            except Exception as exc:  # noqa: BLE001 - reported, never fatal to a finished job
+                self.log.warning("chain.consolidation_failed", domain=name, error=str(exc), job_id=job.id)
 
     def _emit(self, job: JobRecord, entry: StateEntry) -> None:
         durations = job.history.durations_ms()
