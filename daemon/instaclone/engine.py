@@ -219,13 +219,22 @@ class Engine:
         are removed, and the job is marked Failed (or NeedsAttention).
         """
         handled = []
+        unfinished = await self.journal.list_jobs(unfinished=True)
+        # Invariant 1 first: every source a dead job paused runs again before
+        # anything else is looked at or removed.
+        for job in unfinished:
+            for res in await self.journal.resources(job.id):
+                if res.kind == jr.STUN:
+                    with suppress(DomainNotFound):
+                        await self.virt.resume(res.ref)
+                        self.log.warning("source.resumed_after_crash", source=res.ref, job_id=job.id)
         # A freeze cut short: resume the source it paused, drop its image.
         for entry in (await self.journal.frozen()).values():
             if entry["status"] == "freezing":
                 self.log.warning("freeze.rolled_back", source=entry["name"])
                 await self._undo_freeze(entry["name"], entry["paused_by_us"],
                                         self._memory_named(entry["backend"]), None)
-        for job in await self.journal.list_jobs(unfinished=True):
+        for job in unfinished:
             handled.append(job.id)
             resources = await self.journal.resources(job.id)
             if job.state is State.REQUESTED and not resources:
@@ -453,6 +462,8 @@ class Engine:
                              step=step) from None
 
     async def _run(self, job: JobRecord) -> None:
+        if self.step_hook is not None:
+            await self.step_hook(job.id, State.REQUESTED.value)
         run = _Run(job, self._memory_named(job.spec.get("memory_backend")))
         record = self._recorder(run)
         names: list[str] = job.spec["names"]
