@@ -30,7 +30,7 @@ from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from .conftest import libvirt_ready
 from .fakes import FakeHypervisor, FakeStorage
-from .proclib import EXE, DaemonProcess, NotifySocket, free_port, write_config
+from .proclib import EXE, DaemonProcess, NotifySocket, free_port, journal_fields, write_config
 from .vmlib import Api, Scratch, boot_source, make_config, running_daemon, wait_state
 
 needs_libvirt = pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvirt_ready()))
@@ -166,7 +166,13 @@ async def test_sigterm_mid_clone_rolls_back_and_leaves_source_running(tmp_path: 
         assert await virt.state("sv-src") == "running", "SIGTERM must never leave a source paused"
         assert not await virt.exists("sv-clone")
         # The job is recorded as rolled back; its files are gone; a restart clones normally.
-        d2 = DaemonProcess(conf, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+        # The restarted daemon runs "under systemd": it logs to journald, with fields.
+        journal = NotifySocket(tmp_path / "journal")  # a datagram socket, as journald's
+        d2 = DaemonProcess(conf.with_name("d2.toml"), env={
+            "NOTIFY_SOCKET": str(notify.path), "INVOCATION_ID": "0" * 32,
+            "INSTACLONE_JOURNAL_SOCKET": str(journal.path)})
+        write_config(d2.config, scratch.path, daemon={"shutdown_grace_s": 1.0, "log_format": "auto"})
+        d2.start()
         try:
             await notify.wait("READY", "1")
             async with Api(scratch.path / "ctl.sock") as api:
@@ -185,8 +191,15 @@ async def test_sigterm_mid_clone_rolls_back_and_leaves_source_running(tmp_path: 
             assert "instaclone_stun_duration_seconds_count 1.0" in text
             d2.signal(signal.SIGTERM)
             assert await d2.wait() == 0
+            entries = [e for e in await journal.drain_raw() if b"JOB_ID=" in e]
+            fields = [journal_fields(e) for e in entries]
+            ready = [f for f in fields if f.get("STATE") == "Unstunned"]
+            assert ready and ready[0]["CLONE"] == "sv-c2" and ready[0]["SYSLOG_IDENTIFIER"] == "instacloned"
+            assert ready[0]["PRIORITY"] == "6" and ready[0]["MESSAGE"].startswith("job.transition")
+            assert "job.transition" not in d2.log_text(), "entries journald took are not printed twice"
         finally:
             d2.kill()
+            journal.close()
     finally:
         d.kill()
         for name in ("sv-c2", "sv-clone", "sv-src"):

@@ -45,6 +45,9 @@ from .virt import DomainInfo, Hypervisor
 
 Undo = Callable[[], Awaitable[None]]
 
+#: How long a finished job's completion event is kept for waiters that race with it.
+DONE_KEEP_S = 60.0
+
 #: Clones of one job started at once.
 CLONE_START_PARALLEL = 4
 
@@ -192,7 +195,8 @@ class Engine:
         ev = self._done.get(job_id)
         if ev is not None:
             with suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a cancel on 3.11
+                    await ev.wait()
 
     async def destroy_clone(self, name: str) -> CloneRecord:
         """Power off and remove a clone made by instaclone, with its files."""
@@ -372,6 +376,8 @@ class Engine:
             self.log.exception("job.crashed", job_id=job.id)
         finally:
             self._done[job.id].set()
+            # Waiters already woken; later ones read the finished job from the journal.
+            asyncio.get_running_loop().call_later(DONE_KEEP_S, self._done.pop, job.id, None)
 
     async def _consolidate(self, job: JobRecord) -> None:
         """Shorten backing chains longer than ``clone.max_chain_depth`` after a successful job.

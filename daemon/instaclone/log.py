@@ -46,4 +46,9 @@ def setup(fmt: str = "json", level: str = "info") -> None:
 
 
 def get(**bound: object) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger("instaclone").bind(**bound)
+    """A logger with ``bound`` context that follows :func:`setup` even if made before it.
+
+    (``get_logger().bind()`` at import time would freeze structlog's default
+    configuration into module-level loggers.)
+    """
+    return structlog.get_logger("instaclone", **bound)  # type: ignore[no-any-return]

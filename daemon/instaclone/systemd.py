@@ -21,7 +21,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
+#: journald's native socket (the environment override exists for tests).
+JOURNAL_SOCKET = os.environ.get("INSTACLONE_JOURNAL_SOCKET", "/run/systemd/journal/socket")
 SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed fds start right after stdio
 # A stuck PID 1 must not stall the event loop for long; a dropped ping is better.
 _SEND_TIMEOUT_S = 1.0
@@ -113,7 +114,8 @@ class Notifier:
         while not stop.is_set():
             self.watchdog()
             try:
-                await asyncio.wait_for(stop.wait(), interval)
+                async with asyncio.timeout(interval):  # not wait_for: it can swallow a cancel on 3.11
+                    await stop.wait()
             except TimeoutError:
                 pass
 
@@ -240,6 +242,9 @@ class JournaldRenderer:
                  echo: bool = False) -> None:
         self.identifier, self.path, self.echo = identifier, path, echo
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # Logging runs on the event loop: never wait for a busy journald. A
+        # full socket buffer (EAGAIN) makes this entry go to stdout instead.
+        self._sock.setblocking(False)
 
     def close(self) -> None:
         self._sock.close()

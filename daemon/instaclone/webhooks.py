@@ -142,8 +142,12 @@ class WebhookSender:
                     nxt = await self.journal.next_due_at(names, exclude=set(self._inflight))
                     wait_s = IDLE_POLL_S if nxt is None else min(IDLE_POLL_S, max(0.0, nxt - time.time()))
                 if wait_s > 0:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                    # cancellation that races with the wake-up, and this loop would
+                    # never stop.
                     with suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), wait_s)
+                        async with asyncio.timeout(wait_s):
+                            await self._wake.wait()
         finally:
             tasks = list(self._inflight.values())
             for t in tasks:
