@@ -93,6 +93,16 @@ class Hub:
         return {e.id for e in await self.journal.events(since=0)}
 
 
+async def settled(hub: Hub, timeout: float = 10.0) -> list[Any]:
+    """The deliveries once none is pending (the receiver sees a request before its row is settled)."""
+    end = time.monotonic() + timeout
+    while True:
+        rows = await hub.journal.list_deliveries(limit=10_000)
+        if all(d.status != "pending" for d in rows) or time.monotonic() > end:
+            return rows
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 async def receiver():
     r = await Receiver([SECRET_A, SECRET_B]).start()
@@ -186,7 +196,7 @@ async def test_every_state_change_delivered_signed_in_order(hub: Hub, receiver: 
     ready = receiver.by_type("clone.ready")[0].payload["data"]
     assert ready["state"] == "Unstunned" and ready["error"] is None and "Stunned" in ready["durations_ms"]
     assert receiver.ids() == await hub.event_ids()
-    rows = await hub.journal.list_deliveries()
+    rows = await settled(hub)
     assert {d.status for d in rows} == {"delivered"} and all(d.attempts == 1 for d in rows)
 
 
@@ -219,7 +229,7 @@ async def test_receiver_down_then_up_gets_every_event_once_per_id(hub: Hub, rece
         bodies.setdefault(r.id, set()).add(r.body)
     assert all(len(b) == 1 for b in bodies.values()), "a repeated id must carry the same body"
     assert len(receiver.received) == len(all_ids), "nothing is sent again once delivered"
-    rows = await hub.journal.list_deliveries(limit=1000)
+    rows = await settled(hub)
     assert all(d.status == "delivered" for d in rows) and max(d.attempts for d in rows) > 1
 
 
@@ -409,3 +419,17 @@ async def test_cli_events_and_webhooks(hub: Hub, receiver: Receiver, capsys: pyt
                                               "--event", json.loads(line)["id"]]) == 0
     assert "queued 1 deliveries again" in "".join(cli_lines())
     assert await asyncio.to_thread(cli.main, ["--socket", sock, "events", "--type", "bogus"]) == 1
+
+
+async def test_a_hanging_endpoint_does_not_hold_up_another(hub: Hub, receiver: Receiver):
+    receiver.mode = "hang"  # takes all of its own slots, for good
+    other = await Receiver([SECRET_A]).start()
+    try:
+        endpoints = (*hub.config.webhooks.endpoints, cfg.WebhookEndpoint("other", other.url, (SECRET_A,)))
+        hub.sender.configure(replace(hub.config.webhooks, endpoints=endpoints, max_in_flight=2, timeout_s=60))
+        for i in range(3):
+            await hub.clone(f"two{i}")
+        await until(lambda: len(other.received) == 21, what="every event at the healthy endpoint")
+        assert receiver.attempts == 2, "the hanging endpoint holds exactly its own 2 slots"
+    finally:
+        await other.stop()

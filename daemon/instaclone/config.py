@@ -107,7 +107,7 @@ class WebhooksConfig:
     # Exponential backoff with jitter: about initial * 2^(attempt-1), capped.
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 600.0
-    # Requests in flight at once, over all endpoints.
+    # Requests in flight at once, per endpoint.
     max_in_flight: int = 8
     # Events whose deliveries are all settled are pruned after this long.
     retention_days: float = 7.0

@@ -229,6 +229,11 @@ class Journal:
         self.path = path
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._db: sqlite3.Connection | None = None
+        # Reads for the outbox sender and the event stream go through a second,
+        # read-only connection on its own thread (WAL lets it read while the
+        # writer commits): webhook traffic never queues behind a clone's writes.
+        self._rpool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-read")
+        self._rdb: sqlite3.Connection | None = None
         self._router: Router = lambda _type: []
         self._listeners: list[EventListener] = []
 
@@ -285,6 +290,15 @@ class Journal:
             await asyncio.wait([fut])
             raise
 
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only query on the reader connection."""
+
+        def call() -> T:
+            assert self._rdb is not None, "journal is not open"
+            return fn(self._rdb)
+
+        return await asyncio.get_running_loop().run_in_executor(self._rpool, call)
+
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -310,12 +324,25 @@ class Journal:
 
         await asyncio.get_running_loop().run_in_executor(self._pool, do_open)
 
+        def open_reader() -> None:
+            self._rdb = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
+                                        isolation_level=None)
+
+        await asyncio.get_running_loop().run_in_executor(self._rpool, open_reader)
+
     async def close(self) -> None:
         def do_close() -> None:
             if self._db is not None:
                 self._db.close()
                 self._db = None
 
+        def close_reader() -> None:
+            if self._rdb is not None:
+                self._rdb.close()
+                self._rdb = None
+
+        await asyncio.get_running_loop().run_in_executor(self._rpool, close_reader)
+        self._rpool.shutdown(wait=True)
         await asyncio.get_running_loop().run_in_executor(self._pool, do_close)
         self._pool.shutdown(wait=True)
 
@@ -616,10 +643,10 @@ class Journal:
                     break
             return out if since is not None else out[::-1]
 
-        return await self._run(do)
+        return await self._read(do)
 
     async def last_cursor(self) -> int:
-        return await self._run(lambda db: int(db.execute("SELECT COALESCE(MAX(cursor), 0) FROM events")
+        return await self._read(lambda db: int(db.execute("SELECT COALESCE(MAX(cursor), 0) FROM events")
                                               .fetchone()[0]))
 
     async def due_deliveries(self, now: float, webhooks: list[str], *, exclude: set[int],
@@ -637,7 +664,7 @@ class Journal:
             ).fetchall()
             return [Delivery(*r) for r in rows if r[0] not in exclude][:limit]
 
-        return await self._run(do)
+        return await self._read(do)
 
     async def next_due_at(self, webhooks: list[str], *, exclude: set[int]) -> float | None:
         """When the next pending delivery (not in ``exclude``) to ``webhooks`` is due."""
@@ -653,7 +680,7 @@ class Journal:
             ).fetchone()
             return row[0]
 
-        return await self._run(do)
+        return await self._read(do)
 
     async def settle_delivery(self, delivery_id: int, *, status: str, attempts: int, next_at: float,
                               http_status: int | None, error: str | None) -> None:
@@ -695,7 +722,7 @@ class Journal:
             return {n: {"disabled_at": at, "reason": r} for n, at, r in db.execute(
                 "SELECT name, disabled_at, reason FROM webhooks WHERE disabled_at IS NOT NULL")}
 
-        return await self._run(do)
+        return await self._read(do)
 
     async def delivery_counts(self) -> dict[str, dict[str, int]]:
         """{webhook: {status: count}}."""
@@ -707,7 +734,7 @@ class Journal:
                 out.setdefault(name, {})[status] = n
             return out
 
-        return await self._run(do)
+        return await self._read(do)
 
     async def list_deliveries(self, *, status: str | None = None, webhook: str | None = None,
                               job_id: str | None = None, event_id: str | None = None,
@@ -727,7 +754,7 @@ class Journal:
             ).fetchall()
             return [Delivery(*r) for r in rows]
 
-        return await self._run(do)
+        return await self._read(do)
 
     async def replay_deliveries(self, *, ids: list[int] | None = None, status: str | None = None,
                                 webhook: str | None = None, event_id: str | None = None) -> list[int]:

@@ -7,7 +7,8 @@ nothing: a delivery still ``pending`` after a restart is sent again, with the
 same ``webhook-id``.
 
 Promises:
- - at most ``max_in_flight`` requests at once; each has ``timeout_s``;
+ - at most ``max_in_flight`` requests at once per endpoint (a receiver that
+   hangs holds its own slots only); each has ``timeout_s``;
  - a failed attempt (connection error, timeout, non-2xx, a redirect, which is
    never followed) is retried with exponential backoff and jitter, or after
    the receiver's ``Retry-After``; after ``max_attempts`` it is ``failed``;
@@ -79,6 +80,7 @@ class WebhookSender:
         self.log = get_logger(component="webhooks")
         self._wake = asyncio.Event()
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._inflight_to: dict[int, str] = {}  # delivery id -> endpoint name
         self._disabled: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
         #: Attempts by (endpoint, outcome): delivered, retry, failed, disabled.
@@ -115,7 +117,8 @@ class WebhookSender:
         """Send until cancelled; in-flight requests are cancelled with it and stay pending."""
         self._disabled = set(await self.journal.disabled_webhooks())
         timeout = aiohttp.ClientTimeout(total=None)
-        connector = aiohttp.TCPConnector(limit=self.config.max_in_flight)
+        # Slots are per endpoint: one that hangs holds only its own.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.config.max_in_flight)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector,
                                               headers={"user-agent": f"instaclone/{__version__}"})
         next_prune = time.monotonic() + 60.0
@@ -124,22 +127,25 @@ class WebhookSender:
                 self._wake.clear()
                 if self.gate is not None:
                     await self.gate()
-                names = self._active_names()
-                free = self.config.max_in_flight - len(self._inflight)
-                due = await self.journal.due_deliveries(time.time(), names, exclude=set(self._inflight),
-                                                        limit=free)
-                for d in due:
-                    ep = self.endpoints[d.webhook]
-                    task = asyncio.get_running_loop().create_task(self._deliver(d, ep), name=f"webhook-{d.id}")
-                    self._inflight[d.id] = task
-                    task.add_done_callback(lambda _t, i=d.id: self._done(i))
+                busy = Counter(self._inflight_to.values())
+                free = {n: self.config.max_in_flight - busy[n] for n in self._active_names()}
+                full = True
+                for name, slots in free.items():
+                    if slots <= 0:
+                        continue
+                    due = await self.journal.due_deliveries(time.time(), [name], exclude=set(self._inflight),
+                                                            limit=slots)
+                    full = full and len(due) == slots
+                    for d in due:
+                        self._start(d, self.endpoints[d.webhook])
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_EVERY_S
                     await self._prune()
-                if due and len(due) == free:
-                    wait_s = 0.0 if len(self._inflight) < self.config.max_in_flight else IDLE_POLL_S
+                open_names = [n for n, slots in free.items() if slots > 0]
+                if open_names and full:
+                    wait_s = 0.0  # every open endpoint filled its slots: there may be more
                 else:
-                    nxt = await self.journal.next_due_at(names, exclude=set(self._inflight))
+                    nxt = await self.journal.next_due_at(open_names, exclude=set(self._inflight))
                     wait_s = IDLE_POLL_S if nxt is None else min(IDLE_POLL_S, max(0.0, nxt - time.time()))
                 if wait_s > 0:
                     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
@@ -157,6 +163,12 @@ class WebhookSender:
             await self._session.close()
             self._session = None
 
+    def _start(self, d: Delivery, ep: WebhookEndpoint) -> None:
+        task = asyncio.get_running_loop().create_task(self._deliver(d, ep), name=f"webhook-{d.id}")
+        self._inflight[d.id] = task
+        self._inflight_to[d.id] = ep.name
+        task.add_done_callback(lambda _t, i=d.id: self._done(i))
+
     def _outcome(self, endpoint: str, outcome: str) -> None:
         self.outcomes[(endpoint, outcome)] += 1
         if self.on_outcome is not None:
@@ -164,6 +176,7 @@ class WebhookSender:
 
     def _done(self, delivery_id: int) -> None:
         self._inflight.pop(delivery_id, None)
+        self._inflight_to.pop(delivery_id, None)
         self._wake.set()
 
     def _active_names(self) -> list[str]:
