@@ -185,3 +185,13 @@ class FakeStorage(StorageBackend):
 
     async def chain_depth(self, *, path: Path) -> int:
         return 2
+
+
+def fake_engine(config: Any, journal: Any, virt: FakeHypervisor) -> Any:
+    """An Engine on the fake hypervisor and storage, with the real saverestore memory backend."""
+    from instaclone.engine import Engine
+    from instaclone_plugins.saverestore import SaveRestoreMemory
+
+    return Engine(config=config, journal=journal, virt=virt,  # type: ignore[arg-type]
+                  storage=FakeStorage(config=config, virt=virt),  # type: ignore[arg-type]
+                  memory=SaveRestoreMemory(config=config, virt=virt))  # type: ignore[arg-type]

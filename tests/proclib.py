@@ -64,23 +64,6 @@ class NotifySocket:
         self.sock.close()
 
 
-def journal_fields(datagram: bytes) -> dict[str, str]:
-    """Parse one native-protocol journald entry (KEY=VALUE lines, or KEY\\n<le64 size><data>\\n)."""
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(datagram):
-        nl = datagram.index(b"\n", i)
-        line = datagram[i:nl]
-        if b"=" in line:
-            k, v = line.split(b"=", 1)
-            out[k.decode()] = v.decode()
-            i = nl + 1
-        else:
-            size = int.from_bytes(datagram[nl + 1:nl + 9], "little")
-            out[line.decode()] = datagram[nl + 9:nl + 9 + size].decode()
-            i = nl + 9 + size + 1
-    return out
-
 
 def write_config(path: Path, scratch_dir: Path, **sections: dict[str, Any]) -> Path:
     base: dict[str, dict[str, Any]] = {

@@ -10,11 +10,9 @@ from aiohttp import web
 
 from instaclone import config as cfg
 from instaclone.api import make_app
-from instaclone.engine import Engine
 from instaclone.journal import Journal
-from instaclone_plugins.saverestore import SaveRestoreMemory
 
-from .fakes import FakeHypervisor, FakeStorage
+from .fakes import FakeHypervisor, fake_engine
 from .apiclient import Api
 
 
@@ -27,9 +25,7 @@ async def api(tmp_path: Path):
     virt = FakeHypervisor()
     (tmp_path / "b.qcow2").write_bytes(b"")
     virt.add_source("src", tmp_path / "b.qcow2")
-    engine = Engine(config=c, journal=journal, virt=virt,  # type: ignore[arg-type]
-                    storage=FakeStorage(config=c, virt=virt),  # type: ignore[arg-type]
-                    memory=SaveRestoreMemory(config=c, virt=virt))  # type: ignore[arg-type]
+    engine = fake_engine(c, journal, virt)
     runner = web.AppRunner(make_app(engine, journal))
     await runner.setup()
     sock = tmp_path / "ctl.sock"

@@ -18,9 +18,8 @@ import pytest
 from instaclone import config as cfg
 from instaclone.engine import Engine
 from instaclone.journal import Journal
-from instaclone_plugins.saverestore import SaveRestoreMemory
 
-from .fakes import FakeHypervisor, FakeStorage
+from .fakes import FakeHypervisor, fake_engine
 
 
 class CountingHypervisor(FakeHypervisor):
@@ -59,9 +58,7 @@ async def world(tmp_path: Path):
         virt.add_source(f"s{i}", disk)
     # Every libvirt call takes a little while: jobs overlap for real.
     virt.delay.update({"suspend": 0.01, "resume": 0.01, "define": 0.005, "start": 0.01, "lookup": 0.002})
-    engine = Engine(config=c, journal=journal, virt=virt,  # type: ignore[arg-type]
-                    storage=FakeStorage(config=c, virt=virt),  # type: ignore[arg-type]
-                    memory=SaveRestoreMemory(config=c, virt=virt))  # type: ignore[arg-type]
+    engine = fake_engine(c, journal, virt)
     yield engine, virt, journal
     await engine.shutdown(10)
     await journal.close()

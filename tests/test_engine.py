@@ -25,9 +25,8 @@ from instaclone.errors import (
 )
 from instaclone.journal import Journal
 from instaclone.states import HAPPY_PATH, State
-from instaclone_plugins.saverestore import SaveRestoreMemory
 
-from .fakes import FakeHypervisor, FakeStorage
+from .fakes import FakeHypervisor, fake_engine
 
 STEPS = [s.value for s in HAPPY_PATH[1:]]
 
@@ -43,9 +42,7 @@ async def env(tmp_path: Path):
     base = tmp_path / "base.qcow2"
     base.write_bytes(b"base")
     virt.add_source("src", base)
-    engine = Engine(config=c, journal=journal, virt=virt,  # type: ignore[arg-type]
-                    storage=FakeStorage(config=c, virt=virt),  # type: ignore[arg-type]
-                    memory=SaveRestoreMemory(config=c, virt=virt))  # type: ignore[arg-type]
+    engine = fake_engine(c, journal, virt)
     yield engine, virt, journal, c
     await engine.shutdown(5)
     await journal.close()

@@ -23,14 +23,13 @@ from aiohttp import web
 
 from instaclone import config as cfg
 from instaclone.api import make_app
-from instaclone.engine import Engine
 from instaclone.journal import Journal
 from instaclone.virt import Hypervisor
-from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from .conftest import libvirt_ready
-from .fakes import FakeHypervisor, FakeStorage
-from .proclib import EXE, DaemonProcess, NotifySocket, free_port, journal_fields, write_config
+from .fakes import FakeHypervisor, fake_engine
+from .proclib import EXE, DaemonProcess, NotifySocket, free_port, write_config
+from .test_systemd import parse_journal
 from .vmlib import Api, Scratch, boot_source, make_config, running_daemon, wait_state
 
 needs_libvirt = pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvirt_ready()))
@@ -192,7 +191,7 @@ async def test_sigterm_mid_clone_rolls_back_and_leaves_source_running(tmp_path: 
             d2.signal(signal.SIGTERM)
             assert await d2.wait() == 0
             entries = [e for e in await journal.drain_raw() if b"JOB_ID=" in e]
-            fields = [journal_fields(e) for e in entries]
+            fields = [{k: v[0] for k, v in parse_journal(e).items()} for e in entries]
             ready = [f for f in fields if f.get("STATE") == "Unstunned"]
             assert ready and ready[0]["CLONE"] == "sv-c2" and ready[0]["SYSLOG_IDENTIFIER"] == "instacloned"
             assert ready[0]["PRIORITY"] == "6" and ready[0]["MESSAGE"].startswith("job.transition")
@@ -286,9 +285,7 @@ async def acl_api(tmp_path: Path):
     virt = FakeHypervisor()
     (tmp_path / "b.qcow2").write_bytes(b"")
     virt.add_source("src", tmp_path / "b.qcow2")
-    engine = Engine(config=c, journal=journal, virt=virt,  # type: ignore[arg-type]
-                    storage=FakeStorage(config=c, virt=virt),  # type: ignore[arg-type]
-                    memory=SaveRestoreMemory(config=c, virt=virt))  # type: ignore[arg-type]
+    engine = fake_engine(c, journal, virt)
     runner = web.AppRunner(make_app(engine, journal))
     await runner.setup()
     scratch = Scratch()  # reachable by other users, unlike pytest's tmp_path
