@@ -15,6 +15,7 @@ import pytest
 from instaclone import config as cfg
 from instaclone.engine import Engine
 from instaclone.errors import (
+    Conflict,
     InvalidName,
     InvalidRequest,
     ShuttingDown,
@@ -356,3 +357,14 @@ async def test_freeze_clone_unfreeze_with_fakes(env):
     # the source got a new delta before it ran again (its clone is backed by the old top)
     assert len([m for m, n in virt.calls if m == "snapshot_disks"]) == len(snapshots_before) + 1
     assert await journal.frozen() == {}
+
+
+async def test_destroy_refuses_a_clone_with_clones_of_its_own(env):
+    engine, virt, journal, c = env
+    assert (await run_job(engine, journal, name="parent")).state is State.UNSTUNNED
+    assert (await run_job(engine, journal, source="parent", name="child")).state is State.UNSTUNNED
+    with pytest.raises(Conflict, match="child"):
+        await engine.destroy_clone("parent")
+    await engine.destroy_clone("child")
+    await engine.destroy_clone("parent")
+    assert "parent" not in virt.domains and "child" not in virt.domains

@@ -206,6 +206,10 @@ class Engine:
         if name in await self.journal.frozen():
             # Its frozen image would outlive it, and clones of it may need it.
             raise Conflict(f"{name!r} is frozen as a template; unfreeze it before destroying it")
+        children = sorted(c.name for c in await self.journal.list_clones() if c.source == name)
+        if children:
+            # Their disks are backed by images in this clone's directory.
+            raise Conflict(f"{name!r} has clones of its own ({', '.join(children)}); destroy them first")
         await self.virt.undefine(name)
         clone_dir = Path(rec.dir)
         if clone_dir.parent == self.config.clones_dir:  # never outside our directory
@@ -395,24 +399,37 @@ class Engine:
             if name in frozen:
                 continue
             try:
-                info = await self.virt.lookup(name)
-                if info.state != "running":
-                    continue
-                for disk in info.disks:
-                    if disk.readonly:
-                        continue
-                    depth = await self.storage.chain_depth(path=disk.path)
-                    if depth <= limit:
-                        continue
-                    t0 = time.monotonic()
-                    async with asyncio.timeout(self.config.clone.step_timeout_s):
-                        await self.storage.consolidate(domain=name, target=disk.target)
-                    now_top = next(d.path for d in (await self.virt.lookup(name)).disks if d.target == disk.target)
-                    after = await self.storage.chain_depth(path=now_top)
-                    self.log.info("chain.consolidated", domain=name, disk=disk.target, depth_before=depth,
-                                  depth_after=after, ms=round((time.monotonic() - t0) * 1000.0, 1))
+                # A new clone may already be another job's source: hold its lock too
+                # (the job's own source lock is held by the caller).
+                lock = self._source_locks.setdefault(name, asyncio.Lock()) if name != job.source else None
+                if lock is not None:
+                    await lock.acquire()
+                try:
+                    await self._consolidate_one(name, limit)
+                finally:
+                    if lock is not None:
+                        lock.release()
             except Exception as exc:  # noqa: BLE001 - reported, never fatal to a finished job
-                self.log.warning("chain.consolidation_failed", domain=name, error=str(exc), job_id=job.id)
+                self.log.warning("chain.consolidation_failed", domain=name, error=str(exc) or repr(exc),
+                                 job_id=job.id)
+
+    async def _consolidate_one(self, name: str, limit: int) -> None:
+        info = await self.virt.lookup(name)
+        if info.state != "running":
+            return
+        for disk in info.disks:
+            if disk.readonly:
+                continue
+            depth = await self.storage.chain_depth(path=disk.path)
+            if depth <= limit:
+                continue
+            t0 = time.monotonic()
+            async with asyncio.timeout(self.config.clone.step_timeout_s):
+                await self.storage.consolidate(domain=name, target=disk.target)
+            now_top = next(d.path for d in (await self.virt.lookup(name)).disks if d.target == disk.target)
+            after = await self.storage.chain_depth(path=now_top)
+            self.log.info("chain.consolidated", domain=name, disk=disk.target, depth_before=depth,
+                          depth_after=after, ms=round((time.monotonic() - t0) * 1000.0, 1))
 
     def _emit(self, job: JobRecord, entry: StateEntry) -> None:
         durations = job.history.durations_ms()

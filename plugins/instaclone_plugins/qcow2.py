@@ -10,6 +10,12 @@ is itself a clone), the new source delta goes on top of its current top, and
 clones are backed by that top: every clone operation adds one image to the
 source's chain, and each clone's chain is the source's chain at stun plus its
 own delta.
+
+Consolidation (``clone.max_chain_depth``): a live block pull into the
+domain's own top image, down to the bottom-most image of its chain, leaves
+the chain at two images, top -> base. Only the top is written; the
+intermediate images are left as they are, because older clones (and clones
+of clones) may be backed by them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ._proc import run
 class Qcow2Storage(StorageBackend):
     name = "qcow2"
     supports_running_source = True
+    supports_consolidation = True
 
     def __init__(self, *, config: Config, virt: Hypervisor) -> None:
         super().__init__(config=config, virt=virt)
@@ -83,6 +90,36 @@ class Qcow2Storage(StorageBackend):
         for path in paths:
             await asyncio.to_thread(path.unlink, missing_ok=True)
 
+    async def _chain(self, top: Path) -> list[Path]:
+        """The images of the chain whose top is ``top``, top first."""
+        # --force-share: the images are open in running QEMUs.
+        out = await run(self.qemu_img, "info", "--force-share", "--backing-chain", "--output=json", str(top))
+        return [Path(img["filename"]) for img in json.loads(out)]
+
     async def chain_depth(self, *, path: Path) -> int:
-        out = await run(self.qemu_img, "info", "--force-share", "--backing-chain", "--output=json", str(path))
-        return len(json.loads(out))
+        return len(await self._chain(path))
+
+    async def consolidate(self, *, domain: str, target: str) -> None:
+        """Shorten the chain of ``domain``'s disk ``target`` to its top over the bottom-most image.
+
+        A live block pull: the guest keeps running, QEMU copies into the top
+        what the images in between hold, then rebases the top onto the
+        bottom-most image (the original base, which everyone shares
+        read-only). Nothing but the domain's own top is written, so images
+        other clones are backed by stay byte-identical; they are not deleted.
+        """
+        info = await self.virt.lookup(domain)
+        disk = next((d for d in info.disks if d.target == target), None)
+        if disk is None:
+            raise StorageError(f"{domain!r} has no file-backed disk {target!r}")
+        chain = await self._chain(disk.path)
+        if len(chain) <= 2:
+            return
+        base = chain[-1]
+        # A little under the engine's own bound, so that ours (which names the
+        # domain and aborts the block job) is the one that fires.
+        await self.virt.block_pull(domain, target, base=base, timeout_s=self.config.clone.step_timeout_s * 0.95)
+        after = await self._chain(disk.path)
+        if after != [disk.path, base]:
+            raise StorageError(f"block pull of {domain!r} {target} left the chain "
+                               f"{' <- '.join(map(str, reversed(after)))}; expected {base} <- {disk.path}")
