@@ -63,6 +63,9 @@ class FakeHypervisor:
 
     async def connect(self) -> None: ...
 
+    async def ensure_connected(self) -> bool:
+        return True
+
     async def is_connected(self) -> bool:
         return True
 

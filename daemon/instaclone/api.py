@@ -175,14 +175,9 @@ def _wait_param(request: web.Request) -> float:
 
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    connected = await engine.virt.is_connected()
-    if not connected:  # libvirtd may have restarted: try once to reconnect
-        with suppress(InstacloneError):
-            await engine.virt.connect()
-            connected = await engine.virt.is_connected()
     return web.json_response({
         "version": __version__,
-        "libvirt_connected": connected,
+        "libvirt_connected": await engine.virt.ensure_connected(),
         "active_jobs": engine.active_jobs,
         "accepting": engine.accepting,
         "storage_backend": engine.storage.name,

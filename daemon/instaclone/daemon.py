@@ -124,13 +124,7 @@ class Daemon:
                 f"libvirt {'connected' if up else 'DISCONNECTED'}; {pending} webhook requests in flight")
 
     async def _libvirt_alive(self) -> bool:
-        try:
-            up = await self.virt.is_connected()
-            if not up:
-                await self.virt.connect()  # reconnect (libvirtd restarted)
-                up = await self.virt.is_connected()
-        except InstacloneError:
-            up = False
+        up = await self.virt.ensure_connected()
         if up != self._libvirt_up:
             (self.log.info if up else self.log.error)("libvirt.connection", up=up, uri=self.config.libvirt.uri)
             self._libvirt_up = up

@@ -161,7 +161,7 @@ class Engine:
                 "config": config,
             }
             job = await self.journal.create_job(identity.new_job_id(), src, spec)
-        self._emit(job, job.history.entries[-1])
+        self._log_transition(job, job.history.entries[-1])
         self._dispatch(job)
         return job
 
@@ -431,29 +431,19 @@ class Engine:
             self.log.info("chain.consolidated", domain=name, disk=disk.target, depth_before=depth,
                           depth_after=after, ms=round((time.monotonic() - t0) * 1000.0, 1))
 
-    def _emit(self, job: JobRecord, entry: StateEntry) -> None:
-        durations = job.history.durations_ms()
-        event = {
-            "job_id": job.id,
-            "source": job.source,
-            "clones": job.spec.get("names", []),
-            "state": entry.state.value,
-            "at": entry.at,
-            "seq": len(job.history.entries),
-            "duration_ms": durations.get(entry.state.value),
-            "error": job.error if entry.state in (State.FAILED, State.NEEDS_ATTENTION) else None,
-        }
-        log = self.log.bind(job_id=job.id, source=job.source, clone=",".join(event["clones"]))
+    def _log_transition(self, job: JobRecord, entry: StateEntry) -> None:
+        """One log line per transition (the event itself is written by the journal)."""
+        log = self.log.bind(job_id=job.id, source=job.source, clone=",".join(job.spec.get("names", [])))
+        duration_ms = job.history.durations_ms().get(entry.state.value)
         if entry.state is State.FAILED or entry.state is State.NEEDS_ATTENTION:
-            log.warning("job.transition", state=entry.state.value, duration_ms=event["duration_ms"],
-                        error=job.error)
+            log.warning("job.transition", state=entry.state.value, duration_ms=duration_ms, error=job.error)
         else:
-            log.info("job.transition", state=entry.state.value, duration_ms=event["duration_ms"])
+            log.info("job.transition", state=entry.state.value, duration_ms=duration_ms)
 
     async def _finish(self, job: JobRecord, state: State, **kw: Any) -> None:
-        """Persist a transition, then emit it."""
+        """Persist a transition (and its event), then log it."""
         entry = await self.journal.record_state(job, state, **kw)
-        self._emit(job, entry)
+        self._log_transition(job, entry)
 
     async def _fail(self, job: JobRecord, err: InstacloneError, leftovers: list[str]) -> None:
         error = err.to_dict()

@@ -240,6 +240,15 @@ class Hypervisor:
         conn = self._conn
         return conn is not None and await self._call("isAlive", lambda: self._alive(conn))
 
+    async def ensure_connected(self) -> bool:
+        """True if connected, reconnecting first if the connection died (libvirtd restarted)."""
+        try:
+            if not await self.is_connected():
+                await self.connect()
+            return await self.is_connected()
+        except VirtConnectionError:
+            return False
+
     async def close(self) -> None:
         def do() -> None:
             with self._conn_lock:
