@@ -198,3 +198,27 @@ def fake_engine(config: Any, journal: Any, virt: FakeHypervisor) -> Any:
     return Engine(config=config, journal=journal, virt=virt,  # type: ignore[arg-type]
                   storage=FakeStorage(config=config, virt=virt),  # type: ignore[arg-type]
                   memory=SaveRestoreMemory(config=config, virt=virt))  # type: ignore[arg-type]
+
+
+async def fake_world(tmp_path: Path, **sections: Any) -> tuple[Any, Any, FakeHypervisor]:
+    """(config, open journal, fake hypervisor with a running source "src") under ``tmp_path``.
+
+    ``sections`` replace fields per config section, e.g. ``clone={"max_count": 2}``;
+    the caller closes the journal.
+    """
+    from dataclasses import replace
+
+    from instaclone import config as cfg
+    from instaclone.journal import Journal
+
+    c = cfg.Config()
+    c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "state"))
+    for name, changes in sections.items():
+        c = replace(c, **{name: replace(getattr(c, name), **changes)})
+    journal = Journal(c.journal_path)
+    await journal.open()
+    virt = FakeHypervisor()
+    base = tmp_path / "base.qcow2"
+    base.write_bytes(b"base")
+    virt.add_source("src", base)
+    return c, journal, virt

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from instaclone import config as cfg
 from instaclone.api import make_app
-from instaclone.journal import Journal
 
-from .fakes import FakeHypervisor, fake_engine
+from .fakes import fake_engine, fake_world
 from .apiclient import Api
 
 
 @pytest.fixture
 async def api(tmp_path: Path):
-    c = cfg.Config()
-    c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "s"))
-    journal = Journal(c.journal_path)
-    await journal.open()
-    virt = FakeHypervisor()
-    (tmp_path / "b.qcow2").write_bytes(b"")
-    virt.add_source("src", tmp_path / "b.qcow2")
+    c, journal, virt = await fake_world(tmp_path)
     engine = fake_engine(c, journal, virt)
     runner = web.AppRunner(make_app(engine, journal))
     await runner.setup()

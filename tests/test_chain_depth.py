@@ -14,7 +14,6 @@ import json
 import statistics
 import subprocess
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from instaclone.virt import Hypervisor
 from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from .conftest import libvirt_ready
-from .fakes import FakeHypervisor, FakeStorage
+from .fakes import FakeHypervisor, FakeStorage, fake_world
 from .vmlib import Api, Scratch, boot_source, make_config, running_daemon
 
 integration = [pytest.mark.integration,
@@ -83,15 +82,8 @@ class ChainStorage(FakeStorage):
 
 @pytest.fixture
 async def chain_env(tmp_path: Path):
-    c = cfg.Config()
-    c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "state"),
-                clone=replace(c.clone, stun_deadline_ms=500, step_timeout_s=5, max_chain_depth=4))
-    journal = Journal(c.journal_path)
-    await journal.open()
-    virt = FakeHypervisor()
-    base = tmp_path / "base.qcow2"
-    base.write_bytes(b"base")
-    virt.add_source("src", base)
+    c, journal, virt = await fake_world(tmp_path, clone={"stun_deadline_ms": 500, "step_timeout_s": 5,
+                                                         "max_chain_depth": 4})
     storage = ChainStorage(config=c, virt=virt)  # type: ignore[arg-type]
     engine = Engine(config=c, journal=journal, virt=virt,  # type: ignore[arg-type]
                     storage=storage, memory=SaveRestoreMemory(config=c, virt=virt))  # type: ignore[arg-type]

@@ -7,7 +7,6 @@ and that nothing the job created is left behind.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,22 +26,14 @@ from instaclone.errors import (
 from instaclone.journal import Journal
 from instaclone.states import HAPPY_PATH, State
 
-from .fakes import FakeHypervisor, fake_engine
+from .fakes import fake_engine, fake_world
 
 STEPS = [s.value for s in HAPPY_PATH[1:]]
 
 
 @pytest.fixture
 async def env(tmp_path: Path):
-    c = cfg.Config()
-    c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "state"),
-                clone=replace(c.clone, stun_deadline_ms=500, step_timeout_s=5))
-    journal = Journal(c.journal_path)
-    await journal.open()
-    virt = FakeHypervisor()
-    base = tmp_path / "base.qcow2"
-    base.write_bytes(b"base")
-    virt.add_source("src", base)
+    c, journal, virt = await fake_world(tmp_path, clone={"stun_deadline_ms": 500, "step_timeout_s": 5})
     engine = fake_engine(c, journal, virt)
     yield engine, virt, journal, c
     await engine.shutdown(5)

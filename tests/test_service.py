@@ -14,20 +14,17 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from instaclone import config as cfg
 from instaclone.api import make_app
-from instaclone.journal import Journal
 from instaclone.virt import Hypervisor
 
 from .conftest import libvirt_ready
-from .fakes import FakeHypervisor, fake_engine
+from .fakes import fake_engine, fake_world
 from .proclib import EXE, DaemonProcess, NotifySocket, free_port, write_config
 from .test_systemd import parse_journal
 from .vmlib import Api, Scratch, boot_source, make_config, running_daemon, wait_state
@@ -277,14 +274,7 @@ async def acl_api(tmp_path: Path):
     if not (_group_exists("kvm") and _group_exists("disk")):
         pytest.skip("needs groups named kvm and disk")
     kvm, disk = grp.getgrnam("kvm").gr_gid, grp.getgrnam("disk").gr_gid
-    c = cfg.Config()
-    c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "s"),
-                access=cfg.AccessConfig(write_groups=("kvm",), read_groups=("disk",)))
-    journal = Journal(c.journal_path)
-    await journal.open()
-    virt = FakeHypervisor()
-    (tmp_path / "b.qcow2").write_bytes(b"")
-    virt.add_source("src", tmp_path / "b.qcow2")
+    c, journal, virt = await fake_world(tmp_path, access={"write_groups": ("kvm",), "read_groups": ("disk",)})
     engine = fake_engine(c, journal, virt)
     runner = web.AppRunner(make_app(engine, journal))
     await runner.setup()
