@@ -67,4 +67,6 @@ echo "== clone serial log, first lines (same boot id, counter continues, no rebo
 grep 'IC boot=' "$clog" | head -3 | sed 's/^/   /'
 echo "== instaclone clones ls"
 "$bin/instaclone" clones ls
+echo "== instaclone events --tail 7 (each state change is an event; webhooks get the same)"
+"$bin/instaclone" events --tail 7
 virsh -c qemu:///system list

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -251,8 +252,6 @@ class Journal:
                 try:
                     fn(ev)
                 except Exception:  # a listener's bug must not fail the state change
-                    import logging
-
                     logging.getLogger("instaclone").exception("event listener failed")
 
     def _insert_event(self, db: sqlite3.Connection, event_type: str, job_id: str | None, at: float,
