@@ -296,13 +296,16 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     wake = asyncio.Event()
     closing = request.app[CLOSING]
     # Taken first, so that nothing committed from here on is missed.
+    async def matching(after: int | None, upto: int, limit: int) -> list[Event]:
+        """Events passing the filters with ``after < cursor <= upto`` (``after=None``: the last ``limit``)."""
+        return [e for e in await journal.events(since=after, job_id=job_id, types=types, limit=limit)
+                if e.cursor <= upto]
+
     top = await journal.last_cursor()
-    if since is None:
-        backlog = [e for e in await journal.events(job_id=job_id, types=types, limit=tail or 1) if e.cursor <= top]
-        backlog = backlog if tail else []
+    if since is not None:
+        backlog = await matching(since, top, 100_000)
     else:
-        backlog = [e for e in await journal.events(since=since, job_id=job_id, types=types, limit=100_000)
-                   if e.cursor <= top]
+        backlog = await matching(None, top, tail) if tail else []
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
     await resp.prepare(request)
 
@@ -319,8 +322,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
                 wake.clear()
                 top = await journal.last_cursor()
                 if top > cursor:
-                    await write([e for e in await journal.events(since=cursor, job_id=job_id, types=types,
-                                                                 limit=100_000) if e.cursor <= top])
+                    await write(await matching(cursor, top, 100_000))
                     cursor = top
                     continue
                 waiter = asyncio.ensure_future(wake.wait())
