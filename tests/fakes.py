@@ -33,6 +33,7 @@ class FakeDomain:
     uuid: str
     xml: str
     state: str = "shutoff"
+    inactive: str | None = None  # the persistent definition, when it differs from the running one
 
 
 class FakeHypervisor:
@@ -95,19 +96,32 @@ class FakeHypervisor:
     async def define(self, xml: str) -> str:
         name = ET.fromstring(xml).findtext("name") or ""
         await self._hook("define", name)
+        old = self.domains.get(name)
+        if (old is not None and "instaclone" not in old.xml and "incoming" not in xml
+                and ET.fromstring(old.xml).findtext("uuid") == ET.fromstring(xml).findtext("uuid")):
+            # The same domain defined anew: like libvirt, a running domain keeps
+            # running as it is and the new definition applies at its next start.
+            if old.state in ("running", "paused"):
+                old.inactive = xml
+            else:
+                old.xml = xml
+            return name
         if name in self.domains and self.domains[name].xml.find("instaclone") < 0 and "incoming" not in xml:
             raise DomainExists(f"domain {name!r} exists")
-        old = self.domains.get(name)
         self.domains[name] = FakeDomain(name, ET.fromstring(xml).findtext("uuid") or "", xml,
                                         old.state if old else "shutoff")
         return name
 
     async def inactive_xml(self, name: str) -> str:
-        return self._get(name).xml
+        d = self._get(name)
+        return d.inactive or d.xml
 
     async def start(self, name: str, *, paused: bool = False) -> None:
         await self._hook("start", name)
-        self._get(name).state = "paused" if paused else "running"
+        d = self._get(name)
+        if d.inactive is not None:
+            d.xml, d.inactive = d.inactive, None
+        d.state = "paused" if paused else "running"
 
     async def destroy(self, name: str) -> None:
         if name in self.domains:

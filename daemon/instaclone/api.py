@@ -18,10 +18,11 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from . import __version__, events, journal as jr
+from . import __version__, events, identity, journal as jr, preflight
 from .engine import Engine
 from .config import AccessConfig
-from .errors import BodyTooLarge, Forbidden, InstacloneError, InvalidRequest, NotFound
+from .errors import (BodyTooLarge, DomainNotFound, Forbidden, InstacloneError, InvalidRequest, NotFound,
+                     SourceNotFound)
 from .journal import Event, Journal
 from .log import get as get_logger
 from .metrics import Metrics
@@ -254,6 +255,98 @@ async def unfreeze(request: web.Request) -> web.Response:
     return web.json_response({"unfrozen": entry})
 
 
+#: How long ``check`` waits for the source's guest agent to answer guest-ping.
+AGENT_PING_S = 3
+
+
+async def _source_facts(request: web.Request, name: str) -> tuple[preflight.Facts, str]:
+    """(the live facts preflight needs, the XML to check: live if the domain runs) of ``name``."""
+    engine = request.app[ENGINE]
+    journal = request.app[JOURNAL]
+    try:
+        info = await engine.virt.lookup(name)
+    except DomainNotFound:
+        raise SourceNotFound(f"source domain {name!r} does not exist") from None
+    inactive = await engine.virt.inactive_xml(name) if info.active else None
+    ping: bool | None = None
+    ping_error = None
+    if info.state == "running" and preflight.agent_channel(info.xml):
+        try:
+            await engine.virt.agent(name, "guest-ping", timeout_s=AGENT_PING_S)
+            ping = True
+        except InstacloneError as exc:
+            ping, ping_error = False, exc.message
+    depths: dict[str, int | str] = {}
+    for disk in info.disks:
+        if disk.readonly:
+            continue
+        try:
+            depths[disk.target] = await engine.storage.chain_depth(path=disk.path)
+        except InstacloneError as exc:
+            depths[disk.target] = exc.message
+        except OSError as exc:
+            depths[disk.target] = str(exc)
+    clone = await journal.get_clone(name)
+    facts = preflight.Facts(
+        state=info.state, frozen=name in await journal.frozen(), clone_of=clone.source if clone else None,
+        agent_ping=ping, agent_error=ping_error, chain_depths=depths,
+        max_chain_depth=engine.config.clone.max_chain_depth,
+        memory_backends=[(m.name, m.can_serve(info)) for m in engine.memories],
+        storage_backend=engine.storage.name, inactive_xml=inactive)
+    return facts, info.xml
+
+
+async def check_source(request: web.Request) -> web.Response:
+    """Preflight report of a domain: per capability, ok or not and the exact change."""
+    name = identity.validate_name(request.match_info["name"], what="source name")
+    facts, xml = await _source_facts(request, name)
+    return web.json_response({"check": preflight.check(xml, facts).to_dict()})
+
+
+async def prepare_source(request: web.Request) -> web.Response:
+    """Write what instant clones need into a domain's persistent definition (or, dry run, show it)."""
+    body = await _body(request)
+    unknown = sorted(set(body) - {"dry_run"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)} (allowed: dry_run)")
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise InvalidRequest("dry_run must be true or false")
+    name = identity.validate_name(request.match_info["name"], what="source name")
+    engine = request.app[ENGINE]
+    # Under the source's lock: a clone job's disk snapshot rewrites the
+    # definition's disk paths, and writing back one read before it would put
+    # the source on an image its clones are backed by.
+    async with engine.source_lock(name):
+        try:
+            info = await engine.virt.lookup(name)
+            before = await engine.virt.inactive_xml(name)
+        except DomainNotFound:
+            raise SourceNotFound(f"source domain {name!r} does not exist") from None
+        prep = preflight.prepare(before)
+        after = prep.xml
+        if prep.changed and not dry_run:
+            await engine.virt.define(prep.xml)
+            after = await engine.virt.inactive_xml(name)  # libvirt's own rendering, with what it filled in
+    # What the definition has and the running domain not yet (for a dry run: before any change).
+    pending = preflight.pending(info.xml, before if dry_run else after) if info.active else []
+    if not prep.changed:
+        note = "nothing to change" + (f"; pending until the next boot: {', '.join(pending)}" if pending else "")
+    elif dry_run:
+        note = "dry run: nothing was changed"
+    elif info.active:
+        note = (f"the changes apply at the next boot of {name}: shut it down and start it again (a reboot "
+                "inside the guest is not enough); the running domain is unchanged")
+    else:
+        note = f"the changes apply when {name} is started"
+    if prep.changed and not dry_run:
+        log.info("api.source_prepared", source=name, changed=[c.split(":")[0] for c in prep.changed],
+                 peer=request.get(PEER))
+    return web.json_response({"prepare": {
+        "source": name, "state": info.state, "dry_run": dry_run, "applied": bool(prep.changed) and not dry_run,
+        **prep.to_dict(), "diff": preflight.diff(before, after, name), "pending": pending, "note": note}})
+
+
 async def list_frozen(request: web.Request) -> web.Response:
     return web.json_response({"frozen": list((await request.app[JOURNAL].frozen()).values())})
 
@@ -448,6 +541,8 @@ def make_app(engine: Engine, journal: Journal, webhooks: WebhookSender | None = 
     app.router.add_get("/v1/frozen", list_frozen)
     app.router.add_post("/v1/sources/{name}/freeze", freeze)
     app.router.add_post("/v1/sources/{name}/unfreeze", unfreeze)
+    app.router.add_get("/v1/sources/{name}/check", check_source)
+    app.router.add_post("/v1/sources/{name}/prepare", prepare_source)
     return app
 
 
@@ -487,6 +582,23 @@ OPENAPI: dict[str, Any] = {
         "/v1/sources/{name}/unfreeze": {"post": {
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "unfrozen"}, "404": _ERR}}},
+        "/v1/sources/{name}/check": {"get": {
+            "description": "preflight: per capability, whether the domain has it and the exact change",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the report", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"check": {"$ref": "#/components/schemas/Check"}}}}}},
+                "400": _ERR, "404": _ERR}}},
+        "/v1/sources/{name}/prepare": {"post": {
+            "description": "write shared file-backed RAM, <acpi/>, a guest agent channel and <genid/> into "
+                           "the persistent definition; a running domain gets them at its next boot",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"dry_run": {"type": "boolean", "default": False}}}}}},
+            "responses": {"200": {"description": "what was (or would be) changed", "content": {
+                "application/json": {"schema": {"type": "object", "properties": {
+                    "prepare": {"$ref": "#/components/schemas/Prepare"}}}}}},
+                "400": _ERR, "403": _ERR, "404": _ERR}}},
         "/v1/events": {"get": {
             "description": "NDJSON event stream (application/x-ndjson), oldest first",
             "parameters": [
@@ -520,7 +632,35 @@ OPENAPI: dict[str, Any] = {
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "destroyed"}, "404": _ERR}}},
     },
-    "components": {"schemas": {"Error": {"type": "object", "properties": {"error": {
-        "type": "object", "required": ["code", "message"],
-        "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "step": {"type": "string"}}}}}}},
+    "components": {"schemas": {
+        "Error": {"type": "object", "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "step": {"type": "string"}}}}},
+        "CheckItem": {"type": "object", "required": ["capability", "ok", "level", "detail", "fix"], "properties": {
+            "capability": {"type": "string", "enum": ["state", "cow_memory", "mac_reset", "guest_customization",
+                                                      "vm_generation_id", "firmware", "tpm", "disk",
+                                                      "chain_depth"]},
+            "ok": {"type": "boolean"},
+            "level": {"type": "string", "enum": ["ok", "warn", "error"]},
+            "detail": {"type": "string"},
+            "fix": {"type": "string", "nullable": True, "description": "the exact XML to add or change"},
+            "device": {"type": "string", "description": "disk target or device the item is about"},
+            "pending": {"type": "boolean", "description": "in the persistent definition; applies at next boot"}}},
+        "Check": {"type": "object", "required": ["source", "state", "cloneable", "checks"], "properties": {
+            "source": {"type": "string"}, "state": {"type": "string"}, "frozen": {"type": "boolean"},
+            "clone_of": {"type": "string", "nullable": True},
+            "cloneable": {"type": "boolean", "description": "false if any item has level error"},
+            "pending": {"type": "array", "items": {"type": "string"}},
+            "checks": {"type": "array", "items": {"$ref": "#/components/schemas/CheckItem"}}}},
+        "Prepare": {"type": "object", "required": ["source", "changed", "not_changed", "diff"], "properties": {
+            "source": {"type": "string"}, "state": {"type": "string"}, "dry_run": {"type": "boolean"},
+            "applied": {"type": "boolean", "description": "the persistent definition was written"},
+            "changed": {"type": "array", "items": {"type": "string"}},
+            "not_changed": {"type": "array", "items": {"type": "string"},
+                            "description": "what stands in the way and prepare does not change, and why"},
+            "diff": {"type": "string", "description": "unified diff of the persistent definition"},
+            "pending": {"type": "array", "items": {"type": "string"},
+                        "description": "capabilities defined but not yet in the running domain"},
+            "note": {"type": "string"}}},
+    }},
 }

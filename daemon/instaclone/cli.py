@@ -77,6 +77,51 @@ def _print_job(job: dict[str, Any]) -> None:
             print(f"    guest: hostname={ident['hostname']}  addresses={','.join(addrs) or '-'}")
 
 
+_LEVELS = {"ok": "OK", "warn": "WARN", "error": "FAIL"}
+
+
+def _print_check(report: dict[str, Any]) -> None:
+    """One line per capability (OK/WARN/FAIL), then the fixes."""
+    verdict = "cloneable" if report["cloneable"] else "NOT cloneable"
+    extra = f", clone of {report['clone_of']}" if report.get("clone_of") else ""
+    print(f"{report['source']}: {verdict} ({report['state']}{', frozen' if report.get('frozen') else ''}{extra})")
+    rows = [[_LEVELS.get(c["level"], c["level"]), c["capability"] + (f" {c['device']}" if c.get("device") else ""),
+             c["detail"]] for c in report["checks"]]
+    width = max(len(r[1]) for r in rows)
+    for level, cap, detail in rows:
+        print(f"  {level:<4}  {cap:<{width}}  {detail}")
+    fixes = [c for c in report["checks"] if c.get("fix")]
+    if fixes:
+        print("fixes (instaclone prepare makes those it can; see --dry-run):")
+        for c in fixes:
+            print(f"  {c['capability']}{' ' + c['device'] if c.get('device') else ''}: {c['fix']}")
+    if report.get("pending"):
+        print(f"pending until the next boot: {', '.join(report['pending'])}")
+
+
+def _print_prepare(p: dict[str, Any]) -> None:
+    if p["diff"]:
+        print(p["diff"], end="" if p["diff"].endswith("\n") else "\n")
+    for c in p["changed"]:
+        print(f"{'would change' if p['dry_run'] else 'changed'}: {c}")
+    for c in p["not_changed"]:
+        print(f"not changed: {c}")
+    print(p["note"])
+
+
+def _clone_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The optional clone request fields given on the command line."""
+    out: dict[str, Any] = {}
+    if args.keep_ssh_host_keys:
+        out["keep_ssh_host_keys"] = True
+    if args.script:
+        try:
+            out["script"] = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"--script {args.script}: {exc}", 2) from None
+    return out
+
+
 def _kv(pairs: list[str]) -> dict[str, str]:
     out = {}
     for p in pairs:
@@ -157,6 +202,14 @@ async def run(args: argparse.Namespace) -> int:
                   "clones from it need no stun")
         else:
             print(f"unfroze {args.source} ({entry['clones']} clones made while frozen)")
+        return 0
+    if args.cmd == "check":
+        report = (await _request(sock, "GET", f"/v1/sources/{args.source}/check"))["check"]
+        emit(report) if out_json else _print_check(report)
+        return 0 if report["cloneable"] else 1
+    if args.cmd == "prepare":
+        data = (await _request(sock, "POST", f"/v1/sources/{args.source}/prepare", {"dry_run": args.dry_run}))
+        emit(data["prepare"]) if out_json else _print_prepare(data["prepare"])
         return 0
     if args.cmd == "frozen":
         rows = (await _request(sock, "GET", "/v1/frozen"))["frozen"]
@@ -296,6 +349,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("source")
     u = sub.add_parser("unfreeze", help="let a frozen source run again (its clones are not affected)")
     u.add_argument("source")
+    ck = sub.add_parser("check", help="can SRC be instant-cloned? per capability, and what to change "
+                                      "(exit status 1 if not cloneable)")
+    ck.add_argument("source")
+    pr = sub.add_parser("prepare", help="write what instant clones need into SRC's persistent definition "
+                                        "(applies at its next boot)")
+    pr.add_argument("source")
+    pr.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
     sub.add_parser("frozen", help="list frozen sources")
     sub.add_parser("status", help="daemon status")
     ev = sub.add_parser("events", help="show events (state changes); -f follows new ones")

@@ -768,6 +768,15 @@ class Engine:
             if res.kind == jr.SOURCE_DELTA and res.ref not in in_use:
                 await asyncio.to_thread(Path(res.ref).unlink, missing_ok=True)
 
+    def source_lock(self, name: str) -> asyncio.Lock:
+        """The lock that jobs, freeze and unfreeze of ``name`` hold; hold it to change its definition.
+
+        A job's disk snapshot rewrites the source's persistent definition (its
+        disk paths): a definition read outside the lock and written back
+        later could point the source at an image that clones are backed by.
+        """
+        return self._source_locks.setdefault(name, asyncio.Lock())
+
 
 def _owner(path: Path | None) -> tuple[int, int] | None:
     if path is None:

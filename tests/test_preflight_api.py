@@ -1,0 +1,189 @@
+"""GET /v1/sources/{name}/check and POST /v1/sources/{name}/prepare on the fake hypervisor, and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from instaclone import cli, preflight
+from instaclone.api import OPENAPI, make_app
+from instaclone.errors import VirtError
+
+from .apiclient import Api
+from .fakes import fake_engine, fake_world
+
+
+@pytest.fixture
+async def api(tmp_path: Path):
+    c, journal, virt = await fake_world(tmp_path)
+    engine = fake_engine(c, journal, virt)
+    runner = web.AppRunner(make_app(engine, journal))
+    await runner.setup()
+    sock = tmp_path / "ctl.sock"
+    await web.UnixSite(runner, str(sock)).start()
+    async with Api(sock) as client:
+        yield client, virt, sock
+    await engine.shutdown(5)
+    await runner.cleanup()
+    await journal.close()
+
+
+def by_cap(report: dict, cap: str) -> dict:
+    found = [c for c in report["checks"] if c["capability"] == cap]
+    assert len(found) == 1, report
+    return found[0]
+
+
+async def test_check_reports_each_capability(api):
+    client, virt, _ = api
+    status, body = await client.call("GET", "/v1/sources/src/check")
+    assert status == 200, body
+    report = body["check"]
+    assert report["source"] == "src" and report["state"] == "running" and report["frozen"] is False
+    mem = by_cap(report, "cow_memory")
+    assert (mem["ok"], mem["level"], mem["fix"]) == (False, "warn", preflight.FIX_MEMORY)
+    assert "saverestore" in mem["detail"]  # the fake's engine has saverestore only
+    assert by_cap(report, "mac_reset")["level"] == "error"  # the fake source has no <acpi/>
+    assert report["cloneable"] is False
+    assert by_cap(report, "chain_depth")["detail"].startswith("vda: 2 image(s)")  # FakeStorage.chain_depth
+    assert ("agent", "src") not in virt.calls  # no channel: the agent is not asked
+
+
+async def test_check_pings_the_agent_when_there_is_a_channel(api):
+    client, virt, _ = api
+    src = virt.domains["src"]
+    src.xml = preflight.prepare(src.xml).xml  # as if booted prepared
+    _, body = await client.call("GET", "/v1/sources/src/check")
+    assert by_cap(body["check"], "guest_customization")["ok"] is True
+    assert ("agent", "src") in virt.calls
+    assert body["check"]["cloneable"] is True
+    virt.fail["agent"] = VirtError("guest agent is not connected")
+    _, body = await client.call("GET", "/v1/sources/src/check")
+    item = by_cap(body["check"], "guest_customization")
+    assert item["level"] == "error" and "not connected" in item["detail"]
+
+
+async def test_check_a_frozen_source(api):
+    client, virt, _ = api
+    assert (await client.call("POST", "/v1/sources/src/freeze"))[0] == 200
+    _, body = await client.call("GET", "/v1/sources/src/check")
+    assert body["check"]["frozen"] is True and "frozen by instaclone" in by_cap(body["check"], "state")["detail"]
+    assert (await client.call("POST", "/v1/sources/src/unfreeze"))[0] == 200
+
+
+@pytest.mark.parametrize("method,path,body,status,code", [
+    ("GET", "/v1/sources/ghost/check", None, 404, "source_not_found"),
+    ("POST", "/v1/sources/ghost/prepare", {}, 404, "source_not_found"),
+    ("GET", "/v1/sources/a..b/check", None, 400, "invalid_name"),
+    ("POST", "/v1/sources/-x/prepare", {}, 400, "invalid_name"),
+    ("POST", "/v1/sources/src/prepare", {"dry_run": "yes"}, 400, "invalid_request"),
+    ("POST", "/v1/sources/src/prepare", {"dryrun": True}, 400, "invalid_request"),
+    ("PUT", "/v1/sources/src/check", None, 405, "method_not_allowed"),
+])
+async def test_errors(api, method, path, body, status, code):
+    client, virt, _ = api
+    before = virt.domains["src"].xml
+    got, answer = await client.call(method, path, body)
+    assert (got, answer["error"]["code"]) == (status, code), answer
+    assert virt.domains["src"].xml == before and virt.domains["src"].inactive is None
+
+
+async def test_prepare_running_source_changes_the_definition_only(api):
+    client, virt, _ = api
+    live = virt.domains["src"].xml
+    status, body = await client.call("POST", "/v1/sources/src/prepare", {"dry_run": True})
+    assert status == 200, body
+    p = body["prepare"]
+    assert p["dry_run"] is True and p["applied"] is False and len(p["changed"]) == 4
+    assert "+    <access mode=\"shared\" />" in p["diff"]
+    assert virt.domains["src"].inactive is None and ("define", "src") not in virt.calls
+
+    status, body = await client.call("POST", "/v1/sources/src/prepare", {})
+    p = body["prepare"]
+    assert status == 200 and p["applied"] is True and p["diff"] == body["prepare"]["diff"] != ""
+    assert "next boot of src" in p["note"] and p["pending"] == list(preflight.PREPARABLE)
+    assert virt.domains["src"].xml == live  # the running domain is unchanged
+    root = ET.fromstring(virt.domains["src"].inactive)
+    assert preflight.has_shared_file_ram(root) and preflight.has_acpi(root)
+
+    _, body = await client.call("GET", "/v1/sources/src/check")
+    report = body["check"]
+    assert report["pending"] == list(preflight.PREPARABLE)
+    assert "pending: the persistent definition has it, applies at next boot" in by_cap(report, "cow_memory")["detail"]
+
+    # Idempotent: nothing more to change, still pending until the next boot.
+    _, body = await client.call("POST", "/v1/sources/src/prepare", {})
+    p = body["prepare"]
+    assert p["changed"] == [] and p["applied"] is False and p["diff"] == ""
+    assert p["note"].startswith("nothing to change; pending until the next boot: cow_memory")
+
+    # After a power cycle the domain runs its new definition.
+    await virt.destroy("src")
+    await virt.start("src")
+    _, body = await client.call("GET", "/v1/sources/src/check")
+    assert body["check"]["pending"] == [] and by_cap(body["check"], "cow_memory")["ok"] is True
+
+
+async def test_prepare_shut_off_source_and_a_clone(api):
+    client, virt, _ = api
+    virt.domains["src"].state = "shutoff"
+    _, body = await client.call("POST", "/v1/sources/src/prepare")
+    assert body["prepare"]["note"] == "the changes apply when src is started"
+    assert preflight.has_acpi(ET.fromstring(virt.domains["src"].xml))
+    virt.domains["src"].state = "running"
+    # Preparing a domain instaclone made is fine.
+    status, body = await client.call("POST", "/v1/jobs?wait=10", {"source": "src", "name": "c1"})
+    assert status == 201, body
+    status, body = await client.call("POST", "/v1/sources/c1/prepare", {"dry_run": True})
+    assert status == 200 and body["prepare"]["source"] == "c1"
+    _, body = await client.call("GET", "/v1/sources/c1/check")
+    assert body["check"]["clone_of"] == "src"
+
+
+async def test_openapi_has_the_new_paths(api):
+    client, _, _ = api
+    _, doc = await client.call("GET", "/v1/openapi.json")
+    assert "get" in doc["paths"]["/v1/sources/{name}/check"]
+    assert "post" in doc["paths"]["/v1/sources/{name}/prepare"]
+    schemas = doc["components"]["schemas"]
+    assert {"Check", "CheckItem", "Prepare"} <= set(schemas)
+    caps = set(schemas["CheckItem"]["properties"]["capability"]["enum"])
+    report = preflight.check(preflight.prepare(_fake_xml()).xml,
+                             preflight.Facts(state="running", chain_depths={"vda": 2}))
+    assert caps == {f.capability for f in report.checks}
+    assert doc == json.loads(json.dumps(OPENAPI))
+
+
+def _fake_xml() -> str:
+    from .fakes import SOURCE_XML
+    return SOURCE_XML.format(name="x", uuid="u", disk="/tmp/x.qcow2")
+
+
+async def test_cli_check_and_prepare(api, capsys):
+    _, virt, sock = api
+    run = lambda *argv: asyncio.to_thread(cli.main, ["--socket", str(sock), *argv])  # noqa: E731
+    assert await run("check", "src") == 1  # no <acpi/>: not cloneable
+    out = capsys.readouterr().out
+    assert out.startswith("src: NOT cloneable (running)")
+    assert "  WARN  cow_memory" in out and "  FAIL  mac_reset" in out and "  OK    disk vda" in out
+    assert f"  cow_memory: {preflight.FIX_MEMORY}" in out
+    assert await run("prepare", "src", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "--- src (before)" in out and "would change: cow_memory" in out and "dry run" in out
+    assert await run("prepare", "src") == 0
+    out = capsys.readouterr().out
+    assert "changed: mac_reset" in out and "next boot of src" in out
+    assert await run("-o", "json", "check", "src") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["pending"] == list(preflight.PREPARABLE)
+    await virt.destroy("src")
+    await virt.start("src")
+    assert await run("check", "src") == 0
+    assert capsys.readouterr().out.startswith("src: cloneable (running)")
+    assert await run("check", "ghost") == 1
+    assert "[source_not_found]" in capsys.readouterr().err
