@@ -122,7 +122,7 @@ def _short(el: ET.Element) -> str:
         node.tail = None
         if node.text is not None and not node.text.strip():
             node.text = None
-    return ET.tostring(el, encoding="unicode").replace('"', "'")
+    return ET.tostring(el, encoding="unicode").replace('"', "'").replace(" />", "/>")
 
 
 def _copy(el: ET.Element) -> ET.Element:
