@@ -9,5 +9,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 if [ -x "$repo/scripts/build-guest.sh" ]; then
     "$repo/scripts/build-guest.sh"
 fi
+if [ -x "$repo/scripts/build-debian-guest.sh" ]; then
+    "$repo/scripts/build-debian-guest.sh"
+fi
 cd "$repo"
 exec "${INSTACLONE_VENV:-$repo/.venv}/bin/pytest" -ra "$@"
