@@ -44,6 +44,9 @@ class FakeHypervisor:
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Exception] = {}  # method name -> error to raise
         self.delay: dict[str, float] = {}  # method name -> seconds to sleep
+        self.exec_log: list[tuple[str, list[str], bytes]] = []  # agent_exec calls: (domain, argv, stdin)
+        self.interfaces: dict[str, list[dict[str, Any]]] = {}  # guest-network-get-interfaces answers
+        self.agent_log: list[tuple[str, str]] = []  # agent calls: (domain, command)
 
     async def _hook(self, method: str, name: str) -> None:
         self.calls.append((method, name))
@@ -144,14 +147,21 @@ class FakeHypervisor:
 
     async def agent(self, name: str, command: str, arguments: Any = None, *, timeout_s: int = 10) -> Any:
         await self._hook("agent", name)
+        self.agent_log.append((name, command))
+        if command == "guest-network-get-interfaces" and name in self.interfaces:
+            return self.interfaces[name]
         if command == "guest-network-get-interfaces":
             return [{"name": "eth0", "hardware-address": "52:54:00:00:00:99",
-                     "ip-addresses": [{"ip-address": "10.0.2.15", "prefix": 24}]}]
+                     "ip-addresses": [{"ip-address": "10.0.2.15", "ip-address-type": "ipv4", "prefix": 24}]}]
         return {}
 
     async def agent_exec(self, name: str, argv: list[str], *, stdin: bytes = b"",
                          timeout_s: float = 30.0) -> tuple[int, str]:
         await self._hook("agent_exec", name)
+        self.exec_log.append((name, argv, stdin))
+        if any("IC-DONE" in a for a in argv):  # the identity reset script
+            return 0, ("IC-RESULT machine_id reset new\nIC-RESULT ssh_host_keys not_present no keys\n"
+                       "IC-DONE\n")
         return 0, "ok"
 
     async def set_link(self, name: str, mac: str, *, up: bool) -> None:

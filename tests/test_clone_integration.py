@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not
 WEBHOOK_SECRET = events.new_secret()
 
 #: Every domain the integration tests create starts with one of these.
-TEST_PREFIXES = ("ic-", "fc-", "fz-", "id-")
+TEST_PREFIXES = ("ic-", "fc-", "fz-", "id-", "db-")
 
 
 @pytest.fixture

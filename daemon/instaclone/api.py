@@ -188,7 +188,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def create_job(request: web.Request) -> web.Response:
     body = await _body(request)
-    allowed = {"source", "name", "count", "keep_network", "customize", "config"}
+    allowed = {"source", "name", "count", "keep_network", "customize", "config", "keep_ssh_host_keys", "script"}
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
@@ -199,7 +199,8 @@ async def create_job(request: web.Request) -> web.Response:
     wait = _wait_param(request)  # before submit: a refused request must not start a job
     job = await engine.submit(source=body["source"], name=body["name"], count=body.get("count", 1),
                               keep_network=body.get("keep_network", False),
-                              customize=body.get("customize", True), config=body.get("config"))
+                              customize=body.get("customize", True), config=body.get("config"),
+                              keep_ssh_host_keys=body.get("keep_ssh_host_keys"), script=body.get("script"))
     log.info("api.clone_requested", job_id=job.id, source=job.source, peer=peer)
     if wait:
         await engine.wait(job.id, wait)
@@ -566,6 +567,12 @@ OPENAPI: dict[str, Any] = {
                         "keep_network": {"type": "boolean"},
                         "customize": {"type": "boolean"},
                         "config": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "keep_ssh_host_keys": {"type": "boolean",
+                                               "description": "keep the source's SSH host keys "
+                                                              "(default: clone.keep_ssh_host_keys, false)"},
+                        "script": {"type": "string", "minLength": 1, "maxLength": 65536,
+                                   "description": "shell script run in each clone after its identity "
+                                                  "reset (default: clone.customize_script)"},
                     }}}}},
                 "responses": {"201": {"description": "job finished"}, "202": {"description": "job accepted"},
                               "400": _ERR, "404": _ERR, "409": _ERR},

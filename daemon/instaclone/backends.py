@@ -38,6 +38,8 @@ class StunContext:
     tops: dict[str, Path] = field(default_factory=dict)  # disk target -> top image at stun
     memory: Any = None  # the memory backend's image of the source at stun
     memory_cached: bool = False  # the image belongs to a frozen source: not released by the job
+    source_ipv4: list[str] | None = None  # guest interfaces with IPv4 at stun; None: unknown
+    nvram: Path | None = None  # the UEFI variable store clones copy (the source's, or its copy at freeze)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class CloneTarget:
     disks: dict[str, Path] = field(default_factory=dict)  # disk target -> clone delta
     macs: list[str] = field(default_factory=list)  # one per interface, in device order
     identity: dict[str, Any] = field(default_factory=dict)  # what the guest-side reset did
+    nvram: Path | None = None  # the clone's own copy of the source's UEFI variable store
 
 
 class StorageBackend(abc.ABC):

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
@@ -75,6 +76,14 @@ def _print_job(job: dict[str, Any]) -> None:
         if ident.get("hostname"):
             addrs = [a for i in ident.get("interfaces", []) for a in i.get("addresses", [])]
             print(f"    guest: hostname={ident['hostname']}  addresses={','.join(addrs) or '-'}")
+        for item, st in (ident.get("reset") or {}).items():
+            print(f"    {item:<17} {st.get('status'):<12} {st.get('detail', '')}")
+        for fp in ident.get("ssh_host_key_fingerprints") or []:
+            print(f"    ssh host key      {fp}")
+        if ident.get("script"):
+            print(f"    script            exit {ident['script']['exit_status']}")
+        if c.get("nvram"):
+            print(f"    nvram             {c['nvram']}")
 
 
 _LEVELS = {"ok": "OK", "warn": "WARN", "error": "FAIL"}
@@ -163,7 +172,7 @@ async def run(args: argparse.Namespace) -> int:
         data = await _request(sock, "POST", f"/v1/jobs{wait}",
                               {"source": args.source, "name": args.name, "count": args.count,
                                "keep_network": args.keep_network, "customize": not args.no_customize,
-                               "config": _kv(args.config)})
+                               "config": _kv(args.config), **_clone_options(args)})
         job = data["job"]
         if out_json:
             emit(job)
@@ -331,6 +340,10 @@ def parser() -> argparse.ArgumentParser:
                    help="data handed to the guest (/run/instaclone/config.json); repeatable")
     c.add_argument("--no-customize", action="store_true",
                    help="skip the guest-side identity reset (hostname, machine-id, DHCP)")
+    c.add_argument("--keep-ssh-host-keys", action="store_true", default=None,
+                   help="keep the source's SSH host keys (default: every clone gets new ones)")
+    c.add_argument("--script", metavar="FILE",
+                   help="shell script run in each clone after its identity reset ('-': stdin)")
     c.add_argument("--keep-network", action="store_true",
                    help="do not hold the clone's link down until its NIC is replaced (isolated networks)")
     c.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")

@@ -62,6 +62,11 @@ class CloneConfig:
     max_count: int = 64
     # Guest-side identity reset through the guest agent, per clone.
     customize_timeout_s: float = 60.0
+    # Keep the source's SSH host keys in clones (default: regenerate them).
+    keep_ssh_host_keys: bool = False
+    # A shell script (host path) run in every clone after its identity reset,
+    # unless the request brings its own ("" : none).
+    customize_script: str = ""
     # Images in a disk's backing chain above which the running domain's chain
     # is consolidated after a job (a live block pull into its own top image).
     max_chain_depth: int = 32
@@ -187,6 +192,19 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
             raise ConfigError(f"{key}: must be a string, got {value!r}")
         if value:
             parse_listen(key, value)
+        return value
+    if key == "clone.customize_script":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a path string (\"\" for none), got {value!r}")
+        if value:
+            if not Path(value).is_absolute():
+                raise ConfigError(f"{key}: must be an absolute path, got {value!r}")
+            if not Path(value).is_file():
+                raise ConfigError(f"{key}: {value} is not a readable file")
+        return value
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
         return value
     if annotation == "int":
         if isinstance(value, bool) or not isinstance(value, int):

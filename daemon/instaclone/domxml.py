@@ -23,6 +23,8 @@ class CloneIdentity:
     source: str = ""
     job_id: str = ""
     extra_qemu_args: list[str] = field(default_factory=list)
+    #: The clone's own copy of the source's UEFI variable store, if it has one.
+    nvram: Path | None = None
 
 
 def count_interfaces(xml: str) -> int:
@@ -56,6 +58,18 @@ def clone_xml(source_xml: str, ident: CloneIdentity) -> str:
     for seclabel in root.findall("seclabel"):
         if seclabel.get("type") == "dynamic":
             root.remove(seclabel)
+
+    # The UEFI variable store is per VM: the clone's is its own copy. Never
+    # keep the source's path, even by omission.
+    nvram = root.find("./os/nvram")
+    if nvram is not None:
+        if ident.nvram is None:
+            raise ValueError("the source has an <nvram> store but the clone has no copy of it")
+        nsrc = nvram.find("source")
+        if nsrc is not None:
+            nsrc.set("file", str(ident.nvram))
+        else:
+            nvram.text = str(ident.nvram)
 
     devices = root.find("devices")
     if devices is None:
@@ -112,6 +126,11 @@ def clone_xml(source_xml: str, ident: CloneIdentity) -> str:
         if log is not None and log.get("file"):
             log.set("file", relocate(log.get("file", "")))
     for gfx in devices.findall("graphics"):
+        if gfx.get("socket"):
+            gfx.set("socket", relocate(gfx.get("socket", "")))
+        for lis in gfx.findall("listen"):
+            if lis.get("socket"):
+                lis.set("socket", relocate(lis.get("socket", "")))
         if gfx.get("autoport") == "no" or gfx.get("port") not in (None, "-1"):
             gfx.set("autoport", "yes")
             gfx.attrib.pop("port", None)

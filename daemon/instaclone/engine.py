@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import customize, domxml, identity, journal as jr
+from . import customize, domxml, identity, journal as jr, vmstate
 from .backends import CloneTarget, MemoryBackend, StorageBackend, StunContext
 from .config import Config
+from .customize import validate_script
 from .errors import (
     Conflict,
     DomainNotFound,
@@ -47,6 +48,9 @@ Undo = Callable[[], Awaitable[None]]
 
 #: How long a finished job's completion event is kept for waiters that race with it.
 DONE_KEEP_S = 60.0
+
+#: A stun longer than this sets the source's clock from the host's afterwards.
+SOURCE_CLOCK_AFTER_STUN_MS = 1000.0
 
 #: Clones of one job started at once.
 CLONE_START_PARALLEL = 4
@@ -127,7 +131,8 @@ class Engine:
 
     async def submit(self, *, source: object, name: object, count: object = 1,
                      keep_network: object = False, customize: object = True,
-                     config: object = None) -> JobRecord:
+                     config: object = None, keep_ssh_host_keys: object = None,
+                     script: object = None) -> JobRecord:
         """Validate a clone request, persist it as Requested and queue it."""
         if not self.accepting:
             raise ShuttingDown("the daemon is shutting down and accepts no new jobs; retry after it restarts")
@@ -137,6 +142,11 @@ class Engine:
         if not isinstance(customize, bool):
             raise InvalidRequest("customize must be true or false")
         config = _validate_guest_config(config)
+        if keep_ssh_host_keys is None:
+            keep_ssh_host_keys = self.config.clone.keep_ssh_host_keys
+        if not isinstance(keep_ssh_host_keys, bool):
+            raise InvalidRequest("keep_ssh_host_keys must be true or false")
+        script = validate_script(script)
         if isinstance(count, bool) or not isinstance(count, int):
             raise InvalidRequest("count must be an integer")
         if not 1 <= count <= self.config.clone.max_count:
@@ -159,6 +169,8 @@ class Engine:
                 "keep_network": keep_network,
                 "customize": customize,
                 "config": config,
+                "keep_ssh_host_keys": keep_ssh_host_keys,
+                "script": script,
             }
             job = await self.journal.create_job(identity.new_job_id(), src, spec)
         self._log_transition(job, job.history.entries[-1])
@@ -173,6 +185,9 @@ class Engine:
             raise SourceNotFound(f"source domain {src!r} does not exist") from None
         if not info.active:
             raise SourceNotCloneable(f"source {src!r} is {info.state}; it must be running or paused")
+        refused = vmstate.refusals(info.xml)
+        if refused:
+            raise SourceNotCloneable(vmstate.refusal_message(src, refused))
         return info
 
     def _pick_memory(self, info: DomainInfo) -> MemoryBackend:
@@ -274,6 +289,10 @@ class Engine:
             info = await self._active_source(src)
             memory = self._pick_memory(info)
             paused_by_us = info.state == "running"
+            # Which interfaces have IPv4 (clones wait for it there): asked
+            # now, while the guest still runs and its agent answers.
+            ipv4 = (await customize.ipv4_interfaces(self.virt, src)
+                    if paused_by_us and customize.has_agent(info.xml) else None)
             await self.journal.add_frozen(src, paused_by_us=paused_by_us, backend=memory.name)
             ctx = StunContext(f"frozen-{src}", info, self._frozen_dir(src), frozen=True)
             t0 = time.monotonic()
@@ -281,6 +300,12 @@ class Engine:
                 if paused_by_us:
                     await self.virt.suspend(src)
                 await asyncio.to_thread(ctx.job_dir.mkdir, parents=True, exist_ok=True)
+                # Per-VM state the clones copy is taken now, while the source
+                # cannot change it; it lives (and dies) with the frozen dir.
+                await asyncio.to_thread(_write_json, ctx.job_dir / "interfaces.json", ipv4)
+                nvram = vmstate.nvram_path(info.xml)
+                if nvram is not None:
+                    await asyncio.to_thread(_copy_private, nvram, ctx.job_dir / "nvram.fd")
                 ctx.memory = await memory.capture(ctx=ctx, record=_no_record)
                 ms = round((time.monotonic() - t0) * 1000.0, 3)
                 await self.journal.set_frozen_image(src, ctx.memory, freeze_ms=ms)
@@ -310,16 +335,20 @@ class Engine:
                 # source must write to a new delta from now on.
                 ctx = StunContext(f"unfreeze-{identity.new_job_id()[:8]}", info, self._frozen_dir(src))
                 await self.storage.create_source_delta(ctx=ctx, record=_no_record)
+            clock: dict[str, Any] | None = None
             if entry["paused_by_us"]:
                 await self.virt.resume(src)
+                # Its clock stood still while it was frozen.
+                if customize.has_agent(info.xml):
+                    clock = await customize.set_clock(self.virt, src)
             memory = self._memory_named(entry["backend"])
             if entry["image"]:
                 await memory.release(ctx=StunContext(f"frozen-{src}", info, self._frozen_dir(src),
                                                      memory=entry["image"]))
             await _rmtree(self._frozen_dir(src))
             await self.journal.remove_frozen(src, clones=entry["clones"])
-        self.log.info("source.unfrozen", source=src, clones=entry["clones"])
-        return entry
+        self.log.info("source.unfrozen", source=src, clones=entry["clones"], clock=clock)
+        return {**entry, "clock": clock}
 
     def _frozen_dir(self, src: str) -> Path:
         return self.config.daemon.state_dir / "frozen" / src
@@ -502,6 +531,17 @@ class Engine:
             ctx = StunContext(job.id, info, job_dir, frozen=frozen)
             if info.state == "paused" and not frozen:
                 ctx.paused_by_owner = True
+            ctx.nvram = vmstate.nvram_path(info.xml)
+            if frozen:
+                # Taken at freeze (see freeze()); a freeze from before that
+                # existed has none, and the paused source's own file is as good.
+                at_freeze = self._frozen_dir(job.source)
+                ctx.source_ipv4 = await asyncio.to_thread(_read_json, at_freeze / "interfaces.json")
+                if ctx.nvram is not None and await asyncio.to_thread((at_freeze / "nvram.fd").is_file):
+                    ctx.nvram = at_freeze / "nvram.fd"
+            elif info.state == "running" and customize.has_agent(info.xml):
+                # Outside the stun: which interfaces the clones must get IPv4 on.
+                ctx.source_ipv4 = await customize.ipv4_interfaces(self.virt, job.source)
 
             deadline_s = self.config.clone.stun_deadline_ms / 1000.0
             stun_started = time.monotonic()
@@ -530,12 +570,17 @@ class Engine:
             if was_stunned:
                 stun_ms = round((time.monotonic() - stun_started) * 1000.0, 3)
             await self._step(run, State.UNSTUNNED.value, lambda: self._start_clones(run, ctx, clones))
+            source_clock: dict[str, Any] | None = None
+            if stun_ms is not None and stun_ms > SOURCE_CLOCK_AFTER_STUN_MS and customize.has_agent(info.xml):
+                # A long pause leaves the source's clock behind by as much.
+                source_clock = await customize.set_clock(self.virt, job.source)
             if ctx.frozen:
                 await self.journal.count_frozen_clones(job.source, len(clones))
             if not ctx.memory_cached:
                 await run.memory.release(ctx=ctx)
             await _rmtree(job_dir)
             result = await self._result(run, ctx, clones, stun_ms)
+            result["source_clock"] = source_clock
             records = [
                 CloneRecord(c.name, c.uuid, job.source, job.id, str(c.dir), time.time()) for c in clones
             ]
@@ -589,6 +634,13 @@ class Engine:
                 await asyncio.to_thread(_make_dir, clone.dir, owner)
                 run.undo.append((f"remove {clone.dir}", lambda d=clone.dir: _rmtree(d)))
                 clone.disks = await self.storage.create_clone_delta(ctx=ctx, clone=clone, record=record)
+                if ctx.nvram is not None:
+                    # The UEFI variables as they are at stun (the source is
+                    # paused: its QEMU does not write them now).
+                    src_nvram = vmstate.nvram_path(ctx.source.xml) or ctx.nvram
+                    clone.nvram = clone.dir / vmstate.clone_nvram_name(src_nvram, job.source, clone.name)
+                    await record(jr.FILE, str(clone.nvram), clone=clone.name)
+                    await asyncio.to_thread(_copy_private, ctx.nvram, clone.nvram)
 
         await self._step(run, State.CLONE_DELTA_CREATED.value, make_deltas)
         await self._finish(run.job, State.CLONE_DELTA_CREATED)
@@ -615,7 +667,7 @@ class Engine:
                 ident = domxml.CloneIdentity(
                     name=clone.name, uuid=clone.uuid, macs=clone.macs,
                     dir=clone.dir, disks=clone.disks, source=job.source, job_id=job.id,
-                    extra_qemu_args=run.memory.qemu_args(ctx=ctx, clone=clone),
+                    extra_qemu_args=run.memory.qemu_args(ctx=ctx, clone=clone), nvram=clone.nvram,
                 )
                 xml = run.memory.adjust_xml(ctx=ctx, clone=clone, xml=domxml.clone_xml(ctx.source.xml, ident))
                 await record(jr.DOMAIN, clone.name, clone=clone.name)
@@ -648,6 +700,7 @@ class Engine:
         customizing = bool(run.job.spec.get("customize", True)) and customize.has_agent(ctx.source.xml)
         why_not = ("not requested" if not run.job.spec.get("customize", True)
                    else f"the source has no guest agent channel ({customize.AGENT_CHANNEL})")
+        script = run.job.spec.get("script") or await asyncio.to_thread(self._config_script)
 
         async def start(clone: CloneTarget) -> None:
             async with slots:
@@ -666,11 +719,17 @@ class Engine:
                     try:
                         clone.identity = await customize.customize(
                             self.virt, clone.name, hostname=clone.name,
-                            config=run.job.spec.get("config") or {}, timeout_s=timeout)
+                            config=run.job.spec.get("config") or {}, timeout_s=timeout,
+                            keep_ssh_host_keys=bool(run.job.spec.get("keep_ssh_host_keys")))
                         for mac in clone.macs:
                             await self.virt.set_link(clone.name, mac, up=True)
                         clone.identity["interfaces"] = await customize.renew_network(
-                            self.virt, clone.name, timeout_s=timeout)
+                            self.virt, clone.name, timeout_s=timeout, want_ipv4=ctx.source_ipv4)
+                        clone.identity["ipv4_waited_for"] = ctx.source_ipv4
+                        if script:
+                            clone.identity["script"] = await customize.run_script(
+                                self.virt, clone.name, script, source=run.job.source, job_id=run.job.id,
+                                timeout_s=timeout)
                     except InstacloneError as exc:
                         raise customize.CustomizationFailed(
                             f"customization of clone {clone.name!r} failed; the clone was removed: "
@@ -687,6 +746,16 @@ class Engine:
         if errors:
             raise errors[0]
 
+    def _config_script(self) -> str | None:
+        """The configured ``clone.customize_script``, read now (it may change between jobs)."""
+        path = self.config.clone.customize_script
+        if not path:
+            return None
+        try:
+            return validate_script(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, InstacloneError) as exc:
+            raise customize.CustomizationFailed(f"clone.customize_script {path}: {exc}") from None
+
     async def _result(self, run: _Run, ctx: StunContext, clones: list[CloneTarget], stun_ms: float | None) -> dict[str, Any]:
         out = []
         for c in clones:
@@ -702,6 +771,7 @@ class Engine:
                 "state": info.state,
                 "macs": domxml.macs(info.xml),
                 "disks": {k: str(v) for k, v in c.disks.items()},
+                "nvram": str(c.nvram) if c.nvram else None,
                 "chain_depth": depth,
                 "dir": str(c.dir),
             })
@@ -812,6 +882,31 @@ def _validate_guest_config(config: object) -> dict[str, str]:
 async def _no_record(kind: str, ref: str, *, clone: str | None = None) -> int:
     """Recorder for freeze/unfreeze: their files live at fixed paths recovery knows."""
     return 0
+
+
+def _copy_private(src: Path, dst: Path) -> None:
+    """Copy ``src`` (opened read-only: it is never written) to a new file ``dst``.
+
+    ``dst`` gets ``src``'s owner (the user libvirt runs QEMU as) and mode 0600.
+    """
+    st = src.stat()
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as fout, open(src, "rb") as fin:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fchown(fout.fileno(), st.st_uid, st.st_gid)
+        os.fsync(fout.fileno())
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 async def _rmtree(path: Path) -> None:

@@ -352,7 +352,11 @@ class Hypervisor:
         await self._call(f"destroy {name!r}", do)
 
     async def undefine(self, name: str) -> None:
-        """Remove the definition of ``name`` (stopping it first); absent is fine."""
+        """Remove the definition of ``name`` (stopping it first); absent is fine.
+
+        Never deletes a file: NVRAM and TPM state named by the definition are
+        kept (whoever created them removes them).
+        """
 
         def do() -> None:
             dom = self._dom_or_none(name)
@@ -360,10 +364,15 @@ class Hypervisor:
                 return
             if dom.isActive():
                 dom.destroy()
+            # KEEP_NVRAM / KEEP_TPM: libvirt would delete whatever path the
+            # definition names, which may be a file that is not ours (a clone
+            # defined with its source's <nvram> lost the source's UEFI
+            # variables that way). Files we made are removed by their owner.
             dom.undefineFlags(
                 libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                 | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
+                | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_KEEP_TPM", 0)
                 | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
             )
 

@@ -1,0 +1,158 @@
+"""Guest identity reset (fake hypervisor): what is sent to the guest, what the result says.
+
+The guest side itself is proven on the real Debian guest
+(tests/test_debian_identity.py); here: the secrets come from the host and
+differ per clone, options reach the guest, failures fail the clone, the
+source's clock is set after a long stun and after unfreeze.
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from instaclone import customize
+from instaclone.errors import InvalidRequest
+from instaclone.states import State
+
+from .test_engine import AGENT, env, run_job  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def agent_env(env):
+    engine, virt, journal, c = env
+    virt.domains["src"].xml = virt.domains["src"].xml.replace("</devices>", AGENT + "</devices>")
+    return env
+
+
+def identity_calls(virt) -> dict[str, tuple[list[str], bytes]]:
+    return {name: (argv, stdin) for name, argv, stdin in virt.exec_log if any("IC-DONE" in a for a in argv)}
+
+
+def test_guest_scripts_are_valid_posix_sh():
+    script = customize._IDENTITY.replace('"$PERL_RESEED"', "'" + customize._PERL_RESEED.strip() + "'")
+    for text in (script, customize._RENEW, customize._SCRIPT_WRAPPER):
+        subprocess.run(["sh", "-n", "-c", text], check=True)
+    subprocess.run(["perl", "-c", "-e", customize._PERL_RESEED], check=True, capture_output=True)
+
+
+async def test_each_clone_gets_host_made_secrets_and_its_result(agent_env):
+    engine, virt, journal, _ = agent_env
+    job = await run_job(engine, journal, name="c", count=3)
+    assert job.state is State.UNSTUNNED, job.error
+    calls = identity_calls(virt)
+    assert set(calls) == {"c-1", "c-2", "c-3"}
+    seen = set()
+    for name, (argv, stdin) in calls.items():
+        assert argv[-2:] == [name, "0"]  # hostname; SSH host keys are regenerated
+        rng, seed, mid, config = stdin.split(b"\n", 3)
+        assert len(base64.b64decode(rng)) == customize.RNG_BYTES
+        assert len(base64.b64decode(seed)) == customize.SEED_BYTES
+        assert len(mid) == 32 and int(mid, 16) >= 0
+        seen.update([rng, seed, mid])
+    assert len(seen) == 9  # nothing repeats across clones
+    for cl in job.result["clones"]:
+        ident = cl["identity"]
+        assert ident["machine_id"].encode() == calls[cl["name"]][1].split(b"\n")[2]
+        assert ident["reset"]["machine_id"]["status"] == "reset"
+        assert ident["reset"]["ssh_host_keys"] == {"status": "not_present", "detail": "no keys"}
+        assert ident["reset"]["clock"]["status"] == "reset"
+        assert ident["ipv4_waited_for"] == ["eth0"]
+
+
+async def test_keep_ssh_host_keys_from_request_and_config(agent_env):
+    engine, virt, journal, c = agent_env
+    job = await run_job(engine, journal, name="k1", keep_ssh_host_keys=True)
+    assert job.state is State.UNSTUNNED
+    assert identity_calls(virt)["k1"][0][-1] == "1"
+    with pytest.raises(InvalidRequest, match="keep_ssh_host_keys"):
+        await engine.submit(source="src", name="k2", keep_ssh_host_keys="yes")
+
+
+async def test_user_script_runs_after_the_reset_with_its_environment(agent_env):
+    engine, virt, journal, _ = agent_env
+    job = await run_job(engine, journal, name="s1", script="echo hello from $IC_CLONE_NAME\n")
+    assert job.state is State.UNSTUNNED, job.error
+    name, argv, stdin = virt.exec_log[-1]
+    assert name == "s1" and stdin == b"echo hello from $IC_CLONE_NAME\n"
+    assert argv[-3:] == ["s1", "src", job.id]
+    assert job.result["clones"][0]["identity"]["script"] == {"exit_status": 0, "output_tail": "ok"}
+    order = [("IC-DONE" in " ".join(a)) for n, a, _ in virt.exec_log if n == "s1"]
+    assert order[0] is True  # the reset ran first
+
+
+@pytest.mark.parametrize("bad", ["", "   ", 5, "x" * (customize.MAX_SCRIPT_BYTES + 1), "a\x00b"])
+async def test_bad_scripts_are_refused(agent_env, bad):
+    engine, *_ = agent_env
+    with pytest.raises(InvalidRequest, match="script"):
+        await engine.submit(source="src", name="b1", script=bad)
+
+
+async def test_a_failing_user_script_fails_the_clone(agent_env):
+    engine, virt, journal, c = agent_env
+    real = virt.agent_exec
+
+    async def failing(name, argv, **kw):
+        if kw.get("stdin") == b"exit 3\n":
+            return 3, "boom"
+        return await real(name, argv, **kw)
+
+    virt.agent_exec = failing
+    job = await run_job(engine, journal, name="f1", script="exit 3\n")
+    assert job.state is State.FAILED
+    assert job.error["code"] == "customization_failed" and "exited 3: boom" in job.error["message"]
+    assert set(virt.domains) == {"src"}
+
+
+async def test_clone_without_ipv4_where_the_source_had_it_fails(agent_env, tmp_path):
+    engine, virt, journal, c = agent_env
+    engine.config = type(c)(**{**c.__dict__, "clone": type(c.clone)(**{**c.clone.__dict__,
+                                                                       "customize_timeout_s": 1.0})})
+    virt.interfaces["n1"] = [{"name": "eth0", "hardware-address": "52:54:00:00:00:98", "ip-addresses": [
+        {"ip-address": "fe80::1", "ip-address-type": "ipv6", "prefix": 64}]}]
+    job = await run_job(engine, journal, name="n1")
+    assert job.state is State.FAILED
+    assert "no IPv4 address on eth0" in job.error["message"]
+
+
+async def test_source_clock_is_set_after_a_long_stun_and_after_unfreeze(agent_env):
+    engine, virt, journal, c = agent_env
+    job = await run_job(engine, journal, name="t1")
+    assert job.result["source_clock"] is None  # a short stun
+    assert ("src", "guest-set-time") not in virt.agent_log
+    virt.delay["save_state"] = 1.2
+    engine.config = type(c)(**{**c.__dict__, "clone": type(c.clone)(**{**c.clone.__dict__,
+                                                                       "stun_deadline_ms": 5000})})
+    job = await run_job(engine, journal, name="t2")
+    assert job.state is State.UNSTUNNED, job.error
+    assert job.result["stun_ms"] > 1000 and job.result["source_clock"] == {"set": True}
+    assert ("src", "guest-set-time") in virt.agent_log
+    virt.delay.clear()
+    virt.agent_log.clear()
+    await engine.freeze("src")
+    out = await engine.unfreeze("src")
+    assert out["clock"] == {"set": True} and ("src", "guest-set-time") in virt.agent_log
+
+
+def test_result_parsing():
+    items, fps = customize._parse("noise\nIC-RESULT ssh_host_keys reset regenerated: ed25519\n"
+                                  "IC-FP 256 SHA256:abc root@c1 (ED25519)\nIC-FP \nIC-RESULT bad\n")
+    assert items == {"ssh_host_keys": {"status": "reset", "detail": "regenerated: ed25519"}}
+    assert fps == ["256 SHA256:abc root@c1 (ED25519)"]
+
+
+def test_config_script_key(tmp_path: Path):
+    from instaclone import config as cfg
+    from instaclone.errors import ConfigError
+
+    script = tmp_path / "post.sh"
+    script.write_text("true\n")
+    got = cfg.from_dict({"clone": {"customize_script": str(script), "keep_ssh_host_keys": True}})
+    assert got.clone.customize_script == str(script) and got.clone.keep_ssh_host_keys is True
+    with pytest.raises(ConfigError, match="clone.customize_script"):
+        cfg.from_dict({"clone": {"customize_script": str(tmp_path / "missing.sh")}})
+    with pytest.raises(ConfigError, match="clone.keep_ssh_host_keys"):
+        cfg.from_dict({"clone": {"keep_ssh_host_keys": "no"}})
