@@ -71,7 +71,7 @@ def test_ready_source_is_cloneable_and_all_ok():
         assert set(c) >= {"capability", "ok", "level", "detail", "fix"}
     assert {c["capability"] for c in d["checks"]} == {
         "state", "cow_memory", "mac_reset", "guest_customization", "vm_generation_id", "firmware", "tpm",
-        "disk", "chain_depth"}
+        "disk", "chain_depth", "host_state"}
     # The read-only CD-ROM is fine and has no chain check.
     assert item(report, "disk", "sda").ok
     assert [f.device for f in report.checks if f.capability == "chain_depth"] == ["vda"]

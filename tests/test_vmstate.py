@@ -187,3 +187,21 @@ async def test_tpm_source_is_refused_at_submit_and_freeze(env):
     with pytest.raises(SourceNotCloneable, match="tpm"):
         await engine.freeze("src")
     assert dom.state == "running" and not await journal.list_jobs()
+
+
+@pytest.mark.parametrize("devices", [
+    "<filesystem type='mount'><source dir='/srv/share'/><target dir='share'/></filesystem>",
+    "<hostdev mode='subsystem' type='pci'/>",
+    "<shmem name='ivshmem'/>",
+    "<interface type='vhostuser'><source type='unix' path='/run/vu.sock' mode='client'/></interface>",
+    "<serial type='tcp'><source mode='bind' host='127.0.0.1' service='4555'/><target port='1'/></serial>",
+    "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>",
+    "<disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vdc'/></disk>",
+])
+def test_preflight_check_and_the_engine_agree_on_refusals(devices):
+    from instaclone import preflight
+
+    x = xml(devices=devices)
+    assert vmstate.refusals(x)
+    report = preflight.check(x)
+    assert not report.cloneable

@@ -646,7 +646,7 @@ OPENAPI: dict[str, Any] = {
         "CheckItem": {"type": "object", "required": ["capability", "ok", "level", "detail", "fix"], "properties": {
             "capability": {"type": "string", "enum": ["state", "cow_memory", "mac_reset", "guest_customization",
                                                       "vm_generation_id", "firmware", "tpm", "disk",
-                                                      "chain_depth"]},
+                                                      "chain_depth", "host_state"]},
             "ok": {"type": "boolean"},
             "level": {"type": "string", "enum": ["ok", "warn", "error"]},
             "detail": {"type": "string"},

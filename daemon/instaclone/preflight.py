@@ -22,6 +22,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from . import vmstate
+
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 #: Disk image formats the file-based storage backends stack deltas on.
@@ -332,6 +334,20 @@ def _disks(root: ET.Element, facts: Facts) -> list[Finding]:
     return out
 
 
+#: vmstate devices that the findings above judge themselves.
+_JUDGED_ABOVE = ("firmware code", "nvram", "tpm", "disk ", "cdrom ", "floppy ", "lun ")
+
+
+def _host_state(root: ET.Element, facts: Facts) -> list[Finding]:
+    """Other per-VM host state a clone would share (the engine refuses these: vmstate.refusals)."""
+    xml = ET.tostring(root, encoding="unicode")
+    out = [Finding("host_state", False, ERROR, f"{i.device}{f' ({i.path})' if i.path else ''}: {i.why}",
+                   f"remove the {i.device.split()[0]} device", device=i.device)
+           for i in vmstate.refusals(xml) if not i.device.startswith(_JUDGED_ABOVE)]
+    return out or [Finding("host_state", True, OK, "no host devices, passthrough directories or bound ports "
+                           "a clone would share")]
+
+
 def _chain(target: str, facts: Facts) -> list[Finding]:
     if target not in facts.chain_depths:
         return []
@@ -362,7 +378,7 @@ PREPARABLE: dict[str, Callable[[ET.Element], bool]] = {
 def _xml_findings(root: ET.Element, facts: Facts) -> list[Finding]:
     """Every finding that depends on the XML (all but the state)."""
     return [_memory(root, facts), _mac_reset(root, facts), _customization(root, facts), _genid(root, facts),
-            _firmware(root, facts), *_tpm(root, facts), *_disks(root, facts)]
+            _firmware(root, facts), *_tpm(root, facts), *_disks(root, facts), *_host_state(root, facts)]
 
 
 def check(xml: str, facts: Facts | None = None) -> Report:
