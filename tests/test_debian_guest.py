@@ -73,7 +73,10 @@ async def _check_guest(virt: Hypervisor, vm: dg.DebianVM) -> None:
     assert rc == 1 and out == "", out
     rc, out = await dg.gexec(virt, vm.name, "ls /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_rsa_key.pub")
     assert rc == 0, out
-    rc, out = await dg.gexec(virt, vm.name, "ip -4 -o addr show dev eth0; networkctl status eth0 --no-pager")
+    # systemd is "running" once networkd runs; its DHCP lease may come a moment later.
+    rc, out = await dg.gexec(virt, vm.name, "for i in $(seq 60); do ip -4 -o addr show dev eth0 | grep -q 'inet 10.0.2.'"
+                                            " && break; sleep 0.5; done; ip -4 -o addr show dev eth0;"
+                                            " networkctl status eth0 --no-pager")
     assert rc == 0 and re.search(r"inet 10\.0\.2\.\d+/24", out) and "DHCP4" in out, out
 
 
