@@ -247,7 +247,7 @@ async def boot(virt: Hypervisor, scratch: Any, name: str, *, firmware: str = "bi
 
 
 async def remove(virt: Hypervisor, vm: DebianVM) -> None:
-    """Undefine ``vm`` (with its NVRAM) and delete its overlay, NVRAM and serial log."""
+    """Undefine ``vm``, then delete its overlay, NVRAM and serial log (undefine keeps files)."""
     await virt.undefine(vm.name)
     for p in (vm.disk, vm.nvram, vm.serial_log):
         if p is not None:
