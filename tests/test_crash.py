@@ -16,6 +16,7 @@ sets how many); the figures go to stdout.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from instaclone import events
-from instaclone.devguest import read_counter, wait_counter
+from instaclone.devguest import nvram_path, read_counter, wait_counter
 from instaclone.virt import Hypervisor
 
 from .conftest import libvirt_ready
@@ -49,9 +50,18 @@ def chain(image: Path) -> set[str]:
     return {i["filename"] for i in json.loads(out)}
 
 
-async def check_world(virt: Hypervisor, scratch: Scratch, src: str, job_id: str) -> list[str]:
-    """Violations of invariants 1 and 2 after recovery (empty: none)."""
+async def check_world(virt: Hypervisor, scratch: Scratch, src: str, job_id: str,
+                      nvram: tuple[Path, str] | None = None) -> list[str]:
+    """Violations of invariants 1, 2 and 7 after recovery (empty: none).
+
+    ``nvram``: the source's UEFI variable store and its sha256, which no
+    kill may change or remove.
+    """
     bad: list[str] = []
+    if nvram is not None:
+        path, digest = nvram
+        if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            bad.append(f"the source's NVRAM {path} was changed or removed")
     if await virt.state(src) != "running":
         bad.append(f"source {src} is {await virt.state(src)}")
     state = scratch.path / "state"
@@ -98,7 +108,11 @@ async def test_sigkill_at_each_state_then_recovery_keeps_invariants(tmp_path: Pa
     runs: list[dict[str, object]] = []
     n = 0
     try:
-        await boot_source(virt, scratch, src)
+        # A UEFI source: every clone gets its own copy of the NVRAM, which a
+        # kill at any state must not leave behind or take from the source.
+        await boot_source(virt, scratch, src, firmware="uefi")
+        src_nvram = nvram_path(src, scratch.path)
+        nvram = (src_nvram, hashlib.sha256(src_nvram.read_bytes()).hexdigest())
         plan: list[tuple[str | None, float | None]] = [(s, None) for _ in range(rounds) for s in STATES]
         randoms = int(os.environ.get("INSTACLONE_SOAK_RANDOM", rounds if rounds > 1 else 0))
         plan += [(None, random.uniform(0.0, 2.5)) for _ in range(randoms)]
@@ -132,7 +146,7 @@ async def test_sigkill_at_each_state_then_recovery_keeps_invariants(tmp_path: Pa
                 status, body = await api.call("GET", f"/v1/jobs/{job_id}?wait=120")
                 job = body["job"]
                 outcome = job["state"]
-                bad = await check_world(virt, scratch, src, job_id)
+                bad = await check_world(virt, scratch, src, job_id, nvram)
                 if outcome not in ("Failed", "Unstunned"):
                     bad.append(f"job {job_id} ended {outcome}: {job.get('error')}")
                 if outcome == "Failed" and job["error"]["code"] != "interrupted":
@@ -156,6 +170,9 @@ async def test_sigkill_at_each_state_then_recovery_keeps_invariants(tmp_path: Pa
                            for r in receiver.received):
                     bad.append(f"no {final} event received for {job_id}")
                 if outcome == "Unstunned":  # rolled forward: a real clone, removed again
+                    own = job["result"]["clones"][0]["nvram"]
+                    if not own or Path(own) == src_nvram or not Path(own).exists():
+                        bad.append(f"clone kc-{n} has no NVRAM copy of its own: {own}")
                     await api.call("DELETE", f"/v1/clones/kc-{n}")
             runs.append({"killed_at": state or f"random {delay:.2f}s", "outcome": outcome,
                          "recovered_s": round(recovered_s, 2), "violations": bad})

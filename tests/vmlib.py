@@ -50,16 +50,16 @@ class SourceVM:
 
 
 async def boot_source(virt: Hypervisor, scratch: Scratch, name: str, *, memory_mib: int = 256,
-                      file_backed_ram: bool = False) -> SourceVM:
+                      file_backed_ram: bool = False, firmware: str = "bios") -> SourceVM:
     disk = scratch.path / f"{name}.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(devguest.GUEST_DIR / "base.qcow2"),
                     "-F", "qcow2", str(disk)], check=True)
     vm = SourceVM(name, disk, scratch.path)
     xml = devguest.domain_xml(name, disk=disk, workdir=scratch.path, memory_mib=memory_mib,
-                              file_backed_ram=file_backed_ram)
+                              file_backed_ram=file_backed_ram, firmware=firmware)
     await virt.define(xml)
     await virt.start(name)
-    await devguest.wait_counter(vm.serial_log, above=1, timeout=60)
+    await devguest.wait_counter(vm.serial_log, above=1, timeout=60 if firmware == "bios" else 120)
     return vm
 
 

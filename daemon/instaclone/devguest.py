@@ -89,8 +89,18 @@ def cmd_sock_path(name: str, workdir: Path) -> Path:
     return Path(workdir) / f"{name}.cmd.sock"
 
 
+#: Debian's ovmf package: firmware code (read-only) and the template of a VM's variable store.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+def nvram_path(name: str, workdir: Path) -> Path:
+    """The UEFI variable store of guest ``name`` defined with ``firmware="uefi"``."""
+    return Path(workdir) / f"{name}_VARS.fd"
+
+
 def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
-               file_backed_ram: bool = False) -> str:
+               file_backed_ram: bool = False, firmware: str = "bios") -> str:
     """Libvirt domain XML for the test guest.
 
     Direct kernel boot from :data:`GUEST_DIR`, one vCPU, ACPI (PCI hot-plug
@@ -98,11 +108,15 @@ def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
     user-mode networking (no host setup), serial 0 logged to
     :func:`serial_log_path`, serial 1 a UNIX socket at
     :func:`cmd_sock_path` (QEMU listens), no graphics, no balloon, no USB.
-    ``file_backed_ram`` backs guest RAM with a shared file.
+    ``file_backed_ram`` backs guest RAM with a shared file. ``firmware="uefi"``
+    boots the same kernel through OVMF, with a variable store at
+    :func:`nvram_path` that libvirt creates from OVMF's template.
     Paths must be absolute and reachable by libvirt's QEMU user.
     """
     if memory_mib <= 0:
         raise ValueError(f"memory_mib must be positive, not {memory_mib}")
+    if firmware not in ("bios", "uefi"):
+        raise ValueError(f"firmware must be 'bios' or 'uefi', not {firmware!r}")
     dom = ET.Element("domain", type=domain_type())
     ET.SubElement(dom, "name").text = name
     # A VM generation ID device (libvirt picks the GUID); clones get a new one.
@@ -115,6 +129,9 @@ def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
     ET.SubElement(dom, "vcpu").text = "1"
     os_ = ET.SubElement(dom, "os")
     ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
+    if firmware == "uefi":
+        ET.SubElement(os_, "loader", readonly="yes", type="pflash").text = str(OVMF_CODE)
+        ET.SubElement(os_, "nvram", template=str(OVMF_VARS)).text = str(nvram_path(name, workdir))
     ET.SubElement(os_, "kernel").text = str(GUEST_DIR / "vmlinuz")
     ET.SubElement(os_, "initrd").text = str(GUEST_DIR / "initrd.img")
     ET.SubElement(os_, "cmdline").text = kernel_cmdline()
