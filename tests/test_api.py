@@ -74,3 +74,20 @@ async def test_openapi_document(api):
     status, body = await client.call("GET", "/v1/openapi.json")
     assert status == 200 and body["openapi"].startswith("3.")
     assert "/v1/jobs" in body["paths"]
+
+
+async def test_head_of_the_event_stream_has_no_body(api, tmp_path):
+    """HEAD /v1/events with events in the journal: headers only (a body corrupted the next read)."""
+    import asyncio
+
+    client, _ = api
+    status, _ = await client.call("POST", "/v1/jobs?wait=10", {"source": "src", "name": "c1"})
+    assert status == 201
+    reader, writer = await asyncio.open_unix_connection(str(tmp_path / "ctl.sock"))
+    writer.write(b"HEAD /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"application/x-ndjson" in head
+    assert rest in (b"", b"0\r\n\r\n"), rest[:200]

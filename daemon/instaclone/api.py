@@ -402,6 +402,11 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         backlog = await matching(None, top, tail) if tail else []
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
     await resp.prepare(request)
+    if request.method == "HEAD":
+        # A StreamResponse does not drop its body for HEAD by itself: bytes
+        # after the headers would corrupt the client's next read.
+        await resp.write_eof()
+        return resp
 
     async def write(evs: list[Event]) -> None:
         if evs:
