@@ -43,8 +43,7 @@ from instaclone.virt import Hypervisor
 
 DEBIAN_DIR = Path(os.environ.get("INSTACLONE_DEBIAN_DIR", "/var/lib/instaclone/debian"))
 
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+OVMF_CODE, OVMF_VARS = devguest.OVMF_CODE, devguest.OVMF_VARS
 
 FIRMWARES = ("bios", "uefi")
 KERNELS = ("cloud", "generic")
@@ -105,48 +104,17 @@ def domain_xml(name: str, *, disk: Path, workdir: Path, firmware: str = "bios", 
         raise ValueError(f"memory_mib must be positive, not {memory_mib}")
     if nvram is not None and firmware != "uefi":
         raise ValueError("nvram is for firmware='uefi' only")
-    dom = ET.Element("domain", type=devguest.domain_type())
-    ET.SubElement(dom, "name").text = name
-    ET.SubElement(dom, "genid")
-    ET.SubElement(dom, "memory", unit="MiB").text = str(int(memory_mib))
-    if file_backed_ram:
-        mb = ET.SubElement(dom, "memoryBacking")
-        ET.SubElement(mb, "source", type="file")
-        ET.SubElement(mb, "access", mode="shared")
-    ET.SubElement(dom, "vcpu").text = "1"
-    os_ = ET.SubElement(dom, "os")
     direct = firmware == "bios" or kernel != "cloud"
-    if firmware == "uefi":
-        ET.SubElement(os_, "type", arch="x86_64", machine="q35").text = "hvm"
-        ET.SubElement(os_, "loader", readonly="yes", type="pflash").text = str(OVMF_CODE)
-        ET.SubElement(os_, "nvram", template=str(OVMF_VARS)).text = str(nvram or nvram_path(name, workdir))
-    else:
-        ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
+    dom, os_, _ = devguest.base_domain(
+        name, disk=disk, serial_log=serial_log_path(name, workdir), memory_mib=memory_mib,
+        file_backed_ram=file_backed_ram, firmware=firmware, machine="q35" if firmware == "uefi" else "pc",
+        nvram=nvram or nvram_path(name, workdir), on_reboot="restart")
     if direct:
         ET.SubElement(os_, "kernel").text = str((DEBIAN_DIR / f"vmlinuz-{kernel}").resolve())
         ET.SubElement(os_, "initrd").text = str((DEBIAN_DIR / f"initrd-{kernel}.img").resolve())
         ET.SubElement(os_, "cmdline").text = kernel_cmdline()
     else:
         ET.SubElement(os_, "boot", dev="hd")
-    features = ET.SubElement(dom, "features")
-    ET.SubElement(features, "acpi")
-    ET.SubElement(dom, "on_poweroff").text = "destroy"
-    ET.SubElement(dom, "on_reboot").text = "restart"
-    ET.SubElement(dom, "on_crash").text = "destroy"
-    dev = ET.SubElement(dom, "devices")
-    d = ET.SubElement(dev, "disk", type="file", device="disk")
-    ET.SubElement(d, "driver", name="qemu", type="qcow2")
-    ET.SubElement(d, "source", file=str(disk))
-    ET.SubElement(d, "target", dev="vda", bus="virtio")
-    nic = ET.SubElement(dev, "interface", type="user")
-    ET.SubElement(nic, "model", type="virtio")
-    s0 = ET.SubElement(dev, "serial", type="file")
-    ET.SubElement(s0, "source", path=str(serial_log_path(name, workdir)))
-    ET.SubElement(s0, "target", port="0")
-    ch = ET.SubElement(dev, "channel", type="unix")
-    ET.SubElement(ch, "target", type="virtio", name="org.qemu.guest_agent.0")
-    ET.SubElement(dev, "controller", type="usb", model="none")
-    ET.SubElement(dev, "memballoon", model="none")
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -246,3 +248,27 @@ async def fake_world(tmp_path: Path, **sections: Any) -> tuple[Any, Any, FakeHyp
     base.write_bytes(b"base")
     virt.add_source("src", base)
     return c, journal, virt
+
+
+@asynccontextmanager
+async def fake_api(tmp_path: Path) -> AsyncIterator[tuple[Any, FakeHypervisor, Path]]:
+    """The control API on a Unix socket over a fake engine: (client, fake hypervisor, socket path)."""
+    from aiohttp import web
+
+    from instaclone.api import make_app
+
+    from .apiclient import Api
+
+    c, journal, virt = await fake_world(tmp_path)
+    engine = fake_engine(c, journal, virt)
+    runner = web.AppRunner(make_app(engine, journal))
+    await runner.setup()
+    sock = tmp_path / "ctl.sock"
+    await web.UnixSite(runner, str(sock)).start()
+    try:
+        async with Api(sock) as client:
+            yield client, virt, sock
+    finally:
+        await engine.shutdown(5)
+        await runner.cleanup()
+        await journal.close()

@@ -5,27 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
-from instaclone.api import make_app
 
-from .fakes import fake_engine, fake_world
-from .apiclient import Api
+from .fakes import fake_api
 
 
 @pytest.fixture
 async def api(tmp_path: Path):
-    c, journal, virt = await fake_world(tmp_path)
-    engine = fake_engine(c, journal, virt)
-    runner = web.AppRunner(make_app(engine, journal))
-    await runner.setup()
-    sock = tmp_path / "ctl.sock"
-    await web.UnixSite(runner, str(sock)).start()
-    async with Api(sock) as client:
+    async with fake_api(tmp_path) as (client, virt, sock):
         yield client, virt
-    await engine.shutdown(5)
-    await runner.cleanup()
-    await journal.close()
 
 
 async def test_clone_and_list(api):

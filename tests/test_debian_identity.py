@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +100,21 @@ def check_unique(src: dict[str, str], clones: dict[str, dict[str, str]], job: di
         assert a[key] != b[key], key
 
 
+def print_table(src_name: str, src: dict[str, str], src_nvram: Path | None, clones: dict[str, dict[str, str]],
+                job: dict[str, Any]) -> None:
+    """The identity items of the source and its clones, as a Markdown table (pytest -s shows it)."""
+    nvram = {c["name"]: c.get("nvram") for c in job["result"]["clones"]}
+    cols = [(src_name, src, str(src_nvram) if src_nvram else "-")] + [
+        (n, p, nvram[n] or "-") for n, p in clones.items()]
+    rows = [("machine-id", "machine_id"), ("DHCP client id", "client_id"), ("SSH fingerprints", "ssh_fp"),
+            ("hostname -f", "fqdn"), ("IPv4", "ipv4"), ("boot id", "boot_id"), ("random-seed sha256", "random_seed")]
+    print("\n| item | " + " | ".join(c[0] for c in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for label, key in rows:
+        print(f"| {label} | " + " | ".join(f"`{c[1][key].strip()}`" for c in cols) + " |")
+    print("| NVRAM | " + " | ".join(f"`{c[2]}`" for c in cols) + " |")
+
+
 async def test_running_bios_source_clones_are_unique(world):
     scratch, virt, daemon, config = world
     src = await dg.boot(virt, scratch, "db-bios")
@@ -138,6 +152,7 @@ async def test_frozen_uefi_source_nvram_is_copied_never_shared_or_deleted(world)
         assert (await virt.lookup(c["name"])).xml.count(str(src.nvram)) == 0
         clones[c["name"]] = await probe(virt, c["name"])
     check_unique(before, clones, job)
+    print_table(src.name, before, src.nvram, clones, job)
     # A variable written in a clone lands in the clone's own file only.
     name = job["result"]["clones"][0]["name"]
     rc, out = await dg.gexec(virt, name, "mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null; "

@@ -35,6 +35,7 @@ async def test_two_clones_have_distinct_identity_and_get_their_data(world):
         seen = []
         for c in job["result"]["clones"]:
             ident = c["identity"]
+            print(c["name"], "phases ms:", ident["phases_ms"])
             assert ident["hostname"] == c["name"]
             assert [i["mac"] for i in ident["interfaces"]] == c["macs"]
             assert any(a.startswith("10.0.2.") for i in ident["interfaces"] for a in i["addresses"]), ident
@@ -72,4 +73,6 @@ async def test_customization_can_be_skipped_and_bad_config_is_refused(world):
                                       {"source": "id-src2", "name": "id-plain", "customize": False})
         job = body["job"]
         assert job["state"] == "Unstunned", job
-        assert job["result"]["clones"][0]["identity"] == {"customized": False, "reason": "not requested"}
+        ident = job["result"]["clones"][0]["identity"]
+        assert {k: ident[k] for k in ("customized", "reason")} == {"customized": False, "reason": "not requested"}
+        assert set(ident["phases_ms"]) == {"start", "nic_replug", "define"}

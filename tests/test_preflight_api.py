@@ -8,29 +8,18 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from instaclone import cli, preflight
-from instaclone.api import OPENAPI, make_app
+from instaclone.api import OPENAPI
 from instaclone.errors import VirtError
 
-from .apiclient import Api
-from .fakes import fake_engine, fake_world
+from .fakes import fake_api
 
 
 @pytest.fixture
 async def api(tmp_path: Path):
-    c, journal, virt = await fake_world(tmp_path)
-    engine = fake_engine(c, journal, virt)
-    runner = web.AppRunner(make_app(engine, journal))
-    await runner.setup()
-    sock = tmp_path / "ctl.sock"
-    await web.UnixSite(runner, str(sock)).start()
-    async with Api(sock) as client:
+    async with fake_api(tmp_path) as (client, virt, sock):
         yield client, virt, sock
-    await engine.shutdown(5)
-    await runner.cleanup()
-    await journal.close()
 
 
 def by_cap(report: dict, cap: str) -> dict:

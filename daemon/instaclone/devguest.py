@@ -99,19 +99,18 @@ def nvram_path(name: str, workdir: Path) -> Path:
     return Path(workdir) / f"{name}_VARS.fd"
 
 
-def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
-               file_backed_ram: bool = False, firmware: str = "bios") -> str:
-    """Libvirt domain XML for the test guest.
+def base_domain(name: str, *, disk: Path, serial_log: Path, memory_mib: int, file_backed_ram: bool,
+                firmware: str = "bios", machine: str = "pc", nvram: Path | None = None,
+                on_reboot: str = "destroy") -> tuple[ET.Element, ET.Element, ET.Element]:
+    """The parts every test guest shares: (``<domain>``, its ``<os>``, its ``<devices>``).
 
-    Direct kernel boot from :data:`GUEST_DIR`, one vCPU, ACPI (PCI hot-plug
-    needs it), the qcow2 ``disk`` as virtio ``vda``, a virtio NIC on
-    user-mode networking (no host setup), serial 0 logged to
-    :func:`serial_log_path`, serial 1 a UNIX socket at
-    :func:`cmd_sock_path` (QEMU listens), no graphics, no balloon, no USB.
-    ``file_backed_ram`` backs guest RAM with a shared file. ``firmware="uefi"``
-    boots the same kernel through OVMF, with a variable store at
-    :func:`nvram_path` that libvirt creates from OVMF's template.
-    Paths must be absolute and reachable by libvirt's QEMU user.
+    One vCPU, a ``<genid/>`` (libvirt picks the GUID; clones get a new one),
+    ACPI (PCI hot-plug needs it), ``machine`` with SeaBIOS or (``firmware="uefi"``)
+    OVMF and a variable store at ``nvram`` made from OVMF's template, the
+    qcow2 ``disk`` as virtio ``vda``, a virtio NIC on user-mode networking (no
+    host setup), serial 0 logged to ``serial_log``, the guest agent channel,
+    no graphics, no balloon, no USB. ``file_backed_ram`` backs RAM with a
+    shared file. The caller adds the boot method to ``<os>``.
     """
     if memory_mib <= 0:
         raise ValueError(f"memory_mib must be positive, not {memory_mib}")
@@ -119,7 +118,6 @@ def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
         raise ValueError(f"firmware must be 'bios' or 'uefi', not {firmware!r}")
     dom = ET.Element("domain", type=domain_type())
     ET.SubElement(dom, "name").text = name
-    # A VM generation ID device (libvirt picks the GUID); clones get a new one.
     ET.SubElement(dom, "genid")
     ET.SubElement(dom, "memory", unit="MiB").text = str(int(memory_mib))
     if file_backed_ram:
@@ -128,17 +126,16 @@ def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
         ET.SubElement(mb, "access", mode="shared")
     ET.SubElement(dom, "vcpu").text = "1"
     os_ = ET.SubElement(dom, "os")
-    ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
+    ET.SubElement(os_, "type", arch="x86_64", machine=machine).text = "hvm"
     if firmware == "uefi":
+        if nvram is None:
+            raise ValueError("firmware='uefi' needs an nvram path")
         ET.SubElement(os_, "loader", readonly="yes", type="pflash").text = str(OVMF_CODE)
-        ET.SubElement(os_, "nvram", template=str(OVMF_VARS)).text = str(nvram_path(name, workdir))
-    ET.SubElement(os_, "kernel").text = str(GUEST_DIR / "vmlinuz")
-    ET.SubElement(os_, "initrd").text = str(GUEST_DIR / "initrd.img")
-    ET.SubElement(os_, "cmdline").text = kernel_cmdline()
+        ET.SubElement(os_, "nvram", template=str(OVMF_VARS)).text = str(nvram)
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
     ET.SubElement(dom, "on_poweroff").text = "destroy"
-    ET.SubElement(dom, "on_reboot").text = "destroy"
+    ET.SubElement(dom, "on_reboot").text = on_reboot
     ET.SubElement(dom, "on_crash").text = "destroy"
     dev = ET.SubElement(dom, "devices")
     d = ET.SubElement(dev, "disk", type="file", device="disk")
@@ -150,16 +147,33 @@ def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
     # type='file': libvirt hands QEMU a virtlogd pipe and the log file can be
     # read while the guest runs.
     s0 = ET.SubElement(dev, "serial", type="file")
-    ET.SubElement(s0, "source", path=str(serial_log_path(name, workdir)))
+    ET.SubElement(s0, "source", path=str(serial_log))
     ET.SubElement(s0, "target", port="0")
-    s1 = ET.SubElement(dev, "serial", type="unix")
-    ET.SubElement(s1, "source", mode="bind", path=str(cmd_sock_path(name, workdir)))
-    ET.SubElement(s1, "target", port="1")
-    # The guest agent's channel (ic-agent in the guest answers on it).
     ch = ET.SubElement(dev, "channel", type="unix")
     ET.SubElement(ch, "target", type="virtio", name="org.qemu.guest_agent.0")
     ET.SubElement(dev, "controller", type="usb", model="none")
     ET.SubElement(dev, "memballoon", model="none")
+    return dom, os_, dev
+
+
+def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
+               file_backed_ram: bool = False, firmware: str = "bios") -> str:
+    """Libvirt domain XML for the test guest.
+
+    :func:`base_domain` (serial 0 logged to :func:`serial_log_path`, a UEFI
+    variable store at :func:`nvram_path`), direct kernel boot from
+    :data:`GUEST_DIR`, and serial 1 a UNIX socket at :func:`cmd_sock_path`
+    (QEMU listens). Paths must be absolute and reachable by libvirt's QEMU user.
+    """
+    dom, os_, dev = base_domain(name, disk=disk, serial_log=serial_log_path(name, workdir),
+                                memory_mib=memory_mib, file_backed_ram=file_backed_ram, firmware=firmware,
+                                nvram=nvram_path(name, workdir))
+    ET.SubElement(os_, "kernel").text = str(GUEST_DIR / "vmlinuz")
+    ET.SubElement(os_, "initrd").text = str(GUEST_DIR / "initrd.img")
+    ET.SubElement(os_, "cmdline").text = kernel_cmdline()
+    s1 = ET.SubElement(dev, "serial", type="unix")
+    ET.SubElement(s1, "source", mode="bind", path=str(cmd_sock_path(name, workdir)))
+    ET.SubElement(s1, "target", port="1")
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
 

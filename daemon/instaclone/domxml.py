@@ -199,6 +199,16 @@ def has_numa(xml: str) -> bool:
     return ET.fromstring(xml).find("./cpu/numa") is not None
 
 
+def set_file_ram(memory_backing: ET.Element, access: str) -> None:
+    """Make ``<memoryBacking>`` back RAM with a file, mapped ``access`` ("shared" or "private")."""
+    for tag, attrs in (("source", {"type": "file"}), ("access", {"mode": access})):
+        el = memory_backing.find(tag)
+        if el is None:
+            el = ET.SubElement(memory_backing, tag)
+        el.attrib.clear()
+        el.attrib.update(attrs)
+
+
 def map_frozen_ram(xml: str, *, ram: Path, ramdir: Path, incoming: bool) -> str:
     """Make ``xml`` start on a private (copy-on-write) mapping of the frozen ``ram`` file.
 
@@ -209,12 +219,7 @@ def map_frozen_ram(xml: str, *, ram: Path, ramdir: Path, incoming: bool) -> str:
     mb = root.find("memoryBacking")
     if mb is None:
         mb = ET.SubElement(root, "memoryBacking")
-    for tag, attrs in (("source", {"type": "file"}), ("access", {"mode": "private"})):
-        el = mb.find(tag)
-        if el is None:
-            el = ET.SubElement(mb, tag)
-        el.attrib.clear()
-        el.attrib.update(attrs)
+    set_file_ram(mb, "private")
     metadata = root.find("metadata")
     if metadata is None:
         metadata = ET.SubElement(root, "metadata")

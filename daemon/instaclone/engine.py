@@ -704,6 +704,15 @@ class Engine:
 
         async def start(clone: CloneTarget) -> None:
             async with slots:
+                phases: dict[str, float] = {}
+                t = time.monotonic()
+
+                def lap(phase: str) -> None:
+                    nonlocal t
+                    now = time.monotonic()
+                    phases[phase] = round((now - t) * 1000.0, 1)
+                    t = now
+
                 await run.memory.start_clone(ctx=ctx, clone=clone)
                 # The guest still has the source's MAC (it is in the migrated
                 # device state): no packet may leave before the NIC is
@@ -712,8 +721,10 @@ class Engine:
                     for mac in clone.macs:
                         await self.virt.set_link(clone.name, mac, up=False)
                 await self.virt.resume(clone.name)
+                lap("start")
                 for mac in clone.macs:
                     await self.virt.replug_interface(clone.name, mac, link_up=not customizing)
+                lap("nic_replug")
                 if customizing:
                     timeout = self.config.clone.customize_timeout_s
                     try:
@@ -721,15 +732,18 @@ class Engine:
                             self.virt, clone.name, hostname=clone.name,
                             config=run.job.spec.get("config") or {}, timeout_s=timeout,
                             keep_ssh_host_keys=bool(run.job.spec.get("keep_ssh_host_keys")))
+                        lap("identity")
                         for mac in clone.macs:
                             await self.virt.set_link(clone.name, mac, up=True)
                         clone.identity["interfaces"] = await customize.renew_network(
                             self.virt, clone.name, timeout_s=timeout, want_ipv4=ctx.source_ipv4)
                         clone.identity["ipv4_waited_for"] = ctx.source_ipv4
+                        lap("network")
                         if script:
                             clone.identity["script"] = await customize.run_script(
                                 self.virt, clone.name, script, source=run.job.source, job_id=run.job.id,
                                 timeout_s=timeout)
+                            lap("script")
                     except InstacloneError as exc:
                         raise customize.CustomizationFailed(
                             f"customization of clone {clone.name!r} failed; the clone was removed: "
@@ -740,6 +754,8 @@ class Engine:
                 # "-incoming defer" or the image link: a later plain start
                 # must cold-boot.
                 await self.virt.define(domxml.forget_frozen_ram(await self.virt.inactive_xml(clone.name)))
+                lap("define")
+                clone.identity["phases_ms"] = phases
 
         results = await asyncio.gather(*(start(c) for c in clones), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]

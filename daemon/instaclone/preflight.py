@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from . import vmstate
+from . import domxml, vmstate
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
@@ -321,7 +321,7 @@ def _disks(root: ET.Element, facts: Facts) -> list[Finding]:
         elif fmt not in DISK_FORMATS:
             out.append(Finding("disk", False, ERROR, f"{label} is {fmt}: the {backend} storage backend stacks "
                                f"deltas on {' or '.join(DISK_FORMATS)} only",
-                               f"<driver name='qemu' type='qcow2'/> (after qemu-img convert -O qcow2)",
+                               "<driver name='qemu' type='qcow2'/> (after qemu-img convert -O qcow2)",
                                device=target))
         else:
             writable_files += 1
@@ -450,12 +450,7 @@ def prepare(xml: str) -> Preparation:
             mb = ET.Element("memoryBacking")
             _insert_after(root, mb, ("name", "uuid", "genid", "title", "description", "metadata", "maxMemory",
                                      "memory", "currentMemory", "blkiotune", "memtune"))
-        for tag, attrs in (("source", {"type": "file"}), ("access", {"mode": "shared"})):
-            el = mb.find(tag)
-            if el is None:
-                el = ET.SubElement(mb, tag)
-            el.attrib.clear()
-            el.attrib.update(attrs)
+        domxml.set_file_ram(mb, "shared")
         changed.append(f"cow_memory: shared file-backed RAM {FIX_MEMORY}")
     if not has_acpi(root):
         features = root.find("features")

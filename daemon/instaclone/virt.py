@@ -434,7 +434,7 @@ class Hypervisor:
             if loop.time() > end:
                 raise VirtTimeout(f"{argv[0]} in {name!r} did not finish within {timeout_s:g} s")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+            delay = min(delay * 2, 0.1)  # one status call is ~1 ms; a coarser poll adds up to its step to every command
 
     # -- network interfaces ---------------------------------------------------------
 
