@@ -30,7 +30,7 @@ say() { echo "install-service: $*"; }
 if [ "$packages" = 1 ]; then
     say "installing Debian packages"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q libvirt-daemon-system qemu-system-x86 qemu-utils \
-        python3 python3-venv python3-dev libvirt-dev pkg-config gcc >/dev/null
+        python3 python3-venv python3-dev libvirt-dev pkg-config gcc openssh-client >/dev/null
 fi
 
 getent group instaclone >/dev/null || { say "creating group instaclone"; groupadd --system instaclone; }

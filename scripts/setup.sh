@@ -16,7 +16,8 @@ say() { printf 'setup: %s\n' "$*"; }
 pkgs=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
       pkg-config busybox-static cpio kmod python3-venv python3 gcc libc6-dev
       systemd   # systemd-analyze verifies the units in the tests; nothing is started
-      mmdebstrap e2fsprogs dosfstools mtools fdisk ovmf)  # the Debian test guest (build-debian-guest.sh)
+      mmdebstrap e2fsprogs dosfstools mtools fdisk ovmf  # the Debian test guest (build-debian-guest.sh)
+      openssh-client)  # ssh-keygen: clones' SSH host keys are made on the host
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

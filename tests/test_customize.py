@@ -8,8 +8,10 @@ source's clock is set after a long stun and after unfreeze.
 
 from __future__ import annotations
 
-import base64
+import json
+import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,11 +23,23 @@ from instaclone.states import State
 from .test_engine import AGENT, env, run_job  # noqa: F401  (fixture)
 
 
+def with_clone_config(engine, **changes) -> None:
+    engine.config = replace(engine.config, clone=replace(engine.config.clone, **changes))
+
+
 @pytest.fixture
 def agent_env(env):
     engine, virt, journal, c = env
     virt.domains["src"].xml = virt.domains["src"].xml.replace("</devices>", AGENT + "</devices>")
+    # Each clone's SSH host keys are made on the host (about 1 s of CPU each).
+    with_clone_config(engine, step_timeout_s=60)
     return env
+
+
+def octal_bytes(escapes: bytes) -> bytes:
+    """What printf makes of a format of \\ooo escapes."""
+    assert re.fullmatch(rb"(\\[0-7]{3})+", escapes), escapes[:40]
+    return bytes(int(escapes[i + 1:i + 4], 8) for i in range(0, len(escapes), 4))
 
 
 def identity_calls(virt) -> dict[str, tuple[list[str], bytes]]:
@@ -48,12 +62,22 @@ async def test_each_clone_gets_host_made_secrets_and_its_result(agent_env):
     seen = set()
     for name, (argv, stdin) in calls.items():
         assert argv[-2:] == [name, "0"]  # hostname; SSH host keys are regenerated
-        rng, seed, mid, config = stdin.split(b"\n", 3)
-        assert len(base64.b64decode(rng)) == customize.RNG_BYTES
-        assert len(base64.b64decode(seed)) == customize.SEED_BYTES
+        rng, seed, mid, config, rest = stdin.split(b"\n", 4)
+        assert octal_bytes(rng) and len(octal_bytes(rng)) == customize.RNG_BYTES
+        assert len(octal_bytes(seed)) == customize.SEED_BYTES
         assert len(mid) == 32 and int(mid, 16) >= 0
+        assert json.loads(config) == {} and rest.endswith(b"END-KEYS\n")
+        # SSH host keys made on the host, one pair per type, for this clone.
+        blocks = rest[:-len(b"END-KEYS\n")].split(b"KEY ")[1:]
+        assert sorted(b.split(b"\n", 1)[0].decode() for b in blocks) == sorted(customize.SSH_KEY_TYPES)
+        for b in blocks:
+            t, priv, pub = re.fullmatch(rb"(\w+)\n(-----BEGIN OPENSSH PRIVATE KEY-----\n.*"
+                                        rb"-----END OPENSSH PRIVATE KEY-----)\nPUB (.*)\n", b, re.S).groups()
+            assert pub.decode().endswith(f" root@{name}")
+            seen.add(priv)
         seen.update([rng, seed, mid])
-    assert len(seen) == 9  # nothing repeats across clones
+    assert len(seen) == 3 * (3 + len(customize.SSH_KEY_TYPES))  # nothing repeats across clones
+    assert b"PRIVATE KEY" not in json.dumps(job.result).encode()
     for cl in job.result["clones"]:
         ident = cl["identity"]
         assert ident["machine_id"].encode() == calls[cl["name"]][1].split(b"\n")[2]
@@ -67,7 +91,8 @@ async def test_keep_ssh_host_keys_from_request_and_config(agent_env):
     engine, virt, journal, c = agent_env
     job = await run_job(engine, journal, name="k1", keep_ssh_host_keys=True)
     assert job.state is State.UNSTUNNED
-    assert identity_calls(virt)["k1"][0][-1] == "1"
+    argv, stdin = identity_calls(virt)["k1"]
+    assert argv[-1] == "1" and b"\nKEY " not in stdin  # no keys made when they are kept
     with pytest.raises(InvalidRequest, match="keep_ssh_host_keys"):
         await engine.submit(source="src", name="k2", keep_ssh_host_keys="yes")
 
@@ -109,8 +134,7 @@ async def test_a_failing_user_script_fails_the_clone(agent_env):
 
 async def test_clone_without_ipv4_where_the_source_had_it_fails(agent_env, tmp_path):
     engine, virt, journal, c = agent_env
-    engine.config = type(c)(**{**c.__dict__, "clone": type(c.clone)(**{**c.clone.__dict__,
-                                                                       "customize_timeout_s": 1.0})})
+    with_clone_config(engine, customize_timeout_s=1.0)
     virt.interfaces["n1"] = [{"name": "eth0", "hardware-address": "52:54:00:00:00:98", "ip-addresses": [
         {"ip-address": "fe80::1", "ip-address-type": "ipv6", "prefix": 64}]}]
     job = await run_job(engine, journal, name="n1")
@@ -124,8 +148,7 @@ async def test_source_clock_is_set_after_a_long_stun_and_after_unfreeze(agent_en
     assert job.result["source_clock"] is None  # a short stun
     assert ("src", "guest-set-time") not in virt.agent_log
     virt.delay["save_state"] = 1.2
-    engine.config = type(c)(**{**c.__dict__, "clone": type(c.clone)(**{**c.clone.__dict__,
-                                                                       "stun_deadline_ms": 5000})})
+    with_clone_config(engine, stun_deadline_ms=5000)
     job = await run_job(engine, journal, name="t2")
     assert job.state is State.UNSTUNNED, job.error
     assert job.result["stun_ms"] > 1000 and job.result["source_clock"] == {"set": True}
@@ -137,11 +160,27 @@ async def test_source_clock_is_set_after_a_long_stun_and_after_unfreeze(agent_en
     assert out["clock"] == {"set": True} and ("src", "guest-set-time") in virt.agent_log
 
 
-def test_result_parsing():
-    items, fps = customize._parse("noise\nIC-RESULT ssh_host_keys reset regenerated: ed25519\n"
-                                  "IC-FP 256 SHA256:abc root@c1 (ED25519)\nIC-FP \nIC-RESULT bad\n")
-    assert items == {"ssh_host_keys": {"status": "reset", "detail": "regenerated: ed25519"}}
-    assert fps == ["256 SHA256:abc root@c1 (ED25519)"]
+async def test_result_parsing_and_fingerprints_match_ssh_keygen():
+    keys = await customize.make_host_keys("root@c1")
+    assert keys is not None
+    out = "noise\nIC-RESULT ssh_host_keys reset regenerated: ed25519(host)\nIC-RESULT bad\nIC-PUB not a key\n"
+    want = []
+    for t, (_, pub) in sorted(keys.items()):
+        out += f"IC-PUB {pub.decode().strip()}\n"
+        want.append(subprocess.run(["ssh-keygen", "-lf", "-"], input=pub, capture_output=True,
+                                   check=True).stdout.decode().strip())
+    items, fps = customize._parse(out)
+    assert items == {"ssh_host_keys": {"status": "reset", "detail": "regenerated: ed25519(host)"}}
+    assert fps == want
+
+
+def test_printf_octal_is_what_printf_writes(tmp_path):
+    data = bytes(range(256)) + b"%s%%\\'\"$(x)"
+    fmt = customize._printf_octal(data)
+    out = tmp_path / "out"
+    subprocess.run(["sh", "-c", 'printf "$1" > "$2"', "sh", fmt.decode(), str(out)], check=True)
+    assert out.read_bytes() == data
+    assert octal_bytes(fmt) == data
 
 
 def test_config_script_key(tmp_path: Path):
@@ -156,3 +195,23 @@ def test_config_script_key(tmp_path: Path):
         cfg.from_dict({"clone": {"customize_script": str(tmp_path / "missing.sh")}})
     with pytest.raises(ConfigError, match="clone.keep_ssh_host_keys"):
         cfg.from_dict({"clone": {"keep_ssh_host_keys": "no"}})
+
+
+async def test_host_keys_are_made_in_a_private_dir_that_is_removed(monkeypatch, tmp_path):
+    import asyncio
+    import glob
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    keys = await customize.make_host_keys("root@k")
+    assert keys is not None and set(keys) == set(customize.SSH_KEY_TYPES)
+    assert not glob.glob(str(tmp_path / "instaclone-keys-*"))
+    # Cancelled mid-way: the ssh-keygen processes are gone, and so is the directory.
+    task = asyncio.ensure_future(customize.make_host_keys("root@k"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not glob.glob(str(tmp_path / "instaclone-keys-*"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ssh-keygen: the guest makes its own
+    assert await customize.make_host_keys("root@k") is None

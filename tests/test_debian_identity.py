@@ -113,6 +113,8 @@ def print_table(src_name: str, src: dict[str, str], src_nvram: Path | None, clon
     for label, key in rows:
         print(f"| {label} | " + " | ".join(f"`{c[1][key].strip()}`" for c in cols) + " |")
     print("| NVRAM | " + " | ".join(f"`{c[2]}`" for c in cols) + " |")
+    for c in job["result"]["clones"]:
+        print(c["name"], "phases ms:", c["identity"]["phases_ms"], "job ms:", job["durations_ms"])
 
 
 async def test_running_bios_source_clones_are_unique(world):
@@ -124,6 +126,7 @@ async def test_running_bios_source_clones_are_unique(world):
                                "script": "echo post-clone $IC_CLONE_NAME > /run/post-clone; cat /run/post-clone\n"})
     clones = {c["name"]: await probe(virt, c["name"]) for c in job["result"]["clones"]}
     check_unique(before, clones, job)
+    print_table(src.name, before, None, clones, job)
     for c in job["result"]["clones"]:
         assert c["identity"]["script"]["output_tail"].strip() == f"post-clone {c['name']}"
         assert c["identity"]["reset"]["vm_generation_id"]["status"] == "unsupported"  # cloud kernel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -25,6 +26,11 @@ async def test_two_clones_have_distinct_identity_and_get_their_data(world):
     src = await boot_source(virt, scratch, "id-src", file_backed_ram=True)
     s = await devguest.GuestChannel.connect(src.cmd_sock)
     try:
+        # The source has its DHCP lease (clones wait for IPv4 where the source had it).
+        for _ in range(100):
+            if "10.0.2." in (await s.run("ip -4 addr show eth0"))[1]:
+                break
+            await asyncio.sleep(0.2)
         before = (await s.run("hostname; cat /etc/machine-id; cat /sys/class/net/eth0/address"))[1].split()
         async with Api(config.daemon.socket) as api:
             status, body = await api.call("POST", "/v1/jobs?wait=180", {

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import secrets
+import shutil
+import tempfile
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
 from .errors import InstacloneError
@@ -52,124 +56,154 @@ ioctl($u, 0x40085203, pack("i i", length($d) * 8, length($d)) . $d) or die "RNDA
 ioctl($u, 0x5207, 0) or die "RNDRESEEDCRNG: $!\n";
 """
 
-# $1: new hostname, $2: 1 to keep SSH host keys. stdin: base64 RNG bytes,
-# base64 seed bytes, the new machine-id, then the JSON config (one line each
-# but the last).
+# $1: new hostname, $2: 1 to keep SSH host keys. stdin, a line each: the
+# RNG bytes and the seed bytes as printf octal escapes, the new machine-id,
+# the JSON config; then the host-made SSH host keys ("KEY <type>", the
+# private key's lines, "PUB <public key line>") up to "END-KEYS".
+#
+# Under TCG every program started in the guest costs 100-400 ms, so this
+# uses shell builtins wherever it can (printf, read, case, globs): about six
+# programs in all on a Debian guest, and the service restarts run while the
+# rest goes on.
 _IDENTITY = r"""
 set -u
 name=$1 keep_ssh=$2
 umask 077
 r() { echo "IC-RESULT $1 $2 $3"; }
-systemd=0; [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1 && systemd=1
+read -r rng; read -r seed; read -r mid; read -r cfg
 mkdir -p /run/instaclone
-read -r rng_b64; read -r seed_b64; read -r mid
-cat > /run/instaclone/config.json.tmp && mv /run/instaclone/config.json.tmp /run/instaclone/config.json
+printf '%s\n' "$cfg" > /run/instaclone/config.json.tmp && mv -f /run/instaclone/config.json.tmp /run/instaclone/config.json
+systemd=0; [ -d /run/systemd/system ] && systemd=1
+procs=" "
+for c in /proc/[0-9]*/comm; do read -r n 2>/dev/null < "$c" && procs="$procs$n "; done
+running() { case $procs in *" $1 "*) return 0 ;; esac; return 1; }
 
-# 1. The kernel's random generator: first, so every secret below is new.
+# SSH host keys made on the host go over the guest's own keys of the same
+# type (in place: their modes stay); a type the host did not make is made
+# here below, once the generator is reseeded.
+had="" how="" k=""
+for f in /etc/ssh/ssh_host_*_key; do [ -f "$f" ] && { t=${f#/etc/ssh/ssh_host_}; had="$had ${t%_key}"; }; done
+while IFS= read -r line; do
+    case $line in
+        END-KEYS) break ;;
+        "KEY "*) t=${line#KEY }; k=""
+                 case " $had " in *" $t "*) [ "$keep_ssh" = 1 ] || { k=/etc/ssh/ssh_host_${t}_key; : > "$k"; how="$how $t(host)"; } ;; esac ;;
+        "PUB "*) [ -n "$k" ] && printf '%s\n' "${line#PUB }" > "$k.pub" ;;
+        *) [ -n "$k" ] && printf '%s\n' "$line" >> "$k" ;;
+    esac
+done
+
+# machine-id: the host's random id, never derived from DMI (a clone's SMBIOS
+# tables are its source's), also in dbus' copy when that is a file.
+(umask 022; printf '%s\n' "$mid" > /etc/machine-id)
+mid_detail="$mid"
+if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then
+    printf '%s\n' "$mid" > /var/lib/dbus/machine-id && mid_detail="$mid_detail (also /var/lib/dbus/machine-id)"
+fi
+
+# DHCP: leases dropped, clients restarted so that their client id and DUID
+# follow the new machine-id (networkd derives them from it and keeps the old
+# ones until restarted; NetworkManager keeps its DUID in lease files and
+# secret_key; dhclient in its lease file's default-duid). journald writes
+# under the new machine-id only once restarted. The restarts run meanwhile.
+# (by name, not by the comm scan: busybox applets can run as "busybox")
+if command -v killall >/dev/null 2>&1; then killall udhcpc dhclient >/dev/null 2>&1
+elif command -v pkill >/dev/null 2>&1; then pkill -x 'udhcpc|dhclient' >/dev/null 2>&1; fi
+rm -f /run/udhcpc.* /var/lib/dhcp/*.lease* /var/lib/dhclient/*.lease* /run/systemd/netif/leases/* \
+      /var/lib/NetworkManager/*.lease /var/lib/NetworkManager/secret_key 2>/dev/null
+for i in /sys/class/net/*; do
+    i=${i#/sys/class/net/}
+    [ "$i" = lo ] || ip -4 addr flush dev "$i" 2>/dev/null
+done
+dhcp="leases dropped" units=""
+if [ $systemd = 1 ]; then
+    running systemd-network && { units="$units systemd-networkd.service"; dhcp="$dhcp; systemd-networkd restarted (client id from the new machine-id)"; }
+    running NetworkManager && { units="$units NetworkManager.service"; dhcp="$dhcp; NetworkManager restarted (new DUID and secret key)"; }
+    running systemd-journal && { units="$units systemd-journald.service"; mid_detail="$mid_detail; journald restarted"; }
+fi
+rpid=""
+if [ -n "$units" ]; then systemctl restart $units > /run/instaclone/restart.log 2>&1 & rpid=$!; fi
+
+# The kernel's random generator, before any secret is made in here.
 f=/run/instaclone/.rng
-echo "$rng_b64" | base64 -d > "$f" 2>/dev/null
+printf "$rng" > "$f"
 if command -v perl >/dev/null 2>&1 && err=$(perl -e "$PERL_RESEED" "$f" 2>&1); then
-    r kernel_rng reset "$(wc -c < "$f" | tr -d ' ') host bytes credited, crng reseeded"
-elif cat "$f" > /dev/urandom 2>/dev/null; then
+    r kernel_rng reset "64 host bytes credited, crng reseeded"
+elif printf "$rng" > /dev/urandom; then
     r kernel_rng partial "host bytes mixed into /dev/urandom; no forced reseed (${err:-no perl in the guest})"
 else
     r kernel_rng failed "cannot write /dev/urandom"
 fi
-rm -f "$f"
+: > "$f"
 
-# 2. Random seed files, so the next boot does not start from the source's.
+# Random seed files, so the next boot does not start from the source's.
 seeds=""
 for s in /var/lib/systemd/random-seed /var/lib/urandom/random-seed; do
-    [ -f "$s" ] || continue
-    echo "$seed_b64" | base64 -d > "$s.ic" && mv -f "$s.ic" "$s" && seeds="$seeds $s"
+    [ -f "$s" ] && printf "$seed" > "$s" && seeds="$seeds $s"
 done
 if [ -n "$seeds" ]; then r random_seed reset "replaced with host bytes:$seeds"
 else r random_seed not_present "no random seed file"; fi
 
-# 3. Hostname, also on /etc/hosts' 127.0.1.1 line (hostname -f reads it).
-old=$(hostname 2>/dev/null || cat /proc/sys/kernel/hostname)
-hostname "$name" 2>/dev/null || echo "$name" > /proc/sys/kernel/hostname
-echo "$name" > /etc/hostname 2>/dev/null
-[ $systemd = 1 ] && command -v hostnamectl >/dev/null 2>&1 && hostnamectl set-hostname "$name" >/dev/null 2>&1
+# Hostname, also on /etc/hosts' 127.0.1.1 line (hostname -f reads it), its
+# domain kept. /etc/hostname is the name systemd sets at boot.
+read -r old < /proc/sys/kernel/hostname
+printf '%s\n' "$name" > /proc/sys/kernel/hostname
+(umask 022; printf '%s\n' "$name" > /etc/hostname)
 r hostname reset "$name"
+line127="127.0.1.1	$name" hosts="" seen=0
 if [ -f /etc/hosts ]; then
-    awk -v n="$name" -v o="$old" '
-        /^127\.0\.1\.1[ \t]/ { if (!done) { d = ""; if (index($2, o ".") == 1) d = substr($2, length(o) + 1);
-                                            if (d != "") print "127.0.1.1\t" n d "\t" n; else print "127.0.1.1\t" n;
-                                            done = 1 }
-                               next }
-        { print }
-        END { if (!done) print "127.0.1.1\t" n }' /etc/hosts > /etc/hosts.ic && cat /etc/hosts.ic > /etc/hosts
-    rm -f /etc/hosts.ic
-    r hosts reset "127.0.1.1 $name"
-else
-    printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$name" > /etc/hosts && chmod 644 /etc/hosts
-    r hosts reset "created with 127.0.1.1 $name"
+    while IFS= read -r line || [ -n "$line" ]; do
+        case $line in
+            127.0.1.1[[:space:]]*)
+                [ $seen = 1 ] && continue
+                set -f; set -- $line; set +f
+                case ${2:-} in "$old".*) line127="127.0.1.1	$name${2#"$old"}	$name" ;; esac
+                line=$line127 seen=1 ;;
+        esac
+        hosts="$hosts$line
+"
+    done < /etc/hosts
 fi
+[ $seen = 1 ] || hosts="$hosts$line127
+"
+(umask 022; printf '%s' "$hosts" > /etc/hosts)
+r hosts reset "$line127"
 
-# 4. machine-id: the host's random id, never derived from DMI (a clone's
-# SMBIOS tables are its source's). journald writes under the new id only
-# once restarted.
-printf '%s\n' "$mid" > /etc/machine-id && chmod 444 /etc/machine-id
-detail="$mid"
-if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then
-    printf '%s\n' "$mid" > /var/lib/dbus/machine-id && detail="$detail (also /var/lib/dbus/machine-id)"
-fi
-if [ $systemd = 1 ] && systemctl is-active -q systemd-journald 2>/dev/null; then
-    systemctl restart systemd-journald >/dev/null 2>&1 && detail="$detail; journald restarted"
-fi
-r machine_id reset "$detail"
-
-# 5. SSH host keys, made from the reseeded generator.
-keys=$(ls /etc/ssh/ssh_host_*_key 2>/dev/null)
-if [ -z "$keys" ]; then
+# SSH host keys, continued: report, or make what the host did not.
+if [ -z "$had" ]; then
     r ssh_host_keys not_present "no /etc/ssh/ssh_host_*_key"
 elif [ "$keep_ssh" = 1 ]; then
     r ssh_host_keys kept "kept on request (the source's keys)"
-elif ! command -v ssh-keygen >/dev/null 2>&1; then
-    r ssh_host_keys failed "no ssh-keygen in the guest"
 else
-    types=""
-    for k in $keys; do t=${k#/etc/ssh/ssh_host_}; types="$types ${t%_key}"; done
-    rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
-    for t in $types; do ssh-keygen -q -t "$t" -N '' -C "root@$name" -f "/etc/ssh/ssh_host_${t}_key" </dev/null & done
-    wait
-    if [ $systemd = 1 ]; then
-        for u in ssh sshd; do systemctl try-reload-or-restart "$u.service" >/dev/null 2>&1; done
-    fi
-    r ssh_host_keys reset "regenerated:$types"
+    for t in $had; do
+        case "$how " in *" $t(host) "*) continue ;; esac
+        k=/etc/ssh/ssh_host_${t}_key
+        rm -f "$k" "$k.pub"
+        ssh-keygen -q -t "$t" -N '' -C "root@$name" -f "$k" </dev/null >/dev/null 2>&1 && how="$how $t(guest)"
+    done
+    case "$how" in
+        *"("*) r ssh_host_keys reset "regenerated:$how" ;;
+        *) r ssh_host_keys failed "no host-made keys and no ssh-keygen in the guest" ;;
+    esac
 fi
 for p in /etc/ssh/ssh_host_*_key.pub; do
-    [ -f "$p" ] && echo "IC-FP $(ssh-keygen -lf "$p" 2>/dev/null)"
+    [ -f "$p" ] && { IFS= read -r pub < "$p"; echo "IC-PUB $pub"; }
 done
 
-# 6. DHCP: leases dropped, clients restarted so that their client id and
-# DUID follow the new machine-id (networkd derives them from it and keeps
-# the old ones until restarted; NetworkManager keeps its DUID in lease files
-# and secret_key; dhclient in its lease file's default-duid).
-for p in udhcpc dhclient; do killall "$p" >/dev/null 2>&1 || pkill -x "$p" >/dev/null 2>&1; done
-rm -f /run/udhcpc.* /var/lib/dhcp/*.lease* /var/lib/dhclient/*.lease* 2>/dev/null
-for i in $(ls /sys/class/net); do
-    [ "$i" = lo ] || ip -4 addr flush dev "$i" 2>/dev/null
-done
-dhcp="leases dropped"
-if [ $systemd = 1 ] && systemctl is-active -q systemd-networkd 2>/dev/null; then
-    rm -f /run/systemd/netif/leases/* 2>/dev/null
-    systemctl restart systemd-networkd >/dev/null 2>&1 && dhcp="$dhcp; systemd-networkd restarted (client id from the new machine-id)"
-fi
-if [ $systemd = 1 ] && systemctl is-active -q NetworkManager 2>/dev/null; then
-    rm -f /var/lib/NetworkManager/*.lease /var/lib/NetworkManager/secret_key 2>/dev/null
-    systemctl restart NetworkManager >/dev/null 2>&1 && dhcp="$dhcp; NetworkManager restarted (new DUID and secret key)"
-fi
-r dhcp reset "$dhcp"
+# VM generation ID: the host gave the clone a new one; only a guest kernel
+# with a vmgenid driver reseeds from it.
+gen=unsupported
+for d in /sys/bus/acpi/drivers/vmgenid/*:*; do [ -e "$d" ] && gen=reset; done
+if [ $gen = reset ]; then r vm_generation_id reset "new ID seen by the guest's vmgenid driver"
+else r vm_generation_id unsupported "the guest kernel has no VMGENID driver"; fi
 
-# 7. VM generation ID: the host gave the clone a new one; only a guest
-# kernel with a vmgenid driver reseeds from it.
-if ls /sys/bus/acpi/drivers/vmgenid 2>/dev/null | grep -q :; then
-    r vm_generation_id reset "new ID seen by the guest's vmgenid driver"
+if [ -n "$rpid" ] && ! wait "$rpid"; then
+    read -r err < /run/instaclone/restart.log
+    r dhcp failed "systemctl restart$units: $err"
 else
-    r vm_generation_id unsupported "the guest kernel has no VMGENID driver"
+    r dhcp reset "$dhcp"
 fi
+r machine_id reset "$mid_detail"
 echo "IC-DONE"
 """
 
@@ -220,6 +254,47 @@ async def wait_agent(virt: Hypervisor, name: str, timeout_s: float) -> None:
             await asyncio.sleep(0.2)
 
 
+def _printf_octal(data: bytes) -> bytes:
+    """``data`` as a printf format of octal escapes only (no ``%``, no shell quoting issue)."""
+    return "".join(f"\\{b:03o}" for b in data).encode()
+
+
+def ssh_fingerprint(pub_line: str) -> str | None:
+    """``ssh-keygen -l``'s line for an OpenSSH public key line: ``BITS SHA256:... COMMENT (TYPE)``.
+
+    None if the line is not a public key.
+    """
+    parts = pub_line.split(None, 2)
+    if len(parts) < 2:
+        return None
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except ValueError:
+        return None
+    fields: list[bytes] = []
+    pos = 0
+    while pos + 4 <= len(blob):
+        n = int.from_bytes(blob[pos:pos + 4], "big")
+        fields.append(blob[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    if not fields:
+        return None
+    kind = fields[0].decode(errors="replace")
+    if kind == "ssh-rsa" and len(fields) >= 3:
+        bits, name = int.from_bytes(fields[2], "big").bit_length(), "RSA"
+    elif kind.startswith("ecdsa-sha2-nistp"):
+        bits, name = int(kind.rsplit("nistp", 1)[1]), "ECDSA"
+    elif kind == "ssh-ed25519":
+        bits, name = 256, "ED25519"
+    elif kind == "ssh-dss" and len(fields) >= 2:
+        bits, name = int.from_bytes(fields[1], "big").bit_length(), "DSA"
+    else:
+        return None
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    comment = parts[2].strip() if len(parts) > 2 else "no comment"
+    return f"{bits} SHA256:{digest} {comment} ({name})"
+
+
 def _parse(out: str) -> tuple[dict[str, dict[str, str]], list[str]]:
     items: dict[str, dict[str, str]] = {}
     fingerprints: list[str] = []
@@ -228,13 +303,16 @@ def _parse(out: str) -> tuple[dict[str, dict[str, str]], list[str]]:
             parts = line.split(" ", 3)
             if len(parts) >= 3:
                 items[parts[1]] = {"status": parts[2], "detail": parts[3] if len(parts) > 3 else ""}
-        elif line.startswith("IC-FP ") and line[6:].strip():
-            fingerprints.append(line[6:].strip())
+        elif line.startswith("IC-PUB "):
+            fp = ssh_fingerprint(line[7:])
+            if fp:
+                fingerprints.append(fp)
     return items, fingerprints
 
 
 async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[str, str],
-                    timeout_s: float, keep_ssh_host_keys: bool = False) -> dict[str, Any]:
+                    timeout_s: float, keep_ssh_host_keys: bool = False,
+                    host_keys: dict[str, tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
     """Make the clone's identity its own; its links must still be down.
 
     Returns what was reset: ``reset`` maps each item (clock, kernel_rng,
@@ -248,12 +326,15 @@ async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[
     await wait_agent(virt, name, timeout_s)
     await virt.agent(name, "guest-set-time", {"time": time.time_ns()})
     machine_id = secrets.token_hex(16)
+    keys = host_keys or {}
     stdin = b"\n".join([
-        base64.b64encode(secrets.token_bytes(RNG_BYTES)),
-        base64.b64encode(secrets.token_bytes(SEED_BYTES)),
+        _printf_octal(secrets.token_bytes(RNG_BYTES)),
+        _printf_octal(secrets.token_bytes(SEED_BYTES)),
         machine_id.encode(),
         json.dumps(config, sort_keys=True).encode(),
-    ])
+        *(b"KEY %s\n%s\nPUB %s" % (t.encode(), priv.strip(), pub.strip()) for t, (priv, pub) in sorted(keys.items())),
+        b"END-KEYS",
+    ]) + b"\n"
     script = _IDENTITY.replace('"$PERL_RESEED"', "'" + _PERL_RESEED.strip() + "'")
     rc, out = await virt.agent_exec(
         name, ["/bin/sh", "-c", script, "sh", hostname, "1" if keep_ssh_host_keys else "0"],
@@ -271,6 +352,44 @@ async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[
         "reset": items,
         "ssh_host_key_fingerprints": fingerprints,
     }
+
+
+#: SSH host key types made on the host for each clone (a guest keeps the types it had).
+SSH_KEY_TYPES = ("rsa", "ecdsa", "ed25519")
+
+
+async def make_host_keys(comment: str) -> dict[str, tuple[bytes, bytes]] | None:
+    """Fresh SSH host key pairs, made on the host: type -> (private key, public key).
+
+    The host's generator is not the clone's (which is its source's until
+    reseeded) and is fast: under TCG a guest takes 10-40 s for one RSA key.
+    The keys exist on the host only in a private temporary directory, removed
+    before this returns. None if the host has no ``ssh-keygen``.
+    """
+    tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="instaclone-keys-"))
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        try:
+            for t in SSH_KEY_TYPES:
+                procs.append(await asyncio.create_subprocess_exec(
+                    "ssh-keygen", "-q", "-t", t, "-N", "", "-C", comment, "-f", str(tmp / t),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE))
+        except FileNotFoundError:
+            return None
+        out: dict[str, tuple[bytes, bytes]] = {}
+        for t, proc in zip(SSH_KEY_TYPES, procs):
+            _, err = await proc.communicate()
+            if proc.returncode != 0:
+                raise CustomizationFailed(f"ssh-keygen -t {t} on the host failed: {err.decode(errors='replace')}")
+            out[t] = ((tmp / t).read_bytes(), (tmp / f"{t}.pub").read_bytes())
+        return out
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
 
 
 def _ipv4(ifaces: list[dict[str, Any]]) -> dict[str, list[str]]:

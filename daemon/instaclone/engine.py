@@ -701,6 +701,7 @@ class Engine:
         why_not = ("not requested" if not run.job.spec.get("customize", True)
                    else f"the source has no guest agent channel ({customize.AGENT_CHANNEL})")
         script = run.job.spec.get("script") or await asyncio.to_thread(self._config_script)
+        keep_ssh = bool(run.job.spec.get("keep_ssh_host_keys"))
 
         async def start(clone: CloneTarget) -> None:
             async with slots:
@@ -713,25 +714,34 @@ class Engine:
                     phases[phase] = round((now - t) * 1000.0, 1)
                     t = now
 
-                await run.memory.start_clone(ctx=ctx, clone=clone)
-                # The guest still has the source's MAC (it is in the migrated
-                # device state): no packet may leave before the NIC is
-                # replaced, unless the network is isolated (keep_network).
-                if not keep_network:
+                async def boot() -> None:
+                    await run.memory.start_clone(ctx=ctx, clone=clone)
+                    # The guest still has the source's MAC (it is in the
+                    # migrated device state): no packet may leave before the
+                    # NIC is replaced, unless the network is isolated.
+                    if not keep_network:
+                        for mac in clone.macs:
+                            await self.virt.set_link(clone.name, mac, up=False)
+                    await self.virt.resume(clone.name)
+                    lap("start")
                     for mac in clone.macs:
-                        await self.virt.set_link(clone.name, mac, up=False)
-                await self.virt.resume(clone.name)
-                lap("start")
-                for mac in clone.macs:
-                    await self.virt.replug_interface(clone.name, mac, link_up=not customizing)
-                lap("nic_replug")
+                        await self.virt.replug_interface(clone.name, mac, link_up=not customizing)
+                    lap("nic_replug")
+
+                async def host_keys() -> dict[str, tuple[bytes, bytes]] | None:
+                    if not customizing or keep_ssh:
+                        return None
+                    return await customize.make_host_keys(f"root@{clone.name}")
+
+                # The clone's SSH host keys are made on the host while it starts.
+                keys = (await _all_or_first_error(host_keys(), boot()))[0]
                 if customizing:
                     timeout = self.config.clone.customize_timeout_s
                     try:
                         clone.identity = await customize.customize(
                             self.virt, clone.name, hostname=clone.name,
                             config=run.job.spec.get("config") or {}, timeout_s=timeout,
-                            keep_ssh_host_keys=bool(run.job.spec.get("keep_ssh_host_keys")))
+                            keep_ssh_host_keys=keep_ssh, host_keys=keys)
                         lap("identity")
                         for mac in clone.macs:
                             await self.virt.set_link(clone.name, mac, up=True)
@@ -898,6 +908,17 @@ def _validate_guest_config(config: object) -> dict[str, str]:
 async def _no_record(kind: str, ref: str, *, clone: str | None = None) -> int:
     """Recorder for freeze/unfreeze: their files live at fixed paths recovery knows."""
     return 0
+
+
+async def _all_or_first_error(*aws: Awaitable[Any]) -> list[Any]:
+    """Await all of ``aws`` concurrently; on the first error cancel the rest and raise it."""
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(aw) for aw in aws]  # type: ignore[arg-type]
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None
+    return [t.result() for t in tasks]
 
 
 def _copy_private(src: Path, dst: Path) -> None:
