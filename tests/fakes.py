@@ -150,11 +150,13 @@ class FakeHypervisor:
     async def agent(self, name: str, command: str, arguments: Any = None, *, timeout_s: int = 10) -> Any:
         await self._hook("agent", name)
         self.agent_log.append((name, command))
-        if command == "guest-network-get-interfaces" and name in self.interfaces:
-            return self.interfaces[name]
         if command == "guest-network-get-interfaces":
-            return [{"name": "eth0", "hardware-address": "52:54:00:00:00:99",
-                     "ip-addresses": [{"ip-address": "10.0.2.15", "ip-address-type": "ipv4", "prefix": 24}]}]
+            # The guest's NIC has the domain's MAC (as after a replug).
+            macs = [m.get("address", "") for m in ET.fromstring(self._get(name).xml).iterfind(
+                "./devices/interface/mac")] or ["52:54:00:00:00:99"]
+            ifaces = self.interfaces[name] if name in self.interfaces else [{"name": "eth0", "ip-addresses": [
+                {"ip-address": "10.0.2.15", "ip-address-type": "ipv4", "prefix": 24}]}]
+            return [{"hardware-address": mac, **i} for i, mac in zip(ifaces, macs)]
         return {}
 
     async def agent_exec(self, name: str, argv: list[str], *, stdin: bytes = b"",

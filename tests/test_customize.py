@@ -135,7 +135,7 @@ async def test_a_failing_user_script_fails_the_clone(agent_env):
 async def test_clone_without_ipv4_where_the_source_had_it_fails(agent_env, tmp_path):
     engine, virt, journal, c = agent_env
     with_clone_config(engine, customize_timeout_s=1.0)
-    virt.interfaces["n1"] = [{"name": "eth0", "hardware-address": "52:54:00:00:00:98", "ip-addresses": [
+    virt.interfaces["n1"] = [{"name": "eth0", "ip-addresses": [
         {"ip-address": "fe80::1", "ip-address-type": "ipv6", "prefix": 64}]}]
     job = await run_job(engine, journal, name="n1")
     assert job.state is State.FAILED
@@ -158,6 +158,16 @@ async def test_source_clock_is_set_after_a_long_stun_and_after_unfreeze(agent_en
     await engine.freeze("src")
     out = await engine.unfreeze("src")
     assert out["clock"] == {"set": True} and ("src", "guest-set-time") in virt.agent_log
+
+
+async def test_customization_waits_for_the_replugged_nic_to_appear(agent_env):
+    engine, virt, journal, c = agent_env
+    with_clone_config(engine, customize_timeout_s=1.0)
+    virt.interfaces["w1"] = []  # the hot-plugged NIC never shows up in the guest
+    job = await run_job(engine, journal, name="w1")
+    assert job.state is State.FAILED
+    assert "does not show its new NIC" in job.error["message"], job.error
+    assert set(virt.domains) == {"src"}
 
 
 async def test_result_parsing_and_fingerprints_match_ssh_keygen():

@@ -312,7 +312,8 @@ def _parse(out: str) -> tuple[dict[str, dict[str, str]], list[str]]:
 
 async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[str, str],
                     timeout_s: float, keep_ssh_host_keys: bool = False,
-                    host_keys: dict[str, tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+                    host_keys: dict[str, tuple[bytes, bytes]] | None = None,
+                    macs: list[str] | None = None) -> dict[str, Any]:
     """Make the clone's identity its own; its links must still be down.
 
     Returns what was reset: ``reset`` maps each item (clock, kernel_rng,
@@ -320,11 +321,19 @@ async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[
     vm_generation_id) to ``{"status", "detail"}`` with status one of
     ``reset``, ``partial``, ``kept``, ``not_present``, ``unsupported`` or
     ``failed``; ``ssh_host_key_fingerprints`` the new keys' ``ssh-keygen -l``
-    lines. Raises CustomizationFailed if the agent does not answer or the
-    reset script fails.
+    lines, computed from the public keys the guest holds afterwards.
+
+    With ``macs`` (the replugged NICs) it first waits until the guest has
+    them all: a hot-plugged NIC appears in the guest a while after the plug.
+    ``host_keys`` (from :func:`make_host_keys`) replace the guest's SSH host
+    keys of the same types; a type without one is made in the guest.
+    Raises CustomizationFailed if the agent does not answer, a NIC does not
+    appear or the reset script fails.
     """
     await wait_agent(virt, name, timeout_s)
     await virt.agent(name, "guest-set-time", {"time": time.time_ns()})
+    if macs:
+        await wait_nics(virt, name, macs, timeout_s=timeout_s)
     machine_id = secrets.token_hex(16)
     keys = host_keys or {}
     stdin = b"\n".join([
@@ -404,13 +413,36 @@ def _ipv4(ifaces: list[dict[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
-async def ipv4_interfaces(virt: Hypervisor, name: str, *, timeout_s: int = 3) -> list[str] | None:
+async def ipv4_interfaces(virt: Hypervisor, name: str, *, timeout_s: int = 3,
+                          attempts: int = 2) -> list[str] | None:
     """Names of the guest's interfaces that have IPv4 now; None if its agent does not answer."""
-    try:
-        ifaces = await virt.agent(name, "guest-network-get-interfaces", timeout_s=timeout_s) or []
-    except InstacloneError:
-        return None
-    return sorted(n for n, addrs in _ipv4(ifaces).items() if addrs)
+    for attempt in range(attempts):
+        try:
+            ifaces = await virt.agent(name, "guest-network-get-interfaces", timeout_s=timeout_s) or []
+        except InstacloneError:
+            if attempt + 1 < attempts:
+                await asyncio.sleep(0.2)
+            continue
+        return sorted(n for n, addrs in _ipv4(ifaces).items() if addrs)
+    return None
+
+
+async def wait_nics(virt: Hypervisor, name: str, macs: list[str], *, timeout_s: float) -> None:
+    """Wait until the guest lists a NIC with each of ``macs``; CustomizationFailed if not in time."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    want = {m.lower() for m in macs}
+    delay = 0.05
+    while True:
+        ifaces = await virt.agent(name, "guest-network-get-interfaces") or []
+        missing = want - {str(i.get("hardware-address", "")).lower() for i in ifaces}
+        if not missing:
+            return
+        if loop.time() > end:
+            raise CustomizationFailed(f"the guest of {name!r} does not show its new NIC(s) "
+                                      f"{', '.join(sorted(missing))} within {timeout_s:g} s of the hot-plug")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 async def renew_network(virt: Hypervisor, name: str, *, timeout_s: float,

@@ -741,7 +741,8 @@ class Engine:
                         clone.identity = await customize.customize(
                             self.virt, clone.name, hostname=clone.name,
                             config=run.job.spec.get("config") or {}, timeout_s=timeout,
-                            keep_ssh_host_keys=keep_ssh, host_keys=keys)
+                            keep_ssh_host_keys=keep_ssh, host_keys=keys,
+                            macs=[] if keep_network else clone.macs)
                         lap("identity")
                         for mac in clone.macs:
                             await self.virt.set_link(clone.name, mac, up=True)
