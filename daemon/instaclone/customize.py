@@ -198,7 +198,7 @@ if [ $gen = reset ]; then r vm_generation_id reset "new ID seen by the guest's v
 else r vm_generation_id unsupported "the guest kernel has no VMGENID driver"; fi
 
 if [ -n "$rpid" ] && ! wait "$rpid"; then
-    read -r err < /run/instaclone/restart.log
+    err=""; read -r err < /run/instaclone/restart.log
     r dhcp failed "systemctl restart$units: $err"
 else
     r dhcp reset "$dhcp"
