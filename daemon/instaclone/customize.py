@@ -32,7 +32,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from .errors import InstacloneError
+from .errors import InstacloneError, InvalidRequest
 from .virt import Hypervisor
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
@@ -481,8 +481,6 @@ async def renew_network(virt: Hypervisor, name: str, *, timeout_s: float,
 
 def validate_script(script: object) -> str | None:
     """A user customization script: a non-empty string of at most MAX_SCRIPT_BYTES."""
-    from .errors import InvalidRequest
-
     if script is None:
         return None
     if not isinstance(script, str) or not script.strip():

@@ -628,6 +628,9 @@ class Engine:
         # that libvirt gave the source's top image.
         owner = await asyncio.to_thread(_owner, next(iter(ctx.tops.values()), None))
 
+        # The clones' NVRAM files are named after the source's own.
+        src_nvram = vmstate.nvram_path(ctx.source.xml)
+
         async def make_deltas() -> None:
             for clone in clones:
                 await record(jr.FILE, str(clone.dir), clone=clone.name)
@@ -637,8 +640,8 @@ class Engine:
                 if ctx.nvram is not None:
                     # The UEFI variables as they are at stun (the source is
                     # paused: its QEMU does not write them now).
-                    src_nvram = vmstate.nvram_path(ctx.source.xml) or ctx.nvram
-                    clone.nvram = clone.dir / vmstate.clone_nvram_name(src_nvram, job.source, clone.name)
+                    clone.nvram = clone.dir / vmstate.clone_nvram_name(src_nvram or ctx.nvram, job.source,
+                                                                       clone.name)
                     await record(jr.FILE, str(clone.nvram), clone=clone.name)
                     await asyncio.to_thread(_copy_private, ctx.nvram, clone.nvram)
 
