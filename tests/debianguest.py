@@ -75,13 +75,9 @@ def kernel_cmdline() -> str:
         return DEFAULT_CMDLINE
 
 
-def serial_log_path(name: str, workdir: Path) -> Path:
-    return Path(workdir) / f"{name}.serial.log"
-
-
-def nvram_path(name: str, workdir: Path) -> Path:
-    """Where :func:`domain_xml` puts a UEFI guest's NVRAM by default."""
-    return Path(workdir) / f"{name}_VARS.fd"
+#: Where a guest's console is logged and (UEFI) its NVRAM kept: as for the busybox guest.
+serial_log_path = devguest.serial_log_path
+nvram_path = devguest.nvram_path
 
 
 def domain_xml(name: str, *, disk: Path, workdir: Path, firmware: str = "bios", kernel: str = "cloud",

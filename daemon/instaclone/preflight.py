@@ -295,10 +295,7 @@ def _disks(root: ET.Element, facts: Facts) -> list[Finding]:
         kind = disk.get("type", "file")
         tgt_el = disk.find("target")
         target = tgt_el.get("dev", "?") if tgt_el is not None else "?"
-        src = disk.find("source")
-        where = ""
-        if src is not None:
-            where = src.get("file") or src.get("dev") or src.get("name") or src.get("volume") or ""
+        where = vmstate.disk_source(disk) or ""
         drv = disk.find("driver")
         fmt = drv.get("type", "raw") if drv is not None else "raw"
         readonly = disk.find("readonly") is not None or device in ("cdrom", "floppy")

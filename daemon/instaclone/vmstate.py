@@ -42,7 +42,8 @@ def _disk_label(disk: ET.Element) -> str:
     return f"{disk.get('device', 'disk')} {tgt.get('dev', '?') if tgt is not None else '?'}"
 
 
-def _disk_path(disk: ET.Element) -> str | None:
+def disk_source(disk: ET.Element) -> str | None:
+    """The host path or name a ``<disk>`` element's ``<source>`` names (file, device, network name, volume)."""
     src = disk.find("source")
     if src is None:
         return None
@@ -89,7 +90,7 @@ def walk(xml: str) -> list[StateItem]:
         return items
     for disk in devices.findall("disk"):
         label = _disk_label(disk)
-        path = _disk_path(disk)
+        path = disk_source(disk)
         readonly = disk.find("readonly") is not None or disk.get("device") in ("cdrom", "floppy")
         if disk.find("shareable") is not None:
             items.append(StateItem(label, path, "refuse",
