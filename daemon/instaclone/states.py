@@ -13,6 +13,8 @@ from .errors import StateError
 
 
 class State(enum.StrEnum):
+    """A job's state. Each carries its facts: the event it emits, whether the source is stunned in it."""
+
     REQUESTED = "Requested"
     STUNNED = "Stunned"
     SOURCE_DELTA_CREATED = "SourceDeltaCreated"
@@ -26,6 +28,36 @@ class State(enum.StrEnum):
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
+
+    @property
+    def failed(self) -> bool:
+        return self in _FAIL
+
+    @property
+    def event_type(self) -> str:
+        """The type of the event a transition to this state emits."""
+        return _EVENT_TYPES[self]
+
+    @property
+    def source_stunned(self) -> bool:
+        """True if a running source is paused while a job is in this state."""
+        return self in _STUNNED
+
+
+_EVENT_TYPES: dict[State, str] = {
+    State.REQUESTED: "clone.requested",
+    State.STUNNED: "clone.stunned",
+    State.SOURCE_DELTA_CREATED: "clone.source_delta_created",
+    State.CLONE_DELTA_CREATED: "clone.clone_delta_created",
+    State.MEMORY_LINKED: "clone.memory_linked",
+    State.CONFIGURED: "clone.configured",
+    State.UNSTUNNED: "clone.ready",
+    State.FAILED: "clone.failed",
+    State.NEEDS_ATTENTION: "clone.needs_attention",
+}
+
+_STUNNED = frozenset({State.STUNNED, State.SOURCE_DELTA_CREATED, State.CLONE_DELTA_CREATED,
+                      State.MEMORY_LINKED, State.CONFIGURED})
 
 
 #: The happy path, in order.
