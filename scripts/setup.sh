@@ -85,13 +85,16 @@ if [ ! -x "$venv/bin/python" ]; then
     say "creating virtualenv $venv"
     python3 -m venv "$venv"
 fi
+# The stamp holds the hash of the pyproject.toml installed from: any change to
+# it (a new test dependency, say) reinstalls, whatever the files' times are.
 stamp="$venv/.instaclone-installed"
-if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
+want=$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "installing instaclone (editable) and test dependencies into $venv"
     "$venv/bin/pip" install -q --upgrade pip >/dev/null
     "$venv/bin/pip" install -q -e "$repo[test]" 2>&1 | grep -vE "^WARNING: Location|^$" || true
     "$venv/bin/python" -c "import instaclone, libvirt, aiohttp, structlog"
-    touch "$stamp"
+    echo "$want" > "$stamp"
 else
     say "virtualenv up to date"
 fi

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Run instaclone's test suite from a fresh machine: set up (packages, libvirtd,
-# virtualenv), build the test guest, then pytest (unit + real-VM integration).
+# virtualenv), static checks (scripts/lint.sh: mypy --strict, ruff, import
+# contracts), build the test guests, then pytest (unit + real-VM integration).
 #
 #   scripts/test.sh [pytest args...]
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 "$repo/scripts/setup.sh"
+# Before the guest builds and pytest: a failed check fails the run in seconds.
+"$repo/scripts/lint.sh"
 if [ -x "$repo/scripts/build-guest.sh" ]; then
     "$repo/scripts/build-guest.sh"
 fi
