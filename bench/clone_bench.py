@@ -34,10 +34,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from instaclone import config as cfg, devguest
+# The test guest's driver lives with the tests (tests/guests/).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from instaclone import config as cfg
 from instaclone.daemon import Daemon
 from instaclone.log import setup as log_setup
 from instaclone.virt import Hypervisor
+from tests.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
 HOG_MIB = 64
@@ -124,8 +128,8 @@ class Bench:
 async def daemon_for(work: Path, memory: str, mode: str = "copy") -> Daemon:
     c = cfg.Config()
     c = replace(c,
-                daemon=replace(c.daemon, state_dir=work / f"state-{memory}-{mode}", socket=work / f"{memory}-{mode}.sock",
-                               log_format="console", log_level="warning"),
+                daemon=replace(c.daemon, state_dir=work / f"state-{memory}-{mode}",
+                               socket=work / f"{memory}-{mode}.sock", log_format="console", log_level="warning"),
                 clone=replace(c.clone, memory_backend=memory, memory_fallback="none", stun_deadline_ms=60000,
                               step_timeout_s=600),
                 filecow=replace(c.filecow, source_mode=mode))
@@ -227,12 +231,18 @@ async def run(sizes: list[int], pool: int) -> dict[str, Any]:
     return results
 
 
+def _row(*cells: str) -> str:
+    """One Markdown table row."""
+    return "|" + "|".join(f" {c} " if c != "---" else c for c in cells) + "|"
+
+
 def table(res: dict[str, Any]) -> str:
     lines = [
         f"Guest: test guest under {res['accel'].upper()}, {res['fill_mib']} MiB written to its tmpfs before cloning.",
         "",
-        "| guest RAM | method | stun ms | ready s | ready vs cold boot | process RSS MiB | process PSS MiB | process private dirty MiB | guest-RAM private MiB | % of guest RAM |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        _row("guest RAM", "method", "stun ms", "ready s", "ready vs cold boot", "process RSS MiB", "process PSS MiB",
+             "process private dirty MiB", "guest-RAM private MiB", "% of guest RAM"),
+        _row(*["---"] * 10),
     ]
     for mib, row in res["sizes"].items():
         cold = row["cold_boot"]["ready_s"]
@@ -244,8 +254,9 @@ def table(res: dict[str, Any]) -> str:
                          f"{m['Pss'] / 1024:.0f} | {m['Private_Dirty'] / 1024:.0f} | {m['ram_private'] / 1024:.1f} | "
                          f"{100 * m['ram_private'] / 1024 / int(mib):.1f} |")
     if res.get("pool"):
-        lines += ["", "| pool (256 MiB guest) | clones | stun ms | all ready s | mean RSS MiB | mean PSS MiB | mean private dirty MiB | mean guest-RAM private MiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", _row("pool (256 MiB guest)", "clones", "stun ms", "all ready s", "mean RSS MiB", "mean PSS MiB",
+                           "mean private dirty MiB", "mean guest-RAM private MiB"),
+                  _row(*["---"] * 8)]
         for label, p in res["pool"].items():
             lines.append(f"| {label} | {p['count']} | {p['stun_ms']:.0f} | {p['all_ready_s']:.2f} | "
                          f"{p['rss_kib_mean'] / 1024:.0f} | {p['pss_kib_mean'] / 1024:.0f} | "

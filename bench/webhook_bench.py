@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from instaclone import config as cfg, events  # noqa: E402
-from instaclone.daemon import Daemon  # noqa: E402
-from instaclone.log import setup as log_setup  # noqa: E402
-from instaclone.virt import Hypervisor  # noqa: E402
-from tests.apiclient import Api  # noqa: E402
-from tests.vmlib import Scratch, boot_source  # noqa: E402
+from instaclone import config as cfg, events
+from instaclone.daemon import Daemon
+from instaclone.log import setup as log_setup
+from instaclone.virt import Hypervisor
+from tests.apiclient import Api
+from tests.vmlib import Scratch, boot_source
 
 SECRET = events.new_secret()
 
@@ -53,7 +53,7 @@ async def clone_once(daemon: Daemon, sock: Path, mode: str, url: str | None, nam
     endpoints = () if url is None else (cfg.WebhookEndpoint(f"bench-{mode}", url, (SECRET,)),)
     daemon.webhooks.configure(replace(base, endpoints=endpoints))
     async with Api(sock) as api:
-        status, body = await api.call("POST", "/v1/jobs?wait=120", {"source": "wb-src", "name": name,
+        _status, body = await api.call("POST", "/v1/jobs?wait=120", {"source": "wb-src", "name": name,
                                                                      "customize": False, "keep_network": True})
         job = body["job"]
         assert job["state"] == "Unstunned", job

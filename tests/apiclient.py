@@ -15,7 +15,7 @@ class Api:
         self.sock = sock
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "Api":
+    async def __aenter__(self) -> Api:
         self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.sock)))
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -99,7 +100,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = config.with_suffix(".log")
 
-    def start(self) -> "DaemonProcess":
+    def start(self) -> DaemonProcess:
         args = [str(EXE), "--config", str(self.config)]
         if self.listen_fd is not None:
             # As systemd does: the socket as fd 3, LISTEN_PID set to the pid that
@@ -134,10 +135,8 @@ class DaemonProcess:
     def log_events(self) -> list[dict[str, Any]]:
         out = []
         for line in self.log_text().splitlines():
-            try:
+            with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
-            except ValueError:
-                pass
         return out
 
 

@@ -37,7 +37,7 @@ class Receiver:
     _runner: web.AppRunner | None = None
     _hang: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def start(self) -> "Receiver":
+    async def start(self) -> Receiver:
         app = web.Application()
         app.router.add_post("/hook", self._hook)
         app.router.add_post("/elsewhere", self._elsewhere)

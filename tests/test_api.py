@@ -6,18 +6,17 @@ from pathlib import Path
 
 import pytest
 
-
 from .fakes import fake_api
 
 
 @pytest.fixture
 async def api(tmp_path: Path):
-    async with fake_api(tmp_path) as (client, virt, sock):
+    async with fake_api(tmp_path) as (client, virt, _sock):
         yield client, virt
 
 
 async def test_clone_and_list(api):
-    client, virt = api
+    client, _virt = api
     status, body = await client.call("POST", "/v1/jobs?wait=10", {"source": "src", "name": "c1"})
     assert status == 201 and body["job"]["state"] == "Unstunned"
     status, body = await client.call("GET", f"/v1/jobs/{body['job']['id']}")

@@ -21,7 +21,7 @@ import libvirt
 import pytest
 from structlog.testing import capture_logs
 
-from instaclone import config as cfg, devguest
+from instaclone import config as cfg
 from instaclone.backends import CloneTarget, Recorder, StunContext
 from instaclone.engine import Engine
 from instaclone.errors import VirtConnectionError, VirtError, VirtTimeout
@@ -32,6 +32,7 @@ from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from .conftest import libvirt_ready
 from .fakes import FakeHypervisor, FakeStorage, fake_world
+from .guests import devguest
 from .vmlib import Api, Scratch, boot_source, make_config, running_daemon
 
 integration = [pytest.mark.integration,
@@ -121,7 +122,7 @@ async def test_engine_consolidates_only_past_the_limit(chain_env):
     for i in range(1, 4):
         job = await _job(engine, journal, "c7", f"cc{i}")
         assert job.state is State.UNSTUNNED
-    assert [d for d in storage.consolidated] == [("c7", "vda", 5), ("cc2", "vda", 5)]
+    assert list(storage.consolidated) == [("c7", "vda", 5), ("cc2", "vda", 5)]
 
 
 async def test_consolidation_failure_does_not_fail_the_job(chain_env):
@@ -232,7 +233,7 @@ async def test_block_pull_timeout_aborts_the_job(scripted):
     virt, doms = scripted
     doms["vm"] = d = ScriptedDomain(None, list(CHAIN))
     t0 = time.monotonic()
-    with pytest.raises(VirtTimeout, match="did not finish within 0.3 s"):
+    with pytest.raises(VirtTimeout, match=r"did not finish within 0\.3 s"):
         await virt.block_pull("vm", "vda", base=Path("/d/base"), timeout_s=0.3)
     assert time.monotonic() - t0 < 2
     assert d.calls[-1] == ("abort", "vda", 0)
@@ -446,7 +447,8 @@ async def test_depth_40_with_consolidation():
               f"{src_ms[0]:.1f}/{statistics.median(src_ms):.1f}/{src_ms[-1]:.1f}")
         print(f"job wall ms min/median/max = {min(job_ms):.0f}/{statistics.median(job_ms):.0f}/{max(job_ms):.0f}; "
               f"stun ms median/max {statistics.median(stuns):.0f}/{max(stuns):.0f}; "
-              f"longest source pause seen by polling {longest_pause[0] * 1000:.0f} ms; boot {t_booted - t_start:.1f} s, "
+              f"longest source pause seen by polling {longest_pause[0] * 1000:.0f} ms; "
+              f"boot {t_booted - t_start:.1f} s, "
               f"total {time.monotonic() - t_start:.1f} s")
     except BaseException:
         # What the daemon said (captured above) is the best clue.

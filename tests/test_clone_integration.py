@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from instaclone import devguest, events
+from instaclone import events
 from instaclone.config import WebhookEndpoint
 from instaclone.domxml import macs
 from instaclone.virt import Hypervisor
 
 from .conftest import libvirt_ready
+from .guests import devguest
 from .receiver import Receiver
 from .vmlib import Api, Scratch, boot_source, make_config, running_daemon
 
@@ -172,7 +173,7 @@ async def test_clone_running_guest_end_to_end(world):
 
 
 async def test_cli_clone_count_and_errors(world):
-    scratch, virt, daemon, config = world
+    scratch, virt, _daemon, config = world
     await boot_source(virt, scratch, "ic-src2")
     env = {**os.environ, "INSTACLONE_SOCKET": str(config.daemon.socket)}
     cli = [sys.executable, "-m", "instaclone.cli"]
@@ -219,7 +220,7 @@ async def test_cli_clone_count_and_errors(world):
 
 async def test_frozen_source_with_saverestore(world):
     """A source without shared file RAM can be frozen too: its saved state serves every job."""
-    scratch, virt, daemon, config = world
+    scratch, virt, _daemon, config = world
     src = await boot_source(virt, scratch, "ic-frz")
     async with Api(config.daemon.socket) as api:
         status, body = await api.call("POST", "/v1/sources/ic-frz/freeze")

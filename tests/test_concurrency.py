@@ -93,7 +93,7 @@ async def test_fifty_concurrent_requests(world, sources: int):
 
 
 async def test_same_name_requested_concurrently_only_one_wins(world):
-    engine, virt, journal = world
+    engine, _virt, _journal = world
     results = await asyncio.gather(*(engine.submit(source="s0", name="dup") for _ in range(20)),
                                    return_exceptions=True)
     accepted = [r for r in results if not isinstance(r, BaseException)]

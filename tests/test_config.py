@@ -57,5 +57,5 @@ def test_errors_name_the_key(raw, key):
 def test_bad_toml_is_reported(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text("[clone\n")
-    with pytest.raises(ConfigError, match="c.toml"):
+    with pytest.raises(ConfigError, match=r"c\.toml"):
         config.load(p)

@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 
 from instaclone import events
-from instaclone.devguest import nvram_path, read_counter, wait_counter
 from instaclone.virt import Hypervisor
 
 from .conftest import libvirt_ready
+from .guests.devguest import nvram_path, read_counter, wait_counter
 from .proclib import DaemonProcess, NotifySocket, write_config
 from .receiver import Receiver
 from .vmlib import Api, Scratch, boot_source

@@ -29,7 +29,7 @@ def with_clone_config(engine, **changes) -> None:
 
 @pytest.fixture
 def agent_env(env):
-    engine, virt, journal, c = env
+    engine, virt, _journal, _c = env
     virt.domains["src"].xml = virt.domains["src"].xml.replace("</devices>", AGENT + "</devices>")
     # Each clone's SSH host keys are made on the host (about 1 s of CPU each).
     with_clone_config(engine, step_timeout_s=60)
@@ -71,7 +71,7 @@ async def test_each_clone_gets_host_made_secrets_and_its_result(agent_env):
         blocks = rest[:-len(b"END-KEYS\n")].split(b"KEY ")[1:]
         assert sorted(b.split(b"\n", 1)[0].decode() for b in blocks) == sorted(customize.SSH_KEY_TYPES)
         for b in blocks:
-            t, priv, pub = re.fullmatch(rb"(\w+)\n(-----BEGIN OPENSSH PRIVATE KEY-----\n.*"
+            _t, priv, pub = re.fullmatch(rb"(\w+)\n(-----BEGIN OPENSSH PRIVATE KEY-----\n.*"
                                         rb"-----END OPENSSH PRIVATE KEY-----)\nPUB (.*)\n", b, re.S).groups()
             assert pub.decode().endswith(f" root@{name}")
             seen.add(priv)
@@ -88,7 +88,7 @@ async def test_each_clone_gets_host_made_secrets_and_its_result(agent_env):
 
 
 async def test_keep_ssh_host_keys_from_request_and_config(agent_env):
-    engine, virt, journal, c = agent_env
+    engine, virt, journal, _c = agent_env
     job = await run_job(engine, journal, name="k1", keep_ssh_host_keys=True)
     assert job.state is State.UNSTUNNED
     argv, stdin = identity_calls(virt)["k1"]
@@ -117,7 +117,7 @@ async def test_bad_scripts_are_refused(agent_env, bad):
 
 
 async def test_a_failing_user_script_fails_the_clone(agent_env):
-    engine, virt, journal, c = agent_env
+    engine, virt, journal, _c = agent_env
     real = virt.agent_exec
 
     async def failing(name, argv, **kw):
@@ -133,7 +133,7 @@ async def test_a_failing_user_script_fails_the_clone(agent_env):
 
 
 async def test_clone_without_ipv4_where_the_source_had_it_fails(agent_env, tmp_path):
-    engine, virt, journal, c = agent_env
+    engine, virt, journal, _c = agent_env
     with_clone_config(engine, customize_timeout_s=1.0)
     virt.interfaces["n1"] = [{"name": "eth0", "ip-addresses": [
         {"ip-address": "fe80::1", "ip-address-type": "ipv6", "prefix": 64}]}]
@@ -143,7 +143,7 @@ async def test_clone_without_ipv4_where_the_source_had_it_fails(agent_env, tmp_p
 
 
 async def test_source_clock_is_set_after_a_long_stun_and_after_unfreeze(agent_env):
-    engine, virt, journal, c = agent_env
+    engine, virt, journal, _c = agent_env
     job = await run_job(engine, journal, name="t1")
     assert job.result["source_clock"] is None  # a short stun
     assert ("src", "guest-set-time") not in virt.agent_log
@@ -161,7 +161,7 @@ async def test_source_clock_is_set_after_a_long_stun_and_after_unfreeze(agent_en
 
 
 async def test_customization_waits_for_the_replugged_nic_to_appear(agent_env):
-    engine, virt, journal, c = agent_env
+    engine, virt, journal, _c = agent_env
     with_clone_config(engine, customize_timeout_s=1.0)
     virt.interfaces["w1"] = []  # the hot-plugged NIC never shows up in the guest
     job = await run_job(engine, journal, name="w1")
@@ -175,7 +175,7 @@ async def test_result_parsing_and_fingerprints_match_ssh_keygen():
     assert keys is not None
     out = "noise\nIC-RESULT ssh_host_keys reset regenerated: ed25519(host)\nIC-RESULT bad\nIC-PUB not a key\n"
     want = []
-    for t, (_, pub) in sorted(keys.items()):
+    for _, (_, pub) in sorted(keys.items()):
         out += f"IC-PUB {pub.decode().strip()}\n"
         want.append(subprocess.run(["ssh-keygen", "-lf", "-"], input=pub, capture_output=True,
                                    check=True).stdout.decode().strip())
@@ -201,9 +201,9 @@ def test_config_script_key(tmp_path: Path):
     script.write_text("true\n")
     got = cfg.from_dict({"clone": {"customize_script": str(script), "keep_ssh_host_keys": True}})
     assert got.clone.customize_script == str(script) and got.clone.keep_ssh_host_keys is True
-    with pytest.raises(ConfigError, match="clone.customize_script"):
+    with pytest.raises(ConfigError, match=r"clone\.customize_script"):
         cfg.from_dict({"clone": {"customize_script": str(tmp_path / "missing.sh")}})
-    with pytest.raises(ConfigError, match="clone.keep_ssh_host_keys"):
+    with pytest.raises(ConfigError, match=r"clone\.keep_ssh_host_keys"):
         cfg.from_dict({"clone": {"keep_ssh_host_keys": "no"}})
 
 

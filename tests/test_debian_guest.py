@@ -1,4 +1,4 @@
-"""The Debian 12 test guest (scripts/build-debian-guest.sh, tests/debianguest.py): XML and real boots."""
+"""The Debian 12 test guest (scripts/build-debian-guest.sh, tests/guests/debianguest.py): XML and real boots."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from instaclone.virt import Hypervisor
 
-from . import debianguest as dg
 from .conftest import libvirt_ready
+from .guests import debianguest as dg
 from .vmlib import Scratch
 
 
@@ -74,9 +74,10 @@ async def _check_guest(virt: Hypervisor, vm: dg.DebianVM) -> None:
     rc, out = await dg.gexec(virt, vm.name, "ls /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_rsa_key.pub")
     assert rc == 0, out
     # systemd is "running" once networkd runs; its DHCP lease may come a moment later.
-    rc, out = await dg.gexec(virt, vm.name, "for i in $(seq 60); do ip -4 -o addr show dev eth0 | grep -q 'inet 10.0.2.'"
-                                            " && break; sleep 0.5; done; ip -4 -o addr show dev eth0;"
-                                            " networkctl status eth0 --no-pager")
+    rc, out = await dg.gexec(virt, vm.name,
+                             "for i in $(seq 60); do ip -4 -o addr show dev eth0 | grep -q 'inet 10.0.2.'"
+                             " && break; sleep 0.5; done; ip -4 -o addr show dev eth0;"
+                             " networkctl status eth0 --no-pager")
     assert rc == 0 and re.search(r"inet 10\.0\.2\.\d+/24", out) and "DHCP4" in out, out
 
 
@@ -94,7 +95,8 @@ async def _boot_and_check(firmware: str) -> None:
             assert vm.nvram is not None and vm.nvram.parent == scratch.path
             assert vm.nvram.stat().st_size > 0
             # OVMF booted the disk (systemd-boot), not a kernel handed over by QEMU.
-            assert re.search(r"BdsDxe: starting Boot\d+ \"UEFI Misc Device\"", vm.serial_log.read_text(errors="replace"))
+            serial = vm.serial_log.read_text(errors="replace")
+            assert re.search(r"BdsDxe: starting Boot\d+ \"UEFI Misc Device\"", serial)
     finally:
         try:
             if vm is not None:

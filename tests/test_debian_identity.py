@@ -17,8 +17,8 @@ import pytest
 
 from instaclone.virt import Hypervisor
 
-from . import debianguest as dg
 from .conftest import libvirt_ready
+from .guests import debianguest as dg
 from .test_clone_integration import world  # noqa: F401  (fixture)
 from .vmlib import Api
 
@@ -45,7 +45,7 @@ echo "failed=$(systemctl --failed --no-legend --plain | awk '{print $1}' | tr '\
 echo "journal=$(journalctl -n 1 --no-pager -q >/dev/null 2>&1 && ls -d /var/log/journal/$(cat /etc/machine-id) /run/log/journal/$(cat /etc/machine-id) 2>/dev/null | head -1)"
 echo "kernel_errors=$(dmesg --level=emerg,alert,crit,err 2>/dev/null | sed 's/^\[[^]]*\] //' | sort -u | md5sum | cut -c1-12)"
 echo "time=$(date +%s)"
-"""
+"""  # noqa: E501 - a shell script; its pipelines read best whole
 
 
 #: What the guest kernel's vmgenid driver logs when the VM generation ID changes.
@@ -118,7 +118,7 @@ def print_table(src_name: str, src: dict[str, str], src_nvram: Path | None, clon
 
 
 async def test_running_bios_source_clones_are_unique(world):
-    scratch, virt, daemon, config = world
+    scratch, virt, _daemon, config = world
     src = await dg.boot(virt, scratch, "db-bios")
     before = await probe(virt, src.name)
     assert before["client_id"] and before["ssh_fp"].strip() and before["ipv4"].strip()
@@ -137,7 +137,7 @@ async def test_running_bios_source_clones_are_unique(world):
 
 
 async def test_frozen_uefi_source_nvram_is_copied_never_shared_or_deleted(world):
-    scratch, virt, daemon, config = world
+    scratch, virt, _daemon, config = world
     src = await dg.boot(virt, scratch, "db-uefi", firmware="uefi")
     assert src.nvram is not None and src.nvram.exists()
     before = await probe(virt, src.name)
@@ -184,7 +184,7 @@ async def test_frozen_uefi_source_nvram_is_copied_never_shared_or_deleted(world)
 
 
 async def test_running_uefi_source_with_generic_kernel_sees_its_new_vm_generation_id(world):
-    scratch, virt, daemon, config = world
+    scratch, virt, _daemon, config = world
     src = await dg.boot(virt, scratch, "db-gen", firmware="uefi", kernel="generic")
     _, src_forks = await dg.gexec(virt, src.name, FORKS)
     job = await clone(config, {"source": src.name, "name": "db-gc", "keep_ssh_host_keys": True})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from instaclone import devguest
+from .guests import devguest
 
 pytestmark = pytest.mark.integration
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import subprocess
@@ -20,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from instaclone import devguest
 from instaclone.config import Config
 from instaclone.daemon import Daemon
 from instaclone.virt import Hypervisor
 
 from .conftest import libvirt_ready
+from .guests import devguest
 from .test_service import restart_libvirtd
 from .vmlib import Api, Scratch, boot_source, make_config, running_daemon
 
@@ -190,13 +191,13 @@ async def test_concurrent_requests_on_real_sources(world: World):
     for src in (f"{PREFIX}srcA", f"{PREFIX}srcB"):
         windows = sorted((h["at"], nxt["at"]) for j in jobs if j["source"] == src
                          for h, nxt in [_stun_window(j)])
-        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(windows, windows[1:])), windows
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(windows)), windows
         assert await world.virt.state(src) == "running"
     for _, n in reqs:
         assert await world.virt.state(n) == "running"
     async with Api(world.config.daemon.socket) as api:
         await asyncio.gather(*(api.call("DELETE", f"/v1/clones/{n}") for _, n in reqs))
-        status, body = await api.call("GET", "/v1/clones")
+        _status, body = await api.call("GET", "/v1/clones")
         assert body["clones"] == []
 
 

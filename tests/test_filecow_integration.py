@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from instaclone import devguest
-
 from .conftest import libvirt_ready
+from .guests import devguest
 from .test_clone_integration import clone_log, first_counter, world  # noqa: F401  (fixture)
 from .vmlib import Api, boot_source
 
@@ -32,7 +31,7 @@ def cmd_sock(config, name: str):
 
 
 async def test_running_source_filecow_isolation(world):
-    scratch, virt, daemon, config = world
+    scratch, virt, _daemon, config = world
     src = await boot_source(virt, scratch, "fc-src", file_backed_ram=True)
     s = await devguest.GuestChannel.connect(src.cmd_sock)
     try:
@@ -87,7 +86,7 @@ async def test_running_source_filecow_isolation(world):
 
 
 async def test_frozen_source_clones_without_stun(world):
-    scratch, virt, daemon, config = world
+    scratch, virt, _daemon, config = world
     src = await boot_source(virt, scratch, "fz-src", file_backed_ram=True)
     async with Api(config.daemon.socket) as api:
         status, body = await api.call("POST", "/v1/sources/fz-src/freeze")

@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-from instaclone import devguest
-
 from .conftest import libvirt_ready
+from .guests import devguest
 from .test_clone_integration import world  # noqa: F401  (fixture)
 from .test_filecow_integration import cmd_sock
 from .vmlib import Api, boot_source
@@ -22,7 +21,7 @@ SHOW = "hostname; cat /etc/machine-id; cat /sys/class/net/eth0/address; cat /run
 
 
 async def test_two_clones_have_distinct_identity_and_get_their_data(world):
-    scratch, virt, daemon, config = world
+    scratch, virt, _daemon, config = world
     src = await boot_source(virt, scratch, "id-src", file_backed_ram=True)
     s = await devguest.GuestChannel.connect(src.cmd_sock)
     try:
@@ -69,7 +68,7 @@ async def test_two_clones_have_distinct_identity_and_get_their_data(world):
 
 
 async def test_customization_can_be_skipped_and_bad_config_is_refused(world):
-    scratch, virt, daemon, config = world
+    scratch, virt, _daemon, config = world
     await boot_source(virt, scratch, "id-src2")
     async with Api(config.daemon.socket) as api:
         status, body = await api.call("POST", "/v1/jobs", {"source": "id-src2", "name": "id-x",

@@ -58,7 +58,7 @@ async def test_check_pings_the_agent_when_there_is_a_channel(api):
 
 
 async def test_check_a_frozen_source(api):
-    client, virt, _ = api
+    client, _virt, _ = api
     assert (await client.call("POST", "/v1/sources/src/freeze"))[0] == 200
     _, body = await client.call("GET", "/v1/sources/src/check")
     assert body["check"]["frozen"] is True and "frozen by instaclone" in by_cap(body["check"], "state")["detail"]

@@ -6,9 +6,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from instaclone import devguest, preflight
+from instaclone import preflight
 
 from .conftest import libvirt_ready
+from .guests import devguest
 from .test_clone_integration import world  # noqa: F401  (fixture)
 from .vmlib import Api, boot_source
 
@@ -23,7 +24,7 @@ def by_cap(report: dict, cap: str) -> dict:
 
 
 async def test_check_and_prepare_a_running_guest(world):
-    scratch, virt, daemon, config = world
+    scratch, virt, _daemon, config = world
     name = "ic-prep"
     src = await boot_source(virt, scratch, name, file_backed_ram=False)
     try:

@@ -76,13 +76,11 @@ async def test_notify_ready_status_watchdog_reload_stop_and_metrics(tmp_path: Pa
         await notify.wait("WATCHDOG", "1", timeout=5)  # fed from the event loop
         # Metrics, on the control socket and on the loopback port.
         conn = aiohttp.UnixConnector(path=str(scratch.path / "ctl.sock"))
-        async with aiohttp.ClientSession(connector=conn) as s:
-            async with s.get("http://x/metrics") as r:
-                text = await r.text()
+        async with aiohttp.ClientSession(connector=conn) as s, s.get("http://x/metrics") as r:
+            text = await r.text()
         assert "instaclone_libvirt_up 1.0" in text and "instaclone_jobs_active" in text
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
-                assert r.status == 200 and "instaclone_state_duration_seconds" in await r.text()
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+            assert r.status == 200 and "instaclone_state_duration_seconds" in await r.text()
         # SIGHUP: reload what is safe (here clone.max_count), report the rest.
         write_config(conf, scratch.path, daemon={"metrics_listen": f"127.0.0.1:{port}"},
                      clone={"max_count": 2, "storage_backend": "qcow2"})
@@ -179,9 +177,8 @@ async def test_sigterm_mid_clone_rolls_back_and_leaves_source_running(tmp_path: 
                                                                              "customize": False})
                 assert status == 201 and body["job"]["state"] == "Unstunned", body
             conn = aiohttp.UnixConnector(path=str(scratch.path / "ctl.sock"))
-            async with aiohttp.ClientSession(connector=conn) as s:
-                async with s.get("http://x/metrics") as r:
-                    text = await r.text()
+            async with aiohttp.ClientSession(connector=conn) as s, s.get("http://x/metrics") as r:
+                text = await r.text()
             assert 'instaclone_clones_total{result="ready"} 1.0' in text
             assert 'instaclone_state_duration_seconds_count{state="Stunned"} 1.0' in text
             assert "instaclone_stun_duration_seconds_count 1.0" in text

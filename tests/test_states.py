@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from instaclone.errors import StateError
@@ -5,7 +7,7 @@ from instaclone.states import HAPPY_PATH, TRANSITIONS, State, StateHistory, requ
 
 
 def test_happy_path_is_allowed():
-    for a, b in zip(HAPPY_PATH, HAPPY_PATH[1:]):
+    for a, b in itertools.pairwise(HAPPY_PATH):
         require(a, b)
 
 

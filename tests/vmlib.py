@@ -11,12 +11,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from instaclone import config as cfg, devguest
+from instaclone import config as cfg
 from instaclone.daemon import Daemon
 from instaclone.virt import Hypervisor
 
 from .apiclient import Api  # noqa: F401  (re-exported for tests)
 from .conftest import SCRATCH_ROOT
+from .guests import devguest
 
 
 class Scratch:

@@ -12,8 +12,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 
@@ -30,8 +31,10 @@ async def _request(sock: str, method: str, path: str, body: dict[str, Any] | Non
                    timeout_s: float = 660.0) -> dict[str, Any]:
     conn = aiohttp.UnixConnector(path=sock)
     try:
-        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
-            async with s.request(method, f"http://instaclone{path}", json=body) as resp:
+        async with (
+            aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as s,
+            s.request(method, f"http://instaclone{path}", json=body) as resp,
+        ):
                 try:
                     data = await resp.json(content_type=None)
                 except ValueError:
@@ -157,7 +160,7 @@ def _listing(out_json: bool, rows: list[dict[str, Any]], header: list[str],
 def _table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)).rstrip())
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -268,8 +271,10 @@ async def _events(sock: str, args: argparse.Namespace, out_json: bool) -> int:
         q.append(f"since={args.since}")
     conn = aiohttp.UnixConnector(path=sock)
     try:
-        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=None)) as s:
-            async with s.get(f"http://instaclone/v1/events?{'&'.join(q)}") as resp:
+        async with (
+            aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=None)) as s,
+            s.get(f"http://instaclone/v1/events?{'&'.join(q)}") as resp,
+        ):
                 if resp.status >= 400:
                     err = (await resp.json(content_type=None)).get("error", {})
                     raise CliError(f"{err.get('message')} [{err.get('code')}]")

@@ -213,8 +213,7 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {value!r}")
         value = float(value)
-    elif annotation == "str":
-        if not isinstance(value, str) or not value:
+    elif annotation == "str" and (not isinstance(value, str) or not value):
             raise ConfigError(f"{key}: must be a non-empty string, got {value!r}")
     if key in _RANGES:
         lo, hi = _RANGES[key]

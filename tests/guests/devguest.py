@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -190,12 +191,10 @@ def read_counter(serial_log: Path) -> tuple[str, int] | None:
         return None
     # A last line without its newline may still be being written.
     tail = tail[: tail.rfind(b"\n") + 1]
-    last = None
-    for last in _COUNTER.finditer(tail):
-        pass
-    if last is None:
+    matches = list(_COUNTER.finditer(tail))
+    if not matches:
         return None
-    return last.group(1).decode(errors="replace"), int(last.group(2))
+    return matches[-1].group(1).decode(errors="replace"), int(matches[-1].group(2))
 
 
 async def wait_counter(serial_log: Path, *, above: int = 0, timeout: float = 30) -> tuple[str, int]:
@@ -306,10 +305,8 @@ class GuestChannel:
     async def close(self) -> None:
         """Close the connection (the guest keeps serving; reconnect at will)."""
         self._writer.close()
-        try:
+        with contextlib.suppress(OSError, ConnectionError):
             await self._writer.wait_closed()
-        except (OSError, ConnectionError):
-            pass
 
     async def __aenter__(self) -> GuestChannel:
         return self
@@ -320,8 +317,8 @@ class GuestChannel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m instaclone.devguest xml NAME --disk D --workdir W [...]``: print domain XML."""
-    p = argparse.ArgumentParser(prog="python -m instaclone.devguest",
+    """``python -m tests.guests.devguest xml NAME --disk D --workdir W [...]``: print domain XML."""
+    p = argparse.ArgumentParser(prog="python -m tests.guests.devguest",
                                 description="instaclone's test guest")
     sub = p.add_subparsers(dest="cmd", required=True)
     x = sub.add_parser("xml", help="print the test guest's libvirt domain XML")

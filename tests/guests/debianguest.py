@@ -1,6 +1,6 @@
 """A real Debian 12 test guest (built by ``scripts/build-debian-guest.sh``): domain XML and a driver.
 
-Free of libvirt, like :mod:`instaclone.devguest`: it writes domain XML and
+Free of libvirt, like :mod:`tests.guests.devguest`: it writes domain XML and
 drives the guest through an :class:`instaclone.virt.Hypervisor` passed in
 (libvirt's guest agent API), so the guest's own ``qemu-guest-agent`` answers.
 
@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instaclone import devguest
 from instaclone.errors import VirtError
 from instaclone.virt import Hypervisor
+
+from . import devguest
 
 DEBIAN_DIR = Path(os.environ.get("INSTACLONE_DEBIAN_DIR", "/var/lib/instaclone/debian"))
 
@@ -169,7 +170,7 @@ async def wait_running(virt: Hypervisor, name: str, timeout: float = 300) -> str
         if left <= 0:
             raise TimeoutError(f"systemd in {name} not up after {timeout} s")
         try:
-            rc, out = await gexec(virt, name, "systemctl is-system-running --wait", timeout_s=left)
+            _rc, out = await gexec(virt, name, "systemctl is-system-running --wait", timeout_s=left)
         except VirtError:
             # The agent can go away while the guest is still booting (udev restarts it).
             await asyncio.sleep(0.5)
