@@ -1,0 +1,163 @@
+"""Domains: look up, define, start, pause, stop, undefine, disk snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DomainNotFound
+from . import _libvirt as lv
+from .connection import Connection
+from .records import DomainInfo, file_disks
+
+_STATE_NAMES = {
+    lv.VIR_DOMAIN_RUNNING: "running",
+    lv.VIR_DOMAIN_PAUSED: "paused",
+    lv.VIR_DOMAIN_SHUTOFF: "shutoff",
+    lv.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    lv.VIR_DOMAIN_CRASHED: "crashed",
+    lv.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+    lv.VIR_DOMAIN_BLOCKED: "running",
+}
+
+# KEEP_NVRAM / KEEP_TPM: libvirt would delete whatever path the definition
+# names, which may be a file that is not ours (a clone defined with its
+# source's <nvram> lost the source's UEFI variables that way). Files we made
+# are removed by their owner.
+_UNDEFINE_FLAGS = (lv.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                   | lv.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | lv.VIR_DOMAIN_UNDEFINE_KEEP_TPM
+                   | lv.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+
+
+def state_name(state: int) -> str:
+    """Our name for a libvirt domain state (see DomainInfo.state)."""
+    return _STATE_NAMES.get(state, "other")
+
+
+class Domains(Connection):
+    """Domain lifecycle calls."""
+
+    async def lookup(self, name: str) -> DomainInfo:
+        """Name, UUID, state and migratable XML of a domain; DomainNotFound if absent."""
+
+        def do() -> DomainInfo:
+            dom = self._dom(name)
+            state, reason = dom.state()
+            flags = lv.VIR_DOMAIN_XML_SECURE
+            if dom.isActive():
+                flags |= lv.VIR_DOMAIN_XML_MIGRATABLE
+            xml = dom.XMLDesc(flags)
+            return DomainInfo(name=dom.name(), uuid=dom.UUIDString(), state=state_name(state), reason=reason,
+                              xml=xml, disks=file_disks(xml))
+
+        return await self._call(f"look up domain {name!r}", do)
+
+    async def inactive_xml(self, name: str) -> str:
+        """The persistent (next-boot) definition of ``name``."""
+
+        def do() -> str:
+            return str(self._dom(name).XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE | lv.VIR_DOMAIN_XML_SECURE))
+
+        return await self._call(f"definition of {name!r}", do)
+
+    async def exists(self, name: str) -> bool:
+        """Whether a domain ``name`` is defined."""
+        try:
+            await self._call(f"look up domain {name!r}", lambda: self._dom(name))
+        except DomainNotFound:
+            return False
+        return True
+
+    async def state(self, name: str) -> str:
+        """Our state name of ``name``; DomainNotFound if absent."""
+
+        def do() -> str:
+            return state_name(self._dom(name).state()[0])
+
+        return await self._call(f"state of {name!r}", do)
+
+    async def list_names(self) -> list[str]:
+        """The names of all domains, sorted."""
+
+        def do() -> list[str]:
+            return sorted(d.name() for d in self._connection().listAllDomains(0))
+
+        return await self._call("list domains", do)
+
+    async def suspend(self, name: str) -> None:
+        """Pause the vCPUs of ``name``."""
+        await self._call(f"pause {name!r}", lambda: self._dom(name).suspend())
+
+    async def resume(self, name: str) -> None:
+        """Resume ``name``; a domain that is already running is left alone."""
+
+        def do() -> None:
+            dom = self._dom(name)
+            if dom.state()[0] == lv.VIR_DOMAIN_PAUSED:
+                dom.resume()
+
+        await self._call(f"resume {name!r}", do)
+
+    async def define(self, xml: str) -> str:
+        """Define a persistent domain; returns its name."""
+
+        def do() -> str:
+            return str(self._connection().defineXML(xml).name())
+
+        return await self._call("define domain", do)
+
+    async def start(self, name: str, *, paused: bool = False) -> None:
+        """Boot the defined ``name``, with its vCPUs paused if ``paused``."""
+        flags = lv.VIR_DOMAIN_START_PAUSED if paused else 0
+        await self._call(f"start {name!r}", lambda: self._dom(name).createWithFlags(flags))
+
+    async def destroy(self, name: str) -> None:
+        """Power off ``name`` if it runs; absent or stopped domains are fine."""
+
+        def do() -> None:
+            dom = self._dom_or_none(name)
+            if dom is not None and dom.isActive():
+                try:
+                    dom.destroy()
+                except lv.LibvirtError:
+                    if dom.isActive():
+                        raise
+
+        await self._call(f"destroy {name!r}", do)
+
+    async def undefine(self, name: str) -> None:
+        """Remove the definition of ``name`` (stopping it first); absent is fine.
+
+        Never deletes a file: NVRAM and TPM state named by the definition are
+        kept (whoever created them removes them).
+        """
+
+        def do() -> None:
+            dom = self._dom_or_none(name)
+            if dom is None:
+                return
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(_UNDEFINE_FLAGS)
+
+        await self._call(f"undefine {name!r}", do)
+
+    async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
+        """External disk-only snapshot: each disk target gets a new overlay file.
+
+        The old top image becomes the read-only backing file of the overlay.
+        No snapshot metadata is kept (the overlays belong to instaclone).
+        """
+        disks = "".join(
+            f"<disk name='{_xml_attr(tgt)}' snapshot='external'><driver type='qcow2'/>"
+            f"<source file='{_xml_attr(str(path))}'/></disk>"
+            for tgt, path in overlays.items()
+        )
+        xml = f"<domainsnapshot><description>instaclone</description><disks>{disks}</disks></domainsnapshot>"
+        flags = (lv.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | lv.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+                 | lv.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+        await self._call(f"disk snapshot of {name!r}", lambda: self._dom(name).snapshotCreateXML(xml, flags))
+
+
+def _xml_attr(value: str) -> str:
+    return (value.replace("&", "&amp;").replace("'", "&apos;").replace("<", "&lt;")
+            .replace(">", "&gt;").replace('"', "&quot;"))

@@ -1,0 +1,115 @@
+"""The hypervisor as the rest of instaclone sees it: a ``typing.Protocol``.
+
+:class:`~instaclone.hv.hypervisor.LibvirtHypervisor` implements it on
+libvirt; the tests' ``FakeHypervisor`` implements it in memory. mypy checks
+both against it (``tests/test_hv_protocol.py``), so a fake cannot drift from
+the real thing. Pure: importing this module imports no libvirt.
+
+Every method may raise :class:`~instaclone.errors.VirtError` or one of its
+subclasses: ``DomainNotFound`` for an absent domain, ``VirtConnectionError``
+when libvirtd cannot be reached, ``VirtStateError``, ``VirtTimeout``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from .records import Disk, DomainInfo, file_disks
+
+__all__ = ["Disk", "DomainInfo", "Hypervisor", "file_disks"]
+
+
+class Hypervisor(Protocol):
+    """Async access to one hypervisor connection."""
+
+    # -- connection ---------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the connection; VirtConnectionError if libvirtd cannot be reached."""
+
+    async def is_connected(self) -> bool:
+        """Whether the connection is open and libvirtd answers (no reconnect)."""
+
+    async def ensure_connected(self) -> bool:
+        """:meth:`is_connected`, reconnecting first if the connection died; never raises."""
+
+    async def close(self) -> None:
+        """Close the connection and stop the worker threads; the object is unusable after."""
+
+    # -- domains ------------------------------------------------------------------
+
+    async def lookup(self, name: str) -> DomainInfo:
+        """Name, UUID, state and migratable XML of ``name``; DomainNotFound if absent."""
+
+    async def inactive_xml(self, name: str) -> str:
+        """The persistent (next-boot) definition of ``name``."""
+
+    async def exists(self, name: str) -> bool:
+        """Whether a domain ``name`` is defined."""
+
+    async def state(self, name: str) -> str:
+        """``running``, ``paused``, ``shutoff``, ... of ``name`` (see DomainInfo.state)."""
+
+    async def list_names(self) -> list[str]:
+        """The names of all domains, sorted."""
+
+    async def suspend(self, name: str) -> None:
+        """Pause the vCPUs of ``name``."""
+
+    async def resume(self, name: str) -> None:
+        """Resume ``name``; a domain that is already running is left alone."""
+
+    async def define(self, xml: str) -> str:
+        """Define (or redefine) a persistent domain; returns its name."""
+
+    async def start(self, name: str, *, paused: bool = False) -> None:
+        """Boot the defined ``name``, with its vCPUs paused if ``paused``."""
+
+    async def destroy(self, name: str) -> None:
+        """Power off ``name`` if it runs; absent or stopped domains are fine."""
+
+    async def undefine(self, name: str) -> None:
+        """Stop and remove the definition of ``name``; absent is fine; never deletes a file."""
+
+    async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
+        """External disk-only snapshot: disk target -> its new overlay file (no metadata kept)."""
+
+    # -- guest agent --------------------------------------------------------------
+
+    async def agent(self, name: str, command: str, arguments: dict[str, Any] | None = None,
+                    *, timeout_s: int = 10) -> Any:
+        """Run one QEMU guest agent command; returns its ``return`` value (decoded JSON)."""
+
+    async def agent_exec(self, name: str, argv: list[str], *, stdin: bytes = b"",
+                         timeout_s: float = 30.0) -> tuple[int, str]:
+        """Run ``argv`` in the guest; (exit status, stdout+stderr); VirtTimeout after ``timeout_s``."""
+
+    # -- network interfaces -------------------------------------------------------
+
+    async def set_link(self, name: str, mac: str, *, up: bool) -> None:
+        """Set the link state of the running domain's NIC with ``mac``."""
+
+    async def replug_interface(self, name: str, mac: str, *, link_up: bool, timeout_s: float = 10.0) -> None:
+        """Hot-unplug the NIC with ``mac`` and plug an identical one back (the guest reads the new MAC)."""
+
+    # -- memory and device state (QEMU migration stream) --------------------------
+
+    async def ram_file(self, name: str, alias: str = "pc.ram") -> tuple[Path, bool] | None:
+        """(path, shared) of the file behind the domain's RAM backend, or None if not file-backed."""
+
+    async def save_state(self, name: str, path: Path, *, ignore_shared: bool = False,
+                         timeout_s: float = 120.0) -> dict[str, Any]:
+        """Write the paused domain's migration stream to ``path``; QEMU's final statistics."""
+
+    async def load_state(self, name: str, path: Path, *, ignore_shared: bool = False,
+                         timeout_s: float = 120.0) -> None:
+        """Feed ``path`` into a domain started paused with ``-incoming defer``."""
+
+    # -- block jobs ---------------------------------------------------------------
+
+    async def backing_chain(self, name: str, target: str) -> list[Path]:
+        """Disk ``target`` of the running ``name`` as QEMU uses it, active layer first."""
+
+    async def block_pull(self, name: str, target: str, *, base: Path | None, timeout_s: float) -> None:
+        """Live block pull of ``target`` down to ``base`` (None: everything); returns when done."""

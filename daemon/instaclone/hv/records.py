@@ -1,0 +1,56 @@
+"""What the hypervisor layer hands out about a domain. Pure: no libvirt, no I/O."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A file-backed writable disk of a domain."""
+
+    target: str  # e.g. "vda"
+    path: Path  # the active (top) image
+    format: str  # e.g. "qcow2"
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """One look at a domain: identity, state and definition."""
+
+    name: str
+    uuid: str
+    state: str  # running | paused | shutoff | shutdown | crashed | pmsuspended | other
+    reason: int
+    xml: str  # migratable live XML (inactive XML if not running)
+    disks: tuple[Disk, ...] = field(default_factory=tuple)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("running", "paused")
+
+
+def file_disks(xml: str) -> tuple[Disk, ...]:
+    """The file-backed writable disks of a domain XML (CD-ROMs and the like excluded)."""
+    root = ET.fromstring(xml)
+    out = []
+    for disk in root.iterfind("./devices/disk"):
+        if disk.get("device", "disk") != "disk" or disk.get("type") != "file":
+            continue
+        src = disk.find("source")
+        tgt = disk.find("target")
+        drv = disk.find("driver")
+        if src is None or tgt is None or not src.get("file"):
+            continue
+        out.append(
+            Disk(
+                target=tgt.get("dev", ""),
+                path=Path(src.get("file", "")),
+                format=(drv.get("type", "raw") if drv is not None else "raw"),
+                readonly=disk.find("readonly") is not None,
+            )
+        )
+    return tuple(out)
