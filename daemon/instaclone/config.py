@@ -280,6 +280,8 @@ def _endpoints(raw: Any) -> tuple[WebhookEndpoint, ...]:
         if any(e.name == name for e in out):
             raise ConfigError(f"{where}.name: {name!r} is used by another endpoint")
         url = table.get("url")
+        if not isinstance(url, str) or not url:
+            raise ConfigError(f"{where}.url: required: an http:// or https:// URL")
         problem = _url_problem(url)
         if problem:
             raise ConfigError(f"{where}.url: {problem}")
@@ -305,10 +307,8 @@ def _endpoints(raw: Any) -> tuple[WebhookEndpoint, ...]:
     return tuple(out)
 
 
-def _url_problem(url: Any) -> str | None:
+def _url_problem(url: str) -> str | None:
     """Why ``url`` cannot be a webhook target, or None."""
-    if not isinstance(url, str) or not url:
-        return "required: an http:// or https:// URL"
     try:
         parts = urlsplit(url)
         port = parts.port

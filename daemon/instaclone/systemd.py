@@ -18,7 +18,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 #: journald's native socket (the environment override exists for tests).
@@ -249,7 +249,7 @@ class JournaldRenderer:
     def close(self) -> None:
         self._sock.close()
 
-    def __call__(self, logger: Any, method_name: str, event_dict: dict[str, Any]) -> str:
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
         event = str(event_dict.get("event", ""))
         level = str(event_dict.get("level", method_name)).lower()
         extra = {k: v for k, v in event_dict.items() if k not in ("event", "level", "timestamp")}
