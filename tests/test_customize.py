@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from instaclone import customize
 from instaclone.errors import InvalidRequest
+from instaclone.jobs import guestscript
 from instaclone.states import State
 
 from .test_engine import AGENT, env, run_job  # noqa: F401  (fixture)
@@ -47,10 +47,9 @@ def identity_calls(virt) -> dict[str, tuple[list[str], bytes]]:
 
 
 def test_guest_scripts_are_valid_posix_sh():
-    script = customize._IDENTITY.replace('"$PERL_RESEED"', "'" + customize._PERL_RESEED.strip() + "'")
-    for text in (script, customize._RENEW, customize._SCRIPT_WRAPPER):
+    for text in (guestscript.identity_script(), guestscript.RENEW, guestscript.SCRIPT_WRAPPER):
         subprocess.run(["sh", "-n", "-c", text], check=True)
-    subprocess.run(["perl", "-c", "-e", customize._PERL_RESEED], check=True, capture_output=True)
+    subprocess.run(["perl", "-c", "-e", guestscript._PERL_RESEED], check=True, capture_output=True)
 
 
 async def test_each_clone_gets_host_made_secrets_and_its_result(agent_env):
@@ -63,20 +62,20 @@ async def test_each_clone_gets_host_made_secrets_and_its_result(agent_env):
     for name, (argv, stdin) in calls.items():
         assert argv[-2:] == [name, "0"]  # hostname; SSH host keys are regenerated
         rng, seed, mid, config, rest = stdin.split(b"\n", 4)
-        assert octal_bytes(rng) and len(octal_bytes(rng)) == customize.RNG_BYTES
-        assert len(octal_bytes(seed)) == customize.SEED_BYTES
+        assert octal_bytes(rng) and len(octal_bytes(rng)) == guestscript.RNG_BYTES
+        assert len(octal_bytes(seed)) == guestscript.SEED_BYTES
         assert len(mid) == 32 and int(mid, 16) >= 0
         assert json.loads(config) == {} and rest.endswith(b"END-KEYS\n")
         # SSH host keys made on the host, one pair per type, for this clone.
         blocks = rest[:-len(b"END-KEYS\n")].split(b"KEY ")[1:]
-        assert sorted(b.split(b"\n", 1)[0].decode() for b in blocks) == sorted(customize.SSH_KEY_TYPES)
+        assert sorted(b.split(b"\n", 1)[0].decode() for b in blocks) == sorted(guestscript.SSH_KEY_TYPES)
         for b in blocks:
             _t, priv, pub = re.fullmatch(rb"(\w+)\n(-----BEGIN OPENSSH PRIVATE KEY-----\n.*"
                                         rb"-----END OPENSSH PRIVATE KEY-----)\nPUB (.*)\n", b, re.S).groups()
             assert pub.decode().endswith(f" root@{name}")
             seen.add(priv)
         seen.update([rng, seed, mid])
-    assert len(seen) == 3 * (3 + len(customize.SSH_KEY_TYPES))  # nothing repeats across clones
+    assert len(seen) == 3 * (3 + len(guestscript.SSH_KEY_TYPES))  # nothing repeats across clones
     assert b"PRIVATE KEY" not in json.dumps(job.result).encode()
     for cl in job.result["clones"]:
         ident = cl["identity"]
@@ -109,7 +108,7 @@ async def test_user_script_runs_after_the_reset_with_its_environment(agent_env):
     assert order[0] is True  # the reset ran first
 
 
-@pytest.mark.parametrize("bad", ["", "   ", 5, "x" * (customize.MAX_SCRIPT_BYTES + 1), "a\x00b"])
+@pytest.mark.parametrize("bad", ["", "   ", 5, "x" * (guestscript.MAX_SCRIPT_BYTES + 1), "a\x00b"])
 async def test_bad_scripts_are_refused(agent_env, bad):
     engine, *_ = agent_env
     with pytest.raises(InvalidRequest, match="script"):
@@ -171,7 +170,7 @@ async def test_customization_waits_for_the_replugged_nic_to_appear(agent_env):
 
 
 async def test_result_parsing_and_fingerprints_match_ssh_keygen():
-    keys = await customize.make_host_keys("root@c1")
+    keys = await guestscript.make_host_keys("root@c1")
     assert keys is not None
     out = "noise\nIC-RESULT ssh_host_keys reset regenerated: ed25519(host)\nIC-RESULT bad\nIC-PUB not a key\n"
     want = []
@@ -179,14 +178,14 @@ async def test_result_parsing_and_fingerprints_match_ssh_keygen():
         out += f"IC-PUB {pub.decode().strip()}\n"
         want.append(subprocess.run(["ssh-keygen", "-lf", "-"], input=pub, capture_output=True,
                                    check=True).stdout.decode().strip())
-    items, fps = customize._parse(out)
+    items, fps = guestscript.parse_results(out)
     assert items == {"ssh_host_keys": {"status": "reset", "detail": "regenerated: ed25519(host)"}}
     assert fps == want
 
 
 def test_printf_octal_is_what_printf_writes(tmp_path):
     data = bytes(range(256)) + b"%s%%\\'\"$(x)"
-    fmt = customize._printf_octal(data)
+    fmt = guestscript.printf_octal(data)
     out = tmp_path / "out"
     subprocess.run(["sh", "-c", 'printf "$1" > "$2"', "sh", fmt.decode(), str(out)], check=True)
     assert out.read_bytes() == data
@@ -213,15 +212,15 @@ async def test_host_keys_are_made_in_a_private_dir_that_is_removed(monkeypatch, 
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    keys = await customize.make_host_keys("root@k")
-    assert keys is not None and set(keys) == set(customize.SSH_KEY_TYPES)
+    keys = await guestscript.make_host_keys("root@k")
+    assert keys is not None and set(keys) == set(guestscript.SSH_KEY_TYPES)
     assert not glob.glob(str(tmp_path / "instaclone-keys-*"))
     # Cancelled mid-way: the ssh-keygen processes are gone, and so is the directory.
-    task = asyncio.ensure_future(customize.make_host_keys("root@k"))
+    task = asyncio.ensure_future(guestscript.make_host_keys("root@k"))
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not glob.glob(str(tmp_path / "instaclone-keys-*"))
     monkeypatch.setenv("PATH", str(tmp_path))  # no ssh-keygen: the guest makes its own
-    assert await customize.make_host_keys("root@k") is None
+    assert await guestscript.make_host_keys("root@k") is None

@@ -121,6 +121,12 @@ class StunDeadlineExceeded(InstacloneError):
     retryable = True
 
 
+class CustomizationFailed(InstacloneError):
+    """The guest-side identity reset, network renewal or the user's script failed in a clone."""
+
+    code = "customization_failed"
+
+
 class StorageError(InstacloneError):
     code = "storage_error"
 
@@ -136,7 +142,7 @@ class Interrupted(InstacloneError):
     retryable = True
 
 
-# -- hypervisor errors (translated from libvirtError in instaclone.virt) --------
+# -- hypervisor errors (translated from libvirtError in instaclone.hv) ----------
 
 
 class VirtError(InstacloneError):

@@ -1,0 +1,340 @@
+"""The guest side of the identity reset: the shell scripts run through the guest agent, what they
+are fed and what they report, and the SSH host keys made on the host for each clone.
+
+The guest side is plain POSIX sh with fallbacks, so it works on a busybox guest and on systemd
+distributions alike. It reports each item on a line ``IC-RESULT <item> <status> <detail>`` and
+each public SSH host key on a line ``IC-PUB <key>``. :mod:`.customize` drives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import CustomizationFailed
+
+CONFIG_PATH = "/run/instaclone/config.json"
+#: Bytes of host entropy credited to the guest kernel's input pool.
+RNG_BYTES = 64
+#: Size of systemd's random seed file (its default pool size).
+SEED_BYTES = 512
+#: Largest user customization script accepted.
+MAX_SCRIPT_BYTES = 64 * 1024
+#: Output of a user script kept in the job result.
+SCRIPT_TAIL_CHARS = 2000
+
+# Credit the bytes in $1 to the kernel's input pool (RNDADDENTROPY, with full
+# credit: they come from the host's CSPRNG) and force the crng to reseed
+# (RNDRESEEDCRNG) now rather than on its own schedule (up to a minute later).
+_PERL_RESEED = r"""
+open(my $f, "<", $ARGV[0]) or die "open: $!"; binmode $f; local $/; my $d = <$f>;
+open(my $u, ">", "/dev/urandom") or die "urandom: $!";
+ioctl($u, 0x40085203, pack("i i", length($d) * 8, length($d)) . $d) or die "RNDADDENTROPY: $!\n";
+ioctl($u, 0x5207, 0) or die "RNDRESEEDCRNG: $!\n";
+"""
+
+# $1: new hostname, $2: 1 to keep SSH host keys. stdin, a line each: the
+# RNG bytes and the seed bytes as printf octal escapes, the new machine-id,
+# the JSON config; then the host-made SSH host keys ("KEY <type>", the
+# private key's lines, "PUB <public key line>") up to "END-KEYS".
+#
+# Under TCG every program started in the guest costs 100-400 ms, so this
+# uses shell builtins wherever it can (printf, read, case, globs): about six
+# programs in all on a Debian guest, and the service restarts run while the
+# rest goes on.
+_IDENTITY = r"""
+set -u
+name=$1 keep_ssh=$2
+umask 077
+r() { echo "IC-RESULT $1 $2 $3"; }
+read -r rng; read -r seed; read -r mid; read -r cfg
+mkdir -p /run/instaclone
+printf '%s\n' "$cfg" > /run/instaclone/config.json.tmp &&
+    mv -f /run/instaclone/config.json.tmp /run/instaclone/config.json
+systemd=0; [ -d /run/systemd/system ] && systemd=1
+procs=" "
+for c in /proc/[0-9]*/comm; do read -r n 2>/dev/null < "$c" && procs="$procs$n "; done
+running() { case $procs in *" $1 "*) return 0 ;; esac; return 1; }
+
+# SSH host keys made on the host go over the guest's own keys of the same
+# type (in place: their modes stay); a type the host did not make is made
+# here below, once the generator is reseeded.
+had="" how="" k=""
+for f in /etc/ssh/ssh_host_*_key; do [ -f "$f" ] && { t=${f#/etc/ssh/ssh_host_}; had="$had ${t%_key}"; }; done
+while IFS= read -r line; do
+    case $line in
+        END-KEYS) break ;;
+        "KEY "*) t=${line#KEY }; k=""
+                 case " $had " in
+                     *" $t "*) [ "$keep_ssh" = 1 ] ||
+                               { k=/etc/ssh/ssh_host_${t}_key; : > "$k"; how="$how $t(host)"; } ;;
+                 esac ;;
+        "PUB "*) [ -n "$k" ] && printf '%s\n' "${line#PUB }" > "$k.pub" ;;
+        *) [ -n "$k" ] && printf '%s\n' "$line" >> "$k" ;;
+    esac
+done
+
+# machine-id: the host's random id, never derived from DMI (a clone's SMBIOS
+# tables are its source's), also in dbus' copy when that is a file.
+(umask 022; printf '%s\n' "$mid" > /etc/machine-id)
+mid_detail="$mid"
+if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then
+    printf '%s\n' "$mid" > /var/lib/dbus/machine-id && mid_detail="$mid_detail (also /var/lib/dbus/machine-id)"
+fi
+
+# DHCP: leases dropped, clients restarted so that their client id and DUID
+# follow the new machine-id (networkd derives them from it and keeps the old
+# ones until restarted; NetworkManager keeps its DUID in lease files and
+# secret_key; dhclient in its lease file's default-duid). journald writes
+# under the new machine-id only once restarted. The restarts run meanwhile.
+# (by name, not by the comm scan: busybox applets can run as "busybox")
+if command -v killall >/dev/null 2>&1; then killall udhcpc dhclient >/dev/null 2>&1
+elif command -v pkill >/dev/null 2>&1; then pkill -x 'udhcpc|dhclient' >/dev/null 2>&1; fi
+rm -f /run/udhcpc.* /var/lib/dhcp/*.lease* /var/lib/dhclient/*.lease* /run/systemd/netif/leases/* \
+      /var/lib/NetworkManager/*.lease /var/lib/NetworkManager/secret_key 2>/dev/null
+for i in /sys/class/net/*; do
+    i=${i#/sys/class/net/}
+    [ "$i" = lo ] || ip -4 addr flush dev "$i" 2>/dev/null
+done
+dhcp="leases dropped" units=""
+if [ $systemd = 1 ]; then
+    if running systemd-network; then
+        units="$units systemd-networkd.service"
+        dhcp="$dhcp; systemd-networkd restarted (client id from the new machine-id)"
+    fi
+    if running NetworkManager; then
+        units="$units NetworkManager.service"
+        dhcp="$dhcp; NetworkManager restarted (new DUID and secret key)"
+    fi
+    if running systemd-journal; then
+        units="$units systemd-journald.service"
+        mid_detail="$mid_detail; journald restarted"
+    fi
+fi
+rpid=""
+if [ -n "$units" ]; then systemctl restart $units > /run/instaclone/restart.log 2>&1 & rpid=$!; fi
+
+# The kernel's random generator, before any secret is made in here.
+f=/run/instaclone/.rng
+printf "$rng" > "$f"
+if command -v perl >/dev/null 2>&1 && err=$(perl -e "$PERL_RESEED" "$f" 2>&1); then
+    r kernel_rng reset "64 host bytes credited, crng reseeded"
+elif printf "$rng" > /dev/urandom; then
+    r kernel_rng partial "host bytes mixed into /dev/urandom; no forced reseed (${err:-no perl in the guest})"
+else
+    r kernel_rng failed "cannot write /dev/urandom"
+fi
+: > "$f"
+
+# Random seed files, so the next boot does not start from the source's.
+seeds=""
+for s in /var/lib/systemd/random-seed /var/lib/urandom/random-seed; do
+    [ -f "$s" ] && printf "$seed" > "$s" && seeds="$seeds $s"
+done
+if [ -n "$seeds" ]; then r random_seed reset "replaced with host bytes:$seeds"
+else r random_seed not_present "no random seed file"; fi
+
+# Hostname, also on /etc/hosts' 127.0.1.1 line (hostname -f reads it), its
+# domain kept. /etc/hostname is the name systemd sets at boot.
+read -r old < /proc/sys/kernel/hostname
+printf '%s\n' "$name" > /proc/sys/kernel/hostname
+(umask 022; printf '%s\n' "$name" > /etc/hostname)
+r hostname reset "$name"
+line127="127.0.1.1	$name" hosts="" seen=0
+if [ -f /etc/hosts ]; then
+    while IFS= read -r line || [ -n "$line" ]; do
+        case $line in
+            127.0.1.1[[:space:]]*)
+                [ $seen = 1 ] && continue
+                set -f; set -- $line; set +f
+                case ${2:-} in "$old".*) line127="127.0.1.1	$name${2#"$old"}	$name" ;; esac
+                line=$line127 seen=1 ;;
+        esac
+        hosts="$hosts$line
+"
+    done < /etc/hosts
+fi
+[ $seen = 1 ] || hosts="$hosts$line127
+"
+(umask 022; printf '%s' "$hosts" > /etc/hosts)
+r hosts reset "$line127"
+
+# SSH host keys, continued: report, or make what the host did not.
+if [ -z "$had" ]; then
+    r ssh_host_keys not_present "no /etc/ssh/ssh_host_*_key"
+elif [ "$keep_ssh" = 1 ]; then
+    r ssh_host_keys kept "kept on request (the source's keys)"
+else
+    for t in $had; do
+        case "$how " in *" $t(host) "*) continue ;; esac
+        k=/etc/ssh/ssh_host_${t}_key
+        rm -f "$k" "$k.pub"
+        ssh-keygen -q -t "$t" -N '' -C "root@$name" -f "$k" </dev/null >/dev/null 2>&1 && how="$how $t(guest)"
+    done
+    case "$how" in
+        *"("*) r ssh_host_keys reset "regenerated:$how" ;;
+        *) r ssh_host_keys failed "no host-made keys and no ssh-keygen in the guest" ;;
+    esac
+fi
+for p in /etc/ssh/ssh_host_*_key.pub; do
+    [ -f "$p" ] && { IFS= read -r pub < "$p"; echo "IC-PUB $pub"; }
+done
+
+# VM generation ID: the host gave the clone a new one; only a guest kernel
+# with a vmgenid driver reseeds from it.
+gen=unsupported
+for d in /sys/bus/acpi/drivers/vmgenid/*:*; do [ -e "$d" ] && gen=reset; done
+if [ $gen = reset ]; then r vm_generation_id reset "new ID seen by the guest's vmgenid driver"
+else r vm_generation_id unsupported "the guest kernel has no VMGENID driver"; fi
+
+if [ -n "$rpid" ] && ! wait "$rpid"; then
+    err=""; read -r err < /run/instaclone/restart.log
+    r dhcp failed "systemctl restart$units: $err"
+else
+    r dhcp reset "$dhcp"
+fi
+r machine_id reset "$mid_detail"
+echo "IC-DONE"
+"""
+
+# Re-read the network once the links are up.
+RENEW = r"""
+for i in $(ls /sys/class/net); do
+    [ "$i" = lo ] && continue
+    ip link set "$i" up 2>/dev/null
+    if command -v networkctl >/dev/null 2>&1 && networkctl status >/dev/null 2>&1; then
+        networkctl reconfigure "$i" >/dev/null 2>&1
+    elif command -v nmcli >/dev/null 2>&1; then
+        nmcli device reapply "$i" >/dev/null 2>&1
+    elif command -v dhclient >/dev/null 2>&1; then
+        dhclient -1 "$i" >/dev/null 2>&1 &
+    elif command -v udhcpc >/dev/null 2>&1; then
+        udhcpc -i "$i" -n -q -t 5 -T 1 >/dev/null 2>&1 &
+    fi
+done
+wait
+echo renewed
+"""
+
+# The user's script arrives on stdin; $1..$3 become its environment.
+SCRIPT_WRAPPER = ('export IC_CLONE_NAME="$1" IC_SOURCE="$2" IC_JOB_ID="$3"; '
+                   'cd /; exec /bin/sh -s')
+
+
+def identity_script() -> str:
+    """The identity reset script (``sh -c``; ``$1`` hostname, ``$2`` 1 to keep SSH host keys)."""
+    return _IDENTITY.replace('"$PERL_RESEED"', "'" + _PERL_RESEED.strip() + "'")
+
+
+def identity_stdin(machine_id: str, config: dict[str, str], host_keys: dict[str, tuple[bytes, bytes]]) -> bytes:
+    """What the identity script reads on stdin: fresh host entropy, ``machine_id``, ``config``, the keys."""
+    return b"\n".join([
+        printf_octal(secrets.token_bytes(RNG_BYTES)),
+        printf_octal(secrets.token_bytes(SEED_BYTES)),
+        machine_id.encode(),
+        json.dumps(config, sort_keys=True).encode(),
+        *(b"KEY %s\n%s\nPUB %s" % (t.encode(), priv.strip(), pub.strip())
+          for t, (priv, pub) in sorted(host_keys.items())),
+        b"END-KEYS",
+    ]) + b"\n"
+
+
+def printf_octal(data: bytes) -> bytes:
+    """``data`` as a printf format of octal escapes only (no ``%``, no shell quoting issue)."""
+    return "".join(f"\\{b:03o}" for b in data).encode()
+
+
+def ssh_fingerprint(pub_line: str) -> str | None:
+    """``ssh-keygen -l``'s line for an OpenSSH public key line: ``BITS SHA256:... COMMENT (TYPE)``.
+
+    None if the line is not a public key.
+    """
+    parts = pub_line.split(None, 2)
+    if len(parts) < 2:
+        return None
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except ValueError:
+        return None
+    fields: list[bytes] = []
+    pos = 0
+    while pos + 4 <= len(blob):
+        n = int.from_bytes(blob[pos:pos + 4], "big")
+        fields.append(blob[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    if not fields:
+        return None
+    kind = fields[0].decode(errors="replace")
+    if kind == "ssh-rsa" and len(fields) >= 3:
+        bits, name = int.from_bytes(fields[2], "big").bit_length(), "RSA"
+    elif kind.startswith("ecdsa-sha2-nistp"):
+        bits, name = int(kind.rsplit("nistp", 1)[1]), "ECDSA"
+    elif kind == "ssh-ed25519":
+        bits, name = 256, "ED25519"
+    elif kind == "ssh-dss" and len(fields) >= 2:
+        bits, name = int.from_bytes(fields[1], "big").bit_length(), "DSA"
+    else:
+        return None
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    comment = parts[2].strip() if len(parts) > 2 else "no comment"
+    return f"{bits} SHA256:{digest} {comment} ({name})"
+
+
+def parse_results(out: str) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The identity script's report: item -> {status, detail}, and the new keys' fingerprints."""
+    items: dict[str, dict[str, str]] = {}
+    fingerprints: list[str] = []
+    for line in out.splitlines():
+        if line.startswith("IC-RESULT "):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3:
+                items[parts[1]] = {"status": parts[2], "detail": parts[3] if len(parts) > 3 else ""}
+        elif line.startswith("IC-PUB "):
+            fp = ssh_fingerprint(line[7:])
+            if fp:
+                fingerprints.append(fp)
+    return items, fingerprints
+
+
+#: SSH host key types made on the host for each clone (a guest keeps the types it had).
+SSH_KEY_TYPES = ("rsa", "ecdsa", "ed25519")
+
+
+async def make_host_keys(comment: str) -> dict[str, tuple[bytes, bytes]] | None:
+    """Fresh SSH host key pairs, made on the host: type -> (private key, public key).
+
+    The host's generator is not the clone's (which is its source's until
+    reseeded) and is fast: under TCG a guest takes 10-40 s for one RSA key.
+    The keys exist on the host only in a private temporary directory, removed
+    before this returns. None if the host has no ``ssh-keygen``.
+    """
+    tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="instaclone-keys-"))
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        try:
+            for t in SSH_KEY_TYPES:
+                procs.append(await asyncio.create_subprocess_exec(
+                    "ssh-keygen", "-q", "-t", t, "-N", "", "-C", comment, "-f", str(tmp / t),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE))
+        except FileNotFoundError:
+            return None
+        out: dict[str, tuple[bytes, bytes]] = {}
+        for t, proc in zip(SSH_KEY_TYPES, procs, strict=True):
+            _, err = await proc.communicate()
+            if proc.returncode != 0:
+                raise CustomizationFailed(f"ssh-keygen -t {t} on the host failed: {err.decode(errors='replace')}")
+            out[t] = ((tmp / t).read_bytes(), (tmp / f"{t}.pub").read_bytes())
+        return out
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
