@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from instaclone.backends import CloneTarget, Recorder, StorageBackend, StunContext
-from instaclone.errors import DomainExists, DomainNotFound
+from instaclone.errors import DomainExists, DomainNotFound, VirtError
+from instaclone.hv import DomainInfo, Hypervisor, file_disks
 from instaclone.journal import FILE, SOURCE_DELTA
-from instaclone.virt import DomainInfo, file_disks
 
 SOURCE_XML = """<domain type='qemu'>
   <name>{name}</name><uuid>{uuid}</uuid>
@@ -39,7 +39,10 @@ class FakeDomain:
 
 
 class FakeHypervisor:
-    """In-memory stand-in for instaclone.virt.Hypervisor."""
+    """In-memory stand-in for instaclone.hv.LibvirtHypervisor; satisfies the Protocol instaclone.hv.Hypervisor.
+
+    mypy checks that (the assignment after the class, and tests/test_hv_protocol.py).
+    """
 
     def __init__(self) -> None:
         self.domains: dict[str, FakeDomain] = {}
@@ -81,6 +84,9 @@ class FakeHypervisor:
         await self._hook("lookup", name)
         d = self._get(name)
         return DomainInfo(d.name, d.uuid, d.state, 0, d.xml, file_disks(d.xml))
+
+    async def exists(self, name: str) -> bool:
+        return name in self.domains
 
     async def state(self, name: str) -> str:
         return self._get(name).state
@@ -141,22 +147,27 @@ class FakeHypervisor:
         d = self._get(name)
         root = ET.fromstring(d.xml)
         for disk in root.iterfind("./devices/disk"):
-            tgt = disk.find("target").get("dev")  # type: ignore[union-attr]
-            if tgt in overlays:
-                overlays[tgt].write_bytes(b"overlay")
-                disk.find("source").set("file", str(overlays[tgt]))  # type: ignore[union-attr]
+            tgt, src = disk.find("target"), disk.find("source")
+            if tgt is None or src is None:
+                continue
+            dev = tgt.get("dev", "")
+            if dev in overlays:
+                overlays[dev].write_bytes(b"overlay")
+                src.set("file", str(overlays[dev]))
         d.xml = ET.tostring(root, encoding="unicode")
 
-    async def agent(self, name: str, command: str, arguments: Any = None, *, timeout_s: int = 10) -> Any:
+    async def agent(self, name: str, command: str, arguments: dict[str, Any] | None = None,
+                    *, timeout_s: int = 10) -> Any:
         await self._hook("agent", name)
         self.agent_log.append((name, command))
         if command == "guest-network-get-interfaces":
             # The guest's NIC has the domain's MAC (as after a replug).
             macs = [m.get("address", "") for m in ET.fromstring(self._get(name).xml).iterfind(
                 "./devices/interface/mac")] or ["52:54:00:00:00:99"]
-            ifaces = self.interfaces[name] if name in self.interfaces else [{"name": "eth0", "ip-addresses": [
-                {"ip-address": "10.0.2.15", "ip-address-type": "ipv4", "prefix": 24}]}]
-            return [{"hardware-address": mac, **i} for i, mac in zip(ifaces, macs)]
+            ifaces = self.interfaces.get(name, [{"name": "eth0", "ip-addresses": [
+                {"ip-address": "10.0.2.15", "ip-address-type": "ipv4", "prefix": 24}]}])
+            # As many NICs as both lists name (a test may give fewer interfaces than MACs).
+            return [{"hardware-address": mac, **i} for i, mac in zip(ifaces, macs, strict=False)]
         return {}
 
     async def agent_exec(self, name: str, argv: list[str], *, stdin: bytes = b"",
@@ -172,18 +183,42 @@ class FakeHypervisor:
         await self._hook("set_link", name)
         assert self._get(name).state == ("running" if up else "paused") or up
 
-    async def replug_interface(self, name: str, mac: str, *, link_up: bool) -> None:
+    async def replug_interface(self, name: str, mac: str, *, link_up: bool, timeout_s: float = 10.0) -> None:
         await self._hook("replug_interface", name)
         assert self._get(name).state == "running", "NICs are replugged in a running guest"
 
-    async def save_state(self, name: str, path: Path, **_: Any) -> dict[str, Any]:
+    async def ram_file(self, name: str, alias: str = "pc.ram") -> tuple[Path, bool] | None:
+        await self._hook("ram_file", name)
+        self._get(name)
+        return None  # no fake domain has file-backed RAM
+
+    async def save_state(self, name: str, path: Path, *, ignore_shared: bool = False,
+                         timeout_s: float = 120.0) -> dict[str, Any]:
         await self._hook("save_state", name)
         path.write_bytes(b"state")
         return {}
 
-    async def load_state(self, name: str, path: Path, **_: Any) -> None:
+    async def load_state(self, name: str, path: Path, *, ignore_shared: bool = False,
+                         timeout_s: float = 120.0) -> None:
         await self._hook("load_state", name)
         assert path.exists()
+
+    async def backing_chain(self, name: str, target: str) -> list[Path]:
+        """The disk's top image only: the fake keeps no chains."""
+        await self._hook("backing_chain", name)
+        for disk in file_disks(self._get(name).xml):
+            if disk.target == target:
+                return [disk.path]
+        raise VirtError(f"{name!r} has no disk {target!r}")
+
+    async def block_pull(self, name: str, target: str, *, base: Path | None, timeout_s: float) -> None:
+        await self._hook("block_pull", name)
+        await self.backing_chain(name, target)
+
+
+if TYPE_CHECKING:
+    # mypy: the fake has every method of the Protocol, with compatible signatures.
+    _fake_is_a_hypervisor: Hypervisor = FakeHypervisor()
 
 
 class FakeStorage(StorageBackend):
