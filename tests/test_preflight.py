@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from instaclone import preflight as pf
+from instaclone.jobs import preflight as pf, prepare as pp
 
 #: A source with every capability: shared file RAM, ACPI, agent channel, genid, qcow2 disk.
 READY = """<domain type='kvm'>
@@ -247,7 +247,7 @@ BARE = """<domain type='qemu'><name>bare</name><uuid>11111111-2222-3333-4444-555
 
 
 def test_prepare_adds_what_is_missing_and_is_idempotent():
-    prep = pf.prepare(BARE)
+    prep = pp.prepare(BARE)
     assert [c.split(":")[0] for c in prep.changed] == ["cow_memory", "mac_reset", "guest_customization",
                                                       "vm_generation_id"]
     assert prep.not_changed == ()
@@ -258,21 +258,21 @@ def test_prepare_adds_what_is_missing_and_is_idempotent():
     assert "app:info" in prep.xml and "keep me" in prep.xml
     after = pf.check(prep.xml, pf.Facts(state="shutoff"))
     assert all(f.ok for f in after.checks if f.capability in pf.PREPARABLE)
-    again = pf.prepare(prep.xml)
+    again = pp.prepare(prep.xml)
     assert again.changed == () and again.xml == prep.xml
-    d = pf.diff(BARE, prep.xml, "bare")
+    d = pp.diff(BARE, prep.xml, "bare")
     assert d.startswith("--- bare (before)\n+++ bare (after)\n")
     added = [line for line in d.splitlines() if line.startswith("+") and not line.startswith("+++")]
     removed = [line for line in d.splitlines() if line.startswith("-") and not line.startswith("---")]
     assert removed == [] and any("memoryBacking" in a for a in added) and any("acpi" in a for a in added)
     assert any("org.qemu.guest_agent.0" in a for a in added) and any("genid" in a for a in added)
-    assert pf.diff(prep.xml, prep.xml, "bare") == ""
+    assert pp.diff(prep.xml, prep.xml, "bare") == ""
 
 
 def test_prepare_changes_private_ram_to_shared_in_place():
     xml = BARE.replace("<os>", "<memoryBacking><locked/><source type='memfd'/><access mode='private'/>"
                                "</memoryBacking><os>")
-    root = ET.fromstring(pf.prepare(xml).xml)
+    root = ET.fromstring(pp.prepare(xml).xml)
     mb = root.findall("memoryBacking")
     assert len(mb) == 1 and mb[0].find("locked") is not None
     assert mb[0].find("source").get("type") == "file" and mb[0].find("access").get("mode") == "shared"
@@ -281,7 +281,7 @@ def test_prepare_changes_private_ram_to_shared_in_place():
 def test_prepare_never_touches_what_it_cannot_fix():
     xml = edit(BARE, add("devices", "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"))
     xml = edit(xml, add("", "<cpu><numa><cell id='0' cpus='0' memory='262144' unit='KiB'/></numa></cpu>"))
-    prep = pf.prepare(xml)
+    prep = pp.prepare(xml)
     root = ET.fromstring(prep.xml)
     assert root.find("./devices/tpm") is not None and root.find("./cpu/numa") is not None
     assert root.find("memoryBacking") is None  # NUMA: RAM left as it is
@@ -292,12 +292,12 @@ def test_prepare_never_touches_what_it_cannot_fix():
 
 def test_pending_until_next_boot():
     live = BARE
-    persistent = pf.prepare(BARE).xml
+    persistent = pp.prepare(BARE).xml
     report = pf.check(live, pf.Facts(state="running", inactive_xml=persistent))
     assert report.pending == ["cow_memory", "mac_reset", "guest_customization", "vm_generation_id"]
     f = item(report, "cow_memory")
     assert f.pending and not f.ok and "pending: the persistent definition has it, applies at next boot" in f.detail
     assert f.fix is None  # nothing left to change in the definition
-    assert pf.pending(live, persistent) == report.pending
+    assert pp.pending(live, persistent) == report.pending
     # Shut off: the definition is what runs next, nothing is pending.
     assert pf.check(persistent, pf.Facts(state="shutoff", inactive_xml=persistent)).pending == []

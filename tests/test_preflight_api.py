@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from instaclone import cli, preflight
+from instaclone import cli
 from instaclone.api import OPENAPI
 from instaclone.errors import VirtError
+from instaclone.jobs import preflight
+from instaclone.jobs.prepare import prepare
 
 from .fakes import fake_api
 
@@ -46,7 +48,7 @@ async def test_check_reports_each_capability(api):
 async def test_check_pings_the_agent_when_there_is_a_channel(api):
     client, virt, _ = api
     src = virt.domains["src"]
-    src.xml = preflight.prepare(src.xml).xml  # as if booted prepared
+    src.xml = prepare(src.xml).xml  # as if booted prepared
     _, body = await client.call("GET", "/v1/sources/src/check")
     assert by_cap(body["check"], "guest_customization")["ok"] is True
     assert ("agent", "src") in virt.calls
@@ -142,7 +144,7 @@ async def test_openapi_has_the_new_paths(api):
     schemas = doc["components"]["schemas"]
     assert {"Check", "CheckItem", "Prepare"} <= set(schemas)
     caps = set(schemas["CheckItem"]["properties"]["capability"]["enum"])
-    report = preflight.check(preflight.prepare(_fake_xml()).xml,
+    report = preflight.check(prepare(_fake_xml()).xml,
                              preflight.Facts(state="running", chain_depths={"vda": 2}))
     assert caps == {f.capability for f in report.checks}
     assert doc == json.loads(json.dumps(OPENAPI))

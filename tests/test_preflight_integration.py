@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from instaclone import preflight
+from instaclone.jobs import preflight
 
 from .conftest import libvirt_ready
 from .guests import devguest

@@ -197,9 +197,11 @@ async def test_tpm_source_is_refused_at_submit_and_freeze(env):
     "<serial type='tcp'><source mode='bind' host='127.0.0.1' service='4555'/><target port='1'/></serial>",
     "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>",
     "<disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vdc'/></disk>",
+    # Judged by vmstate in both: a read-only disk that is also shareable is still refused.
+    "<disk type='file' device='disk'><source file='/srv/s.img'/><target dev='vdd'/><readonly/><shareable/></disk>",
 ])
 def test_preflight_check_and_the_engine_agree_on_refusals(devices):
-    from instaclone import preflight
+    from instaclone.jobs import preflight
 
     x = xml(devices=devices)
     assert vmstate.refusals(x)
