@@ -24,6 +24,7 @@ from instaclone.errors import (
     VirtError,
 )
 from instaclone.journal import Journal
+from instaclone.model import JobSpec
 from instaclone.states import HAPPY_PATH, State
 
 from .fakes import fake_engine, fake_world
@@ -230,7 +231,7 @@ async def test_recovery_resumes_stunned_source_and_removes_orphans(env):
     engine, virt, journal, c = env
     from instaclone import journal as jr
 
-    job = await journal.create_job("deadbeef", "src", {"names": ["c1"], "count": 1})
+    job = await journal.create_job("deadbeef", "src", JobSpec.from_dict({"names": ["c1"], "count": 1}))
     job_dir = c.jobs_dir / job.id
     clone_dir = c.clones_dir / "c1"
     await journal.plan(job.id, jr.FILE, str(job_dir))
@@ -264,7 +265,7 @@ async def test_recovery_resumes_stunned_source_and_removes_orphans(env):
 
 async def test_recovery_requeues_untouched_requested_jobs(env):
     engine, virt, journal, _ = env
-    job = await journal.create_job("cafe", "src", {"names": ["c9"], "count": 1})
+    job = await journal.create_job("cafe", "src", JobSpec.from_dict({"names": ["c9"], "count": 1}))
     assert await engine.recover() == [job.id]
     await engine.wait(job.id, 10)
     assert (await journal.get_job(job.id)).state is State.UNSTUNNED

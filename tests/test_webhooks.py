@@ -22,8 +22,9 @@ from instaclone import config as cfg, events
 from instaclone.api import make_app
 from instaclone.engine import Engine
 from instaclone.errors import ConfigError
-from instaclone.journal import Journal
-from instaclone.webhooks import WebhookSender, backoff_s, parse_retry_after
+from instaclone.outbox.bus import EventBus
+from instaclone.outbox.webhooks import WebhookSender, backoff_s, parse_retry_after
+from instaclone.store import Store
 from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from .apiclient import Api
@@ -43,7 +44,7 @@ async def until(pred: Callable[[], bool], timeout: float = 15.0, what: str = "co
 
 
 class Hub:
-    """Journal + engine (fakes) + webhook sender + control API, restartable on the same state dir."""
+    """Store + engine (fakes) + event bus + webhook sender + control API, restartable on the same state dir."""
 
     def __init__(self, tmp: Path, receiver: Receiver, **webhook_kw: Any) -> None:
         self.tmp = tmp
@@ -61,15 +62,16 @@ class Hub:
         self.virt.add_source("src", tmp / "b.qcow2")
 
     async def start(self) -> Hub:
-        self.journal = Journal(self.config.journal_path)
+        self.bus = EventBus()
+        self.journal = Store(self.config.journal_path, on_commit=self.bus.publish)
         await self.journal.open()
         self.engine = Engine(config=self.config, journal=self.journal, virt=self.virt,  # type: ignore[arg-type]
                              storage=FakeStorage(config=self.config, virt=self.virt),  # type: ignore[arg-type]
                              memory=SaveRestoreMemory(config=self.config, virt=self.virt))  # type: ignore[arg-type]
-        self.sender = WebhookSender(self.config.webhooks, self.journal, gate=self.engine.outside_stun)
+        self.sender = WebhookSender(self.config.webhooks, self.journal, bus=self.bus, gate=self.engine.outside_stun)
         await self.engine.recover()
         self.task = asyncio.get_running_loop().create_task(self.sender.run())
-        self.runner = web.AppRunner(make_app(self.engine, self.journal, self.sender))
+        self.runner = web.AppRunner(make_app(self.engine, self.journal, self.sender, bus=self.bus))
         await self.runner.setup()
         self.sock = self.tmp / "ctl.sock"
         await web.UnixSite(self.runner, str(self.sock)).start()

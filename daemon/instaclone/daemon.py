@@ -11,6 +11,7 @@ import sys
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -19,17 +20,18 @@ from .api import ACCESS, Access, make_app
 from .config import Config
 from .engine import Engine
 from .errors import ConfigError, InstacloneError
-from .journal import Journal
-from .metrics import Metrics
-from .virt import Hypervisor
-from .webhooks import WebhookSender
+from .hv import LibvirtHypervisor
+from .outbox.bus import EventBus
+from .outbox.metrics import Metrics
+from .outbox.webhooks import WebhookSender
+from .store import Store
 
 #: How often the daemon checks libvirt and refreshes STATUS= (and feeds the watchdog).
 WATCH_PERIOD_S = 5.0
 
 
 class Daemon:
-    """Owns the journal, the libvirt connection, the engine and the API server."""
+    """Owns the store, the libvirt connection, the engine, the outbox's readers and the API server."""
 
     def __init__(self, config: Config, *, listen_socks: list[socket.socket] | None = None,
                  config_path: Path | None = None, overrides: dict[str, object] | None = None) -> None:
@@ -37,9 +39,12 @@ class Daemon:
         self.config_path = config_path
         self._overrides = overrides or {}
         self.log = logsetup.get(component="daemon")
-        self.journal = Journal(config.journal_path)
-        self.virt = Hypervisor(config.libvirt.uri, threads=config.libvirt.threads)
+        # Committed events reach the sender, the event stream and the metrics through the bus.
+        self.bus = EventBus()
+        self.store = Store(config.journal_path, on_commit=self.bus.publish)
+        self.virt = LibvirtHypervisor(config.libvirt.uri, threads=config.libvirt.threads)
         self.metrics = Metrics()
+        self.bus.subscribe(self.metrics.on_event)
         self.notifier = systemd.Notifier()
         self.engine: Engine | None = None
         self.webhooks: WebhookSender | None = None
@@ -59,18 +64,17 @@ class Daemon:
             d.mkdir(parents=True, exist_ok=True)
             # libvirt's QEMU user must reach disks and logs below these.
             d.chmod(0o755)
-        await self.journal.open()
-        self.journal.on_event(self.metrics.on_event)
+        await self.store.open()
         await self.virt.connect()
         storage = storage_cls(config=c, virt=self.virt)
         memories = [cls(config=c, virt=self.virt) for cls in memory_classes]
         await storage.check()
         for m in memories:
             await m.check()
-        self.engine = Engine(config=c, journal=self.journal, virt=self.virt, storage=storage, memory=memories)
+        self.engine = Engine(config=c, journal=self.store, virt=self.virt, storage=storage, memory=memories)
         _fault_injection(self.engine)
         # Routes events to endpoints from here on, recovery's own events included.
-        self.webhooks = WebhookSender(c.webhooks, self.journal, gate=self.engine.outside_stun)
+        self.webhooks = WebhookSender(c.webhooks, self.store, bus=self.bus, gate=self.engine.outside_stun)
         self.webhooks.on_outcome = self.metrics.on_delivery
         recovered = await self.engine.recover()
         if recovered:
@@ -78,7 +82,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._send_webhooks(), name="webhooks"))
         self._tasks.append(loop.create_task(self._watch(), name="watch"))
-        app = make_app(self.engine, self.journal, self.webhooks, metrics=self.metrics)
+        app = make_app(self.engine, self.store, self.webhooks, bus=self.bus, metrics=self.metrics)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         if self._listen_socks:
@@ -197,7 +201,7 @@ class Daemon:
                 await t
         self._tasks.clear()
         await self.virt.close()
-        await self.journal.close()
+        await self.store.close()
         self.log.info("daemon.stopped")
 
     async def serve(self) -> None:
@@ -239,7 +243,11 @@ def _diff(a: Config, b: Config) -> list[tuple[str, object, object]]:
 
 
 def _apply_overrides(config: Config, overrides: dict[str, object]) -> Config:
-    return replace(config, daemon=replace(config.daemon, **overrides)) if overrides else config
+    """``config`` with the command line's ``daemon.*`` settings (names and types checked by argparse)."""
+    if not overrides:
+        return config
+    fields: dict[str, Any] = dict(overrides)
+    return replace(config, daemon=replace(config.daemon, **fields))
 
 
 def _fault_injection(engine: Engine) -> None:
@@ -257,7 +265,7 @@ def _fault_injection(engine: Engine) -> None:
     async def hook(job_id: str, at: str) -> None:
         if at == step:
             log.warning("fault.pause", job_id=job_id, step=at, seconds=float(seconds))
-            Path(marker).write_text(job_id)
+            await asyncio.to_thread(Path(marker).write_text, job_id)
             await asyncio.sleep(float(seconds))
 
     engine.step_hook = hook

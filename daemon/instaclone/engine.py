@@ -40,6 +40,7 @@ from .errors import (
     StunDeadlineExceeded,
 )
 from .journal import CloneRecord, Journal, JobRecord
+from .model import FreezeStatus, JobSpec, MemoryImage, ResourceKind
 from .log import get as get_logger
 from .states import State, StateEntry
 from .virt import DomainInfo, Hypervisor
@@ -161,17 +162,9 @@ class Engine:
             clash = sorted(set(names) & taken)
             if clash:
                 raise NameInUse(f"name already in use: {', '.join(clash)}")
-            spec = {
-                "names": names,
-                "count": count,
-                "storage_backend": self.storage.name,
-                "memory_backend": memory.name,
-                "keep_network": keep_network,
-                "customize": customize,
-                "config": config,
-                "keep_ssh_host_keys": keep_ssh_host_keys,
-                "script": script,
-            }
+            spec = JobSpec(names=tuple(names), storage_backend=self.storage.name, memory_backend=memory.name,
+                           keep_network=keep_network, customize=customize, config=config,
+                           keep_ssh_host_keys=keep_ssh_host_keys, script=script)
             job = await self.journal.create_job(identity.new_job_id(), src, spec)
         self._log_transition(job, job.history.entries[-1])
         self._dispatch(job)
@@ -253,10 +246,9 @@ class Engine:
                         self.log.warning("source.resumed_after_crash", source=res.ref, job_id=job.id)
         # A freeze cut short: resume the source it paused, drop its image.
         for entry in (await self.journal.frozen()).values():
-            if entry["status"] == "freezing":
-                self.log.warning("freeze.rolled_back", source=entry["name"])
-                await self._undo_freeze(entry["name"], entry["paused_by_us"],
-                                        self._memory_named(entry["backend"]), None)
+            if entry.status is FreezeStatus.FREEZING:
+                self.log.warning("freeze.rolled_back", source=entry.name)
+                await self._undo_freeze(entry.name, entry.paused_by_us, self._memory_named(entry.backend), None)
         for job in unfinished:
             handled.append(job.id)
             resources = await self.journal.resources(job.id)
@@ -308,12 +300,12 @@ class Engine:
                     await asyncio.to_thread(_copy_private, nvram, ctx.job_dir / "nvram.fd")
                 ctx.memory = await memory.capture(ctx=ctx, record=_no_record)
                 ms = round((time.monotonic() - t0) * 1000.0, 3)
-                await self.journal.set_frozen_image(src, ctx.memory, freeze_ms=ms)
+                await self.journal.set_frozen_image(src, MemoryImage(memory.name, ctx.memory), freeze_ms=ms)
             except BaseException:
                 await asyncio.shield(self._undo_freeze(src, paused_by_us, memory, ctx))
                 raise
         self.log.info("source.frozen", source=src, memory=memory.name, ms=ms)
-        return {**(await self.journal.frozen())[src], "freeze_ms": ms}
+        return {**(await self.journal.frozen())[src].to_dict(), "freeze_ms": ms}
 
     async def unfreeze(self, name: object) -> dict[str, Any]:
         """Let a frozen source run again; its clones are not affected."""
@@ -327,28 +319,28 @@ class Engine:
             except DomainNotFound:
                 # Removed behind our back: nothing to resume, only our records to drop.
                 await _rmtree(self._frozen_dir(src))
-                await self.journal.remove_frozen(src, clones=entry["clones"])
+                await self.journal.remove_frozen(src, clones=entry.clones)
                 self.log.warning("source.unfrozen_gone", source=src)
-                return entry
-            if entry["clones"] and info.active:
+                return entry.to_dict()
+            if entry.clones and info.active:
                 # Clones are backed by the source's current top image: the
                 # source must write to a new delta from now on.
                 ctx = StunContext(f"unfreeze-{identity.new_job_id()[:8]}", info, self._frozen_dir(src))
                 await self.storage.create_source_delta(ctx=ctx, record=_no_record)
             clock: dict[str, Any] | None = None
-            if entry["paused_by_us"]:
+            if entry.paused_by_us:
                 await self.virt.resume(src)
                 # Its clock stood still while it was frozen.
                 if customize.has_agent(info.xml):
                     clock = await customize.set_clock(self.virt, src)
-            memory = self._memory_named(entry["backend"])
-            if entry["image"]:
+            memory = self._memory_named(entry.backend)
+            if entry.image:
                 await memory.release(ctx=StunContext(f"frozen-{src}", info, self._frozen_dir(src),
-                                                     memory=entry["image"]))
+                                                     memory=entry.image.to_dict()))
             await _rmtree(self._frozen_dir(src))
-            await self.journal.remove_frozen(src, clones=entry["clones"])
-        self.log.info("source.unfrozen", source=src, clones=entry["clones"], clock=clock)
-        return {**entry, "clock": clock}
+            await self.journal.remove_frozen(src, clones=entry.clones)
+        self.log.info("source.unfrozen", source=src, clones=entry.clones, clock=clock)
+        return {**entry.to_dict(), "clock": clock}
 
     def _frozen_dir(self, src: str) -> Path:
         return self.config.daemon.state_dir / "frozen" / src
@@ -424,7 +416,7 @@ class Engine:
             return
         limit = self.config.clone.max_chain_depth
         frozen = await self.journal.frozen()
-        for name in [job.source, *job.spec.get("names", [])]:
+        for name in [job.source, *job.spec.names]:
             if name in frozen:
                 continue
             try:
@@ -462,7 +454,7 @@ class Engine:
 
     def _log_transition(self, job: JobRecord, entry: StateEntry) -> None:
         """One log line per transition (the event itself is written by the journal)."""
-        log = self.log.bind(job_id=job.id, source=job.source, clone=",".join(job.spec.get("names", [])))
+        log = self.log.bind(job_id=job.id, source=job.source, clone=",".join(job.spec.names))
         duration_ms = job.history.durations_ms().get(entry.state.value)
         if entry.state is State.FAILED or entry.state is State.NEEDS_ATTENTION:
             log.warning("job.transition", state=entry.state.value, duration_ms=duration_ms, error=job.error)
@@ -486,7 +478,7 @@ class Engine:
 
     def _recorder(self, run: _Run) -> Callable[..., Awaitable[int]]:
         async def record(kind: str, ref: str, *, clone: str | None = None) -> int:
-            rid = await self.journal.plan(run.job.id, kind, ref, clone=clone)
+            rid = await self.journal.plan(run.job.id, ResourceKind(kind), ref, clone=clone)
             run.resources.append(rid)
             return rid
 
@@ -506,9 +498,9 @@ class Engine:
     async def _run(self, job: JobRecord) -> None:
         if self.step_hook is not None:
             await self.step_hook(job.id, State.REQUESTED.value)
-        run = _Run(job, self._memory_named(job.spec.get("memory_backend")))
+        run = _Run(job, self._memory_named(job.spec.memory_backend))
         record = self._recorder(run)
-        names: list[str] = job.spec["names"]
+        names: list[str] = list(job.spec.names)
         log = self.log.bind(job_id=job.id, source=job.source)
         ctx: StunContext | None = None
         try:
@@ -522,7 +514,7 @@ class Engine:
             # backing image. A source paused by its owner is not ours to
             # pause or resume, but is otherwise handled like a running one.
             entry = (await self.journal.frozen()).get(job.source)
-            if entry is not None and entry["status"] != "frozen":
+            if entry is not None and entry.status is not FreezeStatus.FROZEN:
                 raise SourceNotCloneable(f"source {job.source!r} is being frozen; try again")
             frozen = entry is not None
             if frozen and info.state != "paused":
@@ -651,8 +643,8 @@ class Engine:
         # MemoryLinked: the source's memory and device state at stun. A frozen
         # source's image was made once, at freeze, and is shared by its jobs.
         frozen_entry = (await self.journal.frozen()).get(job.source) if ctx.frozen else None
-        if frozen_entry and frozen_entry["image"] and frozen_entry["backend"] == run.memory.name:
-            ctx.memory = frozen_entry["image"]
+        if frozen_entry and frozen_entry.image and frozen_entry.backend == run.memory.name:
+            ctx.memory = frozen_entry.image.to_dict()
             ctx.memory_cached = True
         else:
             ctx.memory = await self._step(
@@ -699,12 +691,12 @@ class Engine:
         """Start the clones, a few at a time (QEMU start-up dominates a clone's latency)."""
         slots = asyncio.Semaphore(CLONE_START_PARALLEL)
 
-        keep_network = bool(run.job.spec.get("keep_network"))
-        customizing = bool(run.job.spec.get("customize", True)) and customize.has_agent(ctx.source.xml)
-        why_not = ("not requested" if not run.job.spec.get("customize", True)
+        keep_network = run.job.spec.keep_network
+        customizing = run.job.spec.customize and customize.has_agent(ctx.source.xml)
+        why_not = ("not requested" if not run.job.spec.customize
                    else f"the source has no guest agent channel ({customize.AGENT_CHANNEL})")
-        script = run.job.spec.get("script") or await asyncio.to_thread(self._config_script)
-        keep_ssh = bool(run.job.spec.get("keep_ssh_host_keys"))
+        script = run.job.spec.script or await asyncio.to_thread(self._config_script)
+        keep_ssh = run.job.spec.keep_ssh_host_keys
 
         async def start(clone: CloneTarget) -> None:
             async with slots:
@@ -743,7 +735,7 @@ class Engine:
                     try:
                         clone.identity = await customize.customize(
                             self.virt, clone.name, hostname=clone.name,
-                            config=run.job.spec.get("config") or {}, timeout_s=timeout,
+                            config=dict(run.job.spec.config), timeout_s=timeout,
                             keep_ssh_host_keys=keep_ssh, host_keys=keys,
                             macs=[] if keep_network else clone.macs)
                         lap("identity")

@@ -1,9 +1,9 @@
 """Events: what a state change looks like on the wire, and how it is signed.
 
 Pure: no I/O. Every job transition (and every clone destroy, freeze and
-unfreeze) becomes one event, written to the journal's outbox in the same
-transaction as the change itself. The payload follows the Standard Webhooks
-shape ``{"type", "timestamp", "data"}``; the event id travels in the
+unfreeze) becomes one event, built here and written to the store's outbox in
+the same transaction as the change itself. The payload follows the Standard
+Webhooks shape ``{"type", "timestamp", "data"}``; the event id travels in the
 ``webhook-id`` header and is the same for every attempt, every endpoint and
 every replay, so a receiver deduplicates on it.
 """
@@ -16,24 +16,15 @@ import hashlib
 import hmac
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Any
 
+from .model import CloneRecord, JobRecord, NewEvent
 from .states import State
 
 #: Event type of each job state.
-STATE_TYPES: dict[State, str] = {
-    State.REQUESTED: "clone.requested",
-    State.STUNNED: "clone.stunned",
-    State.SOURCE_DELTA_CREATED: "clone.source_delta_created",
-    State.CLONE_DELTA_CREATED: "clone.clone_delta_created",
-    State.MEMORY_LINKED: "clone.memory_linked",
-    State.CONFIGURED: "clone.configured",
-    State.UNSTUNNED: "clone.ready",
-    State.FAILED: "clone.failed",
-    State.NEEDS_ATTENTION: "clone.needs_attention",
-}
+STATE_TYPES: dict[State, str] = {s: s.event_type for s in State}
 CLONE_DESTROYED = "clone.destroyed"
 SOURCE_FROZEN = "source.frozen"
 SOURCE_UNFROZEN = "source.unfrozen"
@@ -49,7 +40,7 @@ def new_id() -> str:
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def envelope(event_type: str, at: float, data: dict[str, Any]) -> dict[str, Any]:
@@ -57,24 +48,43 @@ def envelope(event_type: str, at: float, data: dict[str, Any]) -> dict[str, Any]
     return {"type": event_type, "timestamp": iso(at), "data": data}
 
 
-def job_event(job: Any, state: State, at: float) -> tuple[str, dict[str, Any]]:
-    """(type, data) of ``job``'s transition to ``state`` (already in its history)."""
+# -- payloads: what each change looks like (the store writes them in the change's transaction) --
+
+
+def job_event(job: JobRecord, state: State, at: float) -> NewEvent:
+    """The event of ``job``'s transition to ``state`` (already in its history)."""
     durations = job.history.durations_ms()
-    data = {
+    data: dict[str, Any] = {
         "job_id": job.id,
         "source": job.source,
-        "clones": list(job.spec.get("names", [])),
+        "clones": list(job.spec.names),
         "state": state.value,
         "sequence": len(job.history.entries),
         "at": at,
         "started_at": job.created_at,
         "duration_ms": durations.get(state.value),
-        "error": job.error if state in (State.FAILED, State.NEEDS_ATTENTION) else None,
+        "error": job.error if state.failed else None,
     }
     if state is State.UNSTUNNED:
         data["durations_ms"] = durations
         data["stun_ms"] = (job.result or {}).get("stun_ms")
-    return STATE_TYPES[state], data
+    return NewEvent(state.event_type, job.id, at, data)
+
+
+def clone_destroyed(clone: CloneRecord, at: float) -> NewEvent:
+    """A clone made by instaclone was destroyed."""
+    return NewEvent(CLONE_DESTROYED, clone.job_id, at, {"clone": clone.name, "uuid": clone.uuid,
+                                                        "source": clone.source, "job_id": clone.job_id, "at": at})
+
+
+def source_frozen(source: str, at: float, *, freeze_ms: float) -> NewEvent:
+    """A freeze completed: the source is a template now."""
+    return NewEvent(SOURCE_FROZEN, None, at, {"source": source, "at": at, "freeze_ms": freeze_ms})
+
+
+def source_unfrozen(source: str, at: float, *, clones: int) -> NewEvent:
+    """A frozen source runs again; ``clones`` were taken from it while it was frozen."""
+    return NewEvent(SOURCE_UNFROZEN, None, at, {"source": source, "at": at, "clones": clones})
 
 
 # -- filters -----------------------------------------------------------------------------

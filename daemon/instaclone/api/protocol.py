@@ -1,0 +1,90 @@
+"""What the API needs of the engine, as a ``typing.Protocol``.
+
+The engine facade (``instaclone.jobs.engine.Engine``) satisfies it; the API
+imports nothing of the jobs layer, and mypy checks the fit where the daemon
+hands the engine to :func:`~instaclone.api.make_app`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..config import Config
+from ..hv.records import DomainInfo
+from ..model import CloneRecord, JobRecord
+
+
+class HypervisorView(Protocol):
+    """The hypervisor calls the API makes (health, clone states, check, prepare)."""
+
+    async def ensure_connected(self) -> bool: ...
+
+    async def state(self, name: str) -> str: ...
+
+    async def lookup(self, name: str) -> DomainInfo: ...
+
+    async def inactive_xml(self, name: str) -> str: ...
+
+    async def define(self, xml: str) -> str: ...
+
+    async def agent(self, name: str, command: str, arguments: dict[str, Any] | None = None,
+                    *, timeout_s: int = 10) -> Any: ...
+
+
+class StorageView(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    async def chain_depth(self, *, path: Path) -> int: ...
+
+
+class MemoryView(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def can_serve(self, source: DomainInfo) -> str | None: ...
+
+
+class EngineView(Protocol):
+    """The engine as the API drives it."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def virt(self) -> HypervisorView: ...
+
+    @property
+    def storage(self) -> StorageView: ...
+
+    @property
+    def memory(self) -> MemoryView: ...
+
+    @property
+    def memories(self) -> Sequence[MemoryView]: ...
+
+    @property
+    def active_jobs(self) -> int: ...
+
+    @property
+    def accepting(self) -> bool: ...
+
+    async def submit(self, *, source: object, name: object, count: object = 1, keep_network: object = False,
+                     customize: object = True, config: object = None, keep_ssh_host_keys: object = None,
+                     script: object = None) -> JobRecord:
+        """Validate and queue a clone request; raises InvalidRequest, NameInUse, SourceNotFound, ..."""
+
+    async def wait(self, job_id: str, timeout_s: float) -> None:
+        """Return when the job is terminal or after ``timeout_s``."""
+
+    async def destroy_clone(self, name: str) -> CloneRecord: ...
+
+    async def freeze(self, name: object) -> dict[str, Any]: ...
+
+    async def unfreeze(self, name: object) -> dict[str, Any]: ...
+
+    def source_lock(self, name: str) -> AbstractAsyncContextManager[Any]:
+        """The lock jobs of ``name`` hold; held while the API rewrites its definition."""

@@ -1,0 +1,82 @@
+"""Prometheus metrics, fed from the event outbox and the webhook sender.
+
+Served by prometheus_client's aiohttp handler at ``/metrics`` on the control
+socket and, if ``daemon.metrics_listen`` is set, on a loopback TCP port.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from ..model import Event
+from ..states import HAPPY_PATH, TERMINAL, State
+
+#: Step durations run from a few ms (a pause) to seconds (QEMU start-up under TCG).
+_STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    """The daemon's Prometheus registry; :meth:`on_event` listens on the event bus."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.state_seconds = Histogram(
+            "instaclone_state_duration_seconds", "Time the step that reached each state took",
+            ["state"], buckets=_STEP_BUCKETS, registry=r)
+        self.stun_seconds = Histogram(
+            "instaclone_stun_duration_seconds", "How long a source stayed stunned per job",
+            buckets=_STEP_BUCKETS, registry=r)
+        self.clones = Counter("instaclone_clones", "Clones by result (ready, failed, needs_attention)",
+                              ["result"], registry=r)
+        self.jobs_finished = Counter("instaclone_jobs_finished", "Jobs by final state", ["state"], registry=r)
+        self.jobs_active = Gauge("instaclone_jobs_active", "Unfinished jobs by current state", ["state"],
+                                 registry=r)
+        self.events = Counter("instaclone_events", "Events written to the outbox, by type", ["type"], registry=r)
+        self.deliveries = Counter("instaclone_webhook_deliveries", "Webhook delivery attempts by outcome",
+                                  ["webhook", "outcome"], registry=r)
+        self.webhook_in_flight = Gauge("instaclone_webhook_in_flight", "Webhook requests in flight", registry=r)
+        self.libvirt_up = Gauge("instaclone_libvirt_up", "1 if the libvirt connection is alive", registry=r)
+        for s in (*HAPPY_PATH, State.FAILED, State.NEEDS_ATTENTION):
+            if s not in TERMINAL:
+                self.jobs_active.labels(s.value).set(0)
+        self._job_state: dict[str, str] = {}
+
+    def on_event(self, event: Event) -> None:
+        """Event bus listener: update counters from one committed event."""
+        self.events.labels(event.type).inc()
+        data: dict[str, Any] = json.loads(event.body)["data"]
+        state = data.get("state")
+        if event.job_id is None or state is None:
+            return
+        if data.get("duration_ms") is not None:
+            self.state_seconds.labels(state).observe(data["duration_ms"] / 1000.0)
+        prev = self._job_state.pop(event.job_id, None)
+        if prev is not None:
+            self.jobs_active.labels(prev).dec()
+        if State(state) in TERMINAL:
+            self.jobs_finished.labels(state).inc()
+            result = {"Unstunned": "ready", "Failed": "failed", "NeedsAttention": "needs_attention"}[state]
+            self.clones.labels(result).inc(len(data.get("clones", [])))
+            if data.get("stun_ms") is not None:
+                self.stun_seconds.observe(data["stun_ms"] / 1000.0)
+        else:
+            self._job_state[event.job_id] = state
+            self.jobs_active.labels(state).inc()
+
+    def on_delivery(self, webhook: str, outcome: str) -> None:
+        self.deliveries.labels(webhook, outcome).inc()
+
+    def handler(self) -> Any:
+        return make_aiohttp_handler(self.registry)
+
+    def app(self) -> web.Application:
+        """A TCP-side app serving only ``/metrics``."""
+        app = web.Application()
+        app.router.add_get("/metrics", self.handler())
+        return app

@@ -1,0 +1,110 @@
+"""Jobs: the persistent queue, each job's states, and the names they claim."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from typing import Any
+
+from .. import events
+from ..model import JobRecord, JobSpec
+from ..states import TERMINAL, State, StateEntry, StateHistory
+from .base import Emit, StoreBase
+
+_TERMINAL = tuple(sorted(s.value for s in TERMINAL))
+
+
+def _job_from_row(db: sqlite3.Connection, row: tuple[Any, ...]) -> JobRecord:
+    job_id, seq, source, spec, _state, error, result, created_at, updated_at = row
+    states = db.execute("SELECT state, at FROM job_states WHERE job_id=? ORDER BY n", (job_id,)).fetchall()
+    history = StateHistory([StateEntry(State(s), at) for s, at in states])
+    return JobRecord(job_id, seq, source, JobSpec.from_dict(json.loads(spec)), history,
+                     json.loads(error) if error else None, json.loads(result) if result else {},
+                     created_at, updated_at)
+
+
+class JobsMixin(StoreBase):
+    async def create_job(self, job_id: str, source: str, spec: JobSpec) -> JobRecord:
+        """Persist a new job in Requested; emits ``clone.requested``."""
+        now = time.time()
+
+        def do(db: sqlite3.Connection, emit: Emit) -> JobRecord:
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            db.execute(
+                "INSERT INTO jobs(id, seq, source, spec, state, created_at, updated_at) VALUES (?,?,?,?,?,?,?)",
+                (job_id, seq, source, json.dumps(spec.to_dict()), State.REQUESTED.value, now, now),
+            )
+            db.execute("INSERT INTO job_states(job_id, n, state, at) VALUES (?, 0, ?, ?)",
+                       (job_id, State.REQUESTED.value, now))
+            job = JobRecord(job_id, seq, source, spec, StateHistory([StateEntry(State.REQUESTED, now)]),
+                            created_at=now, updated_at=now)
+            emit(events.job_event(job, State.REQUESTED, now))
+            return job
+
+        return await self._change(do)
+
+    async def record_state(self, job: JobRecord, state: State, *, error: dict[str, Any] | None = None,
+                           result: dict[str, Any] | None = None) -> StateEntry:
+        """Persist ``job``'s transition to ``state`` with its event; raises StateError if not allowed.
+
+        ``job`` is updated in place (history, error, result); if the write
+        fails, the new history entry is taken back.
+        """
+        entry = job.history.advance(state)
+        n = len(job.history.entries) - 1
+        if error is not None:
+            job.error = error
+        if result is not None:
+            job.result = result
+        new = events.job_event(job, state, entry.at)
+
+        def do(db: sqlite3.Connection, emit: Emit) -> None:
+            db.execute("INSERT INTO job_states(job_id, n, state, at) VALUES (?,?,?,?)",
+                       (job.id, n, state.value, entry.at))
+            emit(new)
+            db.execute("UPDATE jobs SET state=?, error=?, result=?, updated_at=? WHERE id=?",
+                       (state.value, json.dumps(job.error) if job.error else None, json.dumps(job.result),
+                        entry.at, job.id))
+
+        try:
+            await self._change(do)
+        except BaseException:
+            job.history.entries.pop()
+            raise
+        job.updated_at = entry.at
+        return entry
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        def do(db: sqlite3.Connection) -> JobRecord | None:
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            return _job_from_row(db, row) if row else None
+
+        return await self._db.write(do)
+
+    async def list_jobs(self, *, unfinished: bool = False, limit: int = 1000) -> list[JobRecord]:
+        """Unfinished jobs oldest first, or else the last ``limit`` jobs newest first."""
+
+        def do(db: sqlite3.Connection) -> list[JobRecord]:
+            if unfinished:
+                rows = db.execute(
+                    f"SELECT * FROM jobs WHERE state NOT IN ({','.join('?' * len(_TERMINAL))}) ORDER BY seq",
+                    _TERMINAL,
+                ).fetchall()
+            else:
+                rows = db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            return [_job_from_row(db, r) for r in rows]
+
+        return await self._db.write(do)
+
+    async def names_in_use(self) -> set[str]:
+        """Clone names registered or claimed by an unfinished job."""
+
+        def do(db: sqlite3.Connection) -> set[str]:
+            names = {r[0] for r in db.execute("SELECT name FROM clones")}
+            query = f"SELECT spec FROM jobs WHERE state NOT IN ({','.join('?' * len(_TERMINAL))})"
+            for (spec,) in db.execute(query, _TERMINAL).fetchall():
+                names.update(json.loads(spec).get("names", []))
+            return names
+
+        return await self._db.write(do)
