@@ -39,7 +39,7 @@ KEEPALIVE_COUNT = 3
 CONNECT_WAIT_S = 2.0
 
 _CLOSE_REASONS = {
-    lv.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
+    lv.VIR_CONNECT_CLOSE_REASON_ERROR: "socket error (libvirtd stopped, or the connection broke)",
     lv.VIR_CONNECT_CLOSE_REASON_EOF: "end of file (libvirtd stopped)",
     lv.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive timeout (libvirtd does not answer)",
     lv.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by us",
