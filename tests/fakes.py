@@ -272,7 +272,7 @@ async def fake_world(tmp_path: Path, **sections: Any) -> tuple[Any, Any, FakeHyp
     from dataclasses import replace
 
     from instaclone import config as cfg
-    from instaclone.journal import Journal
+    from instaclone.store import Store as Journal
 
     c = cfg.Config()
     c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "state"))

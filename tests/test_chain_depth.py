@@ -25,8 +25,8 @@ from instaclone import config as cfg
 from instaclone.backends import CloneTarget, Recorder, StunContext
 from instaclone.engine import Engine
 from instaclone.errors import VirtConnectionError, VirtError, VirtTimeout
-from instaclone.journal import Journal
 from instaclone.states import State
+from instaclone.store import Store as Journal
 from instaclone.virt import Hypervisor
 from instaclone_plugins.saverestore import SaveRestoreMemory
 

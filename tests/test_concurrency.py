@@ -17,7 +17,7 @@ import pytest
 
 from instaclone import config as cfg
 from instaclone.engine import Engine
-from instaclone.journal import Journal
+from instaclone.store import Store as Journal
 
 from .fakes import FakeHypervisor, fake_engine
 

@@ -23,9 +23,9 @@ from instaclone.errors import (
     SourceNotFound,
     VirtError,
 )
-from instaclone.journal import Journal
 from instaclone.model import JobSpec
 from instaclone.states import HAPPY_PATH, State
+from instaclone.store import Store as Journal
 
 from .fakes import fake_engine, fake_world
 

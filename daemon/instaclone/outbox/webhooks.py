@@ -20,6 +20,7 @@ Promises:
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections import Counter
@@ -202,13 +203,19 @@ class WebhookSender:
     # -- one attempt ----------------------------------------------------------------------------
 
     async def _deliver(self, d: Delivery, ep: WebhookEndpoint) -> None:
+        """One attempt of ``d``, then its outcome settled in the outbox."""
+        t0 = time.monotonic()
+        http_status, retry_after, error = await self._post(d, ep)
+        ms = round((time.monotonic() - t0) * 1000.0, 1)
+        await self._settle(d, ep, http_status=http_status, retry_after=retry_after, error=error, ms=ms)
+
+    async def _post(self, d: Delivery, ep: WebhookEndpoint) -> tuple[int | None, float | None, str | None]:
+        """POST the signed body once: (HTTP status, Retry-After in s, error; None if it was delivered)."""
         assert self._session is not None
         body = d.body.encode()
-        attempt = d.attempts + 1
         http_status: int | None = None
         retry_after: float | None = None
         error: str | None = None
-        t0 = time.monotonic()
         try:
             async with self._session.post(
                 ep.url, data=body, headers=headers(ep.keys(), d.event_id, int(time.time()), body),
@@ -227,34 +234,37 @@ class WebhookSender:
             error = f"no answer within {self.config.timeout_s:g} s"
         except aiohttp.ClientError as exc:
             error = f"{type(exc).__name__}: {exc}"
-        ms = round((time.monotonic() - t0) * 1000.0, 1)
+        return http_status, retry_after, error
+
+    async def _settle(self, d: Delivery, ep: WebhookEndpoint, *, http_status: int | None,
+                      retry_after: float | None, error: str | None, ms: float) -> None:
+        """Record an attempt's outcome: delivered, disabled (410), failed (out of attempts) or retry later."""
+        attempt = d.attempts + 1
         log = self.log.bind(webhook=ep.name, event_id=d.event_id, type=d.event_type, job_id=d.job_id,
                             attempt=attempt, ms=ms)
         now = time.time()
+        settle = functools.partial(self.store.settle_delivery, d.id, attempts=attempt, http_status=http_status,
+                                   error=error)
         if error is None:
             self._outcome(ep.name, "delivered")
-            await self.store.settle_delivery(d.id, status=DeliveryStatus.DELIVERED, attempts=attempt, next_at=now,
-                                               http_status=http_status, error=None)
+            await settle(status=DeliveryStatus.DELIVERED, next_at=now)
             log.debug("webhook.delivered", http_status=http_status)
         elif http_status == 410:
             self._outcome(ep.name, "disabled")
             self._disabled.add(ep.name)
-            await self.store.settle_delivery(d.id, status=DeliveryStatus.DISABLED, attempts=attempt, next_at=now,
-                                               http_status=410, error=error)
+            await settle(status=DeliveryStatus.DISABLED, next_at=now)
             n = await self.store.disable_webhook(ep.name, f"HTTP 410 Gone from {ep.url}")
             log.warning("webhook.endpoint_disabled", url=ep.url, parked=n + 1,
                         hint=f"instaclone webhooks enable {ep.name}")
         elif attempt >= self.config.max_attempts:
             self._outcome(ep.name, "failed")
-            await self.store.settle_delivery(d.id, status=DeliveryStatus.FAILED, attempts=attempt, next_at=now,
-                                               http_status=http_status, error=error)
+            await settle(status=DeliveryStatus.FAILED, next_at=now)
             log.error("webhook.gave_up", error=error, hint=f"instaclone webhooks deliveries replay {d.id}")
         else:
             delay = retry_after if retry_after is not None else backoff_s(
                 attempt, self.config.backoff_initial_s, self.config.backoff_max_s)
             self._outcome(ep.name, "retry")
-            await self.store.settle_delivery(d.id, status=DeliveryStatus.PENDING, attempts=attempt, next_at=now + delay,
-                                               http_status=http_status, error=error)
+            await settle(status=DeliveryStatus.PENDING, next_at=now + delay)
             log.warning("webhook.retry", error=error, retry_in_s=round(delay, 2),
                         retry_after=retry_after is not None)
 
