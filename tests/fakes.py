@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from instaclone.backends import CloneTarget, Recorder, StorageBackend, StunContext
 from instaclone.errors import DomainExists, DomainNotFound, VirtError
 from instaclone.hv import DomainInfo, Hypervisor, file_disks
-from instaclone.journal import FILE, SOURCE_DELTA
+from instaclone.plugin_api import CloneTarget, Recorder, ResourceKind, StorageBackend, StunContext
 
 SOURCE_XML = """<domain type='qemu'>
   <name>{name}</name><uuid>{uuid}</uuid>
@@ -230,7 +229,7 @@ class FakeStorage(StorageBackend):
         overlays = {}
         for d in ctx.source.disks:
             p = self.config.delta_dir / f"{ctx.source.name}.{d.target}.{ctx.job_id}.qcow2"
-            await record(SOURCE_DELTA, str(p))
+            await record(ResourceKind.SOURCE_DELTA, str(p))
             overlays[d.target] = p
         self.config.delta_dir.mkdir(parents=True, exist_ok=True)
         await self.virt.snapshot_disks(ctx.source.name, overlays)
@@ -240,7 +239,7 @@ class FakeStorage(StorageBackend):
         out = {}
         for tgt in ctx.tops:
             p = clone.dir / f"{tgt}.qcow2"
-            await record(FILE, str(p), clone=clone.name)
+            await record(ResourceKind.FILE, str(p), clone=clone.name)
             p.write_bytes(b"delta")
             out[tgt] = p
         return out
@@ -255,12 +254,11 @@ class FakeStorage(StorageBackend):
 
 def fake_engine(config: Any, journal: Any, virt: FakeHypervisor) -> Any:
     """An Engine on the fake hypervisor and storage, with the real saverestore memory backend."""
-    from instaclone.engine import Engine
+    from instaclone.jobs.engine import Engine
     from instaclone_plugins.saverestore import SaveRestoreMemory
 
-    return Engine(config=config, journal=journal, virt=virt,  # type: ignore[arg-type]
-                  storage=FakeStorage(config=config, virt=virt),  # type: ignore[arg-type]
-                  memory=SaveRestoreMemory(config=config, virt=virt))  # type: ignore[arg-type]
+    return Engine(config=config, journal=journal, virt=virt, storage=FakeStorage(config=config, virt=virt),
+                  memory=SaveRestoreMemory(config=config, virt=virt))
 
 
 async def fake_world(tmp_path: Path, **sections: Any) -> tuple[Any, Any, FakeHypervisor]:

@@ -22,9 +22,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from instaclone import config as cfg
-from instaclone.backends import CloneTarget, Recorder, StunContext
 from instaclone.engine import Engine
 from instaclone.errors import VirtConnectionError, VirtError, VirtTimeout
+from instaclone.plugin_api import CloneTarget, Recorder, StunContext
 from instaclone.states import State
 from instaclone.store import Store as Journal
 from instaclone.virt import Hypervisor

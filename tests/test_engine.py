@@ -12,18 +12,19 @@ from pathlib import Path
 import pytest
 
 from instaclone import config as cfg
-from instaclone.engine import Engine
 from instaclone.errors import (
     Conflict,
     InvalidName,
     InvalidRequest,
-    ShuttingDown,
     NameInUse,
+    NotFound,
+    ShuttingDown,
     SourceNotCloneable,
     SourceNotFound,
     VirtError,
 )
-from instaclone.model import JobSpec
+from instaclone.jobs.engine import Engine
+from instaclone.model import JobSpec, ResourceKind
 from instaclone.states import HAPPY_PATH, State
 from instaclone.store import Store as Journal
 
@@ -107,7 +108,7 @@ async def test_fault_at_every_step_rolls_back(env, step):
     assert job.state is State.FAILED, job.error
     assert job.error["step"] == step
     assert "injected failure" in job.error["message"]
-    expected = list(HAPPY_PATH[: HAPPY_PATH.index(State(step))]) + [State.FAILED]
+    expected = [*list(HAPPY_PATH[:HAPPY_PATH.index(State(step))]), State.FAILED]
     assert [e.state for e in job.history.entries] == expected
     assert virt.domains["src"].state == "running"
     assert set(virt.domains) == {"src"}
@@ -192,7 +193,7 @@ async def test_shut_off_source_is_refused(env):
 
 
 async def test_duplicate_names_across_jobs(env):
-    engine, virt, journal, _ = env
+    engine, virt, _journal, _ = env
     virt.delay["save_state"] = 0.2
     await engine.submit(source="src", name="dup")
     with pytest.raises(NameInUse):
@@ -214,14 +215,14 @@ async def test_same_source_is_serialized(env):
 
 
 async def test_destroy_removes_clone_and_files_not_source(env):
-    engine, virt, journal, c = env
+    engine, virt, journal, _c = env
     job = await run_job(engine, journal, name="c1")
     clone_dir = Path(job.result["clones"][0]["dir"])
     assert clone_dir.exists()
     await engine.destroy_clone("c1")
     assert "c1" not in virt.domains and "src" in virt.domains
     assert not clone_dir.exists()
-    with pytest.raises(Exception):
+    with pytest.raises(NotFound):
         await engine.destroy_clone("src")  # not ours
     assert "src" in virt.domains
 
@@ -320,7 +321,7 @@ async def test_customization_failure_fails_the_job_and_removes_the_clone(env):
 
 @pytest.mark.parametrize("config", [{"k": 1}, ["a"], "x", {"k": "v" * 20_000}])
 async def test_bad_guest_config_is_refused(env, config):
-    engine, _, journal, _ = env
+    engine, _, _journal, _ = env
     with pytest.raises(InvalidRequest, match="config"):
         await engine.submit(source="src", name="c1", config=config)
 
@@ -336,6 +337,35 @@ async def test_recovery_undoes_a_freeze_cut_short(env):
     assert not (c.daemon.state_dir / "frozen" / "src").exists()
 
 
+async def test_recovery_undoes_a_freeze_cut_short_from_its_ledger(env):
+    """Model a SIGKILL inside the memory capture of a freeze: the ledger knows what it made."""
+    engine, virt, journal, c = env
+    frozen_dir = c.daemon.state_dir / "frozen" / "src"
+    await journal.add_frozen("src", paused_by_us=True, backend="saverestore")
+    await journal.plan("frozen-src", ResourceKind.STUN, "src")
+    await virt.suspend("src")
+    await journal.plan("frozen-src", ResourceKind.FILE, str(frozen_dir))
+    frozen_dir.mkdir(parents=True)
+    await journal.plan("frozen-src", ResourceKind.FILE, str(frozen_dir / "memory.state"), owner="saverestore")
+    (frozen_dir / "memory.state").write_bytes(b"half a RAM image")
+    await engine.recover()
+    assert virt.domains["src"].state == "running"
+    assert await journal.frozen() == {}
+    assert not frozen_dir.exists()
+    assert await journal.resources("frozen-src") == []
+
+
+async def test_failed_freeze_capture_leaves_nothing(env):
+    engine, virt, journal, c = env
+    virt.fail["save_state"] = VirtError("save broke")
+    with pytest.raises(VirtError, match="save broke"):
+        await engine.freeze("src")
+    assert virt.domains["src"].state == "running"
+    assert await journal.frozen() == {}
+    assert not (c.daemon.state_dir / "frozen" / "src").exists()
+    assert await journal.resources("frozen-src") == []
+
+
 async def test_freeze_clone_unfreeze_with_fakes(env):
     engine, virt, journal, _ = env
     entry = await engine.freeze("src")
@@ -349,10 +379,11 @@ async def test_freeze_clone_unfreeze_with_fakes(env):
     # the source got a new delta before it ran again (its clone is backed by the old top)
     assert len([m for m, n in virt.calls if m == "snapshot_disks"]) == len(snapshots_before) + 1
     assert await journal.frozen() == {}
+    assert await journal.resources("frozen-src") == []
 
 
 async def test_destroy_refuses_a_clone_with_clones_of_its_own(env):
-    engine, virt, journal, c = env
+    engine, virt, journal, _c = env
     assert (await run_job(engine, journal, name="parent")).state is State.UNSTUNNED
     assert (await run_job(engine, journal, source="parent", name="child")).state is State.UNSTUNNED
     with pytest.raises(Conflict, match="child"):

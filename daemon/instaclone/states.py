@@ -6,6 +6,7 @@ Pure: no I/O. The engine drives it; every successful ``advance`` is one event.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -124,6 +125,6 @@ class StateHistory:
     def durations_ms(self) -> dict[str, float]:
         """Milliseconds spent reaching each state from the previous one."""
         out: dict[str, float] = {}
-        for prev, cur in zip(self.entries, self.entries[1:]):
+        for prev, cur in itertools.pairwise(self.entries):
             out[cur.state.value] = round((cur.at - prev.at) * 1000.0, 3)
         return out

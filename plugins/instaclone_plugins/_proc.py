@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from instaclone.errors import StorageError
+from instaclone.plugin_api import StorageError
 
 
 async def run(*argv: str, timeout_s: float = 60.0) -> str:
@@ -17,7 +17,7 @@ async def run(*argv: str, timeout_s: float = 60.0) -> str:
         raise StorageError(f"{argv[0]} is not installed") from None
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except (asyncio.TimeoutError, asyncio.CancelledError):
+    except (TimeoutError, asyncio.CancelledError):
         proc.kill()
         await proc.wait()
         raise

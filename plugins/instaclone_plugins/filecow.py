@@ -39,18 +39,24 @@ the last of them exits. A frozen source keeps its own file, and the
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
-import shutil
 import time
 from pathlib import Path
-from typing import Any
 
-from instaclone import domxml
-from instaclone.log import get as get_logger
-from instaclone.backends import CloneTarget, MemoryBackend, Recorder, StunContext
-from instaclone.errors import MemoryError_
-from instaclone.journal import FILE
-from instaclone.virt import DomainInfo
+from instaclone.plugin_api import (
+    CloneTarget,
+    DomainInfo,
+    MemoryBackend,
+    MemoryError_,
+    MemoryImage,
+    Recorder,
+    ResourceKind,
+    StunContext,
+    domxml,
+    get_logger,
+    remove_path,
+)
 
 RAM_ALIAS = "pc.ram"
 
@@ -72,7 +78,7 @@ class FileCowMemory(MemoryBackend):
             return "guest NUMA cells (several RAM backends) are not supported yet"
         return None
 
-    async def capture(self, *, ctx: StunContext, record: Recorder) -> Any:
+    async def capture(self, *, ctx: StunContext, record: Recorder) -> MemoryImage:
         found = await self.virt.ram_file(ctx.source.name, RAM_ALIAS)
         if found is None or not found[1]:
             raise MemoryError_(f"source {ctx.source.name!r} has no shared RAM file")
@@ -80,8 +86,10 @@ class FileCowMemory(MemoryBackend):
         ramdir = ram.parent.parent
         image_dir = ramdir / "instaclone" / ctx.job_id
         state = ctx.job_dir / "device.state"
-        await record(FILE, str(image_dir))
-        await record(FILE, str(state))
+        # Recorded before they exist: if anything below fails, the ledger
+        # removes them through undo() (a RAM copy can be gigabytes).
+        await record(ResourceKind.FILE, str(image_dir))
+        await record(ResourceKind.FILE, str(state))
         await asyncio.to_thread(image_dir.mkdir, parents=True, exist_ok=True)
         stats = await self.virt.save_state(ctx.source.name, state, ignore_shared=True,
                                            timeout_s=self.config.clone.step_timeout_s)
@@ -96,21 +104,22 @@ class FileCowMemory(MemoryBackend):
             raise MemoryError_(f"cannot {'link' if respawn else 'copy'} the source's RAM file {ram} "
                                f"to {frozen}: {exc}") from None
         st = await asyncio.to_thread(frozen.stat)
-        return {
+        state_bytes = (await asyncio.to_thread(state.stat)).st_size
+        return MemoryImage(self.name, {
             "ram": str(frozen), "ramdir": str(ramdir), "state": str(state), "inode": st.st_ino,
             "ram_bytes": st.st_size, "ram_allocated_bytes": st.st_blocks * 512,
-            "mode": "respawn" if respawn else ("frozen" if ctx.frozen else "copy"), "state_bytes": (await asyncio.to_thread(state.stat)).st_size,
+            "mode": "respawn" if respawn else ("frozen" if ctx.frozen else "copy"), "state_bytes": state_bytes,
             "ram_transferred": (stats.get("ram") or {}).get("transferred"),
-        }
+        })
 
     def qemu_args(self, *, ctx: StunContext, clone: CloneTarget) -> list[str]:
         return ["-incoming", "defer"]
 
     def adjust_xml(self, *, ctx: StunContext, clone: CloneTarget, xml: str) -> str:
-        img = ctx.memory
-        return domxml.map_frozen_ram(xml, ram=Path(img["ram"]), ramdir=Path(img["ramdir"]), incoming=False)
+        img = ctx.image
+        return domxml.map_frozen_ram(xml, ram=img.path("ram"), ramdir=img.path("ramdir"), incoming=False)
 
-    async def _start_on_image(self, name: str, img: dict[str, Any]) -> None:
+    async def _start_on_image(self, name: str, img: MemoryImage) -> None:
         t0 = time.monotonic()
         await self.virt.start(name, paused=True)
         t1 = time.monotonic()
@@ -121,24 +130,25 @@ class FileCowMemory(MemoryBackend):
                 ino = (await asyncio.to_thread(found[0].stat)).st_ino
             except OSError:
                 ino = None
-        if found is None or found[1] or ino != img["inode"]:
+        if found is None or found[1] or ino != img.number("inode"):
             await self.virt.destroy(name)
             raise MemoryError_(
                 f"{name!r} does not map the frozen RAM file privately (got {found}); is the libvirt hook "
                 "/etc/libvirt/hooks/qemu.d/instaclone installed and libvirtd restarted? (scripts/setup.sh)"
             )
         t2 = time.monotonic()
-        await self.virt.load_state(name, Path(img["state"]), ignore_shared=True,
+        await self.virt.load_state(name, img.path("state"), ignore_shared=True,
                                    timeout_s=self.config.clone.step_timeout_s)
         log.debug("filecow.started", domain=name, start_ms=round((t1 - t0) * 1000, 1),
                   load_ms=round((time.monotonic() - t2) * 1000, 1))
 
     async def start_clone(self, *, ctx: StunContext, clone: CloneTarget) -> None:
-        await self._start_on_image(clone.name, ctx.memory)
+        await self._start_on_image(clone.name, ctx.image)
 
     async def detach_source(self, *, ctx: StunContext, resume: bool) -> None:
         """Respawn the source as a private child of the frozen file (see the module doc)."""
-        if ctx.memory.get("mode") != "respawn":
+        img = ctx.image
+        if img.text("mode") != "respawn":
             # The clones map a copy: the source goes on in place.
             await super().detach_source(ctx=ctx, resume=resume)
             return
@@ -146,28 +156,26 @@ class FileCowMemory(MemoryBackend):
         t = [time.monotonic()]
         original = await self.virt.inactive_xml(name)
         await self.virt.define(domxml.map_frozen_ram(
-            original, ram=Path(ctx.memory["ram"]), ramdir=Path(ctx.memory["ramdir"]), incoming=True))
+            original, ram=img.path("ram"), ramdir=img.path("ramdir"), incoming=True))
         t.append(time.monotonic())
         try:
             await self.virt.destroy(name)
             t.append(time.monotonic())
-            await self._start_on_image(name, ctx.memory)
+            await self._start_on_image(name, img)
             t.append(time.monotonic())
             if resume:
                 await self.virt.resume(name)
             t.append(time.monotonic())
             log.info("filecow.source_respawned", source=name, job_id=ctx.job_id,
                      ms=dict(zip(("define", "destroy", "start_and_load", "resume"),
-                                 (round((b - a) * 1000, 1) for a, b in zip(t, t[1:])))))
+                                 (round((b - a) * 1000, 1) for a, b in itertools.pairwise(t)), strict=False)))
         finally:
             # Next boot: the owner's own definition, fresh shared RAM.
             await self.virt.define(original)
 
-    async def release(self, *, ctx: StunContext) -> None:
-        if isinstance(ctx.memory, dict):
-            image_dir = Path(ctx.memory["ram"]).parent
-            await asyncio.to_thread(shutil.rmtree, image_dir, True)
-            await asyncio.to_thread(Path(ctx.memory["state"]).unlink, missing_ok=True)
+    async def release(self, *, image: MemoryImage) -> None:
+        await remove_path(image.path("ram").parent)
+        await remove_path(image.path("state"))
 
 
 def sparse_copy(src: Path, dst: Path) -> None:

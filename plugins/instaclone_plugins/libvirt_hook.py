@@ -27,7 +27,7 @@ IC_NS = "https://instaclone.dev/xmlns/clone/1"
 SHORT_NAME_MAX = 20  # libvirt's VIR_DOMAIN_SHORT_NAME_MAX
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     if len(argv) < 4 or argv[2] != "start" or argv[3] != "begin":
         return 0
     data = sys.stdin.read()
@@ -35,9 +35,10 @@ def main(argv):
         return 0
     root = ET.fromstring(data)
     meta = root.find(f"./metadata/{{{IC_NS}}}clone")
-    if meta is None or not meta.get("ram"):
+    ram_attr = meta.get("ram") if meta is not None else None
+    if meta is None or not ram_attr:
         return 0
-    ram = os.path.realpath(meta.get("ram"))
+    ram = os.path.realpath(ram_attr)
     ramdir = os.path.realpath(meta.get("ramdir", "/var/lib/libvirt/qemu/ram"))
     if not ram.startswith(os.path.join(ramdir, "instaclone") + os.sep):
         print(f"instaclone hook: refusing RAM file {ram} outside {ramdir}/instaclone", file=sys.stderr)

@@ -24,11 +24,17 @@ import asyncio
 import json
 from pathlib import Path
 
-from instaclone.backends import CloneTarget, Recorder, StorageBackend, StunContext
-from instaclone.config import Config
-from instaclone.errors import ConfigError, StorageError
-from instaclone.journal import FILE, SOURCE_DELTA
-from instaclone.virt import Hypervisor
+from instaclone.plugin_api import (
+    CloneTarget,
+    Config,
+    ConfigError,
+    Hypervisor,
+    Recorder,
+    ResourceKind,
+    StorageBackend,
+    StorageError,
+    StunContext,
+)
 
 from ._proc import run
 
@@ -46,7 +52,7 @@ class Qcow2Storage(StorageBackend):
     async def check(self) -> None:
         try:
             await run(self.qemu_img, "--version")
-        except Exception as exc:
+        except StorageError as exc:
             raise ConfigError(f"storage.qcow2.qemu_img: {exc}") from None
 
     async def _virtual_size(self, image: Path) -> int:
@@ -63,7 +69,7 @@ class Qcow2Storage(StorageBackend):
         overlays: dict[str, Path] = {}
         for disk in disks:
             path = source_dir / f"{ctx.source.name}.{disk.target}.{ctx.job_id}.qcow2"
-            await record(SOURCE_DELTA, str(path))
+            await record(ResourceKind.SOURCE_DELTA, str(path))
             overlays[disk.target] = path
         await self.virt.snapshot_disks(ctx.source.name, overlays)
         return {d.target: d.path for d in disks}
@@ -76,7 +82,7 @@ class Qcow2Storage(StorageBackend):
         for target, top in ctx.tops.items():
             size = await self._virtual_size(top)
             path = clone.dir / f"{target}.qcow2"
-            await record(FILE, str(path), clone=clone.name)
+            await record(ResourceKind.FILE, str(path), clone=clone.name)
             # -u: do not open the backing chain (it is in use by the source);
             # the size comes from the top image instead.
             await run(

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
-from instaclone.backends import CloneTarget, MemoryBackend, Recorder, StunContext
-from instaclone.journal import FILE
+from instaclone.plugin_api import (
+    CloneTarget,
+    MemoryBackend,
+    MemoryImage,
+    Recorder,
+    ResourceKind,
+    StunContext,
+    remove_path,
+)
 
 
 class SaveRestoreMemory(MemoryBackend):
@@ -25,14 +31,15 @@ class SaveRestoreMemory(MemoryBackend):
     def _state_path(self, ctx: StunContext) -> Path:
         return ctx.job_dir / "memory.state"
 
-    async def capture(self, *, ctx: StunContext, record: Recorder) -> Any:
+    async def capture(self, *, ctx: StunContext, record: Recorder) -> MemoryImage:
         path = self._state_path(ctx)
-        await record(FILE, str(path))
+        await record(ResourceKind.FILE, str(path))
         stats = await self.virt.save_state(
             ctx.source.name, path, ignore_shared=False, timeout_s=self.config.clone.step_timeout_s
         )
-        return {"path": str(path), "bytes": (await asyncio.to_thread(path.stat)).st_size,
-                "ram_transferred": (stats.get("ram") or {}).get("transferred")}
+        size = (await asyncio.to_thread(path.stat)).st_size
+        return MemoryImage(self.name, {"path": str(path), "bytes": size,
+                                       "ram_transferred": (stats.get("ram") or {}).get("transferred")})
 
     def qemu_args(self, *, ctx: StunContext, clone: CloneTarget) -> list[str]:
         return ["-incoming", "defer"]
@@ -41,10 +48,9 @@ class SaveRestoreMemory(MemoryBackend):
         # The image may be a frozen source's, made by an earlier job: use its path.
         await self.virt.start(clone.name, paused=True)
         await self.virt.load_state(
-            clone.name, Path(ctx.memory["path"]), ignore_shared=False,
+            clone.name, ctx.image.path("path"), ignore_shared=False,
             timeout_s=self.config.clone.step_timeout_s,
         )
 
-    async def release(self, *, ctx: StunContext) -> None:
-        path = Path(ctx.memory["path"]) if isinstance(ctx.memory, dict) else self._state_path(ctx)
-        await asyncio.to_thread(path.unlink, missing_ok=True)
+    async def release(self, *, image: MemoryImage) -> None:
+        await remove_path(image.path("path"))

@@ -1,0 +1,187 @@
+"""The engine: a small facade over admission, the pipeline, recovery, templates and maintenance.
+
+Jobs come from the persistent queue (the store). Each job runs in its own
+supervised task; jobs of one source are serialized by the source's lock,
+jobs of different sources run concurrently up to ``daemon.max_concurrent_jobs``.
+See docs/architecture.md for how a job flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from contextlib import suppress
+from typing import Any
+
+from ..config import Config
+from ..errors import ShuttingDown
+from ..hv import Hypervisor
+from ..model import CORE, CloneRecord, JobRecord
+from ..plugin_api import MemoryBackend, StorageBackend
+from ..store import Store
+from . import maintenance, pipeline, recovery, templates
+from .admission import Admission
+from .ledger import CoreUndoer, Ledger, Undoer
+from .services import Services, StepHook
+
+#: How long a finished job's completion event is kept for waiters that race with it.
+DONE_KEEP_S = 60.0
+
+
+class Engine:
+    """Runs clone jobs; the API, the CLI's daemon and the tests drive it through these methods."""
+
+    def __init__(self, *, config: Config, journal: Store, virt: Hypervisor, storage: StorageBackend,
+                 memory: MemoryBackend | list[MemoryBackend]) -> None:
+        memories = memory if isinstance(memory, list) else [memory]
+        undoers: dict[str, Undoer] = {CORE: CoreUndoer(virt, storage), storage.name: storage}
+        undoers.update({m.name: m for m in memories})
+        self.svc = Services(config=config, store=journal, virt=virt, storage=storage, memories=memories,
+                            ledger=Ledger(journal, undoers))
+        self._admission = Admission(self.svc)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._done: dict[str, asyncio.Event] = {}
+        self._slots = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
+        self._running = 0
+        self.accepting = True
+
+    # -- what the daemon and the API read ---------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self.svc.config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reloaded configuration (SIGHUP): jobs admitted from now on use it."""
+        self.svc.config = config
+
+    @property
+    def journal(self) -> Store:
+        return self.svc.store
+
+    @property
+    def virt(self) -> Hypervisor:
+        return self.svc.virt
+
+    @property
+    def storage(self) -> StorageBackend:
+        return self.svc.storage
+
+    @property
+    def memories(self) -> list[MemoryBackend]:
+        """Memory backends in order of preference: each job takes the first that can serve its source."""
+        return self.svc.memories
+
+    @property
+    def memory(self) -> MemoryBackend:
+        return self.svc.memories[0]
+
+    @property
+    def step_hook(self) -> StepHook | None:
+        return self.svc.step_hook
+
+    @step_hook.setter
+    def step_hook(self, hook: StepHook | None) -> None:
+        self.svc.step_hook = hook
+
+    @property
+    def active_jobs(self) -> int:
+        """Jobs accepted and not finished (running or queued)."""
+        return len(self._tasks)
+
+    @property
+    def queued_jobs(self) -> int:
+        """Jobs waiting for their source's lock or a free slot."""
+        return len(self._tasks) - self._running
+
+    async def outside_stun(self) -> None:
+        """Return once no job holds a source stunned."""
+        await self.svc.gate.open.wait()
+
+    def source_lock(self, name: str) -> asyncio.Lock:
+        """The lock that jobs, freeze and unfreeze of ``name`` hold; hold it to change its definition.
+
+        A job's disk snapshot rewrites the source's persistent definition (its
+        disk paths): a definition read outside the lock and written back
+        later could point the source at an image that clones are backed by.
+        """
+        return self.svc.lock(name)
+
+    # -- commands -----------------------------------------------------------------------
+
+    async def submit(self, *, source: object, name: object, count: object = 1, keep_network: object = False,
+                     customize: object = True, config: object = None, keep_ssh_host_keys: object = None,
+                     script: object = None) -> JobRecord:
+        """Validate a clone request, persist it as Requested and queue it."""
+        if not self.accepting:
+            raise ShuttingDown("the daemon is shutting down and accepts no new jobs; retry after it restarts")
+        job = await self._admission.admit(source=source, name=name, count=count, keep_network=keep_network,
+                                          customize=customize, config=config,
+                                          keep_ssh_host_keys=keep_ssh_host_keys, script=script)
+        self._dispatch(job)
+        return job
+
+    async def wait(self, job_id: str, timeout_s: float) -> None:
+        """Wait until the job is terminal (or ``timeout_s`` passes)."""
+        ev = self._done.get(job_id)
+        if ev is not None:
+            with suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a cancel on 3.11
+                    await ev.wait()
+
+    async def destroy_clone(self, name: str) -> CloneRecord:
+        return await maintenance.destroy_clone(self.svc, name)
+
+    async def freeze(self, name: object) -> dict[str, Any]:
+        return await templates.freeze(self.svc, name)
+
+    async def unfreeze(self, name: object) -> dict[str, Any]:
+        return await templates.unfreeze(self.svc, name)
+
+    async def recover(self) -> list[str]:
+        """Reconcile unfinished jobs after a restart (see ``jobs.recovery``); returns the ids handled."""
+        return await recovery.recover(self.svc, self._dispatch)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting jobs; let running jobs finish for ``grace_s``, then roll them back."""
+        self.accepting = False
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def _dispatch(self, job: JobRecord) -> None:
+        self._done.setdefault(job.id, asyncio.Event())
+        task = asyncio.get_running_loop().create_task(self._supervise(job), name=f"job-{job.id}")
+        self._tasks[job.id] = task
+        task.add_done_callback(functools.partial(self._forget, job.id))
+
+    def _forget(self, job_id: str, _task: asyncio.Task[None]) -> None:
+        self._tasks.pop(job_id, None)
+
+    async def _supervise(self, job: JobRecord) -> None:
+        try:
+            async with self.svc.lock(job.source), self._slots:
+                self._running += 1
+                try:
+                    await pipeline.run_job(self.svc, job)
+                    # Still under the source's lock: no stun may snapshot a
+                    # disk while a block job runs on it.
+                    await maintenance.consolidate(self.svc, job)
+                finally:
+                    self._running -= 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: logged with its traceback, never takes the daemon down
+            self.svc.log.exception("job.crashed", job_id=job.id)
+        finally:
+            self._done[job.id].set()
+            # Waiters already woken; later ones read the finished job from the store.
+            asyncio.get_running_loop().call_later(DONE_KEEP_S, self._done.pop, job.id, None)

@@ -1,0 +1,131 @@
+"""The undo ledger: one record per resource, written before the resource exists.
+
+Every step of a job (and a freeze) records what it is about to create, with
+its kind and its owner: the backend that removes it, or ``core`` for what the
+pipeline makes itself (job and clone directories, NVRAM copies, domains, the
+stun). Undo is one function, :meth:`Ledger.rollback`, used by a live rollback
+and by crash recovery alike, so both remove the same things in the same
+order: the stunned source is resumed first, then everything else newest
+first. A record is marked released only after its undo succeeded; a failed
+undo keeps the record and is reported (the job ends NeedsAttention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import DomainNotFound
+from ..hv import Hypervisor
+from ..log import get as get_logger
+from ..model import CORE, Resource, ResourceKind, ResourceStatus
+from ..plugin_api import Recorder, remove_path
+
+log = get_logger(component="ledger")
+
+
+class Undoer(Protocol):
+    """Whoever removes a kind of resource: the core, or a backend (``Backend.undo``)."""
+
+    async def undo(self, *, resource: Resource, source: str) -> None: ...
+
+
+class LedgerStore(Protocol):
+    """The part of the store the ledger writes (see ``instaclone.store``)."""
+
+    async def plan(self, owner_id: str, kind: ResourceKind, ref: str, *, clone: str | None = None,
+                   owner: str = CORE) -> int: ...
+
+    async def set_resource(self, resource_id: int, status: ResourceStatus) -> None: ...
+
+    async def resources(self, owner_id: str, *, active_only: bool = True) -> list[Resource]: ...
+
+
+class CoreUndoer:
+    """Undo of what the pipeline itself creates.
+
+    Rows written before the ledger knew owners (journal schema < 3) all say
+    ``core``: their source deltas go to the storage backend, as they always did.
+    """
+
+    def __init__(self, virt: Hypervisor, storage: Undoer) -> None:
+        self.virt = virt
+        self.storage = storage
+
+    async def undo(self, *, resource: Resource, source: str) -> None:
+        if resource.kind is ResourceKind.STUN:
+            try:
+                await self.virt.resume(resource.ref)
+            except DomainNotFound:
+                log.warning("ledger.stunned_source_gone", source=resource.ref)
+        elif resource.kind is ResourceKind.DOMAIN:
+            await self.virt.undefine(resource.ref)
+        elif resource.kind is ResourceKind.FILE:
+            await remove_path(Path(resource.ref))
+        else:
+            await self.storage.undo(resource=resource, source=source)
+
+
+#: How a failed undo is reported in a job's ``left_behind``.
+_UNDO_VERB = {
+    ResourceKind.STUN: "resume",
+    ResourceKind.DOMAIN: "undefine",
+    ResourceKind.SOURCE_DELTA: "remove unused source delta",
+    ResourceKind.FILE: "remove",
+}
+
+
+def describe(resource: Resource) -> str:
+    """What undoing ``resource`` does, e.g. ``undefine c1``."""
+    return f"{_UNDO_VERB[resource.kind]} {resource.ref}"
+
+
+def undo_order(resources: list[Resource]) -> list[Resource]:
+    """Stuns first (a paused source runs again before anything else), then newest first."""
+    return sorted(resources, key=lambda r: (r.kind is not ResourceKind.STUN, -r.id))
+
+
+class Ledger:
+    """Records resources before creation and undoes them, live or after a crash."""
+
+    def __init__(self, store: LedgerStore, undoers: Mapping[str, Undoer]) -> None:
+        self.store = store
+        self.undoers = dict(undoers)
+
+    def recorder(self, owner_id: str, *, owner: str = CORE) -> Recorder:
+        """A ``record(kind, ref, clone=)`` callable for ``owner`` within ``owner_id``'s ledger."""
+
+        async def record(kind: ResourceKind, ref: str, *, clone: str | None = None) -> int:
+            return await self.store.plan(owner_id, kind, ref, clone=clone, owner=owner)
+
+        return record
+
+    async def release(self, owner_id: str, kind: ResourceKind, ref: str) -> None:
+        """Mark active records of ``ref`` released: it was undone by the success path (e.g. unstun)."""
+        for res in await self.store.resources(owner_id):
+            if res.kind is kind and res.ref == ref:
+                await self.store.set_resource(res.id, ResourceStatus.RELEASED)
+
+    async def rollback(self, owner_id: str, *, source: str, only: ResourceKind | None = None) -> list[str]:
+        """Undo every active record of ``owner_id`` (or those of kind ``only``); returns what could not be.
+
+        Each record is released right after its own undo succeeded, so a
+        crash in the middle leaves exactly the rest for recovery.
+        """
+        leftovers: list[str] = []
+        active = await self.store.resources(owner_id)
+        for res in undo_order([r for r in active if only is None or r.kind is only]):
+            undoer = self.undoers.get(res.owner)
+            if undoer is None:
+                leftovers.append(f"{describe(res)}: no backend {res.owner!r} is loaded to remove it")
+                continue
+            try:
+                await undoer.undo(resource=res, source=source)
+            except Exception as exc:  # noqa: BLE001 - reported: the job ends NeedsAttention, the record stays
+                log.warning("ledger.undo_failed", owner_id=owner_id, kind=res.kind.value, ref=res.ref,
+                            owner=res.owner, error=str(exc) or repr(exc))
+                leftovers.append(f"{describe(res)}: {exc}")
+                continue
+            await self.store.set_resource(res.id, ResourceStatus.RELEASED)
+        return leftovers

@@ -1,0 +1,84 @@
+"""Maintenance of finished clones: destroy, and backing-chain consolidation after a job."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from ..errors import Conflict, InstacloneError, NotFound, StepFailed
+from ..model import CloneRecord, JobRecord
+from ..states import State
+from .files import remove_path
+from .services import Services
+
+
+async def destroy_clone(svc: Services, name: str) -> CloneRecord:
+    """Power off and remove a clone made by instaclone, with its files (never a file of its source)."""
+    rec = await svc.store.get_clone(name)
+    if rec is None:
+        raise NotFound(f"{name!r} is not a clone made by instaclone")
+    if name in await svc.store.frozen():
+        # Its frozen image would outlive it, and clones of it may need it.
+        raise Conflict(f"{name!r} is frozen as a template; unfreeze it before destroying it")
+    children = sorted(c.name for c in await svc.store.list_clones() if c.source == name)
+    if children:
+        # Their disks are backed by images in this clone's directory.
+        raise Conflict(f"{name!r} has clones of its own ({', '.join(children)}); destroy them first")
+    await svc.virt.undefine(name)
+    clone_dir = Path(rec.dir)
+    if clone_dir.parent == svc.config.clones_dir:  # never outside our directory
+        await remove_path(clone_dir)
+    await svc.store.remove_clone(rec)
+    svc.log.info("clone.destroyed", clone=name, source=rec.source)
+    return rec
+
+
+async def consolidate(svc: Services, job: JobRecord) -> None:
+    """Shorten backing chains longer than ``clone.max_chain_depth`` after a successful job.
+
+    Only a domain's own top image is written (block pull), so images that
+    other clones are backed by never change; a frozen source's top is itself
+    a backing image and is never touched. The caller holds the job's source
+    lock. Failures are logged: the job has succeeded already.
+    """
+    if job.state is not State.UNSTUNNED or not svc.storage.supports_consolidation:
+        return
+    frozen = await svc.store.frozen()
+    for name in [job.source, *job.spec.names]:
+        if name in frozen:
+            continue
+        try:
+            if name == job.source:
+                await _consolidate_one(svc, name)
+            else:
+                # A new clone may already be another job's source: hold its lock too.
+                async with svc.lock(name):
+                    await _consolidate_one(svc, name)
+        except InstacloneError as exc:
+            svc.log.warning("chain.consolidation_failed", domain=name, error=str(exc) or repr(exc),
+                            job_id=job.id)
+
+
+async def _consolidate_one(svc: Services, name: str) -> None:
+    limit = svc.config.clone.max_chain_depth
+    info = await svc.virt.lookup(name)
+    if info.state != "running":
+        return
+    for disk in info.disks:
+        if disk.readonly:
+            continue
+        depth = await svc.storage.chain_depth(path=disk.path)
+        if depth <= limit:
+            continue
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(svc.config.clone.step_timeout_s):
+                await svc.storage.consolidate(domain=name, target=disk.target)
+        except TimeoutError:
+            raise StepFailed(f"consolidation of {name} {disk.target} took longer than "
+                                  f"{svc.config.clone.step_timeout_s:g} s") from None
+        now_top = next(d.path for d in (await svc.virt.lookup(name)).disks if d.target == disk.target)
+        after = await svc.storage.chain_depth(path=now_top)
+        svc.log.info("chain.consolidated", domain=name, disk=disk.target, depth_before=depth,
+                     depth_after=after, ms=round((time.monotonic() - t0) * 1000.0, 1))

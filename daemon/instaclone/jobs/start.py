@@ -1,0 +1,192 @@
+"""Starting the N clones of a job, giving each its identity, and handing them over.
+
+This is the one place that decides how a job's clones are started (how many
+at once, in which order the NIC, the identity reset, the network and the
+user's script happen) and what the job's result says about each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from ..errors import InstacloneError
+from ..hv import domxml
+from ..model import CloneRecord, JobRecord
+from ..plugin_api import CloneTarget, MemoryBackend, StunContext
+from . import customize
+from .customize import validate_script
+from .services import Services
+
+#: Clones of one job started at once (QEMU start-up dominates a clone's latency).
+CLONE_START_PARALLEL = 4
+
+#: A stun longer than this sets the source's clock from the host's afterwards.
+SOURCE_CLOCK_AFTER_STUN_MS = 1000.0
+
+
+class _Laps:
+    """Milliseconds per phase of one clone's start, for its result."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._t = time.monotonic()
+
+    def __call__(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = round((now - self._t) * 1000.0, 1)
+        self._t = now
+
+
+class _Starter:
+    """What every clone of one job is started with."""
+
+    def __init__(self, svc: Services, job: JobRecord, ctx: StunContext, memory: MemoryBackend,
+                 script: str | None) -> None:
+        self.svc, self.job, self.ctx, self.memory, self.script = svc, job, ctx, memory, script
+        self.keep_network = job.spec.keep_network
+        self.customizing = job.spec.customize and customize.has_agent(ctx.source.xml)
+        self.keep_ssh = job.spec.keep_ssh_host_keys
+        self.why_not = ("not requested" if not job.spec.customize
+                        else f"the source has no guest agent channel ({customize.AGENT_CHANNEL})")
+
+    async def start(self, clone: CloneTarget, slots: asyncio.Semaphore) -> None:
+        async with slots:
+            lap = _Laps()
+            # The clone's SSH host keys are made on the host while it starts.
+            keys = (await all_or_first_error(self._host_keys(clone), self._boot(clone, lap)))[0]
+            if self.customizing:
+                try:
+                    await self._customize(clone, keys, lap)
+                except InstacloneError as exc:
+                    raise customize.CustomizationFailed(
+                        f"customization of clone {clone.name!r} failed; the clone was removed: "
+                        f"{exc.message}") from exc
+            else:
+                clone.identity = {"customized": False, "reason": self.why_not}
+            # The persistent definition must not keep the one-shot "-incoming
+            # defer" or the image link: a later plain start must cold-boot.
+            virt = self.svc.virt
+            await virt.define(domxml.forget_frozen_ram(await virt.inactive_xml(clone.name)))
+            lap("define")
+            clone.identity["phases_ms"] = lap.phases
+
+    async def _boot(self, clone: CloneTarget, lap: _Laps) -> None:
+        virt = self.svc.virt
+        await self.memory.start_clone(ctx=self.ctx, clone=clone)
+        # The guest still has the source's MAC (it is in the migrated device
+        # state): no packet may leave before the NIC is replaced, unless the
+        # network is isolated.
+        if not self.keep_network:
+            for mac in clone.macs:
+                await virt.set_link(clone.name, mac, up=False)
+        await virt.resume(clone.name)
+        lap("start")
+        for mac in clone.macs:
+            await virt.replug_interface(clone.name, mac, link_up=not self.customizing)
+        lap("nic_replug")
+
+    async def _host_keys(self, clone: CloneTarget) -> dict[str, tuple[bytes, bytes]] | None:
+        if not self.customizing or self.keep_ssh:
+            return None
+        return await customize.make_host_keys(f"root@{clone.name}")
+
+    async def _customize(self, clone: CloneTarget, keys: dict[str, tuple[bytes, bytes]] | None,
+                         lap: _Laps) -> None:
+        virt, timeout = self.svc.virt, self.svc.config.clone.customize_timeout_s
+        clone.identity = await customize.customize(
+            virt, clone.name, hostname=clone.name, config=dict(self.job.spec.config), timeout_s=timeout,
+            keep_ssh_host_keys=self.keep_ssh, host_keys=keys, macs=[] if self.keep_network else clone.macs)
+        lap("identity")
+        for mac in clone.macs:
+            await virt.set_link(clone.name, mac, up=True)
+        clone.identity["interfaces"] = await customize.renew_network(
+            virt, clone.name, timeout_s=timeout, want_ipv4=self.ctx.source_ipv4)
+        clone.identity["ipv4_waited_for"] = self.ctx.source_ipv4
+        lap("network")
+        if self.script:
+            clone.identity["script"] = await customize.run_script(
+                virt, clone.name, self.script, source=self.job.source, job_id=self.job.id, timeout_s=timeout)
+            lap("script")
+
+
+async def start_clones(svc: Services, job: JobRecord, ctx: StunContext, memory: MemoryBackend,
+                       clones: list[CloneTarget]) -> None:
+    """Start ``clones`` a few at a time; the first error is raised once all have ended."""
+    script = job.spec.script or await asyncio.to_thread(configured_script, svc)
+    starter = _Starter(svc, job, ctx, memory, script)
+    slots = asyncio.Semaphore(CLONE_START_PARALLEL)
+    results = await asyncio.gather(*(starter.start(c, slots) for c in clones), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+
+
+def configured_script(svc: Services) -> str | None:
+    """The configured ``clone.customize_script``, read now (it may change between jobs)."""
+    path = svc.config.clone.customize_script
+    if not path:
+        return None
+    try:
+        return validate_script(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, InstacloneError) as exc:
+        raise customize.CustomizationFailed(f"clone.customize_script {path}: {exc}") from None
+
+
+async def source_clock_after_stun(svc: Services, source: str, ctx: StunContext,
+                                  stun_ms: float | None) -> dict[str, Any] | None:
+    """After a long stun the source's clock is behind by as much: set it from the host's."""
+    if stun_ms is None or stun_ms <= SOURCE_CLOCK_AFTER_STUN_MS or not customize.has_agent(ctx.source.xml):
+        return None
+    return await customize.set_clock(svc.virt, source)
+
+
+async def result(svc: Services, memory: MemoryBackend, ctx: StunContext, clones: list[CloneTarget],
+                 stun_ms: float | None) -> dict[str, Any]:
+    """The job's result: each clone as it runs now, and how the source was cloned."""
+    out = []
+    for c in clones:
+        info = await svc.virt.lookup(c.name)
+        depth = {}
+        for tgt, path in c.disks.items():
+            with suppress(InstacloneError):  # a backend that cannot inspect chains: no depth shown
+                depth[tgt] = await svc.storage.chain_depth(path=path)
+        out.append({
+            "identity": c.identity, "name": c.name, "uuid": c.uuid, "state": info.state,
+            "macs": domxml.macs(info.xml), "disks": {k: str(v) for k, v in c.disks.items()},
+            "nvram": str(c.nvram) if c.nvram else None, "chain_depth": depth, "dir": str(c.dir),
+        })
+    return {
+        "clones": out,
+        "frozen_source": ctx.frozen,
+        "memory_backend": memory.name,
+        "stun_ms": stun_ms,
+        "source_tops_at_stun": {k: str(v) for k, v in ctx.tops.items()},
+        "memory": ctx.memory.to_dict() if ctx.memory is not None else None,
+    }
+
+
+async def hand_over(svc: Services, job: JobRecord, clones: list[CloneTarget]) -> None:
+    """Register the clones; the job's ledger records become theirs in the same transaction."""
+    records = [CloneRecord(c.name, c.uuid, job.source, job.id, str(c.dir), time.time()) for c in clones]
+    active = [r.id for r in await svc.store.resources(job.id)]
+    await svc.store.add_clones(job.id, records, active)
+
+
+async def all_or_first_error(*aws: Awaitable[Any]) -> list[Any]:
+    """Await all of ``aws`` concurrently; on the first error cancel the rest and raise it."""
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def wrap(aw: Awaitable[Any]) -> Any:
+        return await aw
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(wrap(aw)) for aw in aws]
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None
+    return [t.result() for t in tasks]

@@ -1,0 +1,210 @@
+"""Everything a storage or memory backend may import from instaclone (DESIGN.md §3).
+
+A storage backend makes delta disks; a memory backend links a clone's memory
+to its source's. Both are ABCs with async, keyword-only methods and class-level
+capability flags; both are found by name through the entry-point groups
+``instaclone.storage`` and ``instaclone.memory`` (see ``instaclone.backends``).
+
+The undo contract (docs/architecture.md, "The ledger"): a backend records each
+resource with ``record(kind, ref)`` *before* it creates it, and removes what it
+recorded in :meth:`Backend.undo`, which both a live rollback and crash
+recovery call, in the same order. A backend never removes on its own what a
+failed call of its own created: the ledger does, through ``undo``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from .config import Config
+from .errors import (
+    ConfigError,
+    DomainNotFound,
+    InstacloneError,
+    MemoryError_,
+    NotSupportedError,
+    StorageError,
+    VirtError,
+)
+from .hv import Disk, DomainInfo, Hypervisor, domxml
+from .log import get as get_logger
+from .model import CORE, MemoryImage, Resource, ResourceKind
+
+__all__ = [
+    "CORE", "Backend", "CloneTarget", "Config", "ConfigError", "Disk", "DomainInfo", "DomainNotFound",
+    "Hypervisor", "InstacloneError", "MemoryBackend", "MemoryError_", "MemoryImage", "NotSupportedError",
+    "Recorder", "Resource", "ResourceKind", "StorageBackend", "StorageError", "StunContext", "VirtError",
+    "domxml", "get_logger", "remove_path",
+]
+
+
+class Recorder(Protocol):
+    """Records a resource in the ledger *before* it is created; returns its id."""
+
+    async def __call__(self, kind: ResourceKind, ref: str, *, clone: str | None = None) -> int: ...
+
+
+@dataclass
+class StunContext:
+    """What the steps of one job share: the source as it was at stun."""
+
+    job_id: str
+    source: DomainInfo
+    job_dir: Path  # scratch space for this job, removed when the job ends
+    frozen: bool = False  # a registered template: never stunned, never resumed
+    paused_by_owner: bool = False  # paused, not by us: not resumed by us either
+    tops: dict[str, Path] = field(default_factory=dict)  # disk target -> top image at stun
+    memory: MemoryImage | None = None  # the memory backend's image of the source at stun
+    memory_cached: bool = False  # the image belongs to a frozen source: not released by the job
+    source_ipv4: list[str] | None = None  # guest interfaces with IPv4 at stun; None: unknown
+    nvram: Path | None = None  # the UEFI variable store clones copy (the source's, or its copy at freeze)
+
+    @property
+    def image(self) -> MemoryImage:
+        """The captured image; raises if MemoryLinked has not run."""
+        if self.memory is None:
+            raise MemoryError_(f"job {self.job_id}: no memory image captured yet")
+        return self.memory
+
+
+@dataclass
+class CloneTarget:
+    """One clone being made."""
+
+    name: str
+    uuid: str
+    dir: Path
+    disks: dict[str, Path] = field(default_factory=dict)  # disk target -> clone delta
+    macs: list[str] = field(default_factory=list)  # one per interface, in device order
+    identity: dict[str, Any] = field(default_factory=dict)  # what the guest-side reset did
+    nvram: Path | None = None  # the clone's own copy of the source's UEFI variable store
+
+
+async def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree; absent is fine. Runs in a thread."""
+
+    def do() -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    await asyncio.to_thread(do)
+
+
+class Backend(abc.ABC):
+    """What storage and memory backends share: a name, a start-up check, and undo."""
+
+    name: ClassVar[str]
+
+    def __init__(self, *, config: Config, virt: Hypervisor) -> None:
+        self.config = config
+        self.virt = virt
+
+    async def check(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Verify at daemon start that the backend can work here; raise ConfigError if not."""
+
+    async def undo(self, *, resource: Resource, source: str) -> None:
+        """Remove ``resource``, which this backend recorded (for a job of ``source``).
+
+        Called by a live rollback and by crash recovery alike; the resource
+        may or may not have been created. Absent is not an error; anything
+        else raises (the ledger then keeps the record and reports it).
+        """
+        if resource.kind is ResourceKind.FILE:
+            await remove_path(Path(resource.ref))
+            return
+        raise NotSupportedError(f"backend {self.name!r} cannot undo a {resource.kind.value} resource")
+
+
+class StorageBackend(Backend):
+    """Makes the delta disks of a clone operation."""
+
+    supports_running_source: ClassVar[bool] = True
+    supports_consolidation: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    async def create_source_delta(self, *, ctx: StunContext, record: Recorder) -> dict[str, Path]:
+        """Give the stunned source new, empty deltas; return each disk's top image at stun.
+
+        The returned images are read-only from now on: the source writes to the
+        new deltas. Each new delta is recorded as ``SOURCE_DELTA`` first.
+        """
+
+    @abc.abstractmethod
+    async def create_clone_delta(
+        self, *, ctx: StunContext, clone: CloneTarget, record: Recorder
+    ) -> dict[str, Path]:
+        """Create the clone's empty deltas, backed by ``ctx.tops``; return target -> path."""
+
+    @abc.abstractmethod
+    async def remove(self, *, paths: list[Path]) -> None:
+        """Delete deltas this backend created. Missing files are not an error."""
+
+    async def undo(self, *, resource: Resource, source: str) -> None:
+        """A source delta goes only if the source does not write to it (then it is the source's disk)."""
+        if resource.kind is not ResourceKind.SOURCE_DELTA:
+            await super().undo(resource=resource, source=source)
+            return
+        try:
+            in_use = {str(d.path) for d in (await self.virt.lookup(source)).disks}
+        except DomainNotFound:
+            in_use = set()
+        if resource.ref not in in_use:
+            await self.remove(paths=[Path(resource.ref)])
+
+    async def chain_depth(self, *, path: Path) -> int:
+        """Number of images in the chain whose top is ``path``."""
+        raise NotSupportedError(f"storage backend {self.name!r} cannot inspect chains")
+
+    async def consolidate(self, *, domain: str, target: str) -> None:
+        raise NotSupportedError(f"storage backend {self.name!r} cannot consolidate chains")
+
+
+class MemoryBackend(Backend):
+    """Gives a clone the memory (and device state) of its source at stun."""
+
+    supports_running_source: ClassVar[bool] = True
+    supports_frozen_source: ClassVar[bool] = True
+    shares_memory: ClassVar[bool] = False  # True: clone RAM is copy-on-write of the source's
+
+    def can_serve(self, source: DomainInfo) -> str | None:
+        """None if this backend can clone ``source``, else the reason it cannot."""
+        return None
+
+    @abc.abstractmethod
+    async def capture(self, *, ctx: StunContext, record: Recorder) -> MemoryImage:
+        """Capture the stunned source's memory/device state once; returns the image.
+
+        Every file it makes is recorded first; on failure the ledger removes them.
+        """
+
+    @abc.abstractmethod
+    def qemu_args(self, *, ctx: StunContext, clone: CloneTarget) -> list[str]:
+        """Extra QEMU arguments the clone's domain needs to receive the state."""
+
+    def adjust_xml(self, *, ctx: StunContext, clone: CloneTarget, xml: str) -> str:
+        """Change the clone's domain XML (e.g. memory backing); default: unchanged."""
+        return xml
+
+    @abc.abstractmethod
+    async def start_clone(self, *, ctx: StunContext, clone: CloneTarget) -> None:
+        """Start the defined clone domain paused and load the captured state into it."""
+
+    async def detach_source(self, *, ctx: StunContext, resume: bool) -> None:
+        """End the stun: let the source go on (``resume``) without touching the captured image.
+
+        The default resumes it in place; a backend whose clones share the
+        source's live memory must first move the source off it.
+        """
+        if resume:
+            await self.virt.resume(ctx.source.name)
+
+    @abc.abstractmethod
+    async def release(self, *, image: MemoryImage) -> None:
+        """Drop what ``capture`` made once no clone needs it any more."""

@@ -1,0 +1,96 @@
+"""The undo ledger: order, release only after a successful undo, reporting of what is left."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from instaclone.jobs.ledger import Ledger, undo_order
+from instaclone.model import CORE, Resource, ResourceKind, ResourceStatus
+
+
+class MemStore:
+    """The three ledger calls of the store, in memory."""
+
+    def __init__(self) -> None:
+        self.rows: list[Resource] = []
+
+    async def plan(self, owner_id: str, kind: ResourceKind, ref: str, *, clone: str | None = None,
+                   owner: str = CORE) -> int:
+        rid = len(self.rows) + 1
+        self.rows.append(Resource(rid, owner_id, kind, ref, clone, ResourceStatus.PLANNED, owner))
+        return rid
+
+    async def set_resource(self, resource_id: int, status: ResourceStatus) -> None:
+        self.rows = [replace(r, status=status) if r.id == resource_id else r for r in self.rows]
+
+    async def resources(self, owner_id: str, *, active_only: bool = True) -> list[Resource]:
+        return [r for r in self.rows if r.job_id == owner_id
+                and (not active_only or r.status is not ResourceStatus.RELEASED)]
+
+
+class Undoer:
+    def __init__(self, log: list[str], fail: set[str] | None = None) -> None:
+        self.log, self.fail = log, fail or set()
+
+    async def undo(self, *, resource: Resource, source: str) -> None:
+        if resource.ref in self.fail:
+            raise OSError(f"cannot remove {resource.ref}")
+        self.log.append(f"{resource.owner}:{resource.kind.value}:{resource.ref}")
+
+
+async def test_stun_first_then_newest_first_each_by_its_owner() -> None:
+    store, log = MemStore(), []
+    ledger = Ledger(store, {CORE: Undoer(log), "qcow2": Undoer(log), "filecow": Undoer(log)})
+    core, storage, memory = (ledger.recorder("j1", owner=o) for o in (CORE, "qcow2", "filecow"))
+    await core(ResourceKind.FILE, "/jobs/j1")
+    await core(ResourceKind.STUN, "src")
+    await storage(ResourceKind.SOURCE_DELTA, "/deltas/src.j1.qcow2")
+    await core(ResourceKind.FILE, "/clones/c1", clone="c1")
+    await memory(ResourceKind.FILE, "/ram/instaclone/j1")
+    await core(ResourceKind.DOMAIN, "c1", clone="c1")
+    assert await ledger.rollback("j1", source="src") == []
+    assert log == ["core:stun:src", "core:domain:c1", "filecow:file:/ram/instaclone/j1", "core:file:/clones/c1",
+                   "qcow2:source_delta:/deltas/src.j1.qcow2", "core:file:/jobs/j1"]
+    assert await store.resources("j1") == []
+
+
+async def test_a_failed_undo_keeps_its_record_and_is_reported() -> None:
+    store, log = MemStore(), []
+    ledger = Ledger(store, {CORE: Undoer(log, fail={"/clones/c1"})})
+    record = ledger.recorder("j1")
+    await record(ResourceKind.FILE, "/jobs/j1")
+    await record(ResourceKind.FILE, "/clones/c1")
+    left = await ledger.rollback("j1", source="src")
+    assert left == ["remove /clones/c1: cannot remove /clones/c1"]
+    assert log == ["core:file:/jobs/j1"]  # the rest is still undone
+    assert [r.ref for r in await store.resources("j1")] == ["/clones/c1"]
+    # Recovery later finds exactly what is left.
+    ledger.undoers[CORE] = Undoer(log)
+    assert await ledger.rollback("j1", source="src") == []
+    assert await store.resources("j1") == []
+
+
+async def test_a_resource_of_a_backend_that_is_not_loaded_is_reported_not_dropped() -> None:
+    store = MemStore()
+    ledger = Ledger(store, {CORE: Undoer([])})
+    await ledger.recorder("j1", owner="gone")(ResourceKind.FILE, "/x")
+    assert await ledger.rollback("j1", source="src") == ["remove /x: no backend 'gone' is loaded to remove it"]
+    assert len(await store.resources("j1")) == 1
+
+
+async def test_only_one_kind_and_release_by_ref() -> None:
+    store, log = MemStore(), []
+    ledger = Ledger(store, {CORE: Undoer(log)})
+    record = ledger.recorder("j1")
+    await record(ResourceKind.STUN, "src")
+    await record(ResourceKind.FILE, "/jobs/j1")
+    assert await ledger.rollback("j1", source="src", only=ResourceKind.STUN) == []
+    assert log == ["core:stun:src"]
+    await ledger.release("j1", ResourceKind.FILE, "/jobs/j1")
+    assert await store.resources("j1") == []
+
+
+def test_undo_order_is_stable_for_equal_kinds() -> None:
+    rows = [Resource(i, "j", k, str(i), None, ResourceStatus.PLANNED)
+            for i, k in enumerate([ResourceKind.FILE, ResourceKind.STUN, ResourceKind.DOMAIN, ResourceKind.STUN])]
+    assert [r.id for r in undo_order(rows)] == [3, 1, 2, 0]
