@@ -20,6 +20,12 @@ libvirt accepts one implementation per process, ever; asyncio may run one
 loop after another (the tests do, one per test). The bridge is registered
 once and keeps one libvirtaio instance per loop; :func:`attach` points new
 watches at the running loop. Watches of a loop that was closed died with it.
+
+:class:`LoopImpl` is libvirtaio with its timers on ``loop.call_later`` and
+its free callbacks on ``loop.call_soon`` instead of tasks: libvirt removes a
+connection's timer when the connection's last reference goes, which may be
+whenever the garbage collector frees a domain object, and libvirtaio would
+create and cancel an untracked task then (STYLE.md: tracked tasks only).
 """
 
 from __future__ import annotations
@@ -36,10 +42,77 @@ from . import _libvirt as lv
 ImplFactory = Callable[[asyncio.AbstractEventLoop], lv.AsyncIOImpl]
 
 
-class EventBridge:
-    """The six event-loop callbacks libvirt calls, applied by libvirtaio on the asyncio loop."""
+class _Timer:
+    def __init__(self, cb: lv.TimeoutCallback, opaque: Any) -> None:
+        self.cb = cb
+        self.opaque = opaque
+        self.timeout_ms = -1
+        self.handle: asyncio.TimerHandle | None = None
 
-    def __init__(self, factory: ImplFactory = lv.AsyncIOImpl) -> None:
+
+class LoopImpl(lv.AsyncIOImpl):
+    """libvirtaio's implementation, with timers and free callbacks as loop callbacks, not tasks.
+
+    Every method runs on the loop's thread (the bridge sees to that).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._timers: dict[int, _Timer] = {}
+        self._timer_ids = itertools.count(1)
+
+    def _add_timeout(self, timeout: int, cb: lv.TimeoutCallback, opaque: Any) -> int:
+        iden = next(self._timer_ids)
+        self._timers[iden] = _Timer(cb, opaque)
+        self._pending_inc()  # until its free callback ran, as libvirtaio counts
+        self._arm(iden, timeout)
+        return iden
+
+    def _update_timeout(self, timer: int, timeout: int) -> None:
+        if timer in self._timers:
+            self._arm(timer, timeout)
+
+    def _remove_timeout(self, timer: int) -> int:
+        t = self._timers.pop(timer, None)
+        if t is None:
+            return -1
+        if t.handle is not None:
+            t.handle.cancel()
+        self.schedule_ff_callback(timer, t.opaque)
+        return 0
+
+    def _arm(self, iden: int, timeout_ms: int) -> None:
+        """libvirt's timer semantics: -1 off, 0 on every loop iteration, else every ``timeout_ms``."""
+        t = self._timers[iden]
+        t.timeout_ms = timeout_ms
+        if t.handle is not None:
+            t.handle.cancel()
+            t.handle = None
+        if timeout_ms >= 0:
+            t.handle = self.loop.call_later(timeout_ms / 1000, self._fire, iden)
+
+    def _fire(self, iden: int) -> None:
+        t = self._timers.get(iden)
+        if t is None:
+            return
+        t.handle = None
+        t.cb(iden, t.opaque)  # may update or remove this very timer
+        if self._timers.get(iden) is t and t.handle is None and t.timeout_ms >= 0:
+            t.handle = self.loop.call_later(t.timeout_ms / 1000, self._fire, iden)
+
+    def schedule_ff_callback(self, iden: int, opaque: Any) -> None:
+        # Later, not now: libvirt may be inside the call that removed the watch.
+        self.loop.call_soon(self._free, opaque)
+
+    def _free(self, opaque: Any) -> None:
+        lv.invoke_free_callback(opaque)
+        self._pending_dec()
+
+
+class EventBridge:
+    """The six event-loop callbacks libvirt calls, applied by :class:`LoopImpl` on the asyncio loop."""
+
+    def __init__(self, factory: ImplFactory = LoopImpl) -> None:
         self._factory = factory
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
