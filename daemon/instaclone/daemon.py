@@ -18,9 +18,9 @@ from aiohttp import web
 from . import backends, config as cfg, log as logsetup, systemd
 from .api import ACCESS, Access, make_app
 from .config import Config
-from .engine import Engine
 from .errors import ConfigError, InstacloneError
 from .hv import LibvirtHypervisor
+from .jobs.engine import Engine
 from .outbox.bus import EventBus
 from .outbox.metrics import Metrics
 from .outbox.webhooks import WebhookSender

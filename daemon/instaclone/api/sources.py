@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .. import identity, preflight
+from .. import identity
 from ..errors import DomainNotFound, InstacloneError, InvalidRequest, SourceNotFound
 from ..hv.records import DomainInfo
+from ..jobs import preflight, prepare
+from ..jobs.customize import has_agent
 from .common import ENGINE, PEER, STORE, body, log, unknown_fields
 
 #: How long ``check`` waits for the source's guest agent to answer guest-ping.
@@ -85,7 +87,7 @@ async def _source_facts(request: web.Request, name: str) -> tuple[preflight.Fact
     inactive = await engine.virt.inactive_xml(name) if info.active else None
     ping: bool | None = None
     ping_error = None
-    if info.state == "running" and preflight.agent_channel(info.xml):
+    if info.state == "running" and has_agent(info.xml):
         ping, ping_error = await _agent_ping(request, name)
     clone = await store.get_clone(name)
     facts = preflight.Facts(
@@ -133,17 +135,17 @@ async def prepare_source(request: web.Request) -> web.Response:
             before = await engine.virt.inactive_xml(name)
         except DomainNotFound:
             raise SourceNotFound(f"source domain {name!r} does not exist") from None
-        prep = preflight.prepare(before)
+        prep = prepare.prepare(before)
         after = prep.xml
         if prep.changed and not dry_run:
             await engine.virt.define(prep.xml)
             after = await engine.virt.inactive_xml(name)  # libvirt's own rendering, with what it filled in
     # What the definition has and the running domain not yet (for a dry run: before any change).
-    pending = preflight.pending(info.xml, before if dry_run else after) if info.active else []
+    pending = prepare.pending(info.xml, before if dry_run else after) if info.active else []
     note = _prepare_note(name, changed=bool(prep.changed), dry_run=dry_run, active=info.active, pending=pending)
     if prep.changed and not dry_run:
         log.info("api.source_prepared", source=name, changed=[c.split(":")[0] for c in prep.changed],
                  peer=request.get(PEER))
     return web.json_response({"prepare": {
         "source": name, "state": info.state, "dry_run": dry_run, "applied": bool(prep.changed) and not dry_run,
-        **prep.to_dict(), "diff": preflight.diff(before, after, name), "pending": pending, "note": note}})
+        **prep.to_dict(), "diff": prepare.diff(before, after, name), "pending": pending, "note": note}})
