@@ -230,27 +230,25 @@ async def test_destroy_removes_clone_and_files_not_source(env):
 async def test_recovery_resumes_stunned_source_and_removes_orphans(env):
     """Model a SIGKILL after Configured: only the journal and the world remain."""
     engine, virt, journal, c = env
-    from instaclone import journal as jr
-
     job = await journal.create_job("deadbeef", "src", JobSpec.from_dict({"names": ["c1"], "count": 1}))
     job_dir = c.jobs_dir / job.id
     clone_dir = c.clones_dir / "c1"
-    await journal.plan(job.id, jr.FILE, str(job_dir))
+    await journal.plan(job.id, ResourceKind.FILE, str(job_dir))
     job_dir.mkdir(parents=True)
     (job_dir / "memory.state").write_bytes(b"x")
-    await journal.plan(job.id, jr.STUN, "src")
+    await journal.plan(job.id, ResourceKind.STUN, "src")
     await virt.suspend("src")
     await journal.record_state(job, State.STUNNED)
     orphan_delta = c.delta_dir / "src.vda.deadbeef.qcow2"
-    await journal.plan(job.id, jr.SOURCE_DELTA, str(orphan_delta))
+    await journal.plan(job.id, ResourceKind.SOURCE_DELTA, str(orphan_delta), owner="fake")
     c.delta_dir.mkdir(parents=True, exist_ok=True)
     orphan_delta.write_bytes(b"never attached")
     await journal.record_state(job, State.SOURCE_DELTA_CREATED)
-    await journal.plan(job.id, jr.FILE, str(clone_dir), clone="c1")
+    await journal.plan(job.id, ResourceKind.FILE, str(clone_dir), clone="c1")
     clone_dir.mkdir(parents=True)
     (clone_dir / "vda.qcow2").write_bytes(b"d")
     await journal.record_state(job, State.CLONE_DELTA_CREATED)
-    await journal.plan(job.id, jr.DOMAIN, "c1", clone="c1")
+    await journal.plan(job.id, ResourceKind.DOMAIN, "c1", clone="c1")
     await virt.define(virt.domains["src"].xml.replace("<name>src</name>", "<name>c1</name>"))
     # ... daemon killed here. A new engine recovers:
     handled = await engine.recover()
