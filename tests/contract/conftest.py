@@ -1,0 +1,60 @@
+"""Contract suite: cases are made at collection from clean runs (see plans.py); a summary at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .cases import Report
+from .plans import Case
+
+#: (case id, report) of every case run in this session, for the summary.
+RESULTS: list[tuple[Case, Report]] = []
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "fake_case" in metafunc.fixturenames:
+        from .plans import fake_cases
+
+        cases = fake_cases()
+        metafunc.parametrize("fake_case", cases, ids=[c.id for c in cases])
+    if "libvirt_case" in metafunc.fixturenames:
+        from .realplans import libvirt_params
+
+        metafunc.parametrize("libvirt_case", libvirt_params(metafunc.config))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from .realplans import cleanup
+
+    cleanup()
+
+
+def record(case: Case, report: Report) -> None:
+    RESULTS.append((case, report))
+
+
+def failure_message(case: Case, report: Report) -> str:
+    return f"{case.id} (outcome {report.outcome}{', ' + report.note if report.note else ''}):\n  " + \
+        "\n  ".join(report.violations)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("contract suite")
+    combos: dict[str, list[tuple[Case, Report]]] = {}
+    for case, report in RESULTS:
+        combos.setdefault(case.combo, []).append((case, report))
+    for combo, items in combos.items():
+        bad = [(c, r) for c, r in items if r.violations]
+        notes: dict[str, int] = {}
+        for _, r in items:
+            if r.note:
+                notes[r.note] = notes.get(r.note, 0) + 1
+        extra = "".join(f", {n} {k}" for k, n in sorted(notes.items()))
+        tr.write_line(f"{combo}: {len(items)} cases, {len(bad)} failed{extra}")
+        for c, r in bad:
+            tr.write_line(f"  FAIL {c.id}: {r.violations[0][:300]}")

@@ -1,0 +1,152 @@
+"""The one place the contract suite touches the daemon's Python surface.
+
+Everything else in ``tests/contract`` works through these functions: the
+engine's constructor and its public calls (submit, wait, recover, freeze,
+unfreeze, destroy_clone), the journal's job and resource records, the backend
+ABCs (to know which methods a backend call is) and the built-in backends.
+When modules move (``engine`` -> ``jobs/``, ``journal`` -> ``store/``,
+``backends`` -> ``plugin_api``, ``virt`` -> ``hv/``, ``devguest`` ->
+``tests/guests/``), re-point the imports and bodies here; nothing else in the
+suite needs to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from instaclone.backends import MemoryBackend, StorageBackend
+from instaclone.config import Config
+from instaclone.engine import Engine
+from instaclone.journal import RELEASED, Journal
+from instaclone.virt import Hypervisor as Hypervisor  # re-exported: the real hypervisor
+from instaclone_plugins.filecow import FileCowMemory
+from instaclone_plugins.qcow2 import Qcow2Storage
+from instaclone_plugins.saverestore import SaveRestoreMemory
+
+from ..fakes import FakeHypervisor as FakeHypervisor, FakeStorage
+
+try:  # the busybox test guest's driver (moving out of the daemon package)
+    from ..guests import devguest as devguest
+except ImportError:  # pragma: no cover - before the move
+    from instaclone import devguest as devguest  # type: ignore[no-redef]
+
+#: Job states after which a job's task does no more work for the job itself.
+TERMINAL = frozenset({"Unstunned", "Failed", "NeedsAttention"})
+
+STORAGE: dict[str, type[StorageBackend]] = {"qcow2": Qcow2Storage, "fake": FakeStorage}
+MEMORY: dict[str, type[MemoryBackend]] = {"filecow": FileCowMemory, "saverestore": SaveRestoreMemory}
+
+
+def backend_methods(layer: str) -> list[str]:
+    """The public methods of the storage or memory backend contract (what counts as a backend call)."""
+    abc_ = StorageBackend if layer == "storage" else MemoryBackend
+    return sorted(n for n in dir(abc_) if not n.startswith("_") and callable(getattr(abc_, n)))
+
+
+def make_backends(config: Config, virt: Any, storage: str, memory: str) -> tuple[StorageBackend, MemoryBackend]:
+    """Instances of the named backends, sharing ``virt`` (the hypervisor, or its proxy)."""
+    return STORAGE[storage](config=config, virt=virt), MEMORY[memory](config=config, virt=virt)
+
+
+def make_engine(config: Config, journal: Journal, virt: Any, storage: StorageBackend,
+                memory: MemoryBackend) -> Engine:
+    return Engine(config=config, journal=journal, virt=virt, storage=storage, memory=[memory])
+
+
+async def open_journal(path: Path) -> Journal:
+    journal = Journal(path)
+    await journal.open()
+    return journal
+
+
+async def close_journal(journal: Journal) -> None:
+    await journal.close()
+
+
+async def shutdown(engine: Engine) -> None:
+    await engine.shutdown(30)
+
+
+async def submit(engine: Engine, *, source: str, name: str, count: int, customize: bool) -> str:
+    """Queue one clone job; returns its id.
+
+    The guest's SSH host keys are kept: making new ones runs ssh-keygen on the
+    host (seconds per clone, no backend call in it).
+    """
+    job = await engine.submit(source=source, name=name, count=count, customize=customize,
+                              keep_ssh_host_keys=True)
+    return job.id
+
+
+async def wait(engine: Engine, job_id: str, timeout_s: float = 300.0) -> None:
+    await engine.wait(job_id, timeout_s)
+
+
+async def recover(engine: Engine) -> list[str]:
+    """Recovery after a restart; returns the ids of the jobs it handled."""
+    return list(await engine.recover())
+
+
+async def freeze(engine: Engine, source: str) -> None:
+    await engine.freeze(source)
+
+
+async def unfreeze(engine: Engine, source: str) -> None:
+    await engine.unfreeze(source)
+
+
+async def destroy_clone(engine: Engine, name: str) -> None:
+    await engine.destroy_clone(name)
+
+
+async def job_state(journal: Journal, job_id: str) -> str:
+    job = await journal.get_job(job_id)
+    return job.state.value if job is not None else "absent"
+
+
+@dataclass
+class Outcome:
+    """A job's end as its record says."""
+
+    state: str
+    error: dict[str, Any] | None
+    clones: list[str] = field(default_factory=list)  # registered as finished clones
+
+
+async def job_outcome(journal: Journal, job_id: str) -> Outcome:
+    job = await journal.get_job(job_id)
+    if job is None:
+        return Outcome("absent", None)
+    clones = [c.name for c in await journal.list_clones() if c.job_id == job_id]
+    return Outcome(job.state.value, job.error, clones)
+
+
+async def unreleased(journal: Journal, job_id: str) -> list[str]:
+    """The job's resource records not marked released, as ``kind ref (status)``."""
+    return [f"{r.kind} {r.ref} ({r.status})" for r in await journal.resources(job_id, active_only=False)
+            if r.status != RELEASED]
+
+
+async def unfinished_jobs(journal: Journal) -> list[str]:
+    return [j.id for j in await journal.list_jobs(unfinished=True)]
+
+
+async def frozen_entry(journal: Journal, source: str) -> dict[str, Any] | None:
+    """The freeze registry's entry of ``source`` (status, image, ...), or None."""
+    entry = (await journal.frozen()).get(source)
+    return dict(entry) if entry is not None else None
+
+
+async def clones_of(journal: Journal, source: str) -> list[str]:
+    return [c.name for c in await journal.list_clones() if c.source == source]
+
+
+async def journal_facts(journal: Journal, job_id: str | None, source: str) -> tuple[Any, ...]:
+    """What a crash would leave of the operation in the journal (compared, never interpreted)."""
+    state = await job_state(journal, job_id) if job_id else None
+    records = [(r.kind, r.ref, r.status) for r in await journal.resources(job_id, active_only=False)] \
+        if job_id else []
+    clones = sorted(c.name for c in await journal.list_clones())
+    return (state, tuple(records), repr(await frozen_entry(journal, source)), tuple(clones))

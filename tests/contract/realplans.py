@@ -1,0 +1,101 @@
+"""The real-libvirt cases, made at collection: boot the sources once, record each scenario's clean run.
+
+The sources stay up for the session (cases reuse them; each case verifies
+it finds and leaves them as they were) and are removed at its end
+(:func:`cleanup`, from conftest's ``pytest_sessionfinish``). Nothing boots
+when integration tests are deselected (``-m "not integration"``), for
+``--collect-only``, or when libvirt or the test guest is missing: the cases
+then collect as one skipped placeholder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .cases import Scenario, record_plan
+from .plans import Case, cases_of
+
+#: world -> (source name, file-backed shared RAM)
+WORLDS = {"fc": ("ct-fc-src", True), "sr": ("ct-sr-src", False)}
+#: (world, storage, memory, scenario), in the order they run.
+SUITES = (
+    ("fc", "qcow2", "filecow", Scenario("job")),
+    ("fc", "qcow2", "filecow", Scenario("freeze")),
+    ("fc", "qcow2", "filecow", Scenario("frozen-job")),
+    ("fc", "qcow2", "filecow", Scenario("unfreeze")),
+    ("sr", "qcow2", "saverestore", Scenario("job")),
+)
+WORLD_OF_MEMORY = {"filecow": "fc", "saverestore": "sr"}
+
+#: world -> scratch dir of its booted source (filled at collection).
+BOOTED: dict[str, Path] = {}
+
+
+def _unavailable(config: pytest.Config) -> str | None:
+    from ..conftest import libvirt_ready
+
+    expr = config.getoption("markexpr") or ""
+    if "not integration" in expr.replace("  ", " "):
+        return "integration tests deselected"
+    if config.getoption("collectonly"):
+        return "--collect-only: the cases come from clean runs on real guests"
+    return libvirt_ready()
+
+
+def libvirt_params(config: pytest.Config) -> list[Any]:
+    why = _unavailable(config)
+    if why is not None:
+        return [pytest.param(None, id="unavailable", marks=pytest.mark.skip(reason=why))]
+    try:
+        cases = asyncio.run(_record_all())
+    except BaseException:
+        cleanup()
+        raise
+    return [pytest.param(c, id=c.id) for c in cases]
+
+
+async def _record_all() -> list[Case]:
+    from . import harness
+    from .realworld import LibvirtWorld, boot_source, new_scratch
+
+    virt = harness.Hypervisor()
+    await virt.connect()
+    try:
+        for w in WORLDS:
+            BOOTED[w] = new_scratch()
+        await asyncio.gather(*(boot_source(virt, BOOTED[w], src, file_backed_ram=fb)
+                               for w, (src, fb) in WORLDS.items()))
+    finally:
+        await virt.close()
+    out: list[Case] = []
+    for i, (w, storage, memory, scenario) in enumerate(SUITES):
+        world = await LibvirtWorld.attach(BOOTED[w], source=WORLDS[w][0], storage=storage, memory=memory)
+        try:
+            plan = await record_plan(world, scenario, f"ct-{w}-plan{i}")
+        finally:
+            await world.detach()
+        out += cases_of(storage, memory, scenario, plan)
+    return out
+
+
+def cleanup() -> None:
+    if not BOOTED:
+        return
+
+    async def go() -> None:
+        from . import harness
+        from .realworld import remove_all
+
+        virt = harness.Hypervisor()
+        await virt.connect()
+        try:
+            await remove_all(virt, list(BOOTED.values()))
+        finally:
+            await virt.close()
+
+    asyncio.run(go())
+    BOOTED.clear()
