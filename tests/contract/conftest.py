@@ -58,3 +58,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         tr.write_line(f"{combo}: {len(items)} cases, {len(bad)} failed{extra}")
         for c, r in bad:
             tr.write_line(f"  FAIL {c.id}: {r.violations[0][:300]}")
+        for c, r in items:
+            if r.note and not r.violations:
+                tr.write_line(f"  {r.note}: {c.id}")

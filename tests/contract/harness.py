@@ -26,11 +26,7 @@ from instaclone_plugins.qcow2 import Qcow2Storage
 from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from ..fakes import FakeHypervisor as FakeHypervisor, FakeStorage
-
-try:  # the busybox test guest's driver (moving out of the daemon package)
-    from ..guests import devguest as devguest
-except ImportError:  # pragma: no cover - before the move
-    from instaclone import devguest as devguest  # type: ignore[no-redef]
+from ..guests import devguest as devguest  # the busybox test guest's driver
 
 #: Job states after which a job's task does no more work for the job itself.
 TERMINAL = frozenset({"Unstunned", "Failed", "NeedsAttention"})

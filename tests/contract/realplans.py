@@ -1,8 +1,9 @@
 """The real-libvirt cases, made at collection: boot the sources once, record each scenario's clean run.
 
-The sources stay up for the session (cases reuse them; each case verifies
-it finds and leaves them as they were) and are removed at its end
-(:func:`cleanup`, from conftest's ``pytest_sessionfinish``). Nothing boots
+The sources are removed after the clean runs and booted again, from the
+same definitions, while the contract module runs (fixture ``real_sources``:
+its cases reuse them; each case verifies it finds and leaves them as they
+were); :func:`cleanup` also runs at session end, as a safety net. Nothing boots
 when integration tests are deselected (``-m "not integration"``), for
 ``--collect-only``, or when libvirt or the test guest is missing: the cases
 then collect as one skipped placeholder.
@@ -52,15 +53,17 @@ def libvirt_params(config: pytest.Config) -> list[Any]:
         return [pytest.param(None, id="unavailable", marks=pytest.mark.skip(reason=why))]
     try:
         cases = asyncio.run(_record_all())
-    except BaseException:
+    finally:
+        # The sources do not run while other tests do (two cores, TCG): the
+        # contract module boots them again (fixture real_sources).
         cleanup()
-        raise
     return [pytest.param(c, id=c.id) for c in cases]
 
 
-async def _record_all() -> list[Case]:
+async def boot_all() -> None:
+    """Boot every world's source in a new scratch dir (in parallel), into :data:`BOOTED`."""
     from . import harness
-    from .realworld import LibvirtWorld, boot_source, new_scratch
+    from .realworld import boot_source, new_scratch
 
     virt = harness.Hypervisor()
     await virt.connect()
@@ -71,6 +74,12 @@ async def _record_all() -> list[Case]:
                                for w, (src, fb) in WORLDS.items()))
     finally:
         await virt.close()
+
+
+async def _record_all() -> list[Case]:
+    from .realworld import LibvirtWorld
+
+    await boot_all()
     out: list[Case] = []
     for i, (w, storage, memory, scenario) in enumerate(SUITES):
         world = await LibvirtWorld.attach(BOOTED[w], source=WORLDS[w][0], storage=storage, memory=memory)

@@ -8,7 +8,9 @@ engine), then checks that nothing is left (see cases.verdict).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,28 @@ import pytest
 from .cases import kill_case, live_case
 from .conftest import failure_message, record
 from .plans import Case
-from .realplans import BOOTED, WORLD_OF_MEMORY, WORLDS
+from .realplans import BOOTED, WORLD_OF_MEMORY, WORLDS, boot_all, cleanup
 
 pytestmark = pytest.mark.integration
 
 _names = itertools.count(1)
 
 
+@pytest.fixture(scope="module")
+def real_sources() -> Iterator[None]:
+    """The sources of the cases, booted for this module only."""
+    from ..conftest import libvirt_ready
+
+    if (why := libvirt_ready()) is not None:
+        pytest.skip(why)
+    asyncio.run(boot_all())
+    try:
+        yield
+    finally:
+        cleanup()
+
+
+@pytest.mark.usefixtures("real_sources")
 async def test_contract(libvirt_case: Case, tmp_path: Path) -> None:
     from .realworld import LibvirtWorld
 
@@ -42,13 +59,12 @@ async def test_contract(libvirt_case: Case, tmp_path: Path) -> None:
     assert not report.violations, failure_message(case, report)
 
 
+@pytest.mark.usefixtures("real_sources")
 async def test_sources_still_run() -> None:
     """After every case, each source's guest still counts on (same boot): no case broke it."""
     from .harness import devguest
     from .realworld import LibvirtWorld
 
-    if not BOOTED:
-        pytest.skip("no real sources booted")
     for w, scratch in BOOTED.items():
         world = await LibvirtWorld.attach(scratch, source=WORLDS[w][0], storage="qcow2", memory="saverestore")
         try:
