@@ -196,6 +196,9 @@ async def settle(world: World, scenario: Scenario, job_id: str | None, out: harn
             await set_frozen(world, False)
         except InstacloneError as exc:
             bad.append(f"unfreeze after the failure failed too: {exc}")
+    if scenario.name in ("freeze", "unfreeze") and await harness.frozen_entry(world.journal, world.source) is None:
+        owner = harness.freeze_owner(world.source)
+        bad += [f"journal record not released: {r}" for r in await harness.unreleased(world.journal, owner)]
 
 
 async def _destroy_all(engine: Any, names: list[str]) -> None:

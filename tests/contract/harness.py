@@ -119,10 +119,20 @@ async def job_outcome(journal: Journal, job_id: str) -> Outcome:
     return Outcome(job.state.value, job.error, clones)
 
 
-async def unreleased(journal: Journal, job_id: str) -> list[str]:
-    """The job's resource records not marked released, as ``kind ref (status)``."""
-    return [f"{r.kind} {r.ref} ({r.status})" for r in await journal.resources(job_id, active_only=False)
-            if r.status != RELEASED]
+def _v(x: Any) -> Any:
+    """An enum member's value (the records' kinds and statuses are enums after the move), else ``x``."""
+    return getattr(x, "value", x)
+
+
+def freeze_owner(source: str) -> str:
+    """The ledger owner of what freezing ``source`` creates."""
+    return f"frozen-{source}"
+
+
+async def unreleased(journal: Journal, owner: str) -> list[str]:
+    """The resource records of a job (or other owner) not marked released, as ``kind ref (status)``."""
+    return [f"{_v(r.kind)} {r.ref} ({_v(r.status)})" for r in await journal.resources(owner, active_only=False)
+            if _v(r.status) != _v(RELEASED)]
 
 
 async def unfinished_jobs(journal: Journal) -> list[str]:
@@ -131,8 +141,10 @@ async def unfinished_jobs(journal: Journal) -> list[str]:
 
 async def frozen_entry(journal: Journal, source: str) -> dict[str, Any] | None:
     """The freeze registry's entry of ``source`` (status, image, ...), or None."""
-    entry = (await journal.frozen()).get(source)
-    return dict(entry) if entry is not None else None
+    entry: Any = (await journal.frozen()).get(source)
+    if entry is None:
+        return None
+    return dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
 
 
 async def clones_of(journal: Journal, source: str) -> list[str]:
@@ -142,7 +154,7 @@ async def clones_of(journal: Journal, source: str) -> list[str]:
 async def journal_facts(journal: Journal, job_id: str | None, source: str) -> tuple[Any, ...]:
     """What a crash would leave of the operation in the journal (compared, never interpreted)."""
     state = await job_state(journal, job_id) if job_id else None
-    records = [(r.kind, r.ref, r.status) for r in await journal.resources(job_id, active_only=False)] \
+    records = [(_v(r.kind), r.ref, _v(r.status)) for r in await journal.resources(job_id, active_only=False)] \
         if job_id else []
     clones = sorted(c.name for c in await journal.list_clones())
     return (state, tuple(records), repr(await frozen_entry(journal, source)), tuple(clones))
