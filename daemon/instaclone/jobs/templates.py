@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from .. import identity
-from ..errors import Conflict, DomainNotFound, NotFound
+from ..errors import Conflict, DomainNotFound, NotFound, StepFailed
 from ..hv import vmstate
 from ..model import CORE, FrozenSource, ResourceKind
 from ..plugin_api import StunContext
@@ -124,6 +124,9 @@ async def _drop(svc: Services, entry: FrozenSource) -> None:
     await remove_path(svc.frozen_dir(entry.name))
     # What is left in the freeze's ledger (the stun: resumed above or by the
     # owner; the unfreeze's source delta: kept, the source writes to it).
-    for left in await svc.ledger.rollback(ledger_id(entry.name), source=entry.name):
-        svc.log.warning("unfreeze.left_behind", source=entry.name, detail=left)
+    leftovers = await svc.ledger.rollback(ledger_id(entry.name), source=entry.name)
+    if leftovers:
+        # The registry row stays: a second unfreeze finishes what is left.
+        raise StepFailed(f"unfreeze of {entry.name!r} could not remove {'; '.join(leftovers)}; "
+                         "run unfreeze again", step="Unfreezing")
     await svc.store.remove_frozen(entry.name, clones=entry.clones)
