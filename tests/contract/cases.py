@@ -53,6 +53,10 @@ class Report:
     violations: list[str] = field(default_factory=list)
     outcome: str = ""
     note: str = ""  # e.g. "tolerated": the operation succeeded despite the fault
+    # Why the case tested nothing (the operation never made the call this
+    # time: some calls depend on timing, e.g. the source's clock is set only
+    # after a stun over 1 s); the test is skipped unless there are violations.
+    not_reached: str = ""
 
 
 def build_engine(world: World, injector: Injector | None) -> Any:
@@ -95,7 +99,20 @@ async def clean_clone(world: World, name: str) -> None:
 
 
 async def prepare(world: World, scenario: Scenario, name: str) -> Snap:
-    """Set the world up for ``scenario``; returns the snapshot the world must look like afterwards."""
+    """Set the world up for ``scenario``; returns the snapshot the world must look like afterwards.
+
+    Raises AssertionError naming the cause when that fails: the world was
+    damaged (by an earlier case: look for the first failure).
+    """
+    try:
+        return await _prepare(world, scenario, name)
+    except Exception as exc:
+        raise AssertionError(f"cannot set up {scenario.name} on {world.source}, without faults: "
+                             f"{type(exc).__name__}: {exc} (an earlier case may have damaged the world: "
+                             "see the first failure)") from exc
+
+
+async def _prepare(world: World, scenario: Scenario, name: str) -> Snap:
     if scenario.name != "unfreeze":
         await set_frozen(world, NEEDS_FROZEN[scenario.name])
         return await snapshot(world)
@@ -217,6 +234,11 @@ async def verdict(world: World, scenario: Scenario, before: Snap, job_id: str | 
     return report
 
 
+def _not_reached(fault: Fault, calls: list[str]) -> str:
+    return (f"the operation did not make the call {fault.point.label()} this time (a call that depends on "
+            f"timing, or the calls changed); its calls: {', '.join(calls)}")
+
+
 def clone_names(name: str, count: int) -> list[str]:
     return [name] if count == 1 else [f"{name}-{i}" for i in range(1, count + 1)]
 
@@ -228,7 +250,7 @@ async def live_case(world: World, scenario: Scenario, fault: Fault, name: str) -
     job_id, out = await with_engine(world, lambda e: run_op(world, scenario, e, injector, name), injector)
     report = Report()
     if injector.fired is None:
-        report.violations.append(f"the fault point {fault.point.label()} was never reached: the calls changed")
+        report.not_reached = _not_reached(fault, [c.point.label() for c in injector.calls])
     return await verdict(world, scenario, before, job_id, out, report, mode="live",
                          names=clone_names(name, scenario.count))
 
@@ -248,7 +270,9 @@ async def kill_case(world: World, scenario: Scenario, fault: Fault, name: str, a
         await world.after_child()
     status = json.loads(Path(spec["status"]).read_text()) if Path(spec["status"]).exists() else {}
     report = Report()
-    if rc != -9:
+    if rc == 0 and status.get("not_reached"):
+        report.not_reached = _not_reached(fault, status.get("calls", []))
+    elif rc != -9:
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         report.violations.append(f"the child exited {rc} instead of being killed at {fault.point.label()} "
                                  f"({status}); log tail:\n{tail}")

@@ -52,6 +52,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         bad = [(c, r) for c, r in items if r.violations]
         notes: dict[str, int] = {}
         for _, r in items:
+            if r.not_reached:
+                r.note = "not reached"
             if r.note:
                 notes[r.note] = notes.get(r.note, 0) + 1
         extra = "".join(f", {n} {k}" for k, n in sorted(notes.items()))
