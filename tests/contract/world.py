@@ -178,6 +178,9 @@ def compare(before: Snap, after: Snap, *, expect_state: str, expect_frozen: Any 
     new_top = after.chain[: max(0, len(after.chain) - len(before.chain))]
     if after.chain[len(new_top):] != before.chain:
         bad.append(f"source chain changed: {before.chain} -> {after.chain}")
+    broken = [p for p in after.chain if not Path(p).is_file()]
+    if broken:
+        bad.append(f"source chain broken: {', '.join(broken)} missing or unreadable")
     allowed = set(new_top) | {str(Path(p).parent) for p in new_top}
     new = sorted(after.files - before.files - allowed)
     if new:
