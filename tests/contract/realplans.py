@@ -32,8 +32,10 @@ SUITES = (
 )
 WORLD_OF_MEMORY = {"filecow": "fc", "saverestore": "sr"}
 
-#: world -> scratch dir of its booted source (filled at collection).
+#: world -> scratch dir of its booted source.
 BOOTED: dict[str, Path] = {}
+#: filecow's image dir before the first boot (see realworld.remove_all).
+IMAGES_BEFORE: set[str] = set()
 
 
 def _unavailable(config: pytest.Config) -> str | None:
@@ -63,8 +65,11 @@ def libvirt_params(config: pytest.Config) -> list[Any]:
 async def boot_all() -> None:
     """Boot every world's source in a new scratch dir (in parallel), into :data:`BOOTED`."""
     from . import harness
-    from .realworld import boot_source, new_scratch
+    from .realworld import boot_source, new_scratch, ram_images
 
+    if not BOOTED:
+        IMAGES_BEFORE.clear()
+        IMAGES_BEFORE.update(ram_images())
     virt = harness.Hypervisor()
     await virt.connect()
     try:
@@ -102,7 +107,7 @@ def cleanup() -> None:
         virt = harness.Hypervisor()
         await virt.connect()
         try:
-            await remove_all(virt, list(BOOTED.values()))
+            await remove_all(virt, list(BOOTED.values()), IMAGES_BEFORE)
         finally:
             await virt.close()
 

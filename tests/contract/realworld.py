@@ -157,10 +157,22 @@ class LibvirtWorld(World):
                 f.unlink()
 
 
-async def remove_all(virt: Any, scratches: list[Path]) -> None:
-    """Undefine every domain of this suite, remove its scratch dirs and filecow images."""
+def ram_images() -> set[str]:
+    """The entries of filecow's image dir now."""
+    images = RAM_ROOT / "instaclone"
+    return {p.name for p in images.iterdir()} if images.is_dir() else set()
+
+
+async def remove_all(virt: Any, scratches: list[Path], images_before: set[str]) -> None:
+    """Undefine every domain of this suite, remove its scratch dirs and the filecow images made since.
+
+    A case that fails may leave images (that is what it found): they must
+    not stay for the next run (a frozen source's image has a fixed name).
+    """
     for name in await virt.list_names():
         if name.startswith(PREFIX):
             await virt.undefine(name)
     for s in scratches:
         await asyncio.to_thread(shutil.rmtree, s, True)
+    for entry in ram_images() - images_before:
+        await asyncio.to_thread(shutil.rmtree, RAM_ROOT / "instaclone" / entry, True)
