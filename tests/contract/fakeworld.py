@@ -21,7 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from instaclone import config as cfg, domxml
+from instaclone import config as cfg
 
 from ..fakes import SOURCE_XML, FakeDomain
 from . import harness
@@ -43,13 +43,13 @@ class ContractFake(harness.FakeHypervisor):
     # -- RAM files, as libvirt keeps them -----------------------------------------
     def _map_ram(self, name: str) -> None:
         d = self._get(name)
-        backed, _ = domxml.file_ram(d.xml)
+        backed, _ = harness.domxml.file_ram(d.xml)
         if not backed or name in self.ramdirs:
             return
         ramdir = self.ram_root / f"{self.next_id}-{name}"
         self.next_id += 1
         ramdir.mkdir(parents=True)
-        mark = ET.fromstring(d.xml).find(f"./metadata/{{{domxml.IC_NS}}}clone")
+        mark = ET.fromstring(d.xml).find(f"./metadata/{{{harness.domxml.IC_NS}}}clone")
         if mark is not None and mark.get("ram"):
             os.link(str(mark.get("ram")), ramdir / RAM_ALIAS)  # what the libvirt hook does
         else:
@@ -68,7 +68,7 @@ class ContractFake(harness.FakeHypervisor):
         d = self._get(name)
         if name not in self.ramdirs:
             return None
-        return Path(self.ramdirs[name]) / alias, domxml.file_ram(d.xml)[1] == "shared"
+        return Path(self.ramdirs[name]) / alias, harness.domxml.file_ram(d.xml)[1] == "shared"
 
     async def start(self, name: str, *, paused: bool = False) -> None:
         await super().start(name, paused=paused)

@@ -4,10 +4,11 @@ Everything else in ``tests/contract`` works through these functions: the
 engine's constructor and its public calls (submit, wait, recover, freeze,
 unfreeze, destroy_clone), the journal's job and resource records, the backend
 ABCs (to know which methods a backend call is) and the built-in backends.
-When modules move (``engine`` -> ``jobs/``, ``journal`` -> ``store/``,
-``backends`` -> ``plugin_api``, ``virt`` -> ``hv/``, ``devguest`` ->
-``tests/guests/``), re-point the imports and bodies here; nothing else in the
-suite needs to change.
+It imports the new module names (``jobs.engine``, ``store``,
+``plugin_api``, ``hv``, ``tests/guests``); when names or signatures change
+again, re-point the imports and bodies here: nothing else in the suite
+imports the daemon's modules (except ``instaclone.errors`` and
+``instaclone.config``, the core).
 """
 
 from __future__ import annotations
@@ -16,17 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instaclone.backends import MemoryBackend, StorageBackend
 from instaclone.config import Config
-from instaclone.engine import Engine
-from instaclone.journal import RELEASED, Journal
-from instaclone.virt import Hypervisor as Hypervisor  # re-exported: the real hypervisor
+from instaclone.hv import domxml as domxml, vmstate as vmstate  # re-exported: pure XML readers
+from instaclone.hv.hypervisor import LibvirtHypervisor
+from instaclone.jobs.engine import Engine
+from instaclone.model import ResourceStatus
+from instaclone.plugin_api import MemoryBackend, StorageBackend
+from instaclone.store import Store as Journal
 from instaclone_plugins.filecow import FileCowMemory
 from instaclone_plugins.qcow2 import Qcow2Storage
 from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from ..fakes import FakeHypervisor as FakeHypervisor, FakeStorage
 from ..guests import devguest as devguest  # the busybox test guest's driver
+
+#: The real hypervisor (libvirt).
+Hypervisor = LibvirtHypervisor
 
 #: Job states after which a job's task does no more work for the job itself.
 TERMINAL = frozenset({"Unstunned", "Failed", "NeedsAttention"})
@@ -132,7 +138,7 @@ def freeze_owner(source: str) -> str:
 async def unreleased(journal: Journal, owner: str) -> list[str]:
     """The resource records of a job (or other owner) not marked released, as ``kind ref (status)``."""
     return [f"{_v(r.kind)} {r.ref} ({_v(r.status)})" for r in await journal.resources(owner, active_only=False)
-            if _v(r.status) != _v(RELEASED)]
+            if _v(r.status) != ResourceStatus.RELEASED.value]
 
 
 async def unfinished_jobs(journal: Journal) -> list[str]:

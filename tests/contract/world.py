@@ -129,8 +129,7 @@ def list_files(roots: list[Path]) -> set[str]:
 
 
 async def snapshot(world: World) -> Snap:
-    from instaclone import domxml, vmstate
-
+    domxml, vmstate = harness.domxml, harness.vmstate
     xml = await world.source_xml()
     disks = _disks(xml)
     chain = await world.chain(Path(disks[0])) if disks else []
