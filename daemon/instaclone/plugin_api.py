@@ -147,16 +147,28 @@ class StorageBackend(Backend):
         """Delete deltas this backend created. Missing files are not an error."""
 
     async def undo(self, *, resource: Resource, source: str) -> None:
-        """A source delta goes only if the source does not write to it (then it is the source's disk)."""
+        """A source delta goes only if no image of the source's chains is it.
+
+        Once a snapshot took effect the delta is the source's disk, or, after
+        a later snapshot (an unfreeze tried twice), a backing image of it.
+        """
         if resource.kind is not ResourceKind.SOURCE_DELTA:
             await super().undo(resource=resource, source=source)
             return
-        try:
-            in_use = {str(d.path) for d in (await self.virt.lookup(source)).disks}
-        except DomainNotFound:
-            in_use = set()
-        if resource.ref not in in_use:
+        if resource.ref not in await self._images_in_use(source):
             await self.remove(paths=[Path(resource.ref)])
+
+    async def _images_in_use(self, source: str) -> set[str]:
+        """Every image of every disk chain of ``source`` (none if it is gone); VirtError if unknown."""
+        try:
+            info = await self.virt.lookup(source)
+        except DomainNotFound:
+            return set()
+        in_use = {str(d.path) for d in info.disks}
+        if info.active:
+            for disk in info.disks:
+                in_use.update(str(p) for p in await self.virt.backing_chain(source, disk.target))
+        return in_use
 
     async def chain_depth(self, *, path: Path) -> int:
         """Number of images in the chain whose top is ``path``."""

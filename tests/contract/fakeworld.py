@@ -88,6 +88,13 @@ class ContractFake(harness.FakeHypervisor):
         for tgt, path in overlays.items():
             self.backing[str(path)] = before[tgt]
 
+    async def backing_chain(self, name: str, target: str) -> list[Path]:
+        """The disk's chain, top first, as libvirt's live XML shows it."""
+        chain = await super().backing_chain(name, target)
+        while str(chain[-1]) in self.backing:
+            chain.append(Path(self.backing[str(chain[-1])]))
+        return chain
+
     # -- surviving a process --------------------------------------------------------
     def dump(self, path: Path) -> None:
         state = {"domains": [asdict(d) for d in self.domains.values()], "ramdirs": self.ramdirs,
