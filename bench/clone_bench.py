@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from instaclone import config as cfg
 from instaclone.daemon import Daemon
+from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.log import setup as log_setup
-from instaclone.virt import Hypervisor
 from tests.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from instaclone import config as cfg, events
 from instaclone.daemon import Daemon
+from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.log import setup as log_setup
-from instaclone.virt import Hypervisor
 from tests.apiclient import Api
 from tests.vmlib import Scratch, boot_source
 

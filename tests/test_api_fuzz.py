@@ -56,7 +56,7 @@ from yarl import URL
 
 from instaclone import config as cfg, errors as errs
 from instaclone.api import MAX_BODY_BYTES, MAX_WAIT_S, make_app
-from instaclone.engine import Engine
+from instaclone.jobs.engine import Engine
 from instaclone.store import Store as Journal
 from instaclone_plugins.saverestore import SaveRestoreMemory
 

@@ -22,12 +22,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from instaclone import config as cfg
-from instaclone.engine import Engine
 from instaclone.errors import VirtConnectionError, VirtError, VirtTimeout
+from instaclone.hv import LibvirtHypervisor as Hypervisor
+from instaclone.jobs.engine import Engine
 from instaclone.plugin_api import CloneTarget, Recorder, StunContext
 from instaclone.states import State
 from instaclone.store import Store as Journal
-from instaclone.virt import Hypervisor
 from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from .conftest import libvirt_ready

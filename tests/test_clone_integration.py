@@ -15,8 +15,8 @@ import pytest
 
 from instaclone import events
 from instaclone.config import WebhookEndpoint
-from instaclone.domxml import macs
-from instaclone.virt import Hypervisor
+from instaclone.hv import LibvirtHypervisor as Hypervisor
+from instaclone.hv.domxml import macs
 
 from .conftest import libvirt_ready
 from .guests import devguest

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from instaclone import config as cfg
-from instaclone.engine import Engine
+from instaclone.jobs.engine import Engine
 from instaclone.store import Store as Journal
 
 from .fakes import FakeHypervisor, fake_engine

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from instaclone import events
-from instaclone.virt import Hypervisor
+from instaclone.hv import LibvirtHypervisor as Hypervisor
 
 from .conftest import libvirt_ready
 from .guests.devguest import nvram_path, read_counter, wait_counter

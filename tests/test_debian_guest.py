@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from instaclone.virt import Hypervisor
+from instaclone.hv import LibvirtHypervisor as Hypervisor
 
 from .conftest import libvirt_ready
 from .guests import debianguest as dg

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from instaclone.virt import Hypervisor
+from instaclone.hv import LibvirtHypervisor as Hypervisor
 
 from .conftest import libvirt_ready
 from .guests import debianguest as dg

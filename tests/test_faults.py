@@ -23,7 +23,7 @@ import pytest
 
 from instaclone.config import Config
 from instaclone.daemon import Daemon
-from instaclone.virt import Hypervisor
+from instaclone.hv import LibvirtHypervisor as Hypervisor
 
 from .conftest import libvirt_ready
 from .guests import devguest

@@ -144,7 +144,7 @@ async def test_respawn_mode_then_fallback(tmp_path):
     """source_mode=respawn: the source restarts privately on the image; its next clone uses saverestore."""
     from dataclasses import replace
 
-    from instaclone.virt import Hypervisor
+    from instaclone.hv import LibvirtHypervisor as Hypervisor
 
     from .vmlib import Scratch, make_config, running_daemon
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from instaclone import domxml
+from instaclone.hv import domxml
 from instaclone_plugins import libvirt_hook
 from instaclone_plugins.filecow import FileCowMemory, sparse_copy
 
@@ -45,7 +45,7 @@ def test_map_frozen_ram_and_forget():
 
 def test_can_serve_needs_shared_file_ram():
     xml = SOURCE_XML.format(name="s", uuid="00000000-0000-0000-0000-000000000002", disk="/d.qcow2")
-    from instaclone.virt import DomainInfo
+    from instaclone.hv import DomainInfo
     mem = FileCowMemory.__new__(FileCowMemory)
     assert "not a shared file" in (mem.can_serve(DomainInfo("s", "u", "running", 0, xml)) or "")
     shared = xml.replace("<devices>", "<memoryBacking><source type='file'/><access mode='shared'/>"

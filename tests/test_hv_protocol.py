@@ -78,12 +78,3 @@ def test_only_the_shim_imports_libvirt():
     libvirt = {"libvirt", "libvirt_qemu", "libvirtaio"}
     importers = sorted(str(p.relative_to(REPO)) for p in (REPO / "daemon").rglob("*.py") if _imported(p) & libvirt)
     assert importers == ["daemon/instaclone/hv/_libvirt.py"]
-
-
-def test_old_module_names_still_export():
-    from instaclone import domxml, virt, vmstate
-    from instaclone.hv import LibvirtHypervisor, domxml as hv_domxml, vmstate as hv_vmstate
-
-    assert virt.Hypervisor is LibvirtHypervisor
-    assert domxml.clone_xml is hv_domxml.clone_xml and vmstate.walk is hv_vmstate.walk
-    assert all(hasattr(virt, n) for n in ("DomainInfo", "Disk", "file_disks", "translate"))

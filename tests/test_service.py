@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from instaclone.api import make_app
-from instaclone.virt import Hypervisor
+from instaclone.hv import LibvirtHypervisor as Hypervisor
 
 from .conftest import libvirt_ready
 from .fakes import fake_engine, fake_world

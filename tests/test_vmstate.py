@@ -1,6 +1,6 @@
 """Per-VM state: what a clone would share with its source, and what the engine does about it.
 
-Pure XML tests of :mod:`instaclone.vmstate` and :func:`domxml.clone_xml`, then
+Pure XML tests of :mod:`instaclone.hv.vmstate` and :func:`domxml.clone_xml`, then
 engine tests on the fake hypervisor: a UEFI source's clone gets its own NVRAM
 copy (recorded, removed with the clone or on rollback), the source's file is
 never written or deleted, TPM and shareable disks are refused by name.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from instaclone import domxml, vmstate
 from instaclone.errors import SourceNotCloneable, VirtError
+from instaclone.hv import domxml, vmstate
 from instaclone.states import State
 
 from .test_engine import env, leftover_files, run_job  # noqa: F401  (fixture)

@@ -20,8 +20,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from instaclone import config as cfg, events
 from instaclone.api import make_app
-from instaclone.engine import Engine
 from instaclone.errors import ConfigError
+from instaclone.jobs.engine import Engine
 from instaclone.outbox.bus import EventBus
 from instaclone.outbox.webhooks import WebhookSender, backoff_s, parse_retry_after
 from instaclone.store import Store

@@ -13,7 +13,7 @@ from typing import Any
 
 from instaclone import config as cfg
 from instaclone.daemon import Daemon
-from instaclone.virt import Hypervisor
+from instaclone.hv import LibvirtHypervisor as Hypervisor
 
 from .apiclient import Api  # noqa: F401  (re-exported for tests)
 from .conftest import SCRATCH_ROOT

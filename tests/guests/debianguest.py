@@ -1,7 +1,7 @@
 """A real Debian 12 test guest (built by ``scripts/build-debian-guest.sh``): domain XML and a driver.
 
 Free of libvirt, like :mod:`tests.guests.devguest`: it writes domain XML and
-drives the guest through an :class:`instaclone.virt.Hypervisor` passed in
+drives the guest through an :class:`instaclone.hv.Hypervisor` passed in
 (libvirt's guest agent API), so the guest's own ``qemu-guest-agent`` answers.
 
 The guest runs systemd, udev, dbus, qemu-guest-agent, sshd and
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from instaclone.errors import VirtError
-from instaclone.virt import Hypervisor
+from instaclone.hv import LibvirtHypervisor as Hypervisor
 
 from . import devguest
 
