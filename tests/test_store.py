@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,21 @@ async def test_a_failed_transaction_announces_nothing(store: Store):
         await store.create_job("j1", "src", SPEC)  # same id
     assert len(store.seen) == 1  # type: ignore[attr-defined]
     assert job.state is State.REQUESTED
+
+
+async def test_a_transition_cancelled_mid_write_stays_in_the_history(store: Store):
+    """The rollback's Failed must follow a state that was written while its writer was cancelled."""
+    job = await store.create_job("j1", "src", SPEC)
+    blocker = asyncio.ensure_future(store._db.write(lambda db: time.sleep(0.3)))
+    await asyncio.sleep(0.05)
+    write = asyncio.ensure_future(store.record_state(job, State.STUNNED))
+    await asyncio.sleep(0.05)
+    write.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await write
+    await blocker
+    assert job.state is State.STUNNED
+    await store.record_state(job, State.FAILED, error={"code": "interrupted"})
+    stored = await store.get_job("j1")
+    assert stored is not None
+    assert [e.state for e in stored.history.entries] == [State.REQUESTED, State.STUNNED, State.FAILED]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -59,16 +60,27 @@ class JobsMixin(StoreBase):
             job.result = result
         new = events.job_event(job, state, entry.at)
 
+        written = False
+
         def do(db: sqlite3.Connection, emit: Emit) -> None:
+            nonlocal written
             db.execute("INSERT INTO job_states(job_id, n, state, at) VALUES (?,?,?,?)",
                        (job.id, n, state.value, entry.at))
             emit(new)
             db.execute("UPDATE jobs SET state=?, error=?, result=?, updated_at=? WHERE id=?",
                        (state.value, json.dumps(job.error) if job.error else None, json.dumps(job.result),
                         entry.at, job.id))
+            written = True
 
         try:
             await self._change(do)
+        except asyncio.CancelledError:
+            # A cancelled caller still waits for the transaction to end: if it
+            # was written, the job is in ``state`` (the rollback's next state
+            # must follow it, not take its place).
+            if not written:
+                job.history.entries.pop()
+            raise
         except BaseException:
             job.history.entries.pop()
             raise
