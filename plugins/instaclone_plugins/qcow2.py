@@ -28,6 +28,7 @@ from instaclone.plugin_api import (
     CloneTarget,
     Config,
     ConfigError,
+    DomainNotFound,
     Hypervisor,
     Recorder,
     ResourceKind,
@@ -101,6 +102,14 @@ class Qcow2Storage(StorageBackend):
         # --force-share: the images are open in running QEMUs.
         out = await run(self.qemu_img, "info", "--force-share", "--backing-chain", "--output=json", str(top))
         return [Path(img["filename"]) for img in json.loads(out)]
+
+    async def _images_in_use(self, source: str) -> set[str]:
+        """Every image of the source's disk chains as qemu-img reads them (the domain may be shut off)."""
+        try:
+            info = await self.virt.lookup(source)
+        except DomainNotFound:
+            return set()
+        return {str(p) for disk in info.disks for p in await self._chain(disk.path)}
 
     async def chain_depth(self, *, path: Path) -> int:
         return len(await self._chain(path))
