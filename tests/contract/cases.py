@@ -282,7 +282,9 @@ async def kill_case(world: World, scenario: Scenario, fault: Fault, name: str, a
         handled = await harness.recover(engine)
         for jid in handled:
             await harness.wait(engine, jid)
-        if job_id is not None and job_id not in handled:
+        # A fault not reached (a timing-dependent call): the job finished in
+        # the child, so recovery has nothing to do; the case is skipped.
+        if job_id is not None and job_id not in handled and not report.not_reached:
             report.violations.append(f"recovery did not handle job {job_id} (handled {handled})")
         return await harness.job_outcome(world.journal, job_id) if job_id else harness.Outcome("killed", None)
 
