@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from instaclone.hv import hostfs
 from instaclone.jobs import preflight as pf, prepare as pp
 
 #: A source with every capability: shared file RAM, ACPI, agent channel, genid, qcow2 disk.
@@ -301,3 +302,67 @@ def test_pending_until_next_boot():
     assert pp.pending(live, persistent) == report.pending
     # Shut off: the definition is what runs next, nothing is pending.
     assert pf.check(persistent, pf.Facts(state="shutoff", inactive_xml=persistent)).pending == []
+
+
+# -- the host's RAM filesystem (libvirt's memory_backing_dir) ------------------------------
+
+@pytest.mark.parametrize("conf,path,configured", [
+    ("", hostfs.DEFAULT_MEMORY_BACKING_DIR, False),
+    ('#memory_backing_dir = "/var/lib/libvirt/qemu/ram"\n', hostfs.DEFAULT_MEMORY_BACKING_DIR, False),
+    ('memory_backing_dir = "/dev/shm/ram"\n', "/dev/shm/ram", True),
+    ("  memory_backing_dir='/x'  # set\n", "/x", True),
+    ('memory_backing_dir = "/a"\nmemory_backing_dir = "/b"\n', "/b", True),
+    ('memory_backing_dir_x = "/a"\n', hostfs.DEFAULT_MEMORY_BACKING_DIR, False),
+])
+def test_memory_backing_dir_from_qemu_conf(conf, path, configured):
+    assert hostfs.memory_backing_dir(conf) == (path, configured)
+
+
+@pytest.mark.parametrize("magic,ok,level,words", [
+    (hostfs.TMPFS_MAGIC, True, "ok", "on tmpfs"),
+    (hostfs.HUGETLBFS_MAGIC, True, "ok", "on hugetlbfs"),
+    (0xEF53, False, "warn", "on ext4, a disk filesystem"),
+    (0x58465342, False, "warn", "on xfs, a disk filesystem"),
+    (0x12345678, False, "warn", "on f_type 0x12345678, a disk filesystem"),
+    (hostfs.RAMFS_MAGIC, False, "warn", "ramfs"),
+])
+def test_ram_filesystem_decided_by_fs_type(magic, ok, level, words):
+    ram = hostfs.RamDir("/var/lib/libvirt/qemu/ram", False, fs_type=magic, checked="/var/lib/libvirt/qemu/ram")
+    f = pf.ram_filesystem(ram)
+    assert (f.capability, f.ok, f.level) == ("ram_filesystem", ok, level)
+    assert words in f.detail and "libvirt's default" in f.detail
+    if ok:
+        assert f.fix is None
+    else:
+        assert "mount -t tmpfs" in f.fix and "/var/lib/libvirt/qemu/ram" in f.fix
+    if level == "warn" and magic != hostfs.RAMFS_MAGIC:
+        assert "writeback" in f.detail
+
+
+def test_ram_filesystem_unknown_or_not_made_yet():
+    f = pf.ram_filesystem(hostfs.RamDir("/srv/ram", True, error="statfs /srv: Permission denied", checked="/srv"))
+    assert (f.ok, f.level) == (False, "warn") and "Permission denied" in f.detail and f.fix
+    f = pf.ram_filesystem(hostfs.RamDir("/srv/ram", True, fs_type=hostfs.TMPFS_MAGIC, checked="/srv"))
+    assert f.ok and "not made yet: judged by /srv" in f.detail and "libvirt's default" not in f.detail
+
+
+def test_ram_filesystem_is_a_host_finding_only_when_gathered():
+    assert "ram_filesystem" not in {f.capability for f in pf.check(READY, RUNNING).checks}
+    disk = hostfs.RamDir("/r", False, fs_type=0xEF53, checked="/r")
+    report = pf.check(READY, pf.Facts(**{**RUNNING.__dict__, "ram_dir": disk}))
+    assert report.checks[-1].capability == "ram_filesystem" and report.checks[-1].level == "warn"
+    assert report.cloneable  # a warning: clones work, their stun grows with the RAM copied
+
+
+def test_ram_dir_reads_qemu_conf_and_statfs(tmp_path):
+    conf = tmp_path / "qemu.conf"
+    conf.write_text('memory_backing_dir = "/dev/shm/instaclone-test-not-made/ram"\n')
+    ram = hostfs.ram_dir(conf)
+    assert ram.path == "/dev/shm/instaclone-test-not-made/ram" and ram.configured
+    assert ram.checked == "/dev/shm" and ram.fs_type == hostfs.TMPFS_MAGIC and ram.on_memory_fs
+    conf.write_text(f'memory_backing_dir = "{tmp_path}"\n')
+    assert hostfs.ram_dir(conf).fs_type == hostfs.fs_magic(str(tmp_path)) != 0
+    missing = hostfs.ram_dir(tmp_path / "absent.conf")
+    assert (missing.path, missing.configured) == (hostfs.DEFAULT_MEMORY_BACKING_DIR, False)
+    with pytest.raises(OSError):
+        hostfs.fs_magic(str(tmp_path / "absent"))

@@ -178,3 +178,37 @@ async def test_cli_check_and_prepare(api, capsys):
     assert capsys.readouterr().out.startswith("src: cloneable (running)")
     assert await run("check", "ghost") == 1
     assert "[source_not_found]" in capsys.readouterr().err
+
+
+async def test_check_reports_the_ram_filesystem_of_libvirts_memory_backing_dir(api, tmp_path, monkeypatch, capsys):
+    client, _virt, sock = api
+    from instaclone.hv import hostfs
+
+    conf = tmp_path / "qemu.conf"
+    conf.write_text(f'memory_backing_dir = "{tmp_path}/ram"\n')
+    monkeypatch.setattr(hostfs, "QEMU_CONF", conf)
+    monkeypatch.setattr(hostfs, "fs_magic", lambda path: 0xEF53)  # as if on ext4
+    _, body = await client.call("GET", "/v1/sources/src/check")
+    item = by_cap(body["check"], "ram_filesystem")
+    assert (item["ok"], item["level"]) == (False, "warn")
+    assert f"memory_backing_dir {tmp_path}/ram, not made yet: judged by {tmp_path}" in item["detail"]
+    assert "ext4, a disk filesystem" in item["detail"] and "writeback" in item["detail"]
+    assert f"tmpfs {tmp_path}/ram" in item["fix"]
+    assert await asyncio.to_thread(cli.main, ["--socket", str(sock), "check", "src"]) == 1
+    out = capsys.readouterr().out
+    assert "  WARN  ram_filesystem" in out and "  ram_filesystem: with no domain running" in out
+
+    monkeypatch.setattr(hostfs, "fs_magic", lambda path: hostfs.TMPFS_MAGIC)
+    _, body = await client.call("GET", "/v1/sources/src/check")
+    item = by_cap(body["check"], "ram_filesystem")
+    assert (item["ok"], item["level"], item["fix"]) == (True, "ok", None) and "on tmpfs" in item["detail"]
+
+
+@pytest.mark.parametrize("uri,local", [
+    ("qemu:///system", True), ("qemu+unix:///system?socket=/run/x.sock", True), ("qemu:///session", False),
+    ("qemu+ssh://host/system", False), ("qemu://host/system", False), ("test:///default", False),
+])
+def test_ram_filesystem_is_checked_for_the_local_system_libvirtd_only(uri, local):
+    from instaclone.api.sources import local_system_uri
+
+    assert local_system_uri(uri) is local

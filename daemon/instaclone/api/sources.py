@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from urllib.parse import urlsplit
+
 from aiohttp import web
 
 from .. import identity
 from ..errors import DomainNotFound, InstacloneError, InvalidRequest, SourceNotFound
+from ..hv import hostfs
 from ..hv.records import DomainInfo
 from ..jobs import preflight, prepare
 from ..jobs.customize import has_agent
@@ -76,6 +80,19 @@ async def _chain_depths(request: web.Request, info: DomainInfo) -> dict[str, int
     return depths
 
 
+def local_system_uri(uri: str) -> bool:
+    """Does ``uri`` name the QEMU driver of this host's system libvirtd (whose qemu.conf is /etc/libvirt)?"""
+    u = urlsplit(uri)
+    return u.scheme in ("qemu", "qemu+unix") and not u.netloc and u.path.rstrip("/") == "/system"
+
+
+async def _ram_dir(request: web.Request) -> hostfs.RamDir | None:
+    """libvirt's memory backing directory and its filesystem, when libvirt runs on this host."""
+    if not local_system_uri(request.app[ENGINE].config.libvirt.uri):
+        return None
+    return await asyncio.to_thread(hostfs.ram_dir)
+
+
 async def _source_facts(request: web.Request, name: str) -> tuple[preflight.Facts, str]:
     """(the live facts preflight needs, the XML to check: live if the domain runs) of ``name``."""
     engine = request.app[ENGINE]
@@ -95,7 +112,7 @@ async def _source_facts(request: web.Request, name: str) -> tuple[preflight.Fact
         agent_ping=ping, agent_error=ping_error, chain_depths=await _chain_depths(request, info),
         max_chain_depth=engine.config.clone.max_chain_depth,
         memory_backends=[(m.name, m.can_serve(info)) for m in engine.memories],
-        storage_backend=engine.storage.name, inactive_xml=inactive)
+        storage_backend=engine.storage.name, inactive_xml=inactive, ram_dir=await _ram_dir(request))
     return facts, info.xml
 
 

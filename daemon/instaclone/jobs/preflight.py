@@ -1,7 +1,8 @@
 """Preflight: can this domain be instant-cloned, and what must change? Pure: no I/O.
 
 :func:`check` reads a domain XML (plus the few live facts the caller
-gathered: state, agent ping, chain depths, memory backends) and says, per
+gathered: state, agent ping, chain depths, memory backends, the filesystem
+of libvirt's memory backing directory) and says, per
 capability, whether the source has it and exactly what to change. Per-VM
 state (firmware, NVRAM, disks, host devices) is judged by
 :mod:`instaclone.hv.vmstate`, the code the clone itself refuses sources by.
@@ -23,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..hv import vmstate
+from ..hv import hostfs, vmstate
 from .customize import AGENT_CHANNEL, has_agent_channel
 
 #: Disk image formats the file-based storage backends stack deltas on.
@@ -81,6 +82,8 @@ class Facts:
     storage_backend: str = "qcow2"
     #: The persistent definition of a running domain (to tell changes pending until next boot).
     inactive_xml: str | None = None
+    #: libvirt's memory backing directory and its filesystem; None: not checked (libvirt not on this host).
+    ram_dir: hostfs.RamDir | None = None
 
 
 @dataclass(frozen=True)
@@ -357,6 +360,38 @@ def _chain(target: str, facts: Facts) -> list[Finding]:
                     f"clone.max_chain_depth {limit}: {when}", device=target)]
 
 
+def ram_fix(path: str) -> str:
+    """The commands that put ``path`` (libvirt's memory_backing_dir) on a tmpfs."""
+    return (f"with no domain running (virsh list --name is empty): mount -t tmpfs -o size=100%,mode=0755,"
+            f"uid=$(id -u libvirt-qemu),gid=$(id -g libvirt-qemu) tmpfs {path} - scripts/setup.sh does this; "
+            "README 'Where guest RAM lives' makes it permanent (or set memory_backing_dir in "
+            "/etc/libvirt/qemu.conf to a tmpfs or hugetlbfs mount and restart libvirtd)")
+
+
+def ram_filesystem(ram: hostfs.RamDir) -> Finding:
+    """Is libvirt's memory backing directory on a memory filesystem? Decided by its statfs f_type alone."""
+    cap = "ram_filesystem"
+    where = f"memory_backing_dir {ram.path}" + ("" if ram.configured else " (libvirt's default)")
+    if ram.checked is not None and ram.checked != ram.path:
+        where += f", not made yet: judged by {ram.checked}"
+    if ram.fs_type is None:
+        return Finding(cap, False, WARN, f"{where}: filesystem unknown ({ram.error}); guest RAM files belong on "
+                       "tmpfs or hugetlbfs", ram_fix(ram.path))
+    if ram.fs_type == hostfs.TMPFS_MAGIC:
+        return Finding(cap, True, OK, f"{where} is on tmpfs: guest RAM files and frozen images stay in memory")
+    if ram.fs_type == hostfs.HUGETLBFS_MAGIC:
+        return Finding(cap, True, OK, f"{where} is on hugetlbfs: guest RAM is in huge pages (reserved in "
+                       "/proc/sys/vm/nr_hugepages); filecow's copy mode cannot write there (hugetlbfs files "
+                       "are mmap-only): use frozen sources or a tmpfs")
+    if ram.fs_type == hostfs.RAMFS_MAGIC:
+        return Finding(cap, False, WARN, f"{where} is on ramfs: in memory but without a size limit (a full host "
+                       "hangs instead of failing a write); use tmpfs", ram_fix(ram.path))
+    return Finding(cap, False, WARN, f"{where} is on {ram.fs_name}, a disk filesystem: every page a guest "
+                   "writes to its shared RAM file is also written back to the disk, and the sparse copy of the "
+                   "RAM that filecow makes during a stun competes with that writeback (a stun that grows with "
+                   "the guest's RAM in use and with the host's disk load)", ram_fix(ram.path))
+
+
 #: Capabilities :func:`prepare` can give a definition: name -> test on a parsed domain.
 PREPARABLE: dict[str, Callable[[ET.Element], bool]] = {
     "cow_memory": lambda r: has_shared_file_ram(r) and not has_numa(r),
@@ -383,6 +418,8 @@ def check(xml: str, facts: Facts | None = None) -> Report:
     facts = facts or Facts()
     root = parse(xml)
     findings = [_state(root, facts), *xml_findings(root, facts)]
+    if facts.ram_dir is not None:
+        findings.append(ram_filesystem(facts.ram_dir))
     if facts.inactive_xml is not None and facts.state in _ACTIVE:
         persistent = parse(facts.inactive_xml)
         for i, f in enumerate(findings):
