@@ -4,7 +4,10 @@
 #
 #   scripts/setup.sh            # packages, virtualenv (.venv), libvirt running
 #
-# Environment: INSTACLONE_VENV (default: <repo>/.venv).
+# Environment: INSTACLONE_VENV (default: <repo>/.venv);
+#   INSTACLONE_RAM_FS=tmpfs (default) | hugetlbfs | disk: what to mount on
+#   libvirt's memory_backing_dir (see "Where guest RAM lives" below);
+#   INSTACLONE_HUGEPAGES=N: with hugetlbfs, reserve N 2 MiB pages first.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -79,6 +82,63 @@ if ! cmp -s "$repo/plugins/instaclone_plugins/libvirt_hook.py" "$hook"; then
     virsh -c qemu:///system version >/dev/null || { echo "setup: libvirtd did not come back after installing the hook" >&2; exit 1; }
 fi
 say "libvirtd answers on qemu:///system"
+
+# Where guest RAM lives. libvirt puts each file-backed guest's RAM in
+# <memory_backing_dir>/<id>-<name>/pc.ram and the filecow backend its frozen
+# images in <memory_backing_dir>/instaclone/ (the hook hard-links between the
+# two, so both must be on one filesystem: the mount covers both). On a disk
+# filesystem (Debian's default /var/lib/libvirt/qemu/ram is on /) every page a
+# guest dirties is written back to the disk, and the sparse copy of the RAM
+# made during a stun competes with that writeback: the stun grows with the
+# guest's RAM in use and the host's disk load. A tmpfs keeps it all in memory
+# (size=100% is a limit, not a reservation). Mounting over the directory hides
+# the files of domains using it, so it is done only while no domain is active
+# (running or paused: a frozen source is paused and its RAM is in there) and
+# the directory holds no file. Not permanent: see the README for an fstab line
+# or a systemd mount unit. `instaclone check SRC` reports it (ram_filesystem).
+ram_fs=${INSTACLONE_RAM_FS:-tmpfs}
+case $ram_fs in tmpfs|hugetlbfs|disk) ;; *)
+    echo "setup: INSTACLONE_RAM_FS must be tmpfs, hugetlbfs or disk, not '$ram_fs'" >&2; exit 1 ;; esac
+ramdir=$(sed -nE "s/^[[:space:]]*memory_backing_dir[[:space:]]*=[[:space:]]*[\"']([^\"']*)[\"'].*/\1/p" \
+         /etc/libvirt/qemu.conf 2>/dev/null | tail -n 1)
+ramdir=${ramdir:-/var/lib/libvirt/qemu/ram}
+mkdir -p "$ramdir"
+fsname() { case $1 in 1021994) echo tmpfs ;; 958458f6) echo hugetlbfs ;; ef53) echo ext4 ;;
+           58465342) echo xfs ;; 9123683e) echo btrfs ;; 794c7630) echo overlay ;; *) echo "f_type 0x$1" ;; esac; }
+magic=$(stat -f -c %t "$ramdir")
+if [ "$ram_fs" = disk ]; then
+    say "memory_backing_dir $ramdir left on $(fsname "$magic") (INSTACLONE_RAM_FS=disk)"
+elif [ "$(fsname "$magic")" = "$ram_fs" ]; then
+    say "memory_backing_dir $ramdir is on $ram_fs already"
+elif [ "$magic" = 1021994 ] || [ "$magic" = 958458f6 ]; then
+    say "WARNING: memory_backing_dir $ramdir is on $(fsname "$magic"), not $ram_fs: left as it is" >&2
+elif mountpoint -q "$ramdir"; then
+    say "WARNING: memory_backing_dir $ramdir is a $(fsname "$magic") mount of its own: left as it is" >&2
+else
+    active=$(virsh -c qemu:///system list --name | sed '/^$/d')
+    files=$(find "$ramdir" -mindepth 1 -not -type d -print -quit)
+    if [ -n "$active" ] || [ -n "$files" ]; then
+        say "WARNING: memory_backing_dir $ramdir is on $(fsname "$magic") (a disk: RAM copies compete with" \
+            "writeback), but a $ram_fs mounted now would hide" \
+            "${active:+the RAM files of the active domains $(echo $active)}${files:+${active:+ and }files such as $files};" \
+            "not mounted:" \
+            "run setup.sh again when no domain is running" >&2
+    else
+        owner="uid=$(stat -c %u "$ramdir"),gid=$(stat -c %g "$ramdir")"
+        if [ "$ram_fs" = hugetlbfs ]; then
+            if [ -n "${INSTACLONE_HUGEPAGES:-}" ]; then
+                echo "$INSTACLONE_HUGEPAGES" > /proc/sys/vm/nr_hugepages
+                say "reserved $(cat /proc/sys/vm/nr_hugepages) huge pages of 2 MiB (asked: $INSTACLONE_HUGEPAGES)"
+            fi
+            [ "$(cat /proc/sys/vm/nr_hugepages)" -gt 0 ] || say "WARNING: no huge pages reserved" \
+                "(/proc/sys/vm/nr_hugepages is 0): no guest with file-backed RAM can start" >&2
+            mount -t hugetlbfs -o "pagesize=2M,mode=0755,$owner" hugetlbfs "$ramdir"
+        else
+            mount -t tmpfs -o "size=100%,mode=0755,$owner" tmpfs "$ramdir"
+        fi
+        say "mounted a $ram_fs on memory_backing_dir $ramdir (was on $(fsname "$magic"))"
+    fi
+fi
 
 # The project's virtualenv. libvirt-python compiles against libvirt-dev.
 if [ ! -x "$venv/bin/python" ]; then
