@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instaclone.errors import DomainExists, DomainNotFound, VirtError
-from instaclone.hv import DomainInfo, Hypervisor, file_disks
+from instaclone.hv import DomainInfo, Hypervisor, MigrationInfo, file_disks
 from instaclone.plugin_api import CloneTarget, Recorder, ResourceKind, StorageBackend, StunContext
 
 SOURCE_XML = """<domain type='qemu'>
@@ -35,6 +36,9 @@ class FakeDomain:
     xml: str
     state: str = "shutoff"
     inactive: str | None = None  # the persistent definition, when it differs from the running one
+    migration: str = "none"  # QEMU's status of the domain's outgoing migration
+    migrating_to: str = ""
+    was_running: bool = False  # running when its migration began: a cancel lets it run again
 
 
 class FakeHypervisor:
@@ -201,6 +205,43 @@ class FakeHypervisor:
                          timeout_s: float = 120.0) -> None:
         await self._hook("load_state", name)
         assert path.exists()
+
+    async def migrate_live(self, name: str, target: str, *, downtime_ms: int, auto_converge: bool = True) -> None:
+        await self._hook("migrate_live", name)
+        src, dst = self._get(name), self._get(target)
+        if src.migration in ("active", "pre-switchover"):
+            raise VirtError(f"{name!r} is already being migrated")
+        assert dst.state == "paused" and "incoming" in dst.xml, "the target waits for an incoming migration"
+        src.migration, src.migrating_to, src.was_running = "active", target, src.state == "running"
+
+    async def wait_migration(self, name: str, *, until: tuple[str, ...], timeout_s: float) -> MigrationInfo:
+        """The fake's migrations move at once: active -> pre-switchover (source stopped) -> completed."""
+        await self._hook("wait_migration", name)
+        d = self._get(name)
+        if d.migration == "active" and "pre-switchover" in until:
+            d.migration, d.state = "pre-switchover", "paused"
+        elif d.migration == "none" and d.state == "paused" and "incoming" in d.xml:
+            d.migration = "completed"  # the incoming side, once its source completed
+        if d.migration not in until:
+            raise VirtError(f"migration of {name!r} is {d.migration}, not {'/'.join(until)}")
+        return MigrationInfo(d.migration, {"ram": {"transferred": 4096}}, time.monotonic())
+
+    async def continue_migration(self, name: str) -> None:
+        await self._hook("continue_migration", name)
+        d = self._get(name)
+        if d.migration != "pre-switchover":
+            raise VirtError(f"migration of {name!r} is not at pre-switchover")
+        d.migration = "completed"
+
+    async def cancel_migration(self, name: str) -> bool:
+        await self._hook("cancel_migration", name)
+        d = self._get(name)
+        if d.migration not in ("active", "pre-switchover"):
+            return False
+        if d.migration == "pre-switchover" and d.was_running:
+            d.state = "running"  # QEMU resumes a source it stopped for the switchover
+        d.migration = "cancelled"
+        return True
 
     async def backing_chain(self, name: str, target: str) -> list[Path]:
         """The disk's top image only: the fake keeps no chains."""

@@ -84,8 +84,17 @@ class FileCowConfig:
     # "copy": clones map a sparse copy of the RAM file made during the stun
     #         (the source runs on in place and stays cloneable);
     # "respawn": the source's QEMU is restarted as one more private child of
-    #         the frozen file (no copy; the stun includes a QEMU restart).
-    source_mode: str = "copy"
+    #         the frozen file (no copy; the stun includes a QEMU restart);
+    # "precopy": before the stun, the running source is live-migrated into a
+    #         paused shadow QEMU whose RAM is a fresh shared file; the stun is
+    #         the migration's switchover plus the disk snapshot, and clones map
+    #         the shadow's file. Falls back to "copy" if the pre-copy does not
+    #         reach the switchover within precopy_timeout_s.
+    source_mode: str = "precopy"
+    # QEMU's downtime-limit: the longest final copy (RAM still dirty plus
+    # device state) the pre-copy plans for at switchover.
+    precopy_downtime_ms: int = 30
+    precopy_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -167,11 +176,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "webhooks.max_in_flight": (1, 256),
     "webhooks.retention_days": (0, 3650),
     "daemon.shutdown_grace_s": (0, 3600),
+    "memory.filecow.precopy_downtime_ms": (1, 10_000),
+    "memory.filecow.precopy_timeout_s": (1, 3600),
 }
 _CHOICES = {
     "daemon.log_format": ("auto", "json", "console", "journald"),
     "daemon.log_level": ("debug", "info", "warning", "error"),
-    "memory.filecow.source_mode": ("copy", "respawn"),
+    "memory.filecow.source_mode": ("precopy", "copy", "respawn"),
 }
 
 

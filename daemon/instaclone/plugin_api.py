@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -31,15 +32,16 @@ from .errors import (
     StorageError,
     VirtError,
 )
-from .hv import Disk, DomainInfo, Hypervisor, domxml
+from .hv import Disk, DomainInfo, Hypervisor, MigrationInfo, domxml
+from .identity import new_mac, new_uuid
 from .log import get as get_logger
 from .model import CORE, MemoryImage, Resource, ResourceKind
 
 __all__ = [
     "CORE", "Backend", "CloneTarget", "Config", "ConfigError", "Disk", "DomainInfo", "DomainNotFound",
-    "Hypervisor", "InstacloneError", "MemoryBackend", "MemoryError_", "MemoryImage", "NotSupportedError",
-    "Recorder", "Resource", "ResourceKind", "StorageBackend", "StorageError", "StunContext", "VirtError",
-    "domxml", "get_logger", "remove_path",
+    "Hypervisor", "InstacloneError", "MemoryBackend", "MemoryError_", "MemoryImage", "MigrationInfo",
+    "NotSupportedError", "Recorder", "Resource", "ResourceKind", "StorageBackend", "StorageError", "StunContext",
+    "VirtError", "domxml", "get_logger", "new_mac", "new_uuid", "remove_path",
 ]
 
 
@@ -63,6 +65,7 @@ class StunContext:
     memory_cached: bool = False  # the image belongs to a frozen source: not released by the job
     source_ipv4: list[str] | None = None  # guest interfaces with IPv4 at stun; None: unknown
     nvram: Path | None = None  # the UEFI variable store clones copy (the source's, or its copy at freeze)
+    scratch: dict[str, Any] = field(default_factory=dict)  # a memory backend's notes between its calls
 
     @property
     def image(self) -> MemoryImage:
@@ -188,6 +191,25 @@ class MemoryBackend(Backend):
     def can_serve(self, source: DomainInfo) -> str | None:
         """None if this backend can clone ``source``, else the reason it cannot."""
         return None
+
+    async def stun(self, *, ctx: StunContext, record: Recorder) -> float:
+        """Stop the running source's vCPUs; returns ``time.monotonic()`` at (or before) the stop.
+
+        The pipeline has recorded the stun already: if this raises, the
+        source is resumed. The default pauses it; a backend may first copy
+        memory while the source runs (pre-copy) and stop it only at the end.
+        """
+        t0 = time.monotonic()
+        await self.virt.suspend(ctx.source.name)
+        return t0
+
+    async def switchover(self, *, ctx: StunContext) -> bool:
+        """Inside the stun, once the source's new deltas exist: end the stun early if this backend can.
+
+        True if the source runs again (its memory at stun is kept elsewhere);
+        the default keeps it stopped until :meth:`detach_source`.
+        """
+        return False
 
     @abc.abstractmethod
     async def capture(self, *, ctx: StunContext, record: Recorder) -> MemoryImage:

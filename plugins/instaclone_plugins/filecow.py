@@ -43,20 +43,25 @@ import itertools
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from instaclone.plugin_api import (
     CloneTarget,
     DomainInfo,
+    InstacloneError,
     MemoryBackend,
     MemoryError_,
     MemoryImage,
     Recorder,
+    Resource,
     ResourceKind,
     StunContext,
     domxml,
     get_logger,
     remove_path,
 )
+
+from . import _shadow
 
 RAM_ALIAS = "pc.ram"
 
@@ -78,7 +83,64 @@ class FileCowMemory(MemoryBackend):
             return "guest NUMA cells (several RAM backends) are not supported yet"
         return None
 
+    # -- the stun: pre-copy into a shadow, or a plain pause ------------------------------
+
+    async def stun(self, *, ctx: StunContext, record: Recorder) -> float:
+        """``precopy``: copy RAM into the job's shadow while the source runs; QEMU stops it at switchover."""
+        if self.config.filecow.source_mode != "precopy":
+            return await super().stun(ctx=ctx, record=record)
+        t0 = time.monotonic()
+        try:
+            shadow = await _shadow.start(ctx=ctx, record=record, virt=self.virt, config=self.config)
+            await self.virt.migrate_live(ctx.source.name, shadow.name,
+                                         downtime_ms=self.config.filecow.precopy_downtime_ms)
+            shadow.precopy = await self.virt.wait_migration(
+                ctx.source.name, until=("pre-switchover",), timeout_s=self.config.filecow.precopy_timeout_s)
+        except InstacloneError as exc:
+            # Not converged in time (or the shadow would not take the
+            # stream): the source still runs, or runs again once cancelled.
+            await self.virt.cancel_migration(ctx.source.name)
+            await self.virt.undefine(_shadow.shadow_name(ctx.job_id))
+            ctx.scratch.pop(_shadow.KEY, None)
+            ctx.scratch["fallback"] = f"pre-copy gave up after {time.monotonic() - t0:.1f} s: {exc}"
+            log.warning("filecow.precopy_fallback", source=ctx.source.name, job_id=ctx.job_id, error=str(exc))
+            return await super().stun(ctx=ctx, record=record)
+        shadow.seconds = time.monotonic() - t0
+        return shadow.precopy.last_running
+
+    async def switchover(self, *, ctx: StunContext) -> bool:
+        """The source's deltas exist: let the migration complete and the source run on."""
+        shadow = _shadow.shadow_of(ctx)
+        if shadow is None:
+            return False
+        await self.virt.continue_migration(ctx.source.name)
+        shadow.final = await self.virt.wait_migration(ctx.source.name, until=("completed",),
+                                                      timeout_s=self.config.clone.step_timeout_s)
+        await self.virt.resume(ctx.source.name)
+        return True
+
     async def capture(self, *, ctx: StunContext, record: Recorder) -> MemoryImage:
+        shadow = _shadow.shadow_of(ctx)
+        if shadow is None:
+            return await self._capture_source(ctx=ctx, record=record)
+        # The incoming side is done when the source's side completed; asked
+        # anyway, so that a stream the shadow refused shows up here.
+        await self.virt.wait_migration(shadow.name, until=("completed",), timeout_s=self.config.clone.step_timeout_s)
+        found = await self.virt.ram_file(shadow.name, RAM_ALIAS)
+        if found is None:
+            raise MemoryError_(f"shadow {shadow.name!r} has no RAM file")
+        ramdir = found[0].parent.parent
+        image_dir, state = ramdir / "instaclone" / ctx.job_id, ctx.job_dir / "device.state"
+        await record(ResourceKind.FILE, str(image_dir))
+        await record(ResourceKind.FILE, str(state))
+        await asyncio.to_thread(image_dir.mkdir, parents=True, exist_ok=True)
+        frozen = await _shadow.link_ram(shadow=shadow, virt=self.virt, image_dir=image_dir, alias=RAM_ALIAS)
+        stats = await self.virt.save_state(shadow.name, state, ignore_shared=True,
+                                           timeout_s=self.config.clone.step_timeout_s)
+        await self.virt.undefine(shadow.name)
+        return await self._image(frozen, ramdir, state, "precopy", stats, shadow.report())
+
+    async def _capture_source(self, *, ctx: StunContext, record: Recorder) -> MemoryImage:
         found = await self.virt.ram_file(ctx.source.name, RAM_ALIAS)
         if found is None or not found[1]:
             raise MemoryError_(f"source {ctx.source.name!r} has no shared RAM file")
@@ -103,14 +165,26 @@ class FileCowMemory(MemoryBackend):
         except OSError as exc:
             raise MemoryError_(f"cannot {'link' if respawn else 'copy'} the source's RAM file {ram} "
                                f"to {frozen}: {exc}") from None
+        mode = "respawn" if respawn else ("frozen" if ctx.frozen else "copy")
+        extra = {"fallback": ctx.scratch["fallback"]} if "fallback" in ctx.scratch else {}
+        return await self._image(frozen, ramdir, state, mode, stats, extra)
+
+    async def _image(self, frozen: Path, ramdir: Path, state: Path, mode: str, stats: dict[str, Any],
+                     extra: dict[str, Any]) -> MemoryImage:
         st = await asyncio.to_thread(frozen.stat)
         state_bytes = (await asyncio.to_thread(state.stat)).st_size
         return MemoryImage(self.name, {
             "ram": str(frozen), "ramdir": str(ramdir), "state": str(state), "inode": st.st_ino,
             "ram_bytes": st.st_size, "ram_allocated_bytes": st.st_blocks * 512,
-            "mode": "respawn" if respawn else ("frozen" if ctx.frozen else "copy"), "state_bytes": state_bytes,
-            "ram_transferred": (stats.get("ram") or {}).get("transferred"),
+            "mode": mode, "state_bytes": state_bytes,
+            "ram_transferred": (stats.get("ram") or {}).get("transferred"), **extra,
         })
+
+    async def undo(self, *, resource: Resource, source: str) -> None:
+        if resource.kind is ResourceKind.DOMAIN:  # a shadow
+            await self.virt.undefine(resource.ref)
+            return
+        await super().undo(resource=resource, source=source)
 
     def qemu_args(self, *, ctx: StunContext, clone: CloneTarget) -> list[str]:
         return ["-incoming", "defer"]

@@ -137,6 +137,8 @@ class Injector:
         if self.clone and (target == self.clone or target.startswith(self.clone + "-")):
             # Clone names differ from run to run: points name them "clone", "clone-2", ...
             target = "clone" + target[len(self.clone):]
+        if target.startswith("instaclone-shadow-"):
+            target = "shadow"  # named after the job, whose id differs from run to run
         key = (layer, method, target)
         self._seen[key] = self._seen.get(key, 0) + 1
         call = Call(len(self.calls) + 1, Point(layer, method, target, self._seen[key]), self._last_state)

@@ -258,6 +258,25 @@ def map_frozen_ram(xml: str, *, ram: Path, ramdir: Path, incoming: bool) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def shadow_xml(xml: str) -> str:
+    """A clone definition made a pre-copy shadow: RAM in a fresh shared file, marked as a shadow.
+
+    The shadow's RAM file receives the source's memory by migration and is
+    then mapped by clones; ``role='shadow'`` tells it from a clone.
+    """
+    root = ET.fromstring(xml)
+    mb = root.find("memoryBacking")
+    if mb is None:
+        mb = ET.SubElement(root, "memoryBacking")
+    set_file_ram(mb, "shared")
+    mark = root.find(f"./metadata/{{{IC_NS}}}clone")
+    if mark is not None:
+        mark.set("role", "shadow")
+        for key in ("ram", "ramdir"):
+            mark.attrib.pop(key, None)
+    return ET.tostring(root, encoding="unicode")
+
+
 def forget_frozen_ram(xml: str) -> str:
     """The persistent definition after start: no hook link, no ``-incoming``.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from contextlib import suppress
@@ -18,6 +19,7 @@ from typing import Any
 from ..errors import VirtError, VirtStateError, VirtTimeout
 from . import _libvirt as lv
 from .connection import Connection
+from .records import MigrationInfo
 
 
 def qmp(dom: lv.Domain, command: str, arguments: dict[str, Any] | None = None,
@@ -53,10 +55,21 @@ def _wait_migration(dom: lv.Domain, what: str, timeout_s: float, cancel: threadi
         delay = min(delay * 2, 0.05)
 
 
-def _set_caps(dom: lv.Domain, ignore_shared: bool) -> None:
+def _set_caps(dom: lv.Domain, ignore_shared: bool, *, pause_before_switchover: bool = False,
+              auto_converge: bool = False) -> None:
+    # Every capability we ever set, every time: QEMU keeps them between
+    # migrations, and a save with pause-before-switchover left on from a
+    # pre-copy would wait at switchover for ever.
+    caps = {"x-ignore-shared": ignore_shared, "pause-before-switchover": pause_before_switchover,
+            "auto-converge": auto_converge}
     qmp(dom, "migrate-set-capabilities", {
-        "capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]
+        "capabilities": [{"capability": k, "state": v} for k, v in caps.items()]
     })
+
+
+#: Statuses of a migration that is still in flight (QEMU's MigrationStatus).
+IN_FLIGHT = ("setup", "active", "pre-switchover", "device", "postcopy-active", "postcopy-paused",
+             "postcopy-recover", "wait-unplug", "cancelling")
 
 
 class Migration(Connection):
@@ -125,3 +138,82 @@ class Migration(Connection):
             _wait_migration(dom, f"loading state into {name!r}", timeout_s, cancel)
 
         await self._call(f"load state into {name!r}", do, cancel)
+
+    # -- live pre-copy into a shadow QEMU (memory backend filecow, mode precopy) --------
+
+    async def migrate_live(self, name: str, target: str, *, downtime_ms: int, auto_converge: bool = True) -> None:
+        """Start a live pre-copy migration of ``name`` into the paused incoming ``target``."""
+
+        def do() -> None:
+            src, dst = self._dom(name), self._dom(target)
+            if (qmp(src, "query-migrate") or {}).get("status") in IN_FLIGHT:
+                raise VirtStateError(f"{name!r} is already being migrated")
+            out, inc = socket.socketpair()
+            try:
+                qmp(dst, "getfd", {"fdname": "instaclone-precopy-in"}, files=[inc.fileno()])
+                qmp(dst, "migrate-incoming", {"uri": "fd:instaclone-precopy-in"})
+                _set_caps(src, False, pause_before_switchover=True, auto_converge=auto_converge)
+                qmp(src, "migrate-set-parameters", {"max-bandwidth": 1 << 40, "downtime-limit": int(downtime_ms)})
+                qmp(src, "getfd", {"fdname": "instaclone-precopy-out"}, files=[out.fileno()])
+            finally:
+                # QEMU has its own copies now; ours would keep the stream open
+                # after either side is gone.
+                out.close()
+                inc.close()
+            qmp(src, "migrate", {"uri": "fd:instaclone-precopy-out"})
+
+        await self._call(f"live migration of {name!r} into {target!r}", do)
+
+    async def wait_migration(self, name: str, *, until: tuple[str, ...], timeout_s: float) -> MigrationInfo:
+        """Poll until the migration's status is in ``until``; VirtError if it failed, VirtTimeout if late."""
+        cancel = threading.Event()
+
+        def do() -> MigrationInfo:
+            dom = self._dom(name)
+            deadline = time.monotonic() + timeout_s
+            last_running = time.monotonic()
+            while True:
+                looked = time.monotonic()
+                info = qmp(dom, "query-migrate") or {}
+                status = str(info.get("status", "none"))
+                if status in until:
+                    return MigrationInfo(status, dict(info), last_running)
+                if status in ("failed", "cancelled"):
+                    raise VirtError(f"migration of {name!r} {status}: {info.get('error-desc', status)}")
+                if status == "active":
+                    last_running = looked
+                if cancel.is_set():
+                    raise VirtError(f"waiting for the migration of {name!r} was cancelled")
+                if time.monotonic() > deadline:
+                    raise VirtTimeout(f"the migration of {name!r} was not {'/'.join(until)} within "
+                                      f"{timeout_s:g} s (status {status}, "
+                                      f"{(info.get('ram') or {}).get('remaining', '?')} bytes of RAM to go)")
+                # The first pass over RAM takes seconds; once QEMU iterates
+                # over dirty pages the switchover can come any moment, and the
+                # gap between looks bounds how well the stun is measured.
+                rounds = (info.get("ram") or {}).get("dirty-sync-count", 0)
+                cancel.wait(0.001 if status != "active" or rounds >= 2 else 0.01)
+
+        return await self._call(f"wait for the migration of {name!r}", do, cancel)
+
+    async def continue_migration(self, name: str) -> None:
+        await self._call(f"continue the migration of {name!r}",
+                         lambda: qmp(self._dom(name), "migrate-continue", {"state": "pre-switchover"}))
+
+    async def cancel_migration(self, name: str) -> bool:
+        """Cancel an in-flight outgoing migration of ``name`` and wait until QEMU is done with it."""
+
+        def do() -> bool:
+            dom = self._dom(name)
+            if (qmp(dom, "query-migrate") or {}).get("status") not in IN_FLIGHT:
+                return False
+            with suppress(VirtError):  # it ended meanwhile
+                qmp(dom, "migrate_cancel")
+            deadline = time.monotonic() + 30.0
+            while (qmp(dom, "query-migrate") or {}).get("status") in IN_FLIGHT:
+                if time.monotonic() > deadline:
+                    raise VirtTimeout(f"the migration of {name!r} did not end within 30 s of migrate_cancel")
+                time.sleep(0.005)
+            return True
+
+        return await self._call(f"cancel the migration of {name!r}", do)

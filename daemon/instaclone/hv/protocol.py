@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from .records import Disk, DomainInfo, file_disks
+from .records import Disk, DomainInfo, MigrationInfo, file_disks
 
-__all__ = ["Disk", "DomainInfo", "Hypervisor", "file_disks"]
+__all__ = ["Disk", "DomainInfo", "Hypervisor", "MigrationInfo", "file_disks"]
 
 
 class Hypervisor(Protocol):
@@ -105,6 +105,34 @@ class Hypervisor(Protocol):
     async def load_state(self, name: str, path: Path, *, ignore_shared: bool = False,
                          timeout_s: float = 120.0) -> None:
         """Feed ``path`` into a domain started paused with ``-incoming defer``."""
+
+    async def migrate_live(self, name: str, target: str, *, downtime_ms: int, auto_converge: bool = True) -> None:
+        """Start a live pre-copy migration of the running ``name`` into ``target``; returns once it runs.
+
+        ``target`` is a domain started paused with ``-incoming defer`` whose
+        devices match ``name``'s. The stream goes over a socket pair, RAM
+        included (``x-ignore-shared`` off). The source stops by itself at
+        switchover and waits there (``pause-before-switchover``) until
+        :meth:`continue_migration`; QEMU plans a final copy of at most
+        ``downtime_ms``. ``auto_converge`` throttles vCPUs that dirty RAM
+        faster than it is copied.
+        """
+
+    async def wait_migration(self, name: str, *, until: tuple[str, ...], timeout_s: float) -> MigrationInfo:
+        """Poll ``name``'s migration until its status is one of ``until``; VirtError if it failed.
+
+        VirtTimeout after ``timeout_s``; the migration is left as it is then.
+        """
+
+    async def continue_migration(self, name: str) -> None:
+        """Let a migration stopped at pre-switchover complete (the source's vCPUs stay stopped)."""
+
+    async def cancel_migration(self, name: str) -> bool:
+        """Cancel ``name``'s outgoing migration if one is in flight and wait until it is over.
+
+        QEMU lets a source it stopped for the switchover run again. True if
+        there was one to cancel.
+        """
 
     # -- block jobs ---------------------------------------------------------------
 

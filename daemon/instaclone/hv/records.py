@@ -5,6 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,17 @@ class Disk:
     path: Path  # the active (top) image
     format: str  # e.g. "qcow2"
     readonly: bool = False
+
+
+@dataclass(frozen=True)
+class MigrationInfo:
+    """Where an outgoing (or incoming) migration stands, as QEMU's ``query-migrate`` says."""
+
+    status: str  # none | setup | active | pre-switchover | device | completed | failed | cancelled | ...
+    stats: dict[str, Any] = field(default_factory=dict)  # query-migrate's answer as it is
+    #: time.monotonic() of the last look that found the source's vCPUs still
+    #: running: the stun began after it (a bound, never an underestimate).
+    last_running: float = 0.0
 
 
 @dataclass(frozen=True)

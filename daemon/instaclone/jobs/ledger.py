@@ -56,6 +56,9 @@ class CoreUndoer:
     async def undo(self, *, resource: Resource, source: str) -> None:
         if resource.kind is ResourceKind.STUN:
             try:
+                # A pre-copy may still run, or hold the source at switchover:
+                # cancelled, QEMU lets the source run again by itself.
+                await self.virt.cancel_migration(resource.ref)
                 await self.virt.resume(resource.ref)
             except DomainNotFound:
                 log.warning("ledger.stunned_source_gone", source=resource.ref)

@@ -66,12 +66,26 @@ class Step:
 # -- the steps ----------------------------------------------------------------------------
 
 async def stun(svc: Services, run: Run) -> None:
-    """Stunned: pause the source (recorded first: a failed pause is resumed too)."""
+    """Stunned: the memory backend stops the source (recorded first: a failed stop is resumed too).
+
+    A pre-copying backend copies RAM while the source runs and stops it at
+    switchover: the stun starts then, not when this step starts.
+    """
     await run.record(ResourceKind.STUN, run.job.source)
     run.stunned = True
+    record = svc.ledger.recorder(run.job.id, owner=run.memory.name)
+    run.stun_started = await run.memory.stun(ctx=run.context, record=record)
     svc.gate.hold(run.job.id)
-    await svc.virt.suspend(run.job.source)
-    run.stun_started = time.monotonic()
+
+
+async def end_stun(svc: Services, run: Run) -> None:
+    """The source runs again: the stun's length is known and its ledger record done."""
+    if not run.stunned:
+        return
+    run.stun_ms = round((time.monotonic() - run.stun_started) * 1000.0, 3)
+    run.stunned = False
+    await svc.ledger.release(run.job.id, ResourceKind.STUN, run.job.source)
+    svc.gate.let_go(run.job.id)
 
 
 async def source_delta(svc: Services, run: Run) -> None:
@@ -84,6 +98,8 @@ async def source_delta(svc: Services, run: Run) -> None:
         return
     record = svc.ledger.recorder(run.job.id, owner=svc.storage.name)
     ctx.tops = await svc.storage.create_source_delta(ctx=ctx, record=record)
+    if run.stunned and await run.memory.switchover(ctx=ctx):
+        await end_stun(svc, run)
 
 
 async def clone_deltas(svc: Services, run: Run) -> None:
@@ -143,10 +159,7 @@ async def unstun(svc: Services, run: Run) -> None:
     ctx, job = run.context, run.job
     if not ctx.frozen:
         await asyncio.shield(run.memory.detach_source(ctx=ctx, resume=run.stunned))
-    if run.stunned:
-        run.stun_ms = round((time.monotonic() - run.stun_started) * 1000.0, 3)
-        run.stunned = False
-        await svc.ledger.release(job.id, ResourceKind.STUN, job.source)
+    await end_stun(svc, run)
     svc.gate.let_go(job.id)
     await start.start_clones(svc, job, ctx, run.memory, run.clones)
     source_clock = await start.source_clock_after_stun(svc, job.source, ctx, run.stun_ms)
@@ -219,12 +232,17 @@ async def run_step(svc: Services, run: Run, step: Step) -> None:
 
 
 @asynccontextmanager
-async def stun_deadline(svc: Services, run: Run) -> AsyncIterator[None]:
-    """Abort the steps inside if the source stays stunned past ``clone.stun_deadline_ms``."""
+async def stun_deadline(svc: Services, run: Run) -> AsyncIterator[asyncio.Timeout]:
+    """Abort the steps inside if the source stays stunned past ``clone.stun_deadline_ms`` from its stop.
+
+    The caller lifts the deadline (``reschedule(None)``) once the source runs again.
+    """
     deadline_ms = svc.config.clone.stun_deadline_ms
+    # The loop's clock is time.monotonic(), the stun's.
+    when = run.stun_started + deadline_ms / 1000.0 if run.stunned else None
     try:
-        async with asyncio.timeout(deadline_ms / 1000.0 if run.stunned else None) as window:
-            yield
+        async with asyncio.timeout_at(when) as window:
+            yield window
     except TimeoutError:
         if window.expired():
             raise StunDeadlineExceeded(
@@ -242,9 +260,11 @@ async def run_job(svc: Services, job: JobRecord) -> None:
         steps = [s for s in PIPELINE if s.applies(run)]
         for step in [s for s in steps if not s.deadline and s.state is not State.UNSTUNNED]:
             await run_step(svc, run, step)
-        async with stun_deadline(svc, run):
+        async with stun_deadline(svc, run) as window:
             for step in [s for s in steps if s.deadline]:
                 await run_step(svc, run, step)
+                if not run.stunned:
+                    window.reschedule(None)  # the stun ended at switchover
         await run_step(svc, run, PIPELINE[-1])
         svc.log.info("job.done", job_id=job.id, source=job.source, clones=list(job.spec.names),
                      stun_ms=run.stun_ms)
