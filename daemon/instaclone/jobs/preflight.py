@@ -382,7 +382,8 @@ def ram_filesystem(ram: hostfs.RamDir) -> Finding:
     if ram.fs_type == hostfs.HUGETLBFS_MAGIC:
         return Finding(cap, True, OK, f"{where} is on hugetlbfs: guest RAM is in huge pages (reserved in "
                        "/proc/sys/vm/nr_hugepages); filecow's copy mode cannot write there (hugetlbfs files "
-                       "are mmap-only): use frozen sources or a tmpfs")
+                       "are mmap-only), and each clone's private mapping reserves huge pages for the guest's "
+                       "whole RAM (HugePages_Rsvd) although it shares the source's: tmpfs suits clones better")
     if ram.fs_type == hostfs.RAMFS_MAGIC:
         return Finding(cap, False, WARN, f"{where} is on ramfs: in memory but without a size limit (a full host "
                        "hangs instead of failing a write); use tmpfs", ram_fix(ram.path))
