@@ -13,7 +13,7 @@ imports the daemon's modules (except ``instaclone.errors`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,14 @@ def backend_methods(layer: str) -> list[str]:
 
 
 def make_backends(config: Config, virt: Any, storage: str, memory: str) -> tuple[StorageBackend, MemoryBackend]:
-    """Instances of the named backends, sharing ``virt`` (the hypervisor, or its proxy)."""
-    return STORAGE[storage](config=config, virt=virt), MEMORY[memory](config=config, virt=virt)
+    """Instances of the named backends, sharing ``virt`` (the hypervisor, or its proxy).
+
+    ``memory`` may name a mode too: ``filecow-copy`` is filecow with ``source_mode = "copy"``.
+    """
+    name, _, mode = memory.partition("-")
+    if mode:
+        config = replace(config, filecow=replace(config.filecow, source_mode=mode))
+    return STORAGE[storage](config=config, virt=virt), MEMORY[name](config=config, virt=virt)
 
 
 def make_engine(config: Config, journal: Journal, virt: Any, storage: StorageBackend,
