@@ -106,8 +106,10 @@ for applet in $("$root/bin/busybox" --list); do
     [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
 done
 
-# virtio_pci, virtio_blk, virtio_net, virtio_console and all they depend on, in
-# load order (dependencies first), from modules.dep.
+# virtio_pci, virtio_blk, virtio_net, virtio_console, virtio_balloon (binds only
+# when the domain has <memballoon model='virtio'/>; needed for free page
+# reporting) and all they depend on, in load order (dependencies first), from
+# modules.dep.
 declare -A deps=() seen=()
 while IFS= read -r line; do
     deps[${line%%:*}]=${line#*:}
@@ -120,7 +122,7 @@ add_mod() {  # $1: path as in modules.dep, e.g. kernel/drivers/block/virtio_blk.
     for dep in ${deps[$1]}; do add_mod "$dep"; done
     order+=("$1")
 }
-for m in virtio_pci virtio_blk virtio_net virtio_console; do
+for m in virtio_pci virtio_blk virtio_net virtio_console virtio_balloon; do
     rel=
     for path in "${!deps[@]}"; do
         [ "${path##*/}" = "$m.ko" ] && { rel=$path; break; }

@@ -100,9 +100,14 @@ def nvram_path(name: str, workdir: Path) -> Path:
     return Path(workdir) / f"{name}_VARS.fd"
 
 
+#: The ``balloon`` choices of :func:`base_domain` and :func:`domain_xml`.
+BALLOONS = ("none", "virtio", "virtio-fpr")
+
+
 def base_domain(name: str, *, disk: Path, serial_log: Path, memory_mib: int, file_backed_ram: bool,
                 firmware: str = "bios", machine: str = "pc", nvram: Path | None = None,
-                on_reboot: str = "destroy") -> tuple[ET.Element, ET.Element, ET.Element]:
+                on_reboot: str = "destroy", balloon: str = "none",
+                ) -> tuple[ET.Element, ET.Element, ET.Element]:
     """The parts every test guest shares: (``<domain>``, its ``<os>``, its ``<devices>``).
 
     One vCPU, a ``<genid/>`` (libvirt picks the GUID; clones get a new one),
@@ -110,13 +115,22 @@ def base_domain(name: str, *, disk: Path, serial_log: Path, memory_mib: int, fil
     OVMF and a variable store at ``nvram`` made from OVMF's template, the
     qcow2 ``disk`` as virtio ``vda``, a virtio NIC on user-mode networking (no
     host setup), serial 0 logged to ``serial_log``, the guest agent channel,
-    no graphics, no balloon, no USB. ``file_backed_ram`` backs RAM with a
-    shared file. The caller adds the boot method to ``<os>``.
+    no graphics, no USB. ``file_backed_ram`` backs RAM with a shared file.
+    ``balloon`` is one of :data:`BALLOONS`: ``"none"`` (the default, no
+    balloon device), ``"virtio"`` (a virtio balloon) or ``"virtio-fpr"`` (a
+    virtio balloon with free page reporting, ``freePageReporting='on'``: the
+    guest reports pages it freed and QEMU discards them from guest RAM).
+    Mind: QEMU 7.2 discards by punching holes into the RAM file even when it
+    maps it privately, so a filecow clone that discards (free page reporting,
+    or an inflated balloon) zeroes pages in the frozen file its siblings map.
+    The caller adds the boot method to ``<os>``.
     """
     if memory_mib <= 0:
         raise ValueError(f"memory_mib must be positive, not {memory_mib}")
     if firmware not in ("bios", "uefi"):
         raise ValueError(f"firmware must be 'bios' or 'uefi', not {firmware!r}")
+    if balloon not in BALLOONS:
+        raise ValueError(f"balloon must be one of {', '.join(BALLOONS)}, not {balloon!r}")
     dom = ET.Element("domain", type=domain_type())
     ET.SubElement(dom, "name").text = name
     ET.SubElement(dom, "genid")
@@ -153,22 +167,29 @@ def base_domain(name: str, *, disk: Path, serial_log: Path, memory_mib: int, fil
     ch = ET.SubElement(dev, "channel", type="unix")
     ET.SubElement(ch, "target", type="virtio", name="org.qemu.guest_agent.0")
     ET.SubElement(dev, "controller", type="usb", model="none")
-    ET.SubElement(dev, "memballoon", model="none")
+    if balloon == "none":
+        ET.SubElement(dev, "memballoon", model="none")
+    else:
+        mem = ET.SubElement(dev, "memballoon", model="virtio")
+        if balloon == "virtio-fpr":
+            mem.set("freePageReporting", "on")
     return dom, os_, dev
 
 
 def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
-               file_backed_ram: bool = False, firmware: str = "bios") -> str:
+               file_backed_ram: bool = False, firmware: str = "bios", balloon: str = "none") -> str:
     """Libvirt domain XML for the test guest.
 
     :func:`base_domain` (serial 0 logged to :func:`serial_log_path`, a UEFI
     variable store at :func:`nvram_path`), direct kernel boot from
     :data:`GUEST_DIR`, and serial 1 a UNIX socket at :func:`cmd_sock_path`
     (QEMU listens). Paths must be absolute and reachable by libvirt's QEMU user.
+    ``balloon`` as in :func:`base_domain` (the guest's initramfs loads
+    virtio_balloon; a guest built before it did ignores the device).
     """
     dom, os_, dev = base_domain(name, disk=disk, serial_log=serial_log_path(name, workdir),
                                 memory_mib=memory_mib, file_backed_ram=file_backed_ram, firmware=firmware,
-                                nvram=nvram_path(name, workdir))
+                                nvram=nvram_path(name, workdir), balloon=balloon)
     ET.SubElement(os_, "kernel").text = str(GUEST_DIR / "vmlinuz")
     ET.SubElement(os_, "initrd").text = str(GUEST_DIR / "initrd.img")
     ET.SubElement(os_, "cmdline").text = kernel_cmdline()
@@ -328,9 +349,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="directory for NAME.serial.log and NAME.cmd.sock")
     x.add_argument("--memory-mib", type=int, default=256)
     x.add_argument("--file-backed-ram", action="store_true", help="back guest RAM with a shared file")
+    x.add_argument("--balloon", choices=BALLOONS, default="none",
+                   help="memory balloon: none (default), virtio, or virtio with free page reporting")
     a = p.parse_args(argv)
     sys.stdout.write(domain_xml(a.name, disk=a.disk.absolute(), workdir=a.workdir.absolute(),
-                                memory_mib=a.memory_mib, file_backed_ram=a.file_backed_ram))
+                                memory_mib=a.memory_mib, file_backed_ram=a.file_backed_ram,
+                                balloon=a.balloon))
     return 0
 
 
