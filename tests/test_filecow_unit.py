@@ -88,3 +88,14 @@ def test_hook_refuses_files_outside_its_directory(tmp_path):
     r = run_hook(domain_for_hook(tmp_path, secret, "x"), "x", "start", "begin", "-")
     assert r.returncode == 1 and "refusing" in r.stderr
     assert not (tmp_path / "42-x" / "pc.ram").exists()
+
+
+def test_can_serve_refuses_free_page_reporting():
+    from instaclone.hv import DomainInfo
+    xml = SOURCE_XML.format(name="s", uuid="00000000-0000-0000-0000-000000000002", disk="/d.qcow2").replace(
+        "<devices>", "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking><devices>")
+    mem = FileCowMemory.__new__(FileCowMemory)
+    fpr = xml.replace("</devices>", "<memballoon model='virtio' freePageReporting='on'/></devices>")
+    assert "free page reporting" in (mem.can_serve(DomainInfo("s", "u", "running", 0, fpr)) or "")
+    plain = xml.replace("</devices>", "<memballoon model='virtio'/></devices>")
+    assert mem.can_serve(DomainInfo("s", "u", "running", 0, plain)) is None

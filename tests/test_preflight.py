@@ -366,3 +366,18 @@ def test_ram_dir_reads_qemu_conf_and_statfs(tmp_path):
     assert (missing.path, missing.configured) == (hostfs.DEFAULT_MEMORY_BACKING_DIR, False)
     with pytest.raises(OSError):
         hostfs.fs_magic(str(tmp_path / "absent"))
+
+
+def test_virtio_balloon_warns_about_inflating_filecow_clones():
+    xml = edit(READY, add("devices", "<memballoon model='virtio'/>"))
+    f = item(pf.check(xml, RUNNING), "balloon")
+    assert (f.ok, f.level) == (True, "warn") and "setmem" in f.detail and "siblings" in f.detail
+
+
+def test_free_page_reporting_balloon_keeps_filecow_away():
+    xml = edit(READY, add("devices", "<memballoon model='virtio' freePageReporting='on'/>"))
+    f = item(pf.check(xml, RUNNING), "balloon")
+    assert (f.ok, f.level) == (False, "warn") and "punched out of the RAM image" in f.detail
+    assert "<memballoon model='none'/>" in (f.fix or "")
+    assert not [x for x in pf.check(edit(READY, add("devices", "<memballoon model='none'/>")), RUNNING).checks
+                if x.capability == "balloon"]

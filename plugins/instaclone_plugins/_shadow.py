@@ -87,7 +87,9 @@ def shadow_of(ctx: StunContext) -> Shadow | None:
 
 async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config: Config) -> Shadow:
     """Define and start the job's paused shadow (everything recorded first)."""
-    shadow = Shadow(shadow_name(ctx.job_id), ctx.job_dir / "shadow")
+    # A short directory, and file names kept as the source's: the shadow's
+    # sockets must fit a UNIX socket path (108 bytes).
+    shadow = Shadow(shadow_name(ctx.job_id), ctx.job_dir / "sh")
     await record(ResourceKind.FILE, str(shadow.dir))
     owner = await asyncio.to_thread(_owner, ctx.source.disks[0].path if ctx.source.disks else ctx.job_dir)
     await asyncio.to_thread(_make_dir, shadow.dir, owner)
@@ -108,10 +110,9 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
         await asyncio.to_thread(os.chown, nvram, *owner)
     ident = domxml.CloneIdentity(
         name=shadow.name, uuid=new_uuid(), macs=[new_mac() for _ in range(domxml.count_interfaces(ctx.source.xml))],
-        dir=shadow.dir, disks=disks, source=ctx.source.name, job_id=ctx.job_id,
-        extra_qemu_args=["-incoming", "defer"], nvram=nvram,
+        dir=shadow.dir, disks=disks, job_id=ctx.job_id, extra_qemu_args=["-incoming", "defer"], nvram=nvram,
     )
-    xml = domxml.shadow_xml(domxml.clone_xml(ctx.source.xml, ident))
+    xml = domxml.shadow_xml(domxml.clone_xml(ctx.source.xml, ident), source=ctx.source.name)
     await record(ResourceKind.DOMAIN, shadow.name)
     await virt.define(xml)
     await virt.start(shadow.name, paused=True)

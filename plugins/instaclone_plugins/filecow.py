@@ -65,6 +65,16 @@ from . import _shadow
 
 RAM_ALIAS = "pc.ram"
 
+# Measured here (issue 13): QEMU 7.2 discards a reported page of a file-backed
+# RAM block with fallocate(PUNCH_HOLE) on the file, MAP_PRIVATE or not. A
+# clone inherits the source's balloon (the migrated device state needs it),
+# so its reports punched 270-280 MiB out of the image two siblings mapped,
+# and the sibling read zeros in place of its tmpfs data, silently.
+FREE_PAGE_REPORTING = (
+    "its virtio balloon has free page reporting on (freePageReporting='on'): on QEMU 7.2 a clone's reported "
+    "free pages are punched out of the RAM image its sibling clones share, corrupting their memory; turn it "
+    "off in the source's definition and restart the source, or clone it with saverestore")
+
 log = get_logger(component="filecow")
 
 
@@ -81,6 +91,8 @@ class FileCowMemory(MemoryBackend):
                     "<access mode='shared'/></memoryBacking>)")
         if domxml.has_numa(source.xml):
             return "guest NUMA cells (several RAM backends) are not supported yet"
+        if domxml.balloon(source.xml)[1]:
+            return FREE_PAGE_REPORTING
         return None
 
     # -- the stun: pre-copy into a shadow, or a plain pause ------------------------------

@@ -109,7 +109,8 @@ OPENAPI: dict[str, Any] = {
         "CheckItem": {"type": "object", "required": ["capability", "ok", "level", "detail", "fix"], "properties": {
             "capability": {"type": "string", "enum": ["state", "cow_memory", "mac_reset", "guest_customization",
                                                       "vm_generation_id", "firmware", "tpm", "disk",
-                                                      "chain_depth", "host_state"]},
+                                                      "chain_depth", "host_state", "ram_filesystem",
+                                                      "balloon"]},
             "ok": {"type": "boolean"},
             "level": {"type": "string", "enum": ["ok", "warn", "error"]},
             "detail": {"type": "string"},

@@ -218,6 +218,14 @@ def file_ram(xml: str) -> tuple[bool, str | None]:
             access.get("mode") if access is not None else None)
 
 
+def balloon(xml: str) -> tuple[bool, bool]:
+    """(has a virtio memory balloon, with free page reporting on)."""
+    el = ET.fromstring(xml).find("./devices/memballoon")
+    if el is None or el.get("model", "virtio") not in ("virtio", "virtio-transitional", "virtio-non-transitional"):
+        return False, False
+    return True, el.get("freePageReporting") == "on"
+
+
 def has_numa(xml: str) -> bool:
     """Whether the domain defines guest NUMA cells."""
     return ET.fromstring(xml).find("./cpu/numa") is not None
@@ -258,8 +266,8 @@ def map_frozen_ram(xml: str, *, ram: Path, ramdir: Path, incoming: bool) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def shadow_xml(xml: str) -> str:
-    """A clone definition made a pre-copy shadow: RAM in a fresh shared file, marked as a shadow.
+def shadow_xml(xml: str, *, source: str) -> str:
+    """A clone definition made a pre-copy shadow of ``source``: RAM in a fresh shared file, marked as a shadow.
 
     The shadow's RAM file receives the source's memory by migration and is
     then mapped by clones; ``role='shadow'`` tells it from a clone.
@@ -272,6 +280,7 @@ def shadow_xml(xml: str) -> str:
     mark = root.find(f"./metadata/{{{IC_NS}}}clone")
     if mark is not None:
         mark.set("role", "shadow")
+        mark.set("source", source)
         for key in ("ram", "ramdir"):
             mark.attrib.pop(key, None)
     return ET.tostring(root, encoding="unicode")

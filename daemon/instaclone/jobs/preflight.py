@@ -230,6 +230,24 @@ def _customization(root: ET.Element, facts: Facts) -> Finding:
                    "needs an agent that answers in the guest")
 
 
+def _balloon(root: ET.Element, facts: Facts) -> list[Finding]:
+    """A virtio balloon in a filecow clone discards pages of the RAM image its siblings share (QEMU 7.2)."""
+    model = root.find("./devices/memballoon")
+    if model is None or model.get("model", "virtio") not in ("virtio", "virtio-transitional",
+                                                              "virtio-non-transitional"):
+        return []
+    fix = "<memballoon model='none'/> (or no free page reporting, and never inflate a clone's balloon)"
+    if model.get("freePageReporting") == "on":
+        return [Finding("balloon", False, WARN, "virtio balloon with free page reporting: a filecow clone's "
+                        "reported free pages would be punched out of the RAM image its siblings share (QEMU "
+                        "7.2 discards file-backed RAM with fallocate, even when mapped privately), so filecow "
+                        "refuses this source and clones copy their RAM (saverestore); on the source alone it "
+                        "keeps freed pages out of every copy", fix)]
+    return [Finding("balloon", True, WARN, "virtio balloon: do not inflate a filecow clone's balloon (virsh setmem "
+                    "--live): QEMU 7.2 discards the pages it gets back by punching holes in the RAM image the "
+                    "clone's siblings share, and they read zeros there", fix)]
+
+
 def _genid(root: ET.Element, facts: Facts) -> Finding:
     cap = "vm_generation_id"
     note = ("the guest kernel needs a VMGENID driver to notice (and reseed its random state); Debian's cloud "
@@ -405,8 +423,9 @@ PREPARABLE: dict[str, Callable[[ET.Element], bool]] = {
 def xml_findings(root: ET.Element, facts: Facts) -> list[Finding]:
     """Every finding that depends on the XML (all but the state)."""
     items = vmstate.walk(ET.tostring(root, encoding="unicode"))
-    return [_memory(root, facts), _mac_reset(root, facts), _customization(root, facts), _genid(root, facts),
-            _firmware(root, items), *_tpm(root, facts), *_disks(root, items, facts), *_host_state(items)]
+    return [_memory(root, facts), *_balloon(root, facts), _mac_reset(root, facts), _customization(root, facts),
+            _genid(root, facts), _firmware(root, items), *_tpm(root, facts), *_disks(root, items, facts),
+            *_host_state(items)]
 
 
 def check(xml: str, facts: Facts | None = None) -> Report:
