@@ -67,6 +67,11 @@ def _set_caps(dom: lv.Domain, ignore_shared: bool, *, pause_before_switchover: b
     })
 
 
+def _finishing(dom: lv.Domain) -> bool:
+    """QEMU's run state is still finish-migrate: a migration's end is not settled yet."""
+    return (qmp(dom, "query-status") or {}).get("status") == "finish-migrate"
+
+
 #: Statuses of a migration that is still in flight (QEMU's MigrationStatus).
 IN_FLIGHT = ("setup", "active", "pre-switchover", "device", "postcopy-active", "postcopy-paused",
              "postcopy-recover", "wait-unplug", "cancelling")
@@ -176,7 +181,10 @@ class Migration(Connection):
                 looked = time.monotonic()
                 info = qmp(dom, "query-migrate") or {}
                 status = str(info.get("status", "none"))
-                if status in until:
+                # "completed" shows before QEMU leaves its finish-migrate run
+                # state (in a bottom half); until then a `cont` fails with
+                # "Migration is not finalized yet".
+                if status in until and not (status == "completed" and _finishing(dom)):
                     return MigrationInfo(status, dict(info), last_running)
                 if status in ("failed", "cancelled"):
                     raise VirtError(f"migration of {name!r} {status}: {info.get('error-desc', status)}")
@@ -205,15 +213,17 @@ class Migration(Connection):
 
         def do() -> bool:
             dom = self._dom(name)
-            if (qmp(dom, "query-migrate") or {}).get("status") not in IN_FLIGHT:
-                return False
-            with suppress(VirtError):  # it ended meanwhile
-                qmp(dom, "migrate_cancel")
+            cancelled = (qmp(dom, "query-migrate") or {}).get("status") in IN_FLIGHT
+            if cancelled:
+                with suppress(VirtError):  # it ended meanwhile
+                    qmp(dom, "migrate_cancel")
+            # Also when it had completed: until QEMU leaves finish-migrate,
+            # the source cannot be resumed.
             deadline = time.monotonic() + 30.0
-            while (qmp(dom, "query-migrate") or {}).get("status") in IN_FLIGHT:
+            while (qmp(dom, "query-migrate") or {}).get("status") in IN_FLIGHT or _finishing(dom):
                 if time.monotonic() > deadline:
                     raise VirtTimeout(f"the migration of {name!r} did not end within 30 s of migrate_cancel")
                 time.sleep(0.005)
-            return True
+            return cancelled
 
         return await self._call(f"cancel the migration of {name!r}", do)
