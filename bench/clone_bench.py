@@ -143,7 +143,7 @@ async def clone_once(d: Daemon, source: str, name: str, count: int = 1) -> tuple
     t0 = time.monotonic()
     job = await d.engine.submit(source=source, name=name, count=count)
     await d.engine.wait(job.id, 900)
-    rec = await d.journal.get_job(job.id)
+    rec = await d.store.get_job(job.id)
     assert rec is not None and rec.state.value == "Unstunned", (rec.state if rec else None, rec.error if rec else None)
     names = [c["name"] for c in rec.result["clones"]]
     logs = [d.config.clones_dir / n / f"{n}.serial.log" for n in names]
@@ -223,7 +223,7 @@ async def run(sizes: list[int], pool: int) -> dict[str, Any]:
         await b.cleanup()
         for d in daemons.values():
             assert d.engine is not None
-            for c in await d.journal.list_clones():
+            for c in await d.store.list_clones():
                 await d.engine.destroy_clone(c.name)
             await d.stop()
         await virt.close()
