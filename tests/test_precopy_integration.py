@@ -33,9 +33,9 @@ RAM_ROOT = Path("/var/lib/libvirt/qemu/ram")
 SEED = "dd if=/dev/urandom of=/tmp/seed bs=1M count=4 2>/dev/null"
 # Random, not zeros: zero pages are not carried by a migration.
 FILL = SEED + "; mount -o remount,size=95% /tmp; for i in $(seq {n}); do cat /tmp/seed; done > /tmp/fill; echo ok"
-# Dirties 4 MiB about twice a second, and leaves the vCPU time for the rest
+# Dirties 1 MiB a second, and leaves the vCPU time for the rest
 # (every clone inherits the loop; a clone's NIC replug needs its guest).
-BUSY = ("(while :; do dd if=/dev/urandom of=/tmp/busy bs=1M count=4 2>/dev/null; sleep 0.3; done) "
+BUSY = ("(while :; do dd if=/dev/urandom of=/tmp/busy bs=1M count=1 2>/dev/null; sleep 1; done) "
         ">/dev/null 2>&1 </dev/null & echo started")
 
 

@@ -86,8 +86,11 @@ class _Starter:
                 await virt.set_link(clone.name, mac, up=False)
         await virt.resume(clone.name)
         lap("start")
+        # The guest releases the old NIC itself (ACPI): as slow as the guest
+        # is busy, so it gets the budget of the guest-side work.
         for mac in clone.macs:
-            await virt.replug_interface(clone.name, mac, link_up=not self.customizing)
+            await virt.replug_interface(clone.name, mac, link_up=not self.customizing,
+                                        timeout_s=self.svc.config.clone.customize_timeout_s)
         lap("nic_replug")
 
     async def _host_keys(self, clone: CloneTarget) -> dict[str, tuple[bytes, bytes]] | None:
