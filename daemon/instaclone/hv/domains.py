@@ -136,7 +136,13 @@ class Domains(Connection):
             if dom is None:
                 return
             if dom.isActive():
-                dom.destroy()
+                try:
+                    dom.destroy()
+                except lv.LibvirtError:
+                    # It stopped by itself meanwhile (a QEMU whose incoming
+                    # migration failed exits): "domain is not running".
+                    if dom.isActive():
+                        raise
             dom.undefineFlags(_UNDEFINE_FLAGS)
 
         await self._call(f"undefine {name!r}", do)
