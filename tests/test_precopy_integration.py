@@ -97,7 +97,10 @@ async def test_ten_clones_of_a_big_busy_running_source(prod):
                                               {"source": "ic-big", "name": name, "customize": False})
                 assert status in (201, 202), body
                 job = body["job"]
-                assert job["state"] == "Unstunned", job.get("error")
+                if job["state"] != "Unstunned":
+                    log = clone_log(config, name)
+                    tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+                    raise AssertionError(f"{job.get('error')}\nclone serial log:\n{tail}")
                 mem = job["result"]["memory"]
                 assert mem["mode"] == "precopy", mem
                 stuns.append(job["result"]["stun_ms"])

@@ -94,7 +94,8 @@ class FileCowConfig:
     # QEMU's downtime-limit: the longest final copy (RAM still dirty plus
     # device state) the pre-copy plans for at switchover.
     precopy_downtime_ms: int = 30
-    precopy_timeout_s: float = 60.0
+    # Below clone.step_timeout_s (the Stunned step's timeout, which it runs in).
+    precopy_timeout_s: float = 90.0
 
 
 @dataclass(frozen=True)

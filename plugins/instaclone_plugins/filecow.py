@@ -47,6 +47,7 @@ from typing import Any
 
 from instaclone.plugin_api import (
     CloneTarget,
+    ConfigError,
     DomainInfo,
     InstacloneError,
     MemoryBackend,
@@ -83,6 +84,13 @@ class FileCowMemory(MemoryBackend):
     supports_running_source = True
     supports_frozen_source = True
     shares_memory = True
+
+    async def check(self) -> None:
+        fc, clone = self.config.filecow, self.config.clone
+        if fc.source_mode == "precopy" and fc.precopy_timeout_s >= clone.step_timeout_s:
+            raise ConfigError(f"memory.filecow.precopy_timeout_s ({fc.precopy_timeout_s:g}) must be below "
+                              f"clone.step_timeout_s ({clone.step_timeout_s:g}): the pre-copy runs inside the "
+                              "Stunned step, which that timeout ends")
 
     def can_serve(self, source: DomainInfo) -> str | None:
         file_backed, access = domxml.file_ram(source.xml)
