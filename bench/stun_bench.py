@@ -229,7 +229,8 @@ class Bench:
         c = cfg.from_dict({"memory": {"filecow": {"source_mode": mode}}})
         a = self.args
         return replace(c,
-                       daemon=replace(c.daemon, state_dir=self.work / f"state-{mode}",
+                       # Short: a clone's sockets live below it (108 bytes at most).
+                       daemon=replace(c.daemon, state_dir=self.work / f"s-{mode[:3]}",
                                       socket=self.work / f"{mode}.sock", log_format="console",
                                       log_level="warning"),
                        clone=replace(c.clone, memory_backend="filecow", memory_fallback="none",
@@ -315,7 +316,7 @@ class Bench:
                                       "with no clone left")
                     emit({"case": case.label, "mode": mode, "stopped": out["stopped"]})
                     break
-                name = f"{self.tag}-{case.ram_mib}-{case.used_mib}-{short}{i}"
+                name = f"{self.tag}-{case.ram_mib // 1024}g{case.used_mib}{short}{i}"  # short: socket paths
                 job = await self.clone_once(d, source, name, i)
                 if job.outcome == "Unstunned":
                     alive.append(Alive(name, d))
