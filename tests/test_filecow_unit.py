@@ -99,3 +99,25 @@ def test_can_serve_refuses_free_page_reporting():
     assert "free page reporting" in (mem.can_serve(DomainInfo("s", "u", "running", 0, fpr)) or "")
     plain = xml.replace("</devices>", "<memballoon model='virtio'/></devices>")
     assert mem.can_serve(DomainInfo("s", "u", "running", 0, plain)) is None
+
+
+def test_punch_zero_pages_gives_back_only_zero_pages(tmp_path):
+    import os
+
+    from instaclone_plugins.filecow import punch_zero_pages
+    f = tmp_path / "ram"
+    page = 4096
+    with open(f, "wb") as out:
+        out.truncate(64 * page)  # a hole of 64 pages...
+        out.seek(3 * page)
+        out.write(b"\x01" * page)  # data in page 3
+        out.write(bytes(10 * page))  # ...10 pages written with zeros
+        out.write(b"\x02" * 7 + bytes(page - 7))  # page 14: data
+        out.seek(600 * page)
+        out.write(bytes(600 * page))  # 2.3 MiB of written zeros past a 2 MiB chunk
+    before = f.read_bytes()
+    allocated = os.stat(f).st_blocks * 512
+    freed = punch_zero_pages(f)
+    assert 600 * page <= freed <= 610 * page  # ext4 may keep a block of the zeros next to data
+    assert f.read_bytes() == before
+    assert os.stat(f).st_blocks * 512 == allocated - freed
