@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
-from ..errors import DomainNotFound
+from ..errors import DomainNotFound, VirtStateError
 from . import _libvirt as lv
 from .connection import Connection
 from .records import DomainInfo, file_disks
@@ -94,6 +96,18 @@ class Domains(Connection):
             dom = self._dom(name)
             if dom.state()[0] == lv.VIR_DOMAIN_PAUSED:
                 dom.resume()
+                return
+            # QEMU stops a source by itself at a migration's switchover, and
+            # libvirt learns it from an event: until then it says "running",
+            # and a source left in postmigrate would stay stopped. Ask QEMU.
+            if dom.state()[0] != lv.VIR_DOMAIN_RUNNING or not _qemu_stopped_by_migration(dom):
+                return
+            deadline = time.monotonic() + 5.0
+            while dom.state()[0] != lv.VIR_DOMAIN_PAUSED:
+                if time.monotonic() > deadline:
+                    raise VirtStateError(f"{name!r} is stopped in QEMU (postmigrate) but libvirt says it runs")
+                time.sleep(0.005)
+            dom.resume()
 
         await self._call(f"resume {name!r}", do)
 
@@ -167,3 +181,12 @@ class Domains(Connection):
 def _xml_attr(value: str) -> str:
     return (value.replace("&", "&amp;").replace("'", "&apos;").replace("<", "&lt;")
             .replace(">", "&gt;").replace('"', "&quot;"))
+
+
+def _qemu_stopped_by_migration(dom: lv.Domain) -> bool:
+    """QEMU's own run state is postmigrate (or finish-migrate): a migration stopped the vCPUs."""
+    try:
+        answer = json.loads(lv.qemu_monitor_command(dom, json.dumps({"execute": "query-status"}), None))
+    except lv.LibvirtError:  # gone meanwhile, or no monitor: nothing we could resume
+        return False
+    return (answer.get("return") or {}).get("status") in ("postmigrate", "finish-migrate")
