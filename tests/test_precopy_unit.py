@@ -32,7 +32,7 @@ async def run_job(world: FakeWorld, **config_changes: object) -> Any:
 
 
 async def world_at(tmp_path: Path) -> FakeWorld:
-    return await FakeWorld.create(tmp_path / "w", storage="fake", memory="filecow")
+    return await FakeWorld.create(tmp_path / "w", storage="fake", memory="filecow-precopy")
 
 
 async def test_precopy_stops_the_source_only_around_the_snapshot(tmp_path: Path) -> None:

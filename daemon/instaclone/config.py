@@ -90,7 +90,7 @@ class FileCowConfig:
     #         the migration's switchover plus the disk snapshot, and clones map
     #         the shadow's file. Falls back to "copy" if the pre-copy does not
     #         reach the switchover within precopy_timeout_s.
-    source_mode: str = "precopy"
+    source_mode: str = "copy"
     # QEMU's downtime-limit: the longest final copy (RAM still dirty plus
     # device state) the pre-copy plans for at switchover.
     precopy_downtime_ms: int = 30

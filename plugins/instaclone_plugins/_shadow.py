@@ -120,16 +120,15 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
     return shadow
 
 
-async def link_ram(*, shadow: Shadow, virt: Hypervisor, image_dir: Path, alias: str) -> Path:
-    """Hard-link the shadow's RAM file into ``image_dir`` (it outlives the shadow there)."""
-    found = await virt.ram_file(shadow.name, alias)
-    if found is None or not found[1]:
-        raise MemoryError_(f"shadow {shadow.name!r} has no shared RAM file (got {found})")
+async def link_ram(*, shadow: Shadow, ram: tuple[Path, bool], image_dir: Path, alias: str) -> Path:
+    """Hard-link the shadow's RAM file ``ram`` (path, shared) into ``image_dir``: it outlives the shadow there."""
+    if not ram[1]:
+        raise MemoryError_(f"shadow {shadow.name!r} has no shared RAM file (got {ram})")
     frozen = image_dir / alias
     try:
-        await asyncio.to_thread(os.link, found[0], frozen)
+        await asyncio.to_thread(os.link, ram[0], frozen)
     except OSError as exc:
-        raise MemoryError_(f"cannot link the shadow's RAM file {found[0]} to {frozen}: {exc}") from None
+        raise MemoryError_(f"cannot link the shadow's RAM file {ram[0]} to {frozen}: {exc}") from None
     return frozen
 
 

@@ -156,7 +156,7 @@ class FileCowMemory(MemoryBackend):
         await record(ResourceKind.FILE, str(image_dir))
         await record(ResourceKind.FILE, str(state))
         await asyncio.to_thread(image_dir.mkdir, parents=True, exist_ok=True)
-        frozen = await _shadow.link_ram(shadow=shadow, virt=self.virt, image_dir=image_dir, alias=RAM_ALIAS)
+        frozen = await _shadow.link_ram(shadow=shadow, ram=found, image_dir=image_dir, alias=RAM_ALIAS)
         stats = await self.virt.save_state(shadow.name, state, ignore_shared=True,
                                            timeout_s=self.config.clone.step_timeout_s)
         await self.virt.undefine(shadow.name)

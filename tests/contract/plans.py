@@ -56,8 +56,8 @@ def cases_of(storage: str, memory: str, scenario: Scenario, plan: Injector, *,
 
 FAKE_SCENARIOS = (Scenario("job", count=2, customize=True), Scenario("frozen-job"), Scenario("freeze"),
                   Scenario("unfreeze"))
-# filecow runs in its default mode (precopy) and in copy mode.
-FAKE_COMBOS = (("fake", "saverestore"), ("fake", "filecow"), ("fake", "filecow-copy"))
+# filecow runs in its default mode (copy) and in precopy mode.
+FAKE_COMBOS = (("fake", "saverestore"), ("fake", "filecow"), ("fake", "filecow-precopy"))
 FAKE_CLONE = "ct"
 
 
@@ -77,7 +77,7 @@ def fake_cases() -> list[Case]:
     out = []
     for storage, memory in FAKE_COMBOS:
         for scenario in FAKE_SCENARIOS:
-            if memory.endswith("-copy") and scenario.name != "job":
+            if memory.endswith("-precopy") and scenario.name != "job":
                 continue  # a frozen source is served the same in every mode
             plan = asyncio.run(_fake_plan(storage, memory, scenario))
             out += cases_of(storage, memory, scenario, plan)
