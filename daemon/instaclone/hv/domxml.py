@@ -281,8 +281,6 @@ def shadow_xml(xml: str, *, source: str) -> str:
     if mark is not None:
         mark.set("role", "shadow")
         mark.set("source", source)
-        for key in ("ram", "ramdir"):
-            mark.attrib.pop(key, None)
     return ET.tostring(root, encoding="unicode")
 
 

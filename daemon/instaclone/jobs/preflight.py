@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..hv import hostfs, vmstate
+from ..hv import domxml, hostfs, vmstate
 from .customize import AGENT_CHANNEL, has_agent_channel
 
 #: Disk image formats the file-based storage backends stack deltas on.
@@ -232,12 +232,11 @@ def _customization(root: ET.Element, facts: Facts) -> Finding:
 
 def _balloon(root: ET.Element, facts: Facts) -> list[Finding]:
     """A virtio balloon in a filecow clone discards pages of the RAM image its siblings share (QEMU 7.2)."""
-    model = root.find("./devices/memballoon")
-    if model is None or model.get("model", "virtio") not in ("virtio", "virtio-transitional",
-                                                              "virtio-non-transitional"):
+    virtio, reporting = domxml.balloon(ET.tostring(root, encoding="unicode"))
+    if not virtio:
         return []
     fix = "<memballoon model='none'/> (or no free page reporting, and never inflate a clone's balloon)"
-    if model.get("freePageReporting") == "on":
+    if reporting:
         return [Finding("balloon", False, WARN, "virtio balloon with free page reporting: a filecow clone's "
                         "reported free pages would be punched out of the RAM image its siblings share (QEMU "
                         "7.2 discards file-backed RAM with fallocate, even when mapped privately), so filecow "
