@@ -209,10 +209,16 @@ class Migration(Connection):
                          lambda: qmp(self._dom(name), "migrate-continue", {"state": "pre-switchover"}))
 
     async def cancel_migration(self, name: str) -> bool:
-        """Cancel an in-flight outgoing migration of ``name`` and wait until QEMU is done with it."""
+        """Cancel an in-flight outgoing migration of ``name`` and wait until QEMU is done with it.
+
+        A domain that is not running (destroyed, crashed) has no migration:
+        nothing to cancel.
+        """
 
         def do() -> bool:
             dom = self._dom(name)
+            if not dom.isActive():
+                return False
             cancelled = (qmp(dom, "query-migrate") or {}).get("status") in IN_FLIGHT
             if cancelled:
                 with suppress(VirtError):  # it ended meanwhile
