@@ -33,7 +33,10 @@ def print_job(job: dict[str, Any]) -> None:
         mode = f" ({mem['mode']})" if mem.get("mode") else ""
         print(f"  memory backend: {result['memory_backend']}{mode}{extra}")
     if result.get("stun_ms") is not None:
-        print(f"  source stunned for {result['stun_ms']:.1f} ms")
+        stun = result.get("stun") or {}
+        shared = len(stun.get("jobs", [])) - 1
+        also = f" (one stun shared with {shared} other job{'s' if shared > 1 else ''})" if shared > 0 else ""
+        print(f"  source stunned for {result['stun_ms']:.1f} ms{also}")
     elif result.get("frozen_source"):
         print("  frozen source: no stun")
     for c in result.get("clones", []):
@@ -50,6 +53,12 @@ def print_job(job: dict[str, Any]) -> None:
             print(f"    script            exit {ident['script']['exit_status']}")
         if c.get("nvram"):
             print(f"    nvram             {c['nvram']}")
+    failed = result.get("failed_clones") or (job.get("error") or {}).get("failed_clones") or []
+    for f in failed:
+        err = f.get("error") or {}
+        print(f"  clone {f['name']}  FAILED and removed: {err.get('message')} [{err.get('code')}]")
+        for left in f.get("left_behind") or []:
+            print(f"    left behind: {left}")
 
 
 _LEVELS = {"ok": "OK", "warn": "WARN", "error": "FAIL"}

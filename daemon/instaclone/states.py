@@ -23,6 +23,7 @@ class State(enum.StrEnum):
     MEMORY_LINKED = "MemoryLinked"
     CONFIGURED = "Configured"
     UNSTUNNED = "Unstunned"
+    PARTIAL = "Partial"
     FAILED = "Failed"
     NEEDS_ATTENTION = "NeedsAttention"
 
@@ -53,6 +54,7 @@ _EVENT_TYPES: dict[State, str] = {
     State.MEMORY_LINKED: "clone.memory_linked",
     State.CONFIGURED: "clone.configured",
     State.UNSTUNNED: "clone.ready",
+    State.PARTIAL: "clone.partial",
     State.FAILED: "clone.failed",
     State.NEEDS_ATTENTION: "clone.needs_attention",
 }
@@ -72,7 +74,10 @@ HAPPY_PATH: tuple[State, ...] = (
     State.UNSTUNNED,
 )
 
-TERMINAL = frozenset({State.UNSTUNNED, State.FAILED, State.NEEDS_ATTENTION})
+#: Unstunned: every clone of the job runs. Partial: the source was cloned,
+#: some clones run and the others failed and were removed, each reported in
+#: the result's ``failed_clones``. Failed: no clone was made.
+TERMINAL = frozenset({State.UNSTUNNED, State.PARTIAL, State.FAILED, State.NEEDS_ATTENTION})
 
 _FAIL = frozenset({State.FAILED, State.NEEDS_ATTENTION})
 
@@ -84,8 +89,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.SOURCE_DELTA_CREATED: frozenset({State.CLONE_DELTA_CREATED}) | _FAIL,
     State.CLONE_DELTA_CREATED: frozenset({State.MEMORY_LINKED}) | _FAIL,
     State.MEMORY_LINKED: frozenset({State.CONFIGURED}) | _FAIL,
-    State.CONFIGURED: frozenset({State.UNSTUNNED}) | _FAIL,
+    State.CONFIGURED: frozenset({State.UNSTUNNED, State.PARTIAL}) | _FAIL,
     State.UNSTUNNED: frozenset(),
+    State.PARTIAL: frozenset(),
     State.FAILED: frozenset(),
     State.NEEDS_ATTENTION: frozenset(),
 }

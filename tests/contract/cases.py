@@ -182,7 +182,8 @@ async def settle(world: World, scenario: Scenario, job_id: str | None, out: harn
     """Check the outcome's record; undo what a successful operation made (it is no leftover)."""
     bad = report.violations
     if job_id is not None:
-        bad += [f"journal record not released: {r}" for r in await harness.unreleased(world.journal, job_id)]
+        for owner_id in (job_id, f"stun-{job_id}"):  # the job's own records, and its stun's
+            bad += [f"journal record not released: {r}" for r in await harness.unreleased(world.journal, owner_id)]
     bad += [f"unfinished job in the journal: {j}" for j in await harness.unfinished_jobs(world.journal)]
     if out.state == "Failed":
         err = out.error or {}
@@ -197,6 +198,19 @@ async def settle(world: World, scenario: Scenario, job_id: str | None, out: harn
             report.note = "tolerated" if mode == "live" else "rolled forward"
         if len(out.clones) != scenario.count:
             bad.append(f"job succeeded with clones {out.clones}, expected {scenario.count}")
+        for c in out.clones:
+            if (state := await world.virt.state(c)) != "running":
+                bad.append(f"clone {c} is {state}")
+        await with_engine(world, lambda e: _destroy_all(e, out.clones))
+    elif out.state == "Partial":
+        # Some clones failed and were removed alone; the others run and are registered.
+        failed = (out.result or {}).get("failed_clones") or []
+        if len(out.clones) + len(failed) != scenario.count or not out.clones or not failed:
+            bad.append(f"partial job with clones {out.clones} and failed {failed}, expected {scenario.count}")
+        if mode == "live" and not all("injected fault" in json.dumps(f.get("error")) for f in failed):
+            bad.append(f"a failed clone's error does not say what failed: {failed}")
+        if any(f.get("left_behind") for f in failed):
+            bad.append(f"a failed clone left something behind: {failed}")
         for c in out.clones:
             if (state := await world.virt.state(c)) != "running":
                 bad.append(f"clone {c} is {state}")

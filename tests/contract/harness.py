@@ -35,7 +35,7 @@ from ..guests import devguest as devguest  # the busybox test guest's driver
 Hypervisor = LibvirtHypervisor
 
 #: Job states after which a job's task does no more work for the job itself.
-TERMINAL = frozenset({"Unstunned", "Failed", "NeedsAttention"})
+TERMINAL = frozenset({"Unstunned", "Partial", "Failed", "NeedsAttention"})
 
 STORAGE: dict[str, type[StorageBackend]] = {"qcow2": Qcow2Storage, "fake": FakeStorage}
 MEMORY: dict[str, type[MemoryBackend]] = {"filecow": FileCowMemory, "saverestore": SaveRestoreMemory}
@@ -121,6 +121,7 @@ class Outcome:
     state: str
     error: dict[str, Any] | None
     clones: list[str] = field(default_factory=list)  # registered as finished clones
+    result: dict[str, Any] | None = None
 
 
 async def job_outcome(journal: Journal, job_id: str) -> Outcome:
@@ -128,7 +129,7 @@ async def job_outcome(journal: Journal, job_id: str) -> Outcome:
     if job is None:
         return Outcome("absent", None)
     clones = [c.name for c in await journal.list_clones() if c.job_id == job_id]
-    return Outcome(job.state.value, job.error, clones)
+    return Outcome(job.state.value, job.error, clones, job.result)
 
 
 def _v(x: Any) -> Any:

@@ -1,9 +1,12 @@
 """The engine: a small facade over admission, the pipeline, recovery, templates and maintenance.
 
-Jobs come from the persistent queue (the store). Each job runs in its own
-supervised task; jobs of one source are serialized by the source's lock,
-jobs of different sources run concurrently up to ``daemon.max_concurrent_jobs``.
-See docs/architecture.md for how a job flows.
+Jobs come from the persistent queue (the store). Each job has its own
+supervised task. The source's lock covers a stun only: the jobs of a source
+that wait for its lock when it comes free are coalesced into one stun (the
+first of them leads; the others' tasks wait for their own job to end), and
+once the source runs again the lock is let go while the clones start, so
+the next stun may begin. Stuns of different sources run concurrently, up to
+``daemon.max_concurrent_jobs`` at once. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ class Engine:
         self._admission = Admission(self.svc)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
+        # Jobs dispatched and not yet taken into a stun, per source, in order.
+        self._waiting: dict[str, list[JobRecord]] = {}
+        self._stuns = 0
         self._slots = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
         self._running = 0
         self.accepting = True
@@ -89,6 +95,11 @@ class Engine:
     def active_jobs(self) -> int:
         """Jobs accepted and not finished (running or queued)."""
         return len(self._tasks)
+
+    @property
+    def stuns(self) -> int:
+        """Stuns (runs of coalesced jobs) started since the engine started."""
+        return self._stuns
 
     @property
     def queued_jobs(self) -> int:
@@ -159,6 +170,7 @@ class Engine:
 
     def _dispatch(self, job: JobRecord) -> None:
         self._done.setdefault(job.id, asyncio.Event())
+        self._waiting.setdefault(job.source, []).append(job)
         task = asyncio.get_running_loop().create_task(self._supervise(job), name=f"job-{job.id}")
         self._tasks[job.id] = task
         task.add_done_callback(functools.partial(self._forget, job.id))
@@ -166,22 +178,73 @@ class Engine:
     def _forget(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
 
+    def _take_batch(self, job: JobRecord) -> list[JobRecord]:
+        """The jobs ``job``'s stun takes: it and those waiting for the same source and backends.
+
+        Empty if another job's stun took ``job`` already. At most
+        ``clone.max_count`` clones share a stun (each adds to its length).
+        """
+        waiting = self._waiting.get(job.source, [])
+        if job not in waiting:
+            return []
+        batch: list[JobRecord] = []
+        keep: list[JobRecord] = []
+        total = 0
+        limit = self.svc.config.clone.max_count
+        for other in [job, *[j for j in waiting if j is not job]]:
+            same = (other.spec.memory_backend, other.spec.storage_backend) == \
+                (job.spec.memory_backend, job.spec.storage_backend)
+            if same and (not batch or total + other.spec.count <= limit):
+                batch.append(other)
+                total += other.spec.count
+            else:
+                keep.append(other)
+        self._waiting[job.source] = keep
+        return batch
+
     async def _supervise(self, job: JobRecord) -> None:
+        batch: list[JobRecord] = []
+        slot = False
         try:
-            async with self.svc.lock(job.source), self._slots:
-                self._running += 1
-                try:
-                    await pipeline.run_job(self.svc, job)
-                    # Still under the source's lock: no stun may snapshot a
-                    # disk while a block job runs on it.
-                    await maintenance.consolidate(self.svc, job)
-                finally:
-                    self._running -= 1
+            async with self.svc.lock(job.source):
+                batch = self._take_batch(job)
+                if batch:
+                    await self._slots.acquire()
+                    slot = True
+                    self._running += len(batch)
+                    self._stuns += 1
+                    run = pipeline.new_run(self.svc, batch, on_done=self._finished)
+                    started = await pipeline.stun_phase(self.svc, run)
+            if not batch:
+                # Led by another job's stun: this task ends with its job.
+                await self._done[job.id].wait()
+                return
+            if started:
+                await pipeline.start_phase(self.svc, run)
+            # The slot goes before the lock is taken again: a stun holding
+            # the lock may be waiting for a slot.
+            self._running -= len(batch)
+            self._slots.release()
+            slot = False
+            for member in batch:
+                # No stun may snapshot a disk while a block job runs on it.
+                async with self.svc.lock(job.source):
+                    await maintenance.consolidate(self.svc, member)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug: logged with its traceback, never takes the daemon down
             self.svc.log.exception("job.crashed", job_id=job.id)
         finally:
-            self._done[job.id].set()
-            # Waiters already woken; later ones read the finished job from the store.
-            asyncio.get_running_loop().call_later(DONE_KEEP_S, self._done.pop, job.id, None)
+            if slot:
+                self._running -= len(batch)
+                self._slots.release()
+            for member in batch:
+                self._finished(member.id)
+
+    def _finished(self, job_id: str) -> None:
+        ev = self._done.get(job_id)
+        if ev is None or ev.is_set():
+            return
+        ev.set()
+        # Waiters already woken; later ones read the finished job from the store.
+        asyncio.get_running_loop().call_later(DONE_KEEP_S, self._done.pop, job_id, None)

@@ -110,15 +110,23 @@ class Ledger:
             if res.kind is kind and res.ref == ref:
                 await self.store.set_resource(res.id, ResourceStatus.RELEASED)
 
-    async def rollback(self, owner_id: str, *, source: str, only: ResourceKind | None = None) -> list[str]:
-        """Undo every active record of ``owner_id`` (or those of kind ``only``); returns what could not be.
+    async def release_all(self, owner_id: str) -> None:
+        """Mark every active record of ``owner_id`` released: what they name is kept (handed over)."""
+        for res in await self.store.resources(owner_id):
+            await self.store.set_resource(res.id, ResourceStatus.RELEASED)
 
-        Each record is released right after its own undo succeeded, so a
-        crash in the middle leaves exactly the rest for recovery.
+    async def rollback(self, owner_id: str, *, source: str, only: ResourceKind | None = None,
+                       clone: str | None = None) -> list[str]:
+        """Undo every active record of ``owner_id`` (or those of kind ``only``, or of ``clone``).
+
+        Returns what could not be undone. Each record is released right after
+        its own undo succeeded, so a crash in the middle leaves exactly the
+        rest for recovery.
         """
         leftovers: list[str] = []
-        active = await self.store.resources(owner_id)
-        for res in undo_order([r for r in active if only is None or r.kind is only]):
+        active = [r for r in await self.store.resources(owner_id)
+                  if (only is None or r.kind is only) and (clone is None or r.clone == clone)]
+        for res in undo_order(active):
             undoer = self.undoers.get(res.owner)
             if undoer is None:
                 leftovers.append(f"{describe(res)}: no backend {res.owner!r} is loaded to remove it")

@@ -1,11 +1,19 @@
-"""The clone pipeline: a table of steps, one per state, run under the stun deadline.
+"""The clone pipeline: a table of steps, one per state, run for one stun shared by coalesced jobs.
 
-Each step is a state of the job (``states.State``) with its action and what
-its undo removes. An action records every resource in the ledger before it
-creates it; on any failure the runner calls ``Ledger.rollback`` (the same code
-crash recovery uses), which resumes the source first and removes the rest
-newest first. The states between Stunned and Configured run under the hard
-stun deadline (``clone.stun_deadline_ms``).
+Requests for one source that wait while its lock is held are coalesced
+(``jobs/engine.py``): they share one stun, one source delta and one memory
+image (recorded under the stun's own ledger id, ``stun-<first job id>``),
+while each job keeps its own clones, names, config, states and result, and
+its own ledger for what only it creates. A step is either shared (run once,
+every job records the state) or per job (one job's failure rolls back that
+job alone). On a shared failure the runner calls ``Ledger.rollback`` (the
+same code crash recovery uses): the source is resumed first, then the rest
+is removed newest first. The states between Stunned and Configured run under
+the hard stun deadline (``clone.stun_deadline_ms``).
+
+The stun phase (``stun_phase``) runs under the source's lock; the start
+phase (``start_phase``: the clones start, get their identity and are handed
+over) runs after it, while the next stun of the same source may already run.
 """
 
 from __future__ import annotations
@@ -27,40 +35,78 @@ from .admission import active_source
 from .files import copy_private, make_dir, owner_of, read_json, remove_path
 from .services import Services
 
+#: Ledger ids of what the jobs of one stun share start with this.
+STUN_LEDGER_PREFIX = "stun-"
+
+
+@dataclass
+class Member:
+    """One job of a stun: its own clones and ledger."""
+
+    job: JobRecord
+    record: Recorder  # the core's recorder in this job's ledger
+    clones: list[CloneTarget] = field(default_factory=list)
+    failed_clones: list[dict[str, object]] = field(default_factory=list)
+    done: bool = False  # failed (and rolled back) or finished
+
 
 @dataclass
 class Run:
-    """Mutable bookkeeping of one running job."""
+    """Mutable bookkeeping of one stun and the jobs coalesced into it."""
 
-    job: JobRecord
+    id: str  # the ledger id of what the members share; also the backends' job id (ctx.job_id)
+    source: str
     memory: MemoryBackend
-    record: Recorder  # the core's recorder in this job's ledger
+    record: Recorder  # the core's recorder in the stun's ledger
+    members: list[Member]
     ctx: StunContext | None = None
-    clones: list[CloneTarget] = field(default_factory=list)
     stunned: bool = False
     stun_started: float = 0.0
     stun_ms: float | None = None
     step: str = State.REQUESTED.value
-    result: dict[str, object] | None = None
+    source_clock: dict[str, object] | None = None
+    on_done: Callable[[str], None] = lambda job_id: None  # a job of the stun reached its terminal state
 
     @property
     def context(self) -> StunContext:
         assert self.ctx is not None, "prepare() runs first"
         return self.ctx
 
+    @property
+    def alive(self) -> list[Member]:
+        return [m for m in self.members if not m.done]
 
-Action = Callable[[Services, Run], Awaitable[None]]
+    @property
+    def job_ids(self) -> list[str]:
+        return [m.job.id for m in self.members]
+
+
+SharedAction = Callable[[Services, Run], Awaitable[None]]
+MemberAction = Callable[[Services, Run, Member], Awaitable[None]]
 
 
 @dataclass(frozen=True)
 class Step:
-    """One state of the pipeline: its action, and what the ledger undoes if the job fails."""
+    """One state of the pipeline: its action (shared, or per job), and what the ledger undoes."""
 
     state: State
-    action: Action
     undoes: tuple[ResourceKind, ...]  # kinds this step records (removed by the ledger on failure)
+    shared: SharedAction | None = None  # run once for the stun
+    each: MemberAction | None = None  # run for each job; a failure fails that job alone
     deadline: bool = False  # runs under the stun deadline
     applies: Callable[[Run], bool] = lambda run: True  # False: the state is skipped (a frozen source)
+
+
+def new_run(svc: Services, jobs: list[JobRecord], *,
+            on_done: Callable[[str], None] | None = None) -> Run:
+    """The run of ``jobs`` (one source, one memory backend), led by the first."""
+    run_id = STUN_LEDGER_PREFIX + jobs[0].id
+    members = [Member(j, svc.ledger.recorder(j.id, owner=CORE)) for j in jobs]
+    run = Run(run_id, jobs[0].source, svc.memory_named(jobs[0].spec.memory_backend),
+              svc.ledger.recorder(run_id, owner=CORE), members)
+    if on_done is not None:
+        run.on_done = on_done
+    return run
 
 
 # -- the steps ----------------------------------------------------------------------------
@@ -71,11 +117,11 @@ async def stun(svc: Services, run: Run) -> None:
     A pre-copying backend copies RAM while the source runs and stops it at
     switchover: the stun starts then, not when this step starts.
     """
-    await run.record(ResourceKind.STUN, run.job.source)
+    await run.record(ResourceKind.STUN, run.source)
     run.stunned = True
-    record = svc.ledger.recorder(run.job.id, owner=run.memory.name)
+    record = svc.ledger.recorder(run.id, owner=run.memory.name)
     run.stun_started = await run.memory.stun(ctx=run.context, record=record)
-    svc.gate.hold(run.job.id)
+    svc.gate.hold(run.id)
 
 
 async def end_stun(svc: Services, run: Run) -> None:
@@ -84,8 +130,8 @@ async def end_stun(svc: Services, run: Run) -> None:
         return
     run.stun_ms = round((time.monotonic() - run.stun_started) * 1000.0, 3)
     run.stunned = False
-    await svc.ledger.release(run.job.id, ResourceKind.STUN, run.job.source)
-    svc.gate.let_go(run.job.id)
+    await svc.ledger.release(run.id, ResourceKind.STUN, run.source)
+    svc.gate.let_go(run.id)
 
 
 async def source_delta(svc: Services, run: Run) -> None:
@@ -96,25 +142,25 @@ async def source_delta(svc: Services, run: Run) -> None:
         # source a new delta before it runs again.
         ctx.tops = {d.target: d.path for d in ctx.source.disks if not d.readonly}
         return
-    record = svc.ledger.recorder(run.job.id, owner=svc.storage.name)
+    record = svc.ledger.recorder(run.id, owner=svc.storage.name)
     ctx.tops = await svc.storage.create_source_delta(ctx=ctx, record=record)
     if run.stunned and await run.memory.switchover(ctx=ctx):
         await end_stun(svc, run)
 
 
-async def clone_deltas(svc: Services, run: Run) -> None:
+async def clone_deltas(svc: Services, run: Run, member: Member) -> None:
     """CloneDeltaCreated: each clone's directory, empty deltas over the tops, its own NVRAM copy."""
-    ctx, job = run.context, run.job
+    ctx, job = run.context, member.job
     # The clone's QEMU makes sockets and logs in its directory, so the
     # directory belongs to the user libvirt runs QEMU as: the owner libvirt
     # gave the source's top image.
     owner = await asyncio.to_thread(owner_of, next(iter(ctx.tops.values()), None))
     src_nvram = vmstate.nvram_path(ctx.source.xml)
     storage_record = svc.ledger.recorder(job.id, owner=svc.storage.name)
-    run.clones = [CloneTarget(name=n, uuid=identity.new_uuid(), dir=svc.config.clones_dir / n)
-                  for n in job.spec.names]
-    for clone in run.clones:
-        await run.record(ResourceKind.FILE, str(clone.dir), clone=clone.name)
+    member.clones = [CloneTarget(name=n, uuid=identity.new_uuid(), dir=svc.config.clones_dir / n)
+                     for n in job.spec.names]
+    for clone in member.clones:
+        await member.record(ResourceKind.FILE, str(clone.dir), clone=clone.name)
         await asyncio.to_thread(make_dir, clone.dir, owner)
         clone.disks = await svc.storage.create_clone_delta(ctx=ctx, clone=clone, record=storage_record)
         if ctx.nvram is not None:
@@ -122,7 +168,7 @@ async def clone_deltas(svc: Services, run: Run) -> None:
             # QEMU does not write them now); the source's file is only read.
             name = vmstate.clone_nvram_name(src_nvram or ctx.nvram, job.source, clone.name)
             clone.nvram = clone.dir / name
-            await run.record(ResourceKind.FILE, str(clone.nvram), clone=clone.name)
+            await member.record(ResourceKind.FILE, str(clone.nvram), clone=clone.name)
             await asyncio.to_thread(copy_private, ctx.nvram, clone.nvram)
 
 
@@ -130,19 +176,19 @@ async def link_memory(svc: Services, run: Run) -> None:
     """MemoryLinked: the source's memory and device state at stun (a frozen source's, made at freeze)."""
     ctx = run.context
     if ctx.frozen:
-        entry = (await svc.store.frozen()).get(run.job.source)
+        entry = (await svc.store.frozen()).get(run.source)
         if entry is not None and entry.image is not None and entry.backend == run.memory.name:
             ctx.memory, ctx.memory_cached = entry.image, True
             return
-    record = svc.ledger.recorder(run.job.id, owner=run.memory.name)
+    record = svc.ledger.recorder(run.id, owner=run.memory.name)
     ctx.memory = await run.memory.capture(ctx=ctx, record=record)
 
 
-async def define_clones(svc: Services, run: Run) -> None:
+async def define_clones(svc: Services, run: Run, member: Member) -> None:
     """Configured: each clone's own domain definition (new name, UUID, MACs, paths)."""
-    ctx, job = run.context, run.job
+    ctx, job = run.context, member.job
     nics = domxml.count_interfaces(ctx.source.xml)
-    for clone in run.clones:
+    for clone in member.clones:
         clone.macs = [identity.new_mac() for _ in range(nics)]
         ident = domxml.CloneIdentity(
             name=clone.name, uuid=clone.uuid, macs=clone.macs, dir=clone.dir, disks=clone.disks,
@@ -150,85 +196,94 @@ async def define_clones(svc: Services, run: Run) -> None:
             nvram=clone.nvram,
         )
         xml = run.memory.adjust_xml(ctx=ctx, clone=clone, xml=domxml.clone_xml(ctx.source.xml, ident))
-        await run.record(ResourceKind.DOMAIN, clone.name, clone=clone.name)
+        await member.record(ResourceKind.DOMAIN, clone.name, clone=clone.name)
         await svc.virt.define(xml)
 
 
 async def unstun(svc: Services, run: Run) -> None:
-    """Unstunned: the source goes on, the clones start, and are handed over."""
-    ctx, job = run.context, run.job
+    """The source goes on (the clones start afterwards, in ``start_phase``)."""
+    ctx = run.context
     if not ctx.frozen:
         await asyncio.shield(run.memory.detach_source(ctx=ctx, resume=run.stunned))
     await end_stun(svc, run)
-    svc.gate.let_go(job.id)
-    await start.start_clones(svc, job, ctx, run.memory, run.clones)
-    source_clock = await start.source_clock_after_stun(svc, job.source, ctx, run.stun_ms)
-    if ctx.frozen:
-        await svc.store.count_frozen_clones(job.source, len(run.clones))
-    if not ctx.memory_cached:
-        await run.memory.release(image=ctx.image)
-    await remove_path(ctx.job_dir)
-    run.result = {**await start.result(svc, run.memory, ctx, run.clones, run.stun_ms),
-                  "source_clock": source_clock}
-    await start.hand_over(svc, job, run.clones)
+    svc.gate.let_go(run.id)
 
 
-#: The pipeline, in order (Requested is the admitted job; see ``prepare``).
+#: The pipeline up to Configured, in order (Requested is the admitted job; see ``prepare``).
+#: Unstunned (``start_member``) follows in the start phase.
 PIPELINE: tuple[Step, ...] = (
-    Step(State.STUNNED, stun, (ResourceKind.STUN,), applies=lambda run: run.context.source.state == "running"),
-    Step(State.SOURCE_DELTA_CREATED, source_delta, (ResourceKind.SOURCE_DELTA,), deadline=True),
-    Step(State.CLONE_DELTA_CREATED, clone_deltas, (ResourceKind.FILE,), deadline=True),
-    Step(State.MEMORY_LINKED, link_memory, (ResourceKind.FILE,), deadline=True),
-    Step(State.CONFIGURED, define_clones, (ResourceKind.DOMAIN,), deadline=True),
-    Step(State.UNSTUNNED, unstun, ()),
+    Step(State.STUNNED, (ResourceKind.STUN,), shared=stun,
+         applies=lambda run: run.context.source.state == "running"),
+    Step(State.SOURCE_DELTA_CREATED, (ResourceKind.SOURCE_DELTA,), shared=source_delta, deadline=True),
+    Step(State.CLONE_DELTA_CREATED, (ResourceKind.FILE,), each=clone_deltas, deadline=True),
+    Step(State.MEMORY_LINKED, (ResourceKind.FILE,), shared=link_memory, deadline=True),
+    Step(State.CONFIGURED, (ResourceKind.DOMAIN,), each=define_clones, deadline=True),
 )
 
 
 # -- the runner ---------------------------------------------------------------------------
 
 async def prepare(svc: Services, run: Run) -> None:
-    """Requested: look at the source again (it may have changed since admission), make the job's directory."""
-    job = run.job
-    info = await active_source(svc, job.source)
-    job_dir = svc.config.jobs_dir / job.id
+    """Requested: look at the source again (it may have changed since admission), make the stun's directory."""
+    info = await active_source(svc, run.source)
+    job_dir = svc.config.jobs_dir / run.id
     await run.record(ResourceKind.FILE, str(job_dir))
     await asyncio.to_thread(job_dir.mkdir, parents=True, exist_ok=True)
     # A frozen source (registered by "freeze") stays paused and is never
     # snapshotted per job. A source paused by its owner is not ours to pause
     # or resume, but is otherwise handled like a running one.
-    entry = (await svc.store.frozen()).get(job.source)
+    entry = (await svc.store.frozen()).get(run.source)
     if entry is not None and entry.status.value != "frozen":
-        raise SourceNotCloneable(f"source {job.source!r} is being frozen; try again")
+        raise SourceNotCloneable(f"source {run.source!r} is being frozen; try again")
     frozen = entry is not None
     if frozen and info.state != "paused":
-        raise SourceNotCloneable(f"source {job.source!r} is registered frozen but is {info.state}; "
+        raise SourceNotCloneable(f"source {run.source!r} is registered frozen but is {info.state}; "
                                  "unfreeze and freeze it again")
-    ctx = run.ctx = StunContext(job.id, info, job_dir, frozen=frozen,
+    ctx = run.ctx = StunContext(run.id, info, job_dir, frozen=frozen,
                                 paused_by_owner=info.state == "paused" and not frozen)
     ctx.nvram = vmstate.nvram_path(info.xml)
     if frozen:
         # Taken at freeze (see templates.freeze); a freeze from before that
         # existed has none, and the paused source's own file is as good.
-        at_freeze = svc.frozen_dir(job.source)
+        at_freeze = svc.frozen_dir(run.source)
         ctx.source_ipv4 = await asyncio.to_thread(read_json, at_freeze / "interfaces.json")
         if ctx.nvram is not None and await asyncio.to_thread((at_freeze / "nvram.fd").is_file):
             ctx.nvram = at_freeze / "nvram.fd"
     elif info.state == "running" and customize.has_agent(info.xml):
         # Outside the stun: which interfaces the clones must get IPv4 on.
-        ctx.source_ipv4 = await customize.ipv4_interfaces(svc.virt, job.source)
+        ctx.source_ipv4 = await customize.ipv4_interfaces(svc.virt, run.source)
+
+
+class _NoJobLeft(Exception):
+    """Every job of the stun failed on its own: what they shared is rolled back."""
+
+
+async def _hooks(svc: Services, run: Run, step: str) -> None:
+    for m in run.alive:
+        await svc.hook(m.job.id, step)
 
 
 async def run_step(svc: Services, run: Run, step: Step) -> None:
-    """The step's action under the per-step timeout, then its state transition (and event)."""
+    """The step's action under the per-step timeout, then its state transition (one event per job)."""
     run.step = step.state.value
-    await svc.hook(run.job.id, run.step)
+    await _hooks(svc, run, run.step)
     timeout_s = svc.config.clone.step_timeout_s
     try:
         async with asyncio.timeout(timeout_s):
-            await step.action(svc, run)
+            if step.shared is not None:
+                await step.shared(svc, run)
+            else:
+                assert step.each is not None
+                for member in run.alive:
+                    try:
+                        await step.each(svc, run, member)
+                    except Exception as exc:  # noqa: BLE001 - this job alone fails; the others go on
+                        await fail_member(svc, run, member, exc)
     except TimeoutError:
         raise StepFailed(f"step {run.step} did not finish within {timeout_s:g} s", step=run.step) from None
-    await svc.finish(run.job, step.state, **({"result": run.result} if run.result is not None else {}))
+    if not run.alive:
+        raise _NoJobLeft
+    await svc.finish_all([m.job for m in run.alive], step.state)
 
 
 @asynccontextmanager
@@ -251,41 +306,139 @@ async def stun_deadline(svc: Services, run: Run) -> AsyncIterator[asyncio.Timeou
         raise
 
 
-async def run_job(svc: Services, job: JobRecord) -> None:
-    """Run ``job`` from Requested to Unstunned, or roll it back and end it Failed."""
-    await svc.hook(job.id, State.REQUESTED.value)
-    run = Run(job, svc.memory_named(job.spec.memory_backend), svc.ledger.recorder(job.id, owner=CORE))
+async def stun_phase(svc: Services, run: Run) -> bool:
+    """Requested to Configured, then the source runs again; the caller holds the source's lock.
+
+    Returns False if no job is left to start (each failed and was rolled
+    back, and so was what they shared).
+    """
     try:
+        await _hooks(svc, run, State.REQUESTED.value)
         await prepare(svc, run)
         steps = [s for s in PIPELINE if s.applies(run)]
-        for step in [s for s in steps if not s.deadline and s.state is not State.UNSTUNNED]:
+        for step in [s for s in steps if not s.deadline]:
             await run_step(svc, run, step)
         async with stun_deadline(svc, run) as window:
             for step in [s for s in steps if s.deadline]:
                 await run_step(svc, run, step)
                 if not run.stunned:
                     window.reschedule(None)  # the stun ended at switchover
-        await run_step(svc, run, PIPELINE[-1])
-        svc.log.info("job.done", job_id=job.id, source=job.source, clones=list(job.spec.names),
-                     stun_ms=run.stun_ms)
+        run.step = State.UNSTUNNED.value
+        await _hooks(svc, run, run.step)
+        await unstun(svc, run)
+    except _NoJobLeft:
+        await _roll_back_shared(svc, run, None)
+        return False
     except BaseException as exc:
-        await _roll_back(svc, run, exc)
+        await _roll_back_shared(svc, run, exc)
+        if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
+            raise
+        return False
+    return True
+
+
+async def start_phase(svc: Services, run: Run) -> None:
+    """Unstunned: each job's clones start and are handed over; then what the jobs shared is let go."""
+    ctx = run.context
+    try:
+        run.source_clock = await start.source_clock_after_stun(svc, run.source, ctx, run.stun_ms)
+        await asyncio.gather(*(start_member(svc, run, m) for m in run.alive))
+        if not ctx.memory_cached:
+            await run.memory.release(image=ctx.image)
+        await remove_path(ctx.job_dir)
+        await svc.ledger.release_all(run.id)
+        for m in run.members:
+            run.on_done(m.job.id)
+    except BaseException as exc:
+        await _roll_back_shared(svc, run, exc)
         if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
             raise
 
 
-async def _roll_back(svc: Services, run: Run, exc: BaseException) -> None:
-    """Live rollback through the ledger: shielded, and awaited to the end even when cancelled."""
-    job = run.job
-    err = as_error(exc, run.step)
-    rollback = asyncio.ensure_future(svc.ledger.rollback(job.id, source=job.source))
+async def start_member(svc: Services, run: Run, member: Member) -> None:
+    """One job's clones start; a clone that fails is removed alone; the job ends Unstunned or Partial."""
+    ctx, job = run.context, member.job
     try:
-        leftovers = await asyncio.shield(rollback)
+        failures = await start.start_clones(svc, job, ctx, run.memory, member.clones)
+        for clone, exc in failures.items():
+            err = as_error(exc, State.UNSTUNNED.value)
+            left = await svc.ledger.rollback(job.id, source=job.source, clone=clone)
+            member.failed_clones.append({"name": clone, "error": err.to_dict(), "left_behind": left})
+            svc.log.warning("clone.failed", job_id=job.id, clone=clone, error=err.message, left_behind=left)
+        started = [c for c in member.clones if c.name not in failures]
+        if not started:
+            raise next(iter(failures.values()))
+        if ctx.frozen:
+            await svc.store.count_frozen_clones(job.source, len(started))
+        result = {**await start.result(svc, run.memory, ctx, started, run.stun_ms),
+                  "source_clock": run.source_clock, "failed_clones": member.failed_clones,
+                  "stun": {"id": run.id, "jobs": run.job_ids}}
+        await start.hand_over(svc, job, started)
+    except BaseException as exc:
+        await fail_member(svc, run, member, exc)
+        if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
+            raise
+        return
+    member.done = True
+    await svc.finish(job, State.PARTIAL if member.failed_clones else State.UNSTUNNED, result=result)
+    svc.log.info("job.done", job_id=job.id, source=job.source, clones=[c.name for c in started],
+                 failed=[f["name"] for f in member.failed_clones], stun_ms=run.stun_ms, stun_id=run.id)
+
+
+async def run_jobs(svc: Services, jobs: list[JobRecord]) -> None:
+    """Both phases back to back (the caller holds the source's lock throughout)."""
+    run = new_run(svc, jobs)
+    if await stun_phase(svc, run):
+        await start_phase(svc, run)
+
+
+# -- failure ------------------------------------------------------------------------------
+
+async def _shielded(aw: Awaitable[list[str]]) -> list[str]:
+    """Await ``aw`` to its end even when cancelled meanwhile."""
+    fut = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        leftovers = await rollback
+        return await fut
+
+
+async def fail_member(svc: Services, run: Run, member: Member, exc: BaseException) -> None:
+    """Roll back what only ``member`` created and end it Failed (or NeedsAttention)."""
+    if member.done:
+        return
+    member.done = True
+    job = member.job
+    err = as_error(exc, run.step)
+    leftovers = await _shielded(svc.ledger.rollback(job.id, source=job.source))
+    extra = {"failed_clones": member.failed_clones} if member.failed_clones else None
+    await asyncio.shield(svc.fail(job, err, leftovers, extra=extra))
+    if run.step != State.UNSTUNNED.value and run.alive:
+        # Others go on with what they share. (The last one, or one in the
+        # start phase, is done once what the jobs share is let go too.)
+        run.on_done(job.id)
+
+
+async def _roll_back_shared(svc: Services, run: Run, exc: BaseException | None) -> None:
+    """A failure of what the jobs share: the source runs again first, then every job still alive fails.
+
+    ``exc`` is None when each job had failed on its own already.
+    """
+    try:
+        stun_left = await _shielded(svc.ledger.rollback(run.id, source=run.source, only=ResourceKind.STUN))
     finally:
-        svc.gate.let_go(job.id)
-    await asyncio.shield(svc.fail(job, err, leftovers))
+        svc.gate.let_go(run.id)
+    alive = run.alive
+    own = {m.job.id: await _shielded(svc.ledger.rollback(m.job.id, source=m.job.source)) for m in alive}
+    rest = stun_left + await _shielded(svc.ledger.rollback(run.id, source=run.source))
+    for member in alive:
+        member.done = True
+        err = as_error(exc if exc is not None else StepFailed("no job left", step=run.step), run.step)
+        await asyncio.shield(svc.fail(member.job, err, rest + own[member.job.id]))
+    for m in run.members:
+        run.on_done(m.job.id)
+    if rest and not alive:
+        svc.log.warning("stun.left_behind", stun_id=run.id, source=run.source, left_behind=rest)
 
 
 def as_error(exc: BaseException, step: str) -> InstacloneError:

@@ -76,6 +76,12 @@ class Services:
         self.log_transition(job, entry)
         return entry
 
+    async def finish_all(self, jobs: list[JobRecord], state: State) -> None:
+        """Persist the same transition of each of ``jobs`` (the jobs of one stun) in one transaction."""
+        entries = await self.store.record_states(jobs, state)
+        for job, entry in zip(jobs, entries, strict=True):
+            self.log_transition(job, entry)
+
     def log_transition(self, job: JobRecord, entry: StateEntry) -> None:
         log = self.log.bind(job_id=job.id, source=job.source, clone=",".join(job.spec.names))
         duration_ms = job.history.durations_ms().get(entry.state.value)
@@ -84,9 +90,10 @@ class Services:
         else:
             log.info("job.transition", state=entry.state.value, duration_ms=duration_ms)
 
-    async def fail(self, job: JobRecord, err: InstacloneError, leftovers: list[str]) -> None:
+    async def fail(self, job: JobRecord, err: InstacloneError, leftovers: list[str],
+                   extra: dict[str, Any] | None = None) -> None:
         """End ``job`` Failed, or NeedsAttention if its rollback left something behind."""
-        error = err.to_dict()
+        error = {**err.to_dict(), **(extra or {})}
         if leftovers:
             error["left_behind"] = leftovers
             await self.finish(job, State.NEEDS_ATTENTION, error=error)

@@ -118,15 +118,20 @@ class _Starter:
 
 
 async def start_clones(svc: Services, job: JobRecord, ctx: StunContext, memory: MemoryBackend,
-                       clones: list[CloneTarget]) -> None:
-    """Start ``clones`` a few at a time; the first error is raised once all have ended."""
+                       clones: list[CloneTarget]) -> dict[str, Exception]:
+    """Start ``clones`` a few at a time; returns the error of each clone that failed (by name).
+
+    A clone that fails does not stop the others: the caller removes it alone.
+    A cancel (daemon shutdown) is raised once every start has ended.
+    """
     script = job.spec.script or await asyncio.to_thread(configured_script, svc)
     starter = _Starter(svc, job, ctx, memory, script)
     slots = asyncio.Semaphore(CLONE_START_PARALLEL)
     results = await asyncio.gather(*(starter.start(c, slots) for c in clones), return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:
-        raise errors[0]
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, Exception):
+            raise r
+    return {c.name: r for c, r in zip(clones, results, strict=True) if isinstance(r, Exception)}
 
 
 def configured_script(svc: Services) -> str | None:

@@ -32,7 +32,7 @@ class Metrics:
         self.stun_seconds = Histogram(
             "instaclone_stun_duration_seconds", "How long a source stayed stunned per job",
             buckets=_STEP_BUCKETS, registry=r)
-        self.clones = Counter("instaclone_clones", "Clones by result (ready, failed, needs_attention)",
+        self.clones = Counter("instaclone_clones", "Clones by result (ready, partial: of a job some of whose clones failed, failed, needs_attention)",
                               ["result"], registry=r)
         self.jobs_finished = Counter("instaclone_jobs_finished", "Jobs by final state", ["state"], registry=r)
         self.jobs_active = Gauge("instaclone_jobs_active", "Unfinished jobs by current state", ["state"],
@@ -61,7 +61,8 @@ class Metrics:
             self.jobs_active.labels(prev).dec()
         if State(state) in TERMINAL:
             self.jobs_finished.labels(state).inc()
-            result = {"Unstunned": "ready", "Failed": "failed", "NeedsAttention": "needs_attention"}[state]
+            result = {"Unstunned": "ready", "Partial": "partial", "Failed": "failed",
+                      "NeedsAttention": "needs_attention"}[state]
             self.clones.labels(result).inc(len(data.get("clones", [])))
             if data.get("stun_ms") is not None:
                 self.stun_seconds.observe(data["stun_ms"] / 1000.0)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .. import events
@@ -52,40 +53,59 @@ class JobsMixin(StoreBase):
         ``job`` is updated in place (history, error, result); if the write
         fails, the new history entry is taken back.
         """
-        entry = job.history.advance(state)
-        n = len(job.history.entries) - 1
         if error is not None:
             job.error = error
         if result is not None:
             job.result = result
-        new = events.job_event(job, state, entry.at)
+        return (await self.record_states([job], state))[0]
 
+    async def record_states(self, jobs: Sequence[JobRecord], state: State) -> list[StateEntry]:
+        """Persist the transition of each of ``jobs`` to ``state`` (one event each) in one transaction.
+
+        The jobs of one stun go through its shared steps together; one
+        transaction keeps the stun short. Raises StateError (nothing written)
+        if a transition is not allowed.
+        """
+        entries: list[StateEntry] = []
+        try:
+            for job in jobs:
+                entries.append(job.history.advance(state))
+        except BaseException:
+            for job in jobs[:len(entries)]:
+                job.history.entries.pop()
+            raise
+        rows = [(job, len(job.history.entries) - 1, entry, events.job_event(job, state, entry.at))
+                for job, entry in zip(jobs, entries, strict=True)]
         written = False
 
         def do(db: sqlite3.Connection, emit: Emit) -> None:
             nonlocal written
-            db.execute("INSERT INTO job_states(job_id, n, state, at) VALUES (?,?,?,?)",
-                       (job.id, n, state.value, entry.at))
-            emit(new)
-            db.execute("UPDATE jobs SET state=?, error=?, result=?, updated_at=? WHERE id=?",
-                       (state.value, json.dumps(job.error) if job.error else None, json.dumps(job.result),
-                        entry.at, job.id))
+            for job, n, entry, new in rows:
+                db.execute("INSERT INTO job_states(job_id, n, state, at) VALUES (?,?,?,?)",
+                           (job.id, n, state.value, entry.at))
+                emit(new)
+                db.execute("UPDATE jobs SET state=?, error=?, result=?, updated_at=? WHERE id=?",
+                           (state.value, json.dumps(job.error) if job.error else None, json.dumps(job.result),
+                            entry.at, job.id))
             written = True
 
         try:
             await self._change(do)
         except asyncio.CancelledError:
             # A cancelled caller still waits for the transaction to end: if it
-            # was written, the job is in ``state`` (the rollback's next state
+            # was written, the jobs are in ``state`` (the rollback's next state
             # must follow it, not take its place).
             if not written:
-                job.history.entries.pop()
+                for job in jobs:
+                    job.history.entries.pop()
             raise
         except BaseException:
-            job.history.entries.pop()
+            for job in jobs:
+                job.history.entries.pop()
             raise
-        job.updated_at = entry.at
-        return entry
+        for job, entry in zip(jobs, entries, strict=True):
+            job.updated_at = entry.at
+        return entries
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         def do(db: sqlite3.Connection) -> JobRecord | None:

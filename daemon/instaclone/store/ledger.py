@@ -56,3 +56,14 @@ class LedgerMixin(StoreBase):
                     for rid, oid, kind, ref, clone, status, owner in rows]
 
         return await self._db.write(do)
+
+    async def owner_ids(self, *, prefix: str) -> list[str]:
+        """The owner ids starting with ``prefix`` that have active (not released) resources, oldest first."""
+
+        def do(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT job_id, MIN(id) FROM resources WHERE status != ? AND substr(job_id, 1, ?) = ? "
+                "GROUP BY job_id ORDER BY 2", (ResourceStatus.RELEASED.value, len(prefix), prefix)).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._db.write(do)
