@@ -32,7 +32,8 @@ class Metrics:
         self.stun_seconds = Histogram(
             "instaclone_stun_duration_seconds", "How long a source stayed stunned per job",
             buckets=_STEP_BUCKETS, registry=r)
-        self.clones = Counter("instaclone_clones", "Clones by result (ready, partial: of a job some of whose clones failed, failed, needs_attention)",
+        self.clones = Counter("instaclone_clones",
+                              "Clones asked for, by their job's result (ready, partial, failed, needs_attention)",
                               ["result"], registry=r)
         self.jobs_finished = Counter("instaclone_jobs_finished", "Jobs by final state", ["state"], registry=r)
         self.jobs_active = Gauge("instaclone_jobs_active", "Unfinished jobs by current state", ["state"],
