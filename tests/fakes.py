@@ -7,7 +7,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -341,10 +341,14 @@ async def fake_api(tmp_path: Path) -> AsyncIterator[tuple[Any, FakeHypervisor, P
     await runner.setup()
     sock = tmp_path / "ctl.sock"
     await web.UnixSite(runner, str(sock)).start()
+    services = asyncio.get_running_loop().create_task(engine.run_services())
     try:
         async with Api(sock) as client:
             yield client, virt, sock
     finally:
+        services.cancel()
+        with suppress(asyncio.CancelledError):
+            await services
         await engine.shutdown(5)
         await runner.cleanup()
         await journal.close()

@@ -78,3 +78,51 @@ async def test_head_of_the_event_stream_has_no_body(api, tmp_path):
     head, _, rest = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"application/x-ndjson" in head
     assert rest in (b"", b"0\r\n\r\n"), rest[:200]
+
+
+@pytest.mark.parametrize("method,path,body,status,code", [
+    ("POST", "/v1/pools", {"name": "p", "source": "src"}, 400, "invalid_request"),
+    ("POST", "/v1/pools", {"name": "p", "source": "src", "size": -2}, 400, "invalid_request"),
+    ("POST", "/v1/pools", {"name": "p", "source": "src", "size": 1, "evil": 1}, 400, "invalid_request"),
+    ("POST", "/v1/pools", {"name": "p", "source": "ghost", "size": 1}, 404, "source_not_found"),
+    ("POST", "/v1/pools", {"name": "a/b", "source": "src", "size": 1}, 400, "invalid_name"),
+    ("GET", "/v1/pools/nope", None, 404, "not_found"),
+    ("PATCH", "/v1/pools/nope", {"size": 1}, 404, "not_found"),
+    ("DELETE", "/v1/pools/nope", None, 404, "not_found"),
+    ("POST", "/v1/pools/nope/claim", {}, 404, "not_found"),
+    ("POST", "/v1/clones/nope/release", None, 404, "not_found"),
+    ("POST", "/v1/jobs", {"source": "src", "name": "c", "ttl_s": 0}, 400, "invalid_request"),
+    ("POST", "/v1/jobs", {"source": "src", "name": "c", "ttl_s": "1h"}, 400, "invalid_request"),
+])
+async def test_pool_errors_are_json(api, method, path, body, status, code):
+    client, virt = api
+    got, out = await client.call(method, path, body)
+    assert got == status, out
+    assert out["error"]["code"] == code
+    assert set(virt.domains) == {"src"}
+
+
+async def test_pool_over_the_api(api):
+    import asyncio
+
+    client, virt = api
+    status, out = await client.call("POST", "/v1/pools", {"name": "p", "source": "src", "size": 0})
+    assert status == 201 and out["pool"]["size"] == 0
+    status, out = await client.call("POST", "/v1/pools/p/claim", {"wait_s": 0.1})
+    assert status == 503 and out["error"]["code"] == "pool_empty"
+    status, out = await client.call("PATCH", "/v1/pools/p", {"size": 1})
+    assert status == 200 and out["pool"]["size"] == 1
+    status, out = await client.call("POST", "/v1/pools/p/claim", {"wait_s": 30, "ttl_s": 3600})
+    assert status == 200, out
+    name = out["claim"]["clone"]["name"]
+    assert virt.domains[name].state == "running"
+    status, out = await client.call("GET", "/v1/pools")
+    assert status == 200 and out["pools"][0]["claimed"] == [name]
+    status, out = await client.call("POST", f"/v1/clones/{name}/release")
+    assert status == 200 and out["released"]["pool"] == "p"
+    status, out = await client.call("DELETE", "/v1/pools/p")
+    assert status == 200
+    for _ in range(200):  # a member being made when the pool went is destroyed by the keeper
+        if set(virt.domains) == {"src"}:
+            break
+        await asyncio.sleep(0.05)

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from . import cli_render as render
+from . import cli_pools, cli_render as render
 
 DEFAULT_SOCKET = "/run/instaclone/control.sock"
 
@@ -80,7 +80,8 @@ async def _clone(sock: str, args: argparse.Namespace, out_json: bool) -> int:
     data = await _request(sock, "POST", f"/v1/jobs{wait}",
                           {"source": args.source, "name": args.name, "count": args.count,
                            "keep_network": args.keep_network, "customize": not args.no_customize,
-                           "config": _kv(args.config), **_clone_options(args)})
+                           "config": _kv(args.config), **_clone_options(args),
+                           **({"ttl_s": args.ttl} if args.ttl is not None else {})})
     job = data["job"]
     _emit(job) if out_json else render.print_job(job)
     return 1 if args.wait and job["state"] != "Unstunned" else 0
@@ -232,6 +233,7 @@ _COMMANDS: dict[str, _Handler] = {
     "unfreeze": _freeze, "check": _check, "prepare": _prepare, "frozen": _frozen, "events": _events,
     "webhooks": _webhooks, "status": _status,
 }
+_COMMANDS.update(cli_pools.commands(lambda *a, **kw: _request(*a, **kw)))
 
 
 def _clone_parser(sub: Any) -> None:
@@ -251,6 +253,7 @@ def _clone_parser(sub: Any) -> None:
     c.add_argument("--keep-network", action="store_true",
                    help="do not hold the clone's link down until its NIC is replaced (isolated networks)")
     c.add_argument("--timeout", type=float, default=300.0, help="seconds to wait with --wait")
+    c.add_argument("--ttl", type=float, metavar="S", help="the daemon destroys each clone S seconds after it is ready")
 
 
 def _source_parsers(sub: Any) -> None:
@@ -320,6 +323,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="daemon status")
     _events_parser(sub)
     _webhooks_parser(sub)
+    cli_pools.add_parsers(sub)
     return p
 
 

@@ -97,6 +97,10 @@ def hms(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts))
 
 
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
 def listing(out_json: bool, rows: list[dict[str, Any]], header: list[str], row: Row) -> None:
     """A list from the API: JSON as is, or a table of ``row(item)`` under ``header``."""
     if out_json:

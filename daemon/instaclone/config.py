@@ -130,6 +130,19 @@ class WebhooksConfig:
 
 
 @dataclass(frozen=True)
+class PoolsConfig:
+    # The host budget every pool's replenishment stays within: clones on the
+    # host (registered plus being made, pooled or not), and the guest RAM they
+    # are defined with (0: no memory budget). Claimed members count too.
+    max_clones: int = 64
+    max_memory_mib: int = 0
+    # A claim on a pool with no idle member waits this long for the next one.
+    claim_wait_s: float = 60.0
+    # Pools are checked this often (and at once after each claim, release and job).
+    check_interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
@@ -138,6 +151,7 @@ class Config:
     filecow: FileCowConfig = field(default_factory=FileCowConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
 
     @property
     def delta_dir(self) -> Path:
@@ -158,7 +172,7 @@ class Config:
 
 # Section name in the TOML file -> dataclass field of Config.
 _SECTIONS = {"daemon": "daemon", "libvirt": "libvirt", "clone": "clone", "storage.qcow2": "qcow2",
-             "memory.filecow": "filecow", "webhooks": "webhooks", "access": "access"}
+             "memory.filecow": "filecow", "webhooks": "webhooks", "access": "access", "pools": "pools"}
 
 # (min, max) for numeric keys.
 _RANGES: dict[str, tuple[float, float]] = {
@@ -179,6 +193,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "daemon.shutdown_grace_s": (0, 3600),
     "memory.filecow.precopy_downtime_ms": (1, 10_000),
     "memory.filecow.precopy_timeout_s": (1, 3600),
+    "pools.max_clones": (1, 100_000),
+    "pools.max_memory_mib": (0, 1 << 30),
+    "pools.claim_wait_s": (0, 3600),
+    "pools.check_interval_s": (0.1, 3600),
 }
 _CHOICES = {
     "daemon.log_format": ("auto", "json", "console", "journald"),

@@ -82,6 +82,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._send_webhooks(), name="webhooks"))
         self._tasks.append(loop.create_task(self._watch(), name="watch"))
+        # Pools reconciled (dead idle members replaced, claimed ones left alone), expired clones destroyed.
+        self._tasks.append(loop.create_task(self.engine.run_services(), name="engine-services"))
         app = make_app(self.engine, self.store, self.webhooks, bus=self.bus, metrics=self.metrics)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()

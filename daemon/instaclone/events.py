@@ -26,11 +26,20 @@ from .states import State
 #: Event type of each job state.
 STATE_TYPES: dict[State, str] = {s: s.event_type for s in State}
 CLONE_DESTROYED = "clone.destroyed"
+CLONE_EXPIRED = "clone.expired"
 SOURCE_FROZEN = "source.frozen"
 SOURCE_UNFROZEN = "source.unfrozen"
+POOL_CREATED = "pool.created"
+POOL_UPDATED = "pool.updated"
+POOL_DELETED = "pool.deleted"
+POOL_CLAIMED = "pool.claimed"
+POOL_RELEASED = "pool.released"
+POOL_REPLENISHING = "pool.replenishing"
+POOL_TYPES = (POOL_CREATED, POOL_UPDATED, POOL_DELETED, POOL_CLAIMED, POOL_RELEASED, POOL_REPLENISHING)
 
 #: Every event type the daemon emits.
-TYPES: tuple[str, ...] = (*STATE_TYPES.values(), CLONE_DESTROYED, SOURCE_FROZEN, SOURCE_UNFROZEN)
+TYPES: tuple[str, ...] = (*STATE_TYPES.values(), CLONE_DESTROYED, CLONE_EXPIRED, SOURCE_FROZEN, SOURCE_UNFROZEN,
+                          *POOL_TYPES)
 
 SECRET_PREFIX = "whsec_"
 
@@ -71,10 +80,23 @@ def job_event(job: JobRecord, state: State, at: float) -> NewEvent:
     return NewEvent(state.event_type, job.id, at, data)
 
 
-def clone_destroyed(clone: CloneRecord, at: float) -> NewEvent:
-    """A clone made by instaclone was destroyed."""
+def clone_destroyed(clone: CloneRecord, at: float, *, reason: str = "destroyed") -> NewEvent:
+    """A clone made by instaclone was destroyed (``reason``: destroyed, expired, released, pool)."""
     return NewEvent(CLONE_DESTROYED, clone.job_id, at, {"clone": clone.name, "uuid": clone.uuid,
-                                                        "source": clone.source, "job_id": clone.job_id, "at": at})
+                                                        "source": clone.source, "job_id": clone.job_id, "at": at,
+                                                        "reason": reason, "pool": clone.pool})
+
+
+def clone_expired(clone: CloneRecord, at: float) -> NewEvent:
+    """A clone's TTL ran out: the daemon destroys it (``clone.destroyed`` follows)."""
+    return NewEvent(CLONE_EXPIRED, clone.job_id, at, {"clone": clone.name, "source": clone.source,
+                                                      "job_id": clone.job_id, "expires_at": clone.expires_at,
+                                                      "at": at, "pool": clone.pool})
+
+
+def pool_event(type_: str, pool: str, at: float, **data: Any) -> NewEvent:
+    """A pool's change (created, updated, deleted, a member claimed or released, replenishing)."""
+    return NewEvent(type_, None, at, {"pool": pool, "at": at, **data})
 
 
 def source_frozen(source: str, at: float, *, freeze_ms: float) -> NewEvent:

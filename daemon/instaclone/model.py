@@ -64,6 +64,9 @@ class JobSpec:
     config: Mapping[str, str] = field(default_factory=dict)
     keep_ssh_host_keys: bool = False
     script: str | None = None
+    ttl_s: float | None = None  # each clone is destroyed this long after it is ready
+    pool: str | None = None  # the pool this job replenishes
+    pool_generation: int = 0  # the pool's source generation the clones are made from
 
     @property
     def count(self) -> int:
@@ -81,6 +84,9 @@ class JobSpec:
             "config": dict(self.config),
             "keep_ssh_host_keys": self.keep_ssh_host_keys,
             "script": self.script,
+            "ttl_s": self.ttl_s,
+            "pool": self.pool,
+            "pool_generation": self.pool_generation,
         }
 
     @classmethod
@@ -95,6 +101,9 @@ class JobSpec:
             config=dict(d.get("config") or {}),
             keep_ssh_host_keys=bool(d.get("keep_ssh_host_keys", False)),
             script=d.get("script"),
+            ttl_s=float(d["ttl_s"]) if d.get("ttl_s") is not None else None,
+            pool=d.get("pool"),
+            pool_generation=int(d.get("pool_generation") or 0),
         )
 
 
@@ -133,7 +142,7 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class CloneRecord:
-    """A finished clone, registered with the job that made it."""
+    """A finished clone, registered with the job that made it (and its pool, expiry, claim)."""
 
     name: str
     uuid: str
@@ -141,10 +150,15 @@ class CloneRecord:
     job_id: str
     dir: str
     created_at: float
+    expires_at: float | None = None  # wall-clock time the daemon destroys it (TTL)
+    pool: str | None = None  # a pool member: idle until claimed
+    claimed_at: float | None = None
+    generation: int = 0  # the pool's source generation it was made from
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "uuid": self.uuid, "source": self.source, "job_id": self.job_id,
-                "dir": self.dir, "created_at": self.created_at}
+                "dir": self.dir, "created_at": self.created_at, "expires_at": self.expires_at,
+                "pool": self.pool, "claimed_at": self.claimed_at}
 
 
 @dataclass(frozen=True)
@@ -263,3 +277,27 @@ class Delivery:
                 "event_type": self.event_type, "job_id": self.job_id, "webhook": self.webhook,
                 "status": self.status, "attempts": self.attempts, "next_at": self.next_at,
                 "last_status": self.last_status, "last_error": self.last_error, "updated_at": self.updated_at}
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    """A pool: ``size`` ready clones of ``source``, made with ``config``; claimed ones leave it.
+
+    ``generation`` grows with each ``pool update --source``: idle members of
+    an older generation are replaced in the background.
+    """
+
+    name: str
+    source: str
+    size: int
+    config: Mapping[str, str] = field(default_factory=dict)
+    customize: bool = True
+    keep_network: bool = False
+    generation: int = 1
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "size": self.size, "config": dict(self.config),
+                "customize": self.customize, "keep_network": self.keep_network, "generation": self.generation,
+                "created_at": self.created_at, "updated_at": self.updated_at}

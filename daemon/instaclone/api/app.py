@@ -17,7 +17,7 @@ from ..outbox.bus import EventBus
 from ..outbox.metrics import Metrics
 from ..outbox.webhooks import WebhookSender
 from ..store import Store
-from . import jobs, sources, stream, webhooks
+from . import jobs, pools, sources, stream, webhooks
 from .access import ACCESS, Access, Handler, peer_credentials
 from .common import BUS, CLOSING, ENGINE, MAX_BODY_BYTES, STORE, WEBHOOKS, error, log
 from .openapi import openapi
@@ -54,6 +54,13 @@ def _routes(app: web.Application) -> None:
     app.router.add_get("/v1/jobs/{job_id}", jobs.get_job)
     app.router.add_get("/v1/clones", sources.list_clones)
     app.router.add_delete("/v1/clones/{name}", sources.destroy_clone)
+    app.router.add_post("/v1/clones/{name}/release", pools.release)
+    app.router.add_post("/v1/pools", pools.create_pool)
+    app.router.add_get("/v1/pools", pools.list_pools)
+    app.router.add_get("/v1/pools/{name}", pools.get_pool)
+    app.router.add_patch("/v1/pools/{name}", pools.update_pool)
+    app.router.add_delete("/v1/pools/{name}", pools.delete_pool)
+    app.router.add_post("/v1/pools/{name}/claim", pools.claim)
     app.router.add_get("/v1/frozen", sources.list_frozen)
     app.router.add_post("/v1/sources/{name}/freeze", sources.freeze)
     app.router.add_post("/v1/sources/{name}/unfreeze", sources.unfreeze)

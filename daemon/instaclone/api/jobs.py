@@ -8,7 +8,8 @@ from .. import __version__
 from ..errors import InvalidRequest, NotFound
 from .common import ENGINE, PEER, STORE, body, log, unknown_fields, wait_param
 
-_JOB_FIELDS = {"source", "name", "count", "keep_network", "customize", "config", "keep_ssh_host_keys", "script"}
+_JOB_FIELDS = {"source", "name", "count", "keep_network", "customize", "config", "keep_ssh_host_keys", "script",
+               "ttl_s"}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -33,7 +34,8 @@ async def create_job(request: web.Request) -> web.Response:
     job = await engine.submit(source=data["source"], name=data["name"], count=data.get("count", 1),
                               keep_network=data.get("keep_network", False),
                               customize=data.get("customize", True), config=data.get("config"),
-                              keep_ssh_host_keys=data.get("keep_ssh_host_keys"), script=data.get("script"))
+                              keep_ssh_host_keys=data.get("keep_ssh_host_keys"), script=data.get("script"),
+                              ttl_s=data.get("ttl_s"))
     log.info("api.clone_requested", job_id=job.id, source=job.source, peer=request.get(PEER))
     if wait:
         await engine.wait(job.id, wait)

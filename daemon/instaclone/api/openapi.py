@@ -10,6 +10,7 @@ from .. import __version__
 from .common import MAX_WAIT_S
 from .webhooks import DELIVERY_STATUSES
 
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _ERR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -36,6 +37,8 @@ OPENAPI: dict[str, Any] = {
                         "script": {"type": "string", "minLength": 1, "maxLength": 65536,
                                    "description": "shell script run in each clone after its identity "
                                                   "reset (default: clone.customize_script)"},
+                        "ttl_s": {"type": "number", "minimum": 1,
+                                  "description": "the daemon destroys each clone this long after it is ready"},
                     }}}}},
                 "responses": {"201": {"description": "job finished"}, "202": {"description": "job accepted"},
                               "400": _ERR, "404": _ERR, "409": _ERR},
@@ -46,6 +49,52 @@ OPENAPI: dict[str, Any] = {
             "responses": {"200": {"description": "one job"}, "404": _ERR}}},
         "/v1/clones": {"get": {"responses": {"200": {"description": "clones made by instaclone"}}}},
         "/v1/frozen": {"get": {"responses": {"200": {"description": "frozen sources"}}}},
+        "/v1/clones/{name}/release": {"post": {
+            "description": "destroy a pool member (claimed or idle); its pool makes another",
+            "parameters": [_NAME], "responses": {"200": {"description": "released"}, "404": _ERR, "409": _ERR}}},
+        "/v1/pools": {
+            "get": {"responses": {"200": {"description": "every pool with its idle, claimed and pending members"}}},
+            "post": {
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": False, "required": ["name", "source", "size"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
+                        "source": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
+                        "size": {"type": "integer", "minimum": 0, "maximum": 1000},
+                        "config": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "customize": {"type": "boolean"},
+                        "keep_network": {"type": "boolean"},
+                        "freeze": {"type": "boolean", "description": "freeze the source first (if it is not)"},
+                    }}}}},
+                "responses": {"201": {"description": "pool created; it fills in the background"},
+                              "400": _ERR, "404": _ERR, "409": _ERR}}},
+        "/v1/pools/{name}": {
+            "get": {"parameters": [_NAME], "responses": {"200": {"description": "one pool"}, "404": _ERR}},
+            "patch": {
+                "description": "size: resize; source: move the pool to a new source (image push: idle members "
+                               "are replaced in the background, claimed ones stay until released)",
+                "parameters": [_NAME],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": False, "minProperties": 1, "properties": {
+                        "size": {"type": "integer", "minimum": 0, "maximum": 1000},
+                        "source": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"}}}}}},
+                "responses": {"200": {"description": "updated"}, "400": _ERR, "404": _ERR}},
+            "delete": {"description": "destroy the idle members; claimed members stay as plain clones",
+                       "parameters": [_NAME], "responses": {"200": {"description": "deleted"}, "404": _ERR}}},
+        "/v1/pools/{name}/claim": {"post": {
+            "description": "hand out an idle member at once; with none idle, wait (bounded by wait_s, default "
+                           "pools.claim_wait_s) for the next one; the answer says how long it waited",
+            "parameters": [_NAME],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "ttl_s": {"type": "number", "minimum": 1},
+                    "config": {"type": "object", "additionalProperties": {"type": "string"},
+                               "description": "written over the pool's config to /run/instaclone/config.json"},
+                    "wait_s": {"type": "number", "minimum": 0, "maximum": 3600}}}}}},
+            "responses": {"200": {"description": "claimed"}, "400": _ERR, "404": _ERR,
+                          "503": {"description": "no member became ready in time (code pool_empty, retryable)",
+                                  "content": {"application/json": {"schema": {
+                                      "$ref": "#/components/schemas/Error"}}}}}}},
         "/v1/sources/{name}/freeze": {"post": {
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "frozen"}, "404": _ERR, "409": _ERR}}},

@@ -48,8 +48,34 @@ class MemoryView(Protocol):
     def can_serve(self, source: DomainInfo) -> str | None: ...
 
 
+class PoolsView(Protocol):
+    """The pool keeper as the API drives it (``instaclone.jobs.pools.PoolKeeper``)."""
+
+    async def create(self, *, name: object, source: object, size: object, config: object = None,
+                     customize: object = True, keep_network: object = False,
+                     freeze: object = False) -> dict[str, Any]: ...
+
+    async def resize(self, name: str, size: object) -> dict[str, Any]: ...
+
+    async def update_source(self, name: str, source: object) -> dict[str, Any]: ...
+
+    async def delete(self, name: str) -> dict[str, Any]: ...
+
+    async def show(self, name: str) -> dict[str, Any]: ...
+
+    async def list_all(self) -> list[dict[str, Any]]: ...
+
+    async def claim(self, name: str, *, ttl_s: object = None, config: object = None,
+                    wait_s: object = None, claimed_by: dict[str, Any] | None = None) -> dict[str, Any]: ...
+
+    async def release(self, clone: str) -> dict[str, Any]: ...
+
+
 class EngineView(Protocol):
     """The engine as the API drives it."""
+
+    @property
+    def pools(self) -> PoolsView: ...
 
     @property
     def config(self) -> Config: ...
@@ -74,7 +100,7 @@ class EngineView(Protocol):
 
     async def submit(self, *, source: object, name: object, count: object = 1, keep_network: object = False,
                      customize: object = True, config: object = None, keep_ssh_host_keys: object = None,
-                     script: object = None) -> JobRecord:
+                     script: object = None, ttl_s: object = None) -> JobRecord:
         """Validate and queue a clone request; raises InvalidRequest, NameInUse, SourceNotFound, ..."""
 
     async def wait(self, job_id: str, timeout_s: float) -> None:

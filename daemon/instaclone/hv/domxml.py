@@ -296,3 +296,16 @@ def forget_frozen_ram(xml: str) -> str:
         for key in ("ram", "ramdir"):
             mark.attrib.pop(key, None)
     return ET.tostring(root, encoding="unicode")
+
+
+_MIB = {"b": 1 / (1 << 20), "bytes": 1 / (1 << 20), "kb": 1000 / (1 << 20), "k": 1 / 1024, "kib": 1 / 1024,
+        "mb": 1e6 / (1 << 20), "m": 1, "mib": 1, "gb": 1e9 / (1 << 20), "g": 1024, "gib": 1024}
+
+
+def memory_mib(xml: str) -> int:
+    """The guest RAM a domain is defined with, in MiB (0 if the XML says none)."""
+    el = ET.fromstring(xml).find("memory")
+    if el is None or not (el.text or "").strip():
+        return 0
+    unit = (el.get("unit") or "KiB").lower()
+    return int(float(el.text or 0) * _MIB.get(unit, 1 / 1024))

@@ -31,7 +31,8 @@ class Admission:
 
     async def admit(self, *, source: object, name: object, count: object, keep_network: object,
                     customize: object, config: object, keep_ssh_host_keys: object,
-                    script: object) -> JobRecord:
+                    script: object, ttl_s: object = None, pool: str | None = None,
+                    pool_generation: int = 0) -> JobRecord:
         """Validate a clone request and persist it as Requested; raises InvalidRequest & co."""
         svc = self.svc
         src = identity.validate_name(source, what="source name")
@@ -40,6 +41,7 @@ class Admission:
         flags = {k: _bool(k, v) for k, v in (("keep_network", keep_network), ("customize", customize),
                                              ("keep_ssh_host_keys", keep_ssh_host_keys))}
         guest_config = validate_guest_config(config)
+        ttl = validate_ttl(ttl_s)
         checked_script = validate_script(script)
         names = identity.clone_names(identity.validate_name(name), self._count(count))
         if src in names:
@@ -52,7 +54,9 @@ class Admission:
             if clash:
                 raise NameInUse(f"name already in use: {', '.join(clash)}")
             spec = JobSpec(names=tuple(names), storage_backend=svc.storage.name, memory_backend=memory.name,
-                           config=guest_config, script=checked_script, **flags)
+                           config=guest_config, script=checked_script, keep_network=flags["keep_network"],
+                           customize=flags["customize"], keep_ssh_host_keys=flags["keep_ssh_host_keys"],
+                           ttl_s=ttl, pool=pool, pool_generation=pool_generation)
             job = await svc.store.create_job(identity.new_job_id(), src, spec)
         svc.log_transition(job, job.history.entries[-1])
         return job
@@ -70,6 +74,19 @@ def _bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise InvalidRequest(f"{name} must be true or false")
     return value
+
+
+#: The longest TTL a clone may be given (a year).
+MAX_TTL_S = 365 * 24 * 3600.0
+
+
+def validate_ttl(ttl_s: object) -> float | None:
+    """A clone's time to live in seconds (None: no expiry)."""
+    if ttl_s is None:
+        return None
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not 1 <= ttl_s <= MAX_TTL_S:
+        raise InvalidRequest(f"ttl_s must be a number of seconds between 1 and {MAX_TTL_S:g}")
+    return float(ttl_s)
 
 
 def validate_guest_config(config: object) -> dict[str, str]:

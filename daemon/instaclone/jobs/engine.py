@@ -25,6 +25,7 @@ from ..store import Store
 from . import maintenance, pipeline, recovery, templates
 from .admission import Admission
 from .ledger import CoreUndoer, Ledger, Undoer
+from .pools import PoolKeeper
 from .services import Services, StepHook
 
 #: How long a finished job's completion event is kept for waiters that race with it.
@@ -46,7 +47,9 @@ class Engine:
         self._done: dict[str, asyncio.Event] = {}
         # Jobs dispatched and not yet taken into a stun, per source, in order.
         self._waiting: dict[str, list[JobRecord]] = {}
+        self._jobs: dict[str, JobRecord] = {}
         self._stuns = 0
+        self.pools = PoolKeeper(self.svc, submit=self.submit, destroy=self.destroy_clone, freeze=self.freeze)
         self._slots = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
         self._running = 0
         self.accepting = True
@@ -123,13 +126,15 @@ class Engine:
 
     async def submit(self, *, source: object, name: object, count: object = 1, keep_network: object = False,
                      customize: object = True, config: object = None, keep_ssh_host_keys: object = None,
-                     script: object = None) -> JobRecord:
+                     script: object = None, ttl_s: object = None, pool: str | None = None,
+                     pool_generation: int = 0) -> JobRecord:
         """Validate a clone request, persist it as Requested and queue it."""
         if not self.accepting:
             raise ShuttingDown("the daemon is shutting down and accepts no new jobs; retry after it restarts")
         job = await self._admission.admit(source=source, name=name, count=count, keep_network=keep_network,
                                           customize=customize, config=config,
-                                          keep_ssh_host_keys=keep_ssh_host_keys, script=script)
+                                          keep_ssh_host_keys=keep_ssh_host_keys, script=script, ttl_s=ttl_s,
+                                          pool=pool, pool_generation=pool_generation)
         self._dispatch(job)
         return job
 
@@ -141,8 +146,17 @@ class Engine:
                 async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a cancel on 3.11
                     await ev.wait()
 
-    async def destroy_clone(self, name: str) -> CloneRecord:
-        return await maintenance.destroy_clone(self.svc, name)
+    async def destroy_clone(self, name: str, *, reason: str = "destroyed") -> CloneRecord:
+        rec = await maintenance.destroy_clone(self.svc, name, reason=reason)
+        if rec.pool is not None:
+            self.pools.wake()  # a member gone: the pool makes another
+        return rec
+
+    async def run_services(self) -> None:
+        """The engine's background work: the pool keeper and the TTL reaper (cancel to stop)."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.pools.run(), name="pools")
+            tg.create_task(self.pools.reap(), name="ttl")
 
     async def freeze(self, name: object) -> dict[str, Any]:
         return await templates.freeze(self.svc, name)
@@ -170,6 +184,7 @@ class Engine:
 
     def _dispatch(self, job: JobRecord) -> None:
         self._done.setdefault(job.id, asyncio.Event())
+        self._jobs[job.id] = job
         self._waiting.setdefault(job.source, []).append(job)
         task = asyncio.get_running_loop().create_task(self._supervise(job), name=f"job-{job.id}")
         self._tasks[job.id] = task
@@ -246,5 +261,8 @@ class Engine:
         if ev is None or ev.is_set():
             return
         ev.set()
+        job = self._jobs.pop(job_id, None)
+        if job is not None:
+            self.pools.job_finished(job)
         # Waiters already woken; later ones read the finished job from the store.
         asyncio.get_running_loop().call_later(DONE_KEEP_S, self._done.pop, job_id, None)

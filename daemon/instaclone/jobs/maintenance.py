@@ -13,8 +13,11 @@ from .files import remove_path
 from .services import Services
 
 
-async def destroy_clone(svc: Services, name: str) -> CloneRecord:
-    """Power off and remove a clone made by instaclone, with its files (never a file of its source)."""
+async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") -> CloneRecord:
+    """Power off and remove a clone made by instaclone, with its files (never a file of its source).
+
+    ``reason`` (destroyed, expired, released, pool) is in its ``clone.destroyed`` event.
+    """
     rec = await svc.store.get_clone(name)
     if rec is None:
         raise NotFound(f"{name!r} is not a clone made by instaclone")
@@ -29,8 +32,8 @@ async def destroy_clone(svc: Services, name: str) -> CloneRecord:
     clone_dir = Path(rec.dir)
     if clone_dir.parent == svc.config.clones_dir:  # never outside our directory
         await remove_path(clone_dir)
-    await svc.store.remove_clone(rec)
-    svc.log.info("clone.destroyed", clone=name, source=rec.source)
+    await svc.store.remove_clone(rec, reason=reason)
+    svc.log.info("clone.destroyed", clone=name, source=rec.source, reason=reason)
     return rec
 
 

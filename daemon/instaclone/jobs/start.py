@@ -180,7 +180,10 @@ async def result(svc: Services, memory: MemoryBackend, ctx: StunContext, clones:
 
 async def hand_over(svc: Services, job: JobRecord, clones: list[CloneTarget]) -> None:
     """Register the clones; the job's ledger records become theirs in the same transaction."""
-    records = [CloneRecord(c.name, c.uuid, job.source, job.id, str(c.dir), time.time()) for c in clones]
+    now = time.time()
+    expires = now + job.spec.ttl_s if job.spec.ttl_s is not None else None
+    records = [CloneRecord(c.name, c.uuid, job.source, job.id, str(c.dir), now, expires_at=expires,
+                           pool=job.spec.pool, generation=job.spec.pool_generation) for c in clones]
     active = [r.id for r in await svc.store.resources(job.id)]
     await svc.store.add_clones(job.id, records, active)
 

@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Version 1: jobs, their states, the resource ledger, frozen sources, clones.
 _V1 = """
@@ -119,6 +119,23 @@ CREATE INDEX IF NOT EXISTS resources_job ON resources(job_id);
 """
 
 
+# Version 4: pools, and a clone's pool, claim and expiry (TTL).
+_V4 = """
+CREATE TABLE IF NOT EXISTS pools (
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 1,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS clones_expiry ON clones(expires_at);
+"""
+_V4_CLONE_COLUMNS = (("expires_at", "REAL"), ("pool", "TEXT"), ("claimed_at", "REAL"),
+                     ("generation", "INTEGER NOT NULL DEFAULT 0"))
+
+
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
@@ -141,8 +158,18 @@ def _v3(db: sqlite3.Connection) -> None:
         db.execute(stmt)
 
 
+def _v4(db: sqlite3.Connection) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(clones)")}
+    for name, decl in _V4_CLONE_COLUMNS:
+        if name not in columns:
+            db.execute(f"ALTER TABLE clones ADD COLUMN {name} {decl}")
+    for stmt in _statements(_V4):
+        db.execute(stmt)
+
+
 #: (version, migration to it from the version before), in order.
-MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = ((1, _v1), (2, _v2), (3, _v3))
+MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
+    (1, _v1), (2, _v2), (3, _v3), (4, _v4))
 
 
 def _version(db: sqlite3.Connection) -> int:

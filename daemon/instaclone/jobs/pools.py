@@ -1,0 +1,441 @@
+"""Pools of ready clones, and clone expiry (TTL).
+
+A pool keeps ``size`` idle members of one source: clones that run, are
+customized and have their network up. ``claim`` hands one out at once (it
+leaves the pool's count, so the keeper makes another); ``release`` destroys
+a claimed member. The keeper reconciles each pool against what the store
+says: dead or surplus idle members go, members of an older source
+generation (``pool update --source``) are replaced once new ones are ready,
+and the missing ones are made by *one* job per pool and round, so that a
+running source is stunned once for all of them (and jobs waiting for the
+same source share a stun, see ``jobs/engine.py``). It never touches a
+claimed member. Everything it keeps is in the store; the in-memory part is
+only wake-ups and backoff.
+
+The reaper destroys clones whose expiry (``clone --ttl``, ``claim --ttl``)
+has passed, across restarts too (the expiry is in the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import events, identity
+from ..errors import Conflict, InstacloneError, InvalidRequest, NotFound, SourceNotCloneable
+from ..hv import domxml
+from ..model import CloneRecord, JobRecord, PoolRecord
+from . import guestscript
+from .admission import active_source, validate_guest_config, validate_ttl
+from .services import Services
+
+#: The largest pool.
+MAX_POOL_SIZE = 1000
+
+
+class PoolEmpty(InstacloneError):
+    """No idle member became ready within the claim's wait."""
+
+    code = "pool_empty"
+    http_status = 503
+    retryable = True
+
+
+Submit = Callable[..., Awaitable[JobRecord]]
+Destroy = Callable[..., Awaitable[CloneRecord]]
+Freeze = Callable[[object], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class _PoolState:
+    """What the keeper remembers of a pool between rounds (lost at restart, rebuilt from the store)."""
+
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # set when a member became idle
+    failures: int = 0
+    retry_at: float = 0.0  # monotonic: no new job before this (backoff after a failed one)
+    last_error: dict[str, Any] | None = None
+    held: str | None = None  # why replenishment waits (the host budget)
+
+
+class PoolKeeper:
+    """Keeps every pool at its size; hands out and takes back members; destroys expired clones."""
+
+    def __init__(self, svc: Services, *, submit: Submit, destroy: Destroy, freeze: Freeze) -> None:
+        self.svc = svc
+        self._submit, self._destroy, self._freeze = submit, destroy, freeze
+        self._wake = asyncio.Event()
+        self._ttl_wake = asyncio.Event()
+        self._state: dict[str, _PoolState] = {}
+        self._round = asyncio.Lock()
+
+    def _st(self, name: str) -> _PoolState:
+        return self._state.setdefault(name, _PoolState())
+
+    def wake(self) -> None:
+        """Reconcile soon (after a claim, a release, a finished job, a change of a pool)."""
+        self._wake.set()
+        self._ttl_wake.set()
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def create(self, *, name: object, source: object, size: object, config: object = None,
+                     customize: object = True, keep_network: object = False,
+                     freeze: object = False) -> dict[str, Any]:
+        """Define a pool (optionally freezing its source first); the keeper fills it in the background."""
+        pool_name = identity.validate_name(name, what="pool name")
+        src = identity.validate_name(source, what="source name")
+        n = _size(size)
+        guest_config = validate_guest_config(config)
+        flags = {k: _bool(k, v) for k, v in (("customize", customize), ("keep_network", keep_network),
+                                             ("freeze", freeze))}
+        if await self.svc.store.get_pool(pool_name) is not None:
+            raise Conflict(f"pool {pool_name!r} exists")
+        await self._check_source(src)
+        if flags["freeze"] and src not in await self.svc.store.frozen():
+            await self._freeze(src)
+        try:
+            pool = await self.svc.store.create_pool(PoolRecord(pool_name, src, n, guest_config, flags["customize"],
+                                                               flags["keep_network"]))
+        except ValueError:
+            raise Conflict(f"pool {pool_name!r} exists") from None
+        self.svc.log.info("pool.created", pool=pool_name, source=src, size=n)
+        self.wake()
+        return await self.show(pool.name)
+
+    async def resize(self, name: str, size: object) -> dict[str, Any]:
+        await self._get(name)
+        try:
+            await self.svc.store.update_pool(name, size=_size(size))
+        except KeyError:
+            raise NotFound(f"no pool {name!r}") from None
+        self.wake()
+        return await self.show(name)
+
+    async def update_source(self, name: str, source: object) -> dict[str, Any]:
+        """Image push: move the pool to a new source; idle members are replaced, claimed ones stay."""
+        await self._get(name)
+        src = identity.validate_name(source, what="source name")
+        await self._check_source(src)
+        try:
+            await self.svc.store.update_pool(name, source=src)
+        except KeyError:
+            raise NotFound(f"no pool {name!r}") from None
+        self._st(name).failures = 0
+        self._st(name).retry_at = 0.0
+        self.wake()
+        return await self.show(name)
+
+    async def delete(self, name: str) -> dict[str, Any]:
+        """Forget the pool and destroy its idle members; claimed members stay as plain clones."""
+        await self._get(name)
+        try:
+            idle = await self.svc.store.delete_pool(name)
+        except KeyError:
+            raise NotFound(f"no pool {name!r}") from None
+        destroyed, failed = [], {}
+        for member in idle:
+            try:
+                await self._destroy(member, reason="pool")
+                destroyed.append(member)
+            except InstacloneError as exc:
+                failed[member] = exc.message
+        self._state.pop(name, None)
+        return {"pool": name, "destroyed": destroyed, "not_destroyed": failed}
+
+    async def show(self, name: str) -> dict[str, Any]:
+        pool = await self._get(name)
+        return await self._describe(pool)
+
+    async def list_all(self) -> list[dict[str, Any]]:
+        return [await self._describe(p) for p in await self.svc.store.list_pools()]
+
+    async def claim(self, name: str, *, ttl_s: object = None, config: object = None,
+                    wait_s: object = None, claimed_by: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Hand out an idle member at once, or wait (bounded) for the next one; raises PoolEmpty."""
+        t0 = time.monotonic()
+        ttl = validate_ttl(ttl_s)
+        extra = validate_guest_config(config)
+        limit = self.svc.config.pools.claim_wait_s if wait_s is None else _wait(wait_s)
+        deadline = t0 + limit
+        pool = await self._get(name)
+        st = self._st(name)
+        while True:
+            st.ready.clear()
+            rec = await self._claim_one(pool, ttl, claimed_by)
+            if rec is not None:
+                break
+            self.wake()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pending = await self._pending(pool)
+                raise PoolEmpty(
+                    f"pool {name!r} has no idle member; none became ready within {limit:g} s "
+                    f"({pending} being made{'; ' + st.held if st.held else ''}); retry later")
+            try:
+                async with asyncio.timeout(remaining):
+                    await st.ready.wait()
+            except TimeoutError:
+                pass
+            pool = await self._get(name)
+        waited_ms = round((time.monotonic() - t0) * 1000.0, 3)
+        config_written = None
+        if extra:
+            config_written = await self._push_config(rec, {**pool.config, **extra})
+        self.wake()  # the pool is one short now
+        self.svc.log.info("pool.claimed", pool=name, clone=rec.name, waited_ms=waited_ms, ttl_s=ttl)
+        return {"pool": name, "clone": rec.to_dict(), "waited_ms": waited_ms, "config_path": config_written}
+
+    async def release(self, clone: str) -> dict[str, Any]:
+        """Destroy a pool member (Horizon's delete at logoff); the pool makes a new one."""
+        rec = await self.svc.store.get_clone(clone)
+        if rec is None:
+            raise NotFound(f"{clone!r} is not a clone made by instaclone")
+        if rec.pool is None:
+            raise Conflict(f"{clone!r} is not a pool member; destroy it with 'instaclone destroy {clone}'")
+        await self._destroy(clone, reason="released")
+        await self.svc.store.emit_pool_event(events.POOL_RELEASED, rec.pool, clone=clone,
+                                             claimed_at=rec.claimed_at)
+        self.wake()
+        return {"pool": rec.pool, "clone": clone, "destroyed": True}
+
+    # -- the keeper -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reconcile every pool now and then, and at once when woken; never raises."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.svc.log.exception("pool.reconcile_failed")
+            try:
+                async with asyncio.timeout(self.svc.config.pools.check_interval_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def reconcile(self) -> None:
+        """One round over every pool; also on start (dead idle members replaced, claimed never touched)."""
+        async with self._round:
+            pools = await self.svc.store.list_pools()
+            for pool in pools:
+                await self._reconcile_one(pool)
+            # Made for a pool deleted meanwhile: an idle member of no pool.
+            names = {p.name for p in pools}
+            for c in await self.svc.store.list_clones():
+                if c.pool is not None and c.pool not in names and c.claimed_at is None:
+                    await self._try_destroy(c.name, reason="pool")
+
+    async def _reconcile_one(self, pool: PoolRecord) -> None:
+        svc, st = self.svc, self._st(pool.name)
+        members = await svc.store.pool_members(pool.name)
+        idle = [m for m in members if m.claimed_at is None]
+        alive = []
+        for m in idle:
+            state = await self._state_of(m.name)
+            if state == "running":
+                alive.append(m)
+            else:
+                svc.log.warning("pool.member_dead", pool=pool.name, clone=m.name, state=state)
+                await self._try_destroy(m.name, reason="pool")
+        current = [m for m in alive if m.generation == pool.generation]
+        old = [m for m in alive if m.generation != pool.generation]
+        if current:
+            st.ready.set()
+        # Old generation first, then the newest surplus: never more idle than the size.
+        surplus = len(current) + len(old) - pool.size
+        for m in (old + current[::-1])[:max(0, surplus)]:
+            await self._try_destroy(m.name, reason="pool")
+        jobs = await self._pool_jobs(pool)
+        pending = sum(j.spec.count for j in jobs if j.spec.pool_generation == pool.generation)
+        deficit = pool.size - min(len(current), pool.size) - pending
+        if deficit <= 0 or time.monotonic() < st.retry_at:
+            return
+        room = await self._room(pool)
+        if room < deficit and old:
+            # An image push on a full host: an old idle member makes room for a new one.
+            for m in old[:deficit - max(room, 0)]:
+                await self._try_destroy(m.name, reason="pool")
+            room = await self._room(pool)
+        if room <= 0:
+            st.held = "replenishment held by the host budget (pools.max_clones / pools.max_memory_mib)"
+            return
+        st.held = None
+        count = min(deficit, room, svc.config.clone.max_count)
+        base = f"{pool.name}-{secrets.token_hex(3)}"
+        try:
+            job = await self._submit(source=pool.source, name=base, count=count, customize=pool.customize,
+                                     keep_network=pool.keep_network, config=dict(pool.config) or None,
+                                     pool=pool.name, pool_generation=pool.generation)
+        except InstacloneError as exc:
+            self._failed(pool, exc.to_dict())
+            return
+        svc.log.info("pool.replenishing", pool=pool.name, job_id=job.id, count=count, source=pool.source)
+        await svc.store.emit_pool_event(events.POOL_REPLENISHING, pool.name, job_id=job.id, count=count,
+                                        source=pool.source, idle=len(current), pending=pending + count)
+
+    def job_finished(self, job: JobRecord) -> None:
+        """A pool's job ended: remember a failure (backoff), wake claims and the keeper."""
+        pool = job.spec.pool
+        if pool is None:
+            return
+        st = self._st(pool)
+        if job.state.failed:
+            self._failed_name(pool, job.error)
+        else:
+            st.failures, st.retry_at, st.last_error = 0, 0.0, None
+            st.ready.set()
+        self.wake()
+
+    def _failed(self, pool: PoolRecord, error: dict[str, Any] | None) -> None:
+        self._failed_name(pool.name, error)
+
+    def _failed_name(self, pool: str, error: dict[str, Any] | None) -> None:
+        st = self._st(pool)
+        st.failures += 1
+        st.last_error = error
+        st.retry_at = time.monotonic() + min(60.0, 2.0 ** st.failures)
+        self.svc.log.warning("pool.replenish_failed", pool=pool, error=error, failures=st.failures)
+
+    # -- TTL --------------------------------------------------------------------------
+
+    async def reap(self) -> None:
+        """Destroy clones whose expiry passed; sleeps until the next one (or a wake-up); never raises."""
+        while True:
+            self._ttl_wake.clear()
+            try:
+                for rec in await self.svc.store.expired_clones(time.time()):
+                    await self._try_destroy(rec.name, reason="expired")
+                nxt = await self.svc.store.next_expiry()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.svc.log.exception("ttl.reap_failed")
+                nxt = None
+            sleep = self.svc.config.pools.check_interval_s
+            if nxt is not None:
+                sleep = max(0.05, min(sleep, nxt - time.time()))
+            try:
+                async with asyncio.timeout(sleep):
+                    await self._ttl_wake.wait()
+            except TimeoutError:
+                pass
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def _get(self, name: str) -> PoolRecord:
+        pool = await self.svc.store.get_pool(name)
+        if pool is None:
+            raise NotFound(f"no pool {name!r}")
+        return pool
+
+    async def _check_source(self, src: str) -> None:
+        await active_source(self.svc, src)
+        rec = await self.svc.store.get_clone(src)
+        if rec is not None and rec.pool is not None and rec.claimed_at is None:
+            raise SourceNotCloneable(f"{src!r} is an idle member of pool {rec.pool!r}; claim it first")
+
+    async def _state_of(self, name: str) -> str:
+        try:
+            return await self.svc.virt.state(name)
+        except InstacloneError:
+            return "absent"
+
+    async def _try_destroy(self, name: str, *, reason: str) -> None:
+        try:
+            await self._destroy(name, reason=reason)
+        except InstacloneError as exc:
+            self.svc.log.warning("pool.destroy_failed", clone=name, reason=reason, error=exc.message)
+
+    async def _claim_one(self, pool: PoolRecord, ttl: float | None,
+                         claimed_by: dict[str, Any] | None) -> CloneRecord | None:
+        members = [m for m in await self.svc.store.pool_members(pool.name) if m.claimed_at is None]
+        # The current source's members first (oldest first), then an older generation's.
+        members.sort(key=lambda m: (m.generation != pool.generation, m.created_at))
+        for m in members:
+            # A member that died since the last round is the keeper's to replace.
+            if await self._state_of(m.name) != "running":
+                continue
+            rec = await self.svc.store.claim_member(pool.name, [m.name], ttl_s=ttl, claimed_by=claimed_by)
+            if rec is not None:
+                return rec
+        return None
+
+    async def _pool_jobs(self, pool: PoolRecord) -> list[JobRecord]:
+        return [j for j in await self.svc.store.list_jobs(unfinished=True) if j.spec.pool == pool.name]
+
+    async def _pending(self, pool: PoolRecord) -> int:
+        return sum(j.spec.count for j in await self._pool_jobs(pool))
+
+    async def _room(self, pool: PoolRecord) -> int:
+        """How many more clones the host budget allows now."""
+        cfg = self.svc.config.pools
+        clones = await self.svc.store.list_clones()
+        unfinished = await self.svc.store.list_jobs(unfinished=True)
+        being_made = sum(j.spec.count for j in unfinished)
+        room = cfg.max_clones - len(clones) - being_made
+        if cfg.max_memory_mib:
+            per_clone = await self._memory_mib(pool.source)
+            used = 0
+            for c in clones:
+                used += await self._memory_mib(c.source)
+            used += sum([await self._memory_mib(j.source) * j.spec.count for j in unfinished])
+            if per_clone:
+                room = min(room, (cfg.max_memory_mib - used) // per_clone)
+        return room
+
+    async def _memory_mib(self, source: str) -> int:
+        try:
+            info = await self.svc.virt.lookup(source)
+        except InstacloneError:
+            return 0
+        return domxml.memory_mib(info.xml)
+
+    async def _push_config(self, rec: CloneRecord, config: dict[str, str]) -> str:
+        """Write the claim's config (over the pool's) to the member, where customization puts it."""
+        path = guestscript.CONFIG_PATH
+        script = f"mkdir -p {path.rsplit('/', 1)[0]} && umask 077 && cat > {path}"
+        try:
+            rc, out = await self.svc.virt.agent_exec(rec.name, ["/bin/sh", "-c", script],
+                                                     stdin=json.dumps(config).encode(), timeout_s=10)
+        except InstacloneError as exc:
+            raise InvalidRequest(f"claimed {rec.name!r}, but could not write its config: {exc.message}") from None
+        if rc != 0:
+            raise InvalidRequest(f"claimed {rec.name!r}, but writing its config exited {rc}: {out.strip()[-200:]}")
+        return path
+
+    async def _describe(self, pool: PoolRecord) -> dict[str, Any]:
+        members = await self.svc.store.pool_members(pool.name)
+        idle = [m for m in members if m.claimed_at is None]
+        st = self._st(pool.name)
+        return {**pool.to_dict(),
+                "idle": [m.name for m in idle if m.generation == pool.generation],
+                "idle_old_source": [m.name for m in idle if m.generation != pool.generation],
+                "claimed": [m.name for m in members if m.claimed_at is not None],
+                "pending": await self._pending(pool),
+                "held": st.held, "last_error": st.last_error, "failures": st.failures}
+
+
+def _size(size: object) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_POOL_SIZE:
+        raise InvalidRequest(f"size must be an integer between 0 and {MAX_POOL_SIZE}")
+    return size
+
+
+def _wait(wait_s: object) -> float:
+    if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 3600:
+        raise InvalidRequest("wait_s must be a number of seconds between 0 and 3600")
+    return float(wait_s)
+
+
+def _bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be true or false")
+    return value
