@@ -13,7 +13,6 @@ import pytest
 
 from instaclone import config as cfg
 from instaclone.errors import (
-    Conflict,
     InvalidName,
     InvalidRequest,
     NameInUse,

@@ -21,6 +21,7 @@ from .config import Config
 from .errors import ConfigError, InstacloneError
 from .hv import LibvirtHypervisor
 from .jobs.engine import Engine
+from .jobs.gc import GarbageCollector
 from .outbox.bus import EventBus
 from .outbox.metrics import Metrics
 from .outbox.webhooks import WebhookSender
@@ -82,7 +83,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._send_webhooks(), name="webhooks"))
         self._tasks.append(loop.create_task(self._watch(), name="watch"))
-        app = make_app(self.engine, self.store, self.webhooks, bus=self.bus, metrics=self.metrics)
+        app = make_app(self.engine, self.store, self.webhooks, bus=self.bus, metrics=self.metrics,
+                       gc=GarbageCollector(self.engine.svc))
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         if self._listen_socks:
