@@ -29,6 +29,28 @@ SOURCE_XML = """<domain type='qemu'>
 </domain>"""
 
 
+def image_bytes(kind: str, backing: str) -> bytes:
+    """A fake image's content: what it is and, like a qcow2 header, the image it is backed by."""
+    return f"{kind}\nbacking={backing}\n".encode()
+
+
+def image_chain(top: Path) -> list[Path]:
+    """A fake image's chain, top first, following ``backing=`` lines (like ``qemu-img info --backing-chain``).
+
+    Stops at a file without one (a base image), or at a missing file.
+    """
+    chain = [top]
+    while True:
+        try:
+            lines = chain[-1].read_bytes().split(b"\n")
+        except OSError:
+            return chain
+        backing = next((ln[8:].decode() for ln in lines if ln.startswith(b"backing=")), "")
+        if not backing or Path(backing) in chain:
+            return chain
+        chain.append(Path(backing))
+
+
 @dataclass
 class FakeDomain:
     name: str
@@ -155,7 +177,7 @@ class FakeHypervisor:
                 continue
             dev = tgt.get("dev", "")
             if dev in overlays:
-                overlays[dev].write_bytes(b"overlay")
+                overlays[dev].write_bytes(image_bytes("overlay", src.get("file", "")))
                 src.set("file", str(overlays[dev]))
         d.xml = ET.tostring(root, encoding="unicode")
 
@@ -244,11 +266,11 @@ class FakeHypervisor:
         return True
 
     async def backing_chain(self, name: str, target: str) -> list[Path]:
-        """The disk's top image only: the fake keeps no chains."""
+        """The disk's chain as the fake images' ``backing=`` lines say (see :func:`image_chain`)."""
         await self._hook("backing_chain", name)
         for disk in file_disks(self._get(name).xml):
             if disk.target == target:
-                return [disk.path]
+                return image_chain(disk.path)
         raise VirtError(f"{name!r} has no disk {target!r}")
 
     async def block_pull(self, name: str, target: str, *, base: Path | None, timeout_s: float) -> None:
@@ -281,7 +303,7 @@ class FakeStorage(StorageBackend):
         for tgt in ctx.tops:
             p = clone.dir / f"{tgt}.qcow2"
             await record(ResourceKind.FILE, str(p), clone=clone.name)
-            p.write_bytes(b"delta")
+            p.write_bytes(image_bytes("delta", str(ctx.tops[tgt])))
             out[tgt] = p
         return out
 
@@ -291,6 +313,9 @@ class FakeStorage(StorageBackend):
 
     async def chain_depth(self, *, path: Path) -> int:
         return 2
+
+    async def chain(self, *, path: Path) -> list[Path]:
+        return image_chain(path)
 
 
 def fake_engine(config: Any, journal: Any, virt: FakeHypervisor) -> Any:
@@ -332,12 +357,13 @@ async def fake_api(tmp_path: Path) -> AsyncIterator[tuple[Any, FakeHypervisor, P
     from aiohttp import web
 
     from instaclone.api import make_app
+    from instaclone.jobs.gc import GarbageCollector
 
     from .apiclient import Api
 
     c, journal, virt = await fake_world(tmp_path)
     engine = fake_engine(c, journal, virt)
-    runner = web.AppRunner(make_app(engine, journal))
+    runner = web.AppRunner(make_app(engine, journal, gc=GarbageCollector(engine.svc)))
     await runner.setup()
     sock = tmp_path / "ctl.sock"
     await web.UnixSite(runner, str(sock)).start()

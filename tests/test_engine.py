@@ -13,7 +13,6 @@ import pytest
 
 from instaclone import config as cfg
 from instaclone.errors import (
-    Conflict,
     InvalidName,
     InvalidRequest,
     NameInUse,
@@ -382,12 +381,16 @@ async def test_freeze_clone_unfreeze_with_fakes(env):
     assert await journal.resources("frozen-src") == []
 
 
-async def test_destroy_refuses_a_clone_with_clones_of_its_own(env):
-    engine, virt, journal, _c = env
+async def test_destroy_of_a_clone_with_clones_of_its_own_keeps_them_running(env):
+    engine, virt, journal, c = env
     assert (await run_job(engine, journal, name="parent")).state is State.UNSTUNNED
     assert (await run_job(engine, journal, source="parent", name="child")).state is State.UNSTUNNED
-    with pytest.raises(Conflict, match="child"):
-        await engine.destroy_clone("parent")
-    await engine.destroy_clone("child")
+    parent_disk = c.clones_dir / "parent" / "vda.qcow2"
     await engine.destroy_clone("parent")
-    assert "parent" not in virt.domains and "child" not in virt.domains
+    assert "parent" not in virt.domains and virt.domains["child"].state == "running"
+    assert parent_disk.exists()  # the child's chain uses it
+    with pytest.raises(NameInUse):  # its directory is kept: a new "parent" would make and remove it
+        await engine.submit(source="src", name="parent")
+    await engine.destroy_clone("child")
+    assert not (c.clones_dir / "parent").exists() and not (c.clones_dir / "child").exists()
+    assert (await run_job(engine, journal, name="parent")).state is State.UNSTUNNED

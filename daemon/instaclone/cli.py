@@ -148,8 +148,18 @@ async def _status(sock: str, args: argparse.Namespace, out_json: bool) -> int:
         _emit(data)
     else:
         for k, v in data.items():
-            print(f"{k}: {v}")
+            if k != "disk":
+                print(f"{k}: {v}")
+        if "disk" in data:
+            print("disk used per source:")
+            render.print_disk(data["disk"])
     return 0
+
+
+async def _gc(sock: str, args: argparse.Namespace, out_json: bool) -> int:
+    report = (await _request(sock, "POST", "/v1/gc", {"dry_run": args.dry_run}))["gc"]
+    _emit(report) if out_json else render.print_gc(report)
+    return 1 if report["failed"] else 0
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -231,7 +241,7 @@ _Handler = Callable[[str, argparse.Namespace, bool], Awaitable[int]]
 _COMMANDS: dict[str, _Handler] = {
     "clone": _clone, "jobs": _jobs, "clones": _clones, "destroy": _destroy, "freeze": _freeze,
     "unfreeze": _freeze, "check": _check, "prepare": _prepare, "frozen": _frozen, "events": _events,
-    "webhooks": _webhooks, "status": _status,
+    "webhooks": _webhooks, "status": _status, "gc": _gc,
 }
 _COMMANDS.update(cli_pools.commands(lambda *a, **kw: _request(*a, **kw)))
 
@@ -316,11 +326,14 @@ def parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("clones", help="list clones")
     clsub = cl.add_subparsers(dest="clones_cmd", required=True)
     clsub.add_parser("ls")
-    d = sub.add_parser("destroy", help="power off and delete a clone and its files")
+    d = sub.add_parser("destroy", help="power off and delete a clone and its files (those its own clones "
+                                       "use stay until they are unused)")
     d.add_argument("name")
     _source_parsers(sub)
     sub.add_parser("frozen", help="list frozen sources")
-    sub.add_parser("status", help="daemon status")
+    sub.add_parser("status", help="daemon status, disk used per source")
+    g = sub.add_parser("gc", help="delete the delta and memory images no domain's backing chain uses")
+    g.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     _events_parser(sub)
     _webhooks_parser(sub)
     cli_pools.add_parsers(sub)

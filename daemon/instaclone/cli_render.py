@@ -149,3 +149,35 @@ def event_line(e: dict[str, Any]) -> str:
     if d.get("error"):
         line += f"  error: {d['error'].get('message')} [{d['error'].get('code')}]"
     return line
+
+
+def size(n: int) -> str:
+    """Bytes for people: 0 B, 196 KiB, 1.4 MiB, 2.0 GiB."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit in ("B", "KiB") else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def print_gc(report: dict[str, Any]) -> None:
+    """What ``instaclone gc`` deleted (or, dry run, would delete)."""
+    verb = "would delete" if report["dry_run"] else "deleted"
+    for item in report["deleted"]:
+        print(f"{verb} {item['path']} ({size(item['bytes'])})")
+    print(f"{verb} {len(report['deleted'])} files, {size(report['bytes'])}")
+    for name in report.get("released", []):
+        print(f"{'would free' if report['dry_run'] else 'freed'} the name and directory of destroyed clone {name}")
+    for r in report.get("retained", []):
+        print(f"kept {r['dir']} ({size(r['bytes'])}) of destroyed clone {r['clone']}: its clones' disks use it")
+    for f in report.get("failed", []):
+        print(f"could not remove {f}")
+
+
+def print_disk(disk: dict[str, Any]) -> None:
+    """Disk use under instaclone's directories, per source (part of ``instaclone status``)."""
+    rows = [[s["source"], str(s["clones"]), size(s["deltas_bytes"]), size(s["clones_bytes"]),
+             size(s["retained_bytes"]), size(s["frozen_bytes"]), size(s["bytes"])] for s in disk["sources"]]
+    table(rows, ["SOURCE", "CLONES", "DELTAS", "CLONE FILES", "RETAINED", "FROZEN", "TOTAL"])
+    print(f"total: {size(disk['total_bytes'])} ({size(disk['other_bytes'])} in no source's files)")

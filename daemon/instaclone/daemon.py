@@ -21,6 +21,7 @@ from .config import Config
 from .errors import ConfigError, InstacloneError
 from .hv import LibvirtHypervisor
 from .jobs.engine import Engine
+from .jobs.gc import GarbageCollector
 from .outbox.bus import EventBus
 from .outbox.metrics import Metrics
 from .outbox.webhooks import WebhookSender
@@ -84,7 +85,8 @@ class Daemon:
         self._tasks.append(loop.create_task(self._watch(), name="watch"))
         # Pools reconciled (dead idle members replaced, claimed ones left alone), expired clones destroyed.
         self._tasks.append(loop.create_task(self.engine.run_services(), name="engine-services"))
-        app = make_app(self.engine, self.store, self.webhooks, bus=self.bus, metrics=self.metrics)
+        app = make_app(self.engine, self.store, self.webhooks, bus=self.bus, metrics=self.metrics,
+                       gc=GarbageCollector(self.engine.svc))
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         if self._listen_socks:

@@ -116,6 +116,14 @@ class StepFailed(InstacloneError):
     code = "step_failed"
 
 
+class GcAborted(InstacloneError):
+    """Garbage collection could not tell which images are in use; it deleted nothing."""
+
+    code = "gc_aborted"
+    http_status = 503
+    retryable = True
+
+
 class StunDeadlineExceeded(InstacloneError):
     code = "stun_deadline_exceeded"
     retryable = True

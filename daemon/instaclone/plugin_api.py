@@ -177,6 +177,15 @@ class StorageBackend(Backend):
         """Number of images in the chain whose top is ``path``."""
         raise NotSupportedError(f"storage backend {self.name!r} cannot inspect chains")
 
+    async def chain(self, *, path: Path) -> list[Path]:
+        """The images of the chain whose top is ``path``, top first, as the files say (the domain may be off).
+
+        Garbage collection deletes an image only if no chain read here (or
+        QEMU's, for a running domain) names it; a backend that cannot tell
+        raises NotSupportedError, and then nothing is collected.
+        """
+        raise NotSupportedError(f"storage backend {self.name!r} cannot inspect chains")
+
     async def consolidate(self, *, domain: str, target: str) -> None:
         raise NotSupportedError(f"storage backend {self.name!r} cannot consolidate chains")
 

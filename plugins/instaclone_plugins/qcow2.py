@@ -114,6 +114,9 @@ class Qcow2Storage(StorageBackend):
     async def chain_depth(self, *, path: Path) -> int:
         return len(await self._chain(path))
 
+    async def chain(self, *, path: Path) -> list[Path]:
+        return await self._chain(path)
+
     async def consolidate(self, *, domain: str, target: str) -> None:
         """Shorten the chain of ``domain``'s disk ``target`` to its top over the bottom-most image.
 

@@ -17,11 +17,11 @@ from ..outbox.bus import EventBus
 from ..outbox.metrics import Metrics
 from ..outbox.webhooks import WebhookSender
 from ..store import Store
-from . import jobs, pools, sources, stream, webhooks
+from . import gc as gc_api, jobs, pools, sources, stream, webhooks
 from .access import ACCESS, Access, Handler, peer_credentials
-from .common import BUS, CLOSING, ENGINE, MAX_BODY_BYTES, STORE, WEBHOOKS, error, log
+from .common import BUS, CLOSING, ENGINE, GC, MAX_BODY_BYTES, STORE, WEBHOOKS, error, log
 from .openapi import openapi
-from .protocol import EngineView
+from .protocol import EngineView, GcView
 
 
 @web.middleware
@@ -66,17 +66,20 @@ def _routes(app: web.Application) -> None:
     app.router.add_post("/v1/sources/{name}/unfreeze", sources.unfreeze)
     app.router.add_get("/v1/sources/{name}/check", sources.check_source)
     app.router.add_post("/v1/sources/{name}/prepare", sources.prepare_source)
+    app.router.add_post("/v1/gc", gc_api.collect)
 
 
 def make_app(engine: EngineView, store: Store, webhooks: WebhookSender | None = None, *,
              bus: EventBus | None = None, access: AccessConfig | None = None,
-             metrics: Metrics | None = None) -> web.Application:
+             metrics: Metrics | None = None, gc: GcView | None = None) -> web.Application:
     """The control API's aiohttp application.
 
     ``webhooks``: the sender (without it the webhook routes answer 404).
     ``bus``: wakes followers of the event stream on each commit; without it
     they see new events at their next check (every 15 s).
     ``access``: defaults to the engine's ``config.access``.
+    ``gc``: garbage collection (without it ``/v1/gc`` answers 404 and the
+    health has no disk use).
     """
     app = web.Application(middlewares=[errors_as_json, peer_credentials], client_max_size=MAX_BODY_BYTES)
     app[ENGINE] = engine
@@ -88,6 +91,8 @@ def make_app(engine: EngineView, store: Store, webhooks: WebhookSender | None = 
         app[WEBHOOKS] = webhooks
     if bus is not None:
         app[BUS] = bus
+    if gc is not None:
+        app[GC] = gc
     app[CLOSING] = asyncio.Event()
 
     async def on_shutdown(app: web.Application) -> None:

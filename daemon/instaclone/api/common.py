@@ -13,7 +13,7 @@ from ..log import get as get_logger
 from ..outbox.bus import EventBus
 from ..outbox.webhooks import WebhookSender
 from ..store import Store
-from .protocol import EngineView
+from .protocol import EngineView, GcView
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_WAIT_S = 600.0
@@ -23,6 +23,7 @@ STORE = web.AppKey("store", Store)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 BUS = web.AppKey("bus", EventBus)
 CLOSING = web.AppKey("closing", asyncio.Event)
+GC = web.AppKey("gc", GcView)
 PEER = web.RequestKey("peer", object)
 
 log = get_logger(component="api")

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..errors import InvalidRequest, NotFound
-from .common import ENGINE, PEER, STORE, body, log, unknown_fields, wait_param
+from .common import ENGINE, GC, PEER, STORE, body, log, unknown_fields, wait_param
 
 _JOB_FIELDS = {"source", "name", "count", "keep_network", "customize", "config", "keep_ssh_host_keys", "script",
                "ttl_s"}
@@ -14,14 +14,18 @@ _JOB_FIELDS = {"source", "name", "count", "keep_network", "customize", "config",
 
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    return web.json_response({
+    out = {
         "version": __version__,
         "libvirt_connected": await engine.virt.ensure_connected(),
         "active_jobs": engine.active_jobs,
         "accepting": engine.accepting,
         "storage_backend": engine.storage.name,
         "memory_backend": engine.memory.name,
-    })
+    }
+    gc = request.app.get(GC)
+    if gc is not None:
+        out["disk"] = await gc.disk_usage()
+    return web.json_response(out)
 
 
 async def create_job(request: web.Request) -> web.Response:

@@ -16,7 +16,8 @@ OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "instaclone control API", "version": __version__},
     "paths": {
-        "/v1/health": {"get": {"responses": {"200": {"description": "daemon status"}}}},
+        "/v1/health": {"get": {"responses": {"200": {
+            "description": "daemon status; disk: bytes under instaclone's directories per source"}}}},
         "/v1/jobs": {
             "get": {"responses": {"200": {"description": "jobs, newest first"}}},
             "post": {
@@ -148,8 +149,19 @@ OPENAPI: dict[str, Any] = {
                     "webhook": {"type": "string"}, "event_id": {"type": "string"}}}}}},
             "responses": {"200": {"description": "ids queued again"}, "400": _ERR, "404": _ERR}}},
         "/v1/clones/{name}": {"delete": {
+            "description": "undefine the clone (its own clones keep running), then collect garbage",
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "destroyed"}, "404": _ERR}}},
+            "responses": {"200": {"description": "destroyed"}, "404": _ERR, "409": _ERR}}},
+        "/v1/gc": {"post": {
+            "description": "delete every delta or memory image under instaclone's directories that no "
+                           "domain's backing chain uses and no job in flight recorded; dry_run lists them",
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"dry_run": {"type": "boolean", "default": False}}}}}},
+            "responses": {"200": {"description": "what was (or would be) deleted", "content": {
+                "application/json": {"schema": {"type": "object", "properties": {
+                    "gc": {"$ref": "#/components/schemas/Gc"}}}}}},
+                "400": _ERR, "403": _ERR, "503": _ERR}}},
     },
     "components": {"schemas": {
         "Error": {"type": "object", "properties": {"error": {
@@ -172,6 +184,18 @@ OPENAPI: dict[str, Any] = {
             "cloneable": {"type": "boolean", "description": "false if any item has level error"},
             "pending": {"type": "array", "items": {"type": "string"}},
             "checks": {"type": "array", "items": {"$ref": "#/components/schemas/CheckItem"}}}},
+        "Gc": {"type": "object", "required": ["dry_run", "bytes", "deleted"], "properties": {
+            "dry_run": {"type": "boolean"},
+            "bytes": {"type": "integer", "description": "bytes allocated on disk by the files deleted"},
+            "deleted": {"type": "array", "items": {"type": "object", "required": ["path", "bytes"], "properties": {
+                "path": {"type": "string"}, "bytes": {"type": "integer"}}}},
+            "released": {"type": "array", "items": {"type": "string"},
+                         "description": "destroyed clones whose kept directory went (their names are free)"},
+            "retained": {"type": "array", "description": "destroyed clones whose images chains still use",
+                         "items": {"type": "object", "properties": {
+                             "clone": {"type": "string"}, "source": {"type": "string"},
+                             "dir": {"type": "string"}, "bytes": {"type": "integer"}}}},
+            "failed": {"type": "array", "items": {"type": "string"}}}},
         "Prepare": {"type": "object", "required": ["source", "changed", "not_changed", "diff"], "properties": {
             "source": {"type": "string"}, "state": {"type": "string"}, "dry_run": {"type": "boolean"},
             "applied": {"type": "boolean", "description": "the persistent definition was written"},

@@ -71,6 +71,16 @@ class PoolsView(Protocol):
     async def release(self, clone: str) -> dict[str, Any]: ...
 
 
+class GcView(Protocol):
+    """Garbage collection (``instaclone.jobs.gc.GarbageCollector``)."""
+
+    async def collect(self, *, dry_run: bool) -> dict[str, Any]:
+        """Delete (or list) the files under instaclone's directories nothing uses; raises GcAborted."""
+
+    async def disk_usage(self) -> dict[str, Any]:
+        """Bytes under instaclone's directories, per source."""
+
+
 class EngineView(Protocol):
     """The engine as the API drives it."""
 

@@ -1,4 +1,4 @@
-"""Maintenance of finished clones: destroy, and backing-chain consolidation after a job."""
+"""Maintenance of finished clones: destroy (then garbage collection), and backing-chain consolidation after a job."""
 
 from __future__ import annotations
 
@@ -7,16 +7,21 @@ import time
 from pathlib import Path
 
 from ..errors import Conflict, InstacloneError, NotFound, StepFailed
-from ..model import CloneRecord, JobRecord
+from ..model import CloneRecord, JobRecord, ResourceKind
 from ..states import State
-from .files import remove_path
+from ..store.gc import retained_id
+from . import gc
 from .services import Services
 
 
 async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") -> CloneRecord:
-    """Power off and remove a clone made by instaclone, with its files (never a file of its source).
+    """Power off and remove a clone made by instaclone; then collect what nothing uses any more.
 
-    ``reason`` (destroyed, expired, released, pool) is in its ``clone.destroyed`` event.
+    Its clones (if it has any) keep running: the images of its directory
+    their chains use stay, kept under a ``retained:`` ledger record that also
+    keeps its name taken, until garbage collection finds them unused
+    (``jobs.gc``). Never touches a file of its source. ``reason`` (destroyed,
+    expired, released, pool) is in its ``clone.destroyed`` event.
     """
     rec = await svc.store.get_clone(name)
     if rec is None:
@@ -25,15 +30,21 @@ async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") 
         # Its frozen image would outlive it, and clones of it may need it.
         raise Conflict(f"{name!r} is frozen as a template; unfreeze it before destroying it")
     children = sorted(c.name for c in await svc.store.list_clones() if c.source == name)
-    if children:
-        # Their disks are backed by images in this clone's directory.
-        raise Conflict(f"{name!r} has clones of its own ({', '.join(children)}); destroy them first")
-    await svc.virt.undefine(name)
     clone_dir = Path(rec.dir)
-    if clone_dir.parent == svc.config.clones_dir:  # never outside our directory
-        await remove_path(clone_dir)
-    await svc.store.remove_clone(rec, reason=reason)
-    svc.log.info("clone.destroyed", clone=name, source=rec.source, reason=reason)
+    # Under its lock: no job of it is in its stun (snapshotting its disk) meanwhile.
+    async with svc.lock(name):
+        if clone_dir.parent == svc.config.clones_dir:  # never outside our directory
+            # Recorded before the clone is forgotten: its directory is removed
+            # by the ledger once no chain uses a file in it.
+            await svc.ledger.recorder(retained_id(rec.source, name))(ResourceKind.FILE, str(clone_dir), clone=name)
+        await svc.virt.undefine(name)
+        await svc.store.remove_clone(rec, reason=reason)
+    svc.log.info("clone.destroyed", clone=name, source=rec.source, children=children, reason=reason)
+    try:
+        await gc.collect(svc)
+    except InstacloneError as exc:
+        # The clone is gone; its files stay until a later collection can tell they are unused.
+        svc.log.warning("gc.failed", after="destroy", clone=name, error=exc.message)
     return rec
 
 

@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from .. import identity
-from ..errors import InstacloneError, Interrupted, SourceNotCloneable, StepFailed, StunDeadlineExceeded
+from ..errors import Conflict, InstacloneError, Interrupted, SourceNotCloneable, StepFailed, StunDeadlineExceeded
 from ..hv import domxml, vmstate
 from ..model import CORE, JobRecord, ResourceKind
 from ..plugin_api import CloneTarget, MemoryBackend, Recorder, StunContext
@@ -160,6 +160,10 @@ async def clone_deltas(svc: Services, run: Run, member: Member) -> None:
     member.clones = [CloneTarget(name=n, uuid=identity.new_uuid(), dir=svc.config.clones_dir / n)
                      for n in job.spec.names]
     for clone in member.clones:
+        if await asyncio.to_thread(clone.dir.exists):
+            # Not ours to remove if this job fails: refused before it is recorded.
+            raise Conflict(f"{clone.dir} exists already (a directory no clone of that name owns); "
+                           "remove it or pick another name")
         await member.record(ResourceKind.FILE, str(clone.dir), clone=clone.name)
         await asyncio.to_thread(make_dir, clone.dir, owner)
         clone.disks = await svc.storage.create_clone_delta(ctx=ctx, clone=clone, record=storage_record)

@@ -7,7 +7,7 @@ transaction (the outbox). Imports only the core (docs/architecture.md).
 
 Parts: :mod:`.schema` (tables, migrations), :mod:`.db` (the writer and reader
 threads), :mod:`.jobs`, :mod:`.ledger` (resource rows), :mod:`.clones`,
-:mod:`.frozen`, :mod:`.outbox` (events, deliveries, webhook endpoints), :mod:`.pools`.
+:mod:`.frozen`, :mod:`.gc`, :mod:`.outbox` (events, deliveries, webhook endpoints), :mod:`.pools`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from .base import CommitHook, DeliveryStatus, Router
 from .clones import ClonesMixin
 from .frozen import FrozenMixin
+from .gc import GcMixin
 from .jobs import JobsMixin
 from .ledger import LedgerMixin
 from .outbox import OutboxMixin
@@ -24,7 +25,7 @@ from .schema import SCHEMA_VERSION
 __all__ = ["SCHEMA_VERSION", "CommitHook", "DeliveryStatus", "Router", "Store"]
 
 
-class Store(JobsMixin, LedgerMixin, ClonesMixin, FrozenMixin, OutboxMixin, PoolsMixin):
+class Store(JobsMixin, LedgerMixin, ClonesMixin, FrozenMixin, GcMixin, OutboxMixin, PoolsMixin):
     """Async facade over the database; every call runs on the store's own threads.
 
     ``Store(path, on_commit=hook)``: ``hook(events)`` is called on the event

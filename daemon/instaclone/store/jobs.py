@@ -13,6 +13,7 @@ from .. import events
 from ..model import JobRecord, JobSpec
 from ..states import TERMINAL, State, StateEntry, StateHistory
 from .base import Emit, StoreBase
+from .gc import retained_names_sql
 
 _TERMINAL = tuple(sorted(s.value for s in TERMINAL))
 
@@ -130,13 +131,15 @@ class JobsMixin(StoreBase):
         return await self._db.write(do)
 
     async def names_in_use(self) -> set[str]:
-        """Clone names registered or claimed by an unfinished job."""
+        """Clone names registered, claimed by an unfinished job, or of a destroyed clone whose directory is kept."""
 
         def do(db: sqlite3.Connection) -> set[str]:
             names = {r[0] for r in db.execute("SELECT name FROM clones")}
             query = f"SELECT spec FROM jobs WHERE state NOT IN ({','.join('?' * len(_TERMINAL))})"
             for (spec,) in db.execute(query, _TERMINAL).fetchall():
                 names.update(json.loads(spec).get("names", []))
+            # A destroyed clone whose directory is kept for its children's chains.
+            names.update(r[0] for r in db.execute(*retained_names_sql()))
             return names
 
         return await self._db.write(do)
