@@ -73,6 +73,7 @@ class Daemon:
         for m in memories:
             await m.check()
         self.engine = Engine(config=c, journal=self.store, virt=self.virt, storage=storage, memory=memories)
+        self.engine.pools.observe = self.metrics.on_pool
         _fault_injection(self.engine)
         # Routes events to endpoints from here on, recovery's own events included.
         self.webhooks = WebhookSender(c.webhooks, self.store, bus=self.bus, gate=self.engine.outside_stun)

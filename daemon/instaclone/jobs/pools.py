@@ -49,6 +49,12 @@ class PoolEmpty(InstacloneError):
 Submit = Callable[..., Awaitable[JobRecord]]
 Destroy = Callable[..., Awaitable[CloneRecord]]
 Freeze = Callable[[object], Awaitable[dict[str, Any]]]
+#: (kind, pool, figures): ``members`` {idle, claimed, pending}, ``claim`` {wait_s}, ``replenished`` {seconds}.
+Observer = Callable[[str, str, dict[str, float]], None]
+
+
+def _ignore(_kind: str, _pool: str, _data: dict[str, float]) -> None:
+    return None
 
 
 @dataclass
@@ -72,6 +78,7 @@ class PoolKeeper:
         self._ttl_wake = asyncio.Event()
         self._state: dict[str, _PoolState] = {}
         self._round = asyncio.Lock()
+        self.observe: Observer = _ignore  # the daemon hands its metrics in
 
     def _st(self, name: str) -> _PoolState:
         return self._state.setdefault(name, _PoolState())
@@ -187,6 +194,7 @@ class PoolKeeper:
         if extra:
             config_written = await self._push_config(rec, {**pool.config, **extra})
         self.wake()  # the pool is one short now
+        self.observe("claim", name, {"wait_s": waited_ms / 1000.0})
         self.svc.log.info("pool.claimed", pool=name, clone=rec.name, waited_ms=waited_ms, ttl_s=ttl)
         return {"pool": name, "clone": rec.to_dict(), "waited_ms": waited_ms, "config_path": config_written}
 
@@ -255,6 +263,8 @@ class PoolKeeper:
             await self._try_destroy(m.name, reason="pool")
         jobs = await self._pool_jobs(pool)
         pending = sum(j.spec.count for j in jobs if j.spec.pool_generation == pool.generation)
+        self.observe("members", pool.name, {"idle": float(min(len(current) + len(old), pool.size)),
+                                            "claimed": float(len(members) - len(idle)), "pending": float(pending)})
         deficit = pool.size - min(len(current), pool.size) - pending
         if deficit <= 0 or time.monotonic() < st.retry_at:
             return
@@ -292,6 +302,7 @@ class PoolKeeper:
         else:
             st.failures, st.retry_at, st.last_error = 0, 0.0, None
             st.ready.set()
+            self.observe("replenished", pool, {"seconds": max(0.0, job.updated_at - job.created_at)})
         self.wake()
 
     def _failed(self, pool: PoolRecord, error: dict[str, Any] | None) -> None:

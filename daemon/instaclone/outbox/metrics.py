@@ -43,6 +43,15 @@ class Metrics:
                                   ["webhook", "outcome"], registry=r)
         self.webhook_in_flight = Gauge("instaclone_webhook_in_flight", "Webhook requests in flight", registry=r)
         self.libvirt_up = Gauge("instaclone_libvirt_up", "1 if the libvirt connection is alive", registry=r)
+        self.pool_members = Gauge("instaclone_pool_members", "Pool members by state (idle, claimed, pending)",
+                                  ["pool", "state"], registry=r)
+        self.pool_claims = Counter("instaclone_pool_claims", "Members handed out, per pool", ["pool"], registry=r)
+        self.pool_claim_wait = Histogram("instaclone_pool_claim_wait_seconds",
+                                         "How long a claim waited for an idle member", buckets=_STEP_BUCKETS,
+                                         registry=r)
+        self.pool_replenish = Histogram("instaclone_pool_replenish_seconds",
+                                        "From a replenish job's request until its members were ready",
+                                        buckets=_STEP_BUCKETS, registry=r)
         for s in (*HAPPY_PATH, State.FAILED, State.NEEDS_ATTENTION):
             if s not in TERMINAL:
                 self.jobs_active.labels(s.value).set(0)
@@ -70,6 +79,17 @@ class Metrics:
         else:
             self._job_state[event.job_id] = state
             self.jobs_active.labels(state).inc()
+
+    def on_pool(self, kind: str, pool: str, data: dict[str, float]) -> None:
+        """The pool keeper's observations: ``members`` counts, a ``claim``'s wait, a ``replenished`` job."""
+        if kind == "members":
+            for state, n in data.items():
+                self.pool_members.labels(pool, state).set(n)
+        elif kind == "claim":
+            self.pool_claims.labels(pool).inc()
+            self.pool_claim_wait.observe(data["wait_s"])
+        elif kind == "replenished":
+            self.pool_replenish.observe(data["seconds"])
 
     def on_delivery(self, webhook: str, outcome: str) -> None:
         self.deliveries.labels(webhook, outcome).inc()
