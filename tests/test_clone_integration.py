@@ -21,7 +21,7 @@ from instaclone.hv.domxml import macs
 from .conftest import libvirt_ready
 from .guests import devguest
 from .receiver import Receiver
-from .vmlib import Api, Scratch, boot_source, make_config, running_daemon
+from .vmlib import Api, Scratch, assert_no_qemu_left, boot_source, make_config, running_daemon, undefine_new
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
                                                           reason=str(libvirt_ready()))]
@@ -52,14 +52,11 @@ async def world():
         await daemon.stop()
         await receiver.stop()
         # Only what this test made (other users' domains may come and go meanwhile).
-        for name in set(await virt.list_names()) - before:
-            if name.startswith(TEST_PREFIXES):
-                await virt.undefine(name)
+        await undefine_new(virt, before, TEST_PREFIXES)
         await virt.close()
         scratch.cleanup()
     # Nothing of ours may survive the test.
-    left = subprocess.run(["pgrep", "-f", f"qemu-system.*{scratch.path.name}"], capture_output=True, text=True)
-    assert not left.stdout.strip(), f"QEMU processes left behind: {left.stdout}"
+    assert_no_qemu_left(scratch)
 
 
 def clone_log(config, name: str) -> Path:

@@ -19,7 +19,7 @@ from instaclone.hv import LibvirtHypervisor as Hypervisor
 
 from .conftest import libvirt_ready
 from .guests import devguest
-from .vmlib import Api, Scratch, boot_source, make_config, running_daemon
+from .vmlib import Api, Scratch, assert_no_qemu_left, boot_source, make_config, running_daemon, undefine_new
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
                                                           reason=str(libvirt_ready()))]
@@ -39,13 +39,10 @@ async def world():
         yield scratch, virt, config
     finally:
         await daemon.stop()
-        for name in set(await virt.list_names()) - before:
-            if name.startswith(PREFIX):
-                await virt.undefine(name)
+        await undefine_new(virt, before, PREFIX)
         await virt.close()
         scratch.cleanup()
-    left = subprocess.run(["pgrep", "-f", f"qemu-system.*{scratch.path.name}"], capture_output=True, text=True)
-    assert not left.stdout.strip(), f"QEMU processes left behind: {left.stdout}"
+    assert_no_qemu_left(scratch)
 
 
 def sha(path: Path) -> str:

@@ -94,3 +94,16 @@ async def wait_state(virt: Hypervisor, name: str, want: str, timeout: float = 20
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"{name} not {want} after {timeout} s")
+
+
+async def undefine_new(virt: Hypervisor, before: set[str], prefixes: str | tuple[str, ...]) -> None:
+    """Undefine the domains named with ``prefixes`` that were not there ``before`` (a test's own)."""
+    for name in set(await virt.list_names()) - before:
+        if name.startswith(prefixes):
+            await virt.undefine(name)
+
+
+def assert_no_qemu_left(scratch: Scratch) -> None:
+    """No QEMU process of ``scratch``'s guests (or their clones) may outlive the test."""
+    left = subprocess.run(["pgrep", "-f", f"qemu-system.*{scratch.path.name}"], capture_output=True, text=True)
+    assert not left.stdout.strip(), f"QEMU processes left behind: {left.stdout}"
