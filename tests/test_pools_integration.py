@@ -7,6 +7,7 @@ test guest under real libvirtd + QEMU.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from .vmlib import Api, Scratch, boot_source
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvirt_ready()))]
 
 PREFIX = "pl-"
+RAM_ROOT = Path("/var/lib/libvirt/qemu/ram")
 
 
 async def pool(api: Api, name: str) -> dict[str, Any]:
@@ -124,6 +126,8 @@ async def test_sigkill_during_replenish_then_reconciliation(tmp_path: Path):
         for name in await virt.list_names():
             if name.startswith((PREFIX, "p-")):
                 await virt.undefine(name)
+        # A run cut short leaves the source frozen: its memory image goes with it.
+        shutil.rmtree(RAM_ROOT / "instaclone" / f"frozen-{src}", ignore_errors=True)
         await virt.close()
         notify.close()
         scratch.cleanup()
