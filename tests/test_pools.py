@@ -252,3 +252,20 @@ async def test_claim_and_source_errors(world):
         await engine.pools.claim("x", ttl_s=0)
     with pytest.raises(NotFound):
         await engine.pools.release("nope")
+
+
+async def test_a_member_is_either_claimed_or_retired_never_both(world):
+    """The keeper's destroy of a surplus member and a claim race: exactly one wins, in the store."""
+    c, journal, virt = world
+    async with running(fake_engine(c, journal, virt)) as engine:
+        await engine.pools.create(name="race", source="src", size=2)
+        await until(idle_count(engine, "race", 2))
+        a, b = (await engine.pools.show("race"))["idle"]
+        claimed = await journal.claim_member("race", [a], ttl_s=None)
+        assert claimed is not None and claimed.name == a
+        assert await journal.retire_member("race", a) is False  # claimed: the keeper leaves it
+        assert await journal.retire_member("race", b) is True
+        assert await journal.claim_member("race", [b], ttl_s=None) is None  # retiring: no claim takes it
+        await until(idle_count(engine, "race", 2))
+        p = await engine.pools.show("race")
+        assert p["claimed"] == [a] and b not in p["idle"] and b not in virt.domains

@@ -30,6 +30,7 @@ from .. import events, identity
 from ..errors import Conflict, InstacloneError, InvalidRequest, NotFound, SourceNotCloneable
 from ..hv import domxml
 from ..model import CloneRecord, JobRecord, PoolRecord
+from ..store.pools import RETIRING
 from . import guestscript
 from .admission import active_source, validate_guest_config, validate_ttl
 from .services import Services
@@ -140,17 +141,18 @@ class PoolKeeper:
     async def delete(self, name: str) -> dict[str, Any]:
         """Forget the pool and destroy its idle members; claimed members stay as plain clones."""
         await self._get(name)
-        try:
-            idle = await self.svc.store.delete_pool(name)
-        except KeyError:
-            raise NotFound(f"no pool {name!r}") from None
-        destroyed, failed = [], {}
-        for member in idle:
+        async with self._round:  # not while the keeper destroys members of it too
             try:
-                await self._destroy(member, reason="pool")
-                destroyed.append(member)
-            except InstacloneError as exc:
-                failed[member] = exc.message
+                idle = await self.svc.store.delete_pool(name)
+            except KeyError:
+                raise NotFound(f"no pool {name!r}") from None
+            destroyed, failed = [], {}
+            for member in idle:
+                try:
+                    await self._destroy(member, reason="pool")
+                    destroyed.append(member)
+                except InstacloneError as exc:
+                    failed[member] = exc.message
         self._state.pop(name, None)
         return {"pool": name, "destroyed": destroyed, "not_destroyed": failed}
 
@@ -238,12 +240,16 @@ class PoolKeeper:
             # Made for a pool deleted meanwhile: an idle member of no pool.
             names = {p.name for p in pools}
             for c in await self.svc.store.list_clones():
-                if c.pool is not None and c.pool not in names and c.claimed_at is None:
+                if c.pool is not None and c.pool not in names and c.claimed_at in (None, RETIRING):
                     await self._try_destroy(c.name, reason="pool")
 
     async def _reconcile_one(self, pool: PoolRecord) -> None:
         svc, st = self.svc, self._st(pool.name)
         members = await svc.store.pool_members(pool.name)
+        for m in members:
+            if m.claimed_at == RETIRING:  # a destroy cut short (a crash): finish it
+                await self._try_destroy(m.name, reason="pool")
+        members = [m for m in members if m.claimed_at != RETIRING]
         idle = [m for m in members if m.claimed_at is None]
         alive = []
         for m in idle:
@@ -252,7 +258,7 @@ class PoolKeeper:
                 alive.append(m)
             else:
                 svc.log.warning("pool.member_dead", pool=pool.name, clone=m.name, state=state)
-                await self._try_destroy(m.name, reason="pool")
+                await self._retire(pool, m.name)
         current = [m for m in alive if m.generation == pool.generation]
         old = [m for m in alive if m.generation != pool.generation]
         if current:
@@ -260,7 +266,7 @@ class PoolKeeper:
         # Old generation first, then the newest surplus: never more idle than the size.
         surplus = len(current) + len(old) - pool.size
         for m in (old + current[::-1])[:max(0, surplus)]:
-            await self._try_destroy(m.name, reason="pool")
+            await self._retire(pool, m.name)
         jobs = await self._pool_jobs(pool)
         pending = sum(j.spec.count for j in jobs if j.spec.pool_generation == pool.generation)
         self.observe("members", pool.name, {"idle": float(min(len(current) + len(old), pool.size)),
@@ -272,7 +278,7 @@ class PoolKeeper:
         if room < deficit and old:
             # An image push on a full host: an old idle member makes room for a new one.
             for m in old[:deficit - max(room, 0)]:
-                await self._try_destroy(m.name, reason="pool")
+                await self._retire(pool, m.name)
             room = await self._room(pool)
         if room <= 0:
             st.held = "replenishment held by the host budget (pools.max_clones / pools.max_memory_mib)"
@@ -359,6 +365,11 @@ class PoolKeeper:
         except InstacloneError:
             return "absent"
 
+    async def _retire(self, pool: PoolRecord, name: str) -> None:
+        """Destroy an idle member, unless a claim took it meanwhile."""
+        if await self.svc.store.retire_member(pool.name, name):
+            await self._try_destroy(name, reason="pool")
+
     async def _try_destroy(self, name: str, *, reason: str) -> None:
         try:
             await self._destroy(name, reason=reason)
@@ -423,7 +434,7 @@ class PoolKeeper:
         return path
 
     async def _describe(self, pool: PoolRecord) -> dict[str, Any]:
-        members = await self.svc.store.pool_members(pool.name)
+        members = [m for m in await self.svc.store.pool_members(pool.name) if m.claimed_at != RETIRING]
         idle = [m for m in members if m.claimed_at is None]
         st = self._st(pool.name)
         return {**pool.to_dict(),

@@ -2,7 +2,10 @@
 
 A member is a registered clone whose ``pool`` column names the pool; it is
 idle until ``claim_member`` sets its ``claimed_at``, in one transaction, so
-that two claims never get the same member. Everything the pool logic keeps
+that two claims never get the same member. The keeper takes an idle member
+out of the pool the same way before it destroys it (``retire_member`` sets
+``claimed_at`` to ``RETIRING``): a member is either claimed or retired,
+never both. Everything the pool logic keeps
 goes through these calls (a later store may be PostgreSQL).
 """
 
@@ -19,6 +22,9 @@ from .base import Emit, StoreBase
 from .clones import _COLUMNS as CLONE_COLUMNS
 
 _POOL_COLUMNS = "name, source, size, spec, generation, created_at, updated_at"
+
+#: ``claimed_at`` of a member the keeper is destroying (no claim can take it).
+RETIRING = -1.0
 
 
 def _pool(row: tuple[Any, ...]) -> PoolRecord:
@@ -84,10 +90,13 @@ class PoolsMixin(StoreBase):
         def do(db: sqlite3.Connection, emit: Emit) -> list[str]:
             if db.execute("DELETE FROM pools WHERE name=?", (name,)).rowcount == 0:
                 raise KeyError(name)
-            idle = [r[0] for r in db.execute("SELECT name FROM clones WHERE pool=? AND claimed_at IS NULL", (name,))]
-            claimed = [r[0] for r in db.execute("SELECT name FROM clones WHERE pool=? AND claimed_at IS NOT NULL",
-                                                (name,))]
-            db.execute("UPDATE clones SET pool=NULL WHERE pool=? AND claimed_at IS NOT NULL", (name,))
+            idle = [r[0] for r in db.execute("SELECT name FROM clones WHERE pool=? AND (claimed_at IS NULL "
+                                             "OR claimed_at=?)", (name, RETIRING))]
+            db.execute("UPDATE clones SET claimed_at=? WHERE pool=? AND claimed_at IS NULL", (RETIRING, name))
+            claimed = [r[0] for r in db.execute("SELECT name FROM clones WHERE pool=? AND claimed_at IS NOT NULL "
+                                                "AND claimed_at != ?", (name, RETIRING))]
+            db.execute("UPDATE clones SET pool=NULL WHERE pool=? AND claimed_at IS NOT NULL AND claimed_at != ?",
+                       (name, RETIRING))
             emit(events.pool_event(events.POOL_DELETED, name, now, idle=idle, claimed_kept=claimed))
             return idle
 
@@ -135,6 +144,16 @@ class PoolsMixin(StoreBase):
             return None
 
         return await self._change(do)
+
+    async def retire_member(self, pool: str, name: str) -> bool:
+        """Take an idle member out of ``pool`` for the keeper to destroy; False if it is not idle (claimed)."""
+
+        def do(db: sqlite3.Connection) -> bool:
+            cur = db.execute("UPDATE clones SET claimed_at=? WHERE name=? AND pool=? AND claimed_at IS NULL",
+                             (RETIRING, name, pool))
+            return cur.rowcount == 1
+
+        return await self._db.write(do)
 
     async def emit_pool_event(self, type_: str, pool: str, **data: Any) -> None:
         """Write a pool event on its own (e.g. ``pool.replenishing``, ``pool.released``)."""
