@@ -98,3 +98,94 @@ async def test_stun_deadline_counts_while_qemu_holds_the_source(tmp_path: Path) 
         await asyncio.sleep(0)
     finally:
         await world.journal.close()
+
+
+# -- the shadow's copy verified against the stopped source (TCG loses writes) -------------
+
+PAGE = 4096
+
+
+def _ram_pair(tmp_path: Path) -> tuple[Path, Path, bytes]:
+    """A sparse 'source' RAM file and a 'shadow' copy of it with 3 lost writes and a stale page in a hole."""
+    import os
+
+    src, dst = tmp_path / "src.ram", tmp_path / "dst.ram"
+    size = 1024 * PAGE
+    with open(src, "wb") as f:
+        f.truncate(size)
+        for first, count in ((0, 3), (100, 300), (700, 1)):  # data ranges; the rest are holes
+            f.seek(first * PAGE)
+            f.write(os.urandom(count * PAGE))
+    truth = src.read_bytes()
+    with open(dst, "wb") as f:
+        f.truncate(size)
+        f.seek(0)
+        f.write(truth)  # fully allocated, as QEMU's incoming side leaves it
+        for page in (1, 250, 700):  # writes the migration lost: older contents
+            f.seek(page * PAGE + 17)
+            f.write(b"stale")
+        f.seek(900 * PAGE)  # a page the source no longer has (a hole now)
+        f.write(b"x" * PAGE)
+    return src, dst, truth
+
+
+def test_verify_ram_repairs_what_the_migration_lost(tmp_path: Path) -> None:
+    from instaclone_plugins import _shadow, filecow
+
+    src, dst, truth = _ram_pair(tmp_path)
+    assert dst.read_bytes() != truth
+    got = _shadow.verify_ram(src, dst, chunk=64 * PAGE, threads=2)
+    assert got.repaired_pages == 3
+    assert got.compared_bytes == (3 + 300 + 1) * PAGE
+    assert got.holes == [(3 * PAGE, 97 * PAGE), (400 * PAGE, 300 * PAGE), (701 * PAGE, 323 * PAGE)]
+    filecow.punch_ranges(dst, got.holes)
+    assert dst.read_bytes() == truth
+    # A second look finds nothing left to repair.
+    assert _shadow.verify_ram(src, dst).repaired_pages == 0
+
+
+def test_verify_ram_of_files_of_different_sizes_fails(tmp_path: Path) -> None:
+    import pytest
+
+    from instaclone_plugins import _shadow
+
+    src, dst, _ = _ram_pair(tmp_path)
+    with open(dst, "r+b") as f:
+        f.truncate(2048 * PAGE)
+    with pytest.raises(OSError, match="different sizes"):
+        _shadow.verify_ram(src, dst)
+
+
+def test_needs_verify_under_tcg_only() -> None:
+    from instaclone_plugins import _shadow
+
+    assert _shadow.needs_verify("<domain type='qemu'><name>a</name></domain>")
+    assert not _shadow.needs_verify("<domain type='kvm'><name>a</name></domain>")
+
+
+async def test_precopy_image_is_the_source_ram_at_stun(tmp_path: Path) -> None:
+    """The fake's migration copies nothing (the shadow's RAM has its own first page): the verify copies it.
+
+    A TCG source is verified before it runs again; the clones map an image
+    equal to the source's RAM byte for byte, and the job says what was repaired.
+    """
+    world = await world_at(tmp_path)
+    try:
+        out = await run_job(world)
+        assert out.state.value == "Unstunned", out
+        memory = out.result["memory"]
+        assert memory["mode"] == "precopy" and memory["verified"] is True, memory
+        assert memory["repaired_pages"] == 1 and memory["verified_bytes"] >= PAGE, memory
+        source_ram = await world.virt.ram_file("src")
+        assert source_ram is not None
+        for clone in ("pc-1", "pc-2"):
+            ram = await world.virt.ram_file(clone)
+            assert ram is not None and not ram[1]
+            assert ram[0].read_bytes() == source_ram[0].read_bytes(), clone
+        # Both RAM files were looked up before the pre-copy started, not in the stun.
+        order = [m for m, _ in world.virt.calls]
+        looks = [i for i, (m, n) in enumerate(world.virt.calls) if m == "ram_file" and (n == "src" or
+                                                                                         n.startswith("instaclone-shadow-"))]
+        assert looks and looks[1] < order.index("migrate_live")
+    finally:
+        await world.journal.close()

@@ -87,6 +87,11 @@ class FileCowMemory(MemoryBackend):
     supports_frozen_source = True
     shares_memory = True
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        #: shadow name -> its and its source's RAM, mapped to verify the pre-copy
+        self._rams: dict[str, _shadow.RamPair] = {}
+
     async def check(self) -> None:
         fc, clone = self.config.filecow, self.config.clone
         if fc.source_mode == "precopy" and fc.precopy_timeout_s >= clone.step_timeout_s:
@@ -114,6 +119,8 @@ class FileCowMemory(MemoryBackend):
         t0 = time.monotonic()
         try:
             shadow = await _shadow.start(ctx=ctx, record=record, virt=self.virt, config=self.config)
+            if _shadow.needs_verify(ctx.source.xml):
+                await self._map_rams(ctx.source.name, shadow)
             await self.virt.migrate_live(ctx.source.name, shadow.name,
                                          downtime_ms=self.config.filecow.precopy_downtime_ms)
             shadow.precopy = await self.virt.wait_migration(
@@ -121,6 +128,7 @@ class FileCowMemory(MemoryBackend):
         except InstacloneError as exc:
             # Not converged in time (or the shadow would not take the
             # stream): the source still runs, or runs again once cancelled.
+            await self._unmap_rams(_shadow.shadow_name(ctx.job_id))
             await self.virt.cancel_migration(ctx.source.name)
             await self.virt.undefine(_shadow.shadow_name(ctx.job_id))
             ctx.scratch.pop(_shadow.KEY, None)
@@ -138,8 +146,41 @@ class FileCowMemory(MemoryBackend):
         await self.virt.continue_migration(ctx.source.name)
         shadow.final = await self.virt.wait_migration(ctx.source.name, until=("completed",),
                                                       timeout_s=self.config.clone.step_timeout_s)
+        if shadow.ram is not None:
+            # The source is still stopped (QEMU stopped it at switchover and
+            # only our resume lets it run): its RAM file is the truth.
+            try:
+                shadow.verified = await asyncio.to_thread(shadow.ram.verify)
+            except OSError as exc:
+                raise MemoryError_(f"cannot verify the shadow's RAM against the source's: {exc}") from None
+            finally:
+                await self._unmap_rams(shadow.name)
+            if shadow.verified.repaired_pages:
+                # One page each time is the shadow's own VM generation ID
+                # (its vmgenid device writes its GUID at incoming post-load;
+                # each clone writes its own again when it loads the state).
+                log.info("filecow.precopy_repaired", source=ctx.source.name, job_id=ctx.job_id,
+                            pages=shadow.verified.repaired_pages, ms=round(shadow.verified.seconds * 1000, 1),
+                            at=[hex(off) for off in sorted(shadow.verified.repaired_at)])
         await self.virt.resume(ctx.source.name)
         return True
+
+    async def _map_rams(self, source: str, shadow: _shadow.Shadow) -> None:
+        """Map the shared RAM files of the source and of its shadow, to verify the copy at switchover."""
+        found = await self.virt.ram_file(source, RAM_ALIAS), await self.virt.ram_file(shadow.name, RAM_ALIAS)
+        if found[0] is None or not found[0][1] or found[1] is None or not found[1][1]:
+            raise MemoryError_(f"no shared RAM file to verify the pre-copy with (source {found[0]}, "
+                               f"shadow {found[1]})")
+        try:
+            shadow.ram = await asyncio.to_thread(_shadow.RamPair.open, found[0][0], found[1][0])
+        except OSError as exc:
+            raise MemoryError_(f"cannot map the RAM files to verify the pre-copy with: {exc}") from None
+        self._rams[shadow.name] = shadow.ram
+
+    async def _unmap_rams(self, shadow: str) -> None:
+        pair = self._rams.pop(shadow, None)
+        if pair is not None:
+            await asyncio.to_thread(pair.close)
 
     async def capture(self, *, ctx: StunContext, record: Recorder) -> MemoryImage:
         shadow = _shadow.shadow_of(ctx)
@@ -164,6 +205,9 @@ class FileCowMemory(MemoryBackend):
         # says is zero before it skips it, and on tmpfs a read of a hole
         # allocates: the shadow's file came out fully allocated (1 GiB for a
         # 1 GiB guest with 370 MiB in use). Its zero pages go back as holes.
+        if shadow.verified is not None:
+            # The source's holes at stun are zero pages: punched, not read.
+            await asyncio.to_thread(punch_ranges, frozen, shadow.verified.holes)
         freed = await asyncio.to_thread(punch_zero_pages, frozen)
         return await self._image(frozen, ramdir, state, "precopy", stats,
                                  {**shadow.report(), "zero_bytes_freed": freed})
@@ -210,6 +254,7 @@ class FileCowMemory(MemoryBackend):
 
     async def undo(self, *, resource: Resource, source: str) -> None:
         if resource.kind is ResourceKind.DOMAIN:  # a shadow
+            await self._unmap_rams(resource.ref)
             await self.virt.undefine(resource.ref)
             return
         await super().undo(resource=resource, source=source)
@@ -281,6 +326,24 @@ class FileCowMemory(MemoryBackend):
 
 
 _PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def punch_ranges(path: Path, ranges: list[tuple[int, int]]) -> None:
+    """Punch holes at ``ranges`` (offset, length) of ``path``, keeping its size (tmpfs, ext4, xfs)."""
+    if not ranges:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for off, length in ranges:
+            if libc.fallocate(fd, _PUNCH, off, length) != 0:
+                err = ctypes.get_errno()
+                if err in (errno.EINVAL, errno.EOPNOTSUPP):
+                    return  # hugetlbfs: no holes there
+                raise OSError(err, f"fallocate(PUNCH_HOLE) of {path}")
+    finally:
+        os.close(fd)
 
 
 def punch_zero_pages(path: Path, page: int = 4096, chunk: int = 1 << 21) -> int:
