@@ -67,6 +67,7 @@ class Bench:
         self.virt, self.work, self.args = virt, work, args
         self.domains: list[str] = []
         self.daemon: Daemon | None = None
+        self.phases: dict[str, Any] = {}
 
     async def boot(self, name: str) -> None:
         disk = self.work / f"{name}.qcow2"
@@ -102,12 +103,20 @@ class Bench:
                 await self.d.engine.destroy_clone(c.name)
 
     async def jobs_ready(self, ids: list[str], t0_wall: float) -> tuple[float, set[str], list[str]]:
-        """(seconds from t0 until the last job ended, stun ids, states)."""
+        """(seconds from t0 until the last job ended, stun ids, states); per-phase figures in self.phases."""
         for i in ids:
             await self.d.engine.wait(i, self.args.job_timeout_s)
-        jobs = [await self.d.store.get_job(i) for i in ids]
-        end = max(j.updated_at for j in jobs if j)
-        stuns = {j.result.get("stun", {}).get("id") for j in jobs if j and j.result}
+        jobs = [j for j in [await self.d.store.get_job(i) for i in ids] if j]
+        end = max(j.updated_at for j in jobs)
+        stuns = {j.result.get("stun", {}).get("id") for j in jobs if j.result}
+        phases: dict[str, list[float]] = {}
+        for j in jobs:
+            for c in j.result.get("clones", []):
+                for k, v in ((c.get("identity") or {}).get("phases_ms") or {}).items():
+                    phases.setdefault(k, []).append(v)
+        self.phases = {k: {"p50_ms": nearest_rank(v, 0.5), "max_ms": max(v)} for k, v in phases.items()}
+        self.phases["first_ready_s"] = {"s": round(min(j.updated_at for j in jobs) - t0_wall, 2)}
+        self.phases["stun_ms"] = {"values": sorted({j.result.get("stun_ms") for j in jobs if j.result})}
         return end - t0_wall, {s for s in stuns if s}, [j.state.value for j in jobs if j]
 
     async def coalescing(self, source: str) -> dict[str, Any]:
@@ -122,14 +131,15 @@ class Bench:
             ids.append(job.id)
         secs, stuns, states = await self.jobs_ready(ids, t0)
         out["serialized"] = {"all_ready_s": round(secs, 2), "stuns": len(stuns),
-                             "ok": states.count("Unstunned")}
+                             "ok": states.count("Unstunned"), "phases": self.phases}
         emit({"phase": "serialized", **out["serialized"]})
         await self.destroy_all()
         # All at once.
         t0 = time.time()
         jobs = await asyncio.gather(*(self.d.engine.submit(source=source, name=f"co{i}") for i in range(n)))
         secs, stuns, states = await self.jobs_ready([j.id for j in jobs], t0)
-        out["concurrent"] = {"all_ready_s": round(secs, 2), "stuns": len(stuns), "ok": states.count("Unstunned")}
+        out["concurrent"] = {"all_ready_s": round(secs, 2), "stuns": len(stuns), "ok": states.count("Unstunned"),
+                             "phases": self.phases}
         out["speedup"] = round(out["serialized"]["all_ready_s"] / secs, 2)
         emit({"phase": "concurrent", **out["concurrent"], "speedup": out["speedup"]})
         await self.destroy_all()
@@ -204,6 +214,8 @@ async def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
         b.daemon = Daemon(b.config())
         await b.d.start()
         results["coalescing"] = await b.coalescing(run_src)
+        if args.only == "coalescing":
+            return
         await b.d.engine.freeze(frozen_src)
         results["replenish_frozen"] = await b.fill("pf", frozen_src)
         emit({"phase": "replenish_frozen", **results["replenish_frozen"]})
@@ -239,12 +251,14 @@ def main() -> int:
     p.add_argument("--concurrent", type=int, default=16)
     p.add_argument("--pool-size", type=int, default=8)
     p.add_argument("--claims", type=int, default=20)
+    p.add_argument("--only", choices=("all", "coalescing"), default="all", help="coalescing: phase 1 only")
     p.add_argument("--job-timeout-s", type=float, default=600)
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     results: dict[str, Any] = {}
     asyncio.run(run(a, results))
-    print(table(results))
+    if "claim" in results:
+        print(table(results))
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     return 0

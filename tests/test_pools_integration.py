@@ -91,8 +91,9 @@ async def test_sigkill_during_replenish_then_reconciliation(tmp_path: Path):
             half_job = marker.read_text()
             status, body = await api.call("GET", f"/v1/jobs/{half_job}")
             half_made = body["job"]["spec"]["names"]
-            defined = set(await virt.list_names())
-            assert set(half_made) <= defined, (half_made, defined)
+            # Paused before its definitions: its clone directories and deltas exist.
+            clones_dir = scratch.path / "state" / "clones"
+            assert all((clones_dir / n).is_dir() for n in half_made), half_made
         d.signal(signal.SIGKILL)
         await d.wait()
         # While it is down, an idle member dies.
@@ -105,6 +106,7 @@ async def test_sigkill_during_replenish_then_reconciliation(tmp_path: Path):
             p = await until_idle(api, "p", 4)
             names = set(await virt.list_names())
             assert not set(half_made) & names, "the half-made members were not rolled back"
+            assert not any((clones_dir / n).exists() for n in half_made), "half-made members' files are left"
             assert dead not in names and dead not in p["idle"]
             assert idle[1] in p["idle"]
             assert p["claimed"] == [claimed]

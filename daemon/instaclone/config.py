@@ -60,6 +60,9 @@ class CloneConfig:
     stun_deadline_ms: int = 2000
     step_timeout_s: float = 120.0
     max_count: int = 64
+    # Clones started at once, across all jobs (QEMU start, NIC replug, identity
+    # reset, network): more at once only share the CPU more thinly. Read at start.
+    start_parallel: int = 4
     # Guest-side identity reset through the guest agent, per clone.
     customize_timeout_s: float = 60.0
     # Keep the source's SSH host keys in clones (default: regenerate them).
@@ -182,6 +185,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "clone.stun_deadline_ms": (50, 600_000),
     "clone.step_timeout_s": (1, 3600),
     "clone.max_count": (1, 1000),
+    "clone.start_parallel": (1, 256),
     "clone.customize_timeout_s": (1, 3600),
     "clone.max_chain_depth": (2, 1000),
     "webhooks.timeout_s": (0.1, 300),

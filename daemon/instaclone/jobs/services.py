@@ -54,6 +54,14 @@ class Services:
     step_hook: StepHook | None = None
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     log: Any = field(default_factory=lambda: get_logger(component="jobs"))
+    _start_slots: asyncio.Semaphore | None = None
+
+    @property
+    def start_slots(self) -> asyncio.Semaphore:
+        """Clones being started at once, across jobs (``clone.start_parallel``, read once)."""
+        if self._start_slots is None:
+            self._start_slots = asyncio.Semaphore(self.config.clone.start_parallel)
+        return self._start_slots
 
     def lock(self, source: str) -> asyncio.Lock:
         """The lock that jobs, freeze and unfreeze of ``source`` hold."""

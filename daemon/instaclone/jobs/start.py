@@ -22,9 +22,6 @@ from . import customize
 from .customize import validate_script
 from .services import Services
 
-#: Clones of one job started at once (QEMU start-up dominates a clone's latency).
-CLONE_START_PARALLEL = 4
-
 #: A stun longer than this sets the source's clock from the host's afterwards.
 SOURCE_CLOCK_AFTER_STUN_MS = 1000.0
 
@@ -126,8 +123,9 @@ async def start_clones(svc: Services, job: JobRecord, ctx: StunContext, memory: 
     """
     script = job.spec.script or await asyncio.to_thread(configured_script, svc)
     starter = _Starter(svc, job, ctx, memory, script)
-    slots = asyncio.Semaphore(CLONE_START_PARALLEL)
-    results = await asyncio.gather(*(starter.start(c, slots) for c in clones), return_exceptions=True)
+    # Shared by every job (clone.start_parallel): coalesced jobs start their
+    # clones at the same moment, and QEMU start-up is CPU-bound.
+    results = await asyncio.gather(*(starter.start(c, svc.start_slots) for c in clones), return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException) and not isinstance(r, Exception):
             raise r
