@@ -37,6 +37,8 @@ from .services import Services
 
 #: Ledger ids of what the jobs of one stun share start with this.
 STUN_LEDGER_PREFIX = "stun-"
+#: Clone deltas / definitions made at once inside a stun.
+STUN_IO_PARALLEL = 8
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Run:
     step: str = State.REQUESTED.value
     source_clock: dict[str, object] | None = None
     on_done: Callable[[str], None] = lambda job_id: None  # a job of the stun reached its terminal state
+    # Clone deltas and definitions made at once inside the stun (qemu-img, libvirt calls).
+    io_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(STUN_IO_PARALLEL))
 
     @property
     def context(self) -> StunContext:
@@ -159,7 +163,8 @@ async def clone_deltas(svc: Services, run: Run, member: Member) -> None:
     storage_record = svc.ledger.recorder(job.id, owner=svc.storage.name)
     member.clones = [CloneTarget(name=n, uuid=identity.new_uuid(), dir=svc.config.clones_dir / n)
                      for n in job.spec.names]
-    for clone in member.clones:
+
+    async def one(clone: CloneTarget) -> None:
         if await asyncio.to_thread(clone.dir.exists):
             # Not ours to remove if this job fails: refused before it is recorded.
             raise Conflict(f"{clone.dir} exists already (a directory no clone of that name owns); "
@@ -174,6 +179,27 @@ async def clone_deltas(svc: Services, run: Run, member: Member) -> None:
             clone.nvram = clone.dir / name
             await member.record(ResourceKind.FILE, str(clone.nvram), clone=clone.name)
             await asyncio.to_thread(copy_private, ctx.nvram, clone.nvram)
+
+    await _per_clone(run, member.clones, one)
+
+
+async def _per_clone(run: Run, clones: list[CloneTarget], action: Callable[[CloneTarget], Awaitable[None]]) -> None:
+    """``action`` for each clone, a few at a time (inside the stun: the deltas of many coalesced jobs).
+
+    Every action ends before the first error is raised.
+    """
+
+    async def bounded(clone: CloneTarget) -> None:
+        async with run.io_slots:
+            await action(clone)
+
+    results = await asyncio.gather(*(bounded(c) for c in clones), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, Exception):
+            raise r
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        raise errors[0]
 
 
 async def link_memory(svc: Services, run: Run) -> None:
@@ -192,7 +218,8 @@ async def define_clones(svc: Services, run: Run, member: Member) -> None:
     """Configured: each clone's own domain definition (new name, UUID, MACs, paths)."""
     ctx, job = run.context, member.job
     nics = domxml.count_interfaces(ctx.source.xml)
-    for clone in member.clones:
+
+    async def one(clone: CloneTarget) -> None:
         clone.macs = [identity.new_mac() for _ in range(nics)]
         ident = domxml.CloneIdentity(
             name=clone.name, uuid=clone.uuid, macs=clone.macs, dir=clone.dir, disks=clone.disks,
@@ -202,6 +229,8 @@ async def define_clones(svc: Services, run: Run, member: Member) -> None:
         xml = run.memory.adjust_xml(ctx=ctx, clone=clone, xml=domxml.clone_xml(ctx.source.xml, ident))
         await member.record(ResourceKind.DOMAIN, clone.name, clone=clone.name)
         await svc.virt.define(xml)
+
+    await _per_clone(run, member.clones, one)
 
 
 async def unstun(svc: Services, run: Run) -> None:
@@ -277,12 +306,16 @@ async def run_step(svc: Services, run: Run, step: Step) -> None:
             if step.shared is not None:
                 await step.shared(svc, run)
             else:
-                assert step.each is not None
-                for member in run.alive:
+                each = step.each
+                assert each is not None
+
+                async def for_member(member: Member) -> None:
                     try:
-                        await step.each(svc, run, member)
+                        await each(svc, run, member)
                     except Exception as exc:  # noqa: BLE001 - this job alone fails; the others go on
                         await fail_member(svc, run, member, exc)
+
+                await asyncio.gather(*(for_member(m) for m in run.alive))
     except TimeoutError:
         raise StepFailed(f"step {run.step} did not finish within {timeout_s:g} s", step=run.step) from None
     if not run.alive:
