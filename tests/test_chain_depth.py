@@ -412,9 +412,18 @@ async def test_depth_40_with_consolidation():
             assert len(await chain_of(virt, "cd-src")) <= MAX_DEPTH
 
             # Consolidating the source never touched what older clones are backed by.
+            # An image a clone's own consolidation left out of every chain may be
+            # gone (garbage collection after a destroy); one still used is intact.
+            in_use = set()
+            for dom in await virt.list_names():
+                if dom.startswith("cd-"):
+                    in_use |= set(await chain_of(virt, dom))
             for name, images in kept_backing.items():
                 for path, digest in images.items():
-                    assert await asyncio.to_thread(sha256, path) == digest, (name, path)
+                    if path in in_use:
+                        assert await asyncio.to_thread(sha256, path) == digest, (name, path)
+                    else:
+                        assert not path.exists() or await asyncio.to_thread(sha256, path) == digest, (name, path)
             # ... and those clones (and the source) run on: their guest counters advance.
             await asyncio.gather(advancing(src.serial_log, "cd-src"),
                                  *(advancing(clone_log(config, n), n) for n in kept_backing))

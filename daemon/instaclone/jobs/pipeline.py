@@ -384,8 +384,7 @@ async def start_phase(svc: Services, run: Run) -> None:
             await run.memory.release(image=ctx.image)
         await remove_path(ctx.job_dir)
         await svc.ledger.release_all(run.id)
-        for m in run.members:
-            run.on_done(m.job.id)
+        # The jobs are done once the engine has consolidated their chains.
     except BaseException as exc:
         await _roll_back_shared(svc, run, exc)
         if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
