@@ -243,7 +243,7 @@ _COMMANDS: dict[str, _Handler] = {
     "unfreeze": _freeze, "check": _check, "prepare": _prepare, "frozen": _frozen, "events": _events,
     "webhooks": _webhooks, "status": _status, "gc": _gc,
 }
-_COMMANDS.update(cli_pools.commands(lambda *a, **kw: _request(*a, **kw)))
+_COMMANDS.update(cli_pools.commands(_request, _kv))
 
 
 def _clone_parser(sub: Any) -> None:

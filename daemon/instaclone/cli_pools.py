@@ -13,6 +13,8 @@ from typing import Any
 from . import cli_render as render
 
 Request = Callable[..., Awaitable[dict[str, Any]]]
+#: ``KEY=VALUE`` options to a dict (the CLI's own, with its usage error).
+KeyValues = Callable[[list[str]], dict[str, str]]
 Handler = Callable[[str, argparse.Namespace, bool], Awaitable[int]]
 
 POOLS: tuple[list[str], render.Row] = (
@@ -20,16 +22,6 @@ POOLS: tuple[list[str], render.Row] = (
     lambda p: [p["name"], p["source"], str(p["size"]), str(len(p["idle"])) + (
         f"+{len(p['idle_old_source'])} old" if p["idle_old_source"] else ""), str(len(p["claimed"])),
         str(p["pending"]), p.get("held") or ((p.get("last_error") or {}).get("message") or "")[:60]])
-
-
-def _kv(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"instaclone: --config wants KEY=VALUE, got {pair!r}")
-        out[key] = value
-    return out
 
 
 def _print_pool(p: dict[str, Any]) -> None:
@@ -48,8 +40,8 @@ def _print_pool(p: dict[str, Any]) -> None:
         print(f"  last replenish error ({p['failures']} in a row): {e.get('message')} [{e.get('code')}]")
 
 
-def commands(request: Request) -> dict[str, Handler]:
-    """The handlers, bound to the CLI's request function."""
+def commands(request: Request, kv: KeyValues) -> dict[str, Handler]:
+    """The handlers, bound to the CLI's request function and its ``KEY=VALUE`` parser."""
 
     async def pool(sock: str, args: argparse.Namespace, out_json: bool) -> int:
         cmd = args.pool_cmd
@@ -63,7 +55,7 @@ def commands(request: Request) -> dict[str, Handler]:
                                "members need no stun? [y/N] ")
                     freeze = answer.strip().lower() in ("y", "yes")
             data = await request(sock, "POST", "/v1/pools", {
-                "name": args.name, "source": args.source, "size": args.size, "config": _kv(args.config),
+                "name": args.name, "source": args.source, "size": args.size, "config": kv(args.config),
                 "customize": not args.no_customize, "keep_network": args.keep_network, "freeze": bool(freeze)})
             _print_or_emit(data["pool"], out_json, f"created pool {args.name}; it fills in the background "
                                                    f"(instaclone pool show {args.name})")
@@ -87,7 +79,7 @@ def commands(request: Request) -> dict[str, Handler]:
                 print(f"deleted pool {args.name}; destroyed {len(data['destroyed'])} idle members"
                       + (f"; could not destroy: {data['not_destroyed']}" if data["not_destroyed"] else ""))
         elif cmd == "claim":
-            body: dict[str, Any] = {"config": _kv(args.config)} if args.config else {}
+            body: dict[str, Any] = {"config": kv(args.config)} if args.config else {}
             if args.ttl is not None:
                 body["ttl_s"] = args.ttl
             if args.wait is not None:

@@ -38,7 +38,7 @@ class Admission:
         src = identity.validate_name(source, what="source name")
         if keep_ssh_host_keys is None:
             keep_ssh_host_keys = svc.config.clone.keep_ssh_host_keys
-        flags = {k: _bool(k, v) for k, v in (("keep_network", keep_network), ("customize", customize),
+        flags = {k: validate_bool(k, v) for k, v in (("keep_network", keep_network), ("customize", customize),
                                              ("keep_ssh_host_keys", keep_ssh_host_keys))}
         guest_config = validate_guest_config(config)
         ttl = validate_ttl(ttl_s)
@@ -70,7 +70,8 @@ class Admission:
         return count
 
 
-def _bool(name: str, value: object) -> bool:
+def validate_bool(name: str, value: object) -> bool:
+    """A request's flag: true or false, nothing else."""
     if not isinstance(value, bool):
         raise InvalidRequest(f"{name} must be true or false")
     return value

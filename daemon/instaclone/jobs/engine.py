@@ -241,10 +241,9 @@ class Engine:
             self._running -= len(batch)
             self._slots.release()
             slot = False
-            for member in batch:
-                # No stun may snapshot a disk while a block job runs on it.
-                async with self.svc.lock(job.source):
-                    await maintenance.consolidate(self.svc, member)
+            # No stun may snapshot a disk while a block job runs on it.
+            async with self.svc.lock(job.source):
+                await maintenance.consolidate(self.svc, batch)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug: logged with its traceback, never takes the daemon down

@@ -48,22 +48,26 @@ async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") 
     return rec
 
 
-async def consolidate(svc: Services, job: JobRecord) -> None:
-    """Shorten backing chains longer than ``clone.max_chain_depth`` after a successful job.
+async def consolidate(svc: Services, jobs: list[JobRecord]) -> None:
+    """Shorten backing chains longer than ``clone.max_chain_depth`` after successful jobs of one source.
 
-    Only a domain's own top image is written (block pull), so images that
-    other clones are backed by never change; a frozen source's top is itself
-    a backing image and is never touched. The caller holds the job's source
-    lock. Failures are logged: the job has succeeded already.
+    The source (once for the jobs of one stun) and each job's clones. Only a
+    domain's own top image is written (block pull), so images that other
+    clones are backed by never change; a frozen source's top is itself a
+    backing image and is never touched. The caller holds the source's lock.
+    Failures are logged: the jobs have succeeded already.
     """
-    if job.state is not State.UNSTUNNED or not svc.storage.supports_consolidation:
+    done = [j for j in jobs if j.state is State.UNSTUNNED]
+    if not done or not svc.storage.supports_consolidation:
         return
     frozen = await svc.store.frozen()
-    for name in [job.source, *job.spec.names]:
+    source = done[0].source
+    targets = [(source, done[0].id), *((n, j.id) for j in done for n in j.spec.names)]
+    for name, job_id in targets:
         if name in frozen:
             continue
         try:
-            if name == job.source:
+            if name == source:
                 await _consolidate_one(svc, name)
             else:
                 # A new clone may already be another job's source: hold its lock too.
@@ -71,7 +75,7 @@ async def consolidate(svc: Services, job: JobRecord) -> None:
                     await _consolidate_one(svc, name)
         except InstacloneError as exc:
             svc.log.warning("chain.consolidation_failed", domain=name, error=str(exc) or repr(exc),
-                            job_id=job.id)
+                            job_id=job_id)
 
 
 async def _consolidate_one(svc: Services, name: str) -> None:

@@ -421,13 +421,6 @@ async def start_member(svc: Services, run: Run, member: Member) -> None:
                  failed=[f["name"] for f in member.failed_clones], stun_ms=run.stun_ms, stun_id=run.id)
 
 
-async def run_jobs(svc: Services, jobs: list[JobRecord]) -> None:
-    """Both phases back to back (the caller holds the source's lock throughout)."""
-    run = new_run(svc, jobs)
-    if await stun_phase(svc, run):
-        await start_phase(svc, run)
-
-
 # -- failure ------------------------------------------------------------------------------
 
 async def _shielded(aw: Awaitable[list[str]]) -> list[str]:

@@ -32,7 +32,7 @@ from ..hv import domxml
 from ..model import CloneRecord, JobRecord, PoolRecord
 from ..store.pools import RETIRING
 from . import guestscript
-from .admission import active_source, validate_guest_config, validate_ttl
+from .admission import active_source, validate_bool, validate_guest_config, validate_ttl
 from .services import Services
 
 #: The largest pool.
@@ -99,7 +99,7 @@ class PoolKeeper:
         src = identity.validate_name(source, what="source name")
         n = _size(size)
         guest_config = validate_guest_config(config)
-        flags = {k: _bool(k, v) for k, v in (("customize", customize), ("keep_network", keep_network),
+        flags = {k: validate_bool(k, v) for k, v in (("customize", customize), ("keep_network", keep_network),
                                              ("freeze", freeze))}
         if await self.svc.store.get_pool(pool_name) is not None:
             raise Conflict(f"pool {pool_name!r} exists")
@@ -267,19 +267,20 @@ class PoolKeeper:
         surplus = len(current) + len(old) - pool.size
         for m in (old + current[::-1])[:max(0, surplus)]:
             await self._retire(pool, m.name)
-        jobs = await self._pool_jobs(pool)
-        pending = sum(j.spec.count for j in jobs if j.spec.pool_generation == pool.generation)
+        unfinished = await svc.store.list_jobs(unfinished=True)
+        pending = sum(j.spec.count for j in unfinished
+                      if j.spec.pool == pool.name and j.spec.pool_generation == pool.generation)
         self.observe("members", pool.name, {"idle": float(min(len(current) + len(old), pool.size)),
                                             "claimed": float(len(members) - len(idle)), "pending": float(pending)})
         deficit = pool.size - min(len(current), pool.size) - pending
         if deficit <= 0 or time.monotonic() < st.retry_at:
             return
-        room = await self._room(pool)
+        room = await self._room(pool, unfinished)
         if room < deficit and old:
             # An image push on a full host: an old idle member makes room for a new one.
             for m in old[:deficit - max(room, 0)]:
                 await self._retire(pool, m.name)
-            room = await self._room(pool)
+            room = await self._room(pool, unfinished)
         if room <= 0:
             st.held = "replenishment held by the host budget (pools.max_clones / pools.max_memory_mib)"
             return
@@ -291,7 +292,7 @@ class PoolKeeper:
                                      keep_network=pool.keep_network, config=dict(pool.config) or None,
                                      pool=pool.name, pool_generation=pool.generation)
         except InstacloneError as exc:
-            self._failed(pool, exc.to_dict())
+            self._failed(pool.name, exc.to_dict())
             return
         svc.log.info("pool.replenishing", pool=pool.name, job_id=job.id, count=count, source=pool.source)
         await svc.store.emit_pool_event(events.POOL_REPLENISHING, pool.name, job_id=job.id, count=count,
@@ -304,17 +305,14 @@ class PoolKeeper:
             return
         st = self._st(pool)
         if job.state.failed:
-            self._failed_name(pool, job.error)
+            self._failed(pool, job.error)
         else:
             st.failures, st.retry_at, st.last_error = 0, 0.0, None
             st.ready.set()
             self.observe("replenished", pool, {"seconds": max(0.0, job.updated_at - job.created_at)})
         self.wake()
 
-    def _failed(self, pool: PoolRecord, error: dict[str, Any] | None) -> None:
-        self._failed_name(pool.name, error)
-
-    def _failed_name(self, pool: str, error: dict[str, Any] | None) -> None:
+    def _failed(self, pool: str, error: dict[str, Any] | None) -> None:
         st = self._st(pool)
         st.failures += 1
         st.last_error = error
@@ -390,27 +388,22 @@ class PoolKeeper:
                 return rec
         return None
 
-    async def _pool_jobs(self, pool: PoolRecord) -> list[JobRecord]:
-        return [j for j in await self.svc.store.list_jobs(unfinished=True) if j.spec.pool == pool.name]
-
     async def _pending(self, pool: PoolRecord) -> int:
-        return sum(j.spec.count for j in await self._pool_jobs(pool))
+        """Clones being made for ``pool`` (its unfinished jobs)."""
+        return sum(j.spec.count for j in await self.svc.store.list_jobs(unfinished=True) if j.spec.pool == pool.name)
 
-    async def _room(self, pool: PoolRecord) -> int:
-        """How many more clones the host budget allows now."""
+    async def _room(self, pool: PoolRecord, unfinished: list[JobRecord]) -> int:
+        """How many more clones the host budget allows now (``unfinished``: every job being made)."""
         cfg = self.svc.config.pools
         clones = await self.svc.store.list_clones()
-        unfinished = await self.svc.store.list_jobs(unfinished=True)
-        being_made = sum(j.spec.count for j in unfinished)
-        room = cfg.max_clones - len(clones) - being_made
+        room = cfg.max_clones - len(clones) - sum(j.spec.count for j in unfinished)
         if cfg.max_memory_mib:
-            per_clone = await self._memory_mib(pool.source)
-            used = 0
-            for c in clones:
-                used += await self._memory_mib(c.source)
-            used += sum([await self._memory_mib(j.source) * j.spec.count for j in unfinished])
+            # Clones are defined with their source's RAM: one look per source.
+            sources = [*(c.source for c in clones), *(j.source for j in unfinished for _ in range(j.spec.count))]
+            mib = {src: await self._memory_mib(src) for src in {*sources, pool.source}}
+            per_clone = mib[pool.source]
             if per_clone:
-                room = min(room, (cfg.max_memory_mib - used) // per_clone)
+                room = min(room, (cfg.max_memory_mib - sum(mib[s] for s in sources)) // per_clone)
         return room
 
     async def _memory_mib(self, source: str) -> int:
@@ -455,9 +448,3 @@ def _wait(wait_s: object) -> float:
     if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 3600:
         raise InvalidRequest("wait_s must be a number of seconds between 0 and 3600")
     return float(wait_s)
-
-
-def _bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"{name} must be true or false")
-    return value
