@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ from .fakes import fake_api
 
 @pytest.fixture
 async def api(tmp_path: Path):
-    async with fake_api(tmp_path) as (_raw, virt, sock):
-        async with ic.Client(sock, timeout_s=60) as c:
-            yield c, virt
+    async with fake_api(tmp_path) as (_raw, virt, sock), ic.Client(sock, timeout_s=60) as c:
+        yield c, virt
 
 
 async def test_clone_wait_job_jobs_clones(api):
@@ -27,7 +25,7 @@ async def test_clone_wait_job_jobs_clones(api):
     job = await c.clone("src", name="c1", wait=True, timeout_s=20, config={"role": "ci"}, ttl_s=3600)
     assert isinstance(job, ic.Job) and job.state == "Unstunned" and job.terminal and job.ok
     assert job.clones == ("c1",) and job.source == "src" and job.raise_for_state() is job
-    assert [h.state for h in job.history][0] == "Requested" and job.history[-1].state == "Unstunned"
+    assert job.history[0].state == "Requested" and job.history[-1].state == "Unstunned"
     assert job.raw["spec"]["ttl_s"] == 3600 and job.exception() is None
     again = await c.job(job.id, wait_s=1)
     assert again.id == job.id and again.state == "Unstunned"
