@@ -21,6 +21,9 @@ from aiohttp import web
 
 from instaclone import client as ic
 
+#: The clone's name when the routes run as a middleware (no route matched them).
+CLONE = web.RequestKey("clone", str)
+
 
 def _err(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
@@ -29,7 +32,8 @@ def _err(status: int, code: str, message: str) -> web.Response:
 class FakeGuest:
     """The exec/files routes over an in-memory guest filesystem."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, any_clone: bool = False) -> None:
+        self.any_clone = any_clone  # every clone name is a running clone with an agent
         self.files: dict[str, bytes] = {}
         self.puts: list[dict[str, Any]] = []
         self.execs: list[dict[str, Any]] = []
@@ -41,9 +45,23 @@ class FakeGuest:
         app.router.add_get("/v1/clones/{name}/files", self.get)
         return app
 
-    @staticmethod
-    def _clone(request: web.Request) -> web.Response | None:
-        name = request.match_info["name"]
+    def middleware(self) -> Any:
+        """The routes as a middleware, to put in front of another app's own (e.g. the real API's)."""
+        routes = {("POST", "exec"): self.exec, ("PUT", "files"): self.put, ("GET", "files"): self.get}
+
+        @web.middleware
+        async def guest_routes(request: web.Request, handler: Any) -> web.StreamResponse:
+            parts = request.path.split("/")
+            if len(parts) == 5 and parts[1:3] == ["v1", "clones"] and (request.method, parts[4]) in routes:
+                request[CLONE] = parts[3]
+                return await routes[(request.method, parts[4])](request)
+            return await handler(request)
+        return guest_routes
+
+    def _clone(self, request: web.Request) -> web.Response | None:
+        name = request.get(CLONE) or request.match_info["name"]
+        if self.any_clone:
+            return None
         if name == "noagent":
             return _err(409, "agent_unavailable", "the guest agent of noagent does not answer")
         if name != "vm":
@@ -77,6 +95,13 @@ class FakeGuest:
             await line({"type": "exit", "exit_code": 3, "signal": None, "duration_ms": 1.0})
         elif argv[0] == "big":  # one line far longer than aiohttp's readline limit
             await line({"type": "stdout", "data": b64(b"x" * 3_000_000)})
+            await line({"type": "exit", "exit_code": 0, "signal": None, "duration_ms": 1.0})
+        elif argv[0] == "sh":  # the README's CI example: "runs the tests", leaves their report
+            self.files["/root/results.xml"] = b"<testsuite tests='2' failures='0'/>"
+            await line({"type": "stdout", "data": b64(b"2 passed\n")})
+            await line({"type": "exit", "exit_code": 0, "signal": None, "duration_ms": 5.0})
+        elif argv[0] == "uname":
+            await line({"type": "stdout", "data": b64(b"Linux fake 6.1.0\n")})
             await line({"type": "exit", "exit_code": 0, "signal": None, "duration_ms": 1.0})
         elif argv[0] == "sleep":
             await line({"type": "stdout", "data": b64(b"partial")})
