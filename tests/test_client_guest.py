@@ -128,7 +128,9 @@ class FakeGuest:
             return _err(422, "checksum_mismatch", f"body sha256 {digest} != header {want}")
         if path.startswith("/nodir/"):
             return _err(404, "guest_file_not_found", "no directory /nodir")
-        self.puts.append({"path": path, "mode": request.query.get("mode"), "sha": want, "chunks": chunks})
+        self.puts.append({"path": path, "mode": request.query.get("mode"), "sha": want, "chunks": chunks,
+                          "length": request.content_length, "chunked": "chunked" in request.headers.get(
+                              "Transfer-Encoding", "")})
         self.files[path] = bytes(data)
         sha = "0" * 64 if path == "/lie" else digest
         return web.json_response({"file": {"path": path, "bytes": len(data), "sha256": sha,
@@ -221,6 +223,7 @@ async def test_put_file_streams_path_and_bytes(guest, tmp_path):
             await c.put_file("vm", tmp_path / "missing", "/tmp/x")
     assert fake.files["/tmp/repo.tar"] == payload
     assert fake.puts[0]["sha"] == hashlib.sha256(payload).hexdigest() and fake.puts[0]["mode"] == "0600"
+    assert fake.puts[0]["length"] == len(payload) and not fake.puts[0]["chunked"] and fake.puts[0]["chunks"] > 1
 
 
 async def test_get_file_to_path_and_writer(guest, tmp_path):

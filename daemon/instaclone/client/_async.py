@@ -183,6 +183,14 @@ class Client:
     async def health(self) -> Health:
         return _build(Health.from_dict, await self._t.json("GET", "/v1/health"))
 
+    async def request(self, method: str, path: str, *, body: object = None,
+                      params: Mapping[str, str | int | float] | None = None, timeout_s: float | None = None) -> Any:
+        """Any API call (``path`` under ``/v1``) for which this client has no method yet; its JSON answer.
+
+        Raises as the other methods do (typed ApiError, DaemonUnreachable, ProtocolError).
+        """
+        return await self._t.json(method, path, body=body, params=params, timeout_s=timeout_s)
+
     async def openapi(self) -> dict[str, Any]:
         """The API's OpenAPI document."""
         return dict(await self._t.json("GET", "/v1/openapi.json"))
@@ -290,6 +298,8 @@ class Client:
         ``retries`` times in a row, then raises DaemonUnreachable. Filters:
         ``job`` id, ``types`` (event types or globs such as ``clone.*``).
         """
+        if isinstance(types, str):
+            types = [types]  # one type given bare, not its characters
         cursor = since
         failures = 0
         while True:
@@ -481,7 +491,8 @@ class Client:
         params: dict[str, str | int | float] = {"path": dest_path}
         if (m := _mode(mode)) is not None:
             params["mode"] = m
-        headers = {SHA256_HEADER: digest, "Content-Type": "application/octet-stream"}
+        # The length up front (not chunked): the daemon can refuse an oversized file before reading it.
+        headers = {SHA256_HEADER: digest, "Content-Type": "application/octet-stream", "Content-Length": str(size)}
         async with self._t.stream("PUT", f"/v1/clones/{_seg(_name_of(clone))}/files", params=params,
                                   data=payload, headers=headers) as resp:
             data = await decode(resp)

@@ -146,6 +146,7 @@ class SyncClient:
         """Claim an idle clone of ``pool`` now; ``with`` the result releases it on exit (see Client.claim)."""
         return SyncClaim(self, self._client.claim(pool, ttl_s=ttl_s, config=config, wait_s=wait_s))
 
+    request = _blocking(Client.request)
     health = _blocking(Client.health)
     openapi = _blocking(Client.openapi)
     clone = _blocking(Client.clone)
