@@ -46,33 +46,30 @@ def _group_name(gid: int) -> str:
 
 def permission_message(sock: str) -> str:
     """Why this user may not connect to ``sock`` (EACCES), and what fixes it."""
-    target = sock
     try:
         st = os.stat(sock)
-    except PermissionError:  # a directory on the way is closed to us
-        target = os.path.dirname(sock) or "."
+        whose = "the socket's group"
+    except PermissionError:  # a directory on the way is closed to us: say its group
+        parent = os.path.dirname(sock) or "."
         try:
-            st = os.stat(target)
+            st = os.stat(parent)
         except OSError:
             return f"permission denied on {sock}: a directory on its path is closed to your user; ask an admin"
+        whose = f"the group of its directory {parent}"
     except OSError as exc:
         return f"permission denied on {sock}: {exc.strerror or exc}"
     group = _group_name(st.st_gid)
-    what = "the socket's" if target == sock else f"its directory {target}'s"
+    head = f"permission denied on {sock}: your user"
     if st.st_gid == os.getegid() or st.st_gid in os.getgroups():
-        return (f"permission denied on {target}: your user is in {what} group '{group}', but its mode "
-                f"{st.st_mode & 0o777:03o} does not let the group in; ask an admin to check the daemon's "
-                "daemon.socket_mode (default 0660)")
+        return (f"{head} is in {whose} '{group}', but its mode {st.st_mode & 0o777:03o} keeps the group out; "
+                "ask an admin to check the daemon's daemon.socket_mode (default 0660)")
     try:
-        members = grp.getgrgid(st.st_gid).gr_mem
-        user = getpass.getuser()
+        added_later = getpass.getuser() in grp.getgrgid(st.st_gid).gr_mem
     except (KeyError, OSError):
-        members, user = [], ""
-    if user and user in members:
-        return (f"permission denied on {target}: your user was added to {what} group '{group}' after this "
-                f"session started; log in again (or run: newgrp {group})")
-    return (f"permission denied on {target}: your user is not in {what} group '{group}'; ask an admin to run: "
-            f"usermod -aG {group} $USER, then log in again")
+        added_later = False
+    if added_later:
+        return f"{head} was added to {whose} '{group}' after this session started; log in again (or: newgrp {group})"
+    return f"{head} is not in {whose} '{group}'; ask an admin to run: usermod -aG {group} $USER, then log in again"
 
 
 def _unreachable(sock: str, exc: BaseException) -> DaemonUnreachable:
