@@ -44,18 +44,31 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+def _closed_dir(sock: str) -> str:
+    """The first directory on the way to ``sock`` (from /) that this user may not enter."""
+    parent = os.path.dirname(os.path.abspath(sock))
+    chain = [parent]
+    while chain[-1] != os.path.dirname(chain[-1]):
+        chain.append(os.path.dirname(chain[-1]))
+    return next((d for d in reversed(chain) if not os.access(d, os.X_OK)), parent)
+
+
 def permission_message(sock: str) -> str:
     """Why this user may not connect to ``sock`` (EACCES), and what fixes it."""
     try:
         st = os.stat(sock)
         whose = "the socket's group"
-    except PermissionError:  # a directory on the way is closed to us: say its group
-        parent = os.path.dirname(sock) or "."
+    except PermissionError:  # a directory on the way is closed to us: say which, and its group
+        closed = _closed_dir(sock)
         try:
-            st = os.stat(parent)
+            st = os.stat(closed)
         except OSError:
             return f"permission denied on {sock}: a directory on its path is closed to your user; ask an admin"
-        whose = f"the group of its directory {parent}"
+        if not st.st_mode & 0o010:  # not even its group may enter: joining a group does not help
+            return (f"permission denied on {sock}: its directory {closed} (mode {st.st_mode & 0o777:03o}, group "
+                    f"'{_group_name(st.st_gid)}') is closed to your user; ask an admin to open it to the socket's "
+                    "group")
+        whose = f"the group of its directory {closed}"
     except OSError as exc:
         return f"permission denied on {sock}: {exc.strerror or exc}"
     group = _group_name(st.st_gid)
