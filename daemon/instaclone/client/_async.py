@@ -48,7 +48,7 @@ MAX_WAIT_S = 600.0
 #: How much of a file one chunk of an upload or download holds.
 CHUNK_BYTES = 1 << 20
 #: Reconnections of a followed event stream after the daemon went away, before giving up.
-FOLLOW_RETRIES = 5
+FOLLOW_RETRIES = 8  # with the backoff below: about 20 s, a daemon restart with its recovery
 SHA256_HEADER = "X-Instaclone-SHA256"
 
 
