@@ -131,6 +131,7 @@ async def test_pool_claim_context_manager_releases(api):
     c, virt = api
     pool = await c.create_pool("p", source="src", size=0)
     assert isinstance(pool, ic.Pool) and pool.size == 0 and pool.source == "src"
+    assert pool.held is None and pool.last_error is None and pool.failures == 0 and pool.raw["name"] == "p"
     with pytest.raises(ic.PoolEmpty) as e:
         await c.claim("p", wait_s=0.1)
     assert e.value.status == 503
