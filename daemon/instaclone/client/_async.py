@@ -23,6 +23,7 @@ from .errors import (
     ChecksumMismatch,
     ClientError,
     DaemonUnreachable,
+    GuestFileError,
     NotFound,
     ProtocolError,
     from_error_dict,
@@ -510,7 +511,8 @@ class Client:
         arrived; on a mismatch (or any error) a ``dest`` path is left as it
         was (the data goes to a temporary file renamed onto it at the end)
         and ChecksumMismatch is raised. A writer has then received the bytes
-        that came. Raises GuestFileNotFound, GuestFileError, AgentUnavailable.
+        that came. Raises GuestFileNotFound, GuestFileError (also for a download cut short),
+        AgentUnavailable.
         """
         async with self._t.stream("GET", f"/v1/clones/{_seg(_name_of(clone))}/files",
                                   params={"path": path}) as resp:
@@ -533,13 +535,22 @@ def _verify(path: str, want_sha: str, want_size: int, got_sha: str, got_size: in
 
 
 async def _download(resp: aiohttp.ClientResponse, out: IO[bytes]) -> tuple[str, int]:
-    """Copy the body into ``out`` (writes off the loop); (sha256 hex, bytes)."""
+    """Copy the body into ``out`` (writes off the loop); (sha256 hex, bytes).
+
+    Raises GuestFileError when the body is cut short: the daemon closes the
+    connection when reading in the guest fails after the answer started.
+    """
     h = hashlib.sha256()
     size = 0
-    async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-        h.update(chunk)
-        size += len(chunk)
-        await asyncio.to_thread(out.write, chunk)
+    try:
+        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+            h.update(chunk)
+            size += len(chunk)
+            await asyncio.to_thread(out.write, chunk)
+    except aiohttp.ClientPayloadError:
+        raise GuestFileError(f"the download was cut short after {size} of {resp.content_length} bytes (reading "
+                             "in the guest failed, or the daemon stopped; see its log)", code="guest_file_error",
+                             status=resp.status) from None
     return h.hexdigest(), size
 
 
