@@ -225,6 +225,12 @@ async def test_put_file_streams_path_and_bytes(guest, tmp_path):
             await c.put_file("vm", b"x", "/lie")
         with pytest.raises(FileNotFoundError):
             await c.put_file("vm", tmp_path / "missing", "/tmp/x")
+        sparse = tmp_path / "huge"
+        with sparse.open("wb") as f:
+            f.truncate(ic._async.MAX_FILE_BYTES + 1)
+        with pytest.raises(ic.BodyTooLarge):  # refused before it is read or sent
+            await c.put_file("vm", sparse, "/tmp/huge")
+        sparse.unlink()
     assert fake.files["/tmp/repo.tar"] == payload
     assert fake.puts[0]["sha"] == hashlib.sha256(payload).hexdigest() and fake.puts[0]["mode"] == "0600"
     assert fake.puts[0]["length"] == len(payload) and not fake.puts[0]["chunked"] and fake.puts[0]["chunks"] > 1

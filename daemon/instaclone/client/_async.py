@@ -20,6 +20,7 @@ import aiohttp
 from ._transport import DEFAULT_TIMEOUT_S, WAIT_MARGIN_S, Params, Transport, decode, resolve_socket
 from .errors import (
     ApiError,
+    BodyTooLarge,
     ChecksumMismatch,
     ClientError,
     DaemonUnreachable,
@@ -51,6 +52,8 @@ CHUNK_BYTES = 1 << 20
 #: Reconnections of a followed event stream after the daemon went away, before giving up.
 FOLLOW_RETRIES = 8  # with the backoff below: about 20 s, a daemon restart with its recovery
 SHA256_HEADER = "X-Instaclone-SHA256"
+#: The largest file the API takes (``PUT /v1/clones/{name}/files``): refused here before sending it.
+MAX_FILE_BYTES = 4 << 30
 
 
 def _build(make: Callable[[object], T], d: object) -> T:
@@ -477,16 +480,18 @@ class Client:
 
         The SHA-256 goes along (the daemon checks the body against it, the
         guest's copy against both) and the answer's size and SHA-256 are
-        checked here. ``mode``: e.g. ``0o755`` or ``"0755"``. Raises
+        checked here. ``mode``: e.g. ``0o755`` or ``"0755"``. Raises BodyTooLarge (over 4 GiB),
         GuestFileNotFound (no such directory), GuestFileError,
         ChecksumMismatch, AgentUnavailable, InvalidRequest (path not
         absolute); OSError if ``src`` cannot be read.
         """
         if isinstance(src, bytes | bytearray | memoryview):
             payload: Any = bytes(src)
+            _check_size(len(payload))
             digest, size = hashlib.sha256(payload).hexdigest(), len(payload)
         else:
             path = Path(src)
+            _check_size((await asyncio.to_thread(path.stat)).st_size)  # before reading it to hash it
             digest, size = await asyncio.to_thread(_hash_file, path)
             payload = _read_chunks(path)
         params: dict[str, str | int | float] = {"path": dest_path}
@@ -569,6 +574,12 @@ async def _download_to_path(resp: aiohttp.ClientResponse, dest: Path, want_sha: 
             os.unlink(tmp)
         raise
     return got_sha, got_size
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_FILE_BYTES:
+        raise BodyTooLarge(f"{size} bytes is more than the {MAX_FILE_BYTES} a file copied into a clone may have",
+                           code="body_too_large")
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
