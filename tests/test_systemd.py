@@ -391,8 +391,8 @@ def units(tmp_path: Path) -> Path:
     d = tmp_path / "units"
     d.mkdir()
     text = (UNIT_DIR / "instacloned.service").read_text()
-    text, n = re.subn(r"^ExecStart=\S+", f"ExecStart={exe}", text, flags=re.M)
-    assert n == 1
+    text, n = re.subn(r"^(ExecStart|ExecReload)=/opt/instaclone/\S+", rf"\1={exe}", text, flags=re.M)
+    assert n == 2  # ExecStart and the ExecReload that checks the config
     (d / "instacloned.service").write_text(text)
     shutil.copy(UNIT_DIR / "instacloned.socket", d)
     return d
