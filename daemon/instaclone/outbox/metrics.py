@@ -1,5 +1,8 @@
 """Prometheus metrics, fed from the event outbox and the webhook sender.
 
+config/grafana/instaclone.json and config/prometheus/instaclone-alerts.yml
+are built on these names (tests/test_ops_kit.py checks them against a scrape).
+
 Served by prometheus_client's aiohttp handler at ``/metrics`` on the control
 socket and, if ``daemon.metrics_listen`` is set, on a loopback TCP port.
 """
@@ -52,9 +55,9 @@ class Metrics:
         self.events = Counter("instaclone_events", "Events written to the outbox, by type", ["type"], registry=r)
         self.deliveries = Counter("instaclone_webhook_deliveries", "Webhook delivery attempts by outcome",
                                   ["webhook", "outcome"], registry=r)
-        self.webhook_queue = Gauge("instaclone_webhook_deliveries",
-                                   "Deliveries in the outbox by status (pending, failed, disabled, delivered)",
-                                   ["webhook", "status"], registry=r)
+        self.webhook_outbox = Gauge("instaclone_webhook_outbox",
+                                    "Deliveries in the outbox by status (pending, failed, disabled, delivered)",
+                                    ["webhook", "status"], registry=r)
         self.webhook_in_flight = Gauge("instaclone_webhook_in_flight", "Webhook requests in flight", registry=r)
         self.libvirt_up = Gauge("instaclone_libvirt_up", "1 if the libvirt connection is alive", registry=r)
         self.pool_members = Gauge("instaclone_pool_members", "Pool members by state (idle, claimed, pending)",
@@ -90,10 +93,10 @@ class Metrics:
         seen = set()
         for webhook, by_status in counts.items():
             for status, n in by_status.items():
-                self.webhook_queue.labels(webhook, status).set(n)
+                self.webhook_outbox.labels(webhook, status).set(n)
                 seen.add((webhook, status))
         for webhook, status in self._webhook_series - seen:
-            self.webhook_queue.labels(webhook, status).set(0)
+            self.webhook_outbox.labels(webhook, status).set(0)
         self._webhook_series |= seen
 
     def on_event(self, event: Event) -> None:
