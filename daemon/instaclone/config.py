@@ -7,6 +7,7 @@ key (``clone.stun_deadline_ms: must be an integer between 50 and 600000``).
 from __future__ import annotations
 
 import grp
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -24,10 +25,16 @@ SERVICE_GROUP = "instaclone"
 
 
 def default_socket_group() -> str:
-    """``instaclone`` if that group exists here, else "" (the daemon's primary group)."""
+    """``instaclone`` if that group exists and this process may give it a file, else "" (its primary group).
+
+    root may give any group; another user only one of its own: a daemon run
+    by hand by a user outside the group keeps its own group instead of failing.
+    """
     try:
-        grp.getgrnam(SERVICE_GROUP)
+        gid = grp.getgrnam(SERVICE_GROUP).gr_gid
     except KeyError:
+        return ""
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
         return ""
     return SERVICE_GROUP
 

@@ -302,7 +302,11 @@ def _set_socket_owner(path: Path, group: str, mode: int) -> None:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise ConfigError(f"daemon.socket_group: no group named {group!r} on this host") from None
-        os.chown(path, -1, gid)
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError as exc:  # a daemon not run as root, outside that group
+            raise ConfigError(f"daemon.socket_group: cannot give {path} to group {group!r}: {exc.strerror} "
+                              f"(run as root or as a member of {group!r}, or set \"\")") from None
     os.chmod(path, mode)
 
 
