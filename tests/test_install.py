@@ -24,7 +24,9 @@ FAKE_SYSTEMCTL = """#!/bin/sh
 echo "$*" >> "$FAKE_SYSTEMD/calls"
 case $1 in
     is-active) grep -qx "$3" "$FAKE_SYSTEMD/active" ;;
-    start|restart) shift; for u in "$@"; do grep -qx "$u" "$FAKE_SYSTEMD/active" || echo "$u" >> "$FAKE_SYSTEMD/active"; done ;;
+    start|restart)
+        shift
+        for u in "$@"; do grep -qx "$u" "$FAKE_SYSTEMD/active" || echo "$u" >> "$FAKE_SYSTEMD/active"; done ;;
 esac
 """
 
