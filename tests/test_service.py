@@ -79,6 +79,7 @@ async def test_notify_ready_status_watchdog_reload_stop_and_metrics(tmp_path: Pa
         async with aiohttp.ClientSession(connector=conn) as s, s.get("http://x/metrics") as r:
             text = await r.text()
         assert "instaclone_libvirt_up 1.0" in text and "instaclone_jobs_active" in text
+        assert "instaclone_stun_deadline_seconds 60.0" in text  # clone.stun_deadline_ms = 60000
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
             assert r.status == 200 and "instaclone_state_duration_seconds" in await r.text()
         # SIGHUP: reload what is safe (here clone.max_count), report the rest.
