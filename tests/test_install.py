@@ -148,6 +148,28 @@ def test_rerun_after_unit_changed_restarts_only_the_daemon(install: Install, fir
     assert "WatchdogSec=30" in unit.read_text()
 
 
+def test_packages_on_a_host_with_empty_lists(install: Install, first: tuple[str, list[str]],
+                                              tmp_path: Path) -> None:
+    """No package lists (a fresh host): apt-get update once, then the missing packages install."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "apt.log"
+    fakes = {
+        # qemu-utils is "missing"; the rest installed.
+        "dpkg-query": '[ "$3" = qemu-utils ] && exit 1; echo "install ok installed"',
+        "apt-cache": "exit 0",  # no lists: policy knows nothing
+        "apt-get": f'echo "$*" >> {log}',
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**install.env, "PATH": f"{bin_dir}:{install.env['PATH']}", "APT_LISTS_DIR": str(tmp_path / "lists")}
+    r = subprocess.run([str(INSTALLER), "--no-start"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"apt-get update (no package lists in {tmp_path}/lists)" in r.stdout
+    assert log.read_text().splitlines() == ["update -qq", "install -y -q qemu-utils"]
+
+
 def test_no_start_touches_no_service(install: Install, first: tuple[str, list[str]]) -> None:
     out, calls = install.run("--no-start")
     assert "not started (--no-start)" in out and calls == []
