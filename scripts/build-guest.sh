@@ -91,7 +91,17 @@ say "downloading $kpkg and busybox-static"
 mkdir "$tmp/deb"
 # apt drops root to _apt for downloads; let it write here (else it warns).
 id _apt >/dev/null 2>&1 && chown _apt "$tmp/deb"
-(cd "$tmp/deb" && apt_retry apt-get download -qq "$kpkg" busybox-static) || die "apt-get download failed"
+download() { (cd "$tmp/deb" && apt-get download -qq "$kpkg" busybox-static); }
+if ! download; then
+    # Stale lists: the mirror dropped that version (a kernel ABI bump renames
+    # the package too, so the name is looked up again after the update).
+    [ "$APT_UPDATED" = 0 ] || die "apt-get download failed"
+    say "apt-get download failed: apt-get update (the lists may be stale) and once more"
+    apt-get update -qq
+    APT_UPDATED=1
+    kpkg=$(kernel_pkg)
+    download || die "apt-get download failed"
+fi
 mkdir "$tmp/k" "$tmp/b"
 dpkg-deb -x "$tmp"/deb/linux-image-*.deb "$tmp/k"
 dpkg-deb -x "$tmp"/deb/busybox-static_*.deb "$tmp/b"
