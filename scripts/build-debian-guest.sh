@@ -70,10 +70,10 @@ fi
 for tool in mmdebstrap mkfs.ext4 mkfs.vfat mcopy mmd sfdisk qemu-img; do
     command -v "$tool" >/dev/null || die "$tool missing: run scripts/setup.sh"
 done
-[ -n "$(apt-cache policy linux-image-cloud-amd64 | awk '/Candidate:/ {print $2}' | grep -v none)" ] || {
-    say "apt-get update (package lists lack linux-image-cloud-amd64)"
-    apt-get update -qq
-}
+APT_SAY=build-debian-guest
+# shellcheck source=lib/apt.sh
+. "$(dirname "$self")/lib/apt.sh"
+apt_ensure_lists linux-image-cloud-amd64
 
 id=${inputs:0:12}
 final=$out/$id

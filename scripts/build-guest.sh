@@ -74,18 +74,34 @@ kernel_pkg() {
     apt-cache depends linux-image-cloud-amd64 2>/dev/null \
         | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ {print $2; exit}'
 }
+APT_SAY=build-guest
+# shellcheck source=lib/apt.sh
+. "$(dirname "$self")/lib/apt.sh"
+# "apt-cache show" is not enough: an installed busybox-static is known from
+# dpkg's status file even with empty lists, and its download then fails.
 kpkg=$(kernel_pkg)
-if [ -z "$kpkg" ] || ! apt-cache show "$kpkg" busybox-static >/dev/null 2>&1; then
-    say "apt-get update (package lists lack the kernel or busybox-static)"
-    apt-get update -qq
+if [ -z "$kpkg" ]; then
+    apt_ensure_lists linux-image-cloud-amd64
     kpkg=$(kernel_pkg)
 fi
 [ -n "$kpkg" ] || die "apt-cache depends linux-image-cloud-amd64 names no linux-image-<version> package"
+apt_ensure_lists "$kpkg" busybox-static
+if [ "$APT_UPDATED" = 1 ]; then kpkg=$(kernel_pkg); fi
 say "downloading $kpkg and busybox-static"
 mkdir "$tmp/deb"
 # apt drops root to _apt for downloads; let it write here (else it warns).
 id _apt >/dev/null 2>&1 && chown _apt "$tmp/deb"
-(cd "$tmp/deb" && apt-get download -qq "$kpkg" busybox-static) || die "apt-get download failed"
+download() { (cd "$tmp/deb" && apt-get download -qq "$kpkg" busybox-static); }
+if ! download; then
+    # Stale lists: the mirror dropped that version (a kernel ABI bump renames
+    # the package too, so the name is looked up again after the update).
+    [ "$APT_UPDATED" = 0 ] || die "apt-get download failed"
+    say "apt-get download failed: apt-get update (the lists may be stale) and once more"
+    apt-get update -qq
+    APT_UPDATED=1
+    kpkg=$(kernel_pkg)
+    download || die "apt-get download failed"
+fi
 mkdir "$tmp/k" "$tmp/b"
 dpkg-deb -x "$tmp"/deb/linux-image-*.deb "$tmp/k"
 dpkg-deb -x "$tmp"/deb/busybox-static_*.deb "$tmp/b"

@@ -5,11 +5,18 @@
 #   - /etc/instaclone/instaclone.toml (the documented example) unless one exists;
 #   - the system group "instaclone" (members may drive the daemon);
 #   - the libvirt hook the filecow memory backend needs;
+#   - the man page instacloned(8) and the README (the units' Documentation=);
 #   - systemd/instacloned.{service,socket}, enabled and started.
 #
 #   scripts/install-service.sh [--no-packages] [--no-start]
 #
-# Environment (for packaging and tests): PREFIX, CONFIG_DIR, UNIT_DIR, HOOK_DIR, BIN_DIR.
+# Run again (after a git pull, say) it updates in place: the daemon is
+# restarted only if its installed code or units changed (running jobs get
+# daemon.shutdown_grace_s, then roll back), libvirtd only if the hook changed.
+#
+# Environment (for packaging and tests): PREFIX, CONFIG_DIR, UNIT_DIR, HOOK_DIR,
+# BIN_DIR, MAN_DIR, DOC_DIR; SYSTEMD_RUN_DIR (default /run/systemd/system: the
+# directory whose presence says systemd runs this machine).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX=${PREFIX:-/opt/instaclone}
@@ -17,6 +24,9 @@ CONFIG_DIR=${CONFIG_DIR:-/etc/instaclone}
 UNIT_DIR=${UNIT_DIR:-/etc/systemd/system}
 HOOK_DIR=${HOOK_DIR:-/etc/libvirt/hooks/qemu.d}
 BIN_DIR=${BIN_DIR:-/usr/local/bin}
+MAN_DIR=${MAN_DIR:-/usr/local/share/man/man8}
+DOC_DIR=${DOC_DIR:-/usr/share/doc/instaclone}
+SYSTEMD_RUN_DIR=${SYSTEMD_RUN_DIR:-/run/systemd/system}
 packages=1 start=1
 for arg in "$@"; do
     case $arg in
@@ -26,14 +36,40 @@ for arg in "$@"; do
     esac
 done
 say() { echo "install-service: $*"; }
+APT_SAY=install-service
+# shellcheck source=lib/apt.sh
+. "$repo/scripts/lib/apt.sh"
 
 if [ "$packages" = 1 ]; then
-    say "installing Debian packages"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libvirt-daemon-system qemu-system-x86 qemu-utils \
-        python3 python3-venv python3-dev libvirt-dev pkg-config gcc openssh-client >/dev/null
+    pkgs=(libvirt-daemon-system qemu-system-x86 qemu-utils python3 python3-venv python3-dev libvirt-dev
+          pkg-config gcc openssh-client)
+    missing=()
+    for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "installing Debian packages ${missing[*]}"
+        apt_ensure_lists "${missing[@]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt_retry apt-get install -y -q "${missing[@]}" >/dev/null
+    else
+        say "Debian packages present"
+    fi
 fi
 
 getent group instaclone >/dev/null || { say "creating group instaclone"; groupadd --system instaclone; }
+
+# What the running daemon was started from: its installed Python files and
+# entry points, and its units. A change to any of them means a restart.
+installed_state() {
+    {
+        find "$PREFIX/.venv/lib" \( -path '*/site-packages/instaclone*' -name '*.py' \) \
+            -o \( -path '*/site-packages/instaclone-*.dist-info/entry_points.txt' \) 2>/dev/null \
+            | LC_ALL=C sort | xargs -r sha256sum
+        sha256sum "$UNIT_DIR/instacloned.service" "$UNIT_DIR/instacloned.socket" 2>/dev/null || true
+    } | sha256sum | cut -d' ' -f1
+}
+before=$(installed_state)
 
 say "virtualenv $PREFIX/.venv"
 [ -x "$PREFIX/.venv/bin/python" ] || python3 -m venv "$PREFIX/.venv"
@@ -48,26 +84,60 @@ if [ ! -e "$CONFIG_DIR/instaclone.toml" ]; then
 fi
 "$PREFIX/.venv/bin/instacloned" --check-config --config "$CONFIG_DIR/instaclone.toml"
 
-say "libvirt hook $HOOK_DIR/instaclone"
-install -D -m 0755 "$repo/plugins/instaclone_plugins/libvirt_hook.py" "$HOOK_DIR/instaclone"
+hook_changed=0
+if cmp -s "$repo/plugins/instaclone_plugins/libvirt_hook.py" "$HOOK_DIR/instaclone"; then
+    say "libvirt hook $HOOK_DIR/instaclone unchanged"
+else
+    say "libvirt hook $HOOK_DIR/instaclone"
+    install -D -m 0755 "$repo/plugins/instaclone_plugins/libvirt_hook.py" "$HOOK_DIR/instaclone"
+    hook_changed=1
+fi
+
+say "man page $MAN_DIR/instacloned.8, README in $DOC_DIR"
+install -D -m 0644 "$repo/docs/man/instacloned.8" "$MAN_DIR/instacloned.8"
+install -D -m 0644 "$repo/README.md" "$DOC_DIR/README.md"
 
 say "units in $UNIT_DIR"
 mkdir -p "$UNIT_DIR"
 sed "s|/opt/instaclone|$PREFIX|g; s|/etc/instaclone/instaclone.toml|$CONFIG_DIR/instaclone.toml|g" \
-    "$repo/systemd/instacloned.service" > "$UNIT_DIR/instacloned.service"
+    "$repo/systemd/instacloned.service" > "$UNIT_DIR/instacloned.service.new"
+mv -f "$UNIT_DIR/instacloned.service.new" "$UNIT_DIR/instacloned.service"
 install -m 0644 "$repo/systemd/instacloned.socket" "$UNIT_DIR/instacloned.socket"
+changed=0
+[ "$(installed_state)" = "$before" ] || changed=1
 
 if [ "$start" = 0 ]; then
     say "installed; not started (--no-start)"
     exit 0
 fi
-if [ ! -d /run/systemd/system ]; then
+if [ ! -d "$SYSTEMD_RUN_DIR" ]; then
     say "systemd is not running on this machine: start the daemon by hand with"
     say "  $PREFIX/.venv/bin/instacloned --config $CONFIG_DIR/instaclone.toml"
     exit 0
 fi
-# libvirtd reads hooks when it starts; running domains are not affected.
-systemctl try-restart libvirtd.service virtqemud.service 2>/dev/null || true
+# libvirtd finds hooks when it starts (running domains are not affected by a
+# restart): only a new or changed hook needs one.
+if [ "$hook_changed" = 1 ]; then
+    for unit in libvirtd.service virtqemud.service; do
+        if systemctl is-active -q "$unit"; then
+            say "restarting $unit (the hook changed)"
+            systemctl restart "$unit"
+        fi
+    done
+else
+    say "libvirtd not restarted (hook unchanged)"
+fi
 systemctl daemon-reload
-systemctl enable --now instacloned.socket instacloned.service
+systemctl enable -q instacloned.socket instacloned.service
+if systemctl is-active -q instacloned.service; then
+    if [ "$changed" = 1 ]; then
+        say "restarting instacloned (its code or units changed)"
+        systemctl restart instacloned.service
+    else
+        say "instacloned left running (code and units unchanged)"
+    fi
+else
+    say "starting instacloned"
+    systemctl start instacloned.socket instacloned.service
+fi
 say "running: systemctl status instacloned; instaclone status"

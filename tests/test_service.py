@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +41,7 @@ needs_libvirt = pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvi
     ("[access]\nwrite_groups = \"wheel\"\n", "access.write_groups"),
     ("[[webhooks.endpoints]]\nurl = \"gopher://x\"\nsecret = \"whsec_AAAAAAAAAAAAAAAAAAAAAA==\"\n",
      "webhooks.endpoints[0].url"),
+    ("[daemon]\nsocket_group = \"no-such-group-ic\"\n", "daemon.socket_group"),
     ("[clone\n", "c.toml"),
 ])
 def test_check_config_names_the_key(tmp_path: Path, toml: str, key: str):
@@ -79,6 +79,7 @@ async def test_notify_ready_status_watchdog_reload_stop_and_metrics(tmp_path: Pa
         async with aiohttp.ClientSession(connector=conn) as s, s.get("http://x/metrics") as r:
             text = await r.text()
         assert "instaclone_libvirt_up 1.0" in text and "instaclone_jobs_active" in text
+        assert "instaclone_stun_deadline_seconds 60.0" in text  # clone.stun_deadline_ms = 60000
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
             assert r.status == 200 and "instaclone_state_duration_seconds" in await r.text()
         # SIGHUP: reload what is safe (here clone.max_count), report the rest.
@@ -95,6 +96,45 @@ async def test_notify_ready_status_watchdog_reload_stop_and_metrics(tmp_path: Pa
         assert await d.wait() == 0
         reloaded = [e for e in d.log_events() if e.get("event") == "config.reloaded"]
         assert reloaded and "clone.max_count" in reloaded[0]["changed"]
+    finally:
+        d.kill()
+        notify.close()
+        scratch.cleanup()
+
+
+@needs_libvirt
+async def test_own_socket_group_and_a_broken_reload_keeps_the_old_config(tmp_path: Path):
+    """Without socket activation the socket is root:daemon.socket_group 0660; a bad SIGHUP changes nothing."""
+    import grp
+
+    if not _group_exists("kvm"):
+        pytest.skip("needs a group named kvm")
+    scratch = Scratch()
+    notify = NotifySocket(tmp_path / "notify")
+    conf = write_config(tmp_path / "d.toml", scratch.path, daemon={"socket_group": "kvm"},
+                        clone={"max_count": 2})
+    d = DaemonProcess(conf, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    try:
+        await notify.wait("READY", "1")
+        st = os.stat(scratch.path / "ctl.sock")
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (os.getuid(), grp.getgrnam("kvm").gr_gid, 0o660)
+        # What ExecReload's first line runs: the broken file fails it, exit 2, the key named.
+        conf.write_text(conf.read_text().replace("max_count = 2", "max_count = 0"))
+        r = subprocess.run([str(EXE), "--check-config", "--config", str(conf)], capture_output=True, text=True)
+        assert r.returncode == 2 and "clone.max_count" in r.stderr, r.stderr
+        # A SIGHUP with that file anyway: logged, refused, the old config stays in force.
+        d.signal(signal.SIGHUP)
+        await notify.wait("RELOADING", "1")
+        await notify.wait("READY", "1")
+        failed = [e for e in d.log_events() if e.get("event") == "config.reload_failed"]
+        assert failed and "clone.max_count" in failed[0]["error"]
+        # The watch loop's first round read the outbox's delivery counts for the metrics.
+        assert not [e for e in d.log_events() if e.get("event", "").startswith("watch.")], d.log_text()
+        async with Api(scratch.path / "ctl.sock") as api:
+            status, body = await api.call("POST", "/v1/jobs", {"source": "nope", "name": "x", "count": 3})
+            assert status == 400 and "between 1 and 2" in body["error"]["message"], body
+        d.signal(signal.SIGTERM)
+        assert await d.wait() == 0
     finally:
         d.kill()
         notify.close()
@@ -330,25 +370,4 @@ async def test_access_by_peer_credentials(acl_api):
         assert status == 200
 
 
-# -- "Install as a service", as the README says ---------------------------------------------
-
-
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
-def test_install_service_script_installs_verifiable_units(tmp_path: Path):
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PREFIX": str(tmp_path / "opt"), "CONFIG_DIR": str(tmp_path / "etc"),
-           "UNIT_DIR": str(tmp_path / "units"), "HOOK_DIR": str(tmp_path / "hooks"), "BIN_DIR": str(tmp_path / "bin")}
-    r = subprocess.run([str(root / "scripts" / "install-service.sh"), "--no-packages", "--no-start"],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "config OK" in r.stdout
-    units = tmp_path / "units"
-    service = (units / "instacloned.service").read_text()
-    assert f"ExecStart={tmp_path}/opt/.venv/bin/instacloned --config {tmp_path}/etc/instaclone.toml" in service
-    v = subprocess.run(["systemd-analyze", "verify", "--man=no", "--recursive-errors=no",
-                        str(units / "instacloned.service"), str(units / "instacloned.socket")],
-                       capture_output=True, text=True)
-    assert v.returncode == 0 and "instacloned" not in v.stderr, v.stderr
-    assert os.access(tmp_path / "hooks" / "instaclone", os.X_OK)
-    r = subprocess.run([str(tmp_path / "bin" / "instaclone"), "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "webhooks" in r.stdout
+# "Install as a service", as the README says: tests/test_install.py.

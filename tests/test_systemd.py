@@ -391,8 +391,8 @@ def units(tmp_path: Path) -> Path:
     d = tmp_path / "units"
     d.mkdir()
     text = (UNIT_DIR / "instacloned.service").read_text()
-    text, n = re.subn(r"^ExecStart=\S+", f"ExecStart={exe}", text, flags=re.M)
-    assert n == 1
+    text, n = re.subn(r"^(ExecStart|ExecReload)=/opt/instaclone/\S+", rf"\1={exe}", text, flags=re.M)
+    assert n == 2  # ExecStart and the ExecReload that checks the config
     (d / "instacloned.service").write_text(text)
     shutil.copy(UNIT_DIR / "instacloned.socket", d)
     return d
@@ -424,3 +424,54 @@ def test_socket_unit_listens_where_the_daemon_binds() -> None:
     service = (UNIT_DIR / "instacloned.service").read_text()
     assert re.search(r"^RuntimeDirectory=instaclone$", service, flags=re.M)
     assert re.search(r"^RuntimeDirectoryPreserve=yes$", service, flags=re.M)
+
+
+def test_reload_checks_the_config_before_signalling() -> None:
+    """A broken file fails "systemctl reload" (exit status, error in systemctl status) and is never loaded."""
+    service = (UNIT_DIR / "instacloned.service").read_text()
+    (start,) = re.findall(r"^ExecStart=(\S+) --config (\S+)$", service, flags=re.M)
+    reloads = re.findall(r"^ExecReload=(.*)$", service, flags=re.M)
+    # systemd runs ExecReload= lines in order and stops at the first that fails.
+    assert reloads == [f"{start[0]} --check-config --config {start[1]}", "/bin/kill -HUP $MAINPID"]
+
+
+def test_documentation_uris() -> None:
+    """Installed by scripts/install-service.sh (tests/test_install.py checks the files are there)."""
+    for unit in ("instacloned.service", "instacloned.socket"):
+        text = (UNIT_DIR / unit).read_text()
+        assert re.findall(r"^Documentation=(.*)$", text, flags=re.M) == [
+            "man:instacloned(8) file:///usr/share/doc/instaclone/README.md"], unit
+
+
+def test_default_socket_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``instaclone`` when it exists and this process may give it; else the daemon's own group ("")."""
+    import grp
+
+    from instaclone import config
+
+    real = grp.getgrnam
+
+    def getgrnam(name: str) -> grp.struct_group:
+        if name == "instaclone":
+            return grp.struct_group(("instaclone", "x", 4242, []))
+        return real(name)
+
+    monkeypatch.setattr(grp, "getgrnam", getgrnam)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert config.default_socket_group() == "instaclone"
+    assert config.Config().daemon.socket_group == "instaclone"
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "getegid", lambda: 1000)
+    monkeypatch.setattr(os, "getgroups", lambda: [1000, 27])
+    assert config.default_socket_group() == ""  # not root, not a member: keep its own group
+    monkeypatch.setattr(os, "getgroups", lambda: [1000, 4242])
+    assert config.default_socket_group() == "instaclone"
+
+    def missing(name: str) -> grp.struct_group:
+        raise KeyError(name)
+
+    monkeypatch.setattr(grp, "getgrnam", missing)
+    assert config.default_socket_group() == ""
+    with pytest.raises(Exception, match=r"daemon.socket_group: no group named 'ops'"):
+        config.from_dict({"daemon": {"socket_group": "ops"}})
+    assert config.from_dict({"daemon": {"socket_group": ""}}).daemon.socket_group == ""

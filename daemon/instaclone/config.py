@@ -6,6 +6,8 @@ key (``clone.stun_deadline_ms: must be an integer between 50 and 600000``).
 
 from __future__ import annotations
 
+import grp
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -18,11 +20,32 @@ from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/instaclone/instaclone.toml")
 
+#: The group the installer creates; members may drive the daemon.
+SERVICE_GROUP = "instaclone"
+
+
+def default_socket_group() -> str:
+    """``instaclone`` if that group exists and this process may give it a file, else "" (its primary group).
+
+    root may give any group; another user only one of its own: a daemon run
+    by hand by a user outside the group keeps its own group instead of failing.
+    """
+    try:
+        gid = grp.getgrnam(SERVICE_GROUP).gr_gid
+    except KeyError:
+        return ""
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        return ""
+    return SERVICE_GROUP
+
 
 @dataclass(frozen=True)
 class DaemonConfig:
     socket: Path = Path("/run/instaclone/control.sock")
     socket_mode: int = 0o660
+    # Group of the socket the daemon binds itself (a socket-activated one is
+    # the socket unit's: SocketGroup=). "": the daemon's primary group.
+    socket_group: str = field(default_factory=default_socket_group)
     state_dir: Path = Path("/var/lib/instaclone")
     max_concurrent_jobs: int = 4
     # auto: journald (with JOB_ID, CLONE, ... fields) under systemd, else JSON lines on stdout.
@@ -221,6 +244,16 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{key}: must be a list of non-empty strings, got {value!r}")
         return tuple(value)
+    if key == "daemon.socket_group":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a group name (\"\" for the daemon's own group), got {value!r}")
+        if value:
+            try:
+                grp.getgrnam(value)
+            except KeyError:
+                raise ConfigError(f"{key}: no group named {value!r} on this host "
+                                  f"(create it with groupadd --system {value}, or set \"\")") from None
+        return value
     if key == "daemon.metrics_listen":
         if not isinstance(value, str):
             raise ConfigError(f"{key}: must be a string, got {value!r}")

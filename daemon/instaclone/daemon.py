@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import os
 import signal
 import socket
@@ -39,6 +40,8 @@ except ModuleNotFoundError as _exc:
 
 #: How often the daemon checks libvirt and refreshes STATUS= (and feeds the watchdog).
 WATCH_PERIOD_S = 5.0
+#: How often the outbox's delivery counts (instaclone_webhook_deliveries) are refreshed.
+DELIVERY_COUNTS_PERIOD_S = 15.0
 
 
 class Daemon:
@@ -84,6 +87,8 @@ class Daemon:
             await m.check()
         self.engine = Engine(config=c, journal=self.store, virt=self.virt, storage=storage, memory=memories)
         self.engine.pools.observe = self.metrics.on_pool
+        self.metrics.configure(c.clone.stun_deadline_ms)
+        self.metrics.set_pools(await self.store.list_pools())
         _fault_injection(self.engine)
         # Routes events to endpoints from here on, recovery's own events included.
         self.webhooks = WebhookSender(c.webhooks, self.store, bus=self.bus, gate=self.engine.outside_stun)
@@ -110,7 +115,7 @@ class Daemon:
             sock_path.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_socket(sock_path)
             await web.UnixSite(self._runner, str(sock_path)).start()
-            os.chmod(sock_path, c.daemon.socket_mode)
+            _set_socket_owner(sock_path, c.daemon.socket_group, c.daemon.socket_mode)
             where = str(sock_path)
         if c.daemon.metrics_listen:
             host, port = cfg.parse_listen("daemon.metrics_listen", c.daemon.metrics_listen)
@@ -155,6 +160,8 @@ class Daemon:
         interval = self.notifier.watchdog_interval_s()
         period = min(WATCH_PERIOD_S, interval) if interval else WATCH_PERIOD_S
         last_status = ""
+        last_counts = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             self.notifier.watchdog()
             try:
@@ -167,6 +174,13 @@ class Daemon:
                 last_status = text
             if self.webhooks is not None:
                 self.metrics.webhook_in_flight.set(self.webhooks.in_flight)
+            if loop.time() - last_counts >= DELIVERY_COUNTS_PERIOD_S:
+                # A GROUP BY over the outbox (up to webhooks.retention_days of it): not every tick.
+                last_counts = loop.time()
+                try:
+                    self.metrics.set_deliveries(await self.store.delivery_counts())
+                except Exception:
+                    self.log.exception("watch.delivery_counts_failed")
             await asyncio.sleep(period)
 
     async def reload(self) -> None:
@@ -189,6 +203,7 @@ class Daemon:
         self.config = applied
         assert self.engine is not None and self.webhooks is not None and self._runner is not None
         self.engine.config = applied
+        self.metrics.configure(applied.clone.stun_deadline_ms)
         self.webhooks.configure(applied.webhooks)
         self._runner.app[ACCESS] = Access(applied.access)
         logsetup.setup(applied.daemon.log_format, applied.daemon.log_level)
@@ -284,6 +299,25 @@ def _fault_injection(engine: Engine) -> None:
             await asyncio.sleep(float(seconds))
 
     engine.step_hook = hook
+
+
+def _set_socket_owner(path: Path, group: str, mode: int) -> None:
+    """``path`` becomes root's (the daemon's user's) and ``group``'s, with ``mode``.
+
+    The group first, then the mode: the socket is never group-accessible to
+    the wrong group. ``group`` "" keeps the daemon's primary group.
+    """
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"daemon.socket_group: no group named {group!r} on this host") from None
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError as exc:  # a daemon not run as root, outside that group
+            raise ConfigError(f"daemon.socket_group: cannot give {path} to group {group!r}: {exc.strerror} "
+                              f"(run as root or as a member of {group!r}, or set \"\")") from None
+    os.chmod(path, mode)
 
 
 def _remove_stale_socket(path: Path) -> None:
