@@ -60,11 +60,18 @@ static void b64enc(const unsigned char *in, size_t n, FILE *f) {
 }
 
 static size_t b64dec(const char *in, size_t n, unsigned char *out) {
+    static signed char val[256];
+    static int ready;
+    if (!ready) {  /* a table, not strchr per character: under TCG that was the cost of a write */
+        memset(val, -1, sizeof val);
+        for (int i = 0; i < 64; i++) val[(unsigned char)b64[i]] = (signed char)i;
+        ready = 1;
+    }
     size_t o = 0; unsigned v = 0; int bits = 0;
     for (size_t i = 0; i < n; i++) {
-        const char *p = strchr(b64, in[i]);
-        if (!p || !in[i]) continue;
-        v = v << 6 | (unsigned)(p - b64); bits += 6;
+        int d = val[(unsigned char)in[i]];
+        if (d < 0) continue;
+        v = v << 6 | (unsigned)d; bits += 6;
         if (bits >= 8) { bits -= 8; out[o++] = (unsigned char)(v >> bits); }
     }
     return o;
@@ -474,6 +481,16 @@ static void handle(const char *req) {
     }
 }
 
+/* A line in the guest's kernel log (the agent's own output goes nowhere). */
+static void kmsg(const char *what) {
+    char msg[300];
+    int fd = open("/dev/kmsg", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    int n = snprintf(msg, sizeof msg, "%s: %s\n", what, strerror(errno));
+    if (n > 0) { ssize_t w = write(fd, msg, (size_t)n); (void)w; }
+    close(fd);
+}
+
 int main(int argc, char **argv) {
     const char *dev = argc > 1 ? argv[1] : NULL;
     static char line[MAXLINE];
@@ -499,14 +516,34 @@ int main(int argc, char **argv) {
         }
         if (!dev) { fprintf(stderr, "ic-agent: no org.qemu.guest_agent.0 port\n"); return 1; }
     }
+    /* Replies go out through a stream of their own on a second descriptor. */
+    int fd;
+    while ((fd = open(dev, O_RDWR | O_CLOEXEC)) < 0) sleep(1);
+    port = fdopen(fcntl(fd, F_DUPFD_CLOEXEC, 3), "w");
+    if (!port) { kmsg("ic-agent: fdopen failed"); return 1; }
+    /* Requests are read with read(2), not stdio: a virtio port reads 0 bytes
+     * while the host side is not connected, which is no end of file (qemu-ga
+     * carries on too); a request cut short that way is completed by the
+     * bytes that follow. */
+    size_t len = 0;
     for (;;) {
-        port = fopen(dev, "r+");
-        if (!port) { sleep(1); continue; }
-        setvbuf(port, NULL, _IOLBF, 0);
-        while (fgets(line, sizeof line, port)) {
-            if (strchr(line, '{')) handle(line);
+        ssize_t n = read(fd, line + len, sizeof line - 1 - len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) { kmsg("ic-agent: reading the port failed"); sleep(1); continue; }
+        if (n == 0) { usleep(len ? 5000 : 50000); continue; }
+        len += (size_t)n;
+        char *nl;
+        while ((nl = memchr(line, '\n', len))) {
+            *nl = 0;
+            /* A request starts at its last '{"execute"' (inside a JSON string a
+             * quote is escaped): what came before was cut off for good. */
+            char *req = line, *p;
+            while ((p = strstr(req + 1, "{\"execute\"")) != NULL) req = p;
+            if (strchr(req, '{')) handle(req);
+            size_t used = (size_t)(nl + 1 - line);
+            memmove(line, nl + 1, len - used);
+            len -= used;
         }
-        fclose(port);  /* host side closed: reopen and wait for the next client */
-        usleep(100000);
+        if (len >= sizeof line - 1) { kmsg("ic-agent: request too long, dropped"); len = 0; }
     }
 }

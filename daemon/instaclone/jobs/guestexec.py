@@ -329,8 +329,8 @@ class GuestService:
             if stdin:
                 h = await gf.file_open(self.virt, name, base + ".in", "w")
                 try:
-                    for i in range(0, len(stdin), gf.CHUNK_BYTES):
-                        await gf.file_write(self.virt, name, h, stdin[i:i + gf.CHUNK_BYTES])
+                    for i in range(0, len(stdin), gf.WRITE_CHUNK_BYTES):
+                        await gf.file_write(self.virt, name, h, stdin[i:i + gf.WRITE_CHUNK_BYTES])
                 finally:
                     await gf.file_close(self.virt, name, h)
             env_list = [f"{k}={v}" for k, v in {**BASE_ENV, **(env or {})}.items()]
@@ -369,7 +369,7 @@ class GuestService:
         size = 0
         closed = placed = False
         try:
-            async for chunk in _rechunk(chunks, gf.CHUNK_BYTES):
+            async for chunk in _rechunk(chunks, gf.WRITE_CHUNK_BYTES):
                 await gf.file_write(self.virt, name, h, chunk)
                 digest.update(chunk)
                 size += len(chunk)
