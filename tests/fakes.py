@@ -523,7 +523,7 @@ class FakeGuest:
                         await proc.task
             return 0, ""
         if 'sha256sum "$t"' in script:
-            tmp, want, mode, dst = argv[4:8]
+            tmp, want, _mode, dst = argv[4:8]
             data = self.files.pop(tmp)
             got = hashlib.sha256(data + (b"!" if self.corrupt else b"")).hexdigest()
             if got != want:

@@ -119,9 +119,9 @@ async def test_exec_environment_and_missing_program(tmp_path):
             return 0
 
         guest.programs["env"] = env
-        status, lines = await exec_lines(s, {"argv": ["env"], "env": {"PATH": "/opt/bin", "X": "1"}})
+        _, lines = await exec_lines(s, {"argv": ["env"], "env": {"PATH": "/opt/bin", "X": "1"}})
         assert lines[-1]["exit_code"] == 0 and seen == {"PATH": "/opt/bin", "X": "1"}
-        status, lines = await exec_lines(s, {"argv": ["nope"]})
+        _, lines = await exec_lines(s, {"argv": ["nope"]})
         assert lines[-1]["exit_code"] == 127 and b"not found" in b"".join(data(lines, "stderr"))
 
 
@@ -131,7 +131,7 @@ async def test_exec_timeout_kills_and_cleans_up(tmp_path):
         t0 = time.monotonic()
         status, lines = await exec_lines(s, {"argv": ["sleep"], "timeout_s": 0.3})
         assert status == 200 and time.monotonic() - t0 < 3
-        assert lines[-1] == {"type": "error", "error": {"code": "exec_timeout", "message": lines[-1]["error"]["message"]}}
+        assert lines[-1]["type"] == "error" and lines[-1]["error"]["code"] == "exec_timeout", lines[-1]
         assert any("kill -STOP" in " ".join(argv) for _, argv, _ in virt.exec_log)
         no_exec_files(guest)
 
