@@ -112,23 +112,26 @@ class GuestProcess:
         self._open = True
         self.exited = False
 
-    async def _read(self) -> list[dict[str, Any]]:
-        """One read of each stream: the events for what arrived (stdout first)."""
+    async def _read(self) -> tuple[list[dict[str, Any]], bool]:
+        """One read of each stream: the events for what arrived (stdout first), and whether
+        both reads reached the end of their file."""
         out = []
+        at_end = True
         for handle, kind in ((self._out, "stdout"), (self._err, "stderr")):
-            data, _eof = await gf.file_read(self.virt, self.name, handle)
+            data, eof = await gf.file_read(self.virt, self.name, handle)
             if data:
                 out.append({"type": kind, "data": data})
-        return out
+            at_end = at_end and eof
+        return out, at_end
 
     async def _drain(self) -> AsyncIterator[dict[str, Any]]:
         """Everything left in both files (the process has exited: they grow no more)."""
         while True:
-            got = await self._read()
-            if not got:
-                return
+            got, at_end = await self._read()
             for ev in got:
                 yield ev
+            if at_end or not got:
+                return
 
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
         """``started``, then ``stdout``/``stderr`` (``data``: bytes) as they come, then ``exit``
@@ -142,9 +145,7 @@ class GuestProcess:
         yield {"type": "started", "pid": self.pid}
         delay = POLL_MIN_S
         while True:
-            got = await self._read()
-            for ev in got:
-                yield ev
+            # Status first: a command that is done is drained at once (one read a stream).
             st = await gf.exec_status(self.virt, self.name, self.pid)
             if st is not None:
                 self.exited = True
@@ -155,6 +156,9 @@ class GuestProcess:
                 yield {"type": "exit", "exit_code": code, "signal": sig,
                        "duration_ms": round((loop.time() - start) * 1000, 1)}
                 return
+            got, _ = await self._read()
+            for ev in got:
+                yield ev
             now = loop.time()
             if now >= deadline:
                 await self.kill()
