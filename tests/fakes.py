@@ -77,6 +77,7 @@ class FakeHypervisor:
         self.exec_log: list[tuple[str, list[str], bytes]] = []  # agent_exec calls: (domain, argv, stdin)
         self.interfaces: dict[str, list[dict[str, Any]]] = {}  # guest-network-get-interfaces answers
         self.agent_log: list[tuple[str, str]] = []  # agent calls: (domain, command)
+        self.guests: dict[str, FakeGuest] = {}  # domains whose agent a FakeGuest answers
 
     async def _hook(self, method: str, name: str) -> None:
         self.calls.append((method, name))
@@ -185,6 +186,8 @@ class FakeHypervisor:
                     *, timeout_s: int = 10) -> Any:
         await self._hook("agent", name)
         self.agent_log.append((name, command))
+        if name in self.guests:
+            return await self.guests[name].agent(command, arguments or {})
         if command == "guest-network-get-interfaces":
             # The guest's NIC has the domain's MAC (as after a replug).
             macs = [m.get("address", "") for m in ET.fromstring(self._get(name).xml).iterfind(
@@ -199,6 +202,8 @@ class FakeHypervisor:
                          timeout_s: float = 30.0) -> tuple[int, str]:
         await self._hook("agent_exec", name)
         self.exec_log.append((name, argv, stdin))
+        if name in self.guests:
+            return await self.guests[name].agent_exec(argv)
         if any("IC-DONE" in a for a in argv):  # the identity reset script
             return 0, ("IC-RESULT machine_id reset new\nIC-RESULT ssh_host_keys not_present no keys\n"
                        "IC-DONE\n")
@@ -378,3 +383,153 @@ async def fake_api(tmp_path: Path) -> AsyncIterator[tuple[Any, FakeHypervisor, P
         await engine.shutdown(5)
         await runner.cleanup()
         await journal.close()
+
+
+@dataclass
+class FakeProcess:
+    """A command a FakeGuest runs for guest-exec: its output files and how it ended."""
+
+    argv: list[str]
+    env: dict[str, str]
+    stdin: bytes
+    out: bytearray
+    err: bytearray
+    task: asyncio.Task[int] | None = None
+    signal: int | None = None
+
+
+class FakeGuest:
+    """A guest agent answering like qemu-guest-agent, for instaclone.jobs.guestexec's unit tests.
+
+    Files live in ``files`` (path -> bytes, directories in ``dirs``). guest-exec
+    of instaclone's exec wrapper runs ``programs[argv[0]](proc)`` (an async
+    function writing to ``proc.out``/``proc.err`` and returning the exit code)
+    as a task; the kill script cancels it (signal 9). ``sha256sum`` and the
+    put script run here in Python; ``corrupt`` makes the guest's copy differ.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytearray] = {}
+        self.dirs: set[str] = {"/", "/tmp", "/run", "/etc"}
+        self.handles: dict[int, list[Any]] = {}  # handle -> [data, position]
+        self.procs: dict[int, FakeProcess] = {}
+        self.programs: dict[str, Any] = {}
+        self.corrupt = False
+        self._next = 1000
+        self.commands: list[str] = []
+
+    def _id(self) -> int:
+        self._next += 1
+        return self._next
+
+    async def agent(self, command: str, a: dict[str, Any]) -> Any:
+        import base64
+        import posixpath
+
+        self.commands.append(command)
+        if command == "guest-ping":
+            return {}
+        if command == "guest-file-open":
+            path, mode = a["path"], a.get("mode", "r")
+            if posixpath.dirname(path) not in self.dirs or (mode.startswith("r") and path not in self.files):
+                raise VirtError(f"guest agent guest-file-open: failed to open file '{path}' (mode: '{mode}'): "
+                                f"No such file or directory")
+            if path in self.dirs and mode.startswith(("w", "a")):
+                raise VirtError(f"failed to open file '{path}' (mode: '{mode}'): Is a directory")
+            if mode.startswith("w"):
+                self.files[path] = bytearray()
+            h = self._id()
+            self.handles[h] = [self.files[path], 0]
+            return h
+        if command == "guest-file-read":
+            data, pos = self.handles[a["handle"]]
+            chunk = bytes(data[pos:pos + a.get("count", 4096)])
+            self.handles[a["handle"]][1] = pos + len(chunk)
+            out: dict[str, Any] = {"count": len(chunk), "eof": pos + len(chunk) >= len(data)}
+            if chunk:
+                out["buf-b64"] = base64.b64encode(chunk).decode()
+            return out
+        if command == "guest-file-write":
+            data, pos = self.handles[a["handle"]]
+            buf = base64.b64decode(a["buf-b64"])
+            data[pos:pos + len(buf)] = buf
+            self.handles[a["handle"]][1] = pos + len(buf)
+            return {"count": len(buf), "eof": False}
+        if command == "guest-file-seek":
+            data, pos = self.handles[a["handle"]]
+            base = {"set": 0, "cur": pos, "end": len(data)}[a["whence"]]
+            self.handles[a["handle"]][1] = base + a["offset"]
+            return {"position": base + a["offset"], "eof": False}
+        if command == "guest-file-close":
+            del self.handles[a["handle"]]
+            return {}
+        if command == "guest-exec":
+            return {"pid": self._exec(a)}
+        if command == "guest-exec-status":
+            proc = self.procs[a["pid"]]
+            if proc.task is None or not proc.task.done():
+                return {"exited": False}
+            del self.procs[a["pid"]]
+            if proc.signal is not None:
+                return {"exited": True, "signal": proc.signal}
+            return {"exited": True, "exitcode": proc.task.result()}
+        raise VirtError(f"guest agent {command}: CommandNotFound")
+
+    def _exec(self, a: dict[str, Any]) -> int:
+        args = a.get("arg", [])
+        assert a["path"] == "/bin/sh" and 'exec "$@"' in args[1], a  # only instaclone's exec wrapper
+        base, has_in, argv = args[3], args[4], args[5:]
+        for path in (base + ".out", base + ".err"):
+            assert path in self.files, f"{path} not created before the start"
+        proc = FakeProcess(argv, dict(e.split("=", 1) for e in a.get("env", [])),
+                           bytes(self.files[base + ".in"]) if has_in == "1" else b"",
+                           self.files[base + ".out"], self.files[base + ".err"])
+        for suffix in (".in", ".out", ".err"):  # the wrapper unlinks them; the handles still read
+            self.files.pop(base + suffix, None)
+        program = self.programs.get(argv[0])
+        pid = self._id()
+        self.procs[pid] = proc
+
+        async def run() -> int:
+            if program is None:
+                proc.err += f"sh: {argv[0]}: not found\n".encode()
+                return 127
+            return int(await program(proc))
+
+        proc.task = asyncio.get_running_loop().create_task(run())
+        return pid
+
+    async def agent_exec(self, argv: list[str]) -> tuple[int, str]:
+        import hashlib
+
+        if argv[0] == "mkdir":
+            self.dirs.add(argv[-1])
+            return 0, ""
+        if argv[0] == "rm":
+            for p in argv[2:]:
+                self.files.pop(p, None)
+            return 0, ""
+        if argv[0] == "sha256sum":
+            if argv[1] in self.dirs:
+                return 1, f"sha256sum: {argv[1]}: Is a directory"
+            return 0, f"{hashlib.sha256(self.files[argv[1]]).hexdigest()}  {argv[1]}\n"
+        script = argv[2]
+        if "kill -STOP" in script:
+            for pid, proc in self.procs.items():
+                if pid == int(argv[4]) and proc.task is not None and not proc.task.done():
+                    proc.signal = 9
+                    proc.task.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await proc.task
+            return 0, ""
+        if 'sha256sum "$t"' in script:
+            tmp, want, _mode, dst = argv[4:8]
+            data = self.files.pop(tmp)
+            got = hashlib.sha256(data + (b"!" if self.corrupt else b"")).hexdigest()
+            if got != want:
+                return 3, got + "\n"
+            if dst in self.dirs:
+                return 4, ""
+            self.files[dst] = data
+            return 0, ""
+        raise AssertionError(f"unexpected agent_exec {argv}")

@@ -193,3 +193,38 @@ class VirtStateError(VirtError):
 class VirtTimeout(VirtError):
     code = "libvirt_timeout"
     retryable = True
+
+
+# -- commands and files inside a clone (through its guest agent) ----------------
+
+
+class AgentUnavailable(Conflict):
+    """The clone has no guest agent channel, or its agent does not answer."""
+
+    code = "agent_unavailable"
+
+
+class GuestFileNotFound(NotFound):
+    """The file (or, when writing, its directory) does not exist in the guest."""
+
+    code = "guest_file_not_found"
+
+
+class GuestFileError(Conflict):
+    """The guest refused a file operation (permission denied, is a directory, disk full, ...)."""
+
+    code = "guest_file_error"
+
+
+class ChecksumMismatch(InstacloneError):
+    """A file's bytes are not those announced or sent (its sha256 or size differ)."""
+
+    code = "checksum_mismatch"
+    http_status = 422
+
+
+class ExecTimeout(InstacloneError):
+    """A command in a guest ran past its timeout and was killed (the exec stream's last line)."""
+
+    code = "exec_timeout"
+    http_status = 504

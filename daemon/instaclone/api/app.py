@@ -17,7 +17,7 @@ from ..outbox.bus import EventBus
 from ..outbox.metrics import Metrics
 from ..outbox.webhooks import WebhookSender
 from ..store import Store
-from . import gc as gc_api, jobs, pools, sources, stream, webhooks
+from . import gc as gc_api, guest, jobs, pools, sources, stream, webhooks
 from .access import ACCESS, Access, Handler, peer_credentials
 from .common import BUS, CLOSING, ENGINE, GC, MAX_BODY_BYTES, STORE, WEBHOOKS, error, log
 from .openapi import openapi
@@ -67,6 +67,7 @@ def _routes(app: web.Application) -> None:
     app.router.add_get("/v1/sources/{name}/check", sources.check_source)
     app.router.add_post("/v1/sources/{name}/prepare", sources.prepare_source)
     app.router.add_post("/v1/gc", gc_api.collect)
+    guest.add_routes(app)
 
 
 def make_app(engine: EngineView, store: Store, webhooks: WebhookSender | None = None, *,

@@ -7,7 +7,7 @@ hands the engine to :func:`~instaclone.api.make_app`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,6 +81,33 @@ class GcView(Protocol):
         """Bytes under instaclone's directories, per source."""
 
 
+class GuestProcessView(Protocol):
+    """A command running in a clone (``instaclone.jobs.guestexec.GuestProcess``)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def events(self) -> AsyncGenerator[dict[str, Any], None]:
+        """started, stdout/stderr (``data`` bytes), then exit or error."""
+
+    async def close(self) -> None:
+        """Kill it if it still runs; release its files."""
+
+
+class GuestFileView(Protocol):
+    """A file being read from a clone (``instaclone.jobs.guestexec.GuestFileReader``)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    def chunks(self) -> AsyncGenerator[bytes, None]: ...
+
+    async def close(self) -> None: ...
+
+
 class EngineView(Protocol):
     """The engine as the API drives it."""
 
@@ -121,6 +148,17 @@ class EngineView(Protocol):
     async def freeze(self, name: object) -> dict[str, Any]: ...
 
     async def unfreeze(self, name: object) -> dict[str, Any]: ...
+
+    async def guest_exec(self, name: str, *, argv: list[str], env: dict[str, str] | None = None,
+                         timeout_s: float = 300.0, stdin: bytes | None = None) -> GuestProcessView:
+        """Start a command in a clone; raises NotFound, AgentUnavailable, VirtStateError, GuestFileError."""
+
+    async def put_guest_file(self, name: str, *, path: str, mode: str, chunks: AsyncIterator[bytes],
+                             sha256: str | None = None) -> dict[str, Any]:
+        """Write a file in a clone; raises GuestFileNotFound, GuestFileError, ChecksumMismatch, ..."""
+
+    async def open_guest_file(self, name: str, *, path: str) -> GuestFileView:
+        """A clone's file to read; raises GuestFileNotFound, GuestFileError, ..."""
 
     def source_lock(self, name: str) -> AbstractAsyncContextManager[Any]:
         """The lock jobs of ``name`` hold; held while the API rewrites its definition."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..plugin_api import MemoryBackend, StorageBackend
 from ..store import Store
 from . import maintenance, pipeline, recovery, templates
 from .admission import Admission
+from .guestexec import GuestFileReader, GuestProcess, GuestService
 from .ledger import CoreUndoer, Ledger, Undoer
 from .pools import PoolKeeper
 from .services import Services, StepHook
@@ -49,6 +51,7 @@ class Engine:
         self._waiting: dict[str, list[JobRecord]] = {}
         self._jobs: dict[str, JobRecord] = {}
         self._stuns = 0
+        self.guest = GuestService(self.svc)
         self.pools = PoolKeeper(self.svc, submit=self.submit, destroy=self.destroy_clone, freeze=self.freeze)
         self._slots = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
         self._running = 0
@@ -151,6 +154,20 @@ class Engine:
         if rec.pool is not None:
             self.pools.wake()  # a member gone: the pool makes another
         return rec
+
+    async def guest_exec(self, name: str, *, argv: list[str], env: dict[str, str] | None = None,
+                         timeout_s: float = 300.0, stdin: bytes | None = None) -> GuestProcess:
+        """Start a command in clone ``name`` (see ``jobs.guestexec``); raises NotFound, AgentUnavailable, ..."""
+        return await self.guest.run(name, argv=argv, env=env, timeout_s=timeout_s, stdin=stdin)
+
+    async def put_guest_file(self, name: str, *, path: str, mode: str, chunks: AsyncIterator[bytes],
+                             sha256: str | None = None) -> dict[str, Any]:
+        """Write a file in clone ``name``, verified and renamed into place; raises ChecksumMismatch, ..."""
+        return await self.guest.put(name, path=path, mode=mode, chunks=chunks, sha256=sha256)
+
+    async def open_guest_file(self, name: str, *, path: str) -> GuestFileReader:
+        """A file of clone ``name`` to read (size and sha256 known); raises GuestFileNotFound, ..."""
+        return await self.guest.get(name, path=path)
 
     async def run_services(self) -> None:
         """The engine's background work: the pool keeper and the TTL reaper (cancel to stop)."""
