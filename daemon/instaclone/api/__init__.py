@@ -1,12 +1,16 @@
 """The control API (docs/architecture.md): app and middleware (:mod:`.app`), access by peer
-credentials (:mod:`.access`), handlers by resource (:mod:`.jobs`, :mod:`.sources`,
-:mod:`.webhooks`), the event stream (:mod:`.stream`), the OpenAPI document (:mod:`.openapi`),
-and what it needs of the engine (:mod:`.protocol`)."""
+credentials (:mod:`.access`), route declarations (:mod:`.routes`) with their typed inputs
+(:mod:`.models`) and answers (:mod:`.answers`), handlers by resource (:mod:`.jobs`,
+:mod:`.sources`, :mod:`.pools`, :mod:`.webhooks`, :mod:`.gc`), the event stream (:mod:`.stream`),
+the OpenAPI document built from the routes (:mod:`.openapi`), and what it needs of the engine
+(:mod:`.protocol`)."""
 
 from .access import ACCESS, Access
-from .app import make_app
+from .app import ROUTES, make_app
 from .common import MAX_BODY_BYTES, MAX_WAIT_S
-from .openapi import OPENAPI
+from .openapi import document
+from .routes import Call, RawBody, Reply, Route
 from .protocol import EngineView
 
-__all__ = ["ACCESS", "MAX_BODY_BYTES", "MAX_WAIT_S", "OPENAPI", "Access", "EngineView", "make_app"]
+__all__ = ["ACCESS", "MAX_BODY_BYTES", "MAX_WAIT_S", "ROUTES", "Access", "Call", "EngineView", "RawBody", "Reply",
+           "Route", "document", "make_app"]

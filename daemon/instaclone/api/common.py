@@ -52,36 +52,3 @@ async def body(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
     return data
-
-
-def unknown_fields(data: dict[str, Any], allowed: set[str]) -> None:
-    """Raise InvalidRequest naming the fields of ``data`` not in ``allowed``."""
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
-
-
-def wait_param(request: web.Request) -> float:
-    """``?wait=SECONDS`` (default 0), between 0 and MAX_WAIT_S; raises InvalidRequest."""
-    raw = request.query.get("wait", "0")
-    try:
-        wait = float(raw)
-    except ValueError:
-        raise InvalidRequest(f"wait must be a number of seconds, got {raw!r}") from None
-    if not 0 <= wait <= MAX_WAIT_S:
-        raise InvalidRequest(f"wait must be between 0 and {MAX_WAIT_S:g} seconds")
-    return wait
-
-
-def int_param(request: web.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    """Integer query parameter ``name`` in ``[lo, hi]``, or ``default`` if absent; raises InvalidRequest."""
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an integer, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise InvalidRequest(f"{name} must be between {lo} and {hi}, got {value}")
-    return value
