@@ -118,8 +118,8 @@ class Pool(Answer):
     idle_old_source: list[str]
     claimed: list[str]
     pending: int
-    held: bool
-    last_error: Any
+    held: str | None = Field(description="why replenishment waits (the host budget), if it does")
+    last_error: dict[str, Any] | None = Field(description="the error of the last failed replenishing job")
     failures: int
 
 
@@ -134,7 +134,7 @@ class Pools(Answer):
 class PoolDeletion(Answer):
     pool: str
     destroyed: list[str]
-    not_destroyed: list[str]
+    not_destroyed: dict[str, str] = Field(description="member -> why it could not be destroyed")
 
 
 class PoolDeleted(Answer):
