@@ -1,0 +1,276 @@
+"""The OpenAPI document: valid, complete, and saying what the server enforces (issue 15, item 2).
+
+Each case the issue found (the server refusing what the document called
+valid, or answering what it did not list) is pinned twice: the document
+now refuses the request (checked with a JSON Schema validator over the
+document itself), and the server refuses it with a 400 the operation lists.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import jsonschema_rs
+from openapi_spec_validator import validate as validate_openapi
+from structlog.testing import capture_logs
+
+from instaclone.api import ROUTES, document, make_app
+from instaclone.config import Config
+from instaclone.identity import MAX_NAME_LEN
+
+from .fakes import fake_api
+
+
+@pytest.fixture
+async def api(tmp_path: Path):
+    async with fake_api(tmp_path) as (client, virt, sock):
+        _, doc = await client.call("GET", "/v1/openapi.json")
+        yield client, doc, sock
+
+
+def valid(doc: dict[str, Any], schema: dict[str, Any], instance: Any) -> bool:
+    """Does ``instance`` conform to ``schema`` (which may $ref the document's components)?
+
+    jsonschema_rs (schemathesis' validator), not jsonschema: its regexes are ECMA-262's as JSON
+    Schema has them, where ``$`` is the end of the string; Python's ``re`` lets it match before a
+    trailing newline, and would take "a\\n" as a name.
+    """
+    return bool(jsonschema_rs.Draft202012Validator({**schema, "components": doc["components"]}).is_valid(instance))
+
+
+def body_schema(doc: dict[str, Any], path: str, method: str) -> dict[str, Any]:
+    schema: dict[str, Any] = doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+    return schema
+
+
+def param_schema(doc: dict[str, Any], path: str, method: str, name: str) -> dict[str, Any]:
+    for p in doc["paths"][path][method]["parameters"]:
+        if p["name"] == name:
+            schema: dict[str, Any] = p["schema"]
+            return schema
+    raise AssertionError(f"{method} {path} has no parameter {name!r}")
+
+
+def listed(doc: dict[str, Any], path: str, method: str, status: int) -> bool:
+    return str(status) in doc["paths"][path][method]["responses"]
+
+
+# -- the document --------------------------------------------------------------------------
+
+
+def test_the_document_is_valid_openapi_3_1() -> None:
+    doc = document(ROUTES, Config())
+    assert doc["openapi"].startswith("3.1")
+    validate_openapi(doc)
+    json.dumps(doc)  # plain JSON, nothing Python-only in it
+
+
+@pytest.mark.parametrize("with_metrics", [False, True])
+def test_the_document_lists_every_route_of_the_app(with_metrics: bool) -> None:
+    """Every (method, path) the app routes is in its document, and nothing else (HEAD is aiohttp's
+    companion of each GET)."""
+    from types import SimpleNamespace
+
+    from instaclone.api.openapi import DOCUMENT
+    from instaclone.outbox.metrics import Metrics
+
+    engine = SimpleNamespace(config=Config())  # make_app keeps the engine and the store: no calls
+    app = make_app(engine, object(), gc=object(), metrics=Metrics() if with_metrics else None)  # type: ignore[arg-type]
+    served = {(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
+    doc = app[DOCUMENT]
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    assert served == documented
+    assert ("GET", "/metrics") in served or not with_metrics
+    assert len(served) == len(ROUTES) + with_metrics
+
+
+def test_the_document_follows_the_config() -> None:
+    """Bounds taken from the config: count's maximum is clone.max_count, and the name rule with it."""
+    from dataclasses import replace
+
+    c = Config()
+    c = replace(c, clone=replace(c.clone, max_count=1000))
+    doc = document(ROUTES, c)
+    schema = doc["components"]["schemas"]["CreateJob"]
+    assert schema["properties"]["count"]["maximum"] == 1000
+    assert valid(doc, body_schema(doc, "/v1/jobs", "post"), {"source": "s", "name": "n" * 58, "count": 1000})
+    assert not valid(doc, body_schema(doc, "/v1/jobs", "post"), {"source": "s", "name": "n" * 59, "count": 1000})
+    assert valid(doc, body_schema(doc, "/v1/jobs", "post"), {"source": "s", "name": "n" * MAX_NAME_LEN})
+
+
+def test_mutating_routes_list_403_and_bodies_413() -> None:
+    doc = document(ROUTES, Config())
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if method in ("post", "put", "patch", "delete"):
+                assert "403" in op["responses"], (method, path)
+            if "requestBody" in op:
+                assert "413" in op["responses"] and "400" in op["responses"], (method, path)
+            if method == "get":
+                assert "403" not in op["responses"], (method, path)  # reads are open without read_groups
+    with_groups = document(ROUTES, Config(), read_groups=True)
+    assert "403" in with_groups["paths"]["/v1/jobs"]["get"]["responses"]
+
+
+# -- the cases of the issue ------------------------------------------------------------------
+
+
+async def test_count_3035_is_refused_by_the_document_and_the_server(api) -> None:
+    client, doc, _ = api
+    request = {"source": "src", "name": "c", "count": 3035}
+    assert not valid(doc, body_schema(doc, "/v1/jobs", "post"), request)
+    assert valid(doc, body_schema(doc, "/v1/jobs", "post"), {**request, "count": 64})
+    status, body = await client.call("POST", "/v1/jobs", request)
+    assert (status, body["error"]["code"]) == (400, "invalid_request") and listed(doc, "/v1/jobs", "post", 400)
+    assert "count" in body["error"]["message"] and "64" in body["error"]["message"]
+
+
+async def test_delivery_status_empty_is_refused_by_the_document_and_the_server(api) -> None:
+    client, doc, _ = api
+    schema = param_schema(doc, "/v1/webhooks/deliveries", "get", "status")
+    assert not valid(doc, schema, "") and valid(doc, schema, "failed")
+    # Without webhooks the route answers 404 first; with them (the contract test) it is 400.
+    status, body = await client.call("GET", "/v1/webhooks/deliveries?status=")
+    assert status in (400, 404) and listed(doc, "/v1/webhooks/deliveries", "get", 400)
+
+
+async def test_source_name_main_is_refused_by_the_document_and_the_server(api) -> None:
+    client, doc, _ = api
+    request = {"source": "__main__", "name": "c"}
+    assert not valid(doc, body_schema(doc, "/v1/jobs", "post"), request)
+    assert not valid(doc, param_schema(doc, "/v1/sources/{name}/freeze", "post", "name"), "__main__")
+    status, body = await client.call("POST", "/v1/jobs", request)
+    assert (status, body["error"]["code"]) == (400, "invalid_name")
+    status, body = await client.call("POST", "/v1/sources/__main__/freeze")
+    assert (status, body["error"]["code"]) == (400, "invalid_name")
+
+
+@pytest.mark.parametrize("name", ["a..b", "-a", "a/b", "é", "x" * 64, ".a", "a\n"])
+def test_the_name_pattern_is_the_engine_rule(name: str) -> None:
+    """The document's name pattern refuses what identity.validate_name refuses, and takes the rest."""
+    from instaclone.errors import InvalidName
+    from instaclone.identity import validate_name
+
+    doc = document(ROUTES, Config())
+    schema = param_schema(doc, "/v1/clones/{name}", "delete", "name")
+    with pytest.raises(InvalidName):
+        validate_name(name)
+    assert not valid(doc, schema, name)
+    for good in ("a", "a.", "a.b-c_d", "9" * MAX_NAME_LEN, "null"):
+        assert valid(doc, schema, good) and validate_name(good) == good
+
+
+async def test_replay_of_nothing_is_refused_by_the_document_and_the_server(api) -> None:
+    client, doc, _ = api
+    schema = body_schema(doc, "/v1/webhooks/deliveries/replay", "post")
+    assert not valid(doc, schema, {})
+    assert not valid(doc, schema, {"webhook": None})  # null is no filter: it would replay everything
+    assert valid(doc, schema, {"status": "failed"}) and valid(doc, schema, {"ids": [1, 2]})
+    assert listed(doc, "/v1/webhooks/deliveries/replay", "post", 400)
+
+
+async def test_freeze_and_unfreeze_list_their_400(api) -> None:
+    client, doc, _ = api
+    for op in ("freeze", "unfreeze"):
+        assert listed(doc, f"/v1/sources/{{name}}/{op}", "post", 400)
+        status, body = await client.call("POST", f"/v1/sources/a..b/{op}")
+        assert (status, body["error"]["code"]) == (400, "invalid_name")
+
+
+@pytest.mark.parametrize("value,status", [("null", 400), ("yes", 400), ("", 400), ("True", 400),
+                                          ("true", 200), ("false", 200), ("1", 200), ("0", 200)])
+async def test_follow_is_a_strict_boolean(api, value: str, status: int) -> None:
+    """follow: true/false or 1/0, as documented; anything else 400 (follow=null was accepted)."""
+    client, doc, sock = api
+    schema = param_schema(doc, "/v1/events", "get", "follow")
+    documented = {"true": True, "false": False, "1": 1, "0": 0}
+    assert (value in documented) == (status == 200)
+    if value in documented:
+        assert valid(doc, schema, documented[value])
+    if status == 200 and value in ("true", "1"):
+        return  # a followed stream does not end; the stream tests follow it
+    got, body = await client.call("GET", f"/v1/events?tail=0&follow={value}") if status == 400 else \
+        await _status_only(sock, f"/v1/events?tail=0&follow={value}")
+    assert got == status, body
+
+
+async def _status_only(sock: Path, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as s, \
+            s.get(f"http://x{path}") as r:
+        return r.status, await r.text()
+
+
+@pytest.mark.parametrize("method,path,allow", [("PUT", "/v1/jobs", {"GET", "HEAD", "POST"}),
+                                               ("POST", "/v1/health", {"GET", "HEAD"}),
+                                               ("GET", "/v1/gc", {"POST"})])
+async def test_405_has_an_allow_header_and_a_json_body(api, method: str, path: str, allow: set[str]) -> None:
+    _client, _doc, sock = api
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as s, \
+            s.request(method, f"http://x{path}") as r:
+        assert r.status == 405
+        assert {m.strip() for m in r.headers["Allow"].split(",")} == allow
+        body = await r.json()
+    assert body["error"]["code"] == "method_not_allowed"
+
+
+async def test_unknown_route_is_a_json_404(api) -> None:
+    client, _doc, _ = api
+    status, body = await client.call("GET", "/v1/nothing/here")
+    assert (status, body["error"]["code"]) == (404, "not_found")
+
+
+@pytest.mark.parametrize("body,field", [({"source": "src"}, "name"), ({"source": "src", "name": "c", "x": 1}, "x"),
+                                        ({"source": "src", "name": "c", "count": "2"}, "count"),
+                                        ({"source": "src", "name": "c", "keep_network": 1}, "keep_network"),
+                                        ({"source": "src", "name": "c", "config": {"a": 1}}, "config.a")])
+async def test_a_refusal_names_the_field_and_is_not_a_pydantic_dump(api, body: dict[str, Any], field: str) -> None:
+    client, _doc, _ = api
+    status, answer = await client.call("POST", "/v1/jobs", body)
+    message = answer["error"]["message"]
+    assert status == 400 and field in message, message
+    assert "pydantic" not in message and "errors.pydantic.dev" not in message and "\n" not in message
+
+
+async def test_integral_numbers_are_integers(api) -> None:
+    """JSON has numbers: 2.0 is the integer 2 (as the document's JSON Schema says); 2.5 is not."""
+    client, doc, _ = api
+    assert valid(doc, body_schema(doc, "/v1/jobs", "post"), {"source": "s", "name": "n", "count": 2.0})
+    status, body = await client.call("POST", "/v1/jobs?wait=10", {"source": "src", "name": "f", "count": 2.0})
+    assert status == 201 and body["job"]["spec"]["names"] == ["f-1", "f-2"]
+    status, _ = await client.call("POST", "/v1/jobs", {"source": "src", "name": "g", "count": 2.5})
+    assert status == 400
+
+
+# -- item 6: a failing mutating call is logged with its peer -----------------------------------
+
+
+async def test_a_mutating_call_that_fails_in_its_handler_is_logged_with_its_peer(api) -> None:
+    client, _doc, _ = api
+    with capture_logs() as logs:
+        status, _ = await client.call("DELETE", "/v1/clones/nope")  # NotFound raised in the handler
+        assert status == 404
+        status, _ = await client.call("POST", "/v1/jobs", {"source": "src", "name": "a..b"})  # refused input
+        assert status == 400
+        status, _ = await client.call("GET", "/v1/jobs/nope")  # a read: not logged
+    calls = [e for e in logs if e["event"] == "api.call"]
+    assert [(e["method"], e["path"], e["status"]) for e in calls] == [
+        ("DELETE", "/v1/clones/nope", 404), ("POST", "/v1/jobs", 400)]
+    assert all(isinstance(e["peer"], dict) and "uid" in e["peer"] and "pid" in e["peer"] for e in calls)
+
+
+async def test_a_bug_in_a_mutating_handler_is_logged_as_500(api, monkeypatch) -> None:
+    client, _doc, _ = api
+    async def broken(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("boom")
+
+    with capture_logs() as logs:
+        monkeypatch.setattr("instaclone.jobs.engine.Engine.freeze", broken)
+        status, body = await client.call("POST", "/v1/sources/src/freeze")
+    assert (status, body["error"]["code"]) == (500, "internal_error")
+    calls = [e for e in logs if e["event"] == "api.call"]
+    assert [(e["path"], e["status"]) for e in calls] == [("/v1/sources/src/freeze", 500)]
+    assert calls[0]["peer"] is not None
