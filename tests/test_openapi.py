@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import jsonschema_rs
+import pytest
 from openapi_spec_validator import validate as validate_openapi
 from structlog.testing import capture_logs
 
@@ -27,7 +27,7 @@ from .fakes import fake_api
 
 @pytest.fixture
 async def api(tmp_path: Path):
-    async with fake_api(tmp_path) as (client, virt, sock):
+    async with fake_api(tmp_path) as (client, _virt, sock):
         _, doc = await client.call("GET", "/v1/openapi.json")
         yield client, doc, sock
 
@@ -88,6 +88,27 @@ def test_the_document_lists_every_route_of_the_app(with_metrics: bool) -> None:
     assert len(served) == len(ROUTES) + with_metrics
 
 
+def test_no_constraint_is_lost_in_the_document() -> None:
+    """A pydantic constraint it cannot place (on a union, after a validator) lands in the schema as
+    its Python name ("ge", "max_length"), which no JSON Schema validator reads: none may."""
+    python_names = {"ge", "le", "gt", "lt", "max_length", "min_length", "allow_inf_nan", "strict", "multiple_of"}
+    found: list[str] = []
+
+    def walk(x: Any, where: str) -> None:
+        if isinstance(x, dict):
+            found.extend(f"{where}/{k}" for k in x if k in python_names)
+            if x.get("type") == "array" and "maxLength" in x:
+                found.append(f"{where}/maxLength (an array's bound is maxItems)")
+            for k, v in x.items():
+                walk(v, f"{where}/{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{where}[{i}]")
+
+    walk(document(ROUTES, Config()), "")
+    assert not found
+
+
 def test_the_document_follows_the_config() -> None:
     """Bounds taken from the config: count's maximum is clone.max_count, and the name rule with it."""
     from dataclasses import replace
@@ -134,7 +155,7 @@ async def test_delivery_status_empty_is_refused_by_the_document_and_the_server(a
     schema = param_schema(doc, "/v1/webhooks/deliveries", "get", "status")
     assert not valid(doc, schema, "") and valid(doc, schema, "failed")
     # Without webhooks the route answers 404 first; with them (the contract test) it is 400.
-    status, body = await client.call("GET", "/v1/webhooks/deliveries?status=")
+    status, _ = await client.call("GET", "/v1/webhooks/deliveries?status=")
     assert status in (400, 404) and listed(doc, "/v1/webhooks/deliveries", "get", 400)
 
 
@@ -165,7 +186,8 @@ def test_the_name_pattern_is_the_engine_rule(name: str) -> None:
 
 
 async def test_replay_of_nothing_is_refused_by_the_document_and_the_server(api) -> None:
-    client, doc, _ = api
+    """(The server's 400 for these: the contract test, whose daemon has webhooks.)"""
+    _client, doc, _ = api
     schema = body_schema(doc, "/v1/webhooks/deliveries/replay", "post")
     assert not valid(doc, schema, {})
     assert not valid(doc, schema, {"webhook": None})  # null is no filter: it would replay everything
@@ -274,3 +296,90 @@ async def test_a_bug_in_a_mutating_handler_is_logged_as_500(api, monkeypatch) ->
     calls = [e for e in logs if e["event"] == "api.call"]
     assert [(e["path"], e["status"]) for e in calls] == [("/v1/sources/src/freeze", 500)]
     assert calls[0]["peer"] is not None
+
+
+# -- the route mechanism: what a later module (guest exec and files) needs ----------------------
+
+
+async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path: Path) -> None:
+    """A raw octet-stream body streamed by its handler, a request header, a query model, an NDJSON
+    answer and answer headers: declared, documented, validated and served like the others."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from aiohttp import web
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from instaclone.api import ACCESS, Call, RawBody, Reply, Route
+    from instaclone.api.models import ClonePath, Query
+    from instaclone.api.openapi import DOCUMENT
+
+    from .test_openapi_contract import OpenAccess
+
+    class FileQuery(Query):
+        path: str = Field(pattern=r"^/", description="absolute path in the guest")
+
+    class Sha(BaseModel):
+        model_config = ConfigDict(populate_by_name=True)
+        sha256: str | None = Field(None, alias="X-Instaclone-SHA256", pattern=r"^[0-9a-f]{64}$")
+
+    async def put_file(request: web.Request, call: Call) -> web.Response:
+        digest, size = hashlib.sha256(), 0
+        async for chunk in request.content.iter_chunked(1 << 16):  # streamed, never the whole body
+            digest.update(chunk)
+            size += len(chunk)
+        want = call.headers_as(Sha).sha256
+        if want is not None and want != digest.hexdigest():
+            return web.json_response({"error": {"code": "checksum_mismatch", "message": "differs"}}, status=422)
+        return web.json_response({"file": {"path": call.query_as(FileQuery).path, "bytes": size,
+                                           "sha256": digest.hexdigest(), "clone": call.path_as(ClonePath).name}})
+
+    async def run(request: web.Request, call: Call) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        await resp.write(b'{"type": "started", "pid": 1}\n{"type": "exit", "exit_code": 0}\n')
+        await resp.write_eof()
+        return resp
+
+    routes = [
+        Route("PUT", "/v1/things/{name}/files", put_file, "write a file", path_params=ClonePath, query=FileQuery,
+              headers=Sha, body=RawBody("application/octet-stream", max_bytes=4 << 30, description="the bytes"),
+              ok={200: Reply("written", {"type": "object"})}, errors={422: "checksum_mismatch"}),
+        Route("POST", "/v1/things/{name}/run", run, "run", path_params=ClonePath,
+              ok={200: Reply("one JSON object per line", {"type": "object", "required": ["type"]},
+                             media_type="application/x-ndjson",
+                             headers={"X-Instaclone-Job": {"schema": {"type": "string"}}})}),
+    ]
+    app = make_app(SimpleNamespace(config=Config()), object(), extra_routes=routes)  # type: ignore[arg-type]
+    app[ACCESS] = OpenAccess(Config().access)
+    doc = app[DOCUMENT]
+    validate_openapi(doc)
+    put = doc["paths"]["/v1/things/{name}/files"]["put"]
+    assert put["requestBody"]["content"] == {"application/octet-stream": {"schema": {"type": "string",
+                                                                                      "format": "binary"}}}
+    assert {(p["in"], p["name"]) for p in put["parameters"]} == {
+        ("path", "name"), ("query", "path"), ("header", "X-Instaclone-SHA256")}
+    assert {"400", "403", "413", "422"} <= set(put["responses"])
+    assert "application/x-ndjson" in doc["paths"]["/v1/things/{name}/run"]["post"]["responses"]["200"]["content"]
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = tmp_path / "t.sock"
+    await web.UnixSite(runner, str(sock)).start()
+    try:
+        data = b"x" * 300_000  # over the JSON body limit: a raw body is the handler's to bound
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as s:
+            sha = hashlib.sha256(data).hexdigest()
+            async with s.put("http://x/v1/things/c1/files?path=/etc/x", data=data,
+                             headers={"X-Instaclone-SHA256": sha}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["file"] == {"path": "/etc/x", "bytes": len(data), "sha256": sha, "clone": "c1"}
+            async with s.put("http://x/v1/things/c1/files?path=etc", data=data) as r:
+                assert r.status == 400 and "path" in (await r.json())["error"]["message"]
+            async with s.put("http://x/v1/things/c1/files?path=/x", data=b"", headers={"X-Instaclone-SHA256": "z"}) as r:
+                assert r.status == 400 and "X-Instaclone-SHA256" in (await r.json())["error"]["message"]
+            async with s.post("http://x/v1/things/c1/run") as r:
+                assert r.content_type == "application/x-ndjson"
+                assert [json.loads(line)["type"] for line in (await r.read()).splitlines()] == ["started", "exit"]
+    finally:
+        await runner.cleanup()

@@ -9,8 +9,8 @@ from .access import ACCESS, Access
 from .app import ROUTES, make_app
 from .common import MAX_BODY_BYTES, MAX_WAIT_S
 from .openapi import document
-from .routes import Call, RawBody, Reply, Route
 from .protocol import EngineView
+from .routes import Call, RawBody, Reply, Route
 
 __all__ = ["ACCESS", "MAX_BODY_BYTES", "MAX_WAIT_S", "ROUTES", "Access", "Call", "EngineView", "RawBody", "Reply",
            "Route", "document", "make_app"]

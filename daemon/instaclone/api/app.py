@@ -21,7 +21,7 @@ from ..store import Store
 from . import gc as gc_api, jobs, pools, sources, stream, webhooks
 from .access import ACCESS, Access, Handler, peer_credentials
 from .common import BUS, CLOSING, ENGINE, GC, MAX_BODY_BYTES, STORE, WEBHOOKS, error, log
-from .openapi import DOCUMENT, ROUTE as openapi_route, document
+from .openapi import DOCUMENT, ROUTE as OPENAPI_ROUTE, document
 from .protocol import EngineView, GcView
 from .routes import Call, Reply, Route, bind
 
@@ -48,7 +48,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 #: Every route of the API, in the order the document lists them.
 ROUTES: tuple[Route, ...] = (*jobs.ROUTES, *sources.ROUTES, *pools.ROUTES, *stream.ROUTES, *webhooks.ROUTES,
-                             *gc_api.ROUTES, openapi_route)
+                             *gc_api.ROUTES, OPENAPI_ROUTE)
 
 
 def add_routes(app: web.Application, routes: Iterable[Route], config: Config) -> None:
@@ -64,7 +64,8 @@ def _metrics_route(metrics: Metrics) -> Route:
     serve = metrics.handler()
 
     async def metrics_text(request: web.Request, _call: Call) -> web.StreamResponse:
-        return await serve(request)
+        answer: web.StreamResponse = await serve(request)
+        return answer
 
     return Route("GET", "/metrics", metrics_text, "Prometheus metrics (text exposition format)",
                  ok={200: Reply("the metrics", {"type": "string"}, media_type="text/plain")})

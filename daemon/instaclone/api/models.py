@@ -17,12 +17,13 @@ import functools
 import json
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, ClassVar, Self, cast
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from .. import events
-from ..errors import InvalidName
+from ..errors import InvalidName, InvalidRequest
 from ..identity import MAX_NAME_LEN
 from ..jobs.admission import MAX_GUEST_CONFIG_BYTES, MAX_TTL_S
 from ..jobs.customize import validate_script
@@ -95,10 +96,25 @@ def _integral(v: object) -> object:
 Int = Annotated[int, BeforeValidator(_integral)]
 
 
+#: A field that may be left out but not sent as null (``x: T | Absent = None``): the document
+#: does not offer null, and :class:`Body` refuses it for the fields named in ``NOT_NULL``.
+Absent = SkipJsonSchema[None]
+
+
 class Body(BaseModel):
     """A JSON object body: JSON types as sent, unknown fields refused."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
+    NOT_NULL: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absent_is_not_null(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            null = sorted(k for k in cls.NOT_NULL if k in data and data[k] is None)
+            if null:
+                raise InvalidRequest(f"field {null[0]!r} must not be null (leave it out instead)")
+        return data
 
 
 # -- bodies ---------------------------------------------------------------------------------
@@ -145,7 +161,7 @@ def create_job_model(max_count: int) -> type[CreateJobBase]:
 
     class CreateJob(CreateJobBase):
         __doc__ = CreateJobBase.__doc__
-        model_config = ConfigDict(json_schema_extra={"anyOf": _names_fit_schema(max_count)})
+        model_config = ConfigDict(json_schema_extra={"anyOf": cast(Any, _names_fit_schema(max_count))})
         count: Int = Field(1, ge=1, le=max_count, description="clones to make (1..clone.max_count)")
 
     return CreateJob
@@ -168,8 +184,9 @@ class UpdatePool(Body):
     """
 
     model_config = ConfigDict(json_schema_extra={"minProperties": 1})
-    size: Int = Field(None, ge=0, le=MAX_POOL_SIZE)
-    source: SourceName = Field(None)
+    NOT_NULL = frozenset({"size", "source"})
+    size: Annotated[int, Field(ge=0, le=MAX_POOL_SIZE), BeforeValidator(_integral)] | Absent = None
+    source: SourceName | Absent = None
 
     @model_validator(mode="after")
     def _something(self) -> Self:
@@ -181,8 +198,8 @@ class UpdatePool(Body):
 class Claim(Body):
     ttl_s: Ttl | None = None
     config: GuestConfig = Field(None, description="written over the pool's config to /run/instaclone/config.json")
-    wait_s: float | None = Field(None, ge=0, le=3600, allow_inf_nan=False,
-                                 description="how long to wait for a member (default pools.claim_wait_s)")
+    wait_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] | None = Field(
+        None, description="how long to wait for a member (default pools.claim_wait_s)")
 
 
 class DryRun(Body):
@@ -193,12 +210,14 @@ class Replay(Body):
     """Queue deliveries again: by ``ids``, or by filter; at least one field."""
 
     model_config = ConfigDict(json_schema_extra={"minProperties": 1})
-    # Absent, not null (None only as the default): {"webhook": null} is no filter, it would replay all.
-    ids: list[Annotated[int, Field(ge=1, le=2**63 - 1), BeforeValidator(_integral)]] = Field(
-        None, max_length=10_000, description="delivery ids (GET /v1/webhooks/deliveries)")
-    status: Annotated[DeliveryStatus, Field(strict=False)] = Field(None)
-    webhook: str = Field(None)
-    event_id: str = Field(None)
+    # Absent, not null: {"webhook": null} would be no filter, and replay everything.
+    NOT_NULL = frozenset({"ids", "status", "webhook", "event_id"})
+    ids: Annotated[list[Annotated[int, Field(ge=1, le=2**63 - 1), BeforeValidator(_integral)]],
+                   Field(max_length=10_000)] | Absent = Field(None, description="delivery ids "
+                                                                            "(GET /v1/webhooks/deliveries)")
+    status: Annotated[DeliveryStatus, Field(strict=False)] | Absent = None
+    webhook: str | Absent = None
+    event_id: str | Absent = None
 
     @model_validator(mode="after")
     def _something(self) -> Self:

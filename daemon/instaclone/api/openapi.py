@@ -74,7 +74,7 @@ _STATIC: dict[str, Any] = {
 def _models(routes: Sequence[Route], config: Config) -> list[tuple[type[BaseModel], JsonSchemaMode]]:
     out: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(answers.Error, "serialization"): None}
     for r in routes:
-        for model in (r.path_params, r.query, r.body_model(config)):
+        for model in (r.path_params, r.query, r.headers, r.body_model(config)):
             if model is not None:
                 out[model, "validation"] = None
         for reply in r.ok.values():
@@ -83,7 +83,7 @@ def _models(routes: Sequence[Route], config: Config) -> list[tuple[type[BaseMode
     return list(out)
 
 
-def _parameters(model: type[BaseModel], where: Literal["path", "query"]) -> list[dict[str, Any]]:
+def _parameters(model: type[BaseModel], where: Literal["path", "query", "header"]) -> list[dict[str, Any]]:
     schema = model.model_json_schema(ref_template=_REF)
     required = set(schema.get("required", ()))
     out = []
@@ -115,7 +115,7 @@ def _answers(route: Route, refs: dict[type[BaseModel], dict[str, Any]], *, read_
         if reply.headers:
             out[status]["headers"] = {k: dict(v) for k, v in reply.headers.items()}
     errors = dict(route.errors)
-    if route.path_params or route.query or route.body is not None:
+    if route.path_params or route.query or route.headers or route.body is not None:
         errors.setdefault(400, "")
         errors[400] = ", ".join(filter(None, ["invalid_request, invalid_name: a value the schema refuses",
                                               errors[400]]))
@@ -164,10 +164,10 @@ def document(routes: Iterable[Route], config: Config, *, read_groups: bool = Fal
     """The OpenAPI 3.1 document of ``routes`` as a daemon with ``config`` serves them."""
     routes = list(routes)
     keys, defs = models_json_schema(_models(routes, config), ref_template=_REF)
-    refs = {model: ref for (model, _mode), ref in keys.items()}
+    refs: dict[Any, dict[str, Any]] = {model: ref for (model, _mode), ref in keys.items()}
     schemas = {k: _absent_is_not_null(v) for k, v in defs.get("$defs", {}).items()}
     for r in routes:  # parameters are listed one by one, not as objects
-        for model in (r.path_params, r.query):
+        for model in (r.path_params, r.query, r.headers):
             if model is not None:
                 schemas.pop(model.__name__, None)
     paths: dict[str, dict[str, Any]] = {}
@@ -176,7 +176,8 @@ def document(routes: Iterable[Route], config: Config, *, read_groups: bool = Fal
         if r.description:
             op["description"] = r.description
         params = [*(_parameters(r.path_params, "path") if r.path_params else []),
-                  *(_parameters(r.query, "query") if r.query else [])]
+                  *(_parameters(r.query, "query") if r.query else []),
+                  *(_parameters(r.headers, "header") if r.headers else [])]
         if params:
             op["parameters"] = params
         body = _body(r, config, refs)

@@ -6,7 +6,8 @@ through the route's models before its handler runs, and the OpenAPI document
 (:mod:`.openapi`) is built from the same list. A route therefore cannot take
 an input or answer a status its document does not show:
 
-* ``path_params``, ``query``: models of :mod:`.models` (text read as documented);
+* ``path_params``, ``query``, ``headers``: models of :mod:`.models` (text read as
+  documented; a header model's fields are aliased to the header names);
 * ``body``: a JSON body model (or a factory of one from the config, for
   bounds such as ``clone.max_count``), or :class:`RawBody` for a body the
   handler streams itself (``application/octet-stream``: it is not read here);
@@ -46,6 +47,10 @@ class Call:
     path: BaseModel | None = None
     query: BaseModel | None = None
     body: BaseModel | None = None
+    headers: BaseModel | None = None
+
+    def headers_as(self, cls: type[M]) -> M:
+        return _as(self.headers, cls)
 
     def path_as(self, cls: type[M]) -> M:
         return _as(self.path, cls)
@@ -96,6 +101,7 @@ class Route:
     errors: Mapping[int, str] = field(default_factory=dict)  # status -> which codes and when
     path_params: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
+    headers: type[BaseModel] | None = None  # request headers: fields aliased to the header names
     body: BodyModel | RawBody | None = None
     body_required: bool = True  # False: an empty body is {}
     description: str = ""
@@ -128,7 +134,8 @@ def parse(model: type[M], data: Any, where: str) -> M:
 
 
 def _label(where: str, field_name: str) -> str:
-    return {"query": f"query parameter {field_name!r}", "path": f"{field_name!r} in the path"}.get(
+    return {"query": f"query parameter {field_name!r}", "path": f"{field_name!r} in the path",
+            "header": f"header {field_name!r}"}.get(
         where, f"field {field_name!r}")
 
 
@@ -160,6 +167,12 @@ def refusal(model: type[BaseModel], exc: ValidationError, where: str) -> Invalid
     return InvalidRequest(f"{_label(where, '.'.join(loc))}: {msg[0].lower() + msg[1:]} (got {got})")
 
 
+def _header_values(model: type[BaseModel], request: web.Request) -> dict[str, str]:
+    """The request's values of the headers ``model`` names (by alias; HTTP header names are case-blind)."""
+    names = [f.alias or name for name, f in model.model_fields.items()]
+    return {n: request.headers[n] for n in names if n in request.headers}
+
+
 def bind(route: Route, config: Config) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """The aiohttp handler of ``route``: validate path, query and body, then call the route's handler."""
     body_model = route.body_model(config)
@@ -169,6 +182,8 @@ def bind(route: Route, config: Config) -> Callable[[web.Request], Awaitable[web.
             path=parse(route.path_params, dict(request.match_info), "path") if route.path_params else None,
             query=parse(route.query, {k: request.query.get(k) for k in request.query}, "query")
             if route.query else None,
+            headers=parse(route.headers, _header_values(route.headers, request), "header")
+            if route.headers else None,
             body=parse(body_model, await read_body(request), "body")
             if body_model else None)
         return await route.handler(request, call)
