@@ -376,7 +376,8 @@ async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path
                 assert (await r.json())["file"] == {"path": "/etc/x", "bytes": len(data), "sha256": sha, "clone": "c1"}
             async with s.put("http://x/v1/things/c1/files?path=etc", data=data) as r:
                 assert r.status == 400 and "path" in (await r.json())["error"]["message"]
-            async with s.put("http://x/v1/things/c1/files?path=/x", data=b"", headers={"X-Instaclone-SHA256": "z"}) as r:
+            bad_sha = {"X-Instaclone-SHA256": "z"}
+            async with s.put("http://x/v1/things/c1/files?path=/x", data=b"", headers=bad_sha) as r:
                 assert r.status == 400 and "X-Instaclone-SHA256" in (await r.json())["error"]["message"]
             async with s.post("http://x/v1/things/c1/run") as r:
                 assert r.content_type == "application/x-ndjson"
