@@ -68,7 +68,7 @@ ROUTES = [
           ok={201: Reply("the job finished (see its state)", a.JobAnswer),
               202: Reply("the job is accepted and running", a.JobAnswer)},
           errors={404: "source_not_found", 409: "name_in_use, source_not_cloneable",
-                  503: _UNAVAILABLE},
+                  500: "libvirt_error (the hypervisor failed while the request was checked)", 503: _UNAVAILABLE},
           query=m.WaitQuery, body=lambda config: m.create_job_model(config.clone.max_count)),
     Route("GET", "/v1/jobs", list_jobs, "every job, newest first", ok={200: Reply("jobs", a.Jobs)}),
     Route("GET", "/v1/jobs/{job_id}", get_job, "one job (?wait=S: when it is done, or after S seconds)",

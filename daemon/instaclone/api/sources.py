@@ -190,7 +190,7 @@ ROUTES = [
           "preflight: per capability, whether the domain has it and the exact change",
           ok={200: Reply("the report", {"type": "object", "required": ["check"],
                                         "properties": {"check": {"$ref": "#/components/schemas/Check"}}})},
-          errors={404: "source_not_found", 503: _LIBVIRT}, path_params=m.SourcePath),
+          errors={404: "source_not_found", 500: _FAILED, 503: _LIBVIRT}, path_params=m.SourcePath),
     Route("POST", "/v1/sources/{name}/prepare", prepare_source,
           "write shared file-backed RAM, <acpi/>, a guest agent channel and <genid/> into the persistent "
           "definition; a running domain gets them at its next boot",

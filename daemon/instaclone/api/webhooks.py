@@ -11,7 +11,6 @@ from . import answers as a, models as m
 from .common import PEER, STORE, WEBHOOKS, log
 from .routes import Call, Reply, Route
 
-DELIVERY_STATUSES = tuple(s.value for s in DeliveryStatus)
 
 
 def _sender(request: web.Request) -> WebhookSender:
