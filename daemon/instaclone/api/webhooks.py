@@ -12,7 +12,6 @@ from .common import PEER, STORE, WEBHOOKS, log
 from .routes import Call, Reply, Route
 
 
-
 def _sender(request: web.Request) -> WebhookSender:
     sender = request.app.get(WEBHOOKS)
     if sender is None:
