@@ -341,7 +341,15 @@ async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path
         await resp.write_eof()
         return resp
 
+    async def get_file(request: web.Request, call: Call) -> web.Response:
+        return web.Response(body=b"abc", content_type="application/octet-stream",
+                            headers={"X-Instaclone-SHA256": hashlib.sha256(b"abc").hexdigest()})
+
     routes = [
+        Route("GET", "/v1/things/{name}/files", get_file, "read a file", path_params=ClonePath, query=FileQuery,
+              needs_write=True, ok={200: Reply("the bytes", {"type": "string", "format": "binary"},
+                                               media_type="application/octet-stream",
+                                               headers={"X-Instaclone-SHA256": {"schema": {"type": "string"}}})}),
         Route("PUT", "/v1/things/{name}/files", put_file, "write a file", path_params=ClonePath, query=FileQuery,
               headers=Sha, body=RawBody("application/octet-stream", max_bytes=4 << 30, description="the bytes"),
               ok={200: Reply("written", {"type": "object"})}, errors={422: "checksum_mismatch"}),
@@ -361,6 +369,8 @@ async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path
         ("path", "name"), ("query", "path"), ("header", "X-Instaclone-SHA256")}
     assert {"400", "403", "413", "422"} <= set(put["responses"])
     assert "application/x-ndjson" in doc["paths"]["/v1/things/{name}/run"]["post"]["responses"]["200"]["content"]
+    get = doc["paths"]["/v1/things/{name}/files"]["get"]
+    assert "403" in get["responses"] and "X-Instaclone-SHA256" in get["responses"]["200"]["headers"]
 
     runner = web.AppRunner(app)
     await runner.setup()
@@ -379,6 +389,10 @@ async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path
             bad_sha = {"X-Instaclone-SHA256": "z"}
             async with s.put("http://x/v1/things/c1/files?path=/x", data=b"", headers=bad_sha) as r:
                 assert r.status == 400 and "X-Instaclone-SHA256" in (await r.json())["error"]["message"]
+            with capture_logs() as logs:  # a read guarded as a write is logged as one
+                async with s.get("http://x/v1/things/c1/files?path=/etc/x") as r:
+                    assert r.status == 200 and await r.read() == b"abc"
+            assert [(e["method"], e["status"]) for e in logs if e["event"] == "api.call"] == [("GET", 200)]
             async with s.post("http://x/v1/things/c1/run") as r:
                 assert r.content_type == "application/x-ndjson"
                 assert [json.loads(line)["type"] for line in (await r.read()).splitlines()] == ["started", "exit"]

@@ -14,7 +14,7 @@ from aiohttp import web
 from ..config import AccessConfig
 from ..errors import Forbidden, InstacloneError
 from .common import PEER, log
-from .routes import MUTATING
+from .routes import needs_write
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -24,7 +24,8 @@ class Access:
     """Who may call what, decided from the caller's SO_PEERCRED credentials.
 
     root and the daemon's own user may do anything; members of a write group
-    may also mutate (POST, DELETE); members of a read group may read. With no
+    may also mutate (POST, PUT, PATCH, DELETE, and routes declared
+    ``needs_write``); members of a read group may read. With no
     read groups configured, anyone who can open the socket may read: the
     socket's mode and group are then the read gate.
     """
@@ -90,7 +91,7 @@ async def peer_credentials(request: web.Request, handler: Handler) -> web.Stream
     """
     peer = peer_of(request)
     request[PEER] = peer
-    write = request.method in MUTATING
+    write = needs_write(request)
     if not request.app[ACCESS].allows(peer, write=write):
         who = f"uid {peer['uid']}" if peer else "an unidentified caller"
         log.warning("api.forbidden", method=request.method, path=request.path, peer=peer)

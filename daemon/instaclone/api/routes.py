@@ -103,12 +103,15 @@ class Route:
     query: type[BaseModel] | None = None
     headers: type[BaseModel] | None = None  # request headers: fields aliased to the header names
     body: BodyModel | RawBody | None = None
-    body_required: bool = True  # False: an empty body is {}
+    body_required: bool = True  # the document's requestBody.required (an empty body is {} either way)
     description: str = ""
+    #: Needs write access (root, the daemon's user, access.write_groups). None: by method (mutating
+    #: methods do); True for a read that must be guarded as a write (a guest file's GET).
+    needs_write: bool | None = None
 
     @property
     def write(self) -> bool:
-        return self.method in MUTATING
+        return self.method in MUTATING if self.needs_write is None else self.needs_write
 
     def body_model(self, config: Config) -> type[BaseModel] | None:
         """The JSON body model of this route for ``config`` (None: no JSON body)."""
@@ -189,4 +192,14 @@ def bind(route: Route, config: Config) -> Callable[[web.Request], Awaitable[web.
         return await route.handler(request, call)
 
     handle.__name__ = handle.__qualname__ = route.handler.__name__
+    setattr(handle, WRITE_ATTR, route.write)  # read by access.peer_credentials
     return handle
+
+
+#: The attribute of a bound handler that says whether its route needs write access.
+WRITE_ATTR = "instaclone_needs_write"
+
+
+def needs_write(request: web.Request) -> bool:
+    """Does the route ``request`` reached need write access (by its declaration, else by method)?"""
+    return bool(getattr(request.match_info.handler, WRITE_ATTR, request.method in MUTATING))
