@@ -398,3 +398,20 @@ async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path
                 assert [json.loads(line)["type"] for line in (await r.read()).splitlines()] == ["started", "exit"]
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("script,ok", [("true", True), (" \x1c\t\n", False), ("\u3000", False), ("a\x00b", False),
+                                       ("\ufeff", True), (" x ", True)])
+def test_the_script_pattern_is_the_engine_rule(script: str, ok: bool) -> None:
+    """The document's script rule is validate_script's: not only (Python's) white space, no NUL."""
+    from instaclone.errors import InvalidRequest
+    from instaclone.jobs.customize import validate_script
+
+    doc = document(ROUTES, Config())
+    schema = {"$ref": "#/components/schemas/CreateJob"}
+    assert valid(doc, schema, {"source": "s", "name": "n", "script": script}) == ok
+    if ok:
+        assert validate_script(script) == script
+    else:
+        with pytest.raises(InvalidRequest):
+            validate_script(script)

@@ -42,7 +42,6 @@ NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
 ENDPOINT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-
 @dataclass(frozen=True)
 class NameRule:
     """Metadata of a name field: its failures are ``invalid_name``, worded by identity.validate_name."""
@@ -76,13 +75,16 @@ def _script(script: str) -> str:
     return script
 
 
-GuestConfig = Annotated[dict[str, str] | None, AfterValidator(_config_size), Field(
+GuestConfig = Annotated[dict[str, str] | None, Field(
     description=f"key/value strings for the guest (/run/instaclone/config.json), at most "
-                f"{MAX_GUEST_CONFIG_BYTES} bytes as JSON")]
-Script = Annotated[str, AfterValidator(_script), Field(
-    min_length=1, max_length=MAX_SCRIPT_BYTES, pattern=r"^[^\u0000]*\S[^\u0000]*$",
+                f"{MAX_GUEST_CONFIG_BYTES} bytes as JSON"), AfterValidator(_config_size)]
+#: Python's white space (str.isspace, what validate_script strips), spelled out: regex engines' \\s
+#: differ (\\x1c-\\x1f are white space to Python only).
+_SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+Script = Annotated[str, Field(
+    min_length=1, max_length=MAX_SCRIPT_BYTES, pattern=rf"^[^\u0000]*[^\u0000{_SPACE}][^\u0000]*$",
     description=f"shell script run in each clone after its identity reset (default: clone.customize_script); "
-                f"not only white space, no NUL, at most {MAX_SCRIPT_BYTES} bytes as UTF-8")]
+                f"not only white space, no NUL, at most {MAX_SCRIPT_BYTES} bytes as UTF-8"), AfterValidator(_script)]
 Ttl = Annotated[float, Field(ge=1, le=MAX_TTL_S, allow_inf_nan=False,
                              description="seconds: the daemon destroys the clone this long after it is ready")]
 
