@@ -109,14 +109,16 @@ def guest_config_ok(config: object) -> bool:
             and len(json.dumps(config)) <= 16 * 1024)
 
 
+#: ?wait= is a JSON-style number (the document's "number"): not "1_0", " 1", "inf" or "nan".
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
 def wait_ok(raw: str | None) -> bool:
     if raw is None:
         return True
-    try:
-        wait = float(raw)
-    except ValueError:
+    if not _NUMBER.fullmatch(raw):
         return False
-    return 0 <= wait <= MAX_WAIT_S
+    return 0 <= float(raw) <= MAX_WAIT_S
 
 
 def clone_names(body: dict[str, Any]) -> list[str]:
