@@ -353,6 +353,9 @@ async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path
         Route("PUT", "/v1/things/{name}/files", put_file, "write a file", path_params=ClonePath, query=FileQuery,
               headers=Sha, body=RawBody("application/octet-stream", max_bytes=4 << 30, description="the bytes"),
               ok={200: Reply("written", {"type": "object"})}, errors={422: "checksum_mismatch"}),
+        Route("PUT", "/v1/things/{name}/small", put_file, "write a small file", path_params=ClonePath,
+              query=FileQuery, headers=Sha, body=RawBody(max_bytes=1000), operation_id="put_small_file",
+              ok={200: Reply("written", {"type": "object"})}),
         Route("POST", "/v1/things/{name}/run", run, "run", path_params=ClonePath,
               ok={200: Reply("one JSON object per line", {"type": "object", "required": ["type"]},
                              media_type="application/x-ndjson",
@@ -384,6 +387,8 @@ async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path
                              headers={"X-Instaclone-SHA256": sha}) as r:
                 assert r.status == 200, await r.text()
                 assert (await r.json())["file"] == {"path": "/etc/x", "bytes": len(data), "sha256": sha, "clone": "c1"}
+            async with s.put("http://x/v1/things/c1/small?path=/x", data=data) as r:  # Content-Length > 1000
+                assert (r.status, (await r.json())["error"]["code"]) == (413, "body_too_large")
             async with s.put("http://x/v1/things/c1/files?path=etc", data=data) as r:
                 assert r.status == 400 and "path" in (await r.json())["error"]["message"]
             bad_sha = {"X-Instaclone-SHA256": "z"}

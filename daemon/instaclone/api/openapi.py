@@ -157,7 +157,7 @@ def _nullable(schema: dict[str, Any]) -> bool:
 
 
 def operation_id(route: Route) -> str:
-    return route.handler.__name__
+    return route.operation_id or route.handler.__name__
 
 
 def document(routes: Iterable[Route], config: Config, *, read_groups: bool = False) -> dict[str, Any]:

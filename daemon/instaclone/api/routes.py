@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import identity
 from ..config import Config
-from ..errors import InvalidName, InvalidRequest
+from ..errors import BodyTooLarge, InvalidName, InvalidRequest
 from .common import body as read_body
 from .models import NameRule
 
@@ -77,7 +77,9 @@ class RawBody:
     """A body the handler reads itself (``request.content``), e.g. a file's bytes."""
 
     media_type: str = "application/octet-stream"
-    max_bytes: int | None = None  # None: no limit of ours (413 is then not documented)
+    #: A Content-Length over it is 413 before the handler runs; a chunked body's handler counts
+    #: (None: no limit of ours, and 413 is not documented).
+    max_bytes: int | None = None
     description: str = ""
 
 
@@ -108,6 +110,7 @@ class Route:
     #: Needs write access (root, the daemon's user, access.write_groups). None: by method (mutating
     #: methods do); True for a read that must be guarded as a write (a guest file's GET).
     needs_write: bool | None = None
+    operation_id: str | None = None  # the document's operationId (unique); default: the handler's name
 
     @property
     def write(self) -> bool:
@@ -180,7 +183,13 @@ def bind(route: Route, config: Config) -> Callable[[web.Request], Awaitable[web.
     """The aiohttp handler of ``route``: validate path, query and body, then call the route's handler."""
     body_model = route.body_model(config)
 
+    raw = route.body if isinstance(route.body, RawBody) else None
+
     async def handle(request: web.Request) -> web.StreamResponse:
+        if raw is not None and raw.max_bytes is not None and (request.content_length or 0) > raw.max_bytes:
+            # A declared length over the limit is refused before the handler; a chunked body the
+            # handler counts as it streams it.
+            raise BodyTooLarge(f"request body is larger than {raw.max_bytes} bytes")
         call = Call(
             path=parse(route.path_params, dict(request.match_info), "path") if route.path_params else None,
             query=parse(route.query, {k: request.query.get(k) for k in request.query}, "query")
