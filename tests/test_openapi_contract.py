@@ -172,7 +172,11 @@ def fuzz(server: Server) -> dict[str, int]:
     """Every operation in both modes, then valid requests on things that exist; raises the first
     failure (shrunk). Returns the tally of (operation, mode, status)."""
     schema = schemathesis.openapi.from_dict(server.doc, config=CONFIG)
-    session = requests.Session()
+    with requests.Session() as session:
+        return _fuzz(server, schema, session)
+
+
+def _fuzz(server: Server, schema: Any, session: requests.Session) -> dict[str, int]:
     tally: dict[str, int] = {}
     operations = [result.ok() for result in schema.get_all_operations()]
     for operation in operations:
