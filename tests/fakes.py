@@ -361,14 +361,14 @@ async def fake_api(tmp_path: Path) -> AsyncIterator[tuple[Any, FakeHypervisor, P
     """The control API on a Unix socket over a fake engine: (client, fake hypervisor, socket path)."""
     from aiohttp import web
 
-    from instaclone.api import make_app
+    from instaclone.api import RUNNER_ARGS, make_app
     from instaclone.jobs.gc import GarbageCollector
 
     from .apiclient import Api
 
     c, journal, virt = await fake_world(tmp_path)
     engine = fake_engine(c, journal, virt)
-    runner = web.AppRunner(make_app(engine, journal, gc=GarbageCollector(engine.svc)))
+    runner = web.AppRunner(make_app(engine, journal, gc=GarbageCollector(engine.svc)), **RUNNER_ARGS)
     await runner.setup()
     sock = tmp_path / "ctl.sock"
     await web.UnixSite(runner, str(sock)).start()

@@ -109,18 +109,20 @@ def guest_config_ok(config: object) -> bool:
             and len(json.dumps(config)) <= 16 * 1024)
 
 
+#: ?wait= is a JSON-style number (the document's "number"): not "1_0", " 1", "inf" or "nan".
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
 def wait_ok(raw: str | None) -> bool:
     if raw is None:
         return True
-    try:
-        wait = float(raw)
-    except ValueError:
+    if not _NUMBER.fullmatch(raw):
         return False
-    return 0 <= wait <= MAX_WAIT_S
+    return 0 <= float(raw) <= MAX_WAIT_S
 
 
 def clone_names(body: dict[str, Any]) -> list[str]:
-    count = body.get("count", 1)
+    count = int(body.get("count", 1))
     return [body["name"]] if count == 1 else [f"{body['name']}-{i}" for i in range(1, count + 1)]
 
 
@@ -144,7 +146,9 @@ def expect_job(raw: bytes, *, domains: set[str], taken: set[str]) -> Expect:
     if not guest_config_ok(body.get("config")):
         bad.add("invalid_request")
     count = body.get("count", 1)
-    count_ok = isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= MAX_COUNT
+    # JSON has numbers, not integers and floats: 2.0 is the integer 2 (as JSON Schema has it).
+    count_ok = ((isinstance(count, int) and not isinstance(count, bool))
+                or (isinstance(count, float) and count.is_integer())) and 1 <= count <= MAX_COUNT
     if not count_ok:
         bad.add("invalid_request")
     names_ok = "name" not in body or (is_valid_name(body["name"])
@@ -453,7 +457,7 @@ names = st.one_of(fresh_names, fresh_names, st.sampled_from(ADVERSARIAL_NAMES), 
 sources = st.one_of(st.just("src"), st.just("src"), st.just("src"),
                     st.from_regex(r"ghost[0-9]{0,3}", fullmatch=True), st.sampled_from(ADVERSARIAL_NAMES),
                     weird_text, st.sampled_from(NON_STRINGS))
-BAD_COUNTS: list[Any] = [0, -1, -(2**63), MAX_COUNT + 1, 10**6, 2**63, 10**100, 1.0, 1.5, -0.0, 1e308,
+BAD_COUNTS: list[Any] = [0, -1, -(2**63), MAX_COUNT + 1, 10**6, 2**63, 10**100, 1.5, -0.0, 1e308,
                          math.nan, math.inf, -math.inf, True, False, "1", "", None, [1], {"n": 1}]
 counts = st.one_of(st.integers(1, 3), st.integers(1, 3), st.sampled_from(BAD_COUNTS), st.integers(), st.floats(),
                    st.just(MAX_COUNT))
@@ -649,7 +653,9 @@ async def test_fuzz_paths_and_methods(harness: Harness) -> None:
             req = Req("DELETE", f"/v1/clones/{seg}")
             existed = seg in clones
             # A clone frozen as a template is refused until unfrozen.
-            expect = ({(409, "conflict")} if seg in frozen else {(200, None)}) if existed else routing
+            # A name the document's pattern refuses is 400 invalid_name (the path is validated first).
+            refused = set() if is_valid_name(urllib.parse.unquote(seg)) else {(400, "invalid_name")}
+            expect = ({(409, "conflict")} if seg in frozen else {(200, None)}) if existed else routing | refused
         elif kind in ("freeze", "unfreeze"):
             req = Req("POST", f"/v1/sources/{seg}/{kind}")
             expect = routing | {(200, None), (400, "invalid_name"), (404, "source_not_found"),
@@ -697,7 +703,8 @@ async def test_fixed_adversarial_names_everywhere(harness: Harness) -> None:
                                        if isinstance(name, str) else {"source": "src", "name": "f", "config": name}))
         if not isinstance(name, str) or len(q(name)) > MAX_TARGET:
             continue
-        await harness.call(Req("DELETE", f"/v1/clones/{q(name)}"), {(404, "not_found"), (405, "method_not_allowed")})
+        await harness.call(Req("DELETE", f"/v1/clones/{q(name)}"), {(404, "not_found"), (405, "method_not_allowed")}
+                           | (set() if valid else {(400, "invalid_name")}))
         await harness.call(Req("GET", f"/v1/jobs/{q(name)}"), {(404, "not_found"), (405, "method_not_allowed")})
         for op in ("freeze", "unfreeze"):
             reply = await harness.call(Req("POST", f"/v1/sources/{q(name)}/{op}"))
@@ -708,7 +715,7 @@ async def test_fixed_adversarial_names_everywhere(harness: Harness) -> None:
 
 async def test_counts_and_unknown_sources(harness: Harness) -> None:
     """Every non-positive, huge, float, bool or string count is 400 invalid_request; unknown sources 404."""
-    for i, count in enumerate([*BAD_COUNTS, -5, 0.0, 2.0, "", "64", [], {}]):
+    for i, count in enumerate([*BAD_COUNTS, -5, 0.0, 64.5, "", "64", [], {}]):
         reply = await harness.post_job(job_req({"source": "src", "name": f"count{i}", "count": count}))
         assert (reply.status, reply.code) == (400, "invalid_request"), (count, reply)
     for name in ("ghost", "nosuch", "Src", "src2", "SRC", "s.r.c", "x" * 63):

@@ -21,7 +21,7 @@ DAEMON_EXTRA = ("libvirt", "libvirt_qemu", "libvirtaio", "structlog", "prometheu
 
 try:
     from . import backends, config as cfg, log as logsetup, systemd
-    from .api import ACCESS, Access, make_app
+    from .api import ACCESS, RUNNER_ARGS, Access, make_app
     from .config import Config
     from .errors import ConfigError, InstacloneError
     from .hv import LibvirtHypervisor
@@ -103,7 +103,7 @@ class Daemon:
         self._tasks.append(loop.create_task(self.engine.run_services(), name="engine-services"))
         app = make_app(self.engine, self.store, self.webhooks, bus=self.bus, metrics=self.metrics,
                        gc=GarbageCollector(self.engine.svc))
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, **RUNNER_ARGS)
         await self._runner.setup()
         if self._listen_socks:
             # Socket activation: systemd owns the path, its mode and group.

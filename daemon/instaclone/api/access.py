@@ -12,19 +12,20 @@ from typing import Any
 from aiohttp import web
 
 from ..config import AccessConfig
-from ..errors import Forbidden
+from ..errors import Forbidden, InstacloneError
 from .common import PEER, log
+from .routes import needs_write
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 
 class Access:
     """Who may call what, decided from the caller's SO_PEERCRED credentials.
 
     root and the daemon's own user may do anything; members of a write group
-    may also mutate (POST, DELETE); members of a read group may read. With no
+    may also mutate (POST, PUT, PATCH, DELETE, and routes declared
+    ``needs_write``); members of a read group may read. With no
     read groups configured, anyone who can open the socket may read: the
     socket's mode and group are then the read gate.
     """
@@ -82,17 +83,33 @@ def peer_of(request: web.Request) -> dict[str, Any] | None:
 
 @web.middleware
 async def peer_credentials(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Identify the caller (SO_PEERCRED), enforce read/write access, log every mutating call."""
+    """Identify the caller (SO_PEERCRED), enforce read/write access, log every mutating call.
+
+    The ``api.call`` line carries the final status, also when the handler
+    raised (our error: its HTTP status; anything else: 500); a refused caller
+    gets an ``api.forbidden`` line instead.
+    """
     peer = peer_of(request)
     request[PEER] = peer
-    write = request.method in _MUTATING
+    write = needs_write(request)
     if not request.app[ACCESS].allows(peer, write=write):
         who = f"uid {peer['uid']}" if peer else "an unidentified caller"
         log.warning("api.forbidden", method=request.method, path=request.path, peer=peer)
         raise Forbidden(f"{who} may not {'change' if write else 'read'} anything here: "
                         f"{'write' if write else 'read'} access needs root or membership in "
                         f"access.{'write' if write else 'read'}_groups")
-    response = await handler(request)
-    if write:
-        log.info("api.call", method=request.method, path=request.path, status=response.status, peer=peer)
-    return response
+    if not write:
+        return await handler(request)
+    status = 500  # a bug: errors_as_json answers it as a 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except InstacloneError as exc:
+        status = exc.http_status
+        raise
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:  # every mutating call, answered or refused in its handler, with who made it
+        log.info("api.call", method=request.method, path=request.path, status=status, peer=peer)

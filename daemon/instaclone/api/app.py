@@ -8,10 +8,11 @@ log), never a traceback to the client.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 from aiohttp import web
 
-from ..config import AccessConfig
+from ..config import AccessConfig, Config
 from ..errors import InstacloneError
 from ..outbox.bus import EventBus
 from ..outbox.metrics import Metrics
@@ -20,8 +21,9 @@ from ..store import Store
 from . import gc as gc_api, guest, jobs, pools, sources, stream, webhooks
 from .access import ACCESS, Access, Handler, peer_credentials
 from .common import BUS, CLOSING, ENGINE, GC, MAX_BODY_BYTES, STORE, WEBHOOKS, error, log
-from .openapi import openapi
+from .openapi import DOCUMENT, ROUTE as OPENAPI_ROUTE, document
 from .protocol import EngineView, GcView
+from .routes import Call, Reply, Route, bind
 
 
 @web.middleware
@@ -35,44 +37,44 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
-        return error(exc.status, code, exc.reason)
+        answer = error(exc.status, code, exc.reason)
+        if "Allow" in exc.headers:  # 405: the methods the path has (RFC 9110 15.5.6)
+            answer.headers["Allow"] = exc.headers["Allow"]
+        return answer
     except Exception:  # noqa: BLE001 -- a bug: logged with its traceback, the client gets a generic 500
         log.exception("api.unhandled", path=request.path, method=request.method)
         return error(500, "internal_error", "internal error; see the daemon log")
 
 
-def _routes(app: web.Application) -> None:
-    app.router.add_get("/v1/events", stream.stream_events)
-    app.router.add_get("/v1/webhooks", webhooks.list_webhooks)
-    app.router.add_post("/v1/webhooks/{name}/enable", webhooks.enable_webhook)
-    app.router.add_get("/v1/webhooks/deliveries", webhooks.list_deliveries)
-    app.router.add_post("/v1/webhooks/deliveries/replay", webhooks.replay_deliveries)
-    app.router.add_get("/v1/health", jobs.health)
-    app.router.add_get("/v1/openapi.json", openapi)
-    app.router.add_post("/v1/jobs", jobs.create_job)
-    app.router.add_get("/v1/jobs", jobs.list_jobs)
-    app.router.add_get("/v1/jobs/{job_id}", jobs.get_job)
-    app.router.add_get("/v1/clones", sources.list_clones)
-    app.router.add_delete("/v1/clones/{name}", sources.destroy_clone)
-    app.router.add_post("/v1/clones/{name}/release", pools.release)
-    app.router.add_post("/v1/pools", pools.create_pool)
-    app.router.add_get("/v1/pools", pools.list_pools)
-    app.router.add_get("/v1/pools/{name}", pools.get_pool)
-    app.router.add_patch("/v1/pools/{name}", pools.update_pool)
-    app.router.add_delete("/v1/pools/{name}", pools.delete_pool)
-    app.router.add_post("/v1/pools/{name}/claim", pools.claim)
-    app.router.add_get("/v1/frozen", sources.list_frozen)
-    app.router.add_post("/v1/sources/{name}/freeze", sources.freeze)
-    app.router.add_post("/v1/sources/{name}/unfreeze", sources.unfreeze)
-    app.router.add_get("/v1/sources/{name}/check", sources.check_source)
-    app.router.add_post("/v1/sources/{name}/prepare", sources.prepare_source)
-    app.router.add_post("/v1/gc", gc_api.collect)
-    guest.add_routes(app)
+#: Every route of the API, in the order the document lists them.
+ROUTES: tuple[Route, ...] = (*jobs.ROUTES, *sources.ROUTES, *pools.ROUTES, *stream.ROUTES, *webhooks.ROUTES,
+                             *gc_api.ROUTES, *guest.ROUTES, OPENAPI_ROUTE)
+
+
+def add_routes(app: web.Application, routes: Iterable[Route], config: Config) -> None:
+    """Register ``routes``, each validating its inputs through its models (:func:`.routes.bind`)."""
+    for r in routes:
+        if r.method == "GET":
+            app.router.add_get(r.path, bind(r, config))  # and HEAD
+        else:
+            app.router.add_route(r.method, r.path, bind(r, config))
+
+
+def _metrics_route(metrics: Metrics) -> Route:
+    serve = metrics.handler()
+
+    async def metrics_text(request: web.Request, _call: Call) -> web.StreamResponse:
+        answer: web.StreamResponse = await serve(request)
+        return answer
+
+    return Route("GET", "/metrics", metrics_text, "Prometheus metrics (text exposition format)",
+                 ok={200: Reply("the metrics", {"type": "string"}, media_type="text/plain")})
 
 
 def make_app(engine: EngineView, store: Store, webhooks: WebhookSender | None = None, *,
              bus: EventBus | None = None, access: AccessConfig | None = None,
-             metrics: Metrics | None = None, gc: GcView | None = None) -> web.Application:
+             metrics: Metrics | None = None, gc: GcView | None = None,
+             extra_routes: Iterable[Route] = ()) -> web.Application:
     """The control API's aiohttp application.
 
     ``webhooks``: the sender (without it the webhook routes answer 404).
@@ -81,13 +83,15 @@ def make_app(engine: EngineView, store: Store, webhooks: WebhookSender | None = 
     ``access``: defaults to the engine's ``config.access``.
     ``gc``: garbage collection (without it ``/v1/gc`` answers 404 and the
     health has no disk use).
+    ``extra_routes``: more routes (:class:`.routes.Route`), registered and documented like the others.
     """
     app = web.Application(middlewares=[errors_as_json, peer_credentials], client_max_size=MAX_BODY_BYTES)
     app[ENGINE] = engine
     app[STORE] = store
     app[ACCESS] = Access(access if access is not None else engine.config.access)
+    routes = [*ROUTES, *extra_routes]
     if metrics is not None:
-        app.router.add_get("/metrics", metrics.handler())
+        routes.append(_metrics_route(metrics))
     if webhooks is not None:
         app[WEBHOOKS] = webhooks
     if bus is not None:
@@ -100,5 +104,6 @@ def make_app(engine: EngineView, store: Store, webhooks: WebhookSender | None = 
         app[CLOSING].set()
 
     app.on_shutdown.append(on_shutdown)
-    _routes(app)
+    add_routes(app, routes, engine.config)
+    app[DOCUMENT] = document(routes, engine.config, read_groups=not app[ACCESS].open_read)
     return app

@@ -4,20 +4,31 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..errors import InvalidRequest, NotFound
-from .common import GC, PEER, body, log, unknown_fields
+from ..errors import NotFound
+from . import models as m
+from .common import GC, PEER, log
+from .routes import Call, Reply, Route
 
 
-async def collect(request: web.Request) -> web.Response:
+async def collect(request: web.Request, call: Call) -> web.Response:
     """Delete (``dry_run``: list) every file under instaclone's directories that nothing uses."""
-    data = await body(request)
-    unknown_fields(data, {"dry_run"})
-    dry_run = data.get("dry_run", False)
-    if not isinstance(dry_run, bool):
-        raise InvalidRequest("dry_run must be true or false")
+    dry_run = call.body_as(m.DryRun).dry_run
     gc = request.app.get(GC)
     if gc is None:
         raise NotFound("garbage collection is not available on this daemon")
     report = await gc.collect(dry_run=dry_run)
     log.info("api.gc", dry_run=dry_run, files=len(report["deleted"]), bytes=report["bytes"], peer=request.get(PEER))
     return web.json_response({"gc": report})
+
+
+ROUTES = [
+    Route("POST", "/v1/gc", collect, "collect garbage",
+          description="Delete every delta or memory image under instaclone's directories that no domain's "
+                      "backing chain uses and no job in flight recorded; dry_run lists them.",
+          ok={200: Reply("what was (or would be) deleted", {
+              "type": "object", "required": ["gc"], "properties": {"gc": {"$ref": "#/components/schemas/Gc"}}})},
+          errors={404: "not_found (no garbage collector in this daemon)",
+                  503: "gc_aborted (could not tell which images are in use; nothing deleted), "
+                       "libvirt_unavailable"},
+          body=m.DryRun, body_required=False),
+]

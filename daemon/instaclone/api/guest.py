@@ -1,28 +1,28 @@
 """Handlers: commands and files inside a clone (``/v1/clones/{name}/exec``, ``/v1/clones/{name}/files``).
 
 All three need write access, the GET included (reading any file of a guest
-as root is no less than running a command there); each call is logged with
-its peer. Bodies are validated here by hand; the app's 64 KiB body limit
-does not fit these routes, so each reads ``request.content`` itself: an
-exec body up to MAX_EXEC_BODY_BYTES, a file up to MAX_FILE_BYTES, streamed
-to the guest in chunks and never held whole.
+as root is no less than running a command there: its route says
+``needs_write``); each call is logged with its peer. The app's 64 KiB body
+limit does not fit these routes: an exec body may carry up to
+MAX_STDIN_BYTES of stdin, and a file up to MAX_FILE_BYTES is streamed to the
+guest in chunks and never held whole.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
-import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing, suppress
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ..errors import BodyTooLarge, Forbidden, InstacloneError, InvalidRequest
-from .access import ACCESS
-from .common import ENGINE, PEER, log, unknown_fields
+from ..errors import BodyTooLarge, InstacloneError, InvalidRequest
+from . import models as m
+from .common import ENGINE, PEER, log
+from .routes import Call, RawBody, Reply, Route
 
 #: Largest stdin of an exec, decoded.
 MAX_STDIN_BYTES = 8 << 20
@@ -34,103 +34,77 @@ MAX_ARGV = 4096
 MAX_TIMEOUT_S = 86400.0
 DEFAULT_TIMEOUT_S = 300.0
 SHA_HEADER = "X-Instaclone-SHA256"
-_MODE = re.compile(r"0?[0-7]{3}|[0-7]{4}")
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+#: An absolute file path: components without NUL, none empty, "." or ".." (no look-arounds: see
+#: models.NAME_PATTERN).
+PATH_PATTERN = r"^(?:/(?:[^/.\x00][^/\x00]*|\.[^/.\x00][^/\x00]*|\.\.[^/\x00]+))+$"
+#: Standard base64 (what the stdin field carries).
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+Arg = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+EnvName = Annotated[str, Field(min_length=1, pattern=r"^[^=\x00]+$")]
 
 
-def _require_write(request: web.Request) -> None:
-    """Forbidden unless the caller may write (the access middleware lets a GET through on read access)."""
-    peer: Any = request.get(PEER)
-    if not request.app[ACCESS].allows(peer, write=True):
-        who = f"uid {peer['uid']}" if peer else "an unidentified caller"
-        log.warning("api.forbidden", method=request.method, path=request.path, peer=peer)
-        raise Forbidden(f"{who} may not change anything here: write access needs root or membership in "
-                        f"access.write_groups")
-
-
-def _string(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{what} must be a string, got {type(value).__name__}")
-    if "\0" in value:
-        raise InvalidRequest(f"{what} must not contain a NUL character")
-    return value
-
-
-def parse_exec(data: dict[str, Any]) -> dict[str, Any]:
-    """An exec body as ``guest_exec``'s keyword arguments; raises InvalidRequest."""
-    unknown_fields(data, {"argv", "env", "timeout_s", "stdin"})
-    argv = data.get("argv")
-    if not isinstance(argv, list) or not 1 <= len(argv) <= MAX_ARGV:
-        raise InvalidRequest(f"argv must be a list of 1 to {MAX_ARGV} strings")
-    argv = [_string(a, f"argv[{i}]") for i, a in enumerate(argv)]
+def _program(argv: list[str]) -> list[str]:
     if not argv[0]:
-        raise InvalidRequest("argv[0] (the program) must not be empty")
-    env = data.get("env")
-    if env is not None:
-        if not isinstance(env, dict):
-            raise InvalidRequest("env must be an object of string values")
-        for k, v in env.items():
-            _string(v, f"env[{k!r}]")
-            if not k or "=" in k or "\0" in k:
-                raise InvalidRequest(f"env name {k!r} must be non-empty, without '=' or NUL")
-    timeout = data.get("timeout_s", DEFAULT_TIMEOUT_S)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT_S:
-        raise InvalidRequest(f"timeout_s must be a number of seconds, more than 0 and at most {MAX_TIMEOUT_S:g}")
-    stdin = data.get("stdin")
-    raw: bytes | None = None
-    if stdin is not None:
-        try:
-            raw = base64.b64decode(_string(stdin, "stdin"), validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest("stdin must be base64") from None
-        if len(raw) > MAX_STDIN_BYTES:
-            raise BodyTooLarge(f"stdin is larger than {MAX_STDIN_BYTES} bytes")
-    return {"argv": argv, "env": env, "timeout_s": float(timeout), "stdin": raw}
+        raise ValueError("argv[0] (the program) must not be empty")
+    return argv
 
 
-def parse_path(request: web.Request) -> str:
-    """The ``path`` query parameter: an absolute path of a file; raises InvalidRequest."""
-    path = request.query.get("path")
-    if not path:
-        raise InvalidRequest("path is required (?path=/absolute/path/in/the/guest)")
-    _string(path, "path")
-    if not path.startswith("/") or path.endswith("/") or any(p in ("", ".", "..") for p in path[1:].split("/")):
-        raise InvalidRequest(f"path must be an absolute path of a file, without '.', '..' or '//', got {path!r}")
-    return path
+def _stdin(text: str) -> bytes:
+    raw = base64.b64decode(text, validate=True)  # the pattern has made sure it decodes
+    if len(raw) > MAX_STDIN_BYTES:
+        raise BodyTooLarge(f"stdin is larger than {MAX_STDIN_BYTES} bytes")
+    return raw
 
 
-def parse_mode(request: web.Request) -> str:
-    """The ``mode`` query parameter (octal, default 0644) as four digits; raises InvalidRequest."""
-    mode = request.query.get("mode", "0644")
-    if not _MODE.fullmatch(mode):
-        raise InvalidRequest(f"mode must be an octal file mode such as 0644, got {mode!r}")
-    return mode.zfill(4)
+def _env_schema(schema: dict[str, Any]) -> None:
+    """pydantic renders constrained keys as patternProperties, which lets other keys through: say
+    the key rule as propertyNames, so the document refuses what the server refuses."""
+    schema.pop("patternProperties", None)
+    schema["propertyNames"] = {"minLength": 1, "pattern": r"^[^=\x00]+$"}
+    schema["additionalProperties"] = {"type": "string", "pattern": r"^[^\x00]*$"}
 
 
-async def _read_limited(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"request body is larger than {limit} bytes")
-    buf = bytearray()
-    async for chunk in request.content.iter_chunked(1 << 16):
-        buf += chunk
-        if len(buf) > limit:
-            raise BodyTooLarge(f"request body is larger than {limit} bytes")
-    return bytes(buf)
+class ExecBody(m.Body):
+    """``POST /v1/clones/{name}/exec``: run ``argv`` in the clone."""
+
+    argv: Annotated[list[Arg], Field(min_length=1, max_length=MAX_ARGV,
+                                     json_schema_extra={"prefixItems": [{"type": "string", "minLength": 1,
+                                                                      "pattern": r"^[^\x00]*$"}]},
+                                     description="the program and its arguments (argv[0] not empty)"),
+                    AfterValidator(_program)]
+    env: dict[EnvName, Arg] | m.Absent = Field(None, description="added to a standard PATH",
+                                               json_schema_extra=_env_schema)
+    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
+                             description="seconds; past it the command is killed (stream error exec_timeout)")
+    stdin: Annotated[str, Field(pattern=BASE64_PATTERN, max_length=(MAX_STDIN_BYTES + 2) // 3 * 4,
+                                description=f"the command's stdin, base64 (at most {MAX_STDIN_BYTES} bytes "
+                                            "decoded)")] | m.Absent = None
+    NOT_NULL = frozenset({"env", "stdin"})
 
 
-async def exec_in_clone(request: web.Request) -> web.StreamResponse:
-    """Run a command in a clone; its output as NDJSON lines (see OPENAPI_PATHS)."""
-    name = request.match_info["name"]
-    _require_write(request)
-    try:
-        data = json.loads(await _read_limited(request, MAX_EXEC_BODY_BYTES) or b"{}")
-    except web.RequestPayloadError as exc:
-        raise InvalidRequest(f"request body could not be decoded: {exc}") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    args = parse_exec(data)
+class FileQuery(m.Query):
+    path: str = Field(pattern=PATH_PATTERN, max_length=4096,
+                      description="absolute path of a file in the guest (no '.', '..' or '//')")
+
+
+class PutFileQuery(FileQuery):
+    mode: str = Field("0644", pattern=r"^(?:0?[0-7]{3}|[0-7]{4})$", description="octal file mode")
+
+
+class ShaHeader(BaseModel):
+    model_config = ConfigDict(strict=True, populate_by_name=True, extra="ignore")
+    sha256: str | None = Field(None, alias="X-Instaclone-SHA256", pattern=r"^[0-9a-fA-F]{64}$",
+                               description="sha256 of the body (hex): the server checks the body against it")
+
+
+async def exec_in_clone(request: web.Request, call: Call) -> web.StreamResponse:
+    """Run a command in a clone; its output as NDJSON lines (see ROUTES)."""
+    name = call.path_as(m.ClonePath).name
+    data = call.body_as(ExecBody)
+    args: dict[str, Any] = {"argv": data.argv, "env": data.env, "timeout_s": data.timeout_s,
+                            "stdin": _stdin(data.stdin) if data.stdin is not None else None}
     proc = await request.app[ENGINE].guest_exec(name, **args)
     log.info("api.exec", clone=name, argv0=args["argv"][0], pid=proc.pid, peer=request.get(PEER))
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
@@ -156,17 +130,12 @@ async def exec_in_clone(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def put_file(request: web.Request) -> web.Response:
-    """Write the body to a file in a clone, verified in the guest (see OPENAPI_PATHS)."""
-    name = request.match_info["name"]
-    _require_write(request)
-    path, mode = parse_path(request), parse_mode(request)
-    want = request.headers.get(SHA_HEADER)
-    if want is not None and not _HEX64.fullmatch(want):
-        raise InvalidRequest(f"{SHA_HEADER} must be 64 hex digits (a sha256)")
-    if request.content_length is not None and request.content_length > MAX_FILE_BYTES:
-        raise BodyTooLarge(f"a file may have at most {MAX_FILE_BYTES} bytes")
-
+async def put_file(request: web.Request, call: Call) -> web.Response:
+    """Write the body to a file in a clone, verified in the guest (see ROUTES)."""
+    name = call.path_as(m.ClonePath).name
+    query = call.query_as(PutFileQuery)
+    path, mode = query.path, query.mode.zfill(4)
+    want = call.headers_as(ShaHeader).sha256
     async def body() -> AsyncIterator[bytes]:
         total = 0
         try:
@@ -183,12 +152,18 @@ async def put_file(request: web.Request) -> web.Response:
     return web.json_response({"file": result})
 
 
-async def get_file(request: web.Request) -> web.StreamResponse:
-    """A clone's file as the body, with its size and sha256 in the headers (see OPENAPI_PATHS)."""
-    name = request.match_info["name"]
-    _require_write(request)
-    path = parse_path(request)
+async def get_file(request: web.Request, call: Call) -> web.StreamResponse:
+    """A clone's file as the body, with its size and sha256 in the headers (see ROUTES)."""
+    name = call.path_as(m.ClonePath).name
+    path = call.query_as(FileQuery).path
     reader = await request.app[ENGINE].open_guest_file(name, path=path)
+    if request.method == "HEAD":  # the size and checksum, without reading the file
+        await reader.close()
+        head = web.StreamResponse(headers={"Content-Type": "application/octet-stream", SHA_HEADER: reader.sha256})
+        head.content_length = reader.size
+        await head.prepare(request)
+        await head.write_eof()
+        return head
     resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", SHA_HEADER: reader.sha256,
                                        "Cache-Control": "no-store"})
     resp.content_length = reader.size
@@ -214,72 +189,47 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/clones/{name}/exec", exec_in_clone)
-    app.router.add_put("/v1/clones/{name}/files", put_file)
-    app.router.add_get("/v1/clones/{name}/files", get_file, allow_head=False)
-
-
-_ERR = {"$ref": "#/components/schemas/Error"}
-_CLONE = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-_PATH = {"name": "path", "in": "query", "required": True, "schema": {"type": "string"},
-         "description": "absolute path in the guest"}
-
-
-def _errors(*codes: tuple[int, str]) -> dict[str, Any]:
-    return {str(s): {"description": d, "content": {"application/json": {"schema": _ERR}}} for s, d in codes}
-
-
-#: The OpenAPI description of these routes (``paths`` entries), for the API's document.
-OPENAPI_PATHS: dict[str, Any] = {
-    "/v1/clones/{name}/exec": {"post": {
-        "summary": "Run a command in a clone through its guest agent (write access)",
-        "parameters": [_CLONE],
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "additionalProperties": False, "required": ["argv"],
-            "properties": {
-                "argv": {"type": "array", "minItems": 1, "maxItems": MAX_ARGV, "items": {"type": "string"}},
-                "env": {"type": "object", "additionalProperties": {"type": "string"}},
-                "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT_S,
-                              "default": DEFAULT_TIMEOUT_S},
-                "stdin": {"type": "string", "format": "byte", "description": f"base64, up to {MAX_STDIN_BYTES} "
-                                                                             "bytes decoded"}}}}}},
-        "responses": {
-            "200": {"description": "NDJSON, one object per line: started {pid}; stdout/stderr {data: base64} as "
-                                   "they come; last exit {exit_code, signal, duration_ms} or error {error: "
-                                   "{code, message}} (code exec_timeout: killed after timeout_s)",
-                    "content": {"application/x-ndjson": {"schema": {"type": "object", "required": ["type"],
-                                                                     "properties": {"type": {"type": "string", "enum": [
-                                                                         "started", "stdout", "stderr", "exit",
-                                                                         "error"]}}}}}},
-            **_errors((400, "invalid_request"), (403, "forbidden"), (404, "not_found: no such clone"),
-                      (409, "agent_unavailable, domain_state_invalid"), (413, "body_too_large"))}}},
-    "/v1/clones/{name}/files": {
-        "put": {
-            "summary": "Write a file in a clone (temp name, size and sha256 checked in the guest, renamed)",
-            "parameters": [_CLONE, _PATH,
-                           {"name": "mode", "in": "query", "schema": {"type": "string", "default": "0644"}},
-                           {"name": SHA_HEADER, "in": "header", "schema": {"type": "string"},
-                            "description": "sha256 of the body, checked"}],
-            "requestBody": {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}},
-            "responses": {
-                "200": {"description": "written", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"file": {"type": "object", "properties": {
-                        "path": {"type": "string"}, "bytes": {"type": "integer"}, "sha256": {"type": "string"},
-                        "mode": {"type": "string"}}}}}}}},
-                **_errors((400, "invalid_request"), (403, "forbidden"),
-                          (404, "not_found, guest_file_not_found: no such directory"),
-                          (409, "agent_unavailable, guest_file_error, domain_state_invalid"),
-                          (413, "body_too_large"), (422, "checksum_mismatch"))}},
-        "get": {
-            "summary": "Read a file of a clone (write access); size and sha256 in the headers",
-            "parameters": [_CLONE, _PATH],
-            "responses": {
-                "200": {"description": f"the file; Content-Length and {SHA_HEADER} taken in the guest",
-                        "headers": {SHA_HEADER: {"schema": {"type": "string"}}},
-                        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                **_errors((400, "invalid_request"), (403, "forbidden"),
-                          (404, "not_found, guest_file_not_found"),
-                          (409, "agent_unavailable, guest_file_error, domain_state_invalid"))}}},
+_ERRORS = {
+    404: "not_found (no such clone made by instaclone)",
+    409: "agent_unavailable (no guest agent channel, or it does not answer), domain_state_invalid (not running)",
+    500: "libvirt_error: the hypervisor failed (see the message and the daemon log)",
+    503: "libvirt_unavailable (libvirt is down; retry), shutting_down",
 }
+_FILE_ERRORS = {**_ERRORS, 404: "not_found (no such clone), guest_file_not_found (no such file or directory)",
+                409: _ERRORS[409] + ", guest_file_error (permission denied, a directory, ...)"}
+_SHA = {SHA_HEADER: {"schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                     "description": "sha256 of the file, taken in the guest before it is read"}}
+_LINE = {"type": "object", "required": ["type"], "properties": {
+    "type": {"type": "string", "enum": ["started", "stdout", "stderr", "exit", "error"]},
+    "pid": {"type": "integer"}, "data": {"type": "string", "contentEncoding": "base64"},
+    "exit_code": {"type": "integer"}, "signal": {"type": ["integer", "null"]}, "duration_ms": {"type": "number"},
+    "error": {"type": "object", "required": ["code", "message"],
+              "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}
+_FILE = {"type": "object", "required": ["file"], "properties": {"file": {
+    "type": "object", "required": ["path", "bytes", "sha256", "mode"], "properties": {
+        "path": {"type": "string"}, "bytes": {"type": "integer"}, "sha256": {"type": "string"},
+        "mode": {"type": "string"}}}}}
+
+ROUTES = [
+    Route("POST", "/v1/clones/{name}/exec", exec_in_clone, "run a command in a clone through its guest agent",
+          description="Answers NDJSON, one object per line: `started` {pid}; `stdout`/`stderr` {data: base64} "
+                      "as they come; last `exit` {exit_code, signal, duration_ms} or `error` {error: {code, "
+                      "message}} (code exec_timeout: killed after timeout_s).",
+          ok={200: Reply("the command's output and exit, one JSON object per line", _LINE,
+                         media_type="application/x-ndjson")},
+          errors=_ERRORS, path_params=m.ClonePath, body=ExecBody, body_max_bytes=MAX_EXEC_BODY_BYTES,
+          operation_id="exec_in_clone"),
+    Route("PUT", "/v1/clones/{name}/files", put_file, "write a file in a clone",
+          description="Written to a temp name beside the path, its size and sha256 checked in the guest, "
+                      "then renamed onto the path.",
+          ok={200: Reply("written and verified", _FILE)},
+          errors={**_FILE_ERRORS, 422: "checksum_mismatch (the body differs from the header, or the guest's "
+                                       "copy from the body)"},
+          path_params=m.ClonePath, query=PutFileQuery, headers=ShaHeader,
+          body=RawBody(max_bytes=MAX_FILE_BYTES, description="the file's bytes"), operation_id="put_clone_file"),
+    Route("GET", "/v1/clones/{name}/files", get_file, "read a file of a clone (needs write access)",
+          ok={200: Reply("the file's bytes", {"type": "string", "format": "binary"},
+                         media_type="application/octet-stream", headers=_SHA)},
+          errors=_FILE_ERRORS, path_params=m.ClonePath, query=FileQuery, needs_write=True,
+          operation_id="get_clone_file"),
+]

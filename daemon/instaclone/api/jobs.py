@@ -5,14 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import __version__
-from ..errors import InvalidRequest, NotFound
-from .common import ENGINE, GC, PEER, STORE, body, log, unknown_fields, wait_param
+from ..errors import NotFound
+from . import answers as a, models as m
+from .common import ENGINE, GC, PEER, STORE, log
+from .routes import Call, Reply, Route
 
-_JOB_FIELDS = {"source", "name", "count", "keep_network", "customize", "config", "keep_ssh_host_keys", "script",
-               "ttl_s"}
 
-
-async def health(request: web.Request) -> web.Response:
+async def health(request: web.Request, _call: Call) -> web.Response:
     engine = request.app[ENGINE]
     out = {
         "version": __version__,
@@ -28,18 +27,13 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
-async def create_job(request: web.Request) -> web.Response:
-    data = await body(request)
-    unknown_fields(data, _JOB_FIELDS)
-    if "source" not in data or "name" not in data:
-        raise InvalidRequest("fields 'source' and 'name' are required")
+async def create_job(request: web.Request, call: Call) -> web.Response:
+    data = call.body_as(m.CreateJobBase)
+    wait = call.query_as(m.WaitQuery).wait
     engine = request.app[ENGINE]
-    wait = wait_param(request)  # before submit: a refused request must not start a job
-    job = await engine.submit(source=data["source"], name=data["name"], count=data.get("count", 1),
-                              keep_network=data.get("keep_network", False),
-                              customize=data.get("customize", True), config=data.get("config"),
-                              keep_ssh_host_keys=data.get("keep_ssh_host_keys"), script=data.get("script"),
-                              ttl_s=data.get("ttl_s"))
+    job = await engine.submit(source=data.source, name=data.name, count=data.count,
+                              keep_network=data.keep_network, customize=data.customize, config=data.config,
+                              keep_ssh_host_keys=data.keep_ssh_host_keys, script=data.script, ttl_s=data.ttl_s)
     log.info("api.clone_requested", job_id=job.id, source=job.source, peer=request.get(PEER))
     if wait:
         await engine.wait(job.id, wait)
@@ -47,17 +41,37 @@ async def create_job(request: web.Request) -> web.Response:
     return web.json_response({"job": job.to_dict()}, status=202 if not job.state.terminal else 201)
 
 
-async def list_jobs(request: web.Request) -> web.Response:
+async def list_jobs(request: web.Request, _call: Call) -> web.Response:
     jobs = await request.app[STORE].list_jobs()
     return web.json_response({"jobs": [j.to_dict() for j in jobs]})
 
 
-async def get_job(request: web.Request) -> web.Response:
-    job_id = request.match_info["job_id"]
-    wait = wait_param(request)
+async def get_job(request: web.Request, call: Call) -> web.Response:
+    job_id = call.path_as(m.JobPath).job_id
+    wait = call.query_as(m.WaitQuery).wait
     if wait:
         await request.app[ENGINE].wait(job_id, wait)
     job = await request.app[STORE].get_job(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     return web.json_response({"job": job.to_dict()})
+
+
+_UNAVAILABLE = "shutting_down (the daemon is stopping), libvirt_unavailable (retry later)"
+
+ROUTES = [
+    Route("GET", "/v1/health", health, "the daemon's status",
+          ok={200: Reply("version, libvirt connection, jobs, backends; disk: bytes per source", a.Health)}),
+    Route("POST", "/v1/jobs", create_job, "clone a source",
+          description="Validates the request and queues a job; with ?wait=S answers when it is done (201) "
+                      "or after S seconds (202).",
+          ok={201: Reply("the job finished (see its state)", a.JobAnswer),
+              202: Reply("the job is accepted and running", a.JobAnswer)},
+          errors={404: "source_not_found", 409: "name_in_use, source_not_cloneable",
+                  500: "libvirt_error (the hypervisor failed while the request was checked)", 503: _UNAVAILABLE},
+          query=m.WaitQuery, body=lambda config: m.create_job_model(config.clone.max_count)),
+    Route("GET", "/v1/jobs", list_jobs, "every job, newest first", ok={200: Reply("jobs", a.Jobs)}),
+    Route("GET", "/v1/jobs/{job_id}", get_job, "one job (?wait=S: when it is done, or after S seconds)",
+          ok={200: Reply("the job", a.JobAnswer)}, errors={404: "not_found"},
+          path_params=m.JobPath, query=m.WaitQuery),
+]

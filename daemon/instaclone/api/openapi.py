@@ -1,214 +1,203 @@
-"""The OpenAPI document of the control API (``GET /v1/openapi.json``)."""
+"""The OpenAPI 3.1 document of the control API (``GET /v1/openapi.json``), built from the routes.
+
+Nothing here is written by hand but the preflight, gc and prepare report
+schemas: each path, parameter, body and answer comes from a route's
+declaration (:mod:`.routes`) and the JSON Schema of its models
+(:mod:`.models`, :mod:`.answers`), for the daemon's own config (bounds such
+as ``clone.max_count``) and access (403 on reads when ``access.read_groups``
+is set).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from .. import __version__
-from .common import MAX_WAIT_S
-from .webhooks import DELIVERY_STATUSES
+from ..config import Config
+from . import answers
+from .common import MAX_BODY_BYTES
+from .models import QUERY_SCHEMA_OVERRIDES
+from .routes import Call, RawBody, Reply, Route
 
-_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-_ERR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {"title": "instaclone control API", "version": __version__},
-    "paths": {
-        "/v1/health": {"get": {"responses": {"200": {
-            "description": "daemon status; disk: bytes under instaclone's directories per source"}}}},
-        "/v1/jobs": {
-            "get": {"responses": {"200": {"description": "jobs, newest first"}}},
-            "post": {
-                "parameters": [{"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 0,
-                                                                           "maximum": MAX_WAIT_S}}],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "additionalProperties": False, "required": ["source", "name"],
-                    "properties": {
-                        "source": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
-                        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
-                        "count": {"type": "integer", "minimum": 1},
-                        "keep_network": {"type": "boolean"},
-                        "customize": {"type": "boolean"},
-                        "config": {"type": "object", "additionalProperties": {"type": "string"}},
-                        "keep_ssh_host_keys": {"type": "boolean",
-                                               "description": "keep the source's SSH host keys "
-                                                              "(default: clone.keep_ssh_host_keys, false)"},
-                        "script": {"type": "string", "minLength": 1, "maxLength": 65536,
-                                   "description": "shell script run in each clone after its identity "
-                                                  "reset (default: clone.customize_script)"},
-                        "ttl_s": {"type": "number", "minimum": 1,
-                                  "description": "the daemon destroys each clone this long after it is ready"},
-                    }}}}},
-                "responses": {"201": {"description": "job finished"}, "202": {"description": "job accepted"},
-                              "400": _ERR, "404": _ERR, "409": _ERR},
-            },
-        },
-        "/v1/jobs/{job_id}": {"get": {
-            "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "one job"}, "404": _ERR}}},
-        "/v1/clones": {"get": {"responses": {"200": {"description": "clones made by instaclone"}}}},
-        "/v1/frozen": {"get": {"responses": {"200": {"description": "frozen sources"}}}},
-        "/v1/clones/{name}/release": {"post": {
-            "description": "destroy a pool member (claimed or idle); its pool makes another",
-            "parameters": [_NAME], "responses": {"200": {"description": "released"}, "404": _ERR, "409": _ERR}}},
-        "/v1/pools": {
-            "get": {"responses": {"200": {"description": "every pool with its idle, claimed and pending members"}}},
-            "post": {
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "additionalProperties": False, "required": ["name", "source", "size"],
-                    "properties": {
-                        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
-                        "source": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
-                        "size": {"type": "integer", "minimum": 0, "maximum": 1000},
-                        "config": {"type": "object", "additionalProperties": {"type": "string"}},
-                        "customize": {"type": "boolean"},
-                        "keep_network": {"type": "boolean"},
-                        "freeze": {"type": "boolean", "description": "freeze the source first (if it is not)"},
-                    }}}}},
-                "responses": {"201": {"description": "pool created; it fills in the background"},
-                              "400": _ERR, "404": _ERR, "409": _ERR}}},
-        "/v1/pools/{name}": {
-            "get": {"parameters": [_NAME], "responses": {"200": {"description": "one pool"}, "404": _ERR}},
-            "patch": {
-                "description": "size: resize; source: move the pool to a new source (image push: idle members "
-                               "are replaced in the background, claimed ones stay until released)",
-                "parameters": [_NAME],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "additionalProperties": False, "minProperties": 1, "properties": {
-                        "size": {"type": "integer", "minimum": 0, "maximum": 1000},
-                        "source": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"}}}}}},
-                "responses": {"200": {"description": "updated"}, "400": _ERR, "404": _ERR}},
-            "delete": {"description": "destroy the idle members; claimed members stay as plain clones",
-                       "parameters": [_NAME], "responses": {"200": {"description": "deleted"}, "404": _ERR}}},
-        "/v1/pools/{name}/claim": {"post": {
-            "description": "hand out an idle member at once; with none idle, wait (bounded by wait_s, default "
-                           "pools.claim_wait_s) for the next one; the answer says how long it waited",
-            "parameters": [_NAME],
-            "requestBody": {"required": False, "content": {"application/json": {"schema": {
-                "type": "object", "additionalProperties": False, "properties": {
-                    "ttl_s": {"type": "number", "minimum": 1},
-                    "config": {"type": "object", "additionalProperties": {"type": "string"},
-                               "description": "written over the pool's config to /run/instaclone/config.json"},
-                    "wait_s": {"type": "number", "minimum": 0, "maximum": 3600}}}}}},
-            "responses": {"200": {"description": "claimed"}, "400": _ERR, "404": _ERR,
-                          "503": {"description": "no member became ready in time (code pool_empty, retryable)",
-                                  "content": {"application/json": {"schema": {
-                                      "$ref": "#/components/schemas/Error"}}}}}}},
-        "/v1/sources/{name}/freeze": {"post": {
-            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "frozen"}, "404": _ERR, "409": _ERR}}},
-        "/v1/sources/{name}/unfreeze": {"post": {
-            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "unfrozen"}, "404": _ERR}}},
-        "/v1/sources/{name}/check": {"get": {
-            "description": "preflight: per capability, whether the domain has it and the exact change",
-            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "the report", "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"check": {"$ref": "#/components/schemas/Check"}}}}}},
-                "400": _ERR, "404": _ERR}}},
-        "/v1/sources/{name}/prepare": {"post": {
-            "description": "write shared file-backed RAM, <acpi/>, a guest agent channel and <genid/> into "
-                           "the persistent definition; a running domain gets them at its next boot",
-            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "requestBody": {"required": False, "content": {"application/json": {"schema": {
-                "type": "object", "additionalProperties": False,
-                "properties": {"dry_run": {"type": "boolean", "default": False}}}}}},
-            "responses": {"200": {"description": "what was (or would be) changed", "content": {
-                "application/json": {"schema": {"type": "object", "properties": {
-                    "prepare": {"$ref": "#/components/schemas/Prepare"}}}}}},
-                "400": _ERR, "403": _ERR, "404": _ERR}}},
-        "/v1/events": {"get": {
-            "description": "NDJSON event stream (application/x-ndjson), oldest first",
-            "parameters": [
-                {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
-                {"name": "job", "in": "query", "schema": {"type": "string"}},
-                {"name": "type", "in": "query", "schema": {"type": "string"},
-                 "description": "comma-separated event types or globs"},
-                {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                {"name": "tail", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10000}},
-            ],
-            "responses": {"200": {"description": "events", "content": {"application/x-ndjson": {}}},
-                          "400": _ERR}}},
-        "/v1/webhooks": {"get": {"responses": {"200": {"description": "endpoints and delivery counts"},
-                                               "404": _ERR}}},
-        "/v1/webhooks/{name}/enable": {"post": {
-            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "enabled"}, "404": _ERR}}},
-        "/v1/webhooks/deliveries": {"get": {
-            "parameters": [{"name": n, "in": "query", "schema": {"type": "string"}}
-                           for n in ("status", "webhook", "job", "event")]
-            + [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}],
-            "responses": {"200": {"description": "deliveries, newest first"}, "400": _ERR, "404": _ERR}}},
-        "/v1/webhooks/deliveries/replay": {"post": {
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object", "additionalProperties": False, "properties": {
-                    "ids": {"type": "array", "items": {"type": "integer"}},
-                    "status": {"type": "string", "enum": list(DELIVERY_STATUSES)},
-                    "webhook": {"type": "string"}, "event_id": {"type": "string"}}}}}},
-            "responses": {"200": {"description": "ids queued again"}, "400": _ERR, "404": _ERR}}},
-        "/v1/clones/{name}": {"delete": {
-            "description": "undefine the clone (its own clones keep running), then collect garbage",
-            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "destroyed"}, "404": _ERR, "409": _ERR}}},
-        "/v1/gc": {"post": {
-            "description": "delete every delta or memory image under instaclone's directories that no "
-                           "domain's backing chain uses and no job in flight recorded; dry_run lists them",
-            "requestBody": {"required": False, "content": {"application/json": {"schema": {
-                "type": "object", "additionalProperties": False,
-                "properties": {"dry_run": {"type": "boolean", "default": False}}}}}},
-            "responses": {"200": {"description": "what was (or would be) deleted", "content": {
-                "application/json": {"schema": {"type": "object", "properties": {
-                    "gc": {"$ref": "#/components/schemas/Gc"}}}}}},
-                "400": _ERR, "403": _ERR, "503": _ERR}}},
-    },
-    "components": {"schemas": {
-        "Error": {"type": "object", "properties": {"error": {
-            "type": "object", "required": ["code", "message"],
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "step": {"type": "string"}}}}},
-        "CheckItem": {"type": "object", "required": ["capability", "ok", "level", "detail", "fix"], "properties": {
-            "capability": {"type": "string", "enum": ["state", "cow_memory", "mac_reset", "guest_customization",
-                                                      "vm_generation_id", "firmware", "tpm", "disk",
-                                                      "chain_depth", "host_state", "ram_filesystem",
-                                                      "balloon"]},
-            "ok": {"type": "boolean"},
-            "level": {"type": "string", "enum": ["ok", "warn", "error"]},
-            "detail": {"type": "string"},
-            "fix": {"type": "string", "nullable": True, "description": "the exact XML to add or change"},
-            "device": {"type": "string", "description": "disk target or device the item is about"},
-            "pending": {"type": "boolean", "description": "in the persistent definition; applies at next boot"}}},
-        "Check": {"type": "object", "required": ["source", "state", "cloneable", "checks"], "properties": {
-            "source": {"type": "string"}, "state": {"type": "string"}, "frozen": {"type": "boolean"},
-            "clone_of": {"type": "string", "nullable": True},
-            "cloneable": {"type": "boolean", "description": "false if any item has level error"},
-            "pending": {"type": "array", "items": {"type": "string"}},
-            "checks": {"type": "array", "items": {"$ref": "#/components/schemas/CheckItem"}}}},
-        "Gc": {"type": "object", "required": ["dry_run", "bytes", "deleted"], "properties": {
-            "dry_run": {"type": "boolean"},
-            "bytes": {"type": "integer", "description": "bytes allocated on disk by the files deleted"},
-            "deleted": {"type": "array", "items": {"type": "object", "required": ["path", "bytes"], "properties": {
-                "path": {"type": "string"}, "bytes": {"type": "integer"}}}},
-            "released": {"type": "array", "items": {"type": "string"},
-                         "description": "destroyed clones whose kept directory went (their names are free)"},
-            "retained": {"type": "array", "description": "destroyed clones whose images chains still use",
-                         "items": {"type": "object", "properties": {
-                             "clone": {"type": "string"}, "source": {"type": "string"},
-                             "dir": {"type": "string"}, "bytes": {"type": "integer"}}}},
-            "failed": {"type": "array", "items": {"type": "string"}}}},
-        "Prepare": {"type": "object", "required": ["source", "changed", "not_changed", "diff"], "properties": {
-            "source": {"type": "string"}, "state": {"type": "string"}, "dry_run": {"type": "boolean"},
-            "applied": {"type": "boolean", "description": "the persistent definition was written"},
-            "changed": {"type": "array", "items": {"type": "string"}},
-            "not_changed": {"type": "array", "items": {"type": "string"},
-                            "description": "what stands in the way and prepare does not change, and why"},
-            "diff": {"type": "string", "description": "unified diff of the persistent definition"},
-            "pending": {"type": "array", "items": {"type": "string"},
-                        "description": "capabilities defined but not yet in the running domain"},
-            "note": {"type": "string"}}},
-    }},
-}
+DOCUMENT = web.AppKey("openapi", dict)
+_REF = "#/components/schemas/{model}"
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+#: The reports of preflight, gc and prepare (dictionaries built by jobs/, described here).
+_STATIC: dict[str, Any] = {
+    "CheckItem": {"type": "object", "required": ["capability", "ok", "level", "detail", "fix"], "properties": {
+        "capability": {"type": "string", "enum": ["state", "cow_memory", "mac_reset", "guest_customization",
+                                                  "vm_generation_id", "firmware", "tpm", "disk",
+                                                  "chain_depth", "host_state", "ram_filesystem",
+                                                  "balloon"]},
+        "ok": {"type": "boolean"},
+        "level": {"type": "string", "enum": ["ok", "warn", "error"]},
+        "detail": {"type": "string"},
+        "fix": {"type": ["string", "null"], "description": "the exact XML to add or change"},
+        "device": {"type": "string", "description": "disk target or device the item is about"},
+        "pending": {"type": "boolean", "description": "in the persistent definition; applies at next boot"}}},
+    "Check": {"type": "object", "required": ["source", "state", "cloneable", "checks"], "properties": {
+        "source": {"type": "string"}, "state": {"type": "string"}, "frozen": {"type": "boolean"},
+        "clone_of": {"type": ["string", "null"]},
+        "cloneable": {"type": "boolean", "description": "false if any item has level error"},
+        "pending": {"type": "array", "items": {"type": "string"}},
+        "checks": {"type": "array", "items": {"$ref": "#/components/schemas/CheckItem"}}}},
+    "Gc": {"type": "object", "required": ["dry_run", "bytes", "deleted"], "properties": {
+        "dry_run": {"type": "boolean"},
+        "bytes": {"type": "integer", "description": "bytes allocated on disk by the files deleted"},
+        "deleted": {"type": "array", "items": {"type": "object", "required": ["path", "bytes"], "properties": {
+            "path": {"type": "string"}, "bytes": {"type": "integer"}}}},
+        "released": {"type": "array", "items": {"type": "string"},
+                     "description": "destroyed clones whose kept directory went (their names are free)"},
+        "retained": {"type": "array", "description": "destroyed clones whose images chains still use",
+                     "items": {"type": "object", "properties": {
+                         "clone": {"type": "string"}, "source": {"type": "string"},
+                         "dir": {"type": "string"}, "bytes": {"type": "integer"}}}},
+        "failed": {"type": "array", "items": {"type": "string"}}}},
+    "Prepare": {"type": "object", "required": ["source", "changed", "not_changed", "diff"], "properties": {
+        "source": {"type": "string"}, "state": {"type": "string"}, "dry_run": {"type": "boolean"},
+        "applied": {"type": "boolean", "description": "the persistent definition was written"},
+        "changed": {"type": "array", "items": {"type": "string"}},
+        "not_changed": {"type": "array", "items": {"type": "string"},
+                        "description": "what stands in the way and prepare does not change, and why"},
+        "diff": {"type": "string", "description": "unified diff of the persistent definition"},
+        "pending": {"type": "array", "items": {"type": "string"},
+                    "description": "capabilities defined but not yet in the running domain"},
+        "note": {"type": "string"}}},}
 
 
-async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI)
+def _models(routes: Sequence[Route], config: Config) -> list[tuple[type[BaseModel], JsonSchemaMode]]:
+    out: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(answers.Error, "serialization"): None}
+    for r in routes:
+        for model in (r.path_params, r.query, r.headers, r.body_model(config)):
+            if model is not None:
+                out[model, "validation"] = None
+        for reply in r.ok.values():
+            if isinstance(reply.schema, type):
+                out[reply.schema, "serialization"] = None
+    return list(out)
+
+
+def _parameters(model: type[BaseModel], where: Literal["path", "query", "header"]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema(ref_template=_REF)
+    required = set(schema.get("required", ()))
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = QUERY_SCHEMA_OVERRIDES.get((model.__name__, name), prop)
+        prop = {k: v for k, v in prop.items() if k != "title"}
+        if "anyOf" in prop:  # None is the parameter's absence, never a value sent
+            kinds = [k for k in prop.pop("anyOf") if k != {"type": "null"}]
+            prop = {**kinds[0], **prop} if len(kinds) == 1 else {"anyOf": kinds, **prop}
+        if prop.get("default", 0) is None:
+            del prop["default"]
+        param: dict[str, Any] = {"name": name, "in": where, "required": where == "path" or name in required,
+                                 "schema": prop}
+        if "description" in prop:
+            param["description"] = prop["description"]
+        out.append(param)
+    return out
+
+
+def _content(reply: Reply, refs: dict[type[BaseModel], dict[str, Any]]) -> dict[str, Any]:
+    schema = refs[reply.schema] if isinstance(reply.schema, type) else reply.schema
+    return {reply.media_type: {"schema": schema} if schema is not None else {}}
+
+
+def _answers(route: Route, refs: dict[type[BaseModel], dict[str, Any]], *, read_groups: bool) -> dict[str, Any]:
+    out: dict[int, dict[str, Any]] = {}
+    for status, reply in route.ok.items():
+        out[status] = {"description": reply.description, "content": _content(reply, refs)}
+        if reply.headers:
+            out[status]["headers"] = {k: dict(v) for k, v in reply.headers.items()}
+    errors = dict(route.errors)
+    if route.path_params or route.query or route.headers or route.body is not None:
+        errors.setdefault(400, "")
+        errors[400] = ", ".join(filter(None, ["invalid_request, invalid_name: a value the schema refuses",
+                                              errors[400]]))
+    if route.write or read_groups:
+        errors.setdefault(403, "forbidden: the caller's access (peer credentials against [access]) does not allow it")
+    if route.body is not None and not (isinstance(route.body, RawBody) and route.body.max_bytes is None):
+        limit = route.body.max_bytes if isinstance(route.body, RawBody) else (route.body_max_bytes or MAX_BODY_BYTES)
+        errors.setdefault(413, f"body_too_large: the body is larger than {limit} bytes")
+    for status, what in errors.items():
+        out[status] = {"description": what or "error", "content": {"application/json": {"schema": _ERROR}}}
+    return {str(k): out[k] for k in sorted(out)}
+
+
+def _body(route: Route, config: Config, refs: dict[type[BaseModel], dict[str, Any]]) -> dict[str, Any] | None:
+    if isinstance(route.body, RawBody):
+        return {"required": route.body_required, "description": route.body.description,
+                "content": {route.body.media_type: {"schema": {"type": "string", "format": "binary"}}}}
+    model = route.body_model(config)
+    if model is None:
+        return None
+    return {"required": route.body_required, "content": {"application/json": {"schema": refs[model]}}}
+
+
+def _absent_is_not_null(schema: Any) -> Any:
+    """Drop ``"default": null`` from a schema that does not allow null (None there means absent)."""
+    if isinstance(schema, list):
+        return [_absent_is_not_null(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _absent_is_not_null(v) for k, v in schema.items()}
+    if "default" in out and out["default"] is None and not _nullable(out):
+        del out["default"]
+    return out
+
+
+def _nullable(schema: dict[str, Any]) -> bool:
+    kinds = schema.get("anyOf", [])
+    return schema.get("type") == "null" or any(isinstance(k, dict) and k.get("type") == "null" for k in kinds)
+
+
+def operation_id(route: Route) -> str:
+    return route.operation_id or route.handler.__name__
+
+
+def document(routes: Iterable[Route], config: Config, *, read_groups: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``routes`` as a daemon with ``config`` serves them."""
+    routes = list(routes)
+    keys, defs = models_json_schema(_models(routes, config), ref_template=_REF)
+    refs: dict[Any, dict[str, Any]] = {model: ref for (model, _mode), ref in keys.items()}
+    schemas = {k: _absent_is_not_null(v) for k, v in defs.get("$defs", {}).items()}
+    for r in routes:  # parameters are listed one by one, not as objects
+        for model in (r.path_params, r.query, r.headers):
+            if model is not None:
+                schemas.pop(model.__name__, None)
+    paths: dict[str, dict[str, Any]] = {}
+    for r in routes:
+        op: dict[str, Any] = {"operationId": operation_id(r), "summary": r.summary}
+        if r.description:
+            op["description"] = r.description
+        params = [*(_parameters(r.path_params, "path") if r.path_params else []),
+                  *(_parameters(r.query, "query") if r.query else []),
+                  *(_parameters(r.headers, "header") if r.headers else [])]
+        if params:
+            op["parameters"] = params
+        body = _body(r, config, refs)
+        if body is not None:
+            op["requestBody"] = body
+        op["responses"] = _answers(r, refs, read_groups=read_groups)
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "instaclone control API", "version": __version__,
+                 "description": "HTTP+JSON on the daemon's Unix socket. Every error answer is "
+                                "{\"error\": {\"code\", \"message\", ...}} with a stable code."},
+        "paths": paths,
+        "components": {"schemas": {**schemas, **_STATIC}},
+    }
+
+
+async def openapi(request: web.Request, _call: Call) -> web.Response:
+    return web.json_response(request.app[DOCUMENT])
+
+
+ROUTE = Route("GET", "/v1/openapi.json", openapi, "this document",
+              ok={200: Reply("the OpenAPI 3.1 document", {"type": "object"})})

@@ -4,73 +4,100 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..errors import InvalidRequest
-from .common import ENGINE, PEER, body, log, unknown_fields
-
-_CREATE_FIELDS = {"name", "source", "size", "config", "customize", "keep_network", "freeze"}
-_UPDATE_FIELDS = {"size", "source"}
-_CLAIM_FIELDS = {"ttl_s", "config", "wait_s"}
+from . import answers as a, models as m
+from .common import ENGINE, PEER, log
+from .routes import Call, Reply, Route
 
 
-async def create_pool(request: web.Request) -> web.Response:
-    data = await body(request)
-    unknown_fields(data, _CREATE_FIELDS)
-    for key in ("name", "source", "size"):
-        if key not in data:
-            raise InvalidRequest("fields 'name', 'source' and 'size' are required")
+async def create_pool(request: web.Request, call: Call) -> web.Response:
+    data = call.body_as(m.CreatePool)
     pool = await request.app[ENGINE].pools.create(
-        name=data["name"], source=data["source"], size=data["size"], config=data.get("config"),
-        customize=data.get("customize", True), keep_network=data.get("keep_network", False),
-        freeze=data.get("freeze", False))
+        name=data.name, source=data.source, size=data.size, config=data.config,
+        customize=data.customize, keep_network=data.keep_network, freeze=data.freeze)
     log.info("api.pool_created", pool=pool["name"], peer=request.get(PEER))
     return web.json_response({"pool": pool}, status=201)
 
 
-async def list_pools(request: web.Request) -> web.Response:
+async def list_pools(request: web.Request, _call: Call) -> web.Response:
     return web.json_response({"pools": await request.app[ENGINE].pools.list_all()})
 
 
-async def get_pool(request: web.Request) -> web.Response:
-    return web.json_response({"pool": await request.app[ENGINE].pools.show(request.match_info["name"])})
+async def get_pool(request: web.Request, call: Call) -> web.Response:
+    return web.json_response({"pool": await request.app[ENGINE].pools.show(call.path_as(m.PoolPath).name)})
 
 
-async def update_pool(request: web.Request) -> web.Response:
+async def update_pool(request: web.Request, call: Call) -> web.Response:
     """PATCH: ``size`` resizes; ``source`` moves the pool to a new source (image push)."""
-    name = request.match_info["name"]
-    data = await body(request)
-    unknown_fields(data, _UPDATE_FIELDS)
-    if not data:
-        raise InvalidRequest("give 'size' or 'source' (or both)")
+    name = call.path_as(m.PoolPath).name
+    data = call.body_as(m.UpdatePool)
     pools = request.app[ENGINE].pools
     pool = None
-    if "source" in data:
-        pool = await pools.update_source(name, data["source"])
-    if "size" in data:
-        pool = await pools.resize(name, data["size"])
-    log.info("api.pool_updated", pool=name, peer=request.get(PEER), **data)
+    sent = data.model_fields_set
+    if "source" in sent:
+        pool = await pools.update_source(name, data.source)
+    if "size" in sent:
+        pool = await pools.resize(name, data.size)
+    log.info("api.pool_updated", pool=name, peer=request.get(PEER), **data.model_dump(include=sent))
     return web.json_response({"pool": pool})
 
 
-async def delete_pool(request: web.Request) -> web.Response:
-    out = await request.app[ENGINE].pools.delete(request.match_info["name"])
+async def delete_pool(request: web.Request, call: Call) -> web.Response:
+    out = await request.app[ENGINE].pools.delete(call.path_as(m.PoolPath).name)
     log.info("api.pool_deleted", pool=out["pool"], peer=request.get(PEER))
     return web.json_response({"deleted": out})
 
 
-async def claim(request: web.Request) -> web.Response:
-    data = await body(request)
-    unknown_fields(data, _CLAIM_FIELDS)
+async def claim(request: web.Request, call: Call) -> web.Response:
+    data = call.body_as(m.Claim)
     peer = request.get(PEER)
     claimed_by = {k: peer.get(k) for k in ("pid", "uid")} if isinstance(peer, dict) else None
-    out = await request.app[ENGINE].pools.claim(request.match_info["name"], ttl_s=data.get("ttl_s"),
-                                                 config=data.get("config"), wait_s=data.get("wait_s"),
-                                                 claimed_by=claimed_by)
+    out = await request.app[ENGINE].pools.claim(call.path_as(m.PoolPath).name, ttl_s=data.ttl_s,
+                                                 config=data.config, wait_s=data.wait_s, claimed_by=claimed_by)
     log.info("api.pool_claimed", pool=out["pool"], clone=out["clone"]["name"], waited_ms=out["waited_ms"],
              peer=peer)
     return web.json_response({"claim": out})
 
 
-async def release(request: web.Request) -> web.Response:
-    out = await request.app[ENGINE].pools.release(request.match_info["name"])
+async def release(request: web.Request, call: Call) -> web.Response:
+    out = await request.app[ENGINE].pools.release(call.path_as(m.ClonePath).name)
     log.info("api.clone_released", clone=out["clone"], pool=out["pool"], peer=request.get(PEER))
     return web.json_response({"released": out})
+
+
+_NO_POOL = "not_found (no such pool)"
+_LIBVIRT = "libvirt_unavailable (libvirt is down; retry), shutting_down"
+_FAILED = "libvirt_error, step_failed: the hypervisor failed (see the message and the daemon log)"
+
+ROUTES = [
+    Route("POST", "/v1/pools", create_pool, "create a pool; it fills in the background",
+          ok={201: Reply("the pool", a.PoolAnswer)},
+          errors={404: "source_not_found", 409: "conflict (the pool exists), source_not_cloneable, name_in_use",
+                  500: _FAILED, 503: _LIBVIRT},
+          body=m.CreatePool),
+    Route("GET", "/v1/pools", list_pools, "every pool with its idle, claimed and pending members",
+          ok={200: Reply("pools", a.Pools)}),
+    Route("GET", "/v1/pools/{name}", get_pool, "one pool", ok={200: Reply("the pool", a.PoolAnswer)},
+          errors={404: _NO_POOL}, path_params=m.PoolPath),
+    Route("PATCH", "/v1/pools/{name}", update_pool, "resize a pool, or move it to a new source",
+          description="size: resize; source: move the pool to a new source (image push: idle members are "
+                      "replaced in the background, claimed ones stay until released)",
+          ok={200: Reply("the pool", a.PoolAnswer)},
+          errors={404: f"{_NO_POOL}, source_not_found", 409: "source_not_cloneable", 500: _FAILED,
+                  503: _LIBVIRT},
+          path_params=m.PoolPath, body=m.UpdatePool),
+    Route("DELETE", "/v1/pools/{name}", delete_pool, "delete a pool",
+          description="Destroy the idle members; claimed members stay as plain clones.",
+          ok={200: Reply("deleted", a.PoolDeleted)}, errors={404: _NO_POOL}, path_params=m.PoolPath),
+    Route("POST", "/v1/pools/{name}/claim", claim, "hand out a ready member",
+          description="An idle member at once; with none idle, wait (bounded by wait_s, default "
+                      "pools.claim_wait_s) for the next one; the answer says how long it waited.",
+          ok={200: Reply("claimed", a.Claimed)},
+          errors={400: "invalid_request (also: the member's config could not be written)", 404: _NO_POOL,
+                  503: "pool_empty (no member became ready in time; retry), libvirt_unavailable"},
+          path_params=m.PoolPath, body=m.Claim, body_required=False),
+    Route("POST", "/v1/clones/{name}/release", release, "destroy a pool member; its pool makes another",
+          ok={200: Reply("released", a.Released)},
+          errors={404: "not_found (not a clone made by instaclone)", 409: "conflict (not a pool member)",
+                  500: _FAILED, 503: _LIBVIRT},
+          path_params=m.ClonePath),
+]

@@ -7,19 +7,20 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .. import identity
-from ..errors import DomainNotFound, InstacloneError, InvalidRequest, SourceNotFound
+from ..errors import DomainNotFound, InstacloneError, SourceNotFound
 from ..hv import hostfs
 from ..hv.records import DomainInfo
 from ..jobs import preflight, prepare
 from ..jobs.customize import has_agent
-from .common import ENGINE, PEER, STORE, body, log, unknown_fields
+from . import answers as a, models as m
+from .common import ENGINE, PEER, STORE, log
+from .routes import Call, Reply, Route
 
 #: How long ``check`` waits for the source's guest agent to answer guest-ping.
 AGENT_PING_S = 3
 
 
-async def list_clones(request: web.Request) -> web.Response:
+async def list_clones(request: web.Request, _call: Call) -> web.Response:
     engine = request.app[ENGINE]
     out = []
     for c in await request.app[STORE].list_clones():
@@ -32,26 +33,26 @@ async def list_clones(request: web.Request) -> web.Response:
     return web.json_response({"clones": out})
 
 
-async def destroy_clone(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
+async def destroy_clone(request: web.Request, call: Call) -> web.Response:
+    name = call.path_as(m.ClonePath).name
     rec = await request.app[ENGINE].destroy_clone(name)
     log.info("api.clone_destroyed", clone=name, peer=request.get(PEER))
     return web.json_response({"destroyed": rec.to_dict()})
 
 
-async def freeze(request: web.Request) -> web.Response:
-    entry = await request.app[ENGINE].freeze(request.match_info["name"])
+async def freeze(request: web.Request, call: Call) -> web.Response:
+    entry = await request.app[ENGINE].freeze(call.path_as(m.SourcePath).name)
     log.info("api.frozen", source=entry["name"], peer=request.get(PEER))
     return web.json_response({"frozen": entry})
 
 
-async def unfreeze(request: web.Request) -> web.Response:
-    entry = await request.app[ENGINE].unfreeze(request.match_info["name"])
+async def unfreeze(request: web.Request, call: Call) -> web.Response:
+    entry = await request.app[ENGINE].unfreeze(call.path_as(m.SourcePath).name)
     log.info("api.unfrozen", source=entry["name"], peer=request.get(PEER))
     return web.json_response({"unfrozen": entry})
 
 
-async def list_frozen(request: web.Request) -> web.Response:
+async def list_frozen(request: web.Request, _call: Call) -> web.Response:
     return web.json_response({"frozen": [f.to_dict() for f in (await request.app[STORE].frozen()).values()]})
 
 
@@ -116,9 +117,9 @@ async def _source_facts(request: web.Request, name: str) -> tuple[preflight.Fact
     return facts, info.xml
 
 
-async def check_source(request: web.Request) -> web.Response:
+async def check_source(request: web.Request, call: Call) -> web.Response:
     """Preflight report of a domain: per capability, ok or not and the exact change."""
-    name = identity.validate_name(request.match_info["name"], what="source name")
+    name = call.path_as(m.SourcePath).name
     facts, xml = await _source_facts(request, name)
     return web.json_response({"check": preflight.check(xml, facts).to_dict()})
 
@@ -134,14 +135,10 @@ def _prepare_note(name: str, *, changed: bool, dry_run: bool, active: bool, pend
     return f"the changes apply when {name} is started"
 
 
-async def prepare_source(request: web.Request) -> web.Response:
+async def prepare_source(request: web.Request, call: Call) -> web.Response:
     """Write what instant clones need into a domain's persistent definition (or, dry run, show it)."""
-    data = await body(request)
-    unknown_fields(data, {"dry_run"})
-    dry_run = data.get("dry_run", False)
-    if not isinstance(dry_run, bool):
-        raise InvalidRequest("dry_run must be true or false")
-    name = identity.validate_name(request.match_info["name"], what="source name")
+    dry_run = call.body_as(m.DryRun).dry_run
+    name = call.path_as(m.SourcePath).name
     engine = request.app[ENGINE]
     # Under the source's lock: a clone job's disk snapshot rewrites the
     # definition's disk paths, and writing back one read before it would put
@@ -166,3 +163,40 @@ async def prepare_source(request: web.Request) -> web.Response:
     return web.json_response({"prepare": {
         "source": name, "state": info.state, "dry_run": dry_run, "applied": bool(prep.changed) and not dry_run,
         **prep.to_dict(), "diff": prepare.diff(before, after, name), "pending": pending, "note": note}})
+
+
+_LIBVIRT = "libvirt_unavailable (libvirt is down; retry), shutting_down"
+_FAILED = "libvirt_error, step_failed: the hypervisor failed (see the message and the daemon log)"
+
+ROUTES = [
+    Route("GET", "/v1/clones", list_clones, "clones made by instaclone, with their domain's state",
+          ok={200: Reply("clones", a.Clones)}),
+    Route("DELETE", "/v1/clones/{name}", destroy_clone, "destroy a clone",
+          description="Undefine the clone (its own clones keep running), then collect garbage.",
+          ok={200: Reply("destroyed", a.Destroyed)},
+          errors={404: "not_found (not a clone made by instaclone)", 409: "conflict (frozen as a template)",
+                  500: _FAILED, 503: _LIBVIRT}, path_params=m.ClonePath),
+    Route("GET", "/v1/frozen", list_frozen, "frozen sources", ok={200: Reply("frozen sources", a.FrozenList)}),
+    Route("POST", "/v1/sources/{name}/freeze", freeze, "freeze a source as a template",
+          ok={200: Reply("frozen", a.FrozenAnswer)},
+          errors={404: "source_not_found, domain_not_found",
+                  409: "conflict (already frozen), source_not_cloneable, domain_state_invalid",
+                  500: _FAILED, 503: _LIBVIRT}, path_params=m.SourcePath),
+    Route("POST", "/v1/sources/{name}/unfreeze", unfreeze, "unfreeze a source",
+          ok={200: Reply("unfrozen", a.UnfrozenAnswer)},
+          errors={404: "not_found (not frozen), domain_not_found", 409: "domain_state_invalid",
+                  500: _FAILED, 503: _LIBVIRT}, path_params=m.SourcePath),
+    Route("GET", "/v1/sources/{name}/check", check_source,
+          "preflight: per capability, whether the domain has it and the exact change",
+          ok={200: Reply("the report", {"type": "object", "required": ["check"],
+                                        "properties": {"check": {"$ref": "#/components/schemas/Check"}}})},
+          errors={404: "source_not_found", 500: _FAILED, 503: _LIBVIRT}, path_params=m.SourcePath),
+    Route("POST", "/v1/sources/{name}/prepare", prepare_source,
+          "write shared file-backed RAM, <acpi/>, a guest agent channel and <genid/> into the persistent "
+          "definition; a running domain gets them at its next boot",
+          ok={200: Reply("what was (or would be) changed", {
+              "type": "object", "required": ["prepare"],
+              "properties": {"prepare": {"$ref": "#/components/schemas/Prepare"}}})},
+          errors={404: "source_not_found", 500: _FAILED, 503: _LIBVIRT},
+          path_params=m.SourcePath, body=m.DryRun, body_required=False),
+]

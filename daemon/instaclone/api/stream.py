@@ -8,22 +8,14 @@ from contextlib import suppress
 
 from aiohttp import web
 
-from .. import events
-from ..errors import InvalidRequest
 from ..model import Event
 from ..store import Store
-from .common import BUS, CLOSING, STORE, int_param
+from . import answers as a, models as m
+from .common import BUS, CLOSING, STORE
+from .routes import Call, Reply, Route
 
 #: How long a follower waits for a wake-up before it looks at the outbox anyway.
 FOLLOW_CHECK_S = 15.0
-
-
-def _type_filter(request: web.Request) -> list[str]:
-    types = [t for t in request.query.get("type", "").split(",") if t]
-    for t in types:
-        if not events.valid_pattern(t):
-            raise InvalidRequest(f"type {t!r} matches no event type (types: {', '.join(events.TYPES)})")
-    return types
 
 
 class _Query:
@@ -71,18 +63,17 @@ async def _follow(request: web.Request, resp: web.StreamResponse, query: _Query,
             unsubscribe()
 
 
-async def stream_events(request: web.Request) -> web.StreamResponse:
+async def stream_events(request: web.Request, call: Call) -> web.StreamResponse:
     """Events as NDJSON, one JSON object per line, oldest first.
 
     ``since=CURSOR`` gives the events after that cursor, else the last
-    ``tail`` (default 100). With ``follow=1`` the answer stays open and new
-    events follow as they are committed. Filters: ``job=ID``, ``type=T[,T...]``
-    (globs such as ``clone.*``).
+    ``tail`` (default 100). With ``follow=true`` (or 1) the answer stays open
+    and new events follow as they are committed. Filters: ``job=ID``,
+    ``type=T[,T...]`` (types, ``*`` or ``<kind>.*`` such as ``clone.*``).
     """
-    follow = request.query.get("follow", "0").lower() in ("1", "true", "yes")
-    query = _Query(request.app[STORE], request.query.get("job") or None, _type_filter(request))
-    since = int_param(request, "since", None, 0, 2**62)
-    tail = int_param(request, "tail", 100, 0, 10_000)
+    args = call.query_as(m.EventsQuery)
+    follow, since, tail = args.follow, args.since, args.tail
+    query = _Query(request.app[STORE], args.job or None, [t for t in args.type.split(",") if t])
     # Taken first, so that nothing committed from here on is missed.
     top = await query.store.last_cursor()
     if since is not None:
@@ -102,3 +93,11 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     with suppress(ConnectionError):
         await resp.write_eof()
     return resp
+
+
+ROUTES = [
+    Route("GET", "/v1/events", stream_events, "the event stream (NDJSON), oldest first",
+          ok={200: Reply("one event per line (application/x-ndjson); with follow, new ones as they come",
+                         a.Event, media_type="application/x-ndjson")},
+          query=m.EventsQuery),
+]
