@@ -12,5 +12,5 @@ from .openapi import document
 from .protocol import EngineView
 from .routes import Call, RawBody, Reply, Route
 
-__all__ = ["ACCESS", "MAX_BODY_BYTES", "MAX_WAIT_S", "ROUTES", "RUNNER_ARGS", "Access", "Call", "EngineView", "RawBody", "Reply",
-           "Route", "document", "make_app"]
+__all__ = ["ACCESS", "MAX_BODY_BYTES", "MAX_WAIT_S", "ROUTES", "RUNNER_ARGS", "Access", "Call", "EngineView",
+           "RawBody", "Reply", "Route", "document", "make_app"]
