@@ -19,7 +19,7 @@ from typing import Any
 
 from . import cli_complete, cli_help, cli_inside, cli_pools, cli_progress, cli_render as render
 from .cli_output import Output, to_yaml
-from .cli_exit import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE
+from .cli_exit import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from .cli_parser import parser
 from .cli_transport import CliError, Ctx, kv
 from .states import TERMINAL
@@ -259,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("instaclone: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        # A bug of ours: still one line, and the traceback for whoever debugs it.
+        if os.environ.get("INSTACLONE_DEBUG"):
+            raise
+        print(f"instaclone: internal error: {type(exc).__name__}: {exc} (INSTACLONE_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def commands(kv: KeyValues) -> dict[str, Handler]:
     """The handlers, with the CLI's ``KEY=VALUE`` parser."""
 
     async def pool(ctx: Ctx, args: argparse.Namespace) -> int:
-        cmd, name, out = args.pool_cmd, args.pool, ctx.out
+        cmd, name, out = args.pool_cmd, getattr(args, "pool", ""), ctx.out
         if cmd == "create":
             freeze = args.freeze
             if freeze is None and sys.stdin.isatty() and not (out.machine or out.quiet):
