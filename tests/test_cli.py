@@ -149,8 +149,12 @@ def test_yaml_emitter() -> None:
         'a:\n  e: []\n  m: {}\n  x: "yes"\n  "y": plain text\n  z: "a: b"\n'
         'b:\n  - 1\n  - 2.5\n  - null\n  - true\n'
         'c:\n  - k: v\n    l:\n      - 1\n  - "10"\n  - "-x"\n  - ""\n')
+    assert 'x: ".inf"' in to_yaml({"x": ".inf"}) and "- \"2026-01-01\"" in to_yaml(["2026-01-01"])
     yaml = pytest.importorskip("yaml")
-    assert yaml.safe_load(to_yaml(data)) == data
+    odd = ["~", "Null", "#x", "a #b", "x ", "@x", "*a", "!t", "%x", "|", ">", "?x", "[", "{", "c:", "1e5", "0o17",
+           "12:30", ".inf", ".NaN", "é\n\t\"", [[1, 2], {"a": {"b": [{"c": 1}]}}], {"1": 2, "true": 3}]
+    for doc in (data, odd):
+        assert yaml.safe_load(to_yaml(doc)) == doc
 
 
 async def test_version_and_help() -> None:

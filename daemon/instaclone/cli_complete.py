@@ -88,8 +88,11 @@ _instaclone_names() {
 }
 
 _instaclone() {
+    # zsh (bashcompinit): bash's 0-based arrays and word splitting, for this function only.
+    [[ -n "${ZSH_VERSION:-}" ]] && setopt localoptions ksharrays shwordsplit
     local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"
-    local path="instaclone" w i npos=0 words kinds kind
+    # Not "path": zsh ties that name to $PATH.
+    local cmdpath="instaclone" w i npos=0 kinds kind
     _instaclone_sock=()
     for ((i = 1; i < COMP_CWORD; i++)); do
         w="${COMP_WORDS[i]}"
@@ -98,17 +101,17 @@ _instaclone() {
         fi
         if [[ "$w" == --*=* ]]; then continue; fi
         if [[ "$w" == -* ]]; then
-            if [[ -n "${_instaclone_takes[$path $w]}" ]]; then ((i++)); fi
+            if [[ -n "${_instaclone_takes[$cmdpath $w]}" ]]; then ((i++)); fi
             continue
         fi
-        if [[ " ${_instaclone_subs[$path]} " == *" $w "* ]]; then
-            path="$path $w"
+        if [[ " ${_instaclone_subs[$cmdpath]} " == *" $w "* ]]; then
+            cmdpath="$cmdpath $w"
         else
             ((npos++))
         fi
     done
     COMPREPLY=()
-    local value="${_instaclone_takes[$path $prev]}"
+    local value="${_instaclone_takes[$cmdpath $prev]}"
     if [[ -n "$value" && "$prev" == -* ]]; then
         case "$value" in
             @file) COMPREPLY=($(compgen -f -- "$cur")) ;;
@@ -119,14 +122,14 @@ _instaclone() {
         return 0
     fi
     if [[ "$cur" == -* ]]; then
-        COMPREPLY=($(compgen -W "${_instaclone_opts[$path]}" -- "$cur"))
+        COMPREPLY=($(compgen -W "${_instaclone_opts[$cmdpath]}" -- "$cur"))
         return 0
     fi
-    if [[ -n "${_instaclone_subs[$path]}" ]]; then
-        COMPREPLY=($(compgen -W "${_instaclone_subs[$path]}" -- "$cur"))
+    if [[ -n "${_instaclone_subs[$cmdpath]}" ]]; then
+        COMPREPLY=($(compgen -W "${_instaclone_subs[$cmdpath]}" -- "$cur"))
         return 0
     fi
-    kinds=(${_instaclone_pos[$path]})
+    kinds=(${_instaclone_pos[$cmdpath]})
     kind="${kinds[npos]}"
     case "$kind" in
         clone|source|pool|job) COMPREPLY=($(compgen -W "$(_instaclone_names "$kind")" -- "$cur")) ;;

@@ -107,8 +107,8 @@ def when(ts: float | None) -> str:
 
 #: A string YAML reads back as the same string when written plain (no quotes).
 _PLAIN = re.compile(r"[A-Za-z_/.][A-Za-z0-9_./@+-]*( [A-Za-z0-9_./@+()-]+)*")
-#: Plain strings YAML 1.1 readers (PyYAML) would take for booleans or null.
-_RESERVED = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
+#: Plain strings YAML readers (1.1 ones like PyYAML too) take for booleans, null or special floats.
+_RESERVED = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~", ".inf", ".nan"}
 
 
 def _scalar(v: Any) -> str:
