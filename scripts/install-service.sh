@@ -37,7 +37,7 @@ getent group instaclone >/dev/null || { say "creating group instaclone"; groupad
 
 say "virtualenv $PREFIX/.venv"
 [ -x "$PREFIX/.venv/bin/python" ] || python3 -m venv "$PREFIX/.venv"
-"$PREFIX/.venv/bin/pip" install -q --upgrade "$repo"
+"$PREFIX/.venv/bin/pip" install -q --upgrade "$repo[daemon]"
 mkdir -p "$BIN_DIR"
 ln -sf "$PREFIX/.venv/bin/instaclone" "$BIN_DIR/instaclone"
 ln -sf "$PREFIX/.venv/bin/instacloned" "$BIN_DIR/instacloned"

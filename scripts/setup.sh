@@ -152,7 +152,7 @@ want=$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "installing instaclone (editable) and test dependencies into $venv"
     "$venv/bin/pip" install -q --upgrade pip >/dev/null
-    "$venv/bin/pip" install -q -e "$repo[test]" 2>&1 | grep -vE "^WARNING: Location|^$" || true
+    "$venv/bin/pip" install -q -e "$repo[daemon,test]" 2>&1 | grep -vE "^WARNING: Location|^$" || true
     "$venv/bin/python" -c "import instaclone, libvirt, aiohttp, structlog"
     echo "$want" > "$stamp"
 else

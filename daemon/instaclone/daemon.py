@@ -15,17 +15,27 @@ from typing import Any
 
 from aiohttp import web
 
-from . import backends, config as cfg, log as logsetup, systemd
-from .api import ACCESS, Access, make_app
-from .config import Config
-from .errors import ConfigError, InstacloneError
-from .hv import LibvirtHypervisor
-from .jobs.engine import Engine
-from .jobs.gc import GarbageCollector
-from .outbox.bus import EventBus
-from .outbox.metrics import Metrics
-from .outbox.webhooks import WebhookSender
-from .store import Store
+#: What the "daemon" extra installs (the base install is the client and the CLI).
+DAEMON_EXTRA = ("libvirt", "libvirt_qemu", "libvirtaio", "structlog", "prometheus_client")
+
+try:
+    from . import backends, config as cfg, log as logsetup, systemd
+    from .api import ACCESS, Access, make_app
+    from .config import Config
+    from .errors import ConfigError, InstacloneError
+    from .hv import LibvirtHypervisor
+    from .jobs.engine import Engine
+    from .jobs.gc import GarbageCollector
+    from .outbox.bus import EventBus
+    from .outbox.metrics import Metrics
+    from .outbox.webhooks import WebhookSender
+    from .store import Store
+except ModuleNotFoundError as _exc:
+    if _exc.name not in DAEMON_EXTRA:
+        raise
+    # Said plainly instead of a traceback: `pip install instaclone` is the client only.
+    raise SystemExit(f"instacloned: the daemon's dependencies are not installed ({_exc.name} is missing); "
+                     "install them with: pip install 'instaclone[daemon]'") from None
 
 #: How often the daemon checks libvirt and refreshes STATUS= (and feeds the watchdog).
 WATCH_PERIOD_S = 5.0
