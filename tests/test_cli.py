@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -206,18 +208,30 @@ async def test_unreachable_and_permission(tmp_path: Path) -> None:
     rc, out, err = await run(tmp_path / "none.sock", "clones", "ls")
     assert rc == 3 and "cannot reach instacloned" in err and out == ""
     no_traceback(err)
-    # A user who may not open the socket: EACCES, a permission problem (exit 4) with its fix.
-    async with fake_api(tmp_path) as (_client, _virt, sock):
-        os.chmod(tmp_path, 0o755)
-        os.chmod(sock, 0o660)
-        proc = await asyncio.create_subprocess_exec(
-            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *CLI, "--socket", str(sock), "clones", "ls",
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOME": "/"})
-        out_b, err_b = await proc.communicate()
+    # A user who may not open the socket: EACCES, a permission problem (exit 4) that says the fix.
+    err = await _as_nobody(tmp_path / "none.sock")  # pytest's tmp root is 0700: a closed directory
+    assert "permission denied" in err and "directory" in err
+    open_dir = Path(tempfile.mkdtemp(prefix="instaclone-cli-"))
+    try:
+        open_dir.chmod(0o755)
+        async with fake_api(open_dir) as (_client, _virt, sock):
+            sock.chmod(0o660)
+            err = await _as_nobody(sock)
+    finally:
+        shutil.rmtree(open_dir)
+    assert "not in the socket's group 'root'" in err and "usermod -aG root" in err, err
+
+
+async def _as_nobody(sock: Path) -> str:
+    """``clones ls`` as uid/gid 65534 with no groups: its stderr (asserting exit 4, one line, no stdout)."""
+    proc = await asyncio.create_subprocess_exec(
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *CLI, "--socket", str(sock), "clones", "ls",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOME": "/", "USER": "nobody"})
+    out, err_b = await proc.communicate()
     err = err_b.decode()
-    assert proc.returncode == 4, err
-    assert "permission denied" in err and "group" in err and out_b == b""
+    assert (proc.returncode, out) == (4, b""), err
     no_traceback(err)
+    return err
 
 
 async def _one_shot_server(tmp_path: Path, handler: Any) -> tuple[web.AppRunner, Path]:
@@ -245,7 +259,9 @@ async def test_forbidden_is_a_permission_error(tmp_path: Path) -> None:
 
 
 async def test_daemon_vanishing_mid_stream(tmp_path: Path) -> None:
-    """``events -f`` while the daemon goes away: the events so far, then one line and exit 3."""
+    """``events -f`` while the daemon dies: the events so far, then (retries spent) one line and exit 3."""
+    died = asyncio.Event()
+
     async def events(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
@@ -254,16 +270,19 @@ async def test_daemon_vanishing_mid_stream(tmp_path: Path) -> None:
         await asyncio.sleep(0.3)
         assert request.transport is not None
         request.transport.abort()  # the daemon dies: no end of the chunked body
+        died.set()
         return resp
 
     runner, sock = await _one_shot_server(tmp_path, events)
+    cli = asyncio.ensure_future(run(sock, "events", "-f"))
     try:
-        rc, out, err = await run(sock, "events", "-f")
+        await asyncio.wait_for(died.wait(), 30)
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # and it does not come back
+    rc, out, err = await cli
     assert rc == 3, err
     assert "clone.requested" in out
-    assert "closed the stream" in err
+    assert "cannot reach instacloned" in err
     no_traceback(err)
 
 

@@ -21,10 +21,9 @@ from . import cli_complete, cli_help, cli_inside, cli_pools, cli_progress, cli_r
 from .cli_output import Output, to_yaml
 from .cli_exit import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from .cli_parser import parser
-from .cli_transport import CliError, Ctx, kv
-from .states import TERMINAL
-
-_TERMINAL = frozenset(s.value for s in TERMINAL)
+from .cli_transport import CliError, Ctx, kv, raw, translated
+from .client import Client
+from .client.models import TERMINAL_STATES
 
 
 def _clone_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -37,38 +36,37 @@ def _clone_options(args: argparse.Namespace) -> dict[str, Any]:
             out["script"] = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise CliError(f"--script {args.script}: {exc}", EXIT_USAGE) from None
+    if args.ttl is not None:
+        out["ttl_s"] = args.ttl
     return out
 
 
-async def _wait_with_progress(ctx: Ctx, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+async def _wait_with_progress(ctx: Ctx, job_id: str, timeout_s: float) -> dict[str, Any]:
     """Show the job's states as they are reached until it ends or ``timeout_s`` passes; the job then."""
 
     async def states() -> AsyncIterator[dict[str, object]]:
-        async for e in ctx.stream(f"/v1/events?job={job['id']}&follow=1&tail=1000"):
-            data = e.get("data") or {}
-            if e.get("type", "").startswith("clone.") and data.get("state"):
-                yield data
+        async for ev in ctx.client.watch(job_id):
+            yield dict(ev.data)
 
-    progress = cli_progress.Progress()
     try:
         async with asyncio.timeout(timeout_s):
-            await cli_progress.show(states(), progress, _TERMINAL)
+            await cli_progress.show(states(), cli_progress.Progress(), TERMINAL_STATES)
     except TimeoutError:
-        print(f"  (still running after {timeout_s:g} s: instaclone jobs show {job['id']} --wait S)")
-    return (await ctx.request("GET", f"/v1/jobs/{job['id']}"))["job"]
+        print(f"  (still running after {timeout_s:g} s: instaclone jobs show {job_id} --wait S)")
+    return raw(await ctx.client.job(job_id))
 
 
 async def _clone(ctx: Ctx, args: argparse.Namespace) -> int:
-    body = {"source": args.source, "name": args.name, "count": args.count, "keep_network": args.keep_network,
-            "customize": not args.no_customize, "config": kv(args.config), **_clone_options(args),
-            **({"ttl_s": args.ttl} if args.ttl is not None else {})}
     # Progress is for people: with -q or -o json|yaml the daemon waits and one answer comes back.
     progress = args.wait and not (ctx.out.quiet or ctx.out.machine)
-    wait = f"?wait={args.timeout:g}" if args.wait and not progress else ""
-    job = (await ctx.request("POST", f"/v1/jobs{wait}", body, timeout_s=args.timeout + 360))["job"]
+    submitted = await ctx.client.clone(
+        args.source, name=args.name, count=args.count, wait=args.wait and not progress, timeout_s=args.timeout,
+        config=kv(args.config), customize=not args.no_customize, keep_network=args.keep_network,
+        **_clone_options(args))
+    job = raw(submitted)
     if progress:
-        print(f"job {job['id']}: cloning {args.source} -> {', '.join(job['spec'].get('names', []))}", flush=True)
-        job = await _wait_with_progress(ctx, job, args.timeout)
+        print(f"job {job['id']}: cloning {args.source} -> {', '.join(submitted.clones)}", flush=True)
+        job = await _wait_with_progress(ctx, submitted.id, args.timeout)
     names = [c["name"] for c in (job.get("result") or {}).get("clones", [])] if args.wait else [job["id"]]
     ctx.out.show(job, lambda: render.print_job(job, history=not progress), names)
     return 1 if args.wait and job["state"] != "Unstunned" else 0
@@ -76,29 +74,30 @@ async def _clone(ctx: Ctx, args: argparse.Namespace) -> int:
 
 async def _jobs(ctx: Ctx, args: argparse.Namespace) -> int:
     if args.jobs_cmd == "show":
-        q = f"?wait={args.wait:g}" if args.wait else ""
-        job = (await ctx.request("GET", f"/v1/jobs/{args.job_id}{q}", timeout_s=args.wait + 360))["job"]
+        job = raw(await ctx.client.job(args.job_id, wait_s=args.wait))
         ctx.out.show(job, lambda: render.print_job(job), [job["state"]])
         return 0
-    ctx.out.listing((await ctx.request("GET", "/v1/jobs"))["jobs"], render.JOBS)
+    ctx.out.listing([raw(j) for j in await ctx.client.jobs()], render.JOBS)
     return 0
 
 
 async def _clones(ctx: Ctx, args: argparse.Namespace) -> int:
-    ctx.out.listing((await ctx.request("GET", "/v1/clones"))["clones"], render.CLONES)
+    ctx.out.listing([raw(c) for c in await ctx.client.clones()], render.CLONES)
     return 0
 
 
 async def _destroy(ctx: Ctx, args: argparse.Namespace) -> int:
-    data = await ctx.request("DELETE", f"/v1/clones/{args.clone}")
-    ctx.out.show(data, lambda: print(f"destroyed {args.clone}"), [args.clone])
+    gone = raw(await ctx.client.destroy(args.clone))
+    ctx.out.show(gone, lambda: print(f"destroyed {args.clone}"), [args.clone])
     return 0
 
 
 async def _freeze(ctx: Ctx, args: argparse.Namespace) -> int:
     """``freeze`` and ``unfreeze``."""
-    data = await ctx.request("POST", f"/v1/sources/{args.source}/{args.cmd}")
-    entry = data["frozen" if args.cmd == "freeze" else "unfrozen"]
+    if args.cmd == "freeze":
+        entry = await ctx.client.freeze(args.source)
+    else:
+        entry = await ctx.client.unfreeze(args.source)
 
     def human() -> None:
         if args.cmd == "freeze":
@@ -111,24 +110,24 @@ async def _freeze(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 async def _check(ctx: Ctx, args: argparse.Namespace) -> int:
-    report = (await ctx.request("GET", f"/v1/sources/{args.source}/check"))["check"]
+    report = await ctx.client.check(args.source)
     ctx.out.show(report, lambda: render.print_check(report), ["cloneable" if report["cloneable"] else "not-cloneable"])
     return 0 if report["cloneable"] else 1
 
 
 async def _prepare(ctx: Ctx, args: argparse.Namespace) -> int:
-    data = (await ctx.request("POST", f"/v1/sources/{args.source}/prepare", {"dry_run": args.dry_run}))["prepare"]
+    data = await ctx.client.prepare(args.source, dry_run=args.dry_run)
     ctx.out.show(data, lambda: render.print_prepare(data), data["changed"])
     return 0
 
 
 async def _frozen(ctx: Ctx, args: argparse.Namespace) -> int:
-    ctx.out.listing((await ctx.request("GET", "/v1/frozen"))["frozen"], render.FROZEN)
+    ctx.out.listing(await ctx.client.frozen(), render.FROZEN)
     return 0
 
 
 async def _status(ctx: Ctx, args: argparse.Namespace) -> int:
-    data = await ctx.request("GET", "/v1/health")
+    data = raw(await ctx.client.health())
 
     def human() -> None:
         for k, v in data.items():
@@ -142,63 +141,47 @@ async def _status(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 async def _gc(ctx: Ctx, args: argparse.Namespace) -> int:
-    report = (await ctx.request("POST", "/v1/gc", {"dry_run": args.dry_run}))["gc"]
+    report = await ctx.client.gc(dry_run=args.dry_run)
     ctx.out.show(report, lambda: render.print_gc(report), [d["path"] for d in report["deleted"]])
     return 1 if report["failed"] else 0
 
 
 async def _events(ctx: Ctx, args: argparse.Namespace) -> int:
     """Print events; with --follow keep printing them as they happen (until interrupted)."""
-    q: list[str] = [f"tail={args.tail}"]
-    if args.follow:
-        q.append("follow=1")
-    if args.job:
-        q.append(f"job={args.job}")
-    if args.type:
-        q.append("type=" + ",".join(args.type))
-    if args.since is not None:
-        q.append(f"since={args.since}")
-    async for e in ctx.stream(f"/v1/events?{'&'.join(q)}"):
+    async for ev in ctx.client.events(since=args.since, follow=args.follow, job=args.job, types=args.type or None,
+                                      tail=args.tail):
+        e = raw(ev)
         if ctx.out.quiet:
             print(e.get("id", ""), flush=True)
-        elif ctx.out.machine:
-            # One event a line (NDJSON), also for yaml: a stream of documents.
-            print(json.dumps(e, sort_keys=True) if ctx.out.format == "json" else "---\n" + to_yaml(e), end="\n"
-                  if ctx.out.format == "json" else "", flush=True)
+        elif ctx.out.format == "json":
+            print(json.dumps(e, sort_keys=True), flush=True)  # one event a line (NDJSON)
+        elif ctx.out.format == "yaml":
+            print("---\n" + to_yaml(e), end="", flush=True)  # a stream of YAML documents
         else:
             print(render.event_line(e), flush=True)
     return 0
 
 
 async def _webhooks(ctx: Ctx, args: argparse.Namespace) -> int:
+    c = ctx.client
     if args.webhooks_cmd == "ls":
-        ctx.out.listing((await ctx.request("GET", "/v1/webhooks"))["webhooks"], render.WEBHOOKS)
+        ctx.out.listing(await c.webhooks(), render.WEBHOOKS)
         return 0
     if args.webhooks_cmd == "enable":
-        data = await ctx.request("POST", f"/v1/webhooks/{args.name}/enable")
+        data = await c.enable_webhook(args.name)
         ctx.out.show(data, lambda: print(f"enabled {args.name}" + (
             "" if data["was_disabled"] else " (it was not disabled)") +
             "; replay what it missed with: instaclone webhooks deliveries replay --status disabled"), [args.name])
         return 0
     if args.deliveries_cmd == "ls":
-        q = [f"limit={args.limit}"] + [f"{k}={v}" for k, v in (("status", args.status), ("webhook", args.webhook),
-                                                              ("job", args.job), ("event", args.event)) if v]
-        rows = (await ctx.request("GET", "/v1/webhooks/deliveries?" + "&".join(q)))["deliveries"]
+        rows = await c.deliveries(status=args.status, webhook=args.webhook, job=args.job, event=args.event,
+                                  limit=args.limit)
         ctx.out.listing(rows, render.DELIVERIES)
         return 0
-    body: dict[str, Any] = {}
-    if args.ids:
-        body["ids"] = args.ids
-    for key in ("status", "webhook"):
-        if getattr(args, key):
-            body[key] = getattr(args, key)
-    if args.event:
-        body["event_id"] = args.event
-    if not body:
+    if not (args.ids or args.status or args.webhook or args.event):
         raise CliError("say what to replay: delivery ids, or --status/--webhook/--event", EXIT_USAGE)
-    data = await ctx.request("POST", "/v1/webhooks/deliveries/replay", body)
-    ctx.out.show(data, lambda: print(f"queued {len(data['replayed'])} deliveries again"),
-                 [str(i) for i in data["replayed"]])
+    ids = await c.replay(args.ids or None, status=args.status, webhook=args.webhook, event_id=args.event)
+    ctx.out.show({"replayed": ids}, lambda: print(f"queued {len(ids)} deliveries again"), [str(i) for i in ids])
     return 0
 
 
@@ -215,8 +198,9 @@ _COMMANDS.update(cli_inside.commands())
 
 async def run(args: argparse.Namespace) -> int:
     """Run the parsed command against the daemon; the exit status. Raises CliError."""
-    ctx = Ctx(args.socket, Output(args.output, args.quiet))
-    return await _COMMANDS[args.cmd](ctx, args)
+    async with Client(args.socket) as client:
+        with translated():
+            return await _COMMANDS[args.cmd](Ctx(client, Output(args.output, args.quiet)), args)
 
 
 def _local(args: argparse.Namespace) -> int | None:
@@ -240,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if cli_complete.HIDDEN in argv:
-            return cli_complete.main(argv, lambda sock: Ctx(sock, Output()), CliError)
+            return cli_complete.main(argv)
         args = parser().parse_args(argv)
         if args.cmd == "exec":
             cli_inside.split_exec(args)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
-from collections.abc import Callable
-from typing import Any, Protocol
 
 from .cli_parser import COMPLETE, DEFAULT_SOCKET, walk
+from .client import Client, ClientError
 
 #: The hidden command the scripts call: ``instaclone [--socket S] __complete KIND``.
 HIDDEN = "__complete"
@@ -153,44 +153,42 @@ def script(p: argparse.ArgumentParser, shell: str) -> str:
     return head + tables + "\n" + _FUNCTION.lstrip("\n") + "complete -F _instaclone instaclone\n"
 
 
-class _Ctx(Protocol):
-    async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                      timeout_s: float = ...) -> dict[str, Any]: ...
-
-
-async def names(ctx: _Ctx, kind: str) -> list[str]:
+async def names(client: Client, kind: str) -> list[str]:
     """The daemon's names of ``kind``: clones, pools, job ids, or sources (those its jobs, frozen
     sources, pools and clones name: the daemon has no list of libvirt domains)."""
     if kind == "clone":
-        return [c["name"] for c in (await ctx.request("GET", "/v1/clones", timeout_s=5))["clones"]]
+        return [c.name for c in await client.clones()]
     if kind == "pool":
-        return [p["name"] for p in (await ctx.request("GET", "/v1/pools", timeout_s=5))["pools"]]
+        return [p.name for p in await client.pools()]
     if kind == "job":
-        return [j["id"] for j in (await ctx.request("GET", "/v1/jobs", timeout_s=5))["jobs"]]
+        return [j.id for j in await client.jobs()]
     if kind == "source":
-        found: set[str] = set()
-        for path, key, field in (("/v1/frozen", "frozen", "name"), ("/v1/jobs", "jobs", "source"),
-                                 ("/v1/pools", "pools", "source"), ("/v1/clones", "clones", "source")):
-            found.update(str(item[field]) for item in (await ctx.request("GET", path, timeout_s=5))[key])
-        return sorted(found)
+        found = {str(f["name"]) for f in await client.frozen()}
+        found.update(j.source for j in await client.jobs())
+        found.update(p.source for p in await client.pools())
+        found.update(c.source for c in await client.clones())
+        return sorted(n for n in found if n)
     return []
 
 
-def main(argv: list[str], make_ctx: Callable[[str], _Ctx], error: type[Exception]) -> int:
-    """``instaclone [--socket S] __complete KIND``: the names, one a line; always exit 0, quietly."""
-    import os
+async def _names(sock: str, kind: str) -> list[str]:
+    async with Client(sock, timeout_s=5) as client:
+        return await names(client, kind)
 
+
+def main(argv: list[str]) -> int:
+    """``instaclone [--socket S] __complete KIND``: the names, one a line; always exit 0, quietly."""
     sock = os.environ.get("INSTACLONE_SOCKET", DEFAULT_SOCKET)
-    if "--socket" in argv[:argv.index(HIDDEN)]:
-        i = argv.index("--socket")
-        sock = argv[i + 1] if i + 1 < len(argv) else sock
+    before = argv[:argv.index(HIDDEN)]
+    if "--socket" in before and before.index("--socket") + 1 < len(before):
+        sock = before[before.index("--socket") + 1]
     rest = argv[argv.index(HIDDEN) + 1:]
     if not rest or rest[0] not in KINDS:
         return 0
     try:
-        found = asyncio.run(names(make_ctx(sock), rest[0]))
-    except (error, KeyError, TypeError, ValueError):
-        return 0
+        found = asyncio.run(_names(sock, rest[0]))
+    except ClientError:
+        return 0  # no daemon, no names: never an error in the middle of a command line
     for n in found:
         print(n)
     return 0

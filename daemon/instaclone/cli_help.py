@@ -93,8 +93,9 @@ def _options(cmd: argparse.ArgumentParser, top: bool = False) -> list[str]:
         if not top and a.dest in ("help", "output", "quiet"):
             continue  # on every command: said once, under OPTIONS
         if a.option_strings:
-            metavar = "" if a.nargs == 0 else " " + (a.metavar or (
-                "{" + ",".join(map(str, a.choices)) + "}" if a.choices else a.dest.upper()))
+            name = str(a.metavar) if a.metavar else (
+                "{" + ",".join(map(str, a.choices)) + "}" if a.choices else a.dest.upper())
+            metavar = "" if a.nargs == 0 else " " + name
             head = ", ".join(f"\\fB{_roff(o)}\\fR" for o in a.option_strings) + _roff(str(metavar))
         else:
             head = f"\\fI{_roff(str(a.metavar or a.dest).upper())}\\fR"

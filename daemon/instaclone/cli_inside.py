@@ -14,23 +14,22 @@ both match.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import hashlib
-import json
 import os
 import re
+import shutil
 import stat
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from .cli_exit import EXIT_EXEC_TIMEOUT, EXIT_EXEC_TOOL, EXIT_USAGE
-from .cli_transport import CliError, Ctx, kv
+from .cli_transport import CliError, Ctx, cli_error, kv, raw
+from .client import ClientError, ExecOutput, ExecTimeout
 
 #: Bytes per chunk read from a local file or stdin, and from the daemon's answer.
 CHUNK = 1 << 20
@@ -91,40 +90,25 @@ def _agent_hint(exc: CliError) -> str:
 
 
 async def _exec(ctx: Ctx, args: argparse.Namespace) -> int:
-    body: dict[str, object] = {"argv": args.argv, "timeout_s": args.timeout}
-    try:
-        if args.env:
-            body["env"] = kv(args.env, "--env")
-    except CliError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
-    if args.interactive:
-        # The protocol takes stdin whole, with the request: read it to its end first.
-        body["stdin"] = base64.b64encode(sys.stdin.buffer.read()).decode()
+    env = kv(args.env, "--env") if args.env else None
+    # The protocol takes stdin whole, with the request: read it to its end first.
+    stdin = sys.stdin.buffer.read() if args.interactive else None
     out, err = sys.stdout.buffer, sys.stderr.buffer
     sys.stdout.flush()
     try:
-        async with ctx.open("POST", f"/v1/clones/{args.clone}/exec", body=body) as resp:
-            async for raw in resp.content:
-                if not raw.strip():
-                    continue
-                line = json.loads(raw)
-                kind = line.get("type")
-                if kind in ("stdout", "stderr"):
-                    stream = out if kind == "stdout" else err
-                    stream.write(base64.b64decode(line.get("data", "")))
-                    stream.flush()
-                elif kind == "exit":
-                    sig = line.get("signal")
-                    return 128 + int(sig) if sig else int(line.get("exit_code", 0))
-                elif kind == "error":
-                    e = line.get("error") or {}
-                    if e.get("code") == "exec_timeout":
-                        raise CliError(f"exec: {e.get('message')} [exec_timeout]", EXIT_EXEC_TIMEOUT)
-                    raise CliError(f"exec: {e.get('message')} [{e.get('code')}]", EXIT_EXEC_TOOL)
-    except CliError as exc:
-        if exc.status in (EXIT_EXEC_TIMEOUT, EXIT_EXEC_TOOL):
-            raise
-        raise CliError(f"{exc}{_agent_hint(exc)}", EXIT_EXEC_TOOL, exc.code) from None
+        async for item in ctx.client.exec_stream(args.clone, args.argv, env=env, timeout_s=args.timeout, stdin=stdin):
+            if isinstance(item, ExecOutput):
+                stream = out if item.stream == "stdout" else err
+                stream.write(item.data)
+                stream.flush()
+            else:
+                return 128 + item.signal if item.signal else item.exit_code
+    except ExecTimeout as exc:
+        raise CliError(f"exec: {exc}", EXIT_EXEC_TIMEOUT, exc.code) from None
+    except ClientError as exc:
+        e = cli_error(exc)
+        hint = _agent_hint(e)
+        raise CliError(f"exec: {e}{hint}", EXIT_EXEC_TOOL, e.code) from None
     raise CliError("exec: the daemon's answer ended before the command's exit status", EXIT_EXEC_TOOL)
 
 
@@ -149,7 +133,7 @@ class _Meter:
     def __init__(self, total: int | None, label: str) -> None:
         self.total, self.label, self.done = total, label, 0
         self.on = sys.stderr.isatty() and (total is None or total >= PROGRESS_MIN_BYTES)
-        self._last = 0.0
+        self._last = time.monotonic() + 0.8  # the first line after a second: small files show none
 
     def add(self, n: int) -> None:
         self.done += n
@@ -162,109 +146,91 @@ class _Meter:
             sys.stderr.flush()
 
     def close(self) -> None:
-        if self.on and self._last:
+        if self.on and self.done:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
 
 
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+class _Writer:
+    """A binary writer that counts what passes through it for the progress line."""
+
+    def __init__(self, out: BinaryIO, meter: _Meter) -> None:
+        self.out, self.meter = out, meter
+
+    def write(self, data: bytes) -> int:
+        n = self.out.write(data)
+        self.out.flush() if self.out is sys.stdout.buffer else None
+        self.meter.add(len(data))
+        return n
 
 
 async def _upload(ctx: Ctx, src: str, dst: Remote, mode: str | None) -> int:
-    headers: dict[str, str] = {}
     if src == "-":
         if dst.path.endswith("/"):
             raise CliError("cp: name the file in the clone when copying stdin (CLONE:/dir/NAME)", EXIT_USAGE)
-        stream: BinaryIO = sys.stdin.buffer
-        total: int | None = None
-        path = dst.path
-    else:
-        local = Path(src)
-        try:
-            st = local.stat()
-        except OSError as exc:
-            raise CliError(f"cp: {src}: {exc.strerror}", EXIT_USAGE) from None
-        if stat.S_ISDIR(st.st_mode):
-            raise CliError(f"cp: {src} is a directory: cp copies one file (for a tree: tar -C {src} -c . | "
-                           f"instaclone exec -i {dst.clone} -- tar -C DIR -x)", EXIT_USAGE)
-        path = dst.path + local.name if dst.path.endswith("/") else dst.path
-        mode = mode or f"{stat.S_IMODE(st.st_mode):04o}"
-        total = st.st_size
-        headers["X-Instaclone-SHA256"] = _sha256_of(local)
-        stream = local.open("rb")
-    digest = hashlib.sha256()
-    meter = _Meter(total, f"{src} -> {dst.clone}:{path}")
-
-    async def chunks() -> AsyncIterator[bytes]:
-        while chunk := stream.read(CHUNK):
-            digest.update(chunk)
-            meter.add(len(chunk))
-            yield chunk
-
-    query = f"?path={_q(path)}" + (f"&mode={_q(mode)}" if mode else "")
-    headers["Content-Type"] = "application/octet-stream"
+        # The client sends a file with its size and checksum up front: spool stdin to a file first
+        # (on disk, never whole in memory).
+        with tempfile.NamedTemporaryFile(prefix="instaclone-cp-") as spool:
+            shutil.copyfileobj(sys.stdin.buffer, spool, CHUNK)
+            spool.flush()
+            await _put(ctx, Path(spool.name), dst, dst.path, mode or "0644")
+        return 0
+    local = Path(src)
     try:
-        async with ctx.open("PUT", f"/v1/clones/{dst.clone}/files{query}", data=chunks(), headers=headers) as resp:
-            info = (await resp.json(content_type=None))["file"]
-    finally:
-        meter.close()
-        if stream is not sys.stdin.buffer:
-            stream.close()
-    if info.get("bytes") != meter.done or str(info.get("sha256", "")).lower() != digest.hexdigest():
-        raise CliError(f"cp: the clone holds {info.get('bytes')} bytes sha256 {info.get('sha256')}, "
-                       f"sent {meter.done} bytes sha256 {digest.hexdigest()}")
+        st = local.stat()
+    except OSError as exc:
+        raise CliError(f"cp: {src}: {exc.strerror}", EXIT_USAGE) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CliError(f"cp: {src} is a directory: cp copies one file (for a tree: tar -C {src} -c . | "
+                       f"instaclone exec -i {dst.clone} -- tar -C DIR -x)", EXIT_USAGE)
+    path = dst.path + local.name if dst.path.endswith("/") else dst.path
+    await _put(ctx, local, dst, path, mode or f"{stat.S_IMODE(st.st_mode):04o}")
     return 0
+
+
+async def _put(ctx: Ctx, local: Path, dst: Remote, path: str, mode: str) -> None:
+    size = local.stat().st_size
+    big = sys.stderr.isatty() and size >= PROGRESS_MIN_BYTES
+    if big:
+        sys.stderr.write(f"{local} -> {dst.clone}:{path}: sending {size / 2**20:.1f} MiB...")
+        sys.stderr.flush()
+    try:
+        info = await ctx.client.put_file(dst.clone, local, path, mode=mode)
+    finally:
+        if big:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+    if not ctx.out.quiet and ctx.out.machine:
+        ctx.out.emit(raw(info))
 
 
 async def _download(ctx: Ctx, src: Remote, dst: str) -> int:
-    target: Path | None = None
-    if dst != "-":
+    meter = _Meter(None, f"{src.clone}:{src.path} -> {dst}")
+    try:
+        if dst == "-":
+            sys.stdout.flush()
+            await ctx.client.get_file(src.clone, src.path, _Writer(sys.stdout.buffer, meter))  # type: ignore[arg-type]
+            return 0
         target = Path(dst)
         if target.is_dir() or dst.endswith("/"):
             target = target / (Path(src.path).name or "file")
-    async with ctx.open("GET", f"/v1/clones/{src.clone}/files?path={_q(src.path)}") as resp:
-        size = int(resp.headers.get("Content-Length", "-1"))
-        want = resp.headers.get("X-Instaclone-SHA256", "").lower()
-        digest, meter = hashlib.sha256(), _Meter(size if size >= 0 else None, f"{src.clone}:{src.path} -> {dst}")
-        tmp: Path | None = None
+        if not target.parent.is_dir():
+            raise CliError(f"cp: {target.parent}: no such directory", EXIT_USAGE)
+        # A temporary file next to the target, renamed onto it once the size and checksum match.
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         try:
-            if target is None:
-                out: BinaryIO = sys.stdout.buffer
-                sys.stdout.flush()
-            else:
-                fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-                tmp, out = Path(name), os.fdopen(fd, "wb")
-            async for chunk in resp.content.iter_chunked(CHUNK):
-                digest.update(chunk)
-                meter.add(len(chunk))
-                out.write(chunk)
-            out.flush()
-            if (size >= 0 and meter.done != size) or (want and digest.hexdigest() != want):
-                raise CliError(f"cp: got {meter.done} bytes sha256 {digest.hexdigest()}, the clone said "
-                               f"{size} bytes sha256 {want or '?'}" + ("" if target is None else "; nothing written"))
-            if tmp is not None and target is not None:
-                out.close()
-                os.replace(tmp, target)
-                tmp = None
-        except FileNotFoundError as exc:
-            raise CliError(f"cp: {dst}: {exc.strerror}", EXIT_USAGE) from None
-        finally:
-            meter.close()
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    out.close()
-                tmp.unlink(missing_ok=True)
-    return 0
-
-
-def _q(s: str) -> str:
-    from urllib.parse import quote
-    return quote(s, safe="/")
+            with os.fdopen(fd, "wb") as f:
+                info = await ctx.client.get_file(src.clone, src.path, _Writer(f, meter))  # type: ignore[arg-type]
+            os.replace(name, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
+        if ctx.out.machine and not ctx.out.quiet:
+            ctx.out.emit({"path": str(target), "bytes": info.size, "sha256": info.sha256})
+        return 0
+    finally:
+        meter.close()
 
 
 async def _cp(ctx: Ctx, args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .cli_output import Column, Listing
-from .cli_transport import Ctx
+from .cli_transport import Ctx, raw
 
 #: ``KEY=VALUE`` options to a dict (the CLI's own, with its usage error).
 KeyValues = Callable[[list[str]], dict[str, str]]
@@ -62,52 +62,46 @@ def commands(kv: KeyValues) -> dict[str, Handler]:
     """The handlers, with the CLI's ``KEY=VALUE`` parser."""
 
     async def pool(ctx: Ctx, args: argparse.Namespace) -> int:
-        cmd, name, out = args.pool_cmd, getattr(args, "pool", ""), ctx.out
+        cmd, name, out, c = args.pool_cmd, getattr(args, "pool", ""), ctx.out, ctx.client
         if cmd == "create":
             freeze = args.freeze
             if freeze is None and sys.stdin.isatty() and not (out.machine or out.quiet):
-                frozen = {f["name"] for f in (await ctx.request("GET", "/v1/frozen"))["frozen"]}
-                if args.source not in frozen:
+                if args.source not in {f["name"] for f in await c.frozen()}:
                     answer = await asyncio.to_thread(
                         input, f"{args.source} is not frozen: freeze it as the pool's template, so that "
                                "members need no stun? [y/N] ")
                     freeze = answer.strip().lower() in ("y", "yes")
-            data = await ctx.request("POST", "/v1/pools", {
-                "name": name, "source": args.source, "size": args.size, "config": kv(args.config),
-                "customize": not args.no_customize, "keep_network": args.keep_network, "freeze": bool(freeze)})
-            out.show(data["pool"], lambda: print(f"created pool {name}; it fills in the background "
-                                                 f"(instaclone pool show {name})"), [name])
+            made = raw(await c.create_pool(name, source=args.source, size=args.size, config=kv(args.config),
+                                           customize=not args.no_customize, keep_network=args.keep_network,
+                                           freeze=bool(freeze)))
+            out.show(made, lambda: print(f"created pool {name}; it fills in the background "
+                                         f"(instaclone pool show {name})"), [name])
         elif cmd == "ls":
-            out.listing((await ctx.request("GET", "/v1/pools"))["pools"], POOLS)
+            out.listing([raw(p) for p in await c.pools()], POOLS)
         elif cmd == "show":
-            p = (await ctx.request("GET", f"/v1/pools/{name}"))["pool"]
+            p = raw(await c.pool(name))
             out.show(p, lambda: _print_pool(p), p["idle"])
         elif cmd == "resize":
-            data = await ctx.request("PATCH", f"/v1/pools/{name}", {"size": args.size})
-            out.show(data["pool"], lambda: print(f"pool {name} resized to {args.size}"), [name])
+            resized = raw(await c.resize_pool(name, args.size))
+            out.show(resized, lambda: print(f"pool {name} resized to {args.size}"), [name])
         elif cmd == "update":
-            data = await ctx.request("PATCH", f"/v1/pools/{name}", {"source": args.source})
-            out.show(data["pool"], lambda: print(f"pool {name} moves to {args.source}: idle members are "
-                                                 "replaced in the background, claimed ones stay"), [name])
+            moved = raw(await c.update_pool(name, source=args.source))
+            out.show(moved, lambda: print(f"pool {name} moves to {args.source}: idle members are "
+                                          "replaced in the background, claimed ones stay"), [name])
         elif cmd == "delete":
-            gone = (await ctx.request("DELETE", f"/v1/pools/{name}"))["deleted"]
+            gone = await c.delete_pool(name)
             out.show(gone, lambda: print(
                 f"deleted pool {name}; destroyed {len(gone['destroyed'])} idle members"
                 + (f"; could not destroy: {gone['not_destroyed']}" if gone["not_destroyed"] else "")),
                 gone["destroyed"])
         elif cmd == "claim":
-            body: dict[str, Any] = {"config": kv(args.config)} if args.config else {}
-            if args.ttl is not None:
-                body["ttl_s"] = args.ttl
-            if args.wait is not None:
-                body["wait_s"] = args.wait
-            claim = (await ctx.request("POST", f"/v1/pools/{name}/claim", body,
-                                       timeout_s=(args.wait or 0) + 360))["claim"]
+            claim = raw(await c.claim(name, ttl_s=args.ttl, config=kv(args.config) if args.config else None,
+                                      wait_s=args.wait))
             out.show(claim, lambda: _print_claim(claim), [claim["clone"]["name"]])
         return 0
 
     async def release(ctx: Ctx, args: argparse.Namespace) -> int:
-        data = (await ctx.request("POST", f"/v1/clones/{args.clone}/release"))["released"]
+        data = await ctx.client.release(args.clone)
         ctx.out.show(data, lambda: print(f"released {args.clone}; pool {data['pool']} makes another"), [args.clone])
         return 0
 
