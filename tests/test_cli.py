@@ -132,7 +132,7 @@ async def test_every_list_has_the_same_output_options(world: tuple[Any, Path], c
 
 
 async def test_quiet_on_single_objects(world: tuple[Any, Path]) -> None:
-    client, sock = world
+    _, sock = world
     rc, out, err = await run(sock, "-q", "clone", "src", "--name", "q1", "--count", "2", "--wait")
     assert rc == 0, err
     assert out.split() == ["q1-1", "q1-2"]
@@ -306,3 +306,20 @@ async def test_usage_errors_exit_2(world: tuple[Any, Path]) -> None:
     assert rc == 2 and "say what to run" in err
     rc, _, err = await run(sock, "cp", "a", "b")
     assert rc == 2 and "name a clone" in err
+
+
+def test_cli_needs_none_of_the_daemons_dependencies() -> None:
+    """The CLI is in the base install (the client's: aiohttp only): it imports and runs without them."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'libvirt', 'structlog', 'prometheus_client', 'yaml'}:\n"
+        "            raise ImportError(f'blocked: {name}')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from instaclone.cli import main\n"
+        "assert main(['--version']) == 0 and main(['completion', 'zsh']) == 0\n"
+        "assert not [m for m in sys.modules if m.startswith(('instaclone.jobs', 'instaclone.api', 'instaclone.hv'))]\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import cli_complete, cli_help, cli_inside, cli_pools, cli_progress, cli_render as render
-from .cli_output import Output, to_yaml
 from .cli_exit import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from .cli_output import Output, to_yaml
 from .cli_parser import parser
 from .cli_transport import CliError, Ctx, kv, raw, translated
 from .client import Client

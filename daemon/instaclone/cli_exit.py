@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 EXIT_OK = 0
 EXIT_FAILED = 1  # the daemon reported an error, or what was asked did not happen (a job failed, check: not cloneable)
 EXIT_USAGE = 2  # the command line is wrong

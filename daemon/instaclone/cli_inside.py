@@ -14,6 +14,7 @@ both match.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import re
@@ -171,13 +172,13 @@ async def _upload(ctx: Ctx, src: str, dst: Remote, mode: str | None) -> int:
         # The client sends a file with its size and checksum up front: spool stdin to a file first
         # (on disk, never whole in memory).
         with tempfile.NamedTemporaryFile(prefix="instaclone-cp-") as spool:
-            shutil.copyfileobj(sys.stdin.buffer, spool, CHUNK)
+            await asyncio.to_thread(shutil.copyfileobj, sys.stdin.buffer, spool, CHUNK)
             spool.flush()
             await _put(ctx, Path(spool.name), dst, dst.path, mode or "0644")
         return 0
     local = Path(src)
     try:
-        st = local.stat()
+        st = await asyncio.to_thread(local.stat)
     except OSError as exc:
         raise CliError(f"cp: {src}: {exc.strerror}", EXIT_USAGE) from None
     if stat.S_ISDIR(st.st_mode):
@@ -189,7 +190,7 @@ async def _upload(ctx: Ctx, src: str, dst: Remote, mode: str | None) -> int:
 
 
 async def _put(ctx: Ctx, local: Path, dst: Remote, path: str, mode: str) -> None:
-    size = local.stat().st_size
+    size = (await asyncio.to_thread(local.stat)).st_size
     big = sys.stderr.isatty() and size >= PROGRESS_MIN_BYTES
     if big:
         sys.stderr.write(f"{local} -> {dst.clone}:{path}: sending {size / 2**20:.1f} MiB...")
@@ -204,6 +205,16 @@ async def _put(ctx: Ctx, local: Path, dst: Remote, path: str, mode: str) -> None
         ctx.out.emit(raw(info))
 
 
+def _local_target(dst: str, src: Remote) -> Path:
+    """Where a download goes: ``dst``, or the source's basename in it when it is a directory."""
+    target = Path(dst)
+    if target.is_dir() or dst.endswith("/"):
+        target = target / (Path(src.path).name or "file")
+    if not target.parent.is_dir():
+        raise CliError(f"cp: {target.parent}: no such directory", EXIT_USAGE)
+    return target
+
+
 async def _download(ctx: Ctx, src: Remote, dst: str) -> int:
     meter = _Meter(None, f"{src.clone}:{src.path} -> {dst}")
     try:
@@ -211,11 +222,7 @@ async def _download(ctx: Ctx, src: Remote, dst: str) -> int:
             sys.stdout.flush()
             await ctx.client.get_file(src.clone, src.path, _Writer(sys.stdout.buffer, meter))  # type: ignore[arg-type]
             return 0
-        target = Path(dst)
-        if target.is_dir() or dst.endswith("/"):
-            target = target / (Path(src.path).name or "file")
-        if not target.parent.is_dir():
-            raise CliError(f"cp: {target.parent}: no such directory", EXIT_USAGE)
+        target = await asyncio.to_thread(_local_target, dst, src)
         # A temporary file next to the target, renamed onto it once the size and checksum match.
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         try:

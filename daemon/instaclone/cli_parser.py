@@ -186,7 +186,10 @@ def subcommands(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser
     return {}
 
 
-def walk(p: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+Command = tuple[tuple[str, ...], argparse.ArgumentParser]
+
+
+def walk(p: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[Command]:
     """Every command under ``p``, depth first: ``[((), p), (("jobs",), jobs), (("jobs", "ls"), ls), ...]``."""
     out = [(path, p)]
     for name, child in subcommands(p).items():

@@ -65,12 +65,12 @@ def commands(kv: KeyValues) -> dict[str, Handler]:
         cmd, name, out, c = args.pool_cmd, getattr(args, "pool", ""), ctx.out, ctx.client
         if cmd == "create":
             freeze = args.freeze
-            if freeze is None and sys.stdin.isatty() and not (out.machine or out.quiet):
-                if args.source not in {f["name"] for f in await c.frozen()}:
-                    answer = await asyncio.to_thread(
-                        input, f"{args.source} is not frozen: freeze it as the pool's template, so that "
-                               "members need no stun? [y/N] ")
-                    freeze = answer.strip().lower() in ("y", "yes")
+            ask = freeze is None and sys.stdin.isatty() and not (out.machine or out.quiet)
+            if ask and args.source not in {f["name"] for f in await c.frozen()}:
+                answer = await asyncio.to_thread(
+                    input, f"{args.source} is not frozen: freeze it as the pool's template, so that "
+                           "members need no stun? [y/N] ")
+                freeze = answer.strip().lower() in ("y", "yes")
             made = raw(await c.create_pool(name, source=args.source, size=args.size, config=kv(args.config),
                                            customize=not args.no_customize, keep_network=args.keep_network,
                                            freeze=bool(freeze)))
