@@ -150,6 +150,10 @@ class FakeGuest:
         await resp.prepare(request)
         for i in range(0, len(data), 65536):
             await resp.write(data[i:i + 65536])
+            if path.endswith(".cut") and i >= 65536:  # the guest's read fails mid-file: the daemon cuts it short
+                assert request.transport is not None
+                request.transport.close()
+                return resp
         await resp.write_eof()
         return resp
 
@@ -221,6 +225,12 @@ async def test_put_file_streams_path_and_bytes(guest, tmp_path):
             await c.put_file("vm", b"x", "/lie")
         with pytest.raises(FileNotFoundError):
             await c.put_file("vm", tmp_path / "missing", "/tmp/x")
+        sparse = tmp_path / "huge"
+        with sparse.open("wb") as f:
+            f.truncate(ic._async.MAX_FILE_BYTES + 1)
+        with pytest.raises(ic.BodyTooLarge):  # refused before it is read or sent
+            await c.put_file("vm", sparse, "/tmp/huge")
+        sparse.unlink()
     assert fake.files["/tmp/repo.tar"] == payload
     assert fake.puts[0]["sha"] == hashlib.sha256(payload).hexdigest() and fake.puts[0]["mode"] == "0600"
     assert fake.puts[0]["length"] == len(payload) and not fake.puts[0]["chunked"] and fake.puts[0]["chunks"] > 1
@@ -255,6 +265,16 @@ async def test_get_file_mismatch_leaves_no_partial_file(guest, tmp_path):
         with pytest.raises(ic.ChecksumMismatch):
             await c.get_file("vm", "/x.corrupt", dest)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["guest.sock", "x"] and dest.read_bytes() == b"old"
+
+
+async def test_get_file_cut_short_is_a_guest_file_error(guest, tmp_path):
+    fake, sock = guest
+    fake.files["/big.cut"] = b"z" * 1_000_000
+    async with ic.Client(sock) as c:
+        with pytest.raises(ic.GuestFileError, match="cut short after"):
+            await c.get_file("vm", "/big.cut", tmp_path / "big")
+        assert (await c.exec("vm", ["echo", "still", "fine"])).ok  # the session survives it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guest.sock"]
 
 
 async def test_sync_wrapper_exec_files_iterators(guest, tmp_path):

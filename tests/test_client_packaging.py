@@ -75,7 +75,7 @@ def test_base_install_has_the_client_and_no_libvirt(tmp_path):
     check = subprocess.run([str(py), "-c", (
         "import importlib.util, instaclone.client as ic, instaclone.cli\n"
         "assert ic.Client\n"
-        "for m in ('libvirt', 'structlog', 'prometheus_client'):\n"
+        "for m in ('libvirt', 'structlog', 'prometheus_client', 'pydantic'):\n"
         "    assert importlib.util.find_spec(m) is None, m\n"
         "print('ok')")], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert check.stdout.strip() == "ok", check.stdout + check.stderr

@@ -148,6 +148,23 @@ async def test_permission_denied_names_the_group_and_the_fix(shared_socket):
     # In the group with mode 0660: it connects.
     shared_socket.chmod(0o660)
     assert (await _as_nobody(shared_socket, [gid])).strip() == "", "the group member should connect"
+    # The directory is the closed door: its group is the one to join.
+    d = shared_socket.parent
+    os.chown(d, 0, gid)
+    d.chmod(0o750)
+    try:
+        out = await _as_nobody(shared_socket, [])
+    finally:
+        d.chmod(0o755)
+    assert f"not in the group of its directory {d} '{group}'" in out and f"usermod -aG {group}" in out, out
+    # A directory not even its group may enter: said so, no usermod that would not help.
+    d.chmod(0o700)
+    try:
+        out = await _as_nobody(shared_socket, [gid])
+    finally:
+        d.chmod(0o755)
+    assert f"its directory {d} (mode 700, group '{group}') is closed to your user" in out, out
+    assert "usermod" not in out
 
 
 @pytest.fixture

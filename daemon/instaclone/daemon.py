@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 #: What the "daemon" extra installs (the base install is the client and the CLI).
-DAEMON_EXTRA = ("libvirt", "libvirt_qemu", "libvirtaio", "structlog", "prometheus_client")
+DAEMON_EXTRA = ("libvirt", "libvirt_qemu", "libvirtaio", "structlog", "prometheus_client", "pydantic")
 
 try:
     from . import backends, config as cfg, log as logsetup, systemd

@@ -20,9 +20,11 @@ import aiohttp
 from ._transport import DEFAULT_TIMEOUT_S, WAIT_MARGIN_S, Params, Transport, decode, resolve_socket
 from .errors import (
     ApiError,
+    BodyTooLarge,
     ChecksumMismatch,
     ClientError,
     DaemonUnreachable,
+    GuestFileError,
     NotFound,
     ProtocolError,
     from_error_dict,
@@ -48,8 +50,10 @@ MAX_WAIT_S = 600.0
 #: How much of a file one chunk of an upload or download holds.
 CHUNK_BYTES = 1 << 20
 #: Reconnections of a followed event stream after the daemon went away, before giving up.
-FOLLOW_RETRIES = 5
+FOLLOW_RETRIES = 8  # with the backoff below: about 20 s, a daemon restart with its recovery
 SHA256_HEADER = "X-Instaclone-SHA256"
+#: The largest file the API takes (``PUT /v1/clones/{name}/files``): refused here before sending it.
+MAX_FILE_BYTES = 4 << 30
 
 
 def _build(make: Callable[[object], T], d: object) -> T:
@@ -476,16 +480,18 @@ class Client:
 
         The SHA-256 goes along (the daemon checks the body against it, the
         guest's copy against both) and the answer's size and SHA-256 are
-        checked here. ``mode``: e.g. ``0o755`` or ``"0755"``. Raises
+        checked here. ``mode``: e.g. ``0o755`` or ``"0755"``. Raises BodyTooLarge (over 4 GiB),
         GuestFileNotFound (no such directory), GuestFileError,
         ChecksumMismatch, AgentUnavailable, InvalidRequest (path not
         absolute); OSError if ``src`` cannot be read.
         """
         if isinstance(src, bytes | bytearray | memoryview):
             payload: Any = bytes(src)
+            _check_size(len(payload))
             digest, size = hashlib.sha256(payload).hexdigest(), len(payload)
         else:
             path = Path(src)
+            _check_size((await asyncio.to_thread(path.stat)).st_size)  # before reading it to hash it
             digest, size = await asyncio.to_thread(_hash_file, path)
             payload = _read_chunks(path)
         params: dict[str, str | int | float] = {"path": dest_path}
@@ -510,7 +516,8 @@ class Client:
         arrived; on a mismatch (or any error) a ``dest`` path is left as it
         was (the data goes to a temporary file renamed onto it at the end)
         and ChecksumMismatch is raised. A writer has then received the bytes
-        that came. Raises GuestFileNotFound, GuestFileError, AgentUnavailable.
+        that came. Raises GuestFileNotFound, GuestFileError (also for a download cut short),
+        AgentUnavailable.
         """
         async with self._t.stream("GET", f"/v1/clones/{_seg(_name_of(clone))}/files",
                                   params={"path": path}) as resp:
@@ -533,13 +540,22 @@ def _verify(path: str, want_sha: str, want_size: int, got_sha: str, got_size: in
 
 
 async def _download(resp: aiohttp.ClientResponse, out: IO[bytes]) -> tuple[str, int]:
-    """Copy the body into ``out`` (writes off the loop); (sha256 hex, bytes)."""
+    """Copy the body into ``out`` (writes off the loop); (sha256 hex, bytes).
+
+    Raises GuestFileError when the body is cut short: the daemon closes the
+    connection when reading in the guest fails after the answer started.
+    """
     h = hashlib.sha256()
     size = 0
-    async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-        h.update(chunk)
-        size += len(chunk)
-        await asyncio.to_thread(out.write, chunk)
+    try:
+        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+            h.update(chunk)
+            size += len(chunk)
+            await asyncio.to_thread(out.write, chunk)
+    except aiohttp.ClientPayloadError:
+        raise GuestFileError(f"the download was cut short after {size} of {resp.content_length} bytes (reading "
+                             "in the guest failed, or the daemon stopped; see its log)", code="guest_file_error",
+                             status=resp.status) from None
     return h.hexdigest(), size
 
 
@@ -558,6 +574,12 @@ async def _download_to_path(resp: aiohttp.ClientResponse, dest: Path, want_sha: 
             os.unlink(tmp)
         raise
     return got_sha, got_size
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_FILE_BYTES:
+        raise BodyTooLarge(f"{size} bytes is more than the {MAX_FILE_BYTES} a file copied into a clone may have",
+                           code="body_too_large")
 
 
 def _hash_file(path: Path) -> tuple[str, int]:

@@ -44,35 +44,45 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+def _closed_dir(sock: str) -> str:
+    """The first directory on the way to ``sock`` (from /) that this user may not enter."""
+    parent = os.path.dirname(os.path.abspath(sock))
+    chain = [parent]
+    while chain[-1] != os.path.dirname(chain[-1]):
+        chain.append(os.path.dirname(chain[-1]))
+    return next((d for d in reversed(chain) if not os.access(d, os.X_OK)), parent)
+
+
 def permission_message(sock: str) -> str:
     """Why this user may not connect to ``sock`` (EACCES), and what fixes it."""
-    target = sock
     try:
         st = os.stat(sock)
-    except PermissionError:  # a directory on the way is closed to us
-        target = os.path.dirname(sock) or "."
+        whose = "the socket's group"
+    except PermissionError:  # a directory on the way is closed to us: say which, and its group
+        closed = _closed_dir(sock)
         try:
-            st = os.stat(target)
+            st = os.stat(closed)
         except OSError:
             return f"permission denied on {sock}: a directory on its path is closed to your user; ask an admin"
+        if not st.st_mode & 0o010:  # not even its group may enter: joining a group does not help
+            return (f"permission denied on {sock}: its directory {closed} (mode {st.st_mode & 0o777:03o}, group "
+                    f"'{_group_name(st.st_gid)}') is closed to your user; ask an admin to open it to the socket's "
+                    "group")
+        whose = f"the group of its directory {closed}"
     except OSError as exc:
         return f"permission denied on {sock}: {exc.strerror or exc}"
     group = _group_name(st.st_gid)
-    what = "the socket's" if target == sock else f"its directory {target}'s"
+    head = f"permission denied on {sock}: your user"
     if st.st_gid == os.getegid() or st.st_gid in os.getgroups():
-        return (f"permission denied on {target}: your user is in {what} group '{group}', but its mode "
-                f"{st.st_mode & 0o777:03o} does not let the group in; ask an admin to check the daemon's "
-                "daemon.socket_mode (default 0660)")
+        return (f"{head} is in {whose} '{group}', but its mode {st.st_mode & 0o777:03o} keeps the group out; "
+                "ask an admin to check the daemon's daemon.socket_mode (default 0660)")
     try:
-        members = grp.getgrgid(st.st_gid).gr_mem
-        user = getpass.getuser()
+        added_later = getpass.getuser() in grp.getgrgid(st.st_gid).gr_mem
     except (KeyError, OSError):
-        members, user = [], ""
-    if user and user in members:
-        return (f"permission denied on {target}: your user was added to {what} group '{group}' after this "
-                f"session started; log in again (or run: newgrp {group})")
-    return (f"permission denied on {target}: your user is not in {what} group '{group}'; ask an admin to run: "
-            f"usermod -aG {group} $USER, then log in again")
+        added_later = False
+    if added_later:
+        return f"{head} was added to {whose} '{group}' after this session started; log in again (or: newgrp {group})"
+    return f"{head} is not in {whose} '{group}'; ask an admin to run: usermod -aG {group} $USER, then log in again"
 
 
 def _unreachable(sock: str, exc: BaseException) -> DaemonUnreachable:

@@ -158,8 +158,8 @@ class Pool:
     config: Mapping[str, str] = field(default_factory=dict)
     customize: bool = True
     keep_network: bool = False
-    held: bool = False
-    last_error: str | None = None
+    held: str | None = None  # why replenishment waits (e.g. the host budget)
+    last_error: Mapping[str, Any] | None = None  # the last failed replenishment's {"code", "message"}
     failures: int = 0
     created_at: float | None = None
     updated_at: float | None = None
@@ -168,13 +168,13 @@ class Pool:
     @classmethod
     def from_dict(cls, d: object) -> Pool:
         d = _obj(d, "pool")
-        err = d.get("last_error")
+        err, held = d.get("last_error"), d.get("held")
         return cls(name=str(_req(d, "name", "pool")), source=str(d.get("source", "")), size=int(d.get("size", 0)),
                    idle=_names(d.get("idle")), idle_old_source=_names(d.get("idle_old_source")),
                    claimed=_names(d.get("claimed")), pending=int(d.get("pending") or 0),
                    generation=int(d.get("generation") or 1), config=dict(d.get("config") or {}),
                    customize=bool(d.get("customize", True)), keep_network=bool(d.get("keep_network", False)),
-                   held=bool(d.get("held", False)), last_error=str(err) if err is not None else None,
+                   held=str(held) if held else None, last_error=err if isinstance(err, Mapping) else None,
                    failures=int(d.get("failures") or 0), created_at=_opt_float(d.get("created_at")),
                    updated_at=_opt_float(d.get("updated_at")), raw=d)
 
