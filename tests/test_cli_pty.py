@@ -232,3 +232,13 @@ async def test_zsh_completion_in_a_terminal(named_api: tuple[Path, Path]) -> Non
         term.write("\x15exit\n")
     finally:
         term.close()
+
+
+async def test_wait_timeout_says_the_job_runs_on(slow_api: tuple[Any, Any, Path]) -> None:
+    _, _, sock = slow_api
+    proc = await asyncio.create_subprocess_exec(*CLI, "clone", "src", "--name", "pt2", "--wait", "--timeout", "0.5",
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(sock))
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1, err
+    assert "still running after 0.5 s: instaclone jobs show" in out.decode()
+    assert "Unstunned" not in out.decode()
