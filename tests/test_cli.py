@@ -318,8 +318,18 @@ def test_cli_needs_none_of_the_daemons_dependencies() -> None:
         "            raise ImportError(f'blocked: {name}')\n"
         "sys.meta_path.insert(0, Block())\n"
         "from instaclone.cli import main\n"
-        "assert main(['--version']) == 0 and main(['completion', 'zsh']) == 0\n"
+        "assert main(['completion', 'zsh']) == 0 and main(['help', 'exit-codes']) == 0\n"
+        "# Commands that need no daemon need no aiohttp either (fast in a shell's startup file).\n"
+        "assert not [m for m in sys.modules if m.startswith(('aiohttp', 'instaclone.client'))], sys.modules\n"
+        "assert main(['--socket', '/nonexistent', 'clones', 'ls']) == 3\n"
         "assert not [m for m in sys.modules if m.startswith(('instaclone.jobs', 'instaclone.api', 'instaclone.hv'))]\n"
+        "try:\n"
+        "    main(['--version'])\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0\n"
+        "else:\n"
+        "    raise AssertionError('--version did not exit')\n"
+        "print('all good')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+    assert (out.returncode, out.stdout.splitlines()[-1]) == (0, "all good"), out.stderr

@@ -22,8 +22,6 @@ from .cli_exit import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAG
 from .cli_output import Output, to_yaml
 from .cli_parser import parser
 from .cli_transport import CliError, Ctx, kv, raw, translated
-from .client import Client
-from .client.models import TERMINAL_STATES
 
 
 def _clone_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,6 +41,7 @@ def _clone_options(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _wait_with_progress(ctx: Ctx, job_id: str, timeout_s: float) -> dict[str, Any]:
     """Show the job's states as they are reached until it ends or ``timeout_s`` passes; the job then."""
+    from .client.models import TERMINAL_STATES
 
     async def states() -> AsyncIterator[dict[str, object]]:
         async for ev in ctx.client.watch(job_id):
@@ -198,6 +197,10 @@ _COMMANDS.update(cli_inside.commands())
 
 async def run(args: argparse.Namespace) -> int:
     """Run the parsed command against the daemon; the exit status. Raises CliError."""
+    # Imported here: --version, help and completion scripts need no aiohttp (a shell that evals
+    # ``instaclone completion bash`` at start should not pay for it).
+    from .client import Client
+
     async with Client(args.socket) as client:
         with translated():
             return await _COMMANDS[args.cmd](Ctx(client, Output(args.output, args.quiet)), args)

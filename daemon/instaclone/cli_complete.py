@@ -15,9 +15,12 @@ import argparse
 import asyncio
 import os
 import shlex
+from typing import TYPE_CHECKING
 
 from .cli_parser import COMPLETE, DEFAULT_SOCKET, walk
-from .client import Client, ClientError
+
+if TYPE_CHECKING:
+    from .client import Client
 
 #: The hidden command the scripts call: ``instaclone [--socket S] __complete KIND``.
 HIDDEN = "__complete"
@@ -172,6 +175,8 @@ async def names(client: Client, kind: str) -> list[str]:
 
 
 async def _names(sock: str, kind: str) -> list[str]:
+    from .client import Client
+
     async with Client(sock, timeout_s=5) as client:
         return await names(client, kind)
 
@@ -182,6 +187,8 @@ def main(argv: list[str]) -> int:
     before = argv[:argv.index(HIDDEN)]
     if "--socket" in before and before.index("--socket") + 1 < len(before):
         sock = before[before.index("--socket") + 1]
+    from .client import ClientError
+
     rest = argv[argv.index(HIDDEN) + 1:]
     if not rest or rest[0] not in KINDS:
         return 0

@@ -30,7 +30,6 @@ from typing import BinaryIO
 
 from .cli_exit import EXIT_EXEC_TIMEOUT, EXIT_EXEC_TOOL, EXIT_USAGE
 from .cli_transport import CliError, Ctx, cli_error, kv, raw
-from .client import ClientError, ExecOutput, ExecTimeout
 
 #: Bytes per chunk read from a local file or stdin, and from the daemon's answer.
 CHUNK = 1 << 20
@@ -91,6 +90,8 @@ def _agent_hint(exc: CliError) -> str:
 
 
 async def _exec(ctx: Ctx, args: argparse.Namespace) -> int:
+    from .client import ClientError, ExecOutput, ExecTimeout
+
     env = kv(args.env, "--env") if args.env else None
     # The protocol takes stdin whole, with the request: read it to its end first.
     stdin = sys.stdin.buffer.read() if args.interactive else None

@@ -87,6 +87,11 @@ class Output:
             table([spec.row(i, wide) for i in items], spec.headers(wide))
 
 
+def raw(item: Any) -> dict[str, Any]:
+    """The API's JSON of one of the client's results (its ``.raw``), or the dict itself."""
+    return dict(getattr(item, "raw", item))
+
+
 def table(rows: list[list[str]], header: list[str]) -> None:
     """Columns padded to their widest cell, two spaces apart."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

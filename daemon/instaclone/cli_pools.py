@@ -8,14 +8,16 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .cli_output import Column, Listing
-from .cli_transport import Ctx, raw
+from .cli_output import Column, Listing, raw
+
+if TYPE_CHECKING:
+    from .cli_transport import Ctx
 
 #: ``KEY=VALUE`` options to a dict (the CLI's own, with its usage error).
 KeyValues = Callable[[list[str]], dict[str, str]]
-Handler = Callable[[Ctx, argparse.Namespace], Awaitable[int]]
+Handler = Callable[["Ctx", argparse.Namespace], Awaitable[int]]
 
 
 def _idle(p: dict[str, Any]) -> str:

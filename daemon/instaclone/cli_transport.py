@@ -11,11 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .cli_exit import EXIT_FAILED, EXIT_PERMISSION, EXIT_UNREACHABLE, EXIT_USAGE
-from .cli_output import Output
-from .client import ApiError, Client, ClientError, DaemonUnreachable, PermissionDenied
+from .cli_output import Output, raw
+
+if TYPE_CHECKING:  # the client (aiohttp) is imported only by commands that talk to the daemon
+    from .client import Client, ClientError
+
+__all__ = ["CliError", "Ctx", "cli_error", "kv", "raw", "translated"]
 
 
 class CliError(Exception):
@@ -29,6 +33,8 @@ class CliError(Exception):
 
 def cli_error(exc: ClientError) -> CliError:
     """The CliError (message and exit status) of one of the client's errors."""
+    from .client import ApiError, DaemonUnreachable, PermissionDenied
+
     if isinstance(exc, PermissionDenied):
         return CliError(f"{exc}", EXIT_PERMISSION)
     if isinstance(exc, DaemonUnreachable):
@@ -44,15 +50,12 @@ def cli_error(exc: ClientError) -> CliError:
 @contextmanager
 def translated() -> Iterator[None]:
     """Raise the client's errors as CliError (for code that talks to the client directly)."""
+    from .client import ClientError
+
     try:
         yield
     except ClientError as exc:
         raise cli_error(exc) from None
-
-
-def raw(item: Any) -> dict[str, Any]:
-    """The API's JSON of one of the client's results (its ``.raw``), or the dict itself."""
-    return dict(getattr(item, "raw", item))
 
 
 @dataclass
