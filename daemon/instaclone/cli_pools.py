@@ -8,20 +8,34 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import cli_render as render
+from .cli_output import Column, Listing, raw
 
-Request = Callable[..., Awaitable[dict[str, Any]]]
+if TYPE_CHECKING:
+    from .cli_transport import Ctx
+
 #: ``KEY=VALUE`` options to a dict (the CLI's own, with its usage error).
 KeyValues = Callable[[list[str]], dict[str, str]]
-Handler = Callable[[str, argparse.Namespace, bool], Awaitable[int]]
+Handler = Callable[["Ctx", argparse.Namespace], Awaitable[int]]
 
-POOLS: tuple[list[str], render.Row] = (
-    ["POOL", "SOURCE", "SIZE", "IDLE", "CLAIMED", "PENDING", "NOTE"],
-    lambda p: [p["name"], p["source"], str(p["size"]), str(len(p["idle"])) + (
-        f"+{len(p['idle_old_source'])} old" if p["idle_old_source"] else ""), str(len(p["claimed"])),
-        str(p["pending"]), p.get("held") or ((p.get("last_error") or {}).get("message") or "")[:60]])
+
+def _idle(p: dict[str, Any]) -> str:
+    return str(len(p["idle"])) + (f"+{len(p['idle_old_source'])} old" if p["idle_old_source"] else "")
+
+
+POOLS = Listing((
+    Column("POOL", lambda p: p["name"]),
+    Column("SOURCE", lambda p: p["source"]),
+    Column("SIZE", lambda p: str(p["size"])),
+    Column("IDLE", _idle),
+    Column("CLAIMED", lambda p: str(len(p["claimed"]))),
+    Column("PENDING", lambda p: str(p["pending"])),
+    Column("NOTE", lambda p: p.get("held") or ((p.get("last_error") or {}).get("message") or "")[:60]),
+    Column("GENERATION", lambda p: str(p.get("generation", "-")), wide=True),
+    Column("IDLE MEMBERS", lambda p: ",".join(p["idle"]) or "-", wide=True),
+    Column("CLAIMED MEMBERS", lambda p: ",".join(p["claimed"]) or "-", wide=True),
+), key="name")
 
 
 def _print_pool(p: dict[str, Any]) -> None:
@@ -40,83 +54,68 @@ def _print_pool(p: dict[str, Any]) -> None:
         print(f"  last replenish error ({p['failures']} in a row): {e.get('message')} [{e.get('code')}]")
 
 
-def commands(request: Request, kv: KeyValues) -> dict[str, Handler]:
-    """The handlers, bound to the CLI's request function and its ``KEY=VALUE`` parser."""
+def _print_claim(data: dict[str, Any]) -> None:
+    c = data["clone"]
+    ttl = f"  expires {time.strftime('%H:%M:%S', time.localtime(c['expires_at']))}" if c.get("expires_at") else ""
+    print(f"{c['name']}{ttl}  (claimed in {data['waited_ms']:.0f} ms)")
 
-    async def pool(sock: str, args: argparse.Namespace, out_json: bool) -> int:
-        cmd = args.pool_cmd
+
+def commands(kv: KeyValues) -> dict[str, Handler]:
+    """The handlers, with the CLI's ``KEY=VALUE`` parser."""
+
+    async def pool(ctx: Ctx, args: argparse.Namespace) -> int:
+        cmd, name, out, c = args.pool_cmd, getattr(args, "pool", ""), ctx.out, ctx.client
         if cmd == "create":
             freeze = args.freeze
-            if freeze is None and sys.stdin.isatty() and not out_json:
-                frozen = {f["name"] for f in (await request(sock, "GET", "/v1/frozen"))["frozen"]}
-                if args.source not in frozen:
-                    answer = await asyncio.to_thread(
-                        input, f"{args.source} is not frozen: freeze it as the pool's template, so that "
-                               "members need no stun? [y/N] ")
-                    freeze = answer.strip().lower() in ("y", "yes")
-            data = await request(sock, "POST", "/v1/pools", {
-                "name": args.name, "source": args.source, "size": args.size, "config": kv(args.config),
-                "customize": not args.no_customize, "keep_network": args.keep_network, "freeze": bool(freeze)})
-            _print_or_emit(data["pool"], out_json, f"created pool {args.name}; it fills in the background "
-                                                   f"(instaclone pool show {args.name})")
+            ask = freeze is None and sys.stdin.isatty() and not (out.machine or out.quiet)
+            if ask and args.source not in {f["name"] for f in await c.frozen()}:
+                answer = await asyncio.to_thread(
+                    input, f"{args.source} is not frozen: freeze it as the pool's template, so that "
+                           "members need no stun? [y/N] ")
+                freeze = answer.strip().lower() in ("y", "yes")
+            made = raw(await c.create_pool(name, source=args.source, size=args.size, config=kv(args.config),
+                                           customize=not args.no_customize, keep_network=args.keep_network,
+                                           freeze=bool(freeze)))
+            out.show(made, lambda: print(f"created pool {name}; it fills in the background "
+                                         f"(instaclone pool show {name})"), [name])
         elif cmd == "ls":
-            render.listing(out_json, (await request(sock, "GET", "/v1/pools"))["pools"], *POOLS)
+            out.listing([raw(p) for p in await c.pools()], POOLS)
         elif cmd == "show":
-            p = (await request(sock, "GET", f"/v1/pools/{args.name}"))["pool"]
-            render.print_json(p) if out_json else _print_pool(p)
+            p = raw(await c.pool(name))
+            out.show(p, lambda: _print_pool(p), p["idle"])
         elif cmd == "resize":
-            data = await request(sock, "PATCH", f"/v1/pools/{args.name}", {"size": args.size})
-            _print_or_emit(data["pool"], out_json, f"pool {args.name} resized to {args.size}")
+            resized = raw(await c.resize_pool(name, args.size))
+            out.show(resized, lambda: print(f"pool {name} resized to {args.size}"), [name])
         elif cmd == "update":
-            data = await request(sock, "PATCH", f"/v1/pools/{args.name}", {"source": args.source})
-            _print_or_emit(data["pool"], out_json, f"pool {args.name} moves to {args.source}: idle members are "
-                                                   "replaced in the background, claimed ones stay")
+            moved = raw(await c.update_pool(name, source=args.source))
+            out.show(moved, lambda: print(f"pool {name} moves to {args.source}: idle members are "
+                                          "replaced in the background, claimed ones stay"), [name])
         elif cmd == "delete":
-            data = (await request(sock, "DELETE", f"/v1/pools/{args.name}"))["deleted"]
-            if out_json:
-                render.print_json(data)
-            else:
-                print(f"deleted pool {args.name}; destroyed {len(data['destroyed'])} idle members"
-                      + (f"; could not destroy: {data['not_destroyed']}" if data["not_destroyed"] else ""))
+            gone = await c.delete_pool(name)
+            out.show(gone, lambda: print(
+                f"deleted pool {name}; destroyed {len(gone['destroyed'])} idle members"
+                + (f"; could not destroy: {gone['not_destroyed']}" if gone["not_destroyed"] else "")),
+                gone["destroyed"])
         elif cmd == "claim":
-            body: dict[str, Any] = {"config": kv(args.config)} if args.config else {}
-            if args.ttl is not None:
-                body["ttl_s"] = args.ttl
-            if args.wait is not None:
-                body["wait_s"] = args.wait
-            data = (await request(sock, "POST", f"/v1/pools/{args.name}/claim", body))["claim"]
-            if out_json:
-                render.print_json(data)
-            else:
-                c = data["clone"]
-                ttl = f"  expires {time.strftime('%H:%M:%S', time.localtime(c['expires_at']))}" \
-                    if c.get("expires_at") else ""
-                print(f"{c['name']}{ttl}  (claimed in {data['waited_ms']:.0f} ms)")
+            claim = raw(await c.claim(name, ttl_s=args.ttl, config=kv(args.config) if args.config else None,
+                                      wait_s=args.wait))
+            out.show(claim, lambda: _print_claim(claim), [claim["clone"]["name"]])
         return 0
 
-    async def release(sock: str, args: argparse.Namespace, out_json: bool) -> int:
-        data = (await request(sock, "POST", f"/v1/clones/{args.name}/release"))["released"]
-        if out_json:
-            render.print_json(data)
-        else:
-            print(f"released {args.name}; pool {data['pool']} makes another")
+    async def release(ctx: Ctx, args: argparse.Namespace) -> int:
+        data = await ctx.client.release(args.clone)
+        ctx.out.show(data, lambda: print(f"released {args.clone}; pool {data['pool']} makes another"), [args.clone])
         return 0
 
     return {"pool": pool, "release": release}
 
 
-def _print_or_emit(pool: dict[str, Any], out_json: bool, line: str) -> None:
-    if out_json:
-        render.print_json(pool)
-    else:
-        print(line)
-
-
 def add_parsers(sub: Any) -> None:
+    """The pool commands, on the CLI's subcommand adder (``cli_parser._Sub``)."""
     p = sub.add_parser("pool", help="pools of ready clones: create, ls, show, resize, update, delete, claim")
-    ps = p.add_subparsers(dest="pool_cmd", required=True)
+    ps = sub.nested(p, "pool_cmd")
     c = ps.add_parser("create", help="keep SIZE ready clones of SRC (running, customized, network up)")
-    c.add_argument("name")
+    c.add_argument("pool")
     c.add_argument("--source", required=True)
     c.add_argument("--size", type=int, required=True)
     c.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
@@ -131,18 +130,18 @@ def add_parsers(sub: Any) -> None:
     ps.add_parser("ls", help="pools with their idle, claimed and pending members")
     for name, helptext in (("show", "one pool"), ("delete", "destroy the idle members; claimed ones stay")):
         sp = ps.add_parser(name, help=helptext)
-        sp.add_argument("name")
+        sp.add_argument("pool")
     r = ps.add_parser("resize", help="change how many idle members the pool keeps")
-    r.add_argument("name")
+    r.add_argument("pool")
     r.add_argument("size", type=int)
     u = ps.add_parser("update", help="image push: move the pool to a new (frozen) source")
-    u.add_argument("name")
+    u.add_argument("pool")
     u.add_argument("--source", required=True)
     cl = ps.add_parser("claim", help="hand out a ready member now (waits, bounded, if none is idle)")
-    cl.add_argument("name")
+    cl.add_argument("pool")
     cl.add_argument("--ttl", type=float, metavar="S", help="destroy the member S seconds after the claim")
     cl.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                     help="written over the pool's config to /run/instaclone/config.json; repeatable")
     cl.add_argument("--wait", type=float, metavar="S", help="wait at most S seconds (default pools.claim_wait_s)")
     rl = sub.add_parser("release", help="destroy a pool member (claimed or idle); its pool makes another")
-    rl.add_argument("name")
+    rl.add_argument("clone")

@@ -1,25 +1,26 @@
-"""How ``instaclone`` shows the control API's answers as text: jobs, checks, tables, events."""
+"""How ``instaclone`` shows the control API's answers as text: jobs, checks, lists, events."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
-#: How an API item (a job, a clone, ...) becomes a table row.
-Row = Callable[[dict[str, Any]], list[str]]
+from .cli_output import Column, Listing, hms, table, when
+
 
 def _fmt_ms(v: Any) -> str:
     return "-" if v is None else f"{v:.0f}ms"
 
 
-def print_job(job: dict[str, Any]) -> None:
+def print_job(job: dict[str, Any], history: bool = True) -> None:
+    """A job: its states with their times (unless ``history`` is False: the progress display showed
+    them), its error and what it made."""
     print(f"job {job['id']}  source={job['source']}  state={job['state']}")
     print(f"  clones: {', '.join(job['spec'].get('names', []))}")
     durations = job.get("durations_ms", {})
     t0 = job["history"][0]["at"] if job["history"] else 0
-    for h in job["history"]:
+    for h in job["history"] if history else []:
         print(f"  {h['state']:<20} +{(h['at'] - t0) * 1000:8.1f} ms  (step {_fmt_ms(durations.get(h['state']))})")
     if job.get("error"):
         e = job["error"]
@@ -93,55 +94,85 @@ def print_prepare(p: dict[str, Any]) -> None:
     print(p["note"])
 
 
-def hms(ts: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(ts))
+def _stun(j: dict[str, Any]) -> str:
+    ms = (j.get("result") or {}).get("stun_ms")
+    return "-" if ms is None else f"{ms:.0f}ms"
 
 
-def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
+def _elapsed(j: dict[str, Any]) -> str:
+    hist = j.get("history") or []
+    return f"{(hist[-1]['at'] - hist[0]['at']) * 1000:.0f}ms" if len(hist) > 1 else "-"
 
 
-def listing(out_json: bool, rows: list[dict[str, Any]], header: list[str], row: Row) -> None:
-    """A list from the API: JSON as is, or a table of ``row(item)`` under ``header``."""
-    if out_json:
-        print(json.dumps(rows, indent=2, sort_keys=True))
-    else:
-        table([row(r) for r in rows], header)
+def _error(d: dict[str, Any]) -> str:
+    e = d.get("error") or d.get("last_error") or {}
+    return str(e.get("code") or "") if isinstance(e, dict) else str(e)[:60]
 
 
-#: For each listing: its header and how an API item becomes a row.
-JOBS: tuple[list[str], Row] = (
-    ["JOB", "SOURCE", "CLONES", "STATE", "CREATED"],
-    lambda j: [j["id"], j["source"], ",".join(j["spec"].get("names", [])), j["state"], hms(j["created_at"])])
-CLONES: tuple[list[str], Row] = (
-    ["NAME", "SOURCE", "STATE", "UUID", "JOB"],
-    lambda c: [c["name"], c["source"], c["state"], c["uuid"], c["job_id"]])
-FROZEN: tuple[list[str], Row] = (
-    ["SOURCE", "STATUS", "MEMORY", "CLONES", "SINCE"],
-    lambda r: [r["name"], r["status"], r["backend"], str(r["clones"]), hms(r["since"])])
-WEBHOOKS: tuple[list[str], Row] = (
-    ["NAME", "URL", "ENABLED", "EVENTS", "PENDING", "DELIVERED", "FAILED", "DISABLED"],
-    lambda w: [w["name"], w["url"], "yes" if w["enabled"] else "no (410)", ",".join(w["events"]),
-               *(str(w["deliveries"].get(k, 0)) for k in ("pending", "delivered", "failed", "disabled"))])
-DELIVERIES: tuple[list[str], Row] = (
-    ["ID", "WEBHOOK", "EVENT", "TYPE", "STATUS", "ATTEMPTS", "LAST", "NEXT", "ERROR"],
-    lambda d: [str(d["id"]), d["webhook"], d["event_id"], d["event_type"], d["status"], str(d["attempts"]),
-               str(d["last_status"] or "-"), hms(d["next_at"]) if d["status"] == "pending" else "-",
-               (d["last_error"] or "")[:60]])
+def _count(status: str) -> Callable[[dict[str, Any]], str]:
+    return lambda w: str(w["deliveries"].get(status, 0))
 
 
-def table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)).rstrip())
+#: Every list the CLI prints: its columns (``wide``: only with ``-o wide``) and the field ``-q`` prints.
+JOBS = Listing((
+    Column("JOB", lambda j: j["id"]),
+    Column("SOURCE", lambda j: j["source"]),
+    Column("CLONES", lambda j: ",".join(j["spec"].get("names", []))),
+    Column("STATE", lambda j: j["state"]),
+    Column("CREATED", lambda j: hms(j["created_at"])),
+    Column("TOOK", _elapsed, wide=True),
+    Column("STUN", _stun, wide=True),
+    Column("ERROR", _error, wide=True),
+), key="id")
+CLONES = Listing((
+    Column("NAME", lambda c: c["name"]),
+    Column("SOURCE", lambda c: c["source"]),
+    Column("STATE", lambda c: c["state"]),
+    Column("UUID", lambda c: c["uuid"]),
+    Column("JOB", lambda c: c["job_id"]),
+    Column("POOL", lambda c: c.get("pool") or "-", wide=True),
+    Column("CREATED", lambda c: when(c.get("created_at")), wide=True),
+    Column("EXPIRES", lambda c: when(c.get("expires_at")), wide=True),
+    Column("DIR", lambda c: c.get("dir") or "-", wide=True),
+), key="name")
+FROZEN = Listing((
+    Column("SOURCE", lambda r: r["name"]),
+    Column("STATUS", lambda r: r["status"]),
+    Column("MEMORY", lambda r: r["backend"]),
+    Column("CLONES", lambda r: str(r["clones"])),
+    Column("SINCE", lambda r: hms(r["since"])),
+    Column("PAUSED BY US", lambda r: "yes" if r.get("paused_by_us") else "no", wide=True),
+    Column("IMAGE", lambda r: ",".join(f"{k}={v}" for k, v in sorted((r.get("image") or {}).items())) or "-",
+           wide=True),
+), key="name")
+WEBHOOKS = Listing((
+    Column("NAME", lambda w: w["name"]),
+    Column("URL", lambda w: w["url"]),
+    Column("ENABLED", lambda w: "yes" if w["enabled"] else "no (410)"),
+    Column("EVENTS", lambda w: ",".join(w["events"])),
+    *(Column(k.upper(), _count(k)) for k in ("pending", "delivered", "failed", "disabled")),
+), key="name")
+DELIVERIES = Listing((
+    Column("ID", lambda d: str(d["id"])),
+    Column("WEBHOOK", lambda d: d["webhook"]),
+    Column("EVENT", lambda d: d["event_id"]),
+    Column("TYPE", lambda d: d["event_type"]),
+    Column("STATUS", lambda d: d["status"]),
+    Column("ATTEMPTS", lambda d: str(d["attempts"])),
+    Column("LAST", lambda d: str(d["last_status"] or "-")),
+    Column("NEXT", lambda d: hms(d["next_at"]) if d["status"] == "pending" else "-"),
+    Column("ERROR", lambda d: (d["last_error"] or "")[:60]),
+    Column("JOB", lambda d: d.get("job_id") or "-", wide=True),
+    Column("UPDATED", lambda d: when(d.get("updated_at")), wide=True),
+), key="id")
 
 
 def event_line(e: dict[str, Any]) -> str:
     d = e.get("data", {})
     ts = d.get("at") or 0
-    when = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int((ts % 1) * 1000):03d}"
+    stamp = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int((ts % 1) * 1000):03d}"
     what = d.get("clone") or ",".join(d.get("clones", [])) or d.get("source", "")
-    line = f"{when}  {e['type']:<28} {(d.get('job_id') or '-'):<16}  {what}"
+    line = f"{stamp}  {e['type']:<28} {(d.get('job_id') or '-'):<16}  {what}"
     if d.get("duration_ms") is not None:
         line += f"  ({d['duration_ms']:.0f} ms)"
     if d.get("stun_ms") is not None:

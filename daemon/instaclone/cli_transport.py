@@ -1,0 +1,77 @@
+"""The CLI's way to the daemon: ``instaclone.client`` (the one HTTP client), and ``CliError``.
+
+Every failure becomes a ``CliError`` carrying its exit status (``cli_exit``): the daemon's own
+errors (1), unreachable (3, also when it goes away mid-answer), permission (4: the socket's
+EACCES, whose message from the client names the group and the ``usermod`` that fixes it, or the
+API's 403 ``forbidden``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .cli_exit import EXIT_FAILED, EXIT_PERMISSION, EXIT_UNREACHABLE, EXIT_USAGE
+from .cli_output import Output, raw
+
+if TYPE_CHECKING:  # the client (aiohttp) is imported only by commands that talk to the daemon
+    from .client import Client, ClientError
+
+__all__ = ["CliError", "Ctx", "cli_error", "kv", "raw", "translated"]
+
+
+class CliError(Exception):
+    """A failure to report as one line, with its exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code  # the API's error code, when the daemon answered with one
+
+
+def cli_error(exc: ClientError) -> CliError:
+    """The CliError (message and exit status) of one of the client's errors."""
+    from .client import ApiError, DaemonUnreachable, PermissionDenied
+
+    if isinstance(exc, PermissionDenied):
+        return CliError(f"{exc}", EXIT_PERMISSION)
+    if isinstance(exc, DaemonUnreachable):
+        return CliError(str(exc), EXIT_UNREACHABLE)
+    if isinstance(exc, ApiError):
+        if exc.code == "forbidden" or exc.status == 403:
+            return CliError(f"{exc}; this is a permission problem: ask an admin to add your user to a group in "
+                            "the daemon's access.write_groups (then log in again)", EXIT_PERMISSION, exc.code)
+        return CliError(str(exc), EXIT_FAILED, exc.code)
+    return CliError(str(exc), EXIT_FAILED)
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Raise the client's errors as CliError (for code that talks to the client directly)."""
+    from .client import ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        raise cli_error(exc) from None
+
+
+@dataclass
+class Ctx:
+    """What every command gets: the client on the daemon's socket and the output options."""
+
+    client: Client
+    out: Output
+
+
+def kv(pairs: list[str], option: str = "--config") -> dict[str, str]:
+    """``KEY=VALUE`` options to a dict; a malformed one is a usage error."""
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise CliError(f"{option} wants KEY=VALUE, got {p!r}", EXIT_USAGE)
+        out[key] = value
+    return out
