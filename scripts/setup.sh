@@ -20,7 +20,8 @@ pkgs=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-d
       pkg-config busybox-static cpio kmod python3-venv python3 gcc libc6-dev
       systemd   # systemd-analyze verifies the units in the tests; nothing is started
       mmdebstrap e2fsprogs dosfstools mtools fdisk ovmf  # the Debian test guest (build-debian-guest.sh)
-      openssh-client)  # ssh-keygen: clones' SSH host keys are made on the host
+      openssh-client  # ssh-keygen: clones' SSH host keys are made on the host
+      zsh)  # the CLI's zsh completion is tried in a real zsh (tests/test_cli_pty.py)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

@@ -191,6 +191,25 @@ async def test_cli_clone_count_and_errors(world):
 
     r = await asyncio.to_thread(run, "clones", "ls")
     assert r.returncode == 0 and "ic-pool-1" in r.stdout and "ic-pool-2" in r.stdout
+
+    # Inside a clone, as the README shows it: exec's output and exit status are the command's;
+    # cp both ways, checked.
+    r = await asyncio.to_thread(run, "exec", "--env", "WHO=cli", "ic-pool-1", "--", "sh", "-c",
+                                'echo "out $WHO"; echo err >&2; exit 7')
+    assert (r.returncode, r.stdout, r.stderr) == (7, "out cli\n", "err\n"), r
+    local = scratch.path / "payload.bin"
+    local.write_bytes(os.urandom(300_000))
+    r = await asyncio.to_thread(run, "cp", str(local), "ic-pool-1:/tmp/payload.bin")
+    assert r.returncode == 0, r.stderr
+    back = scratch.path / "back"
+    back.mkdir()
+    r = await asyncio.to_thread(run, "cp", "ic-pool-1:/tmp/payload.bin", str(back))
+    assert r.returncode == 0, r.stderr
+    assert (back / "payload.bin").read_bytes() == local.read_bytes()
+    r = await asyncio.to_thread(run, "cp", "ic-pool-1:/no/such/file", str(back))
+    assert r.returncode == 1 and "guest_file_not_found" in r.stderr and "Traceback" not in r.stderr, r
+    r = await asyncio.to_thread(run, "exec", "ic-src2", "--", "true")  # a source is never reachable
+    assert r.returncode == 125 and "not_found" in r.stderr, r
     r = await asyncio.to_thread(run, "jobs", "show", job["id"])
     assert r.returncode == 0 and "Unstunned" in r.stdout
 

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from instaclone.hv import LibvirtHypervisor as Hypervisor
-
 from .conftest import libvirt_ready
 from .guests import devguest
-from .vmlib import Api, Scratch, assert_no_qemu_left, boot_source, make_config, running_daemon, undefine_new
+from .vmlib import Api, boot_source, daemon_world
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
                                                           reason=str(libvirt_ready()))]
@@ -29,20 +27,8 @@ PREFIX = "gc-"
 
 @pytest.fixture
 async def world():
-    scratch = Scratch()
-    virt = Hypervisor()
-    await virt.connect()
-    before = set(await virt.list_names())
-    config = make_config(scratch)
-    daemon = await running_daemon(config)
-    try:
-        yield scratch, virt, config
-    finally:
-        await daemon.stop()
-        await undefine_new(virt, before, PREFIX)
-        await virt.close()
-        scratch.cleanup()
-    assert_no_qemu_left(scratch)
+    async with daemon_world(PREFIX) as w:
+        yield w
 
 
 def sha(path: Path) -> str:

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -107,3 +109,24 @@ def assert_no_qemu_left(scratch: Scratch) -> None:
     """No QEMU process of ``scratch``'s guests (or their clones) may outlive the test."""
     left = subprocess.run(["pgrep", "-f", f"qemu-system.*{scratch.path.name}"], capture_output=True, text=True)
     assert not left.stdout.strip(), f"QEMU processes left behind: {left.stdout}"
+
+
+@asynccontextmanager
+async def daemon_world(prefix: str) -> AsyncIterator[tuple[Scratch, Hypervisor, cfg.Config]]:
+    """A scratch dir, a real daemon on it, a libvirt handle: (scratch, virt, config). Afterwards the
+    daemon stops, the domains named ``prefix``... that the test made are undefined, and no QEMU
+    process of the scratch dir may be left."""
+    scratch = Scratch()
+    virt = Hypervisor()
+    await virt.connect()
+    before = set(await virt.list_names())
+    config = make_config(scratch)
+    daemon = await running_daemon(config)
+    try:
+        yield scratch, virt, config
+    finally:
+        await daemon.stop()
+        await undefine_new(virt, before, prefix)
+        await virt.close()
+        scratch.cleanup()
+    assert_no_qemu_left(scratch)
