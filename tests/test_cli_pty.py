@@ -155,6 +155,44 @@ async def test_wait_progress_piped_is_plain_lines(slow_api: tuple[Any, Any, Path
     _as_reached(body["job"], at)
 
 
+async def test_cp_upload_progress_on_a_terminal(tmp_path: Path) -> None:
+    """A big upload shows its progress as the bytes go (the client's put_file progress), then clears it."""
+    import hashlib
+
+    from aiohttp import web
+
+    size = 12 << 20  # over the CLI's 8 MiB threshold
+
+    async def put(request: web.Request) -> web.Response:
+        digest, got = hashlib.sha256(), 0
+        async for chunk in request.content.iter_chunked(1 << 20):
+            digest.update(chunk)
+            got += len(chunk)
+            await asyncio.sleep(0.25)  # a slow guest: about 3 s in all
+        return web.json_response({"file": {"path": request.query["path"], "bytes": got,
+                                           "sha256": digest.hexdigest(), "mode": request.query.get("mode")}})
+
+    app = web.Application()
+    app.router.add_put("/v1/clones/{name}/files", put)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = tmp_path / "api.sock"
+    await web.UnixSite(runner, str(sock)).start()
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(size))
+    term = Pty([*CLI, "cp", str(src), "c1:/tmp/big.bin"], _env(sock, TERM="xterm"))
+    try:
+        await asyncio.to_thread(term.read_until, r"MiB / 12\.0 MiB +\d+%")
+        text = await asyncio.to_thread(term.read_to_end)
+        assert term.proc.wait(10) == 0, text
+        shown = [int(p) for p in re.findall(r"(\d+)%", text)]
+        assert shown and shown == sorted(shown) and shown[0] < 100, text  # it moved as the bytes went
+        assert text.endswith("\r\x1b[K"), text  # and the line is gone at the end
+    finally:
+        term.close()
+        await runner.cleanup()
+
+
 # -- completion -----------------------------------------------------------------------------------
 
 

@@ -215,6 +215,12 @@ async def test_put_file_streams_path_and_bytes(guest, tmp_path):
         info = await c.put_file("vm", src, "/tmp/repo.tar", mode=0o600)
         assert info.path == "/tmp/repo.tar" and info.size == len(payload)
         assert info.sha256 == hashlib.sha256(payload).hexdigest() and info.mode == "0600"
+        sent: list[int] = []  # progress: each chunk as it goes, from the file or from bytes
+        await c.put_file("vm", src, "/tmp/again.tar", progress=sent.append)
+        assert len(sent) > 1 and sum(sent) == len(payload)
+        sent.clear()
+        await c.put_file("vm", payload, "/tmp/again.tar", progress=sent.append)
+        assert len(sent) > 1 and sum(sent) == len(payload) and fake.files["/tmp/again.tar"] == payload
         small = await c.put_file("vm", b"#!/bin/sh\necho ok\n", "/usr/local/bin/t", mode="0755")
         assert small.size == 18 and fake.files["/usr/local/bin/t"] == b"#!/bin/sh\necho ok\n"
         with pytest.raises(ic.GuestFileNotFound):

@@ -192,16 +192,11 @@ async def _upload(ctx: Ctx, src: str, dst: Remote, mode: str | None) -> int:
 
 async def _put(ctx: Ctx, local: Path, dst: Remote, path: str, mode: str) -> None:
     size = (await asyncio.to_thread(local.stat)).st_size
-    big = sys.stderr.isatty() and size >= PROGRESS_MIN_BYTES
-    if big:
-        sys.stderr.write(f"{local} -> {dst.clone}:{path}: sending {size / 2**20:.1f} MiB...")
-        sys.stderr.flush()
+    meter = _Meter(size, f"{local} -> {dst.clone}:{path}")
     try:
-        info = await ctx.client.put_file(dst.clone, local, path, mode=mode)
+        info = await ctx.client.put_file(dst.clone, local, path, mode=mode, progress=meter.add)
     finally:
-        if big:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+        meter.close()
     if not ctx.out.quiet and ctx.out.machine:
         ctx.out.emit(raw(info))
 

@@ -475,7 +475,7 @@ class Client:
         raise ProtocolError("the exec stream ended before the command's exit")  # pragma: no cover
 
     async def put_file(self, clone: str | Clone | Claim, src: str | os.PathLike[str] | bytes, dest_path: str, *,
-                       mode: int | str | None = None) -> FileInfo:
+                       mode: int | str | None = None, progress: Callable[[int], None] | None = None) -> FileInfo:
         """Copy ``src`` (a local file, streamed in chunks, or bytes) to ``dest_path`` in the clone.
 
         The SHA-256 goes along (the daemon checks the body against it, the
@@ -483,17 +483,20 @@ class Client:
         checked here. ``mode``: e.g. ``0o755`` or ``"0755"``. Raises BodyTooLarge (over 4 GiB),
         GuestFileNotFound (no such directory), GuestFileError,
         ChecksumMismatch, AgentUnavailable, InvalidRequest (path not
-        absolute); OSError if ``src`` cannot be read.
+        absolute); OSError if ``src`` cannot be read. ``progress(n)``: called as each chunk of
+        ``n`` bytes has gone to the daemon (for a progress display).
         """
         if isinstance(src, bytes | bytearray | memoryview):
             payload: Any = bytes(src)
             _check_size(len(payload))
             digest, size = hashlib.sha256(payload).hexdigest(), len(payload)
+            if progress is not None:
+                payload = _counted(_byte_chunks(payload), progress)
         else:
             path = Path(src)
             _check_size((await asyncio.to_thread(path.stat)).st_size)  # before reading it to hash it
             digest, size = await asyncio.to_thread(_hash_file, path)
-            payload = _read_chunks(path)
+            payload = _read_chunks(path) if progress is None else _counted(_read_chunks(path), progress)
         params: dict[str, str | int | float] = {"path": dest_path}
         if (m := _mode(mode)) is not None:
             params["mode"] = m
@@ -590,6 +593,19 @@ def _hash_file(path: Path) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
+
+
+async def _byte_chunks(data: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), CHUNK_BYTES):
+        yield data[i:i + CHUNK_BYTES]
+
+
+async def _counted(chunks: AsyncIterator[bytes], progress: Callable[[int], None]) -> AsyncIterator[bytes]:
+    """``chunks``, telling ``progress`` each one's size once the transport has taken it (asked for
+    the next)."""
+    async for chunk in chunks:
+        yield chunk
+        progress(len(chunk))
 
 
 async def _read_chunks(path: Path) -> AsyncIterator[bytes]:
