@@ -75,13 +75,13 @@ def test_the_document_lists_every_route_of_the_app(with_metrics: bool) -> None:
     companion of each GET)."""
     from types import SimpleNamespace
 
-    from instaclone.api.openapi import DOCUMENT
+    from instaclone.api.openapi import current_document
     from instaclone.outbox.metrics import Metrics
 
     engine = SimpleNamespace(config=Config())  # make_app keeps the engine and the store: no calls
     app = make_app(engine, object(), gc=object(), metrics=Metrics() if with_metrics else None)  # type: ignore[arg-type]
     served = {(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
-    doc = app[DOCUMENT]
+    doc = current_document(app)
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     assert served == documented
     assert ("GET", "/metrics") in served or not with_metrics
@@ -313,7 +313,7 @@ async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path
 
     from instaclone.api import ACCESS, Call, RawBody, Reply, Route
     from instaclone.api.models import ClonePath, Query
-    from instaclone.api.openapi import DOCUMENT
+    from instaclone.api.openapi import current_document
 
     from .test_openapi_contract import OpenAccess
 
@@ -364,7 +364,7 @@ async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path
     ]
     app = make_app(SimpleNamespace(config=Config()), object(), extra_routes=routes)  # type: ignore[arg-type]
     app[ACCESS] = OpenAccess(Config().access)
-    doc = app[DOCUMENT]
+    doc = current_document(app)
     validate_openapi(doc)
     put = doc["paths"]["/v1/things/{name}/files"]["put"]
     assert put["requestBody"]["content"] == {"application/octet-stream": {"schema": {"type": "string",
@@ -421,3 +421,40 @@ def test_the_script_pattern_is_the_engine_rule(script: str, ok: bool) -> None:
     else:
         with pytest.raises(InvalidRequest):
             validate_script(script)
+
+
+async def test_validation_and_document_follow_a_reloaded_config(tmp_path: Path) -> None:
+    """A reload (the daemon sets engine.config and the app's access) moves the API's bounds with
+    it: count's maximum is validated and documented as clone.max_count is now, not at start."""
+    from dataclasses import replace
+
+    from aiohttp import web
+
+    from instaclone.api import ACCESS, RUNNER_ARGS, Access
+
+    from .apiclient import Api
+    from .fakes import fake_engine, fake_world
+
+    c, journal, virt = await fake_world(tmp_path)
+    engine = fake_engine(c, journal, virt)
+    app = make_app(engine, journal)
+    runner = web.AppRunner(app, **RUNNER_ARGS)
+    await runner.setup()
+    sock = tmp_path / "ctl.sock"
+    await web.UnixSite(runner, str(sock)).start()
+    try:
+        async with Api(sock) as client:
+            request = {"source": "no-such-source", "name": "c", "count": 100}
+            status, body = await client.call("POST", "/v1/jobs", request)
+            assert (status, body["error"]["code"]) == (400, "invalid_request"), body
+            engine.config = replace(engine.config, clone=replace(engine.config.clone, max_count=100))
+            app[ACCESS] = Access(replace(engine.config.access, read_groups=("root",)))
+            status, body = await client.call("POST", "/v1/jobs", request)
+            assert (status, body["error"]["code"]) == (404, "source_not_found"), body  # past the model now
+            _, doc = await client.call("GET", "/v1/openapi.json")
+            assert doc["components"]["schemas"]["CreateJob"]["properties"]["count"]["maximum"] == 100
+            assert listed(doc, "/v1/jobs", "get", 403)  # read_groups set: reads may be refused
+    finally:
+        await engine.shutdown(5)
+        await runner.cleanup()
+        await journal.close()

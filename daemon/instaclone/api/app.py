@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from ..config import AccessConfig, Config
+from ..config import AccessConfig
 from ..errors import InstacloneError
 from ..outbox.bus import EventBus
 from ..outbox.metrics import Metrics
@@ -21,7 +21,7 @@ from ..store import Store
 from . import gc as gc_api, guest, jobs, pools, sources, stream, webhooks
 from .access import ACCESS, Access, Handler, peer_credentials
 from .common import BUS, CLOSING, ENGINE, GC, MAX_BODY_BYTES, STORE, WEBHOOKS, error, log
-from .openapi import DOCUMENT, ROUTE as OPENAPI_ROUTE, document
+from .openapi import DOCUMENT, ROUTE as OPENAPI_ROUTE, DocumentCache
 from .protocol import EngineView, GcView
 from .routes import Call, Reply, Route, bind
 
@@ -51,13 +51,13 @@ ROUTES: tuple[Route, ...] = (*jobs.ROUTES, *sources.ROUTES, *pools.ROUTES, *stre
                              *gc_api.ROUTES, *guest.ROUTES, OPENAPI_ROUTE)
 
 
-def add_routes(app: web.Application, routes: Iterable[Route], config: Config) -> None:
+def add_routes(app: web.Application, routes: Iterable[Route]) -> None:
     """Register ``routes``, each validating its inputs through its models (:func:`.routes.bind`)."""
     for r in routes:
         if r.method == "GET":
-            app.router.add_get(r.path, bind(r, config))  # and HEAD
+            app.router.add_get(r.path, bind(r))  # and HEAD
         else:
-            app.router.add_route(r.method, r.path, bind(r, config))
+            app.router.add_route(r.method, r.path, bind(r))
 
 
 def _metrics_route(metrics: Metrics) -> Route:
@@ -104,6 +104,6 @@ def make_app(engine: EngineView, store: Store, webhooks: WebhookSender | None = 
         app[CLOSING].set()
 
     app.on_shutdown.append(on_shutdown)
-    add_routes(app, routes, engine.config)
-    app[DOCUMENT] = document(routes, engine.config, read_groups=not app[ACCESS].open_read)
+    add_routes(app, routes)
+    app[DOCUMENT] = DocumentCache(routes)
     return app

@@ -20,11 +20,11 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from .. import __version__
 from ..config import Config
 from . import answers
-from .common import MAX_BODY_BYTES
+from .access import ACCESS, Access
+from .common import ENGINE, MAX_BODY_BYTES
 from .models import QUERY_SCHEMA_OVERRIDES
 from .routes import Call, RawBody, Reply, Route
 
-DOCUMENT = web.AppKey("openapi", dict)
 _REF = "#/components/schemas/{model}"
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -195,8 +195,33 @@ def document(routes: Iterable[Route], config: Config, *, read_groups: bool = Fal
     }
 
 
+class DocumentCache:
+    """The document of an app's routes, made again when the engine's config or the app's access is
+    another object than the last time (a reload sets both), not on every request."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = list(routes)
+        self._made_for: tuple[object, object] | None = None
+        self._document: dict[str, Any] = {}
+
+    def get(self, config: Config, access: Access) -> dict[str, Any]:
+        if self._made_for is None or self._made_for[0] is not config or self._made_for[1] is not access:
+            self._document = document(self.routes, config, read_groups=not access.open_read)
+            self._made_for = (config, access)
+        return self._document
+
+
+#: Set by make_app (before the app starts: a started app's state is not changed afterwards).
+DOCUMENT = web.AppKey("openapi", DocumentCache)
+
+
+def current_document(app: web.Application) -> dict[str, Any]:
+    """The document of ``app`` for its engine's config and its access as they are now."""
+    return app[DOCUMENT].get(app[ENGINE].config, app[ACCESS])
+
+
 async def openapi(request: web.Request, _call: Call) -> web.Response:
-    return web.json_response(request.app[DOCUMENT])
+    return web.json_response(current_document(request.app))
 
 
 ROUTE = Route("GET", "/v1/openapi.json", openapi, "this document",

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 from .. import identity
 from ..config import Config
 from ..errors import BodyTooLarge, InvalidName, InvalidRequest
-from .common import MAX_BODY_BYTES, body as read_body
+from .common import ENGINE, MAX_BODY_BYTES, body as read_body
 from .models import NameRule
 
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
@@ -186,13 +186,16 @@ def _header_values(model: type[BaseModel], request: web.Request) -> dict[str, st
     return {n: request.headers[n] for n in names if n in request.headers}
 
 
-def bind(route: Route, config: Config) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """The aiohttp handler of ``route``: validate path, query and body, then call the route's handler."""
-    body_model = route.body_model(config)
+def bind(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler of ``route``: validate path, query and body, then call the route's handler.
 
+    A body model made from the config (``clone.max_count``) is the one of the engine's config at
+    the time of the request: a reload moves the bound (the factories cache their models).
+    """
     raw = route.body if isinstance(route.body, RawBody) else None
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        body_model = route.body_model(request.app[ENGINE].config)
         if raw is not None and raw.max_bytes is not None and (request.content_length or 0) > raw.max_bytes:
             # A declared length over the limit is refused before the handler; a chunked body the
             # handler counts as it streams it.
