@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from typing import Any
 
 from ..errors import VirtError, VirtTimeout
-from . import _libvirt as lv
+from . import _libvirt as lv, guestfiles
 from .connection import Connection
 
 
@@ -39,18 +38,15 @@ class Agent(Connection):
 
         VirtTimeout if it has not finished after ``timeout_s``.
         """
-        args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
-        if stdin:
-            args["input-data"] = base64.b64encode(stdin).decode()
-        pid = (await self.agent(name, "guest-exec", args))["pid"]
+        pid = await guestfiles.exec_start(self, name, argv, input_data=stdin or None, capture=True)
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         delay = 0.02
         while True:
-            st = await self.agent(name, "guest-exec-status", {"pid": pid})
-            if st.get("exited"):
-                out = base64.b64decode(st.get("out-data", "")) + base64.b64decode(st.get("err-data", ""))
-                return int(st.get("exitcode", -1)), out.decode(errors="replace")
+            st = await guestfiles.exec_status(self, name, pid)
+            if st is not None:
+                code = st["exitcode"]
+                return int(code if code is not None else -1), (st["out"] + st["err"]).decode(errors="replace")
             if loop.time() > end:
                 raise VirtTimeout(f"{argv[0]} in {name!r} did not finish within {timeout_s:g} s")
             await asyncio.sleep(delay)
