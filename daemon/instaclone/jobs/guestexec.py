@@ -102,6 +102,12 @@ chmod "$mode" "$t" && mv -f "$t" "$dst" || { rm -f "$t"; exit 5; }
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+async def _close_quietly(virt: Hypervisor, name: str, handle: int) -> None:
+    """Close a guest file handle when it no longer matters whether that works (cleanup paths)."""
+    with suppress(InstacloneError):
+        await gf.file_close(virt, name, handle)
+
+
 class GuestProcess:
     """A command started in a guest: its ``pid`` and its :meth:`events` (call :meth:`close` always)."""
 
@@ -198,8 +204,7 @@ class GuestProcess:
         except InstacloneError as exc:
             self.log.warning("exec.kill_failed", clone=self.name, pid=self.pid, error=exc.message)
         for h in (self._out, self._err):
-            with suppress(InstacloneError):
-                await gf.file_close(self.virt, self.name, h)
+            await _close_quietly(self.virt, self.name, h)
 
 
 class GuestFileReader:
@@ -233,8 +238,7 @@ class GuestFileReader:
     async def close(self) -> None:
         if self._handle is not None:
             h, self._handle = self._handle, None
-            with suppress(InstacloneError):
-                await gf.file_close(self.virt, self.name, h)
+            await _close_quietly(self.virt, self.name, h)
 
 
 async def _rechunk(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
@@ -346,8 +350,7 @@ class GuestService:
         finally:
             if not started:
                 for h in handles:
-                    with suppress(InstacloneError):
-                        await gf.file_close(self.virt, name, h)
+                    await _close_quietly(self.virt, name, h)
                 if handles:
                     await self._remove(name, [base + ".out", base + ".err", base + ".in"])
         self.svc.log.info("guest.exec", clone=name, argv0=argv[0], pid=pid)
@@ -393,8 +396,7 @@ class GuestService:
             raise GuestFileError(f"writing {path} in clone {name!r} failed: {exc.message}") from None
         finally:
             if not closed:
-                with suppress(InstacloneError):
-                    await gf.file_close(self.virt, name, h)
+                await _close_quietly(self.virt, name, h)
             if not placed:
                 await self._remove(name, [tmp])
         if rc == 3:
@@ -423,12 +425,9 @@ class GuestService:
             sha = out.split()[0] if out.split() else ""
             if rc != 0 or not _HEX64.fullmatch(sha):
                 raise GuestFileError(f"cannot read {path} in clone {name!r}: {out.strip()}")
-        except VirtError as exc:
-            with suppress(InstacloneError):
-                await gf.file_close(self.virt, name, h)
-            raise GuestFileError(f"cannot read {path} in clone {name!r}: {exc.message}") from None
-        except BaseException:
-            with suppress(InstacloneError):
-                await gf.file_close(self.virt, name, h)
+        except BaseException as exc:
+            await _close_quietly(self.virt, name, h)
+            if isinstance(exc, VirtError):
+                raise GuestFileError(f"cannot read {path} in clone {name!r}: {exc.message}") from None
             raise
         return GuestFileReader(self.virt, name, path, h, size, sha)
