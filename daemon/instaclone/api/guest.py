@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ..errors import BodyTooLarge, InstacloneError, InvalidRequest
 from . import models as m
 from .common import ENGINE, PEER, log
-from .routes import Call, RawBody, Reply, Route
+from .routes import LIBVIRT_DOWN, Call, RawBody, Reply, Route
 
 #: Largest stdin of an exec, decoded.
 MAX_STDIN_BYTES = 8 << 20
@@ -193,7 +193,7 @@ _ERRORS = {
     404: "not_found (no such clone made by instaclone)",
     409: "agent_unavailable (no guest agent channel, or it does not answer), domain_state_invalid (not running)",
     500: "libvirt_error: the hypervisor failed (see the message and the daemon log)",
-    503: "libvirt_unavailable (libvirt is down; retry), shutting_down",
+    503: LIBVIRT_DOWN,
 }
 _FILE_ERRORS = {**_ERRORS, 404: "not_found (no such clone), guest_file_not_found (no such file or directory)",
                 409: _ERRORS[409] + ", guest_file_error (permission denied, a directory, ...)"}

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from . import answers as a, models as m
 from .common import ENGINE, PEER, log
-from .routes import Call, Reply, Route
+from .routes import HV_FAILED, LIBVIRT_DOWN, Call, Reply, Route
 
 
 async def create_pool(request: web.Request, call: Call) -> web.Response:
@@ -65,14 +65,12 @@ async def release(request: web.Request, call: Call) -> web.Response:
 
 
 _NO_POOL = "not_found (no such pool)"
-_LIBVIRT = "libvirt_unavailable (libvirt is down; retry), shutting_down"
-_FAILED = "libvirt_error, step_failed: the hypervisor failed (see the message and the daemon log)"
 
 ROUTES = [
     Route("POST", "/v1/pools", create_pool, "create a pool; it fills in the background",
           ok={201: Reply("the pool", a.PoolAnswer)},
           errors={404: "source_not_found", 409: "conflict (the pool exists), source_not_cloneable, name_in_use",
-                  500: _FAILED, 503: _LIBVIRT},
+                  500: HV_FAILED, 503: LIBVIRT_DOWN},
           body=m.CreatePool),
     Route("GET", "/v1/pools", list_pools, "every pool with its idle, claimed and pending members",
           ok={200: Reply("pools", a.Pools)}),
@@ -82,8 +80,8 @@ ROUTES = [
           description="size: resize; source: move the pool to a new source (image push: idle members are "
                       "replaced in the background, claimed ones stay until released)",
           ok={200: Reply("the pool", a.PoolAnswer)},
-          errors={404: f"{_NO_POOL}, source_not_found", 409: "source_not_cloneable", 500: _FAILED,
-                  503: _LIBVIRT},
+          errors={404: f"{_NO_POOL}, source_not_found", 409: "source_not_cloneable", 500: HV_FAILED,
+                  503: LIBVIRT_DOWN},
           path_params=m.PoolPath, body=m.UpdatePool),
     Route("DELETE", "/v1/pools/{name}", delete_pool, "delete a pool",
           description="Destroy the idle members; claimed members stay as plain clones.",
@@ -98,6 +96,6 @@ ROUTES = [
     Route("POST", "/v1/clones/{name}/release", release, "destroy a pool member; its pool makes another",
           ok={200: Reply("released", a.Released)},
           errors={404: "not_found (not a clone made by instaclone)", 409: "conflict (not a pool member)",
-                  500: _FAILED, 503: _LIBVIRT},
+                  500: HV_FAILED, 503: LIBVIRT_DOWN},
           path_params=m.ClonePath),
 ]

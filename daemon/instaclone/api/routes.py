@@ -36,6 +36,9 @@ from .common import ENGINE, MAX_BODY_BYTES, body as read_body
 from .models import NameRule
 
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
+#: The 503 and 500 of routes that call the hypervisor (``Route.errors`` values).
+LIBVIRT_DOWN = "libvirt_unavailable (libvirt is down; retry), shutting_down"
+HV_FAILED = "libvirt_error, step_failed: the hypervisor failed (see the message and the daemon log)"
 
 M = TypeVar("M", bound=BaseModel)
 

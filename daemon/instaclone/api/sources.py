@@ -14,7 +14,7 @@ from ..jobs import preflight, prepare
 from ..jobs.customize import has_agent
 from . import answers as a, models as m
 from .common import ENGINE, PEER, STORE, log
-from .routes import Call, Reply, Route
+from .routes import HV_FAILED, LIBVIRT_DOWN, Call, Reply, Route
 
 #: How long ``check`` waits for the source's guest agent to answer guest-ping.
 AGENT_PING_S = 3
@@ -165,8 +165,6 @@ async def prepare_source(request: web.Request, call: Call) -> web.Response:
         **prep.to_dict(), "diff": prepare.diff(before, after, name), "pending": pending, "note": note}})
 
 
-_LIBVIRT = "libvirt_unavailable (libvirt is down; retry), shutting_down"
-_FAILED = "libvirt_error, step_failed: the hypervisor failed (see the message and the daemon log)"
 
 ROUTES = [
     Route("GET", "/v1/clones", list_clones, "clones made by instaclone, with their domain's state",
@@ -175,28 +173,28 @@ ROUTES = [
           description="Undefine the clone (its own clones keep running), then collect garbage.",
           ok={200: Reply("destroyed", a.Destroyed)},
           errors={404: "not_found (not a clone made by instaclone)", 409: "conflict (frozen as a template)",
-                  500: _FAILED, 503: _LIBVIRT}, path_params=m.ClonePath),
+                  500: HV_FAILED, 503: LIBVIRT_DOWN}, path_params=m.ClonePath),
     Route("GET", "/v1/frozen", list_frozen, "frozen sources", ok={200: Reply("frozen sources", a.FrozenList)}),
     Route("POST", "/v1/sources/{name}/freeze", freeze, "freeze a source as a template",
           ok={200: Reply("frozen", a.FrozenAnswer)},
           errors={404: "source_not_found, domain_not_found",
                   409: "conflict (already frozen), source_not_cloneable, domain_state_invalid",
-                  500: _FAILED, 503: _LIBVIRT}, path_params=m.SourcePath),
+                  500: HV_FAILED, 503: LIBVIRT_DOWN}, path_params=m.SourcePath),
     Route("POST", "/v1/sources/{name}/unfreeze", unfreeze, "unfreeze a source",
           ok={200: Reply("unfrozen", a.UnfrozenAnswer)},
           errors={404: "not_found (not frozen), domain_not_found", 409: "domain_state_invalid",
-                  500: _FAILED, 503: _LIBVIRT}, path_params=m.SourcePath),
+                  500: HV_FAILED, 503: LIBVIRT_DOWN}, path_params=m.SourcePath),
     Route("GET", "/v1/sources/{name}/check", check_source,
           "preflight: per capability, whether the domain has it and the exact change",
           ok={200: Reply("the report", {"type": "object", "required": ["check"],
                                         "properties": {"check": {"$ref": "#/components/schemas/Check"}}})},
-          errors={404: "source_not_found", 500: _FAILED, 503: _LIBVIRT}, path_params=m.SourcePath),
+          errors={404: "source_not_found", 500: HV_FAILED, 503: LIBVIRT_DOWN}, path_params=m.SourcePath),
     Route("POST", "/v1/sources/{name}/prepare", prepare_source,
           "write shared file-backed RAM, <acpi/>, a guest agent channel and <genid/> into the persistent "
           "definition; a running domain gets them at its next boot",
           ok={200: Reply("what was (or would be) changed", {
               "type": "object", "required": ["prepare"],
               "properties": {"prepare": {"$ref": "#/components/schemas/Prepare"}}})},
-          errors={404: "source_not_found", 500: _FAILED, 503: _LIBVIRT},
+          errors={404: "source_not_found", 500: HV_FAILED, 503: LIBVIRT_DOWN},
           path_params=m.SourcePath, body=m.DryRun, body_required=False),
 ]
