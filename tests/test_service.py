@@ -132,7 +132,7 @@ async def test_own_socket_group_and_a_broken_reload_keeps_the_old_config(tmp_pat
         assert not [e for e in d.log_events() if e.get("event", "").startswith("watch.")], d.log_text()
         async with Api(scratch.path / "ctl.sock") as api:
             status, body = await api.call("POST", "/v1/jobs", {"source": "nope", "name": "x", "count": 3})
-            assert status == 400 and "less than or equal to 2" in body["error"]["message"], body
+            assert status == 400 and "between 1 and 2" in body["error"]["message"], body
         d.signal(signal.SIGTERM)
         assert await d.wait() == 0
     finally:

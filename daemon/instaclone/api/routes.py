@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import annotated_types
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
@@ -41,6 +42,9 @@ LIBVIRT_DOWN = "libvirt_unavailable (libvirt is down; retry), shutting_down"
 HV_FAILED = "libvirt_error, step_failed: the hypervisor failed (see the message and the daemon log)"
 
 M = TypeVar("M", bound=BaseModel)
+
+#: pydantic's error types of a number outside a Field's ge/le.
+_BOUND_ERRORS = frozenset({"greater_than_equal", "less_than_equal"})
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,13 @@ def refusal(model: type[BaseModel], exc: ValidationError, where: str) -> Invalid
         return InvalidRequest(msg)
     got = repr(err.get("input"))
     got = got if len(got) <= 80 else got[:77] + "..."
+    if err["type"] in _BOUND_ERRORS and info is not None and len(loc) == 1:
+        # Both bounds of the range, as the engine's own checks say it (a config-made bound such
+        # as clone.max_count included), rather than pydantic's one-sided "less than or equal to".
+        lo = next((b.ge for b in info.metadata if isinstance(b, annotated_types.Ge)), None)
+        hi = next((b.le for b in info.metadata if isinstance(b, annotated_types.Le)), None)
+        if lo is not None and hi is not None:
+            return InvalidRequest(f"{_label(where, top)} must be between {lo} and {hi} (got {got})")
     return InvalidRequest(f"{_label(where, '.'.join(loc))}: {msg[0].lower() + msg[1:]} (got {got})")
 
 
