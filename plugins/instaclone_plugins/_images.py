@@ -97,6 +97,10 @@ def backing_of(layer: Layer, data: dict[str, Any]) -> Layer | None:
     if name is None:
         return None
     what = f"backing file of {layer.path}"
+    if not str(name).startswith(("/", "json:")) and ":" not in str(name).split("/", 1)[0]:
+        raise UnsafeImage(f"{what} is the relative name {str(name)[:80]!r}; instaclone follows only absolute "
+                          f"local paths (make it one with: qemu-img rebase -u -f {layer.format} "
+                          f"-b /ABSOLUTE/PATH -F <format> {layer.path})")
     path = _local(str(name), what)
     fmt = data.get("backing-filename-format")
     if not fmt:
