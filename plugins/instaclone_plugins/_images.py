@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,12 +111,51 @@ def backing_of(layer: Layer, data: dict[str, Any]) -> Layer | None:
     return Layer(path, _format(str(fmt), what))
 
 
-async def chain(qemu_img: str, top: Path, fmt: str, *, max_images: int) -> list[Layer]:
+class Backings:
+    """What each layer's header names below it, remembered while its file is unchanged.
+
+    One ``qemu-img info`` per layer costs ~8 ms here, and garbage collection
+    walks every domain's chains, which share their lower layers. An answer is
+    kept under the file's identity and change times (device, inode, size,
+    mtime, ctime): a rewritten header (a block pull's rebase) changes them and
+    is read again. A file changed less than :data:`SETTLED_NS` ago is read
+    every time and not kept (timestamps are coarser than the writes: a
+    rewrite in the same tick would look unchanged). Forgotten wholesale past
+    ``limit`` entries.
+    """
+
+    SETTLED_NS = 1_000_000_000
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._known: dict[tuple[str, str, int, int, int, int, int], Layer | None] = {}
+
+    async def below(self, qemu_img: str, layer: Layer) -> Layer | None:
+        """The layer below ``layer`` (None at the bottom); UnsafeImage, StorageError as :func:`chain`."""
+        try:
+            st = await asyncio.to_thread(os.stat, layer.path)
+        except OSError as exc:
+            raise StorageError(f"cannot read image {layer.path}: {exc.strerror or exc}") from None
+        key = (str(layer.path), layer.format, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key in self._known:
+            return self._known[key]
+        found = backing_of(layer, await info(qemu_img, layer.path, layer.format))
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.SETTLED_NS:
+            return found  # may change again within the same timestamp
+        if len(self._known) >= self.limit:
+            self._known.clear()
+        self._known[key] = found
+        return found
+
+
+async def chain(qemu_img: str, top: Path, fmt: str, *, max_images: int,
+                backings: Backings | None = None) -> list[Layer]:
     """The chain whose top is ``top`` (recorded as ``fmt``), top first, one image at a time.
 
     Raises UnsafeImage for a json:/protocol/relative backing name, a missing
     or unknown backing format, a loop or more than ``max_images`` images;
-    StorageError if qemu-img cannot read a layer.
+    StorageError if qemu-img cannot read a layer. ``backings`` remembers
+    unchanged layers' answers between walks.
     """
     layer: Layer | None = Layer(_local(top, f"image {top}"), _format(fmt, f"image {top}"))
     out: list[Layer] = []
@@ -131,5 +171,8 @@ async def chain(qemu_img: str, top: Path, fmt: str, *, max_images: int) -> list[
         out.append(layer)
         if layer.format == "raw":
             break  # nothing to read: a raw layer is the bottom whatever its bytes say
-        layer = backing_of(layer, await info(qemu_img, layer.path, layer.format))
+        if backings is not None:
+            layer = await backings.below(qemu_img, layer)
+        else:
+            layer = backing_of(layer, await info(qemu_img, layer.path, layer.format))
     return out

@@ -57,6 +57,7 @@ class Qcow2Storage(StorageBackend):
         self.qemu_img = config.qcow2.qemu_img
         self.delta_dir = config.delta_dir
         self.max_chain_images = config.qcow2.max_chain_images
+        self._backings = _images.Backings()
 
     async def check(self) -> None:
         try:
@@ -107,7 +108,8 @@ class Qcow2Storage(StorageBackend):
 
     async def _chain(self, top: Path, fmt: str) -> list[Layer]:
         """The images of the chain whose top is ``top`` (recorded as ``fmt``), top first, never probed."""
-        return await _images.chain(self.qemu_img, top, fmt, max_images=self.max_chain_images)
+        return await _images.chain(self.qemu_img, top, fmt, max_images=self.max_chain_images,
+                                   backings=self._backings)
 
     async def _images_in_use(self, source: str) -> set[str]:
         """Every image of the source's disk chains as the image files say (the domain may be shut off)."""

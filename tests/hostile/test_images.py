@@ -215,6 +215,11 @@ async def test_chain_walk_reads_each_layer_with_its_recorded_format(tmp_path, ho
         assert await storage.chain(path=disk, fmt="raw") == [disk]
         assert await storage.chain_depth(path=disk, fmt="raw") == 1
     assert await storage.chain(path=top, fmt="qcow2") == [top, mid, hostile.host]
+    # Settled headers are remembered (the walk's cache); a rewritten one is read again.
+    await asyncio.sleep(1.1)
+    assert await storage.chain(path=top, fmt="qcow2") == [top, mid, hostile.host]
+    qemu_img("rebase", "-u", "-f", "qcow2", "-b", str(hostile.nbd), "-F", "raw", str(top))
+    assert await storage.chain(path=top, fmt="qcow2") == [top, hostile.nbd]
     hostile.assert_untouched()
 
 
