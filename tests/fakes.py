@@ -316,10 +316,10 @@ class FakeStorage(StorageBackend):
         for p in paths:
             p.unlink(missing_ok=True)
 
-    async def chain_depth(self, *, path: Path) -> int:
+    async def chain_depth(self, *, path: Path, fmt: str) -> int:
         return 2
 
-    async def chain(self, *, path: Path) -> list[Path]:
+    async def chain(self, *, path: Path, fmt: str) -> list[Path]:
         return image_chain(path)
 
 

@@ -69,7 +69,7 @@ class ChainStorage(FakeStorage):
             self.depth[p] = self._depth(ctx.tops[tgt]) + 1
         return out
 
-    async def chain_depth(self, *, path: Path) -> int:
+    async def chain_depth(self, *, path: Path, fmt: str) -> int:
         return self._depth(path)
 
     async def consolidate(self, *, domain: str, target: str) -> None:

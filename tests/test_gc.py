@@ -277,7 +277,7 @@ async def test_gc_aborts_without_deleting_when_a_chain_cannot_be_read(env, monke
     stray = c.delta_dir / "stray.qcow2"
     stray.write_bytes(b"x")
 
-    async def broken(*, path: Path) -> list[Path]:
+    async def broken(*, path: Path, fmt: str) -> list[Path]:
         raise StorageError("qemu-img info failed: Permission denied")
 
     monkeypatch.setattr(engine.svc.storage, "chain", broken)

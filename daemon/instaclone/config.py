@@ -102,6 +102,10 @@ class CloneConfig:
 class Qcow2Config:
     delta_dir: Path | None = None  # default: <state_dir>/deltas
     qemu_img: str = "qemu-img"
+    # Images a backing chain may have when instaclone walks it (one qemu-img
+    # call per image); a longer chain is refused as unsafe_image. Keep it
+    # above clone.max_chain_depth, or chains are refused before consolidation.
+    max_chain_images: int = 1024
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "clone.start_parallel": (1, 256),
     "clone.customize_timeout_s": (1, 3600),
     "clone.max_chain_depth": (2, 1000),
+    "storage.qcow2.max_chain_images": (2, 65536),
     "webhooks.timeout_s": (0.1, 300),
     "webhooks.max_attempts": (1, 1000),
     "webhooks.backoff_initial_s": (0.01, 3600),

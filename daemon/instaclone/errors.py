@@ -139,6 +139,17 @@ class StorageError(InstacloneError):
     code = "storage_error"
 
 
+class UnsafeImage(StorageError):
+    """A disk image instaclone will not open: its format or a backing file it names is not a plain local file.
+
+    A json: or protocol backing name, a missing backing format, a format other
+    than raw or qcow2, a loop, or a chain past its bound (never probed).
+    """
+
+    code = "unsafe_image"
+    http_status = 409
+
+
 class MemoryError_(InstacloneError):  # noqa: N801 - avoid shadowing the builtin
     code = "memory_backend_error"
 

@@ -30,6 +30,7 @@ from .errors import (
     MemoryError_,
     NotSupportedError,
     StorageError,
+    UnsafeImage,
     VirtError,
 )
 from .hv import Disk, DomainInfo, Hypervisor, MigrationInfo, domxml
@@ -41,7 +42,7 @@ __all__ = [
     "CORE", "Backend", "CloneTarget", "Config", "ConfigError", "Disk", "DomainInfo", "DomainNotFound",
     "Hypervisor", "InstacloneError", "MemoryBackend", "MemoryError_", "MemoryImage", "MigrationInfo",
     "NotSupportedError", "Recorder", "Resource", "ResourceKind", "StorageBackend", "StorageError", "StunContext",
-    "VirtError", "domxml", "get_logger", "new_mac", "new_uuid", "remove_path",
+    "UnsafeImage", "VirtError", "domxml", "get_logger", "new_mac", "new_uuid", "remove_path",
 ]
 
 
@@ -173,12 +174,21 @@ class StorageBackend(Backend):
                 in_use.update(str(p) for p in await self.virt.backing_chain(source, disk.target))
         return in_use
 
-    async def chain_depth(self, *, path: Path) -> int:
-        """Number of images in the chain whose top is ``path``."""
+    async def chain_depth(self, *, path: Path, fmt: str) -> int:
+        """Number of images in the chain whose top is ``path``, read as ``fmt``.
+
+        ``fmt`` is the format libvirt recorded for the disk (``Disk.format``) or
+        the one the backend created: an image is never probed (a raw disk's
+        guest can write any header into it).
+        """
         raise NotSupportedError(f"storage backend {self.name!r} cannot inspect chains")
 
-    async def chain(self, *, path: Path) -> list[Path]:
-        """The images of the chain whose top is ``path``, top first, as the files say (the domain may be off).
+    async def chain(self, *, path: Path, fmt: str) -> list[Path]:
+        """The images of the chain whose top is ``path`` (read as ``fmt``), top first, as the files say.
+
+        The domain may be off. Lower layers are read with the backing format
+        each layer's header names; a raw layer has none. An image whose chain
+        cannot be read safely raises UnsafeImage.
 
         Garbage collection deletes an image only if no chain read here (or
         QEMU's, for a running domain) names it; a backend that cannot tell

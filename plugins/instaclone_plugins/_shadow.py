@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import json
 import os
 import shutil
 import threading
@@ -69,6 +68,7 @@ from instaclone.plugin_api import (
     new_uuid,
 )
 
+from . import _images
 from ._proc import run
 
 #: Where a job's shadow notes live in ``StunContext.scratch``.
@@ -143,9 +143,9 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
         if disk.readonly:
             continue
         disks[disk.target] = shadow.dir / f"{disk.target}.qcow2"
-        out = await run(config.qcow2.qemu_img, "info", "--force-share", "--output=json", str(disk.path))
-        await run(config.qcow2.qemu_img, "create", "-q", "-f", "qcow2", str(disks[disk.target]),
-                  str(int(json.loads(out)["virtual-size"])))
+        # The size of the disk read as the format libvirt recorded (never probed).
+        size = await _images.virtual_size(config.qcow2.qemu_img, disk.path, disk.format)
+        await run(config.qcow2.qemu_img, "create", "-q", "-f", "qcow2", str(disks[disk.target]), str(size))
         await asyncio.to_thread(os.chown, disks[disk.target], *owner)
     nvram = None
     if ctx.nvram is not None:

@@ -3,7 +3,13 @@
 * Source delta: a libvirt disk-only external snapshot. The source's top image
   at stun, T, becomes the read-only backing file of a new, empty overlay that
   the source writes to from then on.
-* Clone delta: ``qemu-img create -b T -F <fmt>``, an empty overlay per clone.
+* Clone delta: ``qemu-img create -f qcow2 -u -b T -F <fmt> <size>``, an empty
+  overlay per clone, where ``<fmt>`` is the format libvirt recorded for the
+  source's disk and ``<size>`` T's virtual size read as that format.
+
+Images are never probed (``_images``): every qemu-img call names the format,
+and chains are walked one image at a time, so a qcow2 header a guest wrote
+into its raw disk is data, not a chain.
 
 Chain rule: when the source already runs on deltas (it was cloned before, or
 is itself a clone), the new source delta goes on top of its current top, and
@@ -21,7 +27,6 @@ of clones) may be backed by them.
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from instaclone.plugin_api import (
@@ -37,6 +42,8 @@ from instaclone.plugin_api import (
     StunContext,
 )
 
+from . import _images
+from ._images import Layer
 from ._proc import run
 
 
@@ -49,17 +56,14 @@ class Qcow2Storage(StorageBackend):
         super().__init__(config=config, virt=virt)
         self.qemu_img = config.qcow2.qemu_img
         self.delta_dir = config.delta_dir
+        self.max_chain_images = config.qcow2.max_chain_images
+        self._backings = _images.Backings()
 
     async def check(self) -> None:
         try:
             await run(self.qemu_img, "--version")
         except StorageError as exc:
             raise ConfigError(f"storage.qcow2.qemu_img: {exc}") from None
-
-    async def _virtual_size(self, image: Path) -> int:
-        # --force-share: the image is open in the (paused) source's QEMU.
-        out = await run(self.qemu_img, "info", "--force-share", "--output=json", str(image))
-        return int(json.loads(out)["virtual-size"])
 
     async def create_source_delta(self, *, ctx: StunContext, record: Recorder) -> dict[str, Path]:
         disks = [d for d in ctx.source.disks if not d.readonly]
@@ -78,17 +82,22 @@ class Qcow2Storage(StorageBackend):
     async def create_clone_delta(
         self, *, ctx: StunContext, clone: CloneTarget, record: Recorder
     ) -> dict[str, Path]:
-        fmt = {d.target: d.format for d in ctx.source.disks}
+        recorded = {d.target: d.format for d in ctx.source.disks}
         out: dict[str, Path] = {}
         for target, top in ctx.tops.items():
-            size = await self._virtual_size(top)
+            fmt = recorded.get(target)
+            if fmt is None:
+                raise StorageError(f"source {ctx.source.name!r} has no disk {target!r} to name the format of {top}")
+            # The size of T read as the format libvirt recorded: a raw T is
+            # its file's size, whatever header its guest wrote into it.
+            size = await _images.virtual_size(self.qemu_img, top, fmt)
             path = clone.dir / f"{target}.qcow2"
             await record(ResourceKind.FILE, str(path), clone=clone.name)
-            # -u: do not open the backing chain (it is in use by the source);
-            # the size comes from the top image instead.
+            # -u with an explicit size: qemu-img opens no backing file at all
+            # (T is in use by the source, and is read as -F says from now on).
             await run(
                 self.qemu_img, "create", "-q", "-f", "qcow2", "-u",
-                "-b", str(top), "-F", fmt.get(target, "qcow2"), str(path), str(size),
+                "-b", str(top), "-F", fmt, str(path), str(size),
             )
             out[target] = path
         return out
@@ -97,25 +106,24 @@ class Qcow2Storage(StorageBackend):
         for path in paths:
             await asyncio.to_thread(path.unlink, missing_ok=True)
 
-    async def _chain(self, top: Path) -> list[Path]:
-        """The images of the chain whose top is ``top``, top first."""
-        # --force-share: the images are open in running QEMUs.
-        out = await run(self.qemu_img, "info", "--force-share", "--backing-chain", "--output=json", str(top))
-        return [Path(img["filename"]) for img in json.loads(out)]
+    async def _chain(self, top: Path, fmt: str) -> list[Layer]:
+        """The images of the chain whose top is ``top`` (recorded as ``fmt``), top first, never probed."""
+        return await _images.chain(self.qemu_img, top, fmt, max_images=self.max_chain_images,
+                                   backings=self._backings)
 
     async def _images_in_use(self, source: str) -> set[str]:
-        """Every image of the source's disk chains as qemu-img reads them (the domain may be shut off)."""
+        """Every image of the source's disk chains as the image files say (the domain may be shut off)."""
         try:
             info = await self.virt.lookup(source)
         except DomainNotFound:
             return set()
-        return {str(p) for disk in info.disks for p in await self._chain(disk.path)}
+        return {str(layer.path) for disk in info.disks for layer in await self._chain(disk.path, disk.format)}
 
-    async def chain_depth(self, *, path: Path) -> int:
-        return len(await self._chain(path))
+    async def chain_depth(self, *, path: Path, fmt: str) -> int:
+        return len(await self._chain(path, fmt))
 
-    async def chain(self, *, path: Path) -> list[Path]:
-        return await self._chain(path)
+    async def chain(self, *, path: Path, fmt: str) -> list[Path]:
+        return [layer.path for layer in await self._chain(path, fmt)]
 
     async def consolidate(self, *, domain: str, target: str) -> None:
         """Shorten the chain of ``domain``'s disk ``target`` to its top over the bottom-most image.
@@ -130,14 +138,14 @@ class Qcow2Storage(StorageBackend):
         disk = next((d for d in info.disks if d.target == target), None)
         if disk is None:
             raise StorageError(f"{domain!r} has no file-backed disk {target!r}")
-        chain = await self._chain(disk.path)
+        chain = await self._chain(disk.path, disk.format)
         if len(chain) <= 2:
             return
-        base = chain[-1]
+        base = chain[-1].path
         # A little under the engine's own bound, so that ours (which names the
         # domain and aborts the block job) is the one that fires.
         await self.virt.block_pull(domain, target, base=base, timeout_s=self.config.clone.step_timeout_s * 0.95)
-        after = await self._chain(disk.path)
+        after = [layer.path for layer in await self._chain(disk.path, disk.format)]
         if after != [disk.path, base]:
             raise StorageError(f"block pull of {domain!r} {target} left the chain "
                                f"{' <- '.join(map(str, reversed(after)))}; expected {base} <- {disk.path}")

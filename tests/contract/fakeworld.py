@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -144,7 +145,10 @@ class FakeWorld(World):
             d.mkdir(parents=True, exist_ok=True)
         (root / "src").mkdir()
         disk, nvram = root / "src" / "src.qcow2", root / "src" / "src_VARS.fd"
-        disk.write_bytes(b"base")
+        # A real (empty) qcow2 image, as the definition records: a shadow
+        # reads its size with qemu-img -f qcow2 (a format is never probed).
+        await asyncio.to_thread(subprocess.run, ["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"],
+                                check=True)
         nvram.write_bytes(os.urandom(8192))
         w.virt.add_source(w.source, disk)
         w.virt.domains[w.source].xml = source_xml(w.source, disk, nvram)

@@ -73,7 +73,7 @@ async def _chain_depths(request: web.Request, info: DomainInfo) -> dict[str, int
         if disk.readonly:
             continue
         try:
-            depths[disk.target] = await engine.storage.chain_depth(path=disk.path)
+            depths[disk.target] = await engine.storage.chain_depth(path=disk.path, fmt=disk.format)
         except InstacloneError as exc:
             depths[disk.target] = exc.message
         except OSError as exc:

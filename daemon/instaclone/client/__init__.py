@@ -60,6 +60,7 @@ from .errors import (
     StepFailed,
     StorageError,
     StunDeadlineExceeded,
+    UnsafeImage,
 )
 from .models import (
     Claim,
@@ -84,5 +85,5 @@ __all__ = [
     "LibvirtTimeout", "LibvirtUnavailable", "MemoryBackendError", "MethodNotAllowed", "NameInUse", "NotFound",
     "NotSupported", "PermissionDenied", "Pool", "PoolEmpty", "ProtocolError", "ShuttingDown", "SourceNotCloneable",
     "SourceNotFound", "StateChange", "StateError", "StepFailed", "StorageError", "StunDeadlineExceeded", "SyncClaim",
-    "SyncClient", "resolve_socket",
+    "SyncClient", "UnsafeImage", "resolve_socket",
 ]

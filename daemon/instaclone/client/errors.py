@@ -198,6 +198,11 @@ class StorageError(ApiError):
     pass
 
 
+@_code("unsafe_image")
+class UnsafeImage(StorageError):
+    pass
+
+
 @_code("memory_backend_error")
 class MemoryBackendError(ApiError):
     pass

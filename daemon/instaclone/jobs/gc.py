@@ -7,8 +7,9 @@
   looked at, so a source's disk, NVRAM or TPM state can never be one.
 * **reachable**: every image of every disk's backing chain of every libvirt
   domain, running or only defined (as the image files say, through the
-  storage backend, and as QEMU says for a running domain, current and
-  next-boot definition alike), and every other path a definition names.
+  storage backend, each top read as the format its definition records, and
+  as QEMU says for a running domain, current and next-boot definition
+  alike), and every other path a definition names.
 * **protected**: whatever an active ledger record names (an in-flight job's
   or freeze's files: a record is written before its file exists), the
   directory of each registered clone, and each frozen source's directory and
@@ -139,10 +140,12 @@ def xml_paths(xml: str) -> set[str]:
     return out
 
 
-async def _file_chain(svc: Services, top: Path) -> list[Path]:
+async def _file_chain(svc: Services, top: Path, fmt: str) -> list[Path]:
     if not await asyncio.to_thread(os.path.lexists, top):
         return [top]  # a file that is not there names no backing file
-    return await svc.storage.chain(path=top)
+    # Read as the format the definition records (never probed: a raw disk's
+    # guest could make a probe open any host file or socket, or abort GC).
+    return await svc.storage.chain(path=top, fmt=fmt)
 
 
 async def reachable(svc: Services) -> set[str]:
@@ -152,11 +155,11 @@ async def reachable(svc: Services) -> set[str]:
         try:
             info = await svc.virt.lookup(name)
             xmls = [info.xml, await svc.virt.inactive_xml(name)] if info.active else [info.xml]
-            tops = {d.path for xml in xmls for d in file_disks(xml)}
+            tops = {(d.path, d.format) for xml in xmls for d in file_disks(xml)}
             for xml in xmls:
                 out.update(xml_paths(xml))
-            for top in sorted(tops):
-                out.update(str(p) for p in await _file_chain(svc, top))
+            for top, fmt in sorted(tops):
+                out.update(str(p) for p in await _file_chain(svc, top, fmt))
             if info.active:
                 for disk in info.disks:
                     out.update(str(p) for p in await svc.virt.backing_chain(name, disk.target))

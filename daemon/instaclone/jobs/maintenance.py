@@ -86,7 +86,7 @@ async def _consolidate_one(svc: Services, name: str) -> None:
     for disk in info.disks:
         if disk.readonly:
             continue
-        depth = await svc.storage.chain_depth(path=disk.path)
+        depth = await svc.storage.chain_depth(path=disk.path, fmt=disk.format)
         if depth <= limit:
             continue
         t0 = time.monotonic()
@@ -96,7 +96,7 @@ async def _consolidate_one(svc: Services, name: str) -> None:
         except TimeoutError:
             raise StepFailed(f"consolidation of {name} {disk.target} took longer than "
                                   f"{svc.config.clone.step_timeout_s:g} s") from None
-        now_top = next(d.path for d in (await svc.virt.lookup(name)).disks if d.target == disk.target)
-        after = await svc.storage.chain_depth(path=now_top)
+        now = next(d for d in (await svc.virt.lookup(name)).disks if d.target == disk.target)
+        after = await svc.storage.chain_depth(path=now.path, fmt=now.format)
         svc.log.info("chain.consolidated", domain=name, disk=disk.target, depth_before=depth,
                      depth_after=after, ms=round((time.monotonic() - t0) * 1000.0, 1))

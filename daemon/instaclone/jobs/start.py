@@ -158,9 +158,12 @@ async def result(svc: Services, memory: MemoryBackend, ctx: StunContext, clones:
     for c in clones:
         info = await svc.virt.lookup(c.name)
         depth = {}
+        recorded = {d.target: d.format for d in info.disks}  # the format the clone's definition names
         for tgt, path in c.disks.items():
+            if tgt not in recorded:
+                continue
             with suppress(InstacloneError):  # a backend that cannot inspect chains: no depth shown
-                depth[tgt] = await svc.storage.chain_depth(path=path)
+                depth[tgt] = await svc.storage.chain_depth(path=path, fmt=recorded[tgt])
         out.append({
             "identity": c.identity, "name": c.name, "uuid": c.uuid, "state": info.state,
             "macs": domxml.macs(info.xml), "disks": {k: str(v) for k, v in c.disks.items()},
