@@ -277,6 +277,7 @@ class Engine:
         if ev is None or ev.is_set():
             return
         ev.set()
+        self.svc.capacity.release(job_id)
         job = self._jobs.pop(job_id, None)
         if job is not None:
             self.pools.job_finished(job)
