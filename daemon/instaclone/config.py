@@ -130,6 +130,15 @@ class AdmissionConfig:
 
 
 @dataclass(frozen=True)
+class JournalConfig:
+    # Finished jobs (with their states, events and released ledger rows) and
+    # delivered webhook deliveries older than this are pruned, hourly and at
+    # start. Never an unfinished job, one whose ledger still holds something,
+    # or one whose clones are still registered. 0: keep everything.
+    retention_days: float = 7.0
+
+
+@dataclass(frozen=True)
 class Qcow2Config:
     delta_dir: Path | None = None  # default: <state_dir>/deltas
     qemu_img: str = "qemu-img"
@@ -210,6 +219,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
 
     @property
     def delta_dir(self) -> Path:
@@ -231,7 +241,7 @@ class Config:
 # Section name in the TOML file -> dataclass field of Config.
 _SECTIONS = {"daemon": "daemon", "libvirt": "libvirt", "clone": "clone", "storage.qcow2": "qcow2",
              "memory.filecow": "filecow", "webhooks": "webhooks", "access": "access", "pools": "pools",
-             "admission": "admission"}
+             "admission": "admission", "journal": "journal"}
 
 # (min, max) for numeric keys.
 _RANGES: dict[str, tuple[float, float]] = {
@@ -263,6 +273,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "admission.min_free_disk_mib": (0, 1 << 30),
     "admission.disk_growth_mib": (0, 1 << 30),
     "admission.max_queued_jobs": (1, 100_000),
+    "journal.retention_days": (0, 3650),
 }
 _CHOICES = {
     "daemon.log_format": ("auto", "json", "console", "journald"),
