@@ -72,6 +72,9 @@ class AccessConfig:
 class LibvirtConfig:
     uri: str = "qemu:///system"
     threads: int = 8
+    # Worker threads for guest-agent calls only (exec, files, identity reset):
+    # a hung guest holds these, never the threads a stun's libvirt calls use.
+    agent_threads: int = 4
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "daemon.socket_mode": (0, 0o777),
     "daemon.max_concurrent_jobs": (1, 256),
     "libvirt.threads": (2, 128),
+    "libvirt.agent_threads": (1, 64),
     "clone.stun_deadline_ms": (50, 600_000),
     "clone.step_timeout_s": (1, 3600),
     "clone.max_count": (1, 1000),

@@ -56,7 +56,8 @@ class Daemon:
         # Committed events reach the sender, the event stream and the metrics through the bus.
         self.bus = EventBus()
         self.store = Store(config.journal_path, on_commit=self.bus.publish)
-        self.virt = LibvirtHypervisor(config.libvirt.uri, threads=config.libvirt.threads)
+        self.virt = LibvirtHypervisor(config.libvirt.uri, threads=config.libvirt.threads,
+                                      agent_threads=config.libvirt.agent_threads)
         self.metrics = Metrics()
         self.bus.subscribe(self.metrics.on_event)
         self.notifier = systemd.Notifier()
