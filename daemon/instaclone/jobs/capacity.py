@@ -14,8 +14,9 @@ blocks until their clones run):
  - disk: ``admission.disk_growth_mib`` per new delta (the source's on the
    delta filesystem, each clone's on the clone filesystem) and the guest RAM
    once per stun for the memory image (filecow's RAM copy in libvirt's
-   memory_backing_dir, saverestore's state file in the jobs directory); each
-   filesystem must keep ``admission.min_free_disk_mib``.
+   memory_backing_dir, saverestore's state file in the jobs directory; a
+   frozen source has both already); each filesystem must keep
+   ``admission.min_free_disk_mib``.
  - queue: at most ``admission.max_queued_jobs`` jobs accepted and unfinished.
 
 A shortfall raises :class:`~instaclone.errors.InsufficientCapacity` (507)
@@ -107,8 +108,12 @@ class Capacity:
         """The job ended: what it used is in the host's own figures now (or gone)."""
         self._held.pop(job_id, None)
 
-    def demand(self, config: Config, *, source: str, ram_mib: int, backend: str, count: int) -> Demand:
-        """What a job of ``count`` clones of a ``ram_mib`` source through memory backend ``backend`` needs."""
+    def demand(self, config: Config, *, source: str, ram_mib: int, backend: str, count: int,
+               frozen: bool = False) -> Demand:
+        """What a job of ``count`` clones of a ``ram_mib`` source through memory backend ``backend`` needs.
+
+        A ``frozen`` source gets no new delta and no new memory image (both were made at freeze).
+        """
         adm = config.admission
         share = adm.filecow_private_fraction if backend == "filecow" else 1.0
         per_clone = ram_mib * share + adm.clone_overhead_mib
@@ -120,16 +125,17 @@ class Capacity:
             where, had = disk.get(dev, (str(path), 0.0))
             disk[dev] = (where, had + mib)
 
-        add(config.delta_dir, adm.disk_growth_mib)
         add(config.clones_dir, adm.disk_growth_mib * count)
-        if backend == "filecow":
-            ram_dir, in_memory = self.probe.ram_dir()
-            if in_memory:
-                memory += ram_mib
+        if not frozen:
+            add(config.delta_dir, adm.disk_growth_mib)
+            if backend == "filecow":
+                ram_dir, in_memory = self.probe.ram_dir()
+                if in_memory:
+                    memory += ram_mib
+                else:
+                    add(ram_dir, ram_mib)
             else:
-                add(ram_dir, ram_mib)
-        else:
-            add(config.jobs_dir, ram_mib)
+                add(config.jobs_dir, ram_mib)
         what = (f"{count} clone{'s' if count != 1 else ''} of {source!r} ({backend}: {ram_mib} MiB guest RAM, "
                 f"{ram_mib * share:g} MiB of it private, + {adm.clone_overhead_mib} MiB QEMU each)")
         return Demand(memory, disk, what)
@@ -175,14 +181,14 @@ class Capacity:
         if refusal is not None:
             raise refusal
 
-    def fit(self, config: Config, *, source: str, ram_mib: int, backend: str,
-            limit: int) -> tuple[int, InsufficientCapacity | None]:
+    def fit(self, config: Config, *, source: str, ram_mib: int, backend: str, limit: int,
+            frozen: bool = False) -> tuple[int, InsufficientCapacity | None]:
         """The most clones (up to ``limit``) one job of ``source`` may make now, and why not more (or None)."""
         snap = self.snapshot()
         refusal = None
         for n in range(limit, 0, -1):
             refusal_n = self.shortfall(config, self.demand(config, source=source, ram_mib=ram_mib,
-                                                           backend=backend, count=n), snap)
+                                                           backend=backend, count=n, frozen=frozen), snap)
             if refusal_n is None:
                 return n, refusal
             refusal = refusal or refusal_n
