@@ -130,6 +130,7 @@ async def test_queue_cap_answers_503_and_makes_nothing(tmp_path: Path) -> None:
             await engine.submit(source="src", name="q3")
         err = info.value.to_dict()
         assert (err["code"], info.value.http_status, err["resource"]) == ("insufficient_capacity", 503, "queue"), err
+        assert (err["need"], err["free"], err["unit"]) == (1, 0, "jobs"), err
         assert {j.id for j in await journal.list_jobs()} == {a.id, b.id}
         release.set()
         await engine.wait(a.id, 30)

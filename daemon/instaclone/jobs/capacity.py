@@ -150,7 +150,7 @@ class Capacity:
         if len(held) >= adm.max_queued_jobs:
             return HostBusy(f"too many jobs: {len(held)} accepted and not finished, at most "
                             f"{adm.max_queued_jobs} (admission.max_queued_jobs); retry when some have finished",
-                            resource="queue", need=len(held) + 1, free=adm.max_queued_jobs, unit="jobs")
+                            resource="queue", need=1, free=max(0, adm.max_queued_jobs - len(held)), unit="jobs")
         held_mem = sum(d.memory_mib for d in held)
         free = snap.mem_available_mib - held_mem - adm.memory_reserve_mib
         if demand.memory_mib > free:
