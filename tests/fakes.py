@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from instaclone.errors import DomainExists, DomainNotFound, VirtError
 from instaclone.hv import DomainInfo, Hypervisor, MigrationInfo, file_disks
+from instaclone.jobs.capacity import HostProbe
 from instaclone.plugin_api import CloneTarget, Recorder, ResourceKind, StorageBackend, StunContext
 
 SOURCE_XML = """<domain type='qemu'>
@@ -321,6 +322,19 @@ class FakeStorage(StorageBackend):
 
     async def chain(self, *, path: Path, fmt: str) -> list[Path]:
         return image_chain(path)
+
+
+class RoomyHost(HostProbe):
+    """A host probe for admission (``jobs.capacity.HostProbe``) with room for anything: 1 TiB free everywhere."""
+
+    def mem_available_mib(self) -> float:
+        return float(1 << 20)
+
+    def filesystem(self, path: Path) -> tuple[int, float]:
+        return 0, float(1 << 20)
+
+    def ram_dir(self) -> tuple[Path, bool]:
+        return Path("/var/lib/libvirt/qemu/ram"), True
 
 
 def fake_engine(config: Any, journal: Any, virt: FakeHypervisor) -> Any:

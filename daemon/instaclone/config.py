@@ -72,6 +72,9 @@ class AccessConfig:
 class LibvirtConfig:
     uri: str = "qemu:///system"
     threads: int = 8
+    # Worker threads for guest-agent calls only (exec, files, identity reset):
+    # a hung guest holds these, never the threads a stun's libvirt calls use.
+    agent_threads: int = 4
 
 
 @dataclass(frozen=True)
@@ -83,9 +86,11 @@ class CloneConfig:
     stun_deadline_ms: int = 2000
     step_timeout_s: float = 120.0
     max_count: int = 64
-    # Clones started at once, across all jobs (QEMU start, NIC replug, identity
-    # reset, network): more at once only share the CPU more thinly. Read at start.
-    start_parallel: int = 4
+    # Clones started at once host-wide, across all jobs and pools (QEMU start,
+    # NIC replug, identity reset, network): more at once only share the CPU
+    # more thinly. 0: the host's core count. Read at start. The old name
+    # clone.start_parallel is still read as this key.
+    max_starting: int = 0
     # Guest-side identity reset through the guest agent, per clone.
     customize_timeout_s: float = 60.0
     # Keep the source's SSH host keys in clones (default: regenerate them).
@@ -96,6 +101,44 @@ class CloneConfig:
     # Images in a disk's backing chain above which the running domain's chain
     # is consolidated after a job (a live block pull into its own top image).
     max_chain_depth: int = 32
+
+    @property
+    def starting_slots(self) -> int:
+        """``max_starting``, with 0 read as the host's core count."""
+        return self.max_starting or max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    # A job is accepted only if what its clones will not share fits the host
+    # now (jobs accepted and not yet finished count with what they reserved).
+    # Memory: MemAvailable must keep memory_reserve_mib after each clone's
+    # private part: a saverestore clone's whole guest RAM, a filecow clone's
+    # filecow_private_fraction of it (measured 0.4-3.4 % at hand-over, README
+    # "Benchmark"; it grows with what the clone writes), plus clone_overhead_mib
+    # for QEMU itself (TCG translation cache: ~75-100 MiB private per busybox
+    # clone, 160-390 MiB per Debian guest; KVM has none). A RAM image on a
+    # memory filesystem (tmpfs memory_backing_dir) counts as memory too.
+    memory_reserve_mib: int = 512
+    filecow_private_fraction: float = 0.25
+    clone_overhead_mib: int = 128
+    # Disk: the delta, clone and RAM/state filesystems must keep
+    # min_free_disk_mib free after the job's expected growth: disk_growth_mib
+    # per new delta (the source's and each clone's), and the guest RAM once
+    # per stun for the memory image (filecow's RAM copy, saverestore's state).
+    min_free_disk_mib: int = 1024
+    disk_growth_mib: int = 256
+    # Jobs accepted and not finished (queued or running) at most; more: 503.
+    max_queued_jobs: int = 64
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    # Finished jobs (with their states, events and released ledger rows) and
+    # delivered webhook deliveries older than this are pruned, hourly and at
+    # start. Never an unfinished job, one whose ledger still holds something,
+    # or one whose clones are still registered. 0: keep everything.
+    retention_days: float = 7.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +225,8 @@ class Config:
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
 
     @property
     def delta_dir(self) -> Path:
@@ -202,17 +247,19 @@ class Config:
 
 # Section name in the TOML file -> dataclass field of Config.
 _SECTIONS = {"daemon": "daemon", "libvirt": "libvirt", "clone": "clone", "storage.qcow2": "qcow2",
-             "memory.filecow": "filecow", "webhooks": "webhooks", "access": "access", "pools": "pools"}
+             "memory.filecow": "filecow", "webhooks": "webhooks", "access": "access", "pools": "pools",
+             "admission": "admission", "journal": "journal"}
 
 # (min, max) for numeric keys.
 _RANGES: dict[str, tuple[float, float]] = {
     "daemon.socket_mode": (0, 0o777),
     "daemon.max_concurrent_jobs": (1, 256),
     "libvirt.threads": (2, 128),
+    "libvirt.agent_threads": (1, 64),
     "clone.stun_deadline_ms": (50, 600_000),
     "clone.step_timeout_s": (1, 3600),
     "clone.max_count": (1, 1000),
-    "clone.start_parallel": (1, 256),
+    "clone.max_starting": (0, 256),
     "clone.customize_timeout_s": (1, 3600),
     "clone.max_chain_depth": (2, 1000),
     "storage.qcow2.max_chain_images": (2, 65536),
@@ -229,6 +276,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "pools.max_memory_mib": (0, 1 << 30),
     "pools.claim_wait_s": (0, 3600),
     "pools.check_interval_s": (0.1, 3600),
+    "admission.memory_reserve_mib": (0, 1 << 30),
+    "admission.filecow_private_fraction": (0, 1),
+    "admission.clone_overhead_mib": (0, 1 << 20),
+    "admission.min_free_disk_mib": (0, 1 << 30),
+    "admission.disk_growth_mib": (0, 1 << 30),
+    "admission.max_queued_jobs": (1, 100_000),
+    "journal.retention_days": (0, 3650),
 }
 _CHOICES = {
     "daemon.log_format": ("auto", "json", "console", "journald"),
@@ -320,6 +374,10 @@ def from_dict(raw: dict[str, Any]) -> Config:
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in table.items():
+            if attr == "clone" and key == "start_parallel":  # its old name
+                if "max_starting" in table:
+                    raise ConfigError("clone.start_parallel: the old name of clone.max_starting; give only one")
+                key = "max_starting"
             if attr == "webhooks" and key == "endpoints":
                 values[key] = _endpoints(value)
                 continue

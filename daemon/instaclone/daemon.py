@@ -56,7 +56,8 @@ class Daemon:
         # Committed events reach the sender, the event stream and the metrics through the bus.
         self.bus = EventBus()
         self.store = Store(config.journal_path, on_commit=self.bus.publish)
-        self.virt = LibvirtHypervisor(config.libvirt.uri, threads=config.libvirt.threads)
+        self.virt = LibvirtHypervisor(config.libvirt.uri, threads=config.libvirt.threads,
+                                      agent_threads=config.libvirt.agent_threads)
         self.metrics = Metrics()
         self.bus.subscribe(self.metrics.on_event)
         self.notifier = systemd.Notifier()
@@ -193,10 +194,12 @@ class Daemon:
             self.notifier.ready(await self._status_text())
             return
         old = self.config
-        # Safe: clone limits and timeouts (read per job), webhooks, access, log level.
+        # Safe: clone limits and timeouts (read per job), admission's budget (per
+        # request), retention (per pruning), webhooks, access, log level.
         applied = replace(old, clone=replace(new.clone, storage_backend=old.clone.storage_backend,
                                              memory_backend=old.clone.memory_backend,
                                              memory_fallback=old.clone.memory_fallback),
+                          admission=new.admission, journal=new.journal,
                           webhooks=new.webhooks, access=new.access,
                           daemon=replace(old.daemon, log_level=new.daemon.log_level,
                                          shutdown_grace_s=new.daemon.shutdown_grace_s))

@@ -85,6 +85,37 @@ class ShuttingDown(InstacloneError):
     retryable = True
 
 
+class InsufficientCapacity(InstacloneError):
+    """The host cannot take the job now: not enough memory or disk (507), or too busy (503).
+
+    ``resource`` names what is short (``memory``, ``disk``, ``queue``), ``need`` and
+    ``free`` say how much the job needs and how much there is, in ``unit``;
+    ``path`` the filesystem's directory for ``disk``. Nothing of the job was made.
+    """
+
+    code = "insufficient_capacity"
+    http_status = 507
+    retryable = True
+
+    def __init__(self, message: str, *, resource: str, need: float, free: float, unit: str,
+                 path: str | None = None) -> None:
+        super().__init__(message)
+        self.resource, self.need, self.free, self.unit, self.path = resource, need, free, unit, path
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {**super().to_dict(), "resource": self.resource, "need": self.need, "free": self.free,
+               "unit": self.unit}
+        if self.path is not None:
+            out["path"] = self.path
+        return out
+
+
+class HostBusy(InsufficientCapacity):
+    """As :class:`InsufficientCapacity`, for a count (queued jobs) rather than a quantity: 503."""
+
+    http_status = 503
+
+
 class NotSupportedError(InstacloneError):
     """A backend was asked for an optional operation it does not offer."""
 

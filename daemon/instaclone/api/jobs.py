@@ -58,6 +58,10 @@ async def get_job(request: web.Request, call: Call) -> web.Response:
 
 
 _UNAVAILABLE = "shutting_down (the daemon is stopping), libvirt_unavailable (retry later)"
+#: Admission by capacity (jobs/capacity.py): the error's resource, need, free and unit say what is short.
+_NO_ROOM = ("insufficient_capacity: resource memory or disk, with need and free in MiB (and path, for disk); "
+            "nothing was made; retry when clones are gone")
+_BUSY = "insufficient_capacity: resource queue (admission.max_queued_jobs unfinished jobs; retry later)"
 
 ROUTES = [
     Route("GET", "/v1/health", health, "the daemon's status",
@@ -68,7 +72,8 @@ ROUTES = [
           ok={201: Reply("the job finished (see its state)", a.JobAnswer),
               202: Reply("the job is accepted and running", a.JobAnswer)},
           errors={404: "source_not_found", 409: "name_in_use, source_not_cloneable",
-                  500: "libvirt_error (the hypervisor failed while the request was checked)", 503: _UNAVAILABLE},
+                  500: "libvirt_error (the hypervisor failed while the request was checked)",
+                  503: f"{_UNAVAILABLE}, {_BUSY}", 507: _NO_ROOM},
           query=m.WaitQuery, body=lambda config: m.create_job_model(config.clone.max_count)),
     Route("GET", "/v1/jobs", list_jobs, "every job, newest first", ok={200: Reply("jobs", a.Jobs)}),
     Route("GET", "/v1/jobs/{job_id}", get_job, "one job (?wait=S: when it is done, or after S seconds)",

@@ -218,6 +218,14 @@ class PoolEmpty(ApiError):
     """No idle pool member became ready within the claim's wait (503); retry or wait longer."""
 
 
+@_code("insufficient_capacity")
+class InsufficientCapacity(ApiError):
+    """The host cannot take the job now (507: memory or disk; 503: too many queued jobs); nothing was made.
+
+    ``details`` has ``resource`` (memory, disk, queue), ``need``, ``free``, ``unit`` and, for disk, ``path``.
+    """
+
+
 # -- hypervisor ---------------------------------------------------------------------
 
 

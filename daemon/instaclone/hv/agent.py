@@ -30,7 +30,8 @@ class Agent(Connection):
                 raise VirtError(f"guest agent {command}: {reply['error'].get('desc', reply['error'])}")
             return reply.get("return")
 
-        return await self._call(f"guest agent {command} in {name!r}", do)
+        # On the agent's own threads: a guest that does not answer never delays a stun's libvirt calls.
+        return await self._call(f"guest agent {command} in {name!r}", do, agent=True)
 
     async def agent_exec(self, name: str, argv: list[str], *, stdin: bytes = b"",
                          timeout_s: float = 30.0) -> tuple[int, str]:

@@ -70,10 +70,17 @@ class _Link:
 class Connection:
     """One libvirt connection used from a pool of worker threads."""
 
-    def __init__(self, uri: str = "qemu:///system", *, threads: int = 8, opener: Opener = lv.open_connection,
+    def __init__(self, uri: str = "qemu:///system", *, threads: int = 8, agent_threads: int = 4,
+                 opener: Opener = lv.open_connection,
                  keepalive: tuple[int, int] = (KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)) -> None:
         self.uri = uri
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="libvirt")
+        # Guest-agent commands block their thread until the guest answers (up
+        # to their timeout, 60 s for a file chunk): a hung or hostile guest
+        # would hold the libvirt threads a stun's calls queue for. They get
+        # their own bounded pool; past agent_threads they queue behind each
+        # other, never in front of a stun.
+        self._agent_pool = ThreadPoolExecutor(max_workers=agent_threads, thread_name_prefix="libvirt-agent")
         self._opener = opener
         self._keepalive = keepalive
         self._link: _Link | None = None
@@ -83,8 +90,9 @@ class Connection:
 
     # -- calls on worker threads ---------------------------------------------------------
 
-    async def _call(self, action: str, fn: Callable[[], T], cancel: threading.Event | None = None) -> T:
-        """Run ``fn`` on a worker thread; translate libvirt errors.
+    async def _call(self, action: str, fn: Callable[[], T], cancel: threading.Event | None = None, *,
+                    agent: bool = False) -> T:
+        """Run ``fn`` on a worker thread (``agent``: one of the guest-agent pool's); translate libvirt errors.
 
         If the caller is cancelled we still wait for the thread to finish: a
         libvirt call cannot be interrupted, and its effect must be known before
@@ -93,7 +101,7 @@ class Connection:
         """
         loop = asyncio.get_running_loop()
         eventloop.attach(loop)  # before the thread may open a connection
-        fut = loop.run_in_executor(self._pool, self._run, action, fn)
+        fut = loop.run_in_executor(self._agent_pool if agent else self._pool, self._run, action, fn)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -234,6 +242,7 @@ class Connection:
         await self._call("close", do)
         # libvirt removed the connection's watches from the loop (queued): let them go.
         await asyncio.sleep(0)
+        await asyncio.to_thread(self._agent_pool.shutdown, wait=True)
         await asyncio.to_thread(self._pool.shutdown, wait=True)
 
 

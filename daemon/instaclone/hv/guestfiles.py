@@ -3,8 +3,9 @@
 Thin typed wrappers over ``guest-file-*``, ``guest-exec`` (without captured
 output) and ``guest-exec-status``, written against qemu-guest-agent's
 semantics (also those of the busybox test guest's ``ic-agent``). Every call
-goes through :meth:`~instaclone.hv.agent.Agent.agent` (one agent command on a
-libvirt worker thread), so this module needs only something with that method.
+goes through :meth:`~instaclone.hv.agent.Agent.agent` (one agent command on
+a thread of the guest-agent pool, never one a stun's calls wait for), so
+this module needs only something with that method.
 
 The agent's errors arrive as :class:`~instaclone.errors.VirtError` whose
 message carries the guest's ``strerror`` ("... : No such file or directory");

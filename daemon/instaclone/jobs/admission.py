@@ -13,7 +13,7 @@ from ..errors import (
     SourceNotCloneable,
     SourceNotFound,
 )
-from ..hv import DomainInfo, vmstate
+from ..hv import DomainInfo, domxml, vmstate
 from ..model import JobRecord, JobSpec
 from ..plugin_api import MemoryBackend
 from .customize import validate_script
@@ -53,11 +53,17 @@ class Admission:
             clash = sorted(set(names) & taken)
             if clash:
                 raise NameInUse(f"name already in use: {', '.join(clash)}")
+            # Under the lock: the check and the job's reservation are one step for concurrent requests.
+            demand = svc.capacity.demand(svc.config, source=src, ram_mib=domxml.memory_mib(info.xml),
+                                         backend=memory.name, count=len(names),
+                                         frozen=src in await svc.store.frozen())
+            svc.capacity.check(svc.config, demand)
             spec = JobSpec(names=tuple(names), storage_backend=svc.storage.name, memory_backend=memory.name,
                            config=guest_config, script=checked_script, keep_network=flags["keep_network"],
                            customize=flags["customize"], keep_ssh_host_keys=flags["keep_ssh_host_keys"],
                            ttl_s=ttl, pool=pool, pool_generation=pool_generation)
             job = await svc.store.create_job(identity.new_job_id(), src, spec)
+            svc.capacity.hold(job.id, demand)
         svc.log_transition(job, job.history.entries[-1])
         return job
 

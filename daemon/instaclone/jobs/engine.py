@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
@@ -32,6 +33,8 @@ from .services import Services, StepHook
 
 #: How long a finished job's completion event is kept for waiters that race with it.
 DONE_KEEP_S = 60.0
+#: How often finished jobs past ``journal.retention_days`` are pruned.
+PRUNE_EVERY_S = 3600.0
 
 
 class Engine:
@@ -170,10 +173,32 @@ class Engine:
         return await self.guest.get(name, path=path)
 
     async def run_services(self) -> None:
-        """The engine's background work: the pool keeper and the TTL reaper (cancel to stop)."""
+        """The engine's background work: the pool keeper, the TTL reaper, journal pruning (cancel to stop)."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.pools.run(), name="pools")
             tg.create_task(self.pools.reap(), name="ttl")
+            tg.create_task(self._prune_loop(), name="journal-prune")
+
+    async def prune_journal(self) -> dict[str, int]:
+        """Prune what finished more than ``journal.retention_days`` ago (see ``store.retention``); {} if 0."""
+        days = self.svc.config.journal.retention_days
+        if days <= 0:
+            return {}
+        pruned = await self.svc.store.prune(time.time() - days * 86400.0)
+        if any(pruned.values()):
+            self.svc.log.info("journal.pruned", retention_days=days, **pruned)
+        return pruned
+
+    async def _prune_loop(self) -> None:
+        """Prune at start, then every PRUNE_EVERY_S; never raises."""
+        while True:
+            try:
+                await self.prune_journal()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.svc.log.exception("journal.prune_failed")
+            await asyncio.sleep(PRUNE_EVERY_S)
 
     async def freeze(self, name: object) -> dict[str, Any]:
         return await templates.freeze(self.svc, name)
@@ -277,6 +302,7 @@ class Engine:
         if ev is None or ev.is_set():
             return
         ev.set()
+        self.svc.capacity.release(job_id)
         job = self._jobs.pop(job_id, None)
         if job is not None:
             self.pools.job_finished(job)

@@ -27,12 +27,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import events, identity
-from ..errors import Conflict, InstacloneError, InvalidRequest, NotFound, SourceNotCloneable
+from ..errors import (
+    Conflict,
+    InstacloneError,
+    InsufficientCapacity,
+    InvalidRequest,
+    NotFound,
+    SourceNotCloneable,
+)
 from ..hv import domxml
 from ..model import CloneRecord, JobRecord, PoolRecord
 from ..store.pools import RETIRING
 from . import guestscript
-from .admission import active_source, validate_bool, validate_guest_config, validate_ttl
+from .admission import active_source, pick_memory, validate_bool, validate_guest_config, validate_ttl
 from .services import Services
 
 #: The largest pool.
@@ -284,13 +291,21 @@ class PoolKeeper:
         if room <= 0:
             st.held = "replenishment held by the host budget (pools.max_clones / pools.max_memory_mib)"
             return
+        fit, short = await self._fit(pool, min(deficit, room, svc.config.clone.max_count))
+        if fit <= 0:
+            # Admission would refuse the job: wait for room instead of failing (and backing off).
+            st.held = f"replenishment held by the host's capacity: {short.message if short else 'no room'}"
+            return
         st.held = None
-        count = min(deficit, room, svc.config.clone.max_count)
+        count = fit
         base = f"{pool.name}-{secrets.token_hex(3)}"
         try:
             job = await self._submit(source=pool.source, name=base, count=count, customize=pool.customize,
                                      keep_network=pool.keep_network, config=dict(pool.config) or None,
                                      pool=pool.name, pool_generation=pool.generation)
+        except InsufficientCapacity as exc:  # the host changed since _fit: wait, as above
+            st.held = f"replenishment held by the host's capacity: {exc.message}"
+            return
         except InstacloneError as exc:
             self._failed(pool.name, exc.to_dict())
             return
@@ -405,6 +420,17 @@ class PoolKeeper:
             if per_clone:
                 room = min(room, (cfg.max_memory_mib - sum(mib[s] for s in sources)) // per_clone)
         return room
+
+    async def _fit(self, pool: PoolRecord, limit: int) -> tuple[int, InsufficientCapacity | None]:
+        """How many of ``limit`` clones of the pool's source admission would take now, and why not more."""
+        try:
+            info = await active_source(self.svc, pool.source)
+            memory = pick_memory(self.svc.memories, info)
+        except InstacloneError:
+            return limit, None  # admission says why, and the job's failure backs off
+        return self.svc.capacity.fit(self.svc.config, source=pool.source, ram_mib=domxml.memory_mib(info.xml),
+                                     backend=memory.name, limit=limit,
+                                     frozen=pool.source in await self.svc.store.frozen())
 
     async def _memory_mib(self, source: str) -> int:
         try:

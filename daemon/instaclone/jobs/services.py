@@ -16,6 +16,7 @@ from ..model import JobRecord
 from ..plugin_api import MemoryBackend, StorageBackend
 from ..states import State, StateEntry
 from ..store import Store
+from .capacity import Capacity
 from .ledger import Ledger
 
 #: Fault-injection hook for tests: called with (job_id, step) before each step.
@@ -54,13 +55,14 @@ class Services:
     step_hook: StepHook | None = None
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     log: Any = field(default_factory=lambda: get_logger(component="jobs"))
+    capacity: Capacity = field(default_factory=Capacity)
     _start_slots: asyncio.Semaphore | None = None
 
     @property
     def start_slots(self) -> asyncio.Semaphore:
-        """Clones being started at once, across jobs (``clone.start_parallel``, read once)."""
+        """Clones being started at once host-wide, across jobs and pools (``clone.max_starting``, read once)."""
         if self._start_slots is None:
-            self._start_slots = asyncio.Semaphore(self.config.clone.start_parallel)
+            self._start_slots = asyncio.Semaphore(self.config.clone.starting_slots)
         return self._start_slots
 
     def lock(self, source: str) -> asyncio.Lock:

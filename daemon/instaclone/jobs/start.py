@@ -123,7 +123,7 @@ async def start_clones(svc: Services, job: JobRecord, ctx: StunContext, memory: 
     """
     script = job.spec.script or await asyncio.to_thread(configured_script, svc)
     starter = _Starter(svc, job, ctx, memory, script)
-    # Shared by every job (clone.start_parallel): coalesced jobs start their
+    # Shared by every job (clone.max_starting): coalesced jobs start their
     # clones at the same moment, and QEMU start-up is CPU-bound.
     results = await asyncio.gather(*(starter.start(c, svc.start_slots) for c in clones), return_exceptions=True)
     for r in results:

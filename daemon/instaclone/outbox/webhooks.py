@@ -13,6 +13,8 @@ Promises:
    never followed) is retried with exponential backoff and jitter, or after
    the receiver's ``Retry-After``; after ``max_attempts`` it is ``failed``;
  - ``410 Gone`` disables the endpoint until ``instaclone webhooks enable``;
+ - deliveries to an endpoint removed from the config are dropped (logged
+   as ``webhook.deliveries_dropped``), at start and after each reload;
  - no request starts while a job holds a source stunned;
  - nothing here is awaited by a clone job: a slow receiver slows no clone.
 """
@@ -102,6 +104,7 @@ class WebhookSender:
         """Apply (new) settings; safe at any time, e.g. on SIGHUP."""
         self.config = config
         self.endpoints: dict[str, WebhookEndpoint] = {e.name: e for e in config.endpoints}
+        self._endpoints_changed = True
         self._wake.set()
 
     def route(self, event_type: str) -> list[str]:
@@ -132,6 +135,9 @@ class WebhookSender:
         try:
             while True:
                 self._wake.clear()
+                if self._endpoints_changed:
+                    self._endpoints_changed = False
+                    await self.drop_removed()
                 if self.gate is not None:
                     await self.gate()
                 busy = Counter(self._inflight_to.values())
@@ -193,6 +199,15 @@ class WebhookSender:
 
     def _active_names(self) -> list[str]:
         return [n for n in self.endpoints if n not in self._disabled]
+
+    async def drop_removed(self) -> dict[str, int]:
+        """Drop the deliveries to endpoints no longer in the config; {endpoint: count dropped}."""
+        dropped = await self.store.drop_deliveries(list(self.endpoints))
+        for name, n in dropped.items():
+            self._disabled.discard(name)
+            self.log.warning("webhook.deliveries_dropped", webhook=name, count=n,
+                             why="the endpoint is no longer in [[webhooks.endpoints]]")
+        return dropped
 
     async def _prune(self) -> None:
         if self.config.retention_days > 0:

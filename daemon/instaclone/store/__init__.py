@@ -7,7 +7,8 @@ transaction (the outbox). Imports only the core (docs/architecture.md).
 
 Parts: :mod:`.schema` (tables, migrations), :mod:`.db` (the writer and reader
 threads), :mod:`.jobs`, :mod:`.ledger` (resource rows), :mod:`.clones`,
-:mod:`.frozen`, :mod:`.gc`, :mod:`.outbox` (events, deliveries, webhook endpoints), :mod:`.pools`.
+:mod:`.frozen`, :mod:`.gc`, :mod:`.outbox` (events, deliveries, webhook endpoints), :mod:`.pools`,
+:mod:`.retention` (pruning after ``journal.retention_days``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from .jobs import JobsMixin
 from .ledger import LedgerMixin
 from .outbox import OutboxMixin
 from .pools import PoolsMixin
+from .retention import RetentionMixin
 from .schema import SCHEMA_VERSION
 
 __all__ = ["SCHEMA_VERSION", "CommitHook", "DeliveryStatus", "Router", "Store"]
 
 
-class Store(JobsMixin, LedgerMixin, ClonesMixin, FrozenMixin, GcMixin, OutboxMixin, PoolsMixin):
+class Store(JobsMixin, LedgerMixin, ClonesMixin, FrozenMixin, GcMixin, OutboxMixin, PoolsMixin, RetentionMixin):
     """Async facade over the database; every call runs on the store's own threads.
 
     ``Store(path, on_commit=hook)``: ``hook(events)`` is called on the event

@@ -199,3 +199,20 @@ class OutboxMixin(StoreBase):
             ).rowcount
 
         return await self._db.write(do)
+
+    async def drop_deliveries(self, keep: list[str]) -> dict[str, int]:
+        """Delete every delivery to an endpoint not in ``keep`` (removed from the config); {endpoint: count}.
+
+        Nobody would ever send them, and they would keep their events forever.
+        """
+
+        def do(db: sqlite3.Connection) -> dict[str, int]:
+            gone: dict[str, int] = dict(db.execute(
+                f"SELECT webhook, COUNT(*) FROM deliveries WHERE webhook NOT IN ({_marks(len(keep))}) "
+                "GROUP BY webhook", keep).fetchall())
+            if gone:
+                db.execute(f"DELETE FROM deliveries WHERE webhook NOT IN ({_marks(len(keep))})", keep)
+                db.execute(f"DELETE FROM webhooks WHERE name NOT IN ({_marks(len(keep))})", keep)
+            return gone
+
+        return await self._db.write(do)
