@@ -36,8 +36,10 @@ from .common import STORE
 REDACTED = "(redacted)"
 
 
-def _not_yours(caller: Caller, what: str) -> str:
-    return f"{what}: none of yours ({caller.who})" if not caller.admin else what
+def _of(caller: Caller) -> str:
+    """What a not-found message adds for a non-admin: whose objects were looked at (not whether another's
+    exists)."""
+    return "" if caller.admin else f" for {caller.who}"
 
 
 async def own_clone(request: web.Request, name: str) -> CloneRecord:
@@ -45,7 +47,7 @@ async def own_clone(request: web.Request, name: str) -> CloneRecord:
     caller = caller_of(request)
     rec = await request.app[STORE].get_clone(name)
     if rec is None or not caller.owns(rec.owner):
-        raise NotFound(_not_yours(caller, f"{name!r} is not a clone made by instaclone"))
+        raise NotFound(f"{name!r} is not a clone made by instaclone{_of(caller)}")
     return rec
 
 
@@ -54,7 +56,7 @@ async def own_job(request: web.Request, job_id: str) -> JobRecord:
     caller = caller_of(request)
     job = await request.app[STORE].get_job(job_id)
     if job is None or not caller.owns(job.owner):
-        raise NotFound(_not_yours(caller, f"no job {job_id!r}"))
+        raise NotFound(f"no job {job_id!r}{_of(caller)}")
     return job
 
 
