@@ -389,3 +389,71 @@ async def test_rows_from_before_owners_are_root_s(tmp_path: Path) -> None:
         assert rec is not None and rec.owner is None
     finally:
         await store.close()
+
+
+def test_access_sources_config_is_checked() -> None:
+    """``[access.sources]`` takes a table of group -> source globs; anything else is a clear config error."""
+    from instaclone import config as cfg
+    from instaclone.errors import ConfigError
+
+    ok = cfg.from_dict({"access": {"sources": {"ci": ["ci-*", "build-?"], "*": ["sandbox"]}}})
+    assert ok.access.sources == (("ci", ("ci-*", "build-?")), ("*", ("sandbox",)))
+    assert ok.access.sources_of({"ci"}) == ("ci-*", "build-?", "sandbox")
+    assert ok.access.sources_of(set()) == ("sandbox",)
+    assert cfg.from_dict({}).access.sources_of(set()) is None  # not set: every source
+    for bad, where in [(["x"], "access.sources"), ({"ci": "x*"}, "access.sources.ci"),
+                       ({"ci": ["../x"]}, "access.sources.ci"), ({"ci": [""]}, "access.sources.ci")]:
+        with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+            cfg.from_dict({"access": {"sources": bad}})
+
+
+@pytest.mark.integration
+async def test_a_real_daemon_keeps_users_off_each_others_clone(accounts: Accounts) -> None:
+    """A real daemon and a busybox guest: alice's clone runs her command; bob cannot exec into it, copy
+    from it, destroy it or clone it (exit statuses as documented), and it keeps running until alice
+    destroys it."""
+    from ..conftest import libvirt_ready
+    from ..vmlib import Hypervisor, Scratch, assert_no_qemu_left, boot_source, make_config, running_daemon, undefine_new
+
+    if libvirt_ready() is not None:
+        pytest.skip(str(libvirt_ready()))
+    prefix = f"ow{accounts.tag}-"
+    src, a1 = f"{prefix}src", f"{prefix}a1"
+    scratch = Scratch()
+    virt = Hypervisor()
+    await virt.connect()
+    before = set(await virt.list_names())
+    c = make_config(scratch)
+    c = replace(c, daemon=replace(c.daemon, socket_mode=0o666),
+                access=replace(c.access, write_groups=(accounts.groups["writers"],),
+                               read_groups=(accounts.groups["readers"],)))
+    real = await running_daemon(c)
+    try:
+        await boot_source(virt, scratch, src)
+        d = Daemon(c.daemon.socket, accounts, virt, None)
+        status, body = await d.call("alice", "POST", "/v1/jobs?wait=300",
+                                    {"source": src, "name": a1, "customize": False})
+        assert status == 201 and body["job"]["state"] == "Unstunned", body
+        rc, out, err = await d.cli("alice", "exec", a1, "--", "echo", "alice was here")
+        assert (rc, out) == (0, "alice was here\n"), err
+
+        rc, out, err = await d.cli("bob", "exec", a1, "--", "echo", "bob was here")
+        assert rc == 125 and "not_found" in err and out == "", (rc, out, err)
+        rc, out, err = await d.cli("bob", "cp", f"{a1}:/etc/passwd", "-")
+        assert rc == 1 and "not_found" in err and out == "", err
+        rc, out, err = await d.cli("bob", "destroy", a1)
+        assert rc == 1 and "not_found" in err, err
+        rc, out, err = await d.cli("bob", "clone", a1, "--name", f"{prefix}b1")
+        assert rc == 4 and "clone owner" in err and "Traceback" not in err, err
+        rc, out, err = await d.cli("bob", "clones", "ls")
+        assert rc == 0 and a1 not in out, out
+        assert await virt.state(a1) == "running"
+
+        rc, out, err = await d.cli("alice", "destroy", a1)
+        assert rc == 0, err
+    finally:
+        await real.stop()
+        await undefine_new(virt, before, prefix)
+        await virt.close()
+        scratch.cleanup()
+    assert_no_qemu_left(scratch)
