@@ -18,6 +18,8 @@ from .routes import Call, Reply, Route
 
 #: How long a follower waits for a wake-up before it looks at the outbox anyway.
 FOLLOW_CHECK_S = 15.0
+#: A non-admin's ``tail``: its last events are looked for among this many times more of everyone's.
+TAIL_WIDEN = 20
 
 
 class _Query:
@@ -28,9 +30,12 @@ class _Query:
 
     async def matching(self, after: int | None, upto: int, limit: int) -> list[Event]:
         """Events passing the filters with ``after < cursor <= upto`` (``after=None``: the last ``limit``)."""
-        return await self.owners.visible(
-            [e for e in await self.store.events(since=after, job_id=self.job_id, types=self.types, limit=limit)
+        # A non-admin's tail: the last ``limit`` of its own, looked for among more of everyone's.
+        wider = limit if after is not None or self.owners.caller.admin else min(100_000, limit * TAIL_WIDEN)
+        found = await self.owners.visible(
+            [e for e in await self.store.events(since=after, job_id=self.job_id, types=self.types, limit=wider)
              if e.cursor <= upto])
+        return found[-limit:] if after is None else found
 
 
 async def _write(resp: web.StreamResponse, evs: list[Event]) -> None:
