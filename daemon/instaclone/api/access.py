@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import grp
 import os
@@ -27,8 +26,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 #: What one group id takes in SO_PEERGROUPS' answer (gid_t).
 _GID = struct.Struct("=I")
-#: The largest answer asked for: NGROUPS_MAX (65536) groups.
-_MAX_GROUPS_BYTES = 65536 * _GID.size
+#: The largest answer Python's getsockopt may ask for (1024 bytes): 256 groups. A peer in more gets
+#: ERANGE, and only its primary group counts (fails closed).
+_MAX_GROUPS_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -154,22 +154,16 @@ def peer_groups(sock: socket.socket) -> tuple[int, ...]:
     Never read from /proc/<pid>/status: the pid may have exited and been
     reused by another process by the time it is read.
     """
-    size = 64 * _GID.size
-    while True:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE and size < _MAX_GROUPS_BYTES:
-                size = _MAX_GROUPS_BYTES  # the kernel refuses a short buffer rather than cut the list
-                continue
-            raise
-        return tuple(g for (g,) in _GID.iter_unpack(raw[:len(raw) - len(raw) % _GID.size]))
+    # A buffer too short for the list is refused (ERANGE), never filled with part of it.
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _MAX_GROUPS_BYTES)
+    return tuple(g for (g,) in _GID.iter_unpack(raw[:len(raw) - len(raw) % _GID.size]))
 
 
 def peer_of(request: web.Request) -> Peer | None:
     """pid, uid, gid and groups of the process at the other end of a Unix socket (None: not one).
 
-    A kernel without SO_PEERGROUPS (before 4.13) leaves the primary group only.
+    A kernel without SO_PEERGROUPS (before 4.13), or a peer in more than 256 groups, leaves the
+    primary group only (logged).
     """
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is None or sock.family != socket.AF_UNIX:
