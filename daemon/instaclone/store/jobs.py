@@ -119,14 +119,19 @@ class JobsMixin(StoreBase):
 
         return await self._db.write(do)
 
-    async def list_jobs(self, *, unfinished: bool = False, limit: int = 1000) -> list[JobRecord]:
-        """Unfinished jobs oldest first, or else the last ``limit`` jobs newest first."""
+    async def list_jobs(self, *, unfinished: bool = False, limit: int = 1000,
+                        owner: int | None = None) -> list[JobRecord]:
+        """Unfinished jobs oldest first, or else the last ``limit`` jobs newest first (of ``owner``, a uid,
+        if given)."""
 
         def do(db: sqlite3.Connection) -> list[JobRecord]:
             if unfinished:
                 marks = ",".join("?" * len(_TERMINAL))
                 rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state NOT IN ({marks}) ORDER BY seq",
                                   _TERMINAL).fetchall()
+            elif owner is not None:
+                rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner=? ORDER BY seq DESC LIMIT ?",
+                                  (owner, limit)).fetchall()
             else:
                 rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
             return [_job_from_row(db, r) for r in rows]

@@ -177,6 +177,7 @@ def _v5(db: sqlite3.Connection) -> None:
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if "owner" not in columns:
             db.execute(f"ALTER TABLE {table} ADD COLUMN owner INTEGER")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq)")  # a user's own jobs, newest first
 
 
 #: (version, migration to it from the version before), in order.
