@@ -367,7 +367,7 @@ async def test_peer_groups_come_from_the_socket_not_proc(accounts: Accounts) -> 
         assert answer["status"] == 403, answer  # a reader is refused all the same
 
 
-async def test_rows_from_before_owners_are_root_s(tmp_path: Path) -> None:
+async def test_rows_from_before_owners_are_root_s(tmp_path: Path, accounts: Accounts) -> None:
     """A journal of schema 4 migrates: its jobs and clones have no owner, and only admins reach them."""
     from instaclone.store import Store
     from instaclone.store.schema import MIGRATIONS
@@ -389,6 +389,14 @@ async def test_rows_from_before_owners_are_root_s(tmp_path: Path) -> None:
         assert rec is not None and rec.owner is None
     finally:
         await store.close()
+    async with daemon(accounts) as d:
+        await d.engine.journal.add_clones("old-job", [rec], [])
+        status, body = await d.call("bob", "GET", "/v1/clones")
+        assert status == 200 and _names(body) == set(), body
+        status, body = await d.call("bob", "DELETE", "/v1/clones/old")
+        assert status == 404, body
+        status, body = await d.call("root", "GET", "/v1/clones")
+        assert _names(body) == {"old"} and body["clones"][0]["owner"] is None, body
 
 
 def test_access_sources_config_is_checked() -> None:
