@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from instaclone.api import make_app
-from instaclone.api.access import ACCESS
+from instaclone.api.access import ACCESS, NOBODY, Caller
 from instaclone.errors import AgentUnavailable, VirtTimeout
 from instaclone.model import CloneRecord
 
@@ -30,6 +30,9 @@ class ReadOnlyAccess:
 
     def allows(self, peer: object, *, write: bool) -> bool:
         return not write
+
+    def caller(self, peer: object) -> Caller:
+        return NOBODY
 
 
 @asynccontextmanager

@@ -50,6 +50,7 @@ from schemathesis.specs.openapi.checks import (
 
 from instaclone import config as cfg
 from instaclone.api import ACCESS, RUNNER_ARGS, Access, make_app
+from instaclone.api.access import Caller, Peer
 from instaclone.jobs.gc import GarbageCollector
 from instaclone.outbox.bus import EventBus
 from instaclone.outbox.webhooks import WebhookSender
@@ -73,10 +74,13 @@ SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 
 
 class OpenAccess(Access):
-    """Every caller may do everything (the test talks TCP: no peer credentials)."""
+    """Every caller may do everything, as an admin (the test talks TCP: no peer credentials)."""
 
-    def allows(self, peer: dict[str, Any] | None, *, write: bool) -> bool:
+    def allows(self, peer: Peer | None, *, write: bool) -> bool:
         return True
+
+    def caller(self, peer: Peer | None) -> Caller:
+        return Caller(uid=None, admin=True)
 
 
 @dataclass

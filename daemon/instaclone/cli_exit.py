@@ -18,7 +18,7 @@ EXIT_CODES: tuple[tuple[int | str, str], ...] = (
                   "check: not cloneable, gc: some files not removed)"),
     (EXIT_USAGE, "usage error (bad option or argument)"),
     (EXIT_UNREACHABLE, "the daemon cannot be reached, or went away mid-answer"),
-    (EXIT_PERMISSION, "permission denied: not in the socket's group, or not in access.write_groups"),
+    (EXIT_PERMISSION, "permission denied: not in the socket's group, or a rule of [access] refused (named)"),
     ("N", "exec: the command's own exit status (128+S if it was killed by signal S)"),
     (EXIT_EXEC_TIMEOUT, "exec: the command ran past --timeout and was killed"),
     (EXIT_EXEC_TOOL, "exec: instaclone's own failure (no agent, clone not running, daemon error); "

@@ -39,6 +39,9 @@ INSTACLONE_SOCKET   the control socket (default {DEFAULT_SOCKET}); --socket over
 The socket is open to root, the daemon's user and the members of its group (usually
 'instaclone'); changes (clone, destroy, exec, cp, ...) need root or a group in access.write_groups.
 A user outside the group gets exit status 4 and the fix: usermod -aG instaclone USER, then log in again.
+Each job, clone and claim is its maker's: other users' are not shown and answer not_found; only
+admins (root, the daemon's user, access.admin_groups) reach all. access.sources may limit which
+sources a user's groups may clone; a refusal names its rule and exits 4.
 """,
 }
 

@@ -31,6 +31,18 @@ class CliError(Exception):
         self.code = code  # the API's error code, when the daemon answered with one
 
 
+def _permission_hint(rule: object) -> str:
+    """What to do about a 403, by the rule that refused it (an older daemon names none: its groups)."""
+    if rule in (None, "access.write_groups", "access.read_groups"):
+        group = "access.read_groups" if rule == "access.read_groups" else "access.write_groups"
+        return (f"this is a permission problem: ask an admin to add your user to a group in the daemon's "
+                f"{group} (then log in again)")
+    if rule == "access.sources":
+        return ("this is a permission problem (rule access.sources): your groups may not use this source; "
+                "ask an admin to add it to their patterns in the daemon's access.sources")
+    return f"this is a permission problem (rule {rule}): ask the owner or an admin"
+
+
 def cli_error(exc: ClientError) -> CliError:
     """The CliError (message and exit status) of one of the client's errors."""
     from .client import ApiError, DaemonUnreachable, PermissionDenied
@@ -41,8 +53,7 @@ def cli_error(exc: ClientError) -> CliError:
         return CliError(str(exc), EXIT_UNREACHABLE)
     if isinstance(exc, ApiError):
         if exc.code == "forbidden" or exc.status == 403:
-            return CliError(f"{exc}; this is a permission problem: ask an admin to add your user to a group in "
-                            "the daemon's access.write_groups (then log in again)", EXIT_PERMISSION, exc.code)
+            return CliError(f"{exc}; {_permission_hint(exc.details.get('rule'))}", EXIT_PERMISSION, exc.code)
         return CliError(str(exc), EXIT_FAILED, exc.code)
     return CliError(str(exc), EXIT_FAILED)
 

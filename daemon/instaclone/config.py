@@ -60,12 +60,26 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class AccessConfig:
-    # Callers are identified by SO_PEERCRED. root and the daemon's own user may
-    # do anything. Members of write_groups may also clone, destroy, freeze,
-    # replay; members of read_groups may only read. With read_groups empty,
-    # anyone who can open the socket (mode daemon.socket_mode) may read.
+    # Callers are identified by SO_PEERCRED (uid) and SO_PEERGROUPS (groups).
+    # Admins (root, the daemon's own user, members of admin_groups) may do
+    # anything and see everything. Members of write_groups may also clone,
+    # destroy, freeze, replay; members of read_groups may only read. With
+    # read_groups empty, anyone who can open the socket (mode
+    # daemon.socket_mode) may read. A non-admin sees and acts on only the
+    # jobs, clones and claims it owns (its uid made them).
     write_groups: tuple[str, ...] = ("instaclone",)
     read_groups: tuple[str, ...] = ()
+    admin_groups: tuple[str, ...] = ()
+    # Per group, the source names (glob patterns) its non-admin members may
+    # clone, freeze, prepare or make a pool of: ((group, (pattern, ...)), ...),
+    # "*" for every caller. Empty (the default): every source.
+    sources: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def sources_of(self, groups: set[str]) -> tuple[str, ...] | None:
+        """The source patterns a non-admin in ``groups`` may use (None: every source)."""
+        if not self.sources:
+            return None
+        return tuple(p for g, patterns in self.sources if g == "*" or g in groups for p in patterns)
 
 
 @dataclass(frozen=True)
@@ -381,12 +395,39 @@ def from_dict(raw: dict[str, Any]) -> Config:
             if attr == "webhooks" and key == "endpoints":
                 values[key] = _endpoints(value)
                 continue
+            if attr == "access" and key == "sources":
+                values[key] = _source_rules(value)
+                continue
             if key not in known:
                 raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(known)})")
             f = known[key]
             values[key] = _coerce(f"{section}.{key}", value, f.default, str(f.type))
         built[attr] = cls(**values)
     return Config(**built)
+
+
+#: A glob of source names: what a domain name may hold, plus the glob characters * ? [ ] !.
+_SOURCE_GLOB = re.compile(r"^[A-Za-z0-9_.*?\[\]!+-]{1,128}$")
+
+
+def _source_rules(raw: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Validate ``[access.sources]``: group name (or "*") -> list of source name globs.
+
+    A group unknown on this host is logged when the API starts (as in write_groups), not refused:
+    it may be created later.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError('access.sources: must be a table of group = ["source glob", ...] '
+                          '(e.g. ci = ["ci-*"]; "*" = [...] for every caller)')
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for group, patterns in raw.items():
+        key = f"access.sources.{group}"
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and _SOURCE_GLOB.match(p)
+                                                      for p in patterns):
+            raise ConfigError(f"{key}: must be a list of source name globs (letters, digits, '.', '_', "
+                              f"'+', '-' and * ? [ ] !), got {patterns!r}")
+        out.append((group, tuple(patterns)))
+    return tuple(out)
 
 
 _ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

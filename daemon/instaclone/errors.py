@@ -73,10 +73,18 @@ class SourceNotCloneable(Conflict):
 
 
 class Forbidden(InstacloneError):
-    """The caller (identified by SO_PEERCRED) may not do this."""
+    """The caller (identified by SO_PEERCRED) may not do this; ``rule`` names the rule that refused it
+    (e.g. ``access.write_groups``, ``access.sources``, ``pool owner``)."""
 
     code = "forbidden"
     http_status = 403
+
+    def __init__(self, message: str, *, rule: str, step: str | None = None) -> None:
+        super().__init__(message, step=step)
+        self.rule = rule
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "rule": self.rule}
 
 
 class ShuttingDown(InstacloneError):

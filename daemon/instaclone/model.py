@@ -120,6 +120,7 @@ class JobRecord:
     result: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+    owner: int | None = None  # uid of the caller (the daemon's for its own jobs); None: from before owners
 
     @property
     def state(self) -> State:
@@ -128,6 +129,7 @@ class JobRecord:
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "owner": self.owner,
             "source": self.source,
             "state": self.state.value,
             "spec": self.spec.to_dict(),
@@ -154,11 +156,12 @@ class CloneRecord:
     pool: str | None = None  # a pool member: idle until claimed
     claimed_at: float | None = None
     generation: int = 0  # the pool's source generation it was made from
+    owner: int | None = None  # uid: its job's, or the claimer's once claimed; None: from before owners
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "uuid": self.uuid, "source": self.source, "job_id": self.job_id,
                 "dir": self.dir, "created_at": self.created_at, "expires_at": self.expires_at,
-                "pool": self.pool, "claimed_at": self.claimed_at}
+                "pool": self.pool, "claimed_at": self.claimed_at, "owner": self.owner}
 
 
 @dataclass(frozen=True)
@@ -296,8 +299,9 @@ class PoolRecord:
     generation: int = 1
     created_at: float = 0.0
     updated_at: float = 0.0
+    owner: int | None = None  # uid of its creator; None: from before owners
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "size": self.size, "config": dict(self.config),
                 "customize": self.customize, "keep_network": self.keep_network, "generation": self.generation,
-                "created_at": self.created_at, "updated_at": self.updated_at}
+                "created_at": self.created_at, "updated_at": self.updated_at, "owner": self.owner}

@@ -24,6 +24,8 @@ class ErrorDetail(Answer):
     code: str = Field(description="stable, snake_case (errors.py)")
     message: str
     step: str | None = Field(None, description="the step that failed, for a job's error")
+    rule: str | None = Field(None, description="of a 403 forbidden: the rule that refused the call "
+                                               "(access.write_groups, access.sources, pool owner, ...)")
 
 
 class Error(Answer):
@@ -39,6 +41,7 @@ class HistoryEntry(Answer):
 
 class Job(Answer):
     id: str
+    owner: int | None = Field(description="uid of its owner (None: made before owners were recorded)")
     source: str
     state: State
     spec: dict[str, Any] = Field(description="names, count, backends, flags, config, script, ttl_s, pool")
@@ -68,6 +71,7 @@ class Clone(Answer):
     expires_at: float | None
     pool: str | None
     claimed_at: float | None
+    owner: int | None = Field(description="uid of its owner (None: made before owners were recorded)")
 
 
 class ListedClone(Clone):
@@ -114,6 +118,7 @@ class Pool(Answer):
     generation: int
     created_at: float
     updated_at: float
+    owner: int | None = Field(description="uid of its owner (None: made before owners were recorded)")
     idle: list[str]
     idle_old_source: list[str]
     claimed: list[str]

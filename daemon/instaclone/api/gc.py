@@ -1,4 +1,4 @@
-"""Handler: garbage collection (``POST /v1/gc``)."""
+"""Handler: garbage collection (``POST /v1/gc``): admins only, it reaches every user's files."""
 
 from __future__ import annotations
 
@@ -30,5 +30,5 @@ ROUTES = [
           errors={404: "not_found (no garbage collector in this daemon)",
                   503: "gc_aborted (could not tell which images are in use; nothing deleted), "
                        "libvirt_unavailable"},
-          body=m.DryRun, body_required=False),
+          body=m.DryRun, body_required=False, needs_admin=True),
 ]

@@ -22,7 +22,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ..errors import BodyTooLarge, InstacloneError, InvalidRequest
 from . import models as m
 from .common import ENGINE, PEER, log
-from .routes import LIBVIRT_DOWN, Call, RawBody, Reply, Route
+from .owners import own_clone
+from .routes import CLONE_NOT_FOUND, LIBVIRT_DOWN, Call, RawBody, Reply, Route
 
 #: Largest stdin of an exec, decoded.
 MAX_STDIN_BYTES = 8 << 20
@@ -105,6 +106,7 @@ async def exec_in_clone(request: web.Request, call: Call) -> web.StreamResponse:
     data = call.body_as(ExecBody)
     args: dict[str, Any] = {"argv": data.argv, "env": data.env, "timeout_s": data.timeout_s,
                             "stdin": _stdin(data.stdin) if data.stdin is not None else None}
+    await own_clone(request, name)
     proc = await request.app[ENGINE].guest_exec(name, **args)
     log.info("api.exec", clone=name, argv0=args["argv"][0], pid=proc.pid, peer=request.get(PEER))
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
@@ -136,6 +138,8 @@ async def put_file(request: web.Request, call: Call) -> web.Response:
     query = call.query_as(PutFileQuery)
     path, mode = query.path, query.mode.zfill(4)
     want = call.headers_as(ShaHeader).sha256
+    await own_clone(request, name)
+
     async def body() -> AsyncIterator[bytes]:
         total = 0
         try:
@@ -156,6 +160,7 @@ async def get_file(request: web.Request, call: Call) -> web.StreamResponse:
     """A clone's file as the body, with its size and sha256 in the headers (see ROUTES)."""
     name = call.path_as(m.ClonePath).name
     path = call.query_as(FileQuery).path
+    await own_clone(request, name)
     reader = await request.app[ENGINE].open_guest_file(name, path=path)
     if request.method == "HEAD":  # the size and checksum, without reading the file
         await reader.close()
@@ -190,12 +195,12 @@ async def get_file(request: web.Request, call: Call) -> web.StreamResponse:
 
 
 _ERRORS = {
-    404: "not_found (no such clone made by instaclone)",
+    404: CLONE_NOT_FOUND,
     409: "agent_unavailable (no guest agent channel, or it does not answer), domain_state_invalid (not running)",
     500: "libvirt_error: the hypervisor failed (see the message and the daemon log)",
     503: LIBVIRT_DOWN,
 }
-_FILE_ERRORS = {**_ERRORS, 404: "not_found (no such clone), guest_file_not_found (no such file or directory)",
+_FILE_ERRORS = {**_ERRORS, 404: f"{CLONE_NOT_FOUND}, guest_file_not_found (no such file or directory)",
                 409: _ERRORS[409] + ", guest_file_error (permission denied, a directory, ...)"}
 _SHA = {SHA_HEADER: {"schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                      "description": "sha256 of the file, taken in the guest before it is read"}}

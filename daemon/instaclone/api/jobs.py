@@ -5,10 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import __version__
-from ..errors import NotFound
 from . import answers as a, models as m
+from .access import caller_of
 from .common import ENGINE, GC, PEER, STORE, log
-from .routes import Call, Reply, Route
+from .owners import own_job, usable_source
+from .routes import SOURCE_FORBIDDEN, Call, Reply, Route
 
 
 async def health(request: web.Request, _call: Call) -> web.Response:
@@ -31,9 +32,11 @@ async def create_job(request: web.Request, call: Call) -> web.Response:
     data = call.body_as(m.CreateJobBase)
     wait = call.query_as(m.WaitQuery).wait
     engine = request.app[ENGINE]
+    await usable_source(request, data.source)
     job = await engine.submit(source=data.source, name=data.name, count=data.count,
                               keep_network=data.keep_network, customize=data.customize, config=data.config,
-                              keep_ssh_host_keys=data.keep_ssh_host_keys, script=data.script, ttl_s=data.ttl_s)
+                              keep_ssh_host_keys=data.keep_ssh_host_keys, script=data.script, ttl_s=data.ttl_s,
+                              owner=caller_of(request).uid)
     log.info("api.clone_requested", job_id=job.id, source=job.source, peer=request.get(PEER))
     if wait:
         await engine.wait(job.id, wait)
@@ -42,18 +45,21 @@ async def create_job(request: web.Request, call: Call) -> web.Response:
 
 
 async def list_jobs(request: web.Request, _call: Call) -> web.Response:
-    jobs = await request.app[STORE].list_jobs()
+    caller = caller_of(request)
+    if caller.admin:
+        jobs = await request.app[STORE].list_jobs()
+    else:  # its own newest (an unidentified caller owns none)
+        jobs = await request.app[STORE].list_jobs(owner=caller.uid) if caller.uid is not None else []
     return web.json_response({"jobs": [j.to_dict() for j in jobs]})
 
 
 async def get_job(request: web.Request, call: Call) -> web.Response:
     job_id = call.path_as(m.JobPath).job_id
     wait = call.query_as(m.WaitQuery).wait
+    await own_job(request, job_id)  # before waiting: another's job is not there to wait for
     if wait:
         await request.app[ENGINE].wait(job_id, wait)
-    job = await request.app[STORE].get_job(job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id!r}")
+    job = await own_job(request, job_id)
     return web.json_response({"job": job.to_dict()})
 
 
@@ -71,12 +77,13 @@ ROUTES = [
                       "or after S seconds (202).",
           ok={201: Reply("the job finished (see its state)", a.JobAnswer),
               202: Reply("the job is accepted and running", a.JobAnswer)},
-          errors={404: "source_not_found", 409: "name_in_use, source_not_cloneable",
+          errors={403: SOURCE_FORBIDDEN, 404: "source_not_found", 409: "name_in_use, source_not_cloneable",
                   500: "libvirt_error (the hypervisor failed while the request was checked)",
                   503: f"{_UNAVAILABLE}, {_BUSY}", 507: _NO_ROOM},
           query=m.WaitQuery, body=lambda config: m.create_job_model(config.clone.max_count)),
-    Route("GET", "/v1/jobs", list_jobs, "every job, newest first", ok={200: Reply("jobs", a.Jobs)}),
+    Route("GET", "/v1/jobs", list_jobs, "every job of the caller (an admin: every job), newest first",
+          ok={200: Reply("jobs", a.Jobs)}),
     Route("GET", "/v1/jobs/{job_id}", get_job, "one job (?wait=S: when it is done, or after S seconds)",
-          ok={200: Reply("the job", a.JobAnswer)}, errors={404: "not_found"},
+          ok={200: Reply("the job", a.JobAnswer)}, errors={404: "not_found (none, or another user's)"},
           path_params=m.JobPath, query=m.WaitQuery),
 ]

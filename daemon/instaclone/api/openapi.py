@@ -119,8 +119,13 @@ def _answers(route: Route, refs: dict[type[BaseModel], dict[str, Any]], *, read_
         errors.setdefault(400, "")
         errors[400] = ", ".join(filter(None, ["invalid_request, invalid_name: a value the schema refuses",
                                               errors[400]]))
-    if route.write or read_groups:
+    if route.needs_admin:
+        errors.setdefault(403, "forbidden: rule access.admin_groups (admins only: root, the daemon's user, "
+                               "members of access.admin_groups)")
+    elif route.write or read_groups:
         errors.setdefault(403, "forbidden: the caller's access (peer credentials against [access]) does not allow it")
+    if 403 in errors and "access.write_groups" not in errors[403] and route.write:
+        errors[403] += "; rule access.write_groups (the caller may not change anything)"
     if route.body is not None and not (isinstance(route.body, RawBody) and route.body.max_bytes is None):
         limit = route.body.max_bytes if isinstance(route.body, RawBody) else (route.body_max_bytes or MAX_BODY_BYTES)
         errors.setdefault(413, f"body_too_large: the body is larger than {limit} bytes")

@@ -53,7 +53,7 @@ class PoolsView(Protocol):
 
     async def create(self, *, name: object, source: object, size: object, config: object = None,
                      customize: object = True, keep_network: object = False,
-                     freeze: object = False) -> dict[str, Any]: ...
+                     freeze: object = False, owner: int | None = None) -> dict[str, Any]: ...
 
     async def resize(self, name: str, size: object) -> dict[str, Any]: ...
 
@@ -66,7 +66,8 @@ class PoolsView(Protocol):
     async def list_all(self) -> list[dict[str, Any]]: ...
 
     async def claim(self, name: str, *, ttl_s: object = None, config: object = None,
-                    wait_s: object = None, claimed_by: dict[str, Any] | None = None) -> dict[str, Any]: ...
+                    wait_s: object = None, claimed_by: dict[str, Any] | None = None,
+                    owner: int | None = None) -> dict[str, Any]: ...
 
     async def release(self, clone: str) -> dict[str, Any]: ...
 
@@ -137,7 +138,7 @@ class EngineView(Protocol):
 
     async def submit(self, *, source: object, name: object, count: object = 1, keep_network: object = False,
                      customize: object = True, config: object = None, keep_ssh_host_keys: object = None,
-                     script: object = None, ttl_s: object = None) -> JobRecord:
+                     script: object = None, ttl_s: object = None, owner: int | None = None) -> JobRecord:
         """Validate and queue a clone request; raises InvalidRequest, NameInUse, SourceNotFound, ..."""
 
     async def wait(self, job_id: str, timeout_s: float) -> None:

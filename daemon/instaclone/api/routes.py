@@ -40,6 +40,11 @@ MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 #: The 503 and 500 of routes that call the hypervisor (``Route.errors`` values).
 LIBVIRT_DOWN = "libvirt_unavailable (libvirt is down; retry), shutting_down"
 HV_FAILED = "libvirt_error, step_failed: the hypervisor failed (see the message and the daemon log)"
+#: The 403 of routes that take a source (its ``rule``: which refused it).
+SOURCE_FORBIDDEN = ("forbidden: rule access.sources (the source is outside the patterns of the caller's groups), "
+                    "clone owner (a clone of another user), or the caller's write access")
+#: The 404 of routes on one clone.
+CLONE_NOT_FOUND = "not_found (not a clone made by instaclone, or another user's)"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -119,6 +124,9 @@ class Route:
     #: Needs write access (root, the daemon's user, access.write_groups). None: by method (mutating
     #: methods do); True for a read that must be guarded as a write (a guest file's GET).
     needs_write: bool | None = None
+    #: Only admins (root, the daemon's user, access.admin_groups) may call it: it acts on or shows what
+    #: belongs to every user (garbage collection, webhook deliveries).
+    needs_admin: bool = False
     operation_id: str | None = None  # the document's operationId (unique); default: the handler's name
 
     @property
@@ -226,13 +234,21 @@ def bind(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
 
     handle.__name__ = handle.__qualname__ = route.handler.__name__
     setattr(handle, WRITE_ATTR, route.write)  # read by access.peer_credentials
+    setattr(handle, ADMIN_ATTR, route.needs_admin)
     return handle
 
 
 #: The attribute of a bound handler that says whether its route needs write access.
 WRITE_ATTR = "instaclone_needs_write"
+#: ... and whether it needs an admin.
+ADMIN_ATTR = "instaclone_needs_admin"
 
 
 def needs_write(request: web.Request) -> bool:
     """Does the route ``request`` reached need write access (by its declaration, else by method)?"""
     return bool(getattr(request.match_info.handler, WRITE_ATTR, request.method in MUTATING))
+
+
+def needs_admin(request: web.Request) -> bool:
+    """Is the route ``request`` reached for admins only?"""
+    return bool(getattr(request.match_info.handler, ADMIN_ATTR, False))

@@ -13,8 +13,10 @@ from ..hv.records import DomainInfo
 from ..jobs import preflight, prepare
 from ..jobs.customize import has_agent
 from . import answers as a, models as m
+from .access import caller_of
 from .common import ENGINE, PEER, STORE, log
-from .routes import HV_FAILED, LIBVIRT_DOWN, Call, Reply, Route
+from .owners import own_clone, usable_source
+from .routes import CLONE_NOT_FOUND, HV_FAILED, LIBVIRT_DOWN, SOURCE_FORBIDDEN, Call, Reply, Route
 
 #: How long ``check`` waits for the source's guest agent to answer guest-ping.
 AGENT_PING_S = 3
@@ -22,8 +24,11 @@ AGENT_PING_S = 3
 
 async def list_clones(request: web.Request, _call: Call) -> web.Response:
     engine = request.app[ENGINE]
+    caller = caller_of(request)
     out = []
     for c in await request.app[STORE].list_clones():
+        if not caller.owns(c.owner):
+            continue
         d = c.to_dict()
         try:
             d["state"] = await engine.virt.state(c.name)
@@ -35,19 +40,24 @@ async def list_clones(request: web.Request, _call: Call) -> web.Response:
 
 async def destroy_clone(request: web.Request, call: Call) -> web.Response:
     name = call.path_as(m.ClonePath).name
+    await own_clone(request, name)
     rec = await request.app[ENGINE].destroy_clone(name)
     log.info("api.clone_destroyed", clone=name, peer=request.get(PEER))
     return web.json_response({"destroyed": rec.to_dict()})
 
 
 async def freeze(request: web.Request, call: Call) -> web.Response:
-    entry = await request.app[ENGINE].freeze(call.path_as(m.SourcePath).name)
+    name = call.path_as(m.SourcePath).name
+    await usable_source(request, name)
+    entry = await request.app[ENGINE].freeze(name)
     log.info("api.frozen", source=entry["name"], peer=request.get(PEER))
     return web.json_response({"frozen": entry})
 
 
 async def unfreeze(request: web.Request, call: Call) -> web.Response:
-    entry = await request.app[ENGINE].unfreeze(call.path_as(m.SourcePath).name)
+    name = call.path_as(m.SourcePath).name
+    await usable_source(request, name)
+    entry = await request.app[ENGINE].unfreeze(name)
     log.info("api.unfrozen", source=entry["name"], peer=request.get(PEER))
     return web.json_response({"unfrozen": entry})
 
@@ -120,6 +130,7 @@ async def _source_facts(request: web.Request, name: str) -> tuple[preflight.Fact
 async def check_source(request: web.Request, call: Call) -> web.Response:
     """Preflight report of a domain: per capability, ok or not and the exact change."""
     name = call.path_as(m.SourcePath).name
+    await usable_source(request, name)
     facts, xml = await _source_facts(request, name)
     return web.json_response({"check": preflight.check(xml, facts).to_dict()})
 
@@ -139,6 +150,7 @@ async def prepare_source(request: web.Request, call: Call) -> web.Response:
     """Write what instant clones need into a domain's persistent definition (or, dry run, show it)."""
     dry_run = call.body_as(m.DryRun).dry_run
     name = call.path_as(m.SourcePath).name
+    await usable_source(request, name)
     engine = request.app[ENGINE]
     # Under the source's lock: a clone job's disk snapshot rewrites the
     # definition's disk paths, and writing back one read before it would put
@@ -167,34 +179,37 @@ async def prepare_source(request: web.Request, call: Call) -> web.Response:
 
 
 ROUTES = [
-    Route("GET", "/v1/clones", list_clones, "clones made by instaclone, with their domain's state",
+    Route("GET", "/v1/clones", list_clones,
+          "clones made by instaclone of the caller (an admin: all), with their domain's state",
           ok={200: Reply("clones", a.Clones)}),
     Route("DELETE", "/v1/clones/{name}", destroy_clone, "destroy a clone",
           description="Undefine the clone (its own clones keep running), then collect garbage.",
           ok={200: Reply("destroyed", a.Destroyed)},
-          errors={404: "not_found (not a clone made by instaclone)", 409: "conflict (frozen as a template)",
+          errors={404: CLONE_NOT_FOUND, 409: "conflict (frozen as a template)",
                   500: HV_FAILED, 503: LIBVIRT_DOWN}, path_params=m.ClonePath),
     Route("GET", "/v1/frozen", list_frozen, "frozen sources", ok={200: Reply("frozen sources", a.FrozenList)}),
     Route("POST", "/v1/sources/{name}/freeze", freeze, "freeze a source as a template",
           ok={200: Reply("frozen", a.FrozenAnswer)},
-          errors={404: "source_not_found, domain_not_found",
+          errors={403: SOURCE_FORBIDDEN, 404: "source_not_found, domain_not_found",
                   409: "conflict (already frozen), source_not_cloneable, domain_state_invalid",
                   500: HV_FAILED, 503: LIBVIRT_DOWN}, path_params=m.SourcePath),
     Route("POST", "/v1/sources/{name}/unfreeze", unfreeze, "unfreeze a source",
           ok={200: Reply("unfrozen", a.UnfrozenAnswer)},
-          errors={404: "not_found (not frozen), domain_not_found", 409: "domain_state_invalid",
+          errors={403: SOURCE_FORBIDDEN, 404: "not_found (not frozen), domain_not_found",
+                  409: "domain_state_invalid",
                   500: HV_FAILED, 503: LIBVIRT_DOWN}, path_params=m.SourcePath),
     Route("GET", "/v1/sources/{name}/check", check_source,
           "preflight: per capability, whether the domain has it and the exact change",
           ok={200: Reply("the report", {"type": "object", "required": ["check"],
                                         "properties": {"check": {"$ref": "#/components/schemas/Check"}}})},
-          errors={404: "source_not_found", 500: HV_FAILED, 503: LIBVIRT_DOWN}, path_params=m.SourcePath),
+          errors={403: SOURCE_FORBIDDEN, 404: "source_not_found", 500: HV_FAILED, 503: LIBVIRT_DOWN},
+          path_params=m.SourcePath),
     Route("POST", "/v1/sources/{name}/prepare", prepare_source,
           "write shared file-backed RAM, <acpi/>, a guest agent channel and <genid/> into the persistent "
           "definition; a running domain gets them at its next boot",
           ok={200: Reply("what was (or would be) changed", {
               "type": "object", "required": ["prepare"],
               "properties": {"prepare": {"$ref": "#/components/schemas/Prepare"}}})},
-          errors={404: "source_not_found", 500: HV_FAILED, 503: LIBVIRT_DOWN},
+          errors={403: SOURCE_FORBIDDEN, 404: "source_not_found", 500: HV_FAILED, 503: LIBVIRT_DOWN},
           path_params=m.SourcePath, body=m.DryRun, body_required=False),
 ]

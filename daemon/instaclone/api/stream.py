@@ -11,23 +11,31 @@ from aiohttp import web
 from ..model import Event
 from ..store import Store
 from . import answers as a, models as m
+from .access import caller_of
 from .common import BUS, CLOSING, STORE
+from .owners import EventFilter
 from .routes import Call, Reply, Route
 
 #: How long a follower waits for a wake-up before it looks at the outbox anyway.
 FOLLOW_CHECK_S = 15.0
+#: A non-admin's ``tail``: its last events are looked for among this many times more of everyone's.
+TAIL_WIDEN = 20
 
 
 class _Query:
-    """The filters of one stream request."""
+    """The filters of one stream request, and what its caller may see (events of its own jobs)."""
 
-    def __init__(self, store: Store, job_id: str | None, types: list[str]) -> None:
-        self.store, self.job_id, self.types = store, job_id, types
+    def __init__(self, store: Store, job_id: str | None, types: list[str], owners: EventFilter) -> None:
+        self.store, self.job_id, self.types, self.owners = store, job_id, types, owners
 
     async def matching(self, after: int | None, upto: int, limit: int) -> list[Event]:
         """Events passing the filters with ``after < cursor <= upto`` (``after=None``: the last ``limit``)."""
-        return [e for e in await self.store.events(since=after, job_id=self.job_id, types=self.types, limit=limit)
-                if e.cursor <= upto]
+        # A non-admin's tail: the last ``limit`` of its own, looked for among more of everyone's.
+        wider = limit if after is not None or self.owners.caller.admin else min(100_000, limit * TAIL_WIDEN)
+        found = await self.owners.visible(
+            [e for e in await self.store.events(since=after, job_id=self.job_id, types=self.types, limit=wider)
+             if e.cursor <= upto])
+        return found[-limit:] if after is None else found
 
 
 async def _write(resp: web.StreamResponse, evs: list[Event]) -> None:
@@ -73,7 +81,9 @@ async def stream_events(request: web.Request, call: Call) -> web.StreamResponse:
     """
     args = call.query_as(m.EventsQuery)
     follow, since, tail = args.follow, args.since, args.tail
-    query = _Query(request.app[STORE], args.job or None, [t for t in args.type.split(",") if t])
+    store = request.app[STORE]
+    query = _Query(store, args.job or None, [t for t in args.type.split(",") if t],
+                   EventFilter(caller_of(request), store))
     # Taken first, so that nothing committed from here on is missed.
     top = await query.store.last_cursor()
     if since is not None:
@@ -96,7 +106,8 @@ async def stream_events(request: web.Request, call: Call) -> web.StreamResponse:
 
 
 ROUTES = [
-    Route("GET", "/v1/events", stream_events, "the event stream (NDJSON), oldest first",
+    Route("GET", "/v1/events", stream_events,
+          "the event stream (NDJSON), oldest first: the caller's own jobs' (an admin: every event)",
           ok={200: Reply("one event per line (application/x-ndjson); with follow, new ones as they come",
                          a.Event, media_type="application/x-ndjson")},
           query=m.EventsQuery),

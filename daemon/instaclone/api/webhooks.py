@@ -1,4 +1,8 @@
-"""Handlers: webhook endpoints and their deliveries (list, enable, replay)."""
+"""Handlers: webhook endpoints and their deliveries (list, enable, replay).
+
+Deliveries carry every user's events, and an endpoint serves them all: but for the list of endpoints,
+these routes are for admins (``needs_admin``).
+"""
 
 from __future__ import annotations
 
@@ -67,10 +71,12 @@ ROUTES = [
           ok={200: Reply("endpoints", a.Webhooks)}, errors={404: _OFF}),
     Route("POST", "/v1/webhooks/{name}/enable", enable_webhook, "enable an endpoint that was disabled",
           ok={200: Reply("enabled", a.WebhookEnabled)}, errors={404: f"{_OFF}; no such endpoint"},
-          path_params=m.EndpointPath),
+          path_params=m.EndpointPath, needs_admin=True),
     Route("GET", "/v1/webhooks/deliveries", list_deliveries, "deliveries, newest first",
-          ok={200: Reply("deliveries", a.Deliveries)}, errors={404: _OFF}, query=m.DeliveriesQuery),
+          ok={200: Reply("deliveries", a.Deliveries)}, errors={404: _OFF}, query=m.DeliveriesQuery,
+          needs_admin=True),
     Route("POST", "/v1/webhooks/deliveries/replay", replay_deliveries,
           "queue deliveries again: by ids, or by filter (status, webhook, event_id)",
-          ok={200: Reply("the ids queued again", a.Replayed)}, errors={404: _OFF}, body=m.Replay),
+          ok={200: Reply("the ids queued again", a.Replayed)}, errors={404: _OFF}, body=m.Replay,
+          needs_admin=True),
 ]

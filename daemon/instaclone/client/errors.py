@@ -132,7 +132,13 @@ class SourceNotCloneable(Conflict):
 
 @_code("forbidden")
 class Forbidden(ApiError):
-    """The daemon identified the caller (SO_PEERCRED) and refuses this call (403)."""
+    """The daemon identified the caller (SO_PEERCRED) and refuses this call (403); :attr:`rule` names the
+    rule that refused it (``access.write_groups``, ``access.sources``, ``pool owner``, ...)."""
+
+    @property
+    def rule(self) -> str | None:
+        rule = self.details.get("rule")
+        return rule if isinstance(rule, str) else None
 
 
 @_code("shutting_down")

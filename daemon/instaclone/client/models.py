@@ -38,6 +38,10 @@ def _opt_float(v: object) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
+def _opt_int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
 def _names(v: object) -> tuple[str, ...]:
     return tuple(str(x) for x in v) if isinstance(v, list | tuple) else ()
 
@@ -64,6 +68,7 @@ class Job:
     created_at: float | None = None
     updated_at: float | None = None
     durations_ms: Mapping[str, float] = field(default_factory=dict)
+    owner: int | None = None  # uid of the user who asked (None: from before owners were recorded)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -77,7 +82,7 @@ class Job:
                    error=error if isinstance(error, Mapping) else None,
                    spec=spec if isinstance(spec, Mapping) else {}, created_at=_opt_float(d.get("created_at")),
                    updated_at=_opt_float(d.get("updated_at")),
-                   durations_ms=dict(d.get("durations_ms") or {}), raw=d)
+                   durations_ms=dict(d.get("durations_ms") or {}), owner=_opt_int(d.get("owner")), raw=d)
 
     @property
     def terminal(self) -> bool:
@@ -130,6 +135,7 @@ class Clone:
     pool: str | None = None
     claimed_at: float | None = None
     state: str | None = None  # the domain's state (running, paused, missing...) where the answer has it
+    owner: int | None = None  # uid: its job's, or the claimer's (None: from before owners were recorded)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -140,7 +146,7 @@ class Clone:
                    job_id=str(d.get("job_id", "")), dir=str(d.get("dir", "")),
                    created_at=_opt_float(d.get("created_at")), expires_at=_opt_float(d.get("expires_at")),
                    pool=str(pool) if pool is not None else None, claimed_at=_opt_float(d.get("claimed_at")),
-                   state=str(state) if state is not None else None, raw=d)
+                   state=str(state) if state is not None else None, owner=_opt_int(d.get("owner")), raw=d)
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,7 @@ class Pool:
     failures: int = 0
     created_at: float | None = None
     updated_at: float | None = None
+    owner: int | None = None  # uid of its creator; its config is redacted to other non-admins
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -176,7 +183,7 @@ class Pool:
                    customize=bool(d.get("customize", True)), keep_network=bool(d.get("keep_network", False)),
                    held=str(held) if held else None, last_error=err if isinstance(err, Mapping) else None,
                    failures=int(d.get("failures") or 0), created_at=_opt_float(d.get("created_at")),
-                   updated_at=_opt_float(d.get("updated_at")), raw=d)
+                   updated_at=_opt_float(d.get("updated_at")), owner=_opt_int(d.get("owner")), raw=d)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ class Admission:
     async def admit(self, *, source: object, name: object, count: object, keep_network: object,
                     customize: object, config: object, keep_ssh_host_keys: object,
                     script: object, ttl_s: object = None, pool: str | None = None,
-                    pool_generation: int = 0) -> JobRecord:
+                    pool_generation: int = 0, owner: int | None = None) -> JobRecord:
         """Validate a clone request and persist it as Requested; raises InvalidRequest & co."""
         svc = self.svc
         src = identity.validate_name(source, what="source name")
@@ -62,7 +62,7 @@ class Admission:
                            config=guest_config, script=checked_script, keep_network=flags["keep_network"],
                            customize=flags["customize"], keep_ssh_host_keys=flags["keep_ssh_host_keys"],
                            ttl_s=ttl, pool=pool, pool_generation=pool_generation)
-            job = await svc.store.create_job(identity.new_job_id(), src, spec)
+            job = await svc.store.create_job(identity.new_job_id(), src, spec, owner=owner)
             svc.capacity.hold(job.id, demand)
         svc.log_transition(job, job.history.entries[-1])
         return job

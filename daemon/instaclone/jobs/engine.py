@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import suppress
@@ -133,14 +134,19 @@ class Engine:
     async def submit(self, *, source: object, name: object, count: object = 1, keep_network: object = False,
                      customize: object = True, config: object = None, keep_ssh_host_keys: object = None,
                      script: object = None, ttl_s: object = None, pool: str | None = None,
-                     pool_generation: int = 0) -> JobRecord:
-        """Validate a clone request, persist it as Requested and queue it."""
+                     pool_generation: int = 0, owner: int | None = None) -> JobRecord:
+        """Validate a clone request, persist it as Requested and queue it.
+
+        ``owner``: the uid the job and its clones belong to (None: the daemon's own, as for the pool
+        keeper's jobs). Who may ask is the API's to decide.
+        """
         if not self.accepting:
             raise ShuttingDown("the daemon is shutting down and accepts no new jobs; retry after it restarts")
         job = await self._admission.admit(source=source, name=name, count=count, keep_network=keep_network,
                                           customize=customize, config=config,
                                           keep_ssh_host_keys=keep_ssh_host_keys, script=script, ttl_s=ttl_s,
-                                          pool=pool, pool_generation=pool_generation)
+                                          pool=pool, pool_generation=pool_generation,
+                                          owner=os.getuid() if owner is None else owner)
         self._dispatch(job)
         return job
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -100,8 +101,9 @@ class PoolKeeper:
 
     async def create(self, *, name: object, source: object, size: object, config: object = None,
                      customize: object = True, keep_network: object = False,
-                     freeze: object = False) -> dict[str, Any]:
-        """Define a pool (optionally freezing its source first); the keeper fills it in the background."""
+                     freeze: object = False, owner: int | None = None) -> dict[str, Any]:
+        """Define a pool of ``owner`` (a uid; None: the daemon's), optionally freezing its source first;
+        the keeper fills it in the background (its members are the daemon's until claimed)."""
         pool_name = identity.validate_name(name, what="pool name")
         src = identity.validate_name(source, what="source name")
         n = _size(size)
@@ -114,8 +116,9 @@ class PoolKeeper:
         if flags["freeze"] and src not in await self.svc.store.frozen():
             await self._freeze(src)
         try:
-            pool = await self.svc.store.create_pool(PoolRecord(pool_name, src, n, guest_config, flags["customize"],
-                                                               flags["keep_network"]))
+            pool = await self.svc.store.create_pool(PoolRecord(
+                pool_name, src, n, guest_config, flags["customize"], flags["keep_network"],
+                owner=os.getuid() if owner is None else owner))
         except ValueError:
             raise Conflict(f"pool {pool_name!r} exists") from None
         self.svc.log.info("pool.created", pool=pool_name, source=src, size=n)
@@ -171,8 +174,12 @@ class PoolKeeper:
         return [await self._describe(p) for p in await self.svc.store.list_pools()]
 
     async def claim(self, name: str, *, ttl_s: object = None, config: object = None,
-                    wait_s: object = None, claimed_by: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Hand out an idle member at once, or wait (bounded) for the next one; raises PoolEmpty."""
+                    wait_s: object = None, claimed_by: dict[str, Any] | None = None,
+                    owner: int | None = None) -> dict[str, Any]:
+        """Hand out an idle member at once, or wait (bounded) for the next one; raises PoolEmpty.
+
+        The member becomes ``owner``'s (a uid; None: the daemon's).
+        """
         t0 = time.monotonic()
         ttl = validate_ttl(ttl_s)
         extra = validate_guest_config(config)
@@ -182,7 +189,7 @@ class PoolKeeper:
         st = self._st(name)
         while True:
             st.ready.clear()
-            rec = await self._claim_one(pool, ttl, claimed_by)
+            rec = await self._claim_one(pool, ttl, claimed_by, os.getuid() if owner is None else owner)
             if rec is not None:
                 break
             self.wake()
@@ -390,7 +397,7 @@ class PoolKeeper:
             self.svc.log.warning("pool.destroy_failed", clone=name, reason=reason, error=exc.message)
 
     async def _claim_one(self, pool: PoolRecord, ttl: float | None,
-                         claimed_by: dict[str, Any] | None) -> CloneRecord | None:
+                         claimed_by: dict[str, Any] | None, owner: int) -> CloneRecord | None:
         members = [m for m in await self.svc.store.pool_members(pool.name) if m.claimed_at is None]
         # The current source's members first (oldest first), then an older generation's.
         members.sort(key=lambda m: (m.generation != pool.generation, m.created_at))
@@ -398,7 +405,8 @@ class PoolKeeper:
             # A member that died since the last round is the keeper's to replace.
             if await self._state_of(m.name) != "running":
                 continue
-            rec = await self.svc.store.claim_member(pool.name, [m.name], ttl_s=ttl, claimed_by=claimed_by)
+            rec = await self.svc.store.claim_member(pool.name, [m.name], ttl_s=ttl, claimed_by=claimed_by,
+                                                     owner=owner)
             if rec is not None:
                 return rec
         return None

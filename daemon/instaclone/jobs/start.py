@@ -184,7 +184,8 @@ async def hand_over(svc: Services, job: JobRecord, clones: list[CloneTarget]) ->
     now = time.time()
     expires = now + job.spec.ttl_s if job.spec.ttl_s is not None else None
     records = [CloneRecord(c.name, c.uuid, job.source, job.id, str(c.dir), now, expires_at=expires,
-                           pool=job.spec.pool, generation=job.spec.pool_generation) for c in clones]
+                           pool=job.spec.pool, generation=job.spec.pool_generation, owner=job.owner)
+               for c in clones]
     active = [r.id for r in await svc.store.resources(job.id)]
     await svc.store.add_clones(job.id, records, active)
 

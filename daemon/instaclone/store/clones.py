@@ -9,7 +9,7 @@ from .. import events
 from ..model import CloneRecord, ResourceStatus
 from .base import Emit, StoreBase
 
-_COLUMNS = "name, uuid, source, job_id, dir, created_at, expires_at, pool, claimed_at, generation"
+_COLUMNS = "name, uuid, source, job_id, dir, created_at, expires_at, pool, claimed_at, generation, owner"
 
 
 class ClonesMixin(StoreBase):
@@ -17,9 +17,9 @@ class ClonesMixin(StoreBase):
         """Register finished clones and hand their resources over to them (released), atomically."""
 
         def do(db: sqlite3.Connection) -> None:
-            db.executemany(f"INSERT INTO clones({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            db.executemany(f"INSERT INTO clones({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                            [(c.name, c.uuid, c.source, c.job_id, c.dir, c.created_at, c.expires_at, c.pool,
-                             c.claimed_at, c.generation) for c in clones])
+                             c.claimed_at, c.generation, c.owner) for c in clones])
             db.executemany("UPDATE resources SET status=? WHERE id=?",
                            [(ResourceStatus.RELEASED.value, rid) for rid in resource_ids])
 

@@ -18,30 +18,34 @@ from .gc import retained_names_sql
 _TERMINAL = tuple(sorted(s.value for s in TERMINAL))
 
 
+_JOB_COLUMNS = "id, seq, source, spec, state, error, result, created_at, updated_at, owner"
+
+
 def _job_from_row(db: sqlite3.Connection, row: tuple[Any, ...]) -> JobRecord:
-    job_id, seq, source, spec, _state, error, result, created_at, updated_at = row
+    job_id, seq, source, spec, _state, error, result, created_at, updated_at, owner = row
     states = db.execute("SELECT state, at FROM job_states WHERE job_id=? ORDER BY n", (job_id,)).fetchall()
     history = StateHistory([StateEntry(State(s), at) for s, at in states])
     return JobRecord(job_id, seq, source, JobSpec.from_dict(json.loads(spec)), history,
                      json.loads(error) if error else None, json.loads(result) if result else {},
-                     created_at, updated_at)
+                     created_at, updated_at, owner)
 
 
 class JobsMixin(StoreBase):
-    async def create_job(self, job_id: str, source: str, spec: JobSpec) -> JobRecord:
-        """Persist a new job in Requested; emits ``clone.requested``."""
+    async def create_job(self, job_id: str, source: str, spec: JobSpec, *, owner: int | None = None) -> JobRecord:
+        """Persist a new job of ``owner`` (a uid) in Requested; emits ``clone.requested``."""
         now = time.time()
 
         def do(db: sqlite3.Connection, emit: Emit) -> JobRecord:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             db.execute(
-                "INSERT INTO jobs(id, seq, source, spec, state, created_at, updated_at) VALUES (?,?,?,?,?,?,?)",
-                (job_id, seq, source, json.dumps(spec.to_dict()), State.REQUESTED.value, now, now),
+                "INSERT INTO jobs(id, seq, source, spec, state, created_at, updated_at, owner) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, seq, source, json.dumps(spec.to_dict()), State.REQUESTED.value, now, now, owner),
             )
             db.execute("INSERT INTO job_states(job_id, n, state, at) VALUES (?, 0, ?, ?)",
                        (job_id, State.REQUESTED.value, now))
             job = JobRecord(job_id, seq, source, spec, StateHistory([StateEntry(State.REQUESTED, now)]),
-                            created_at=now, updated_at=now)
+                            created_at=now, updated_at=now, owner=owner)
             emit(events.job_event(job, State.REQUESTED, now))
             return job
 
@@ -110,22 +114,26 @@ class JobsMixin(StoreBase):
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         def do(db: sqlite3.Connection) -> JobRecord | None:
-            row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
             return _job_from_row(db, row) if row else None
 
         return await self._db.write(do)
 
-    async def list_jobs(self, *, unfinished: bool = False, limit: int = 1000) -> list[JobRecord]:
-        """Unfinished jobs oldest first, or else the last ``limit`` jobs newest first."""
+    async def list_jobs(self, *, unfinished: bool = False, limit: int = 1000,
+                        owner: int | None = None) -> list[JobRecord]:
+        """Unfinished jobs oldest first, or else the last ``limit`` jobs newest first (of ``owner``, a uid,
+        if given)."""
 
         def do(db: sqlite3.Connection) -> list[JobRecord]:
             if unfinished:
-                rows = db.execute(
-                    f"SELECT * FROM jobs WHERE state NOT IN ({','.join('?' * len(_TERMINAL))}) ORDER BY seq",
-                    _TERMINAL,
-                ).fetchall()
+                marks = ",".join("?" * len(_TERMINAL))
+                rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state NOT IN ({marks}) ORDER BY seq",
+                                  _TERMINAL).fetchall()
+            elif owner is not None:
+                rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner=? ORDER BY seq DESC LIMIT ?",
+                                  (owner, limit)).fetchall()
             else:
-                rows = db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+                rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
             return [_job_from_row(db, r) for r in rows]
 
         return await self._db.write(do)

@@ -21,17 +21,17 @@ from ..model import CloneRecord, PoolRecord
 from .base import Emit, StoreBase
 from .clones import _COLUMNS as CLONE_COLUMNS
 
-_POOL_COLUMNS = "name, source, size, spec, generation, created_at, updated_at"
+_POOL_COLUMNS = "name, source, size, spec, generation, created_at, updated_at, owner"
 
 #: ``claimed_at`` of a member the keeper is destroying (no claim can take it).
 RETIRING = -1.0
 
 
 def _pool(row: tuple[Any, ...]) -> PoolRecord:
-    name, source, size, spec, generation, created_at, updated_at = row
+    name, source, size, spec, generation, created_at, updated_at, owner = row
     d = json.loads(spec)
     return PoolRecord(name, source, int(size), dict(d.get("config") or {}), bool(d.get("customize", True)),
-                      bool(d.get("keep_network", False)), int(generation), created_at, updated_at)
+                      bool(d.get("keep_network", False)), int(generation), created_at, updated_at, owner)
 
 
 def _spec(pool: PoolRecord) -> str:
@@ -46,10 +46,10 @@ class PoolsMixin(StoreBase):
         def do(db: sqlite3.Connection, emit: Emit) -> PoolRecord:
             if db.execute("SELECT 1 FROM pools WHERE name=?", (pool.name,)).fetchone():
                 raise ValueError(f"pool {pool.name!r} exists")
-            db.execute(f"INSERT INTO pools({_POOL_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
-                       (pool.name, pool.source, pool.size, _spec(pool), pool.generation, now, now))
+            db.execute(f"INSERT INTO pools({_POOL_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                       (pool.name, pool.source, pool.size, _spec(pool), pool.generation, now, now, pool.owner))
             rec = PoolRecord(pool.name, pool.source, pool.size, pool.config, pool.customize, pool.keep_network,
-                             pool.generation, now, now)
+                             pool.generation, now, now, pool.owner)
             emit(events.pool_event(events.POOL_CREATED, pool.name, now, **rec.to_dict()))
             return rec
 
@@ -73,7 +73,7 @@ class PoolsMixin(StoreBase):
             db.execute("UPDATE pools SET size=?, source=?, generation=?, updated_at=? WHERE name=?",
                        (new_size, new_source, generation, now, name))
             rec = PoolRecord(name, new_source, new_size, old.config, old.customize, old.keep_network, generation,
-                             old.created_at, now)
+                             old.created_at, now, old.owner)
             emit(events.pool_event(events.POOL_UPDATED, name, now, **rec.to_dict(), previous_size=old.size,
                                    previous_source=old.source))
             return rec
@@ -126,15 +126,17 @@ class PoolsMixin(StoreBase):
         return await self._db.write(do)
 
     async def claim_member(self, pool: str, candidates: list[str], *, ttl_s: float | None,
-                           claimed_by: dict[str, Any] | None = None) -> CloneRecord | None:
-        """Claim the first of ``candidates`` still idle in ``pool``; emits ``pool.claimed``. None if none is."""
+                           claimed_by: dict[str, Any] | None = None, owner: int | None = None) -> CloneRecord | None:
+        """Claim the first of ``candidates`` still idle in ``pool`` for ``owner`` (a uid: the member is then
+        its; None keeps the member's owner); emits ``pool.claimed``. None if none is."""
         now = time.time()
         expires = now + ttl_s if ttl_s is not None else None
 
         def do(db: sqlite3.Connection, emit: Emit) -> CloneRecord | None:
             for name in candidates:
-                cur = db.execute("UPDATE clones SET claimed_at=?, expires_at=COALESCE(?, expires_at) "
-                                 "WHERE name=? AND pool=? AND claimed_at IS NULL", (now, expires, name, pool))
+                cur = db.execute("UPDATE clones SET claimed_at=?, expires_at=COALESCE(?, expires_at), "
+                                 "owner=COALESCE(?, owner) WHERE name=? AND pool=? AND claimed_at IS NULL",
+                                 (now, expires, owner, name, pool))
                 if cur.rowcount:
                     row = db.execute(f"SELECT {CLONE_COLUMNS} FROM clones WHERE name=?", (name,)).fetchone()
                     rec = CloneRecord(*row)

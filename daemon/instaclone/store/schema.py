@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Version 1: jobs, their states, the resource ledger, frozen sources, clones.
 _V1 = """
@@ -135,6 +135,11 @@ CREATE INDEX IF NOT EXISTS clones_expiry ON clones(expires_at);
 _V4_CLONE_COLUMNS = (("expires_at", "REAL"), ("pool", "TEXT"), ("claimed_at", "REAL"),
                      ("generation", "INTEGER NOT NULL DEFAULT 0"))
 
+# Version 5: owners. Each job, clone and pool records the uid that made it
+# (a claim makes the claimer a member's owner). Rows from before have NULL:
+# owner unknown, which the API treats as root's (only admins see them).
+_V5_OWNER_TABLES = ("jobs", "clones", "pools")
+
 
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
@@ -167,9 +172,17 @@ def _v4(db: sqlite3.Connection) -> None:
         db.execute(stmt)
 
 
+def _v5(db: sqlite3.Connection) -> None:
+    for table in _V5_OWNER_TABLES:
+        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if "owner" not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN owner INTEGER")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq)")  # a user's own jobs, newest first
+
+
 #: (version, migration to it from the version before), in order.
 MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
-    (1, _v1), (2, _v2), (3, _v3), (4, _v4))
+    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5))
 
 
 def _version(db: sqlite3.Connection) -> int:
