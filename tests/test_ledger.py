@@ -15,9 +15,9 @@ class MemStore:
         self.rows: list[Resource] = []
 
     async def plan(self, owner_id: str, kind: ResourceKind, ref: str, *, clone: str | None = None,
-                   owner: str = CORE) -> int:
+                   owner: str = CORE, uuid: str | None = None) -> int:
         rid = len(self.rows) + 1
-        self.rows.append(Resource(rid, owner_id, kind, ref, clone, ResourceStatus.PLANNED, owner))
+        self.rows.append(Resource(rid, owner_id, kind, ref, clone, ResourceStatus.PLANNED, owner, uuid))
         return rid
 
     async def set_resource(self, resource_id: int, status: ResourceStatus) -> None:

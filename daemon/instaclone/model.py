@@ -23,7 +23,7 @@ class ResourceKind(enum.StrEnum):
     """What a job (or a freeze) creates, recorded in the ledger before it is created."""
 
     STUN = "stun"  # the source was paused by this job: resumed first on rollback
-    DOMAIN = "domain"  # a libvirt domain (by name): undefined on rollback
+    DOMAIN = "domain"  # a libvirt domain (its name and UUID): undefined on rollback, if it is still that one
     SOURCE_DELTA = "source_delta"  # the source's new top: removed only if the source does not use it
     FILE = "file"  # a file or directory: removed on rollback
 
@@ -50,6 +50,7 @@ class Resource:
     clone: str | None
     status: ResourceStatus
     owner: str = CORE
+    uuid: str | None = None  # a domain's UUID (None in records of journal schema < 5)
 
 
 @dataclass(frozen=True)

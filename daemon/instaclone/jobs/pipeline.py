@@ -227,7 +227,7 @@ async def define_clones(svc: Services, run: Run, member: Member) -> None:
             nvram=clone.nvram,
         )
         xml = run.memory.adjust_xml(ctx=ctx, clone=clone, xml=domxml.clone_xml(ctx.source.xml, ident))
-        await member.record(ResourceKind.DOMAIN, clone.name, clone=clone.name)
+        await member.record(ResourceKind.DOMAIN, clone.name, clone=clone.name, uuid=clone.uuid)
         await svc.virt.define(xml)
 
     await _per_clone(run, member.clones, one)

@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Version 1: jobs, their states, the resource ledger, frozen sources, clones.
 _V1 = """
@@ -136,6 +136,12 @@ _V4_CLONE_COLUMNS = (("expires_at", "REAL"), ("pool", "TEXT"), ("claimed_at", "R
                      ("generation", "INTEGER NOT NULL DEFAULT 0"))
 
 
+# Version 5: a domain's ledger record carries the UUID instaclone gave it, so
+# that its undo removes that domain and never another one defined under the
+# name since (NULL in rows written before: those are undone by name).
+_V5_RESOURCE_COLUMNS = (("uuid", "TEXT"),)
+
+
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
@@ -167,9 +173,16 @@ def _v4(db: sqlite3.Connection) -> None:
         db.execute(stmt)
 
 
+def _v5(db: sqlite3.Connection) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(resources)")}
+    for name, decl in _V5_RESOURCE_COLUMNS:
+        if name not in columns:
+            db.execute(f"ALTER TABLE resources ADD COLUMN {name} {decl}")
+
+
 #: (version, migration to it from the version before), in order.
 MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
-    (1, _v1), (2, _v2), (3, _v3), (4, _v4))
+    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5))
 
 
 def _version(db: sqlite3.Connection) -> int:
