@@ -109,14 +109,14 @@ class FakeHypervisor:
             raise DomainReplaced(f"the domain made as {name!r} (UUID {uuid}) is named {d.name!r} now")
         return d
 
-    async def _by_id(self, method: str, name: str, uuid: str) -> tuple[Outcome, FakeDomain | None]:
-        await self._hook(method, name)
+    def _outcome(self, name: str, uuid: str) -> Outcome:
         try:
-            return Outcome.DONE, self._get_id(name, uuid)
+            self._get_id(name, uuid)
         except DomainReplaced:
-            return Outcome.REPLACED, None
+            return Outcome.REPLACED
         except DomainNotFound:
-            return Outcome.GONE, None
+            return Outcome.GONE
+        return Outcome.DONE
 
     async def connect(self) -> None: ...
 
@@ -195,16 +195,17 @@ class FakeHypervisor:
         await self._hook("undefine", name)
         self.domains.pop(name, None)
 
+    # By identity: checked, then the by-name call (which a subclass may extend) on the very domain.
     async def destroy_id(self, name: str, uuid: str) -> Outcome:
-        outcome, d = await self._by_id("destroy", name, uuid)
-        if d is not None:
-            d.state = "shutoff"
+        outcome = self._outcome(name, uuid)
+        if outcome is Outcome.DONE:
+            await self.destroy(name)
         return outcome
 
     async def undefine_id(self, name: str, uuid: str) -> Outcome:
-        outcome, d = await self._by_id("undefine", name, uuid)
-        if d is not None:
-            del self.domains[name]
+        outcome = self._outcome(name, uuid)
+        if outcome is Outcome.DONE:
+            await self.undefine(name)
         return outcome
 
     async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
