@@ -396,8 +396,9 @@ async def test_real_destroy_forgets_the_clone_and_leaves_the_domain(real_world: 
     try:
         async with Api(real_world.config.daemon.socket) as api:
             status, body = await api.call("DELETE", f"/v1/clones/{foreign_vm.name}")
-            assert (status, body.get("code")) == (409, "domain_replaced"), (status, body)
-            assert foreign_vm.name in body["message"]
+            err = body.get("error") or {}
+            assert (status, err.get("code")) == (409, "domain_replaced"), (status, body)
+            assert foreign_vm.name in err["message"]
             status, _ = await api.call("DELETE", f"/v1/clones/{foreign_vm.name}")
             assert status == 404  # forgotten
     finally:
