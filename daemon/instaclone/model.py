@@ -68,6 +68,9 @@ class JobSpec:
     ttl_s: float | None = None  # each clone is destroyed this long after it is ready
     pool: str | None = None  # the pool this job replenishes
     pool_generation: int = 0  # the pool's source generation the clones are made from
+    #: The source's UUID at admission: a source redefined under its name before
+    #: the stun is refused (None in jobs admitted before it was recorded).
+    source_uuid: str | None = None
 
     @property
     def count(self) -> int:
@@ -88,6 +91,7 @@ class JobSpec:
             "ttl_s": self.ttl_s,
             "pool": self.pool,
             "pool_generation": self.pool_generation,
+            "source_uuid": self.source_uuid,
         }
 
     @classmethod
@@ -105,6 +109,7 @@ class JobSpec:
             ttl_s=float(d["ttl_s"]) if d.get("ttl_s") is not None else None,
             pool=d.get("pool"),
             pool_generation=int(d.get("pool_generation") or 0),
+            source_uuid=d.get("source_uuid"),
         )
 
 

@@ -438,3 +438,31 @@ async def test_real_pool_retire_leaves_the_domain_that_took_the_name(real_world:
     finally:
         await daemon.stop()
     await assert_untouched(real_world.virt, foreign_vm, "a pool's retire")
+
+
+async def test_fake_a_source_redefined_before_its_stun_is_refused(world: Any) -> None:
+    c, journal, virt = world
+    engine = fake_engine(c, journal, virt)
+    task = await services(engine)
+    try:
+        async with engine.svc.lock("src"):  # the job waits for its stun here
+            job = await engine.submit(source="src", name="rs")
+            old = virt.domains["src"]
+            # Another VM is defined under the source's name meanwhile (running, as a source must be).
+            other = take_name(virt, "src")
+            other.xml = other.xml.replace("/nonexistent/foreign.qcow2", str(file_disk(old.xml)))
+        await engine.wait(job.id, 20)
+    finally:
+        await stop(engine, task)
+    done = await journal.get_job(job.id)
+    assert done is not None and done.state is State.FAILED, done
+    assert done.error is not None and done.error["code"] == "source_not_cloneable", done.error
+    assert "redefined" in done.error["message"]
+    assert [m for m, _ in virt.calls if m == "suspend"] == [], "the other VM was stunned"
+    assert "rs" not in virt.domains
+
+
+def file_disk(xml: str) -> Path:
+    from instaclone.hv import file_disks
+
+    return file_disks(xml)[0].path

@@ -56,6 +56,10 @@ class CoreUndoer:
     async def undo(self, *, resource: Resource, source: str) -> None:
         if resource.kind is ResourceKind.STUN:
             try:
+                if resource.uuid is not None:
+                    # Only the source that was stunned: DomainReplaced (a
+                    # DomainNotFound) if another domain has its name now.
+                    await self.virt.lookup_id(resource.ref, resource.uuid)
                 # A pre-copy may still run, or hold the source at switchover:
                 # cancelled, QEMU lets the source run again by itself.
                 await self.virt.cancel_migration(resource.ref)
