@@ -337,6 +337,20 @@ async def plant_clone(config: cfg.Config, name: str, **kw: Any) -> CloneRecord:
 
 @real
 @pytest.mark.integration
+async def test_real_hv_acts_by_uuid_only(real_world: RealWorld, foreign_vm: Foreign) -> None:
+    virt, other = real_world.virt, str(uuidlib.uuid4())
+    assert (await virt.lookup_id(foreign_vm.name, foreign_vm.uuid)).uuid == foreign_vm.uuid
+    with pytest.raises(DomainNotFound) as info:  # DomainReplaced, a kind of DomainNotFound
+        await virt.lookup_id(foreign_vm.name, other)
+    assert info.value.code == "domain_replaced"
+    assert (await virt.destroy_id(foreign_vm.name, other)).value == "replaced"
+    assert (await virt.undefine_id(foreign_vm.name, other)).value == "replaced"
+    assert (await virt.undefine_id(f"{foreign_vm.name}-none", other)).value == "gone"
+    await assert_untouched(virt, foreign_vm, "an operation by another UUID")
+
+
+@real
+@pytest.mark.integration
 async def test_real_live_rollback_leaves_the_domain_that_took_the_name(real_world: RealWorld,
                                                                        foreign_vm: Foreign) -> None:
     from instaclone.jobs.ledger import CoreUndoer, Ledger
