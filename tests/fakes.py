@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from instaclone.errors import DomainExists, DomainNotFound, VirtError
-from instaclone.hv import DomainInfo, Hypervisor, MigrationInfo, file_disks
+from instaclone.errors import DomainExists, DomainNotFound, DomainReplaced, VirtError
+from instaclone.hv import DomainInfo, Hypervisor, MigrationInfo, Outcome, file_disks
 from instaclone.jobs.capacity import HostProbe
 from instaclone.plugin_api import CloneTarget, Recorder, ResourceKind, StorageBackend, StunContext
 
@@ -88,7 +88,8 @@ class FakeHypervisor:
             raise self.fail[method]
 
     def add_source(self, name: str, disk: Path, state: str = "running") -> FakeDomain:
-        dom = FakeDomain(name, str(uuid.uuid4()), SOURCE_XML.format(name=name, uuid=uuid.uuid4(), disk=disk), state)
+        ident = str(uuid.uuid4())
+        dom = FakeDomain(name, ident, SOURCE_XML.format(name=name, uuid=ident, disk=disk), state)
         self.domains[name] = dom
         return dom
 
@@ -96,6 +97,27 @@ class FakeHypervisor:
         if name not in self.domains:
             raise DomainNotFound(f"no domain {name!r}")
         return self.domains[name]
+
+    def _get_id(self, name: str, uuid: str) -> FakeDomain:
+        """Like libvirt's lookup by UUID, refused unless the name matches (hv.connection._dom_id)."""
+        d = next((d for d in self.domains.values() if d.uuid == uuid), None)
+        if d is None:
+            if name in self.domains:
+                raise DomainReplaced(f"domain {name!r} is not the one instaclone made: its UUID is "
+                                     f"{self.domains[name].uuid}, not {uuid}; it was left alone")
+            raise DomainNotFound(f"no domain {name!r} (UUID {uuid})")
+        if d.name != name:
+            raise DomainReplaced(f"the domain made as {name!r} (UUID {uuid}) is named {d.name!r} now")
+        return d
+
+    def _outcome(self, name: str, uuid: str) -> Outcome:
+        try:
+            self._get_id(name, uuid)
+        except DomainReplaced:
+            return Outcome.REPLACED
+        except DomainNotFound:
+            return Outcome.GONE
+        return Outcome.DONE
 
     async def connect(self) -> None: ...
 
@@ -110,6 +132,11 @@ class FakeHypervisor:
     async def lookup(self, name: str) -> DomainInfo:
         await self._hook("lookup", name)
         d = self._get(name)
+        return DomainInfo(d.name, d.uuid, d.state, 0, d.xml, file_disks(d.xml))
+
+    async def lookup_id(self, name: str, uuid: str) -> DomainInfo:
+        await self._hook("lookup", name)
+        d = self._get_id(name, uuid)
         return DomainInfo(d.name, d.uuid, d.state, 0, d.xml, file_disks(d.xml))
 
     async def exists(self, name: str) -> bool:
@@ -168,6 +195,19 @@ class FakeHypervisor:
     async def undefine(self, name: str) -> None:
         await self._hook("undefine", name)
         self.domains.pop(name, None)
+
+    # By identity: checked, then the by-name call (which a subclass may extend) on the very domain.
+    async def destroy_id(self, name: str, uuid: str) -> Outcome:
+        outcome = self._outcome(name, uuid)
+        if outcome is Outcome.DONE:
+            await self.destroy(name)
+        return outcome
+
+    async def undefine_id(self, name: str, uuid: str) -> Outcome:
+        outcome = self._outcome(name, uuid)
+        if outcome is Outcome.DONE:
+            await self.undefine(name)
+        return outcome
 
     async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
         await self._hook("snapshot_disks", name)

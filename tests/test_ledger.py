@@ -15,9 +15,9 @@ class MemStore:
         self.rows: list[Resource] = []
 
     async def plan(self, owner_id: str, kind: ResourceKind, ref: str, *, clone: str | None = None,
-                   owner: str = CORE) -> int:
+                   owner: str = CORE, uuid: str | None = None) -> int:
         rid = len(self.rows) + 1
-        self.rows.append(Resource(rid, owner_id, kind, ref, clone, ResourceStatus.PLANNED, owner))
+        self.rows.append(Resource(rid, owner_id, kind, ref, clone, ResourceStatus.PLANNED, owner, uuid))
         return rid
 
     async def set_resource(self, resource_id: int, status: ResourceStatus) -> None:
@@ -94,3 +94,21 @@ def test_undo_order_is_stable_for_equal_kinds() -> None:
     rows = [Resource(i, "j", k, str(i), None, ResourceStatus.PLANNED)
             for i, k in enumerate([ResourceKind.FILE, ResourceKind.STUN, ResourceKind.DOMAIN, ResourceKind.STUN])]
     assert [r.id for r in undo_order(rows)] == [3, 1, 2, 0]
+
+
+async def test_a_domain_record_is_undone_by_its_uuid_and_an_old_one_by_name() -> None:
+    from instaclone.jobs.ledger import CoreUndoer
+
+    from .fakes import FakeHypervisor
+
+    virt = FakeHypervisor()
+    store = MemStore()
+    ledger = Ledger(store, {CORE: CoreUndoer(virt, storage=Undoer([]))})
+    record = ledger.recorder("j1")
+    await virt.define("<domain><name>c1</name><uuid>11111111-1111-4111-8111-111111111111</uuid></domain>")
+    await virt.define("<domain><name>c2</name><uuid>22222222-2222-4222-8222-222222222222</uuid></domain>")
+    await record(ResourceKind.DOMAIN, "c1", clone="c1", uuid="11111111-1111-4111-8111-111111111111")
+    await record(ResourceKind.DOMAIN, "c2", clone="c2")  # journal schema < 6: no UUID, undone by name
+    await record(ResourceKind.DOMAIN, "c3", clone="c3", uuid="33333333-3333-4333-8333-333333333333")  # never made
+    assert await ledger.rollback("j1", source="src") == []
+    assert virt.domains == {} and await store.resources("j1") == []

@@ -228,6 +228,17 @@ class DomainNotFound(VirtError):
     http_status = 404
 
 
+class DomainReplaced(DomainNotFound):
+    """The domain instaclone made (its recorded UUID) is gone, and its name now belongs to another domain.
+
+    A kind of DomainNotFound, so that whatever treats "gone" as "nothing to
+    do" leaves the other domain alone; a user's request naming it is refused.
+    """
+
+    code = "domain_replaced"
+    http_status = 409
+
+
 class DomainExists(VirtError):
     code = "domain_exists"
     http_status = 409

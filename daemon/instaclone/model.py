@@ -23,7 +23,7 @@ class ResourceKind(enum.StrEnum):
     """What a job (or a freeze) creates, recorded in the ledger before it is created."""
 
     STUN = "stun"  # the source was paused by this job: resumed first on rollback
-    DOMAIN = "domain"  # a libvirt domain (by name): undefined on rollback
+    DOMAIN = "domain"  # a libvirt domain (its name and UUID): undefined on rollback, if it is still that one
     SOURCE_DELTA = "source_delta"  # the source's new top: removed only if the source does not use it
     FILE = "file"  # a file or directory: removed on rollback
 
@@ -50,6 +50,7 @@ class Resource:
     clone: str | None
     status: ResourceStatus
     owner: str = CORE
+    uuid: str | None = None  # a domain's UUID (None in records of journal schema < 6)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class JobSpec:
     ttl_s: float | None = None  # each clone is destroyed this long after it is ready
     pool: str | None = None  # the pool this job replenishes
     pool_generation: int = 0  # the pool's source generation the clones are made from
+    #: The source's UUID at admission: a source redefined under its name before
+    #: the stun is refused (None in jobs admitted before it was recorded).
+    source_uuid: str | None = None
 
     @property
     def count(self) -> int:
@@ -87,6 +91,7 @@ class JobSpec:
             "ttl_s": self.ttl_s,
             "pool": self.pool,
             "pool_generation": self.pool_generation,
+            "source_uuid": self.source_uuid,
         }
 
     @classmethod
@@ -104,6 +109,7 @@ class JobSpec:
             ttl_s=float(d["ttl_s"]) if d.get("ttl_s") is not None else None,
             pool=d.get("pool"),
             pool_generation=int(d.get("pool_generation") or 0),
+            source_uuid=d.get("source_uuid"),
         )
 
 

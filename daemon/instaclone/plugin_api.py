@@ -33,23 +33,28 @@ from .errors import (
     UnsafeImage,
     VirtError,
 )
-from .hv import Disk, DomainInfo, Hypervisor, MigrationInfo, domxml
+from .hv import Disk, DomainInfo, Hypervisor, MigrationInfo, Outcome, domxml
 from .identity import new_mac, new_uuid
 from .log import get as get_logger
 from .model import CORE, MemoryImage, Resource, ResourceKind
 
 __all__ = [
-    "CORE", "Backend", "CloneTarget", "Config", "ConfigError", "Disk", "DomainInfo", "DomainNotFound",
-    "Hypervisor", "InstacloneError", "MemoryBackend", "MemoryError_", "MemoryImage", "MigrationInfo",
-    "NotSupportedError", "Recorder", "Resource", "ResourceKind", "StorageBackend", "StorageError", "StunContext",
+    "CORE", "Backend", "CloneTarget", "Config", "ConfigError", "Disk", "DomainInfo", "DomainNotFound", "Hypervisor",
+    "InstacloneError", "MemoryBackend", "MemoryError_", "MemoryImage", "MigrationInfo", "NotSupportedError",
+    "Outcome", "Recorder", "Resource", "ResourceKind", "StorageBackend", "StorageError", "StunContext",
     "UnsafeImage", "VirtError", "domxml", "get_logger", "new_mac", "new_uuid", "remove_path",
 ]
 
 
 class Recorder(Protocol):
-    """Records a resource in the ledger *before* it is created; returns its id."""
+    """Records a resource in the ledger *before* it is created; returns its id.
 
-    async def __call__(self, kind: ResourceKind, ref: str, *, clone: str | None = None) -> int: ...
+    A domain is recorded with the UUID it is about to be defined with: its
+    undo then removes that domain only, never one defined under its name since.
+    """
+
+    async def __call__(self, kind: ResourceKind, ref: str, *, clone: str | None = None,
+                       uuid: str | None = None) -> int: ...
 
 
 @dataclass

@@ -81,6 +81,7 @@ class Shadow:
 
     name: str
     dir: Path
+    uuid: str  # chosen before it is defined: recorded with its name, every removal checks it
     precopy: MigrationInfo | None = None  # at pre-switchover
     final: MigrationInfo | None = None  # at completion
     seconds: float = 0.0  # from the migration's start to the switchover
@@ -134,7 +135,9 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
     """Define and start the job's paused shadow (everything recorded first)."""
     # A short directory, and file names kept as the source's: the shadow's
     # sockets must fit a UNIX socket path (108 bytes).
-    shadow = Shadow(shadow_name(ctx.job_id), ctx.job_dir / "sh")
+    shadow = Shadow(shadow_name(ctx.job_id), ctx.job_dir / "sh", new_uuid())
+    # Known from here on: a start that fails half-way is undone by its UUID.
+    ctx.scratch[KEY] = shadow
     await record(ResourceKind.FILE, str(shadow.dir))
     owner = await asyncio.to_thread(_owner, ctx.source.disks[0].path if ctx.source.disks else ctx.job_dir)
     await asyncio.to_thread(_make_dir, shadow.dir, owner)
@@ -154,14 +157,13 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
         await asyncio.to_thread(shutil.copyfile, ctx.nvram, nvram)
         await asyncio.to_thread(os.chown, nvram, *owner)
     ident = domxml.CloneIdentity(
-        name=shadow.name, uuid=new_uuid(), macs=[new_mac() for _ in range(domxml.count_interfaces(ctx.source.xml))],
+        name=shadow.name, uuid=shadow.uuid, macs=[new_mac() for _ in range(domxml.count_interfaces(ctx.source.xml))],
         dir=shadow.dir, disks=disks, job_id=ctx.job_id, extra_qemu_args=["-incoming", "defer"], nvram=nvram,
     )
     xml = domxml.shadow_xml(domxml.clone_xml(ctx.source.xml, ident), source=ctx.source.name)
-    await record(ResourceKind.DOMAIN, shadow.name)
+    await record(ResourceKind.DOMAIN, shadow.name, uuid=shadow.uuid)
     await virt.define(xml)
     await virt.start(shadow.name, paused=True)
-    ctx.scratch[KEY] = shadow
     return shadow
 
 

@@ -55,6 +55,7 @@ from instaclone.plugin_api import (
     MemoryBackend,
     MemoryError_,
     MemoryImage,
+    Outcome,
     Recorder,
     Resource,
     ResourceKind,
@@ -130,7 +131,9 @@ class FileCowMemory(MemoryBackend):
             # stream): the source still runs, or runs again once cancelled.
             await self._unmap_rams(_shadow.shadow_name(ctx.job_id))
             await self.virt.cancel_migration(ctx.source.name)
-            await self.virt.undefine(_shadow.shadow_name(ctx.job_id))
+            made = _shadow.shadow_of(ctx)
+            if made is not None:  # by its UUID: never a domain that took the name
+                await self.virt.undefine_id(made.name, made.uuid)
             ctx.scratch.pop(_shadow.KEY, None)
             ctx.scratch["fallback"] = f"pre-copy gave up after {time.monotonic() - t0:.1f} s: {exc}"
             log.warning("filecow.precopy_fallback", source=ctx.source.name, job_id=ctx.job_id, error=str(exc))
@@ -200,7 +203,7 @@ class FileCowMemory(MemoryBackend):
         frozen = await _shadow.link_ram(shadow=shadow, ram=found, image_dir=image_dir, alias=RAM_ALIAS)
         stats = await self.virt.save_state(shadow.name, state, ignore_shared=True,
                                            timeout_s=self.config.clone.step_timeout_s)
-        await self.virt.undefine(shadow.name)
+        await self.virt.undefine_id(shadow.name, shadow.uuid)
         # Nobody maps the image now. QEMU 7.2 reads every page the stream
         # says is zero before it skips it, and on tmpfs a read of a hole
         # allocates: the shadow's file came out fully allocated (1 GiB for a
@@ -255,7 +258,10 @@ class FileCowMemory(MemoryBackend):
     async def undo(self, *, resource: Resource, source: str) -> None:
         if resource.kind is ResourceKind.DOMAIN:  # a shadow
             await self._unmap_rams(resource.ref)
-            await self.virt.undefine(resource.ref)
+            if resource.uuid is None:  # recorded before journal schema 6
+                await self.virt.undefine(resource.ref)
+            else:
+                await self.virt.undefine_id(resource.ref, resource.uuid)
             return
         await super().undo(resource=resource, source=source)
 
@@ -266,7 +272,7 @@ class FileCowMemory(MemoryBackend):
         img = ctx.image
         return domxml.map_frozen_ram(xml, ram=img.path("ram"), ramdir=img.path("ramdir"), incoming=False)
 
-    async def _start_on_image(self, name: str, img: MemoryImage) -> None:
+    async def _start_on_image(self, name: str, uuid: str, img: MemoryImage) -> None:
         t0 = time.monotonic()
         await self.virt.start(name, paused=True)
         t1 = time.monotonic()
@@ -278,7 +284,7 @@ class FileCowMemory(MemoryBackend):
             except OSError:
                 ino = None
         if found is None or found[1] or ino != img.number("inode"):
-            await self.virt.destroy(name)
+            await self.virt.destroy_id(name, uuid)
             raise MemoryError_(
                 f"{name!r} does not map the frozen RAM file privately (got {found}); is the libvirt hook "
                 "/etc/libvirt/hooks/qemu.d/instaclone installed and libvirtd restarted? (scripts/setup.sh)"
@@ -290,7 +296,7 @@ class FileCowMemory(MemoryBackend):
                   load_ms=round((time.monotonic() - t2) * 1000, 1))
 
     async def start_clone(self, *, ctx: StunContext, clone: CloneTarget) -> None:
-        await self._start_on_image(clone.name, ctx.image)
+        await self._start_on_image(clone.name, clone.uuid, ctx.image)
 
     async def detach_source(self, *, ctx: StunContext, resume: bool) -> None:
         """Respawn the source as a private child of the frozen file (see the module doc)."""
@@ -306,9 +312,13 @@ class FileCowMemory(MemoryBackend):
             original, ram=img.path("ram"), ramdir=img.path("ramdir"), incoming=True))
         t.append(time.monotonic())
         try:
-            await self.virt.destroy(name)
+            # By its UUID: a domain defined under the source's name since the
+            # stun is not stopped (and not started on the frozen image).
+            if await self.virt.destroy_id(name, ctx.source.uuid) is not Outcome.DONE:
+                raise MemoryError_(f"source {name!r} is no longer the domain stunned (UUID {ctx.source.uuid}); "
+                                   "it was not respawned")
             t.append(time.monotonic())
-            await self._start_on_image(name, img)
+            await self._start_on_image(name, ctx.source.uuid, img)
             t.append(time.monotonic())
             if resume:
                 await self.virt.resume(name)

@@ -196,7 +196,8 @@ async def get_file(request: web.Request, call: Call) -> web.StreamResponse:
 
 _ERRORS = {
     404: CLONE_NOT_FOUND,
-    409: "agent_unavailable (no guest agent channel, or it does not answer), domain_state_invalid (not running)",
+    409: "agent_unavailable (no guest agent channel, or it does not answer), domain_state_invalid (not running), "
+         "domain_replaced (another domain has the gone clone's name)",
     500: "libvirt_error: the hypervisor failed (see the message and the daemon log)",
     503: LIBVIRT_DOWN,
 }

@@ -119,7 +119,9 @@ ROUTES = [
           path_params=m.PoolPath, body=m.Claim, body_required=False),
     Route("POST", "/v1/clones/{name}/release", release, "destroy a pool member; its pool makes another",
           ok={200: Reply("released", a.Released)},
-          errors={404: CLONE_NOT_FOUND, 409: "conflict (not a pool member)",
+          errors={404: CLONE_NOT_FOUND,
+                  409: "conflict (not a pool member), domain_replaced (its domain is gone and another domain has "
+                       "its name: left alone, the member forgotten)",
                   500: HV_FAILED, 503: LIBVIRT_DOWN},
           path_params=m.ClonePath),
 ]

@@ -183,9 +183,12 @@ ROUTES = [
           "clones made by instaclone of the caller (an admin: all), with their domain's state",
           ok={200: Reply("clones", a.Clones)}),
     Route("DELETE", "/v1/clones/{name}", destroy_clone, "destroy a clone",
-          description="Undefine the clone (its own clones keep running), then collect garbage.",
+          description="Undefine the clone by the UUID recorded for it (its own clones keep running), then "
+                      "collect garbage.",
           ok={200: Reply("destroyed", a.Destroyed)},
-          errors={404: CLONE_NOT_FOUND, 409: "conflict (frozen as a template)",
+          errors={404: CLONE_NOT_FOUND,
+                  409: "conflict (frozen as a template), domain_replaced (its domain is gone and another domain "
+                       "has its name: left alone, the clone forgotten)",
                   500: HV_FAILED, 503: LIBVIRT_DOWN}, path_params=m.ClonePath),
     Route("GET", "/v1/frozen", list_frozen, "frozen sources", ok={200: Reply("frozen sources", a.FrozenList)}),
     Route("POST", "/v1/sources/{name}/freeze", freeze, "freeze a source as a template",

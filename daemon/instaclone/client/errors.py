@@ -250,6 +250,11 @@ class DomainNotFound(LibvirtError):
     pass
 
 
+@_code("domain_replaced")
+class DomainReplaced(DomainNotFound):
+    """The clone's domain is gone and another domain (another UUID) has its name now; it was left alone (409)."""
+
+
 @_code("domain_exists")
 class DomainExists(LibvirtError):
     pass

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
         def isAlive(self) -> int: ...  # noqa: N802
         def close(self) -> int: ...
         def lookupByName(self, name: str) -> Domain: ...  # noqa: N802
+        def lookupByUUIDString(self, uuidstr: str) -> Domain: ...  # noqa: N802
         def listAllDomains(self, flags: int = 0) -> list[Domain]: ...  # noqa: N802
         def defineXML(self, xml: str) -> Domain: ...  # noqa: N802
         def setKeepAlive(self, interval: int, count: int) -> int: ...  # noqa: N802

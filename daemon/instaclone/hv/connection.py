@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any, TypeVar
 
-from ..errors import VirtConnectionError
+from ..errors import DomainNotFound, DomainReplaced, VirtConnectionError
 from ..log import get as get_logger
 from . import _libvirt as lv, eventloop
 from .translate import connection_lost, never_sent, translate
@@ -185,6 +185,31 @@ class Connection:
 
     def _dom(self, name: str) -> lv.Domain:
         return self._connection().lookupByName(name)
+
+    def _dom_id(self, name: str, uuid: str) -> lv.Domain:
+        """The domain whose UUID is ``uuid``, if it is named ``name``.
+
+        DomainNotFound if neither the UUID nor the name is defined;
+        DomainReplaced if the name now belongs to another UUID, or the UUID
+        to another name. The handle names the domain by its UUID in every
+        later call (libvirt looks a handle up by UUID on the daemon's side),
+        so a domain defined under the name meanwhile is never reached.
+        """
+        conn = self._connection()
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+        except lv.LibvirtError as exc:
+            if exc.get_error_code() != lv.VIR_ERR_NO_DOMAIN:
+                raise
+            holder = self._dom_or_none(name)
+            if holder is None:
+                raise DomainNotFound(f"no domain {name!r} (UUID {uuid})", libvirt_code=lv.VIR_ERR_NO_DOMAIN) from None
+            raise DomainReplaced(f"domain {name!r} is not the one instaclone made: its UUID is "
+                                 f"{holder.UUIDString()}, not {uuid}; it was left alone") from None
+        if dom.name() != name:
+            raise DomainReplaced(f"the domain instaclone made as {name!r} (UUID {uuid}) is named "
+                                 f"{dom.name()!r} now; it was left alone")
+        return dom
 
     def _dom_or_none(self, name: str) -> lv.Domain | None:
         try:

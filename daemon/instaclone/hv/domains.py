@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import DomainNotFound, VirtStateError
+from ..errors import DomainNotFound, DomainReplaced, VirtStateError
+from ..log import get as get_logger
 from . import _libvirt as lv
 from .connection import Connection
-from .records import DomainInfo, file_disks
+from .records import DomainInfo, Outcome, file_disks
+
+log = get_logger(component="hv")
 
 _STATE_NAMES = {
     lv.VIR_DOMAIN_RUNNING: "running",
@@ -41,17 +45,15 @@ class Domains(Connection):
     async def lookup(self, name: str) -> DomainInfo:
         """Name, UUID, state and migratable XML of a domain; DomainNotFound if absent."""
 
-        def do() -> DomainInfo:
-            dom = self._dom(name)
-            state, reason = dom.state()
-            flags = lv.VIR_DOMAIN_XML_SECURE
-            if dom.isActive():
-                flags |= lv.VIR_DOMAIN_XML_MIGRATABLE
-            xml = dom.XMLDesc(flags)
-            return DomainInfo(name=dom.name(), uuid=dom.UUIDString(), state=state_name(state), reason=reason,
-                              xml=xml, disks=file_disks(xml))
+        return await self._call(f"look up domain {name!r}", lambda: _info(self._dom(name)))
 
-        return await self._call(f"look up domain {name!r}", do)
+    async def lookup_id(self, name: str, uuid: str) -> DomainInfo:
+        """:meth:`lookup` of the domain with ``uuid``, which must be named ``name``.
+
+        DomainNotFound if it is gone; DomainReplaced if the name now belongs to
+        another domain (or the UUID to another name).
+        """
+        return await self._call(f"look up domain {name!r}", lambda: _info(self._dom_id(name, uuid)))
 
     async def inactive_xml(self, name: str) -> str:
         """The persistent (next-boot) definition of ``name``."""
@@ -129,14 +131,44 @@ class Domains(Connection):
 
         def do() -> None:
             dom = self._dom_or_none(name)
-            if dom is not None and dom.isActive():
-                try:
-                    dom.destroy()
-                except lv.LibvirtError:
-                    if dom.isActive():
-                        raise
+            if dom is not None:
+                _power_off(dom)
 
         await self._call(f"destroy {name!r}", do)
+
+    async def destroy_id(self, name: str, uuid: str) -> Outcome:
+        """:meth:`destroy` of the domain with ``uuid`` if it is named ``name``; never another domain."""
+
+        def do() -> Outcome:
+            dom = self._dom_id(name, uuid)
+            _power_off(dom)
+            return Outcome.DONE
+
+        return await self._by_id("destroy", name, uuid, do)
+
+    async def undefine_id(self, name: str, uuid: str) -> Outcome:
+        """:meth:`undefine` of the domain with ``uuid`` if it is named ``name``; never another domain.
+
+        GONE if neither is defined, REPLACED (logged, nothing touched) if the
+        name belongs to another domain now or the UUID to another name.
+        """
+
+        def do() -> Outcome:
+            dom = self._dom_id(name, uuid)
+            _power_off(dom)
+            dom.undefineFlags(_UNDEFINE_FLAGS)
+            return Outcome.DONE
+
+        return await self._by_id("undefine", name, uuid, do)
+
+    async def _by_id(self, verb: str, name: str, uuid: str, do: Callable[[], Outcome]) -> Outcome:
+        try:
+            return await self._call(f"{verb} {name!r} (UUID {uuid})", do)
+        except DomainReplaced as exc:
+            log.warning("domain.replaced", domain=name, uuid=uuid, action=verb, detail=exc.message)
+            return Outcome.REPLACED
+        except DomainNotFound:
+            return Outcome.GONE
 
     async def undefine(self, name: str) -> None:
         """Remove the definition of ``name`` (stopping it first); absent is fine.
@@ -149,14 +181,7 @@ class Domains(Connection):
             dom = self._dom_or_none(name)
             if dom is None:
                 return
-            if dom.isActive():
-                try:
-                    dom.destroy()
-                except lv.LibvirtError:
-                    # It stopped by itself meanwhile (a QEMU whose incoming
-                    # migration failed exits): "domain is not running".
-                    if dom.isActive():
-                        raise
+            _power_off(dom)
             dom.undefineFlags(_UNDEFINE_FLAGS)
 
         await self._call(f"undefine {name!r}", do)
@@ -176,6 +201,28 @@ class Domains(Connection):
         flags = (lv.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | lv.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
                  | lv.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
         await self._call(f"disk snapshot of {name!r}", lambda: self._dom(name).snapshotCreateXML(xml, flags))
+
+
+def _info(dom: lv.Domain) -> DomainInfo:
+    state, reason = dom.state()
+    flags = lv.VIR_DOMAIN_XML_SECURE
+    if dom.isActive():
+        flags |= lv.VIR_DOMAIN_XML_MIGRATABLE
+    xml = dom.XMLDesc(flags)
+    return DomainInfo(name=dom.name(), uuid=dom.UUIDString(), state=state_name(state), reason=reason,
+                      xml=xml, disks=file_disks(xml))
+
+
+def _power_off(dom: lv.Domain) -> None:
+    """Stop ``dom`` if it runs; one that stopped by itself meanwhile is fine."""
+    if dom.isActive():
+        try:
+            dom.destroy()
+        except lv.LibvirtError:
+            # It stopped by itself meanwhile (a QEMU whose incoming
+            # migration failed exits): "domain is not running".
+            if dom.isActive():
+                raise
 
 
 def _xml_attr(value: str) -> str:

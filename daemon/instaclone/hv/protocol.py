@@ -8,6 +8,12 @@ the real thing. Pure: importing this module imports no libvirt.
 Every method may raise :class:`~instaclone.errors.VirtError` or one of its
 subclasses: ``DomainNotFound`` for an absent domain, ``VirtConnectionError``
 when libvirtd cannot be reached, ``VirtStateError``, ``VirtTimeout``.
+
+A domain instaclone made (a clone, a shadow) is acted on by identity: the
+``*_id`` methods take its name *and* the UUID recorded for it, look it up
+by UUID and refuse it unless the name matches too, so that a domain defined
+under a freed name is never destroyed or undefined. The by-name calls are
+for sources (named by the user) and for domains the caller just defined.
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from .records import Disk, DomainInfo, MigrationInfo, file_disks
+from .records import Disk, DomainInfo, MigrationInfo, Outcome, file_disks
 
-__all__ = ["Disk", "DomainInfo", "Hypervisor", "MigrationInfo", "file_disks"]
+__all__ = ["Disk", "DomainInfo", "Hypervisor", "MigrationInfo", "Outcome", "file_disks"]
 
 
 class Hypervisor(Protocol):
@@ -41,6 +47,13 @@ class Hypervisor(Protocol):
 
     async def lookup(self, name: str) -> DomainInfo:
         """Name, UUID, state and migratable XML of ``name``; DomainNotFound if absent."""
+
+    async def lookup_id(self, name: str, uuid: str) -> DomainInfo:
+        """:meth:`lookup` of the domain with ``uuid``, which must be named ``name``.
+
+        DomainNotFound if it is gone; DomainReplaced (a DomainNotFound) if the
+        name now belongs to another domain, or the UUID goes by another name.
+        """
 
     async def inactive_xml(self, name: str) -> str:
         """The persistent (next-boot) definition of ``name``."""
@@ -71,6 +84,18 @@ class Hypervisor(Protocol):
 
     async def undefine(self, name: str) -> None:
         """Stop and remove the definition of ``name``; absent is fine; never deletes a file."""
+
+    async def destroy_id(self, name: str, uuid: str) -> Outcome:
+        """Power off the domain with ``uuid`` if it is named ``name`` and runs (see :class:`Outcome`)."""
+
+    async def undefine_id(self, name: str, uuid: str) -> Outcome:
+        """:meth:`undefine` of the domain with ``uuid`` if it is named ``name``.
+
+        GONE: nothing has that UUID or that name. REPLACED: the name belongs to
+        another domain now (or the UUID to another name); nothing was touched
+        (logged). Idempotent undo takes both as done; a user's request naming
+        the domain is refused on REPLACED.
+        """
 
     async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
         """External disk-only snapshot: disk target -> its new overlay file (no metadata kept)."""

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import enum
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+class Outcome(enum.StrEnum):
+    """What an operation on a domain given by identity (name and UUID) did."""
+
+    DONE = "done"  # the domain with that UUID had that name: the operation ran
+    GONE = "gone"  # no domain has that UUID or that name: nothing to do
+    #: The UUID's domain is gone and another domain holds the name, or the UUID
+    #: now goes by another name: nothing was touched.
+    REPLACED = "replaced"
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ class Admission:
             spec = JobSpec(names=tuple(names), storage_backend=svc.storage.name, memory_backend=memory.name,
                            config=guest_config, script=checked_script, keep_network=flags["keep_network"],
                            customize=flags["customize"], keep_ssh_host_keys=flags["keep_ssh_host_keys"],
-                           ttl_s=ttl, pool=pool, pool_generation=pool_generation)
+                           ttl_s=ttl, pool=pool, pool_generation=pool_generation, source_uuid=info.uuid)
             job = await svc.store.create_job(identity.new_job_id(), src, spec, owner=owner)
             svc.capacity.hold(job.id, demand)
         svc.log_transition(job, job.history.entries[-1])

@@ -20,7 +20,7 @@ from contextlib import suppress
 from typing import Any
 
 from ..config import Config
-from ..errors import ShuttingDown
+from ..errors import DomainReplaced, ShuttingDown
 from ..hv import Hypervisor
 from ..model import CORE, CloneRecord, JobRecord
 from ..plugin_api import MemoryBackend, StorageBackend
@@ -159,7 +159,11 @@ class Engine:
                     await ev.wait()
 
     async def destroy_clone(self, name: str, *, reason: str = "destroyed") -> CloneRecord:
-        rec = await maintenance.destroy_clone(self.svc, name, reason=reason)
+        try:
+            rec = await maintenance.destroy_clone(self.svc, name, reason=reason)
+        except DomainReplaced:
+            self.pools.wake()  # forgotten: if it was a pool member, the pool makes another
+            raise
         if rec.pool is not None:
             self.pools.wake()  # a member gone: the pool makes another
         return rec

@@ -35,6 +35,7 @@ from ..errors import (
     AgentUnavailable,
     ChecksumMismatch,
     DomainNotFound,
+    DomainReplaced,
     ExecTimeout,
     GuestFileError,
     GuestFileNotFound,
@@ -273,13 +274,19 @@ class GuestService:
     async def reachable(self, name: str) -> None:
         """Return if ``name`` is a running clone of ours whose guest agent answers.
 
-        NotFound (not one of our clones, or its domain is gone), VirtStateError
+        NotFound (not one of our clones, or its domain is gone), DomainReplaced (its name
+        belongs to another domain now: checked by the UUID recorded for it), VirtStateError
         (domain_state_invalid: not running), AgentUnavailable (no agent channel, or no answer).
         """
-        if await self.svc.store.get_clone(name) is None:
+        clone = await self.svc.store.get_clone(name)
+        if clone is None:
             raise NotFound(f"no clone {name!r}: commands and files reach only clones instaclone made")
         try:
-            info = await self.virt.lookup(name)
+            # By the UUID recorded for it: a domain that took a gone clone's name is not reached.
+            info = await self.virt.lookup_id(name, clone.uuid)
+        except DomainReplaced as exc:
+            raise DomainReplaced(f"clone {name!r} has no domain any more; {exc.message} (destroy the clone "
+                                 "to forget it)") from None
         except DomainNotFound:
             raise NotFound(f"clone {name!r} has no domain any more (destroy it to forget it)") from None
         if info.state != "running":

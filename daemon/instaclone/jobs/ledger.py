@@ -35,7 +35,7 @@ class LedgerStore(Protocol):
     """The part of the store the ledger writes (see ``instaclone.store``)."""
 
     async def plan(self, owner_id: str, kind: ResourceKind, ref: str, *, clone: str | None = None,
-                   owner: str = CORE) -> int: ...
+                   owner: str = CORE, uuid: str | None = None) -> int: ...
 
     async def set_resource(self, resource_id: int, status: ResourceStatus) -> None: ...
 
@@ -56,6 +56,10 @@ class CoreUndoer:
     async def undo(self, *, resource: Resource, source: str) -> None:
         if resource.kind is ResourceKind.STUN:
             try:
+                if resource.uuid is not None:
+                    # Only the source that was stunned: DomainReplaced (a
+                    # DomainNotFound) if another domain has its name now.
+                    await self.virt.lookup_id(resource.ref, resource.uuid)
                 # A pre-copy may still run, or hold the source at switchover:
                 # cancelled, QEMU lets the source run again by itself.
                 await self.virt.cancel_migration(resource.ref)
@@ -63,11 +67,25 @@ class CoreUndoer:
             except DomainNotFound:
                 log.warning("ledger.stunned_source_gone", source=resource.ref)
         elif resource.kind is ResourceKind.DOMAIN:
-            await self.virt.undefine(resource.ref)
+            await undefine_recorded(self.virt, resource)
         elif resource.kind is ResourceKind.FILE:
             await remove_path(Path(resource.ref))
         else:
             await self.storage.undo(resource=resource, source=source)
+
+
+async def undefine_recorded(virt: Hypervisor, resource: Resource) -> None:
+    """Undefine the domain a DOMAIN record names, if it is still the one recorded (its UUID).
+
+    Gone, or its name taken by another domain since: done, nothing touched
+    (the hypervisor layer logs the second). A record of journal schema < 6
+    has no UUID: undone by name, as it was written to be.
+    """
+    if resource.uuid is None:
+        log.warning("ledger.domain_without_uuid", ref=resource.ref, resource_id=resource.id)
+        await virt.undefine(resource.ref)
+        return
+    await virt.undefine_id(resource.ref, resource.uuid)
 
 
 #: How a failed undo is reported in a job's ``left_behind``.
@@ -99,8 +117,8 @@ class Ledger:
     def recorder(self, owner_id: str, *, owner: str = CORE) -> Recorder:
         """A ``record(kind, ref, clone=)`` callable for ``owner`` within ``owner_id``'s ledger."""
 
-        async def record(kind: ResourceKind, ref: str, *, clone: str | None = None) -> int:
-            return await self.store.plan(owner_id, kind, ref, clone=clone, owner=owner)
+        async def record(kind: ResourceKind, ref: str, *, clone: str | None = None, uuid: str | None = None) -> int:
+            return await self.store.plan(owner_id, kind, ref, clone=clone, owner=owner, uuid=uuid)
 
         return record
 

@@ -6,7 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from ..errors import Conflict, InstacloneError, NotFound, StepFailed
+from ..errors import Conflict, DomainReplaced, InstacloneError, NotFound, StepFailed
+from ..hv import Outcome
 from ..model import CloneRecord, JobRecord, ResourceKind
 from ..states import State
 from ..store.gc import retained_id
@@ -22,6 +23,11 @@ async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") 
     keeps its name taken, until garbage collection finds them unused
     (``jobs.gc``). Never touches a file of its source. ``reason`` (destroyed,
     expired, released, pool) is in its ``clone.destroyed`` event.
+
+    The domain is undefined by the UUID recorded for the clone: if its name
+    belongs to another domain now, that domain is left alone, the clone is
+    forgotten all the same (what was made for it is gone), and DomainReplaced
+    is raised afterwards, so that whoever named the clone learns it.
     """
     rec = await svc.store.get_clone(name)
     if rec is None:
@@ -37,14 +43,19 @@ async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") 
             # Recorded before the clone is forgotten: its directory is removed
             # by the ledger once no chain uses a file in it.
             await svc.ledger.recorder(retained_id(rec.source, name))(ResourceKind.FILE, str(clone_dir), clone=name)
-        await svc.virt.undefine(name)
+        outcome = await svc.virt.undefine_id(name, rec.uuid)
         await svc.store.remove_clone(rec, reason=reason)
-    svc.log.info("clone.destroyed", clone=name, source=rec.source, children=children, reason=reason)
+    svc.log.info("clone.destroyed", clone=name, source=rec.source, children=children, reason=reason,
+                 domain=outcome.value)
     try:
         await gc.collect(svc)
     except InstacloneError as exc:
         # The clone is gone; its files stay until a later collection can tell they are unused.
         svc.log.warning("gc.failed", after="destroy", clone=name, error=exc.message)
+    if outcome is Outcome.REPLACED:
+        raise DomainReplaced(f"clone {name!r} (UUID {rec.uuid}) was gone: the domain named {name!r} now is "
+                             "another one, or that UUID has another name; it was left alone, and instaclone "
+                             "forgot the clone")
     return rec
 
 

@@ -121,7 +121,7 @@ async def stun(svc: Services, run: Run) -> None:
     A pre-copying backend copies RAM while the source runs and stops it at
     switchover: the stun starts then, not when this step starts.
     """
-    await run.record(ResourceKind.STUN, run.source)
+    await run.record(ResourceKind.STUN, run.source, uuid=run.context.source.uuid)
     run.stunned = True
     record = svc.ledger.recorder(run.id, owner=run.memory.name)
     run.stun_started = await run.memory.stun(ctx=run.context, record=record)
@@ -227,7 +227,7 @@ async def define_clones(svc: Services, run: Run, member: Member) -> None:
             nvram=clone.nvram,
         )
         xml = run.memory.adjust_xml(ctx=ctx, clone=clone, xml=domxml.clone_xml(ctx.source.xml, ident))
-        await member.record(ResourceKind.DOMAIN, clone.name, clone=clone.name)
+        await member.record(ResourceKind.DOMAIN, clone.name, clone=clone.name, uuid=clone.uuid)
         await svc.virt.define(xml)
 
     await _per_clone(run, member.clones, one)
@@ -259,6 +259,12 @@ PIPELINE: tuple[Step, ...] = (
 async def prepare(svc: Services, run: Run) -> None:
     """Requested: look at the source again (it may have changed since admission), make the stun's directory."""
     info = await active_source(svc, run.source)
+    for m in run.members:
+        # The VM the request named, not one defined under its name since.
+        if m.job.spec.source_uuid not in (None, info.uuid):
+            raise SourceNotCloneable(f"source {run.source!r} is not the domain the request named: its UUID was "
+                                     f"{m.job.spec.source_uuid} at admission and is {info.uuid} now (it was "
+                                     "redefined meanwhile); request the clone again")
     job_dir = svc.config.jobs_dir / run.id
     await run.record(ResourceKind.FILE, str(job_dir))
     await asyncio.to_thread(job_dir.mkdir, parents=True, exist_ok=True)

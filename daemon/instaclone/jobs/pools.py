@@ -30,6 +30,7 @@ from typing import Any
 from .. import events, identity
 from ..errors import (
     Conflict,
+    DomainReplaced,
     InstacloneError,
     InsufficientCapacity,
     InvalidRequest,
@@ -267,7 +268,7 @@ class PoolKeeper:
         idle = [m for m in members if m.claimed_at is None]
         alive = []
         for m in idle:
-            state = await self._state_of(m.name)
+            state = await self._state_of(m)
             if state == "running":
                 alive.append(m)
             else:
@@ -379,9 +380,10 @@ class PoolKeeper:
         if rec is not None and rec.pool is not None and rec.claimed_at is None:
             raise SourceNotCloneable(f"{src!r} is an idle member of pool {rec.pool!r}; claim it first")
 
-    async def _state_of(self, name: str) -> str:
+    async def _state_of(self, member: CloneRecord) -> str:
         try:
-            return await self.svc.virt.state(name)
+            # By its UUID: a domain that took a dead member's name is not a live member.
+            return (await self.svc.virt.lookup_id(member.name, member.uuid)).state
         except InstacloneError:
             return "absent"
 
@@ -393,6 +395,9 @@ class PoolKeeper:
     async def _try_destroy(self, name: str, *, reason: str) -> None:
         try:
             await self._destroy(name, reason=reason)
+        except DomainReplaced as exc:
+            # Forgotten; the domain that has its name now is not ours and was left alone.
+            self.svc.log.warning("clone.forgotten", clone=name, reason=reason, why=exc.message)
         except InstacloneError as exc:
             self.svc.log.warning("pool.destroy_failed", clone=name, reason=reason, error=exc.message)
 
@@ -403,7 +408,7 @@ class PoolKeeper:
         members.sort(key=lambda m: (m.generation != pool.generation, m.created_at))
         for m in members:
             # A member that died since the last round is the keeper's to replace.
-            if await self._state_of(m.name) != "running":
+            if await self._state_of(m) != "running":
                 continue
             rec = await self.svc.store.claim_member(pool.name, [m.name], ttl_s=ttl, claimed_by=claimed_by,
                                                      owner=owner)
@@ -452,6 +457,7 @@ class PoolKeeper:
         path = guestscript.CONFIG_PATH
         script = f"mkdir -p {path.rsplit('/', 1)[0]} && umask 077 && cat > {path}"
         try:
+            await self.svc.virt.lookup_id(rec.name, rec.uuid)  # the member, not a domain that took its name
             rc, out = await self.svc.virt.agent_exec(rec.name, ["/bin/sh", "-c", script],
                                                      stdin=json.dumps(config).encode(), timeout_s=10)
         except InstacloneError as exc:

@@ -156,7 +156,7 @@ async def result(svc: Services, memory: MemoryBackend, ctx: StunContext, clones:
     """The job's result: each clone as it runs now, and how the source was cloned."""
     out = []
     for c in clones:
-        info = await svc.virt.lookup(c.name)
+        info = await svc.virt.lookup_id(c.name, c.uuid)
         depth = {}
         recorded = {d.target: d.format for d in info.disks}  # the format the clone's definition names
         for tgt, path in c.disks.items():

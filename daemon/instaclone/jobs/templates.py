@@ -49,7 +49,7 @@ async def freeze(svc: Services, name: object) -> dict[str, Any]:
         t0 = time.monotonic()
         try:
             if paused_by_us:
-                await record(ResourceKind.STUN, src)
+                await record(ResourceKind.STUN, src, uuid=info.uuid)
                 await svc.virt.suspend(src)
             await record(ResourceKind.FILE, str(ctx.job_dir))
             await asyncio.to_thread(ctx.job_dir.mkdir, parents=True, exist_ok=True)

@@ -40,9 +40,9 @@ class GcMixin(StoreBase):
         """Every resource of every owner id not released (in-flight jobs, freezes, retained clones), id order."""
 
         def do(db: sqlite3.Connection) -> list[Resource]:
-            rows = db.execute("SELECT id, job_id, kind, ref, clone, status, owner FROM resources "
+            rows = db.execute("SELECT id, job_id, kind, ref, clone, status, owner, uuid FROM resources "
                               "WHERE status != ? ORDER BY id", (ResourceStatus.RELEASED.value,)).fetchall()
-            return [Resource(rid, oid, ResourceKind(kind), ref, clone, ResourceStatus(status), owner)
-                    for rid, oid, kind, ref, clone, status, owner in rows]
+            return [Resource(rid, oid, ResourceKind(kind), ref, clone, ResourceStatus(status), owner, uuid)
+                    for rid, oid, kind, ref, clone, status, owner, uuid in rows]
 
         return await self._db.write(do)

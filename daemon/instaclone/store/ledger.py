@@ -18,14 +18,18 @@ from .base import StoreBase
 
 class LedgerMixin(StoreBase):
     async def plan(self, owner_id: str, kind: ResourceKind, ref: str, *, clone: str | None = None,
-                   owner: str = CORE) -> int:
-        """Record a resource *before* creating it (status planned); returns its id."""
+                   owner: str = CORE, uuid: str | None = None) -> int:
+        """Record a resource *before* creating it (status planned); returns its id.
+
+        ``uuid``: a domain's UUID, chosen before it is defined (its undo acts on that domain only).
+        """
         kind = ResourceKind(kind)  # a plugin may hand in the plain string
 
         def do(db: sqlite3.Connection) -> int:
             cur = db.execute(
-                "INSERT INTO resources(job_id, kind, ref, clone, status, created_at, owner) VALUES (?,?,?,?,?,?,?)",
-                (owner_id, kind.value, ref, clone, ResourceStatus.PLANNED.value, time.time(), owner),
+                "INSERT INTO resources(job_id, kind, ref, clone, status, created_at, owner, uuid) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (owner_id, kind.value, ref, clone, ResourceStatus.PLANNED.value, time.time(), owner, uuid),
             )
             return int(cur.lastrowid or 0)
 
@@ -46,14 +50,14 @@ class LedgerMixin(StoreBase):
         """
 
         def do(db: sqlite3.Connection) -> list[Resource]:
-            q = "SELECT id, job_id, kind, ref, clone, status, owner FROM resources WHERE job_id=?"
+            q = "SELECT id, job_id, kind, ref, clone, status, owner, uuid FROM resources WHERE job_id=?"
             args: tuple[str, ...] = (owner_id,)
             if active_only:
                 q += " AND status != ?"
                 args = (owner_id, ResourceStatus.RELEASED.value)
             rows = db.execute(q + " ORDER BY id", args).fetchall()
-            return [Resource(rid, oid, ResourceKind(kind), ref, clone, ResourceStatus(status), owner)
-                    for rid, oid, kind, ref, clone, status, owner in rows]
+            return [Resource(rid, oid, ResourceKind(kind), ref, clone, ResourceStatus(status), owner, uuid)
+                    for rid, oid, kind, ref, clone, status, owner, uuid in rows]
 
         return await self._db.write(do)
 

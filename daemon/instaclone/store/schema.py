@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Version 1: jobs, their states, the resource ledger, frozen sources, clones.
 _V1 = """
@@ -141,6 +141,12 @@ _V4_CLONE_COLUMNS = (("expires_at", "REAL"), ("pool", "TEXT"), ("claimed_at", "R
 _V5_OWNER_TABLES = ("jobs", "clones", "pools")
 
 
+# Version 6: a domain's ledger record carries the UUID instaclone gave it, so
+# that its undo removes that domain and never another one defined under the
+# name since (NULL in rows written before: those are undone by name).
+_V6_RESOURCE_COLUMNS = (("uuid", "TEXT"),)
+
+
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
@@ -180,9 +186,16 @@ def _v5(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq)")  # a user's own jobs, newest first
 
 
+def _v6(db: sqlite3.Connection) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(resources)")}
+    for name, decl in _V6_RESOURCE_COLUMNS:
+        if name not in columns:
+            db.execute(f"ALTER TABLE resources ADD COLUMN {name} {decl}")
+
+
 #: (version, migration to it from the version before), in order.
 MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
-    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5))
+    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5), (6, _v6))
 
 
 def _version(db: sqlite3.Connection) -> int:
