@@ -39,6 +39,19 @@ def default_socket_group() -> str:
     return SERVICE_GROUP
 
 
+#: The group libvirt runs QEMU in on Debian (user libvirt-qemu, group kvm).
+QEMU_GROUP = "kvm"
+
+
+def default_qemu_group() -> str:
+    """``kvm`` if that group exists here, else "" (see ``DaemonConfig.qemu_group``)."""
+    try:
+        grp.getgrnam(QEMU_GROUP)
+    except KeyError:
+        return ""
+    return QEMU_GROUP
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     socket: Path = Path("/run/instaclone/control.sock")
@@ -56,6 +69,21 @@ class DaemonConfig:
     # Prometheus metrics on a loopback TCP port too ("127.0.0.1:9464"); "" = only
     # on the control socket (GET /metrics).
     metrics_listen: str = ""
+    # The group libvirt runs QEMU in (qemu.conf "group"). The directories QEMU
+    # must pass through to reach a clone's disks and NVRAM (state, clones,
+    # deltas, jobs and each clone's) are root's, mode 0710 with this group:
+    # QEMU may traverse them, not list them; nobody else may do either. ""
+    # (no such group): those directories are 0711 instead.
+    qemu_group: str = field(default_factory=default_qemu_group)
+
+    def qemu_reach(self) -> tuple[int, int]:
+        """(mode, gid) of a directory QEMU must pass through; gid -1 keeps root's."""
+        if self.qemu_group:
+            try:
+                return 0o710, grp.getgrnam(self.qemu_group).gr_gid
+            except KeyError:
+                pass
+        return 0o711, -1
 
 
 @dataclass(frozen=True)
@@ -244,7 +272,7 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{key}: must be a list of non-empty strings, got {value!r}")
         return tuple(value)
-    if key == "daemon.socket_group":
+    if key in ("daemon.socket_group", "daemon.qemu_group"):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: must be a group name (\"\" for the daemon's own group), got {value!r}")
         if value:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from . import safefs
 from .config import Config
 from .errors import (
     ConfigError,
@@ -41,7 +42,7 @@ __all__ = [
     "CORE", "Backend", "CloneTarget", "Config", "ConfigError", "Disk", "DomainInfo", "DomainNotFound",
     "Hypervisor", "InstacloneError", "MemoryBackend", "MemoryError_", "MemoryImage", "MigrationInfo",
     "NotSupportedError", "Recorder", "Resource", "ResourceKind", "StorageBackend", "StorageError", "StunContext",
-    "VirtError", "domxml", "get_logger", "new_mac", "new_uuid", "remove_path",
+    "VirtError", "domxml", "get_logger", "new_mac", "new_uuid", "remove_path", "safefs",
 ]
 
 
