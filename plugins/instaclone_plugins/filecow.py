@@ -339,14 +339,18 @@ class FileCowMemory(MemoryBackend):
 
 
 def make_image_dir(image_dir: Path) -> None:
-    """``<ramdir>/instaclone/<job>``: root's, 0700, never through a link.
+    """``<ramdir>/instaclone/<job>``: root's, 0700, never through a link; MemoryError_ if it cannot be.
 
     libvirt's RAM directory is QEMU's user's: ``instaclone`` below it must be
     the daemon's own directory (not a link, not someone else's), or nothing
     is made in it.
     """
-    safefs.make_dir(image_dir.parent, mode=0o700, exist_ok=True)
-    safefs.make_dir(image_dir, mode=0o700, exist_ok=True)
+    try:
+        safefs.make_dir(image_dir.parent, mode=0o700, exist_ok=True)
+        safefs.make_dir(image_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise MemoryError_(f"cannot make the memory image's directory {image_dir}: "
+                           f"{exc.strerror or exc} (a link or someone else's directory is never used)") from None
 
 
 def write_grant(uuid: str, img: MemoryImage, grants: Path = GRANTS_DIR) -> Path:

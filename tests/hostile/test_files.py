@@ -7,11 +7,15 @@ followed as root; the libvirt hook's alias) and 9 (systemd exposure).
 from __future__ import annotations
 
 import asyncio
+import grp
+import io
+import json
 import os
 import re
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +24,7 @@ import pytest
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 
 from ..conftest import libvirt_ready
-from ..proclib import DaemonProcess, NotifySocket, write_config
+from ..proclib import EXE, DaemonProcess, NotifySocket, write_config
 from ..vmlib import Api, Scratch, assert_no_qemu_left, boot_source
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "instacloned.service"
@@ -179,3 +183,189 @@ async def test_nothing_the_daemon_makes_is_open_to_others(tmp_path: Path) -> Non
         notify.close()
         scratch.cleanup()
     assert_no_qemu_left(scratch)
+
+
+# -- item 2: webhook secrets from a private file; the installed config ----------------------
+
+def test_webhook_secret_file_must_be_private_and_no_link(tmp_path: Path) -> None:
+    from instaclone import config, events
+    from instaclone.errors import ConfigError
+
+    secret = events.new_secret()
+    f = tmp_path / "ops.whsec"
+    f.write_text(f"# rotated 2026-12\n{secret}\n")
+    f.chmod(0o600)
+
+    def load(path: Path) -> config.Config:
+        return config.from_dict({"webhooks": {"endpoints": [
+            {"name": "ops", "url": "https://hooks.example.com/x", "secret_file": str(path)}]}})
+
+    assert load(f).webhooks.endpoints[0].secrets == (secret,)
+    f.chmod(0o640)
+    with pytest.raises(ConfigError, match=r"secret_file: .* is mode 0640; .* must be 0600 or stricter"):
+        load(f)
+    f.chmod(0o400)
+    assert load(f).webhooks.endpoints[0].secrets == (secret,)
+    link = tmp_path / "link.whsec"
+    link.symlink_to(f)
+    with pytest.raises(ConfigError, match=r"secret_file: .* is a symbolic link"):
+        load(link)
+    with pytest.raises(ConfigError, match=r"give one of 'secret', 'secrets' or 'secret_file'"):
+        config.from_dict({"webhooks": {"endpoints": [{"url": "https://h.example/x", "secret": secret,
+                                                      "secret_file": str(f)}]}})
+    # Through the daemon's own check: a clear error, no traceback.
+    conf = tmp_path / "d.toml"
+    conf.write_text(f'[[webhooks.endpoints]]\nurl = "https://h.example/x"\nsecret_file = "{link}"\n')
+    r = subprocess.run([str(EXE), "--check-config", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "is a symbolic link" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_installer_writes_the_config_0640_root_instaclone(tmp_path: Path) -> None:
+    from ..test_install import Install
+
+    inst = Install(tmp_path)
+    inst.run("--no-start")
+    st = (tmp_path / "etc" / "instaclone.toml").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, grp.getgrnam("instaclone").gr_gid)
+    r = read_as_nobody(tmp_path / "etc" / "instaclone.toml")
+    assert r.returncode != 0
+    # An existing config open to others (an older install's 0644) loses that.
+    (tmp_path / "etc" / "instaclone.toml").chmod(0o644)
+    out, _ = inst.run("--no-start")
+    assert "no longer" in out
+    assert stat.S_IMODE((tmp_path / "etc" / "instaclone.toml").stat().st_mode) == 0o640
+
+
+# -- item 4: links planted where the daemon creates or reads files ---------------------------
+
+@pytest.fixture
+def canary(tmp_path: Path) -> Path:
+    """A root-owned file outside every directory the daemon works in: must never be read, written or punched."""
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    f = outside / "canary"
+    f.write_bytes(b"host secret\n" + bytes(1 << 20))  # 1 MiB of zeros after it: allocated, punchable
+    f.chmod(0o600)
+    os.sync()
+    return f
+
+
+def untouched(canary: Path) -> tuple[bytes, int, int]:
+    st = canary.stat()
+    return canary.read_bytes(), st.st_blocks, st.st_mtime_ns
+
+
+async def test_clone_delta_is_never_created_through_a_planted_link(tmp_path: Path, canary: Path) -> None:
+    """qemu-img create's target (a clone's vda.qcow2) planted as a link to a root file: refused, file untouched."""
+    from instaclone.config import Config
+    from instaclone.errors import StorageError
+    from instaclone.hv import DomainInfo
+    from instaclone.plugin_api import CloneTarget, StunContext
+    from instaclone_plugins.qcow2 import Qcow2Storage
+
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(top), "16M"], check=True)
+    clone_dir = tmp_path / "clone"
+    clone_dir.mkdir()
+    (clone_dir / "vda.qcow2").symlink_to(canary)
+    before = untouched(canary)
+    storage = Qcow2Storage(config=Config(), virt=None)  # type: ignore[arg-type]  # no libvirt call on this path
+    ctx = StunContext("j1", DomainInfo("s", "u", "running", 0, "<domain/>"), tmp_path, tops={"vda": top})
+
+    async def record(kind: object, ref: str, *, clone: str | None = None) -> int:
+        return 1
+
+    with pytest.raises(StorageError, match="cannot create"):
+        await storage.create_clone_delta(ctx=ctx, clone=CloneTarget("c", "u", clone_dir), record=record)
+    assert untouched(canary) == before
+
+
+def test_nvram_and_ram_copies_never_read_or_write_through_links(tmp_path: Path, canary: Path) -> None:
+    """A source's NVRAM or RAM file swapped for a link to a root file is not copied; a planted target is not written."""
+    from instaclone.jobs.files import copy_private
+    from instaclone_plugins.filecow import sparse_copy
+
+    before = untouched(canary)
+    qemu_dir = tmp_path / "qemu-writable"
+    qemu_dir.mkdir()
+    (qemu_dir / "src_VARS.fd").symlink_to(canary)
+    (qemu_dir / "pc.ram").symlink_to(canary)
+    for copy, src in ((copy_private, qemu_dir / "src_VARS.fd"), (sparse_copy, qemu_dir / "pc.ram")):
+        dst = tmp_path / f"copy-of-{src.name}"
+        with pytest.raises(OSError):
+            copy(src, dst)
+        assert not dst.exists(), f"{copy.__name__} copied the file behind a link"
+    real = tmp_path / "real.fd"
+    real.write_bytes(b"vars")
+    (tmp_path / "planted").symlink_to(canary)
+    for copy in (copy_private, sparse_copy):
+        with pytest.raises(FileExistsError):
+            copy(real, tmp_path / "planted")
+    assert untouched(canary) == before
+
+
+def test_ram_image_is_never_linked_or_punched_through_a_link(tmp_path: Path, canary: Path) -> None:
+    from instaclone.errors import MemoryError_
+    from instaclone.safefs import link_file
+    from instaclone_plugins.filecow import make_image_dir, punch_ranges, punch_zero_pages
+
+    before = untouched(canary)
+    link = tmp_path / "pc.ram"
+    link.symlink_to(canary)
+    with pytest.raises(OSError):
+        punch_zero_pages(link)
+    with pytest.raises(OSError):
+        punch_ranges(link, [(0, 1 << 20)])
+    with pytest.raises(OSError):
+        link_file(link, tmp_path / "frozen")
+    assert not (tmp_path / "frozen").exists()
+    # <ramdir>/instaclone swapped for a link to another directory: nothing is made there.
+    ramdir = tmp_path / "ram"
+    ramdir.mkdir()
+    (ramdir / "instaclone").symlink_to(canary.parent, target_is_directory=True)
+    with pytest.raises(MemoryError_, match="never used"):
+        make_image_dir(ramdir / "instaclone" / "stun-j1")
+    assert sorted(p.name for p in canary.parent.iterdir()) == ["canary"]
+    assert untouched(canary) == before
+
+
+def test_hook_with_a_dotdot_alias_deletes_nothing(tmp_path: Path, canary: Path) -> None:
+    """The metadata's alias '../../outside/canary' (issue 21's '../../../../tmp/x'): nothing is unlinked or linked."""
+    from instaclone.hv import domxml
+    from instaclone_plugins import libvirt_hook
+
+    from ..fakes import SOURCE_XML
+
+    ramdir = tmp_path
+    frozen = ramdir / "instaclone" / "stun-j1" / "pc.ram"
+    frozen.parent.mkdir(parents=True)
+    frozen.write_bytes(b"memory")
+    (ramdir / "7-hf-c").mkdir()
+    xml = SOURCE_XML.format(name="hf-c", uuid="00000000-0000-0000-0000-0000000000aa", disk="/d.qcow2")
+    xml = xml.replace("<domain type='qemu'>", "<domain type='qemu' id='7'>")
+    xml = domxml.map_frozen_ram(xml, ram=frozen, ramdir=ramdir, incoming=False)
+    xml = xml.replace(f'ramdir="{ramdir}"', f'ramdir="{ramdir}" alias="../outside/canary"')
+    assert "../outside/canary" in xml
+    before = untouched(canary)
+    r = subprocess.run([sys.executable, libvirt_hook.__file__, "hf-c", "start", "begin", "-"], input=xml,
+                       capture_output=True, text=True, timeout=30)
+    assert canary.exists() and untouched(canary) == before, r.stderr
+    assert r.returncode == 1 and "no grant" in r.stderr, r.stderr
+    assert canary.stat().st_ino != frozen.stat().st_ino
+    # A grant that names such an alias (it never does) is refused as well.
+    grants = tmp_path / "grants"
+    grants.mkdir(mode=0o700)
+    st = frozen.stat()
+    (grants / "00000000-0000-0000-0000-0000000000aa").write_text(json.dumps({
+        "ram": str(frozen), "ramdir": str(ramdir), "alias": "../outside/canary", "dev": st.st_dev,
+        "inode": st.st_ino}))
+    (grants / "00000000-0000-0000-0000-0000000000aa").chmod(0o600)
+    stdin = sys.stdin
+    sys.stdin = io.StringIO(xml)
+    try:
+        assert libvirt_hook.main(["hook", "hf-c", "start", "begin", "-"], grants=grants) == 1
+    finally:
+        sys.stdin = stdin
+    assert untouched(canary) == before
+    assert not (ramdir / "7-hf-c" / "pc.ram").exists()
