@@ -369,3 +369,57 @@ def test_hook_with_a_dotdot_alias_deletes_nothing(tmp_path: Path, canary: Path) 
         sys.stdin = stdin
     assert untouched(canary) == before
     assert not (ramdir / "7-hf-c" / "pc.ram").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvirt_ready()))
+async def test_link_planted_at_a_running_jobs_ram_image_dir(tmp_path: Path, canary: Path) -> None:
+    """While a real job is stunned, its RAM image directory's name is planted as a link to a root directory.
+
+    The daemon makes nothing through it: the job fails cleanly (source
+    running, nothing of it left), and the directory behind the link is as it was.
+    """
+    scratch = Scratch()
+    virt = Hypervisor()
+    await virt.connect()
+    notify = NotifySocket(tmp_path / "notify")
+    conf = write_config(tmp_path / "d.toml", scratch.path)
+    src = f"{PREFIX}lsrc"
+    marker = tmp_path / "marker"
+    proc = DaemonProcess(conf, env={"NOTIFY_SOCKET": str(notify.path),
+                                    "INSTACLONE_FAULT_PAUSE": f"MemoryLinked:4:{marker}"})
+    planted: Path | None = None
+    before = untouched(canary)
+    try:
+        await boot_source(virt, scratch, src, file_backed_ram=True)
+        proc.start()
+        await notify.wait("READY", "1")
+        async with Api(scratch.path / "ctl.sock") as api:
+            call = asyncio.ensure_future(api.call("POST", "/v1/jobs?wait=300", {
+                "source": src, "name": f"{PREFIX}l1", "keep_network": True}))
+            end = time.monotonic() + 240
+            while not marker.exists():
+                assert time.monotonic() < end, f"the job never reached MemoryLinked; log:\n{proc.log_text()[-3000:]}"
+                await asyncio.sleep(0.05)
+            planted = RAM_ROOT / "instaclone" / f"stun-{marker.read_text()}"
+            planted.symlink_to(canary.parent, target_is_directory=True)
+            _, body = await call
+            job = body["job"]
+            assert job["state"] == "Failed", job
+            assert "never used" in job["error"]["message"], job["error"]
+            assert await virt.state(src) == "running"
+            assert not (scratch.path / "state" / "clones" / f"{PREFIX}l1").exists()
+            assert f"{PREFIX}l1" not in await virt.list_names()
+        assert sorted(p.name for p in canary.parent.iterdir()) == ["canary"]
+        assert untouched(canary) == before
+    finally:
+        proc.kill()
+        if planted is not None and planted.is_symlink():
+            planted.unlink()
+        for name in await virt.list_names():
+            if name.startswith(PREFIX):
+                await virt.undefine(name)
+        await virt.close()
+        notify.close()
+        scratch.cleanup()
+    assert_no_qemu_left(scratch)
