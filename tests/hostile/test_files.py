@@ -42,7 +42,7 @@ def test_unit_exposure_at_most_4() -> None:
                           capture_output=True, text=True, timeout=60)
     found = re.search(r"Overall exposure level for instacloned\.service: (\d+\.\d+)", proc.stdout)
     assert found is not None, proc.stdout + proc.stderr
-    assert float(found.group(1)) <= MAX_EXPOSURE, proc.stdout
+    assert float(found.group(1)) <= MAX_EXPOSURE, found.group(0)
 
 
 # -- item 2: private by default --------------------------------------------------------------
@@ -307,8 +307,7 @@ def test_nvram_and_ram_copies_never_read_or_write_through_links(tmp_path: Path, 
 
 def test_ram_image_is_never_linked_or_punched_through_a_link(tmp_path: Path, canary: Path) -> None:
     from instaclone.errors import MemoryError_
-    from instaclone.safefs import link_file
-    from instaclone_plugins.filecow import make_image_dir, punch_ranges, punch_zero_pages
+    from instaclone_plugins.filecow import punch_ranges, punch_zero_pages
 
     before = untouched(canary)
     link = tmp_path / "pc.ram"
@@ -317,6 +316,9 @@ def test_ram_image_is_never_linked_or_punched_through_a_link(tmp_path: Path, can
         punch_zero_pages(link)
     with pytest.raises(OSError):
         punch_ranges(link, [(0, 1 << 20)])
+    from instaclone.safefs import link_file
+    from instaclone_plugins.filecow import make_image_dir
+
     with pytest.raises(OSError):
         link_file(link, tmp_path / "frozen")
     assert not (tmp_path / "frozen").exists()
@@ -405,6 +407,7 @@ async def test_link_planted_at_a_running_jobs_ram_image_dir(tmp_path: Path, cana
             planted.symlink_to(canary.parent, target_is_directory=True)
             _, body = await call
             job = body["job"]
+            assert sorted(p.name for p in canary.parent.iterdir()) == ["canary"], "a file was made through the link"
             assert job["state"] == "Failed", job
             assert "never used" in job["error"]["message"], job["error"]
             assert await virt.state(src) == "running"
