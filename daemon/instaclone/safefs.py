@@ -18,11 +18,13 @@ The rules every function here keeps (blocking: run them in a thread):
 * owner and mode change through the descriptor (``fchown``/``fchmod``), never
   through a name; copies and hole punching go from descriptor to descriptor.
 
-A directory's own ancestors are trusted: they are root's (the state
-directory's tree, libvirt's RAM directory). The daemon also makes the
-directories it fills root's while it fills them, so that nothing can be
-planted there in the first place (``make_dir``; ``hand_over`` gives one to
-QEMU's user afterwards).
+Only the last component of a path is guarded: its ancestors are trusted not
+to be swapped. The state directory's tree is root's. libvirt's RAM directory
+is QEMU's user's: ``<ramdir>/instaclone`` is therefore made and opened here
+(never a link, never someone else's directory), and files are linked through
+the descriptor opened, never by name. The daemon also keeps the directories
+it fills root's (``make_dir``), so that nothing can be planted there in the
+first place.
 
 The removal side lives beside these (a separate set of functions); the
 creation side's functions are kept together below.
@@ -39,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
-    "PUNCH_HOLE", "Owner", "copy_file", "create_file", "hand_over", "link_file", "make_dir", "open_dir",
+    "PUNCH_HOLE", "Owner", "copy_file", "create_file", "link_file", "make_dir", "open_dir",
     "open_file", "opened_dir", "punch", "sparse_copy",
 ]
 
@@ -94,13 +96,6 @@ def make_dir(path: Path, *, mode: int = 0o700, owner: Owner | None = None, exist
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
-
-
-def hand_over(path: Path, owner: Owner, mode: int = 0o700) -> None:
-    """Give the directory ``path`` (not a link) to ``owner`` with ``mode``, by descriptor."""
-    with opened_dir(path) as fd:
-        os.fchown(fd, *owner)
-        os.fchmod(fd, mode)
 
 
 def create_file(path: Path, *, mode: int = 0o600, owner: Owner | None = None) -> int:
