@@ -11,6 +11,7 @@ import grp
 import io
 import json
 import os
+import pwd
 import re
 import shutil
 import stat
@@ -97,12 +98,13 @@ def connect_as_nobody(path: Path) -> subprocess.CompletedProcess[bytes]:
 @pytest.mark.integration
 @pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvirt_ready()))
 async def test_nothing_the_daemon_makes_is_open_to_others(tmp_path: Path) -> None:
-    """A clone of a running UEFI source, a freeze and a pool's refill; each job held at Configured to look."""
+    """A clone of a running UEFI source (filecow's pre-copy: a shadow QEMU too), a freeze and a pool's refill;
+    each job held at Configured to look."""
     scratch = Scratch()
     virt = Hypervisor()
     await virt.connect()
     notify = NotifySocket(tmp_path / "notify")
-    conf = write_config(tmp_path / "d.toml", scratch.path)
+    conf = write_config(tmp_path / "d.toml", scratch.path, **{"memory.filecow": {"source_mode": "precopy"}})
     state = scratch.path / "state"
     src = f"{PREFIX}src"
     marker = tmp_path / "marker"
@@ -136,6 +138,7 @@ async def test_nothing_the_daemon_makes_is_open_to_others(tmp_path: Path) -> Non
             await held_job()
             status, body = await call
             assert status == 201 and body["job"]["state"] == "Unstunned", body
+            assert '"mode": "precopy"' in json.dumps(body), body  # not fallen back to a copy
             look()
             assert found == [], "open to others after a clone:\n" + "\n".join(found)
             clone_dir = state / "clones" / f"{PREFIX}c1"
@@ -144,6 +147,8 @@ async def test_nothing_the_daemon_makes_is_open_to_others(tmp_path: Path) -> Non
                       *clone_dir.glob("*VARS*"), *clone_dir.glob("*nvram*")):
                 st = f.stat()
                 assert stat.S_IMODE(st.st_mode) == 0o600, f"{f}: {stat.filemode(st.st_mode)}"
+                if f.parent == clone_dir:  # the clone's disk and NVRAM are QEMU's
+                    assert st.st_uid == pwd.getpwnam("libvirt-qemu").pw_uid, f"{f}: owned by {st.st_uid}"
                 r = read_as_nobody(f)
                 assert r.returncode != 0 and b"Permission denied" in r.stderr, (f, r)
             assert any(p.name == "journal.sqlite-wal" for p in seen)
@@ -426,3 +431,59 @@ async def test_link_planted_at_a_running_jobs_ram_image_dir(tmp_path: Path, cana
         notify.close()
         scratch.cleanup()
     assert_no_qemu_left(scratch)
+
+
+async def test_an_older_installs_state_is_made_private_at_start(tmp_path: Path) -> None:
+    """A journal (0644) and state directories (0755) an older daemon made are narrowed when the daemon starts."""
+    import sqlite3
+    from dataclasses import replace
+
+    from instaclone.config import Config
+    from instaclone.store import Store
+
+    state = tmp_path / "state"
+    for d in (state, state / "clones", state / "jobs", state / "deltas", state / "frozen"):
+        d.mkdir()
+        d.chmod(0o755)
+    journal = state / "journal.sqlite"
+    db = sqlite3.connect(journal)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    for p in state.glob("journal.sqlite*"):
+        p.chmod(0o644)
+    c = Config()
+    c = replace(c, daemon=replace(c.daemon, state_dir=state))
+    store = Store(c.journal_path)
+    await store.open()
+    try:
+        for p in state.glob("journal.sqlite*"):
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, f"{p}: {stat.filemode(p.stat().st_mode)}"
+    finally:
+        await store.close()
+    from instaclone.daemon import prepare_dirs
+
+    prepare_dirs(c)
+    mode, gid = c.daemon.qemu_reach()
+    for d in (state, state / "clones", state / "jobs", state / "deltas"):
+        st = d.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (mode, gid if gid >= 0 else 0), d
+    assert stat.S_IMODE((state / "frozen").stat().st_mode) == 0o700
+    assert exposed(walk(state)) == []
+
+
+def test_qemu_group_is_a_checked_config_key() -> None:
+    from instaclone import config
+    from instaclone.errors import ConfigError
+
+    assert config.Config().daemon.qemu_group == ("kvm" if _group_exists("kvm") else "")
+    assert config.from_dict({"daemon": {"qemu_group": ""}}).daemon.qemu_reach() == (0o711, -1)
+    with pytest.raises(ConfigError, match=r"daemon.qemu_group: no group named 'no-such-group'"):
+        config.from_dict({"daemon": {"qemu_group": "no-such-group"}})
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
