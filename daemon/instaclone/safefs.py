@@ -188,14 +188,18 @@ def sparse_copy(src: Path, dst: Path, *, mode: int = 0o600) -> None:
         os.close(fin)
 
 
-def link_file(src: Path, dst: Path) -> None:
-    """Hard-link the regular file ``src`` (not a link) as a new name ``dst``.
+def link_file(src: Path, dst: Path, *, mode: int | None = 0o600) -> None:
+    """Hard-link the regular file ``src`` (not a link) as a new name ``dst``; the inode gets ``mode`` first.
 
     The inode linked is the one opened: ``src`` is opened O_NOFOLLOW and
-    linked through its descriptor, so a name swapped in between is not.
+    linked through its descriptor, so a name swapped in between is not. QEMU
+    makes its RAM files 0644: the image kept under a new name is made private
+    (None keeps the mode).
     """
     fd = open_file(src)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with opened_dir(dst.parent) as parent:
             os.link(f"/proc/self/fd/{fd}", dst.name, dst_dir_fd=parent, follow_symlinks=True)
     finally:
