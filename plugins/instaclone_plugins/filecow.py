@@ -39,6 +39,7 @@ the last of them exits. A frozen source keeps its own file, and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import json
@@ -89,12 +90,16 @@ class FileCowMemory(MemoryBackend):
     supports_frozen_source = True
     shares_memory = True
 
+    #: Where the libvirt hook finds the grants (an instance may be given another: tests).
+    grants_dir: Path = GRANTS_DIR
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         #: shadow name -> its and its source's RAM, mapped to verify the pre-copy
         self._rams: dict[str, _shadow.RamPair] = {}
 
     async def check(self) -> None:
+        await asyncio.to_thread(sweep_grants, self.grants_dir, self.config.clone.step_timeout_s)
         fc, clone = self.config.filecow, self.config.clone
         if fc.source_mode == "precopy" and fc.precopy_timeout_s >= clone.step_timeout_s:
             raise ConfigError(f"memory.filecow.precopy_timeout_s ({fc.precopy_timeout_s:g}) must be below "
@@ -275,7 +280,8 @@ class FileCowMemory(MemoryBackend):
         # The hook links the frozen file for this domain's UUID only, and only
         # while it starts (see libvirt_hook).
         try:
-            grant = await asyncio.to_thread(write_grant, uuid, img)
+            await asyncio.to_thread(sweep_grants, self.grants_dir, self.config.clone.step_timeout_s)
+            grant = await asyncio.to_thread(write_grant, uuid, img, self.grants_dir)
         except OSError as exc:
             raise MemoryError_(f"cannot write the libvirt hook's grant for {name!r}: {exc.strerror or exc}") from None
         try:
@@ -366,6 +372,26 @@ def write_grant(uuid: str, img: MemoryImage, grants: Path = GRANTS_DIR) -> Path:
         json.dump({"ram": str(frozen), "ramdir": str(img.path("ramdir")), "alias": RAM_ALIAS,
                    "dev": st.st_dev, "inode": st.st_ino}, f)
     return grant
+
+
+def sweep_grants(grants: Path, max_age_s: float) -> int:
+    """Remove the grants older than ``max_age_s`` (no start takes longer): left by a daemon killed in a start.
+
+    Younger ones may be another daemon's start in flight (tests run several).
+    Returns how many went.
+    """
+    try:
+        names = os.listdir(grants)
+    except FileNotFoundError:
+        return 0
+    gone = 0
+    now = time.time()
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            if now - os.stat(grants / name, follow_symlinks=False).st_mtime > max_age_s:
+                os.unlink(grants / name)
+                gone += 1
+    return gone
 
 
 def punch_ranges(path: Path, ranges: list[tuple[int, int]]) -> None:
