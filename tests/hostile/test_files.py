@@ -381,10 +381,11 @@ def test_hook_with_a_dotdot_alias_deletes_nothing(tmp_path: Path, canary: Path) 
 @pytest.mark.integration
 @pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvirt_ready()))
 async def test_link_planted_at_a_running_jobs_ram_image_dir(tmp_path: Path, canary: Path) -> None:
-    """While a real job is stunned, its RAM image directory's name is planted as a link to a root directory.
+    """While a real job is stunned, its RAM image directory's name is planted as a link to a root directory;
+    in the next job, its device state file's name, as a link to a root file.
 
-    The daemon makes nothing through it: the job fails cleanly (source
-    running, nothing of it left), and the directory behind the link is as it was.
+    The daemon makes or writes nothing through them: each job fails cleanly
+    (source running, nothing of it left), and what is behind the links is as it was.
     """
     scratch = Scratch()
     virt = Hypervisor()
@@ -418,6 +419,23 @@ async def test_link_planted_at_a_running_jobs_ram_image_dir(tmp_path: Path, cana
             assert await virt.state(src) == "running"
             assert not (scratch.path / "state" / "clones" / f"{PREFIX}l1").exists()
             assert f"{PREFIX}l1" not in await virt.list_names()
+            # The next job: its device state file's name, in its job directory, planted as a
+            # link to the root file (O_TRUNC through it would empty it).
+            marker.unlink()
+            call = asyncio.ensure_future(api.call("POST", "/v1/jobs?wait=300", {
+                "source": src, "name": f"{PREFIX}l2", "keep_network": True}))
+            end = time.monotonic() + 240
+            while not marker.exists():
+                assert time.monotonic() < end, f"the job never reached MemoryLinked; log:\n{proc.log_text()[-3000:]}"
+                await asyncio.sleep(0.05)
+            state_link = scratch.path / "state" / "jobs" / f"stun-{marker.read_text()}" / "device.state"
+            state_link.symlink_to(canary)
+            _, body = await call
+            job = body["job"]
+            assert untouched(canary) == before, "the state file was written through the link"
+            assert job["state"] == "Failed" and "cannot create the state file" in job["error"]["message"], job
+            assert await virt.state(src) == "running"
+            assert not state_link.parent.exists()
         assert sorted(p.name for p in canary.parent.iterdir()) == ["canary"]
         assert untouched(canary) == before
     finally:
