@@ -2,7 +2,8 @@
 # Install instacloned as a systemd service on a Debian host (run as root):
 #   - the Debian packages it needs (libvirt, QEMU, qemu-img, a compiler for libvirt-python);
 #   - a virtualenv in $PREFIX (default /opt/instaclone) with instaclone installed;
-#   - /etc/instaclone/instaclone.toml (the documented example) unless one exists;
+#   - /etc/instaclone/instaclone.toml (the documented example, 0640 root:instaclone) unless one
+#     exists (an existing one loses any permission for others);
 #   - the system group "instaclone" (members may drive the daemon);
 #   - the libvirt hook the filecow memory backend needs;
 #   - the man page instacloned(8) and the README (the units' Documentation=);
@@ -78,9 +79,14 @@ mkdir -p "$BIN_DIR"
 ln -sf "$PREFIX/.venv/bin/instaclone" "$BIN_DIR/instaclone"
 ln -sf "$PREFIX/.venv/bin/instacloned" "$BIN_DIR/instacloned"
 
+# The config may hold webhook secrets: root's, readable by the instaclone
+# group (who drive the daemon), by nobody else.
 if [ ! -e "$CONFIG_DIR/instaclone.toml" ]; then
-    say "config $CONFIG_DIR/instaclone.toml (every key at its default)"
-    install -D -m 0644 "$repo/config/instaclone.toml" "$CONFIG_DIR/instaclone.toml"
+    say "config $CONFIG_DIR/instaclone.toml (every key at its default), 0640 root:instaclone"
+    install -D -m 0640 -o root -g instaclone "$repo/config/instaclone.toml" "$CONFIG_DIR/instaclone.toml"
+elif [ -n "$(find "$CONFIG_DIR/instaclone.toml" -maxdepth 0 -perm /o=rwx)" ]; then
+    say "config $CONFIG_DIR/instaclone.toml was open to every user: no longer (chmod o-rwx)"
+    chmod o-rwx "$CONFIG_DIR/instaclone.toml"
 fi
 "$PREFIX/.venv/bin/instacloned" --check-config --config "$CONFIG_DIR/instaclone.toml"
 

@@ -57,6 +57,26 @@ def run_hook(xml: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(HOOK), *args], input=xml, capture_output=True, text=True)
 
 
+def hook_in(xml: str, grants: Path, *args: str) -> int:
+    """The hook's main() on ``xml``, reading grants from ``grants`` (the installed one reads /run/instaclone/hook)."""
+    import io
+
+    stdin = sys.stdin
+    sys.stdin = io.StringIO(xml)
+    try:
+        return libvirt_hook.main(["hook", *args], grants=grants)
+    finally:
+        sys.stdin = stdin
+
+
+def grant(tmp_path: Path, frozen: Path, uuid: str = "00000000-0000-0000-0000-000000000003") -> Path:
+    from instaclone.plugin_api import MemoryImage
+    from instaclone_plugins.filecow import write_grant
+
+    img = MemoryImage("filecow", {"ram": str(frozen), "ramdir": str(tmp_path)})
+    return write_grant(uuid, img, grants=tmp_path / "grants")
+
+
 def domain_for_hook(tmp_path: Path, ram: Path, name: str = "a-very-long-clone-name-beyond-twenty") -> str:
     xml = SOURCE_XML.format(name=name, uuid="00000000-0000-0000-0000-000000000003", disk="/d.qcow2")
     xml = xml.replace("<domain type='qemu'>", "<domain type='qemu' id='42'>")
@@ -70,8 +90,12 @@ def test_hook_links_frozen_ram_into_libvirts_path(tmp_path):
     name = "a-very-long-clone-name-beyond-twenty"
     domdir = tmp_path / f"42-{name[:20]}"
     domdir.mkdir()
+    # Without the daemon's grant for its UUID, a domain marked as ours is refused.
     r = run_hook(domain_for_hook(tmp_path, frozen, name), name, "start", "begin", "-")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1 and "no grant" in r.stderr, r.stderr
+    assert not (domdir / "pc.ram").exists()
+    grant(tmp_path, frozen)
+    assert hook_in(domain_for_hook(tmp_path, frozen, name), tmp_path / "grants", name, "start", "begin", "-") == 0
     assert (domdir / "pc.ram").stat().st_ino == frozen.stat().st_ino
 
 
@@ -81,12 +105,22 @@ def test_hook_ignores_other_domains_and_phases(tmp_path):
     assert run_hook("not xml at all", "x", "prepare", "begin", "-").returncode == 0
 
 
-def test_hook_refuses_files_outside_its_directory(tmp_path):
+def test_hook_refuses_files_it_was_not_granted(tmp_path, capsys):
+    """The metadata names a file (it may say anything); only the granted inode is linked."""
     secret = tmp_path / "secret"
     secret.write_bytes(b"x")
+    frozen = tmp_path / "instaclone" / "job1" / "pc.ram"
+    frozen.parent.mkdir(parents=True)
+    frozen.write_bytes(b"memory")
     (tmp_path / "42-x").mkdir()
-    r = run_hook(domain_for_hook(tmp_path, secret, "x"), "x", "start", "begin", "-")
-    assert r.returncode == 1 and "refusing" in r.stderr
+    assert hook_in(domain_for_hook(tmp_path, secret, "x"), tmp_path / "grants", "x", "start", "begin", "-") == 1
+    assert "no grant" in capsys.readouterr().err
+    # A grant for the frozen file, whose name is then swapped for the secret.
+    grant(tmp_path, frozen)
+    frozen.unlink()
+    frozen.symlink_to(secret)
+    assert hook_in(domain_for_hook(tmp_path, frozen, "x"), tmp_path / "grants", "x", "start", "begin", "-") == 1
+    assert "cannot open RAM file" in capsys.readouterr().err
     assert not (tmp_path / "42-x" / "pc.ram").exists()
 
 

@@ -6,9 +6,11 @@ key (``clone.stun_deadline_ms: must be an integer between 50 and 600000``).
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,6 +41,19 @@ def default_socket_group() -> str:
     return SERVICE_GROUP
 
 
+#: The group libvirt runs QEMU in on Debian (user libvirt-qemu, group kvm).
+QEMU_GROUP = "kvm"
+
+
+def default_qemu_group() -> str:
+    """``kvm`` if that group exists here, else "" (see ``DaemonConfig.qemu_group``)."""
+    try:
+        grp.getgrnam(QEMU_GROUP)
+    except KeyError:
+        return ""
+    return QEMU_GROUP
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     socket: Path = Path("/run/instaclone/control.sock")
@@ -56,6 +71,21 @@ class DaemonConfig:
     # Prometheus metrics on a loopback TCP port too ("127.0.0.1:9464"); "" = only
     # on the control socket (GET /metrics).
     metrics_listen: str = ""
+    # The group libvirt runs QEMU in (qemu.conf "group"). The directories QEMU
+    # must pass through to reach a clone's disks and NVRAM (state, clones,
+    # deltas, jobs and each clone's) are root's, mode 0710 with this group:
+    # QEMU may traverse them, not list them; nobody else may do either. ""
+    # (no such group): those directories are 0711 instead.
+    qemu_group: str = field(default_factory=default_qemu_group)
+
+    def qemu_reach(self) -> tuple[int, int]:
+        """(mode, gid) of a directory QEMU must pass through; gid -1 keeps root's."""
+        if self.qemu_group:
+            try:
+                return 0o710, grp.getgrnam(self.qemu_group).gr_gid
+            except KeyError:
+                pass
+        return 0o711, -1
 
 
 @dataclass(frozen=True)
@@ -317,7 +347,7 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{key}: must be a list of non-empty strings, got {value!r}")
         return tuple(value)
-    if key == "daemon.socket_group":
+    if key in ("daemon.socket_group", "daemon.qemu_group"):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: must be a group name (\"\" for the daemon's own group), got {value!r}")
         if value:
@@ -442,9 +472,10 @@ def _endpoints(raw: Any) -> tuple[WebhookEndpoint, ...]:
         where = f"webhooks.endpoints[{i}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")
-        unknown = sorted(set(table) - {"name", "url", "secret", "secrets", "events"})
+        unknown = sorted(set(table) - {"name", "url", "secret", "secrets", "secret_file", "events"})
         if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: name, url, secret, secrets, events)")
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key "
+                              "(known: name, url, secret, secrets, secret_file, events)")
         name = table.get("name", f"endpoint{i}")
         if not isinstance(name, str) or not _ENDPOINT_NAME.match(name):
             raise ConfigError(f"{where}.name: must be 1-63 letters, digits, '.', '_' or '-', got {name!r}")
@@ -456,10 +487,15 @@ def _endpoints(raw: Any) -> tuple[WebhookEndpoint, ...]:
         problem = _url_problem(url)
         if problem:
             raise ConfigError(f"{where}.url: {problem}")
-        if "secret" in table and "secrets" in table:
-            raise ConfigError(f"{where}.secrets: give either 'secret' or 'secrets', not both")
-        secrets = table.get("secrets", [table["secret"]] if "secret" in table else None)
-        key = f"{where}.{'secrets' if 'secrets' in table else 'secret'}"
+        given = [k for k in ("secret", "secrets", "secret_file") if k in table]
+        if len(given) > 1:
+            raise ConfigError(f"{where}.{given[1]}: give one of 'secret', 'secrets' or 'secret_file', not both")
+        if "secret_file" in table:
+            key = f"{where}.secret_file"
+            secrets: Any = read_secret_file(key, table["secret_file"])
+        else:
+            secrets = table.get("secrets", [table["secret"]] if "secret" in table else None)
+            key = f"{where}.{'secrets' if 'secrets' in table else 'secret'}"
         if not isinstance(secrets, list) or not secrets or not all(isinstance(s, str) for s in secrets):
             raise ConfigError(f"{key}: required: a 'whsec_...' secret, or a list of them while rotating")
         for s in secrets:
@@ -476,6 +512,42 @@ def _endpoints(raw: Any) -> tuple[WebhookEndpoint, ...]:
                                   f"(types: {', '.join(events.TYPES)})")
         out.append(WebhookEndpoint(name, url, tuple(secrets), tuple(filters)))
     return tuple(out)
+
+
+def read_secret_file(key: str, value: Any) -> list[str]:
+    """The ``whsec_`` secrets in the file ``value``, one a line (newest first while rotating).
+
+    The file must be a regular file (not a link), owned by the daemon's user
+    and readable by it alone (mode 0600 or stricter): it signs every webhook.
+    Blank lines and lines starting with '#' are skipped.
+    """
+    if not isinstance(value, str) or not value or not Path(value).is_absolute():
+        raise ConfigError(f"{key}: must be an absolute path, got {value!r}")
+    try:
+        fd = os.open(value, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{key}: {value} is a symbolic link; name the file itself") from None
+        raise ConfigError(f"{key}: cannot read {value}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{key}: {value} is not a regular file")
+        if st.st_mode & 0o177:
+            raise ConfigError(f"{key}: {value} is mode {stat.S_IMODE(st.st_mode):04o}; it holds webhook secrets "
+                              f"and must be 0600 or stricter (chmod 600 {value})")
+        if st.st_uid != os.geteuid():
+            raise ConfigError(f"{key}: {value} belongs to uid {st.st_uid}, not to the daemon's user "
+                              f"(uid {os.geteuid()}); chown it")
+        raw = f.read(1 << 16)
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {value} is not UTF-8 text") from None
+    found = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not found:
+        raise ConfigError(f"{key}: {value} holds no 'whsec_...' secret (one a line)")
+    return found
 
 
 def _url_problem(url: str) -> str | None:

@@ -20,7 +20,7 @@ from aiohttp import web
 DAEMON_EXTRA = ("libvirt", "libvirt_qemu", "libvirtaio", "structlog", "prometheus_client", "pydantic")
 
 try:
-    from . import backends, config as cfg, log as logsetup, systemd
+    from . import backends, config as cfg, log as logsetup, safefs, systemd
     from .api import ACCESS, RUNNER_ARGS, Access, make_app
     from .config import Config
     from .errors import ConfigError, InstacloneError
@@ -75,10 +75,7 @@ class Daemon:
         memory_classes = [backends.memory_backend(c.clone.memory_backend)]
         if c.clone.memory_fallback != "none" and c.clone.memory_fallback != c.clone.memory_backend:
             memory_classes.append(backends.memory_backend(c.clone.memory_fallback))
-        for d in (c.daemon.state_dir, c.clones_dir, c.jobs_dir, c.delta_dir):
-            d.mkdir(parents=True, exist_ok=True)
-            # libvirt's QEMU user must reach disks and logs below these.
-            d.chmod(0o755)
+        prepare_dirs(c)
         await self.store.open()
         await self.virt.connect()
         storage = storage_cls(config=c, virt=self.virt)
@@ -113,7 +110,10 @@ class Daemon:
             where = f"{sock.getsockname()} (socket-activated)"
         else:
             sock_path = c.daemon.socket
-            sock_path.parent.mkdir(parents=True, exist_ok=True)
+            if not sock_path.parent.exists():
+                # Clients must reach the socket (whose own mode and group say who may use it).
+                sock_path.parent.mkdir(parents=True)
+                sock_path.parent.chmod(0o755)
             _remove_stale_socket(sock_path)
             await web.UnixSite(self._runner, str(sock_path)).start()
             _set_socket_owner(sock_path, c.daemon.socket_group, c.daemon.socket_mode)
@@ -264,6 +264,26 @@ class Daemon:
             await self.stop()
 
 
+def prepare_dirs(c: Config) -> None:
+    """Create the state directories (or narrow those an older daemon made 0755).
+
+    QEMU must pass through the state, clones, jobs and deltas directories to
+    reach a clone's disks and NVRAM: root's, 0710 with ``daemon.qemu_group``
+    (:meth:`~instaclone.config.DaemonConfig.qemu_reach`). The frozen
+    sources' directory is the daemon's alone (0700). None is a link.
+    """
+    mode, gid = c.daemon.qemu_reach()
+    for d in (c.daemon.state_dir, c.clones_dir, c.jobs_dir, c.delta_dir, c.daemon.state_dir / "frozen"):
+        d.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if d.name == "frozen" and d.parent == c.daemon.state_dir:
+                safefs.make_dir(d, mode=0o700, exist_ok=True)
+            else:
+                safefs.make_dir(d, mode=mode, owner=(-1, gid), exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot make the state directory {d} private: {exc.strerror or exc}") from None
+
+
 def _diff(a: Config, b: Config) -> list[tuple[str, object, object]]:
     out = []
     for section in a.__dataclass_fields__:
@@ -349,6 +369,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything is created: every file and directory the daemon (and
+    # qemu-img, its child) makes is its own unless it says otherwise.
+    os.umask(0o077)
     args = parse_args(argv)
     overrides: dict[str, object] = {}
     if args.socket:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from . import safefs
 from .config import Config
 from .errors import (
     ConfigError,
@@ -42,7 +43,7 @@ __all__ = [
     "CORE", "Backend", "CloneTarget", "Config", "ConfigError", "Disk", "DomainInfo", "DomainNotFound", "Hypervisor",
     "InstacloneError", "MemoryBackend", "MemoryError_", "MemoryImage", "MigrationInfo", "NotSupportedError",
     "Outcome", "Recorder", "Resource", "ResourceKind", "StorageBackend", "StorageError", "StunContext",
-    "UnsafeImage", "VirtError", "domxml", "get_logger", "new_mac", "new_uuid", "remove_path",
+    "UnsafeImage", "VirtError", "domxml", "get_logger", "new_mac", "new_uuid", "remove_path", "safefs",
 ]
 
 

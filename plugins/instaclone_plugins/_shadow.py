@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -66,6 +65,7 @@ from instaclone.plugin_api import (
     domxml,
     new_mac,
     new_uuid,
+    safefs,
 )
 
 from . import _images
@@ -140,7 +140,14 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
     ctx.scratch[KEY] = shadow
     await record(ResourceKind.FILE, str(shadow.dir))
     owner = await asyncio.to_thread(_owner, ctx.source.disks[0].path if ctx.source.disks else ctx.job_dir)
-    await asyncio.to_thread(_make_dir, shadow.dir, owner)
+    # Root's, as a clone's directory (QEMU passes through it; libvirt makes
+    # the shadow's sockets and logs): nothing can be planted in it. Its
+    # files are created here (O_EXCL, no link followed) and given to QEMU's user.
+    mode, gid = config.daemon.qemu_reach()
+    try:
+        await asyncio.to_thread(safefs.make_dir, shadow.dir, mode=mode, owner=(-1, gid), exist_ok=True)
+    except OSError as exc:
+        raise MemoryError_(f"cannot make the shadow's directory {shadow.dir}: {exc.strerror or exc}") from None
     disks: dict[str, Path] = {}
     for disk in ctx.source.disks:
         if disk.readonly:
@@ -148,14 +155,16 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
         disks[disk.target] = shadow.dir / f"{disk.target}.qcow2"
         # The size of the disk read as the format libvirt recorded (never probed).
         size = await _images.virtual_size(config.qcow2.qemu_img, disk.path, disk.format)
+        await asyncio.to_thread(_new_file, disks[disk.target], owner)
         await run(config.qcow2.qemu_img, "create", "-q", "-f", "qcow2", str(disks[disk.target]), str(size))
-        await asyncio.to_thread(os.chown, disks[disk.target], *owner)
     nvram = None
     if ctx.nvram is not None:
         # The shadow never runs its firmware; its flash only has to fit.
         nvram = shadow.dir / "shadow_VARS.fd"
-        await asyncio.to_thread(shutil.copyfile, ctx.nvram, nvram)
-        await asyncio.to_thread(os.chown, nvram, *owner)
+        try:
+            await asyncio.to_thread(safefs.copy_file, ctx.nvram, nvram, owner=owner)
+        except OSError as exc:
+            raise MemoryError_(f"cannot copy {ctx.nvram} for the shadow: {exc.strerror or exc}") from None
     ident = domxml.CloneIdentity(
         name=shadow.name, uuid=shadow.uuid, macs=[new_mac() for _ in range(domxml.count_interfaces(ctx.source.xml))],
         dir=shadow.dir, disks=disks, job_id=ctx.job_id, extra_qemu_args=["-incoming", "defer"], nvram=nvram,
@@ -173,7 +182,9 @@ async def link_ram(*, shadow: Shadow, ram: tuple[Path, bool], image_dir: Path, a
         raise MemoryError_(f"shadow {shadow.name!r} has no shared RAM file (got {ram})")
     frozen = image_dir / alias
     try:
-        await asyncio.to_thread(os.link, ram[0], frozen)
+        # libvirt's per-domain RAM directory is QEMU's: the file is opened
+        # without following a link and that very inode is linked.
+        await asyncio.to_thread(safefs.link_file, ram[0], frozen)
     except OSError as exc:
         raise MemoryError_(f"cannot link the shadow's RAM file {ram[0]} to {frozen}: {exc}") from None
     return frozen
@@ -233,9 +244,9 @@ class RamPair:
     def open(cls, source: Path, shadow: Path, *, populate: bool = True) -> RamPair:
         pair = cls(source, shadow)
         try:
-            fs = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            fs = safefs.open_file(source)
             pair._fds.append(fs)
-            fd = os.open(shadow, os.O_RDWR | os.O_CLOEXEC)
+            fd = safefs.open_file(shadow, os.O_RDWR)
             pair._fds.append(fd)
             pair.size = os.fstat(fs).st_size
             if os.fstat(fd).st_size != pair.size:
@@ -340,8 +351,8 @@ def _owner(path: Path) -> tuple[int, int]:
     return st.st_uid, st.st_gid
 
 
-def _make_dir(path: Path, owner: tuple[int, int]) -> None:
-    # The shadow's QEMU makes its sockets and logs here, as the user libvirt
-    # runs QEMU as (the owner of the source's disk).
-    path.mkdir(parents=True, exist_ok=True)
-    os.chown(path, *owner)
+def _new_file(path: Path, owner: tuple[int, int]) -> None:
+    try:
+        os.close(safefs.create_file(path, owner=owner))
+    except OSError as exc:
+        raise MemoryError_(f"cannot create the shadow's disk {path}: {exc.strerror or exc}") from None

@@ -39,9 +39,10 @@ the last of them exits. A frozen source keeps its own file, and the
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import contextlib
 import errno
 import itertools
+import json
 import os
 import time
 from pathlib import Path
@@ -63,9 +64,11 @@ from instaclone.plugin_api import (
     domxml,
     get_logger,
     remove_path,
+    safefs,
 )
 
 from . import _shadow
+from .libvirt_hook import GRANTS_DIR
 
 RAM_ALIAS = "pc.ram"
 
@@ -88,12 +91,16 @@ class FileCowMemory(MemoryBackend):
     supports_frozen_source = True
     shares_memory = True
 
+    #: Where the libvirt hook finds the grants (an instance may be given another: tests).
+    grants_dir: Path = GRANTS_DIR
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         #: shadow name -> its and its source's RAM, mapped to verify the pre-copy
         self._rams: dict[str, _shadow.RamPair] = {}
 
     async def check(self) -> None:
+        await asyncio.to_thread(sweep_grants, self.grants_dir, self.config.clone.step_timeout_s)
         fc, clone = self.config.filecow, self.config.clone
         if fc.source_mode == "precopy" and fc.precopy_timeout_s >= clone.step_timeout_s:
             raise ConfigError(f"memory.filecow.precopy_timeout_s ({fc.precopy_timeout_s:g}) must be below "
@@ -199,7 +206,7 @@ class FileCowMemory(MemoryBackend):
         image_dir, state = ramdir / "instaclone" / ctx.job_id, ctx.job_dir / "device.state"
         await record(ResourceKind.FILE, str(image_dir))
         await record(ResourceKind.FILE, str(state))
-        await asyncio.to_thread(image_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(make_image_dir, image_dir)
         frozen = await _shadow.link_ram(shadow=shadow, ram=found, image_dir=image_dir, alias=RAM_ALIAS)
         stats = await self.virt.save_state(shadow.name, state, ignore_shared=True,
                                            timeout_s=self.config.clone.step_timeout_s)
@@ -227,16 +234,18 @@ class FileCowMemory(MemoryBackend):
         # removes them through undo() (a RAM copy can be gigabytes).
         await record(ResourceKind.FILE, str(image_dir))
         await record(ResourceKind.FILE, str(state))
-        await asyncio.to_thread(image_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(make_image_dir, image_dir)
         stats = await self.virt.save_state(ctx.source.name, state, ignore_shared=True,
                                            timeout_s=self.config.clone.step_timeout_s)
         frozen = image_dir / RAM_ALIAS
         respawn = self.config.filecow.source_mode == "respawn" and not ctx.frozen
         try:
+            # The source's RAM file is in libvirt's per-domain directory,
+            # which QEMU's user may write: never followed if it is a link.
             if respawn:
-                await asyncio.to_thread(os.link, ram, frozen)
+                await asyncio.to_thread(safefs.link_file, ram, frozen)
             else:
-                await asyncio.to_thread(sparse_copy, ram, frozen)
+                await asyncio.to_thread(safefs.sparse_copy, ram, frozen)
         except OSError as exc:
             raise MemoryError_(f"cannot {'link' if respawn else 'copy'} the source's RAM file {ram} "
                                f"to {frozen}: {exc}") from None
@@ -274,13 +283,23 @@ class FileCowMemory(MemoryBackend):
 
     async def _start_on_image(self, name: str, uuid: str, img: MemoryImage) -> None:
         t0 = time.monotonic()
-        await self.virt.start(name, paused=True)
+        # The hook links the frozen file for this domain's UUID only, and only
+        # while it starts (see libvirt_hook).
+        try:
+            await asyncio.to_thread(sweep_grants, self.grants_dir, self.config.clone.step_timeout_s)
+            grant = await asyncio.to_thread(write_grant, uuid, img, self.grants_dir)
+        except OSError as exc:
+            raise MemoryError_(f"cannot write the libvirt hook's grant for {name!r}: {exc.strerror or exc}") from None
+        try:
+            await self.virt.start(name, paused=True)
+        finally:
+            await asyncio.to_thread(grant.unlink, missing_ok=True)
         t1 = time.monotonic()
         found = await self.virt.ram_file(name, RAM_ALIAS)
         ino = None
         if found is not None:
             try:
-                ino = (await asyncio.to_thread(found[0].stat)).st_ino
+                ino = (await asyncio.to_thread(os.stat, found[0], follow_symlinks=False)).st_ino
             except OSError:
                 ino = None
         if found is None or found[1] or ino != img.number("inode"):
@@ -335,23 +354,69 @@ class FileCowMemory(MemoryBackend):
         await remove_path(image.path("state"))
 
 
-_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+def make_image_dir(image_dir: Path) -> None:
+    """``<ramdir>/instaclone/<job>``: root's, 0700, never through a link; MemoryError_ if it cannot be.
+
+    libvirt's RAM directory is QEMU's user's: ``instaclone`` below it must be
+    the daemon's own directory (not a link, not someone else's), or nothing
+    is made in it.
+    """
+    try:
+        safefs.make_dir(image_dir.parent, mode=0o700, exist_ok=True)
+        safefs.make_dir(image_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise MemoryError_(f"cannot make the memory image's directory {image_dir}: "
+                           f"{exc.strerror or exc} (a link or someone else's directory is never used)") from None
+
+
+def write_grant(uuid: str, img: MemoryImage, grants: Path = GRANTS_DIR) -> Path:
+    """Tell the libvirt hook which frozen RAM file the domain ``uuid`` may start on (its inode too)."""
+    frozen = img.path("ram")
+    st = os.stat(frozen, follow_symlinks=False)
+    grants.parent.mkdir(parents=True, exist_ok=True)
+    safefs.make_dir(grants, mode=0o700, exist_ok=True)
+    grant = grants / uuid
+    grant.unlink(missing_ok=True)  # a start cut short by a crash (the directory is root's alone)
+    fd = safefs.create_file(grant)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"ram": str(frozen), "ramdir": str(img.path("ramdir")), "alias": RAM_ALIAS,
+                   "dev": st.st_dev, "inode": st.st_ino}, f)
+    return grant
+
+
+def sweep_grants(grants: Path, max_age_s: float) -> int:
+    """Remove the grants older than ``max_age_s`` (no start takes longer): left by a daemon killed in a start.
+
+    Younger ones may be another daemon's start in flight (tests run several).
+    Returns how many went.
+    """
+    try:
+        names = os.listdir(grants)
+    except FileNotFoundError:
+        return 0
+    gone = 0
+    now = time.time()
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            if now - os.stat(grants / name, follow_symlinks=False).st_mtime > max_age_s:
+                os.unlink(grants / name)
+                gone += 1
+    return gone
 
 
 def punch_ranges(path: Path, ranges: list[tuple[int, int]]) -> None:
     """Punch holes at ``ranges`` (offset, length) of ``path``, keeping its size (tmpfs, ext4, xfs)."""
     if not ranges:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = safefs.open_file(path, os.O_RDWR)
     try:
         for off, length in ranges:
-            if libc.fallocate(fd, _PUNCH, off, length) != 0:
-                err = ctypes.get_errno()
-                if err in (errno.EINVAL, errno.EOPNOTSUPP):
+            try:
+                safefs.punch(fd, off, length)
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                     return  # hugetlbfs: no holes there
-                raise OSError(err, f"fallocate(PUNCH_HOLE) of {path}")
+                raise OSError(exc.errno, f"fallocate(PUNCH_HOLE) of {path}") from None
     finally:
         os.close(fd)
 
@@ -362,15 +427,12 @@ def punch_zero_pages(path: Path, page: int = 4096, chunk: int = 1 << 21) -> int:
     Only the data ranges are read. A file system that cannot be read with
     read(2) or punched (hugetlbfs) is left as it is (0).
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     zero_chunk, zero_page = bytes(chunk), bytes(page)
     freed = 0
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = safefs.open_file(path, os.O_RDWR)
 
     def punch(off: int, length: int) -> None:
-        if libc.fallocate(fd, _PUNCH, off, length) != 0:
-            raise OSError(ctypes.get_errno(), f"fallocate(PUNCH_HOLE) of {path}")
+        safefs.punch(fd, off, length)
 
     try:
         st = os.fstat(fd)
@@ -406,36 +468,10 @@ def punch_zero_pages(path: Path, page: int = 4096, chunk: int = 1 << 21) -> int:
 
 
 def sparse_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to a new file ``dst``, data ranges only (holes stay holes).
+    """Copy ``src`` to a new file ``dst``, data ranges only (holes stay holes); see ``safefs.sparse_copy``.
 
     A guest's RAM file is sparse: pages the guest never touched were never
     allocated, so the copy costs time in proportion to the RAM in use, not
-    to the guest's RAM size. The kernel copies (copy_file_range): no data
-    passes through this process.
+    to the guest's RAM size. Neither name is followed if it is a link.
     """
-    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fin).st_size
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            st = os.fstat(fin)
-            os.fchown(fout, st.st_uid, st.st_gid)
-            os.ftruncate(fout, size)
-            off = 0
-            while off < size:
-                try:
-                    start = os.lseek(fin, off, os.SEEK_DATA)
-                except OSError:  # ENXIO: no data past off
-                    break
-                end = os.lseek(fin, start, os.SEEK_HOLE)
-                pos = start
-                while pos < end:
-                    n = os.copy_file_range(fin, fout, end - pos, pos, pos)
-                    if n == 0:
-                        raise OSError(f"short copy of {src} at {pos}")
-                    pos += n
-                off = end
-        finally:
-            os.close(fout)
-    finally:
-        os.close(fin)
+    safefs.sparse_copy(src, dst)

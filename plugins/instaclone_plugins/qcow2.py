@@ -27,6 +27,7 @@ of clones) may be backed by them.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 from instaclone.plugin_api import (
@@ -40,11 +41,16 @@ from instaclone.plugin_api import (
     StorageBackend,
     StorageError,
     StunContext,
+    safefs,
 )
 
 from . import _images
 from ._images import Layer
 from ._proc import run
+
+
+def _new_file(path: Path) -> None:
+    os.close(safefs.create_file(path))
 
 
 class Qcow2Storage(StorageBackend):
@@ -70,7 +76,9 @@ class Qcow2Storage(StorageBackend):
         if not disks:
             raise StorageError(f"source {ctx.source.name!r} has no writable file-backed disk to clone")
         source_dir = self.delta_dir / ctx.source.name
-        await asyncio.to_thread(source_dir.mkdir, parents=True, exist_ok=True)
+        # libvirt makes the overlays here; QEMU only passes through (0710, its group).
+        mode, gid = self.config.daemon.qemu_reach()
+        await asyncio.to_thread(safefs.make_dir, source_dir, mode=mode, owner=(-1, gid), exist_ok=True)
         overlays: dict[str, Path] = {}
         for disk in disks:
             path = source_dir / f"{ctx.source.name}.{disk.target}.{ctx.job_id}.qcow2"
@@ -93,6 +101,12 @@ class Qcow2Storage(StorageBackend):
             size = await _images.virtual_size(self.qemu_img, top, fmt)
             path = clone.dir / f"{target}.qcow2"
             await record(ResourceKind.FILE, str(path), clone=clone.name)
+            # Made here first (O_EXCL, no link followed); qemu-img then writes
+            # into that very file of the daemon's own directory.
+            try:
+                await asyncio.to_thread(_new_file, path)
+            except OSError as exc:
+                raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from None
             # -u with an explicit size: qemu-img opens no backing file at all
             # (T is in use by the source, and is read as -F says from now on).
             await run(

@@ -63,6 +63,9 @@ def build_engine(world: World, injector: Injector | None) -> Any:
     """An engine on the world; with ``injector``, every hypervisor and backend call goes through it."""
     virt = world.virt if injector is None else HypervisorProxy(world.virt, injector)
     storage, memory = harness.make_backends(world.config, virt, world.storage, world.memory)
+    grants = getattr(world, "grants_dir", None)
+    if grants is not None and hasattr(memory, "grants_dir"):
+        memory.grants_dir = grants
     if injector is not None:
         instrument(storage, "storage", injector)
         instrument(memory, "memory", injector)

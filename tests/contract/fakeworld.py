@@ -135,6 +135,8 @@ class FakeWorld(World):
         virt = ContractFake(root / "ram")
         super().__init__(config=fake_config(root), virt=virt, source=source, storage=storage, memory=memory)
         self.state_file = root / "fake-hypervisor.json"
+        # filecow's grants for the libvirt hook: here, not in the host's /run/instaclone/hook.
+        self.grants_dir = root / "grants"
 
     @classmethod
     async def create(cls, root: Path, *, storage: str, memory: str) -> FakeWorld:

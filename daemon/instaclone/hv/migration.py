@@ -113,7 +113,11 @@ class Migration(Connection):
                 raise VirtStateError(
                     f"{name!r} was already captured during this pause (it was paused by its owner and "
                     "cloned before); resume it, or freeze it with 'instaclone freeze' to clone it repeatedly")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            # Never through a link (the directory is root's; issue 21).
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise VirtError(f"cannot create the state file {path} of {name!r}: {exc.strerror}") from None
             try:
                 _set_caps(dom, ignore_shared)
                 # QEMU's default bandwidth cap (32 MiB/s) is for networks, not files.
@@ -133,7 +137,10 @@ class Migration(Connection):
 
         def do() -> None:
             dom = self._dom(name)
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                raise VirtError(f"cannot open the state file {path} for {name!r}: {exc.strerror}") from None
             try:
                 _set_caps(dom, ignore_shared)
                 qmp(dom, "getfd", {"fdname": "instaclone-in"}, files=[fd])

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from .. import safefs
 from ..plugin_api import remove_path
 
-__all__ = ["copy_private", "make_dir", "owner_of", "read_json", "remove_path", "write_json"]
+__all__ = ["copy_private", "give", "make_dir", "owner_of", "read_json", "remove_path", "write_json"]
 
 
 def owner_of(path: Path | None) -> tuple[int, int] | None:
@@ -24,29 +24,40 @@ def owner_of(path: Path | None) -> tuple[int, int] | None:
     return st.st_uid, st.st_gid
 
 
-def make_dir(path: Path, owner: tuple[int, int] | None) -> None:
-    """Create ``path`` (it must not exist), owned by ``owner`` unless that is root."""
-    path.mkdir(parents=True, exist_ok=False)
-    if owner is not None and owner != (0, 0):
-        os.chown(path, *owner)
+def make_dir(path: Path, *, mode: int = 0o700, gid: int = -1, exist_ok: bool = False) -> None:
+    """Create ``path`` (unless ``exist_ok``, it must not exist), root's, with ``mode`` and group ``gid``.
+
+    Root's: nothing can be planted in it (``safefs``). libvirt gives QEMU the
+    files it needs (disks, NVRAM) and makes the sockets and logs a
+    definition names itself. Missing parents (root's tree) are made first.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safefs.make_dir(path, mode=mode, owner=(-1, gid), exist_ok=exist_ok)
+
+
+def give(path: Path, owner: tuple[int, int]) -> None:
+    """Give the regular file ``path`` (not a link) to ``owner``, mode 0600, by descriptor."""
+    fd = safefs.open_file(path)
+    try:
+        os.fchown(fd, *owner)
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def copy_private(src: Path, dst: Path) -> None:
-    """Copy ``src`` (opened read-only: it is never written) to a new file ``dst``.
+    """Copy ``src`` (a regular file, not a link, only read) to a new file ``dst`` (O_EXCL, no link followed).
 
     ``dst`` gets ``src``'s owner (the user libvirt runs QEMU as) and mode 0600.
     """
-    st = src.stat()
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as fout, open(src, "rb") as fin:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fchown(fout.fileno(), st.st_uid, st.st_gid)
-        os.fsync(fout.fileno())
+    safefs.copy_file(src, dst)
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data))
+    """Write ``data`` to a new file ``path`` (0600, O_EXCL: never through a link)."""
+    fd = safefs.create_file(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data))
 
 
 def read_json(path: Path) -> Any:

@@ -32,7 +32,7 @@ from ..plugin_api import CloneTarget, MemoryBackend, Recorder, StunContext
 from ..states import State
 from . import customize, start
 from .admission import active_source
-from .files import copy_private, make_dir, owner_of, read_json, remove_path
+from .files import copy_private, give, make_dir, owner_of, read_json, remove_path
 from .services import Services
 
 #: Ledger ids of what the jobs of one stun share start with this.
@@ -155,9 +155,12 @@ async def source_delta(svc: Services, run: Run) -> None:
 async def clone_deltas(svc: Services, run: Run, member: Member) -> None:
     """CloneDeltaCreated: each clone's directory, empty deltas over the tops, its own NVRAM copy."""
     ctx, job = run.context, member.job
-    # The clone's QEMU makes sockets and logs in its directory, so the
-    # directory belongs to the user libvirt runs QEMU as: the owner libvirt
-    # gave the source's top image.
+    # The directory stays root's: QEMU only passes through it (0710, its
+    # group) to the disks and NVRAM libvirt gives it, and libvirt makes the
+    # sockets and logs a definition names here itself; so nothing can be
+    # planted in it (issue 21). Its files go to the user libvirt runs QEMU
+    # as: the owner libvirt gave the source's top image.
+    mode, gid = svc.config.daemon.qemu_reach()
     owner = await asyncio.to_thread(owner_of, next(iter(ctx.tops.values()), None))
     src_nvram = vmstate.nvram_path(ctx.source.xml)
     storage_record = svc.ledger.recorder(job.id, owner=svc.storage.name)
@@ -170,8 +173,11 @@ async def clone_deltas(svc: Services, run: Run, member: Member) -> None:
             raise Conflict(f"{clone.dir} exists already (a directory no clone of that name owns); "
                            "remove it or pick another name")
         await member.record(ResourceKind.FILE, str(clone.dir), clone=clone.name)
-        await asyncio.to_thread(make_dir, clone.dir, owner)
+        await asyncio.to_thread(make_dir, clone.dir, mode=mode, gid=gid)
         clone.disks = await svc.storage.create_clone_delta(ctx=ctx, clone=clone, record=storage_record)
+        if owner is not None:
+            for disk in clone.disks.values():
+                await asyncio.to_thread(give, disk, owner)
         if ctx.nvram is not None:
             # The UEFI variables as they are at stun (the paused source's
             # QEMU does not write them now); the source's file is only read.
@@ -267,7 +273,9 @@ async def prepare(svc: Services, run: Run) -> None:
                                      "redefined meanwhile); request the clone again")
     job_dir = svc.config.jobs_dir / run.id
     await run.record(ResourceKind.FILE, str(job_dir))
-    await asyncio.to_thread(job_dir.mkdir, parents=True, exist_ok=True)
+    # QEMU passes through it to a pre-copy's shadow directory (filecow).
+    mode, gid = svc.config.daemon.qemu_reach()
+    await asyncio.to_thread(make_dir, job_dir, mode=mode, gid=gid, exist_ok=True)
     # A frozen source (registered by "freeze") stays paused and is never
     # snapshotted per job. A source paused by its owner is not ours to pause
     # or resume, but is otherwise handled like a running one.

@@ -21,7 +21,7 @@ from ..model import CORE, FrozenSource, ResourceKind
 from ..plugin_api import StunContext
 from . import customize
 from .admission import active_source, pick_memory
-from .files import copy_private, remove_path, write_json
+from .files import copy_private, make_dir, remove_path, write_json
 from .services import Services
 
 
@@ -52,7 +52,7 @@ async def freeze(svc: Services, name: object) -> dict[str, Any]:
                 await record(ResourceKind.STUN, src, uuid=info.uuid)
                 await svc.virt.suspend(src)
             await record(ResourceKind.FILE, str(ctx.job_dir))
-            await asyncio.to_thread(ctx.job_dir.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(make_dir, ctx.job_dir, exist_ok=True)
             # Per-VM state the clones copy is taken now, while the source
             # cannot change it; it lives (and dies) with the frozen dir.
             await asyncio.to_thread(write_json, ctx.job_dir / "interfaces.json", ipv4)

@@ -10,6 +10,8 @@ webhook traffic never queues behind a clone's writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +41,23 @@ class Database:
         await loop.run_in_executor(self._reader, self._open_reader)
 
     def _open_writer(self) -> None:
+        if not self.path.exists():
+            # Made 0600 before SQLite opens it: it gives its -wal and -shm
+            # files the database's mode. Every job's script and guest config
+            # are in it.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600))
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            # A journal made by an older daemon (0644) is made private too.
+            for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                with contextlib.suppress(FileNotFoundError):
+                    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:
+                        os.fchmod(fd, 0o600)
+                    finally:
+                        os.close(fd)
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             migrate(db, self.path)
