@@ -265,7 +265,7 @@ async def test_clone_delta_is_never_created_through_a_planted_link(tmp_path: Pat
     """qemu-img create's target (a clone's vda.qcow2) planted as a link to a root file: refused, file untouched."""
     from instaclone.config import Config
     from instaclone.errors import StorageError
-    from instaclone.hv import DomainInfo
+    from instaclone.hv import Disk, DomainInfo
     from instaclone.plugin_api import CloneTarget, StunContext
     from instaclone_plugins.qcow2 import Qcow2Storage
 
@@ -276,7 +276,8 @@ async def test_clone_delta_is_never_created_through_a_planted_link(tmp_path: Pat
     (clone_dir / "vda.qcow2").symlink_to(canary)
     before = untouched(canary)
     storage = Qcow2Storage(config=Config(), virt=None)  # type: ignore[arg-type]  # no libvirt call on this path
-    ctx = StunContext("j1", DomainInfo("s", "u", "running", 0, "<domain/>"), tmp_path, tops={"vda": top})
+    source = DomainInfo("s", "u", "running", 0, "<domain/>", disks=(Disk("vda", top, "qcow2"),))
+    ctx = StunContext("j1", source, tmp_path, tops={"vda": top})
 
     async def record(kind: object, ref: str, *, clone: str | None = None) -> int:
         return 1
