@@ -50,6 +50,10 @@ class Resource:
     clone: str | None
     status: ResourceStatus
     owner: str = CORE
+    # (st_dev, st_ino) and S_IFMT bits of the file once made (None: not made yet, or not a file).
+    dev: int | None = None
+    ino: int | None = None
+    ftype: int | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Version 1: jobs, their states, the resource ledger, frozen sources, clones.
 _V1 = """
@@ -136,6 +136,15 @@ _V4_CLONE_COLUMNS = (("expires_at", "REAL"), ("pool", "TEXT"), ("claimed_at", "R
                      ("generation", "INTEGER NOT NULL DEFAULT 0"))
 
 
+# Version 5: what instaclone made, by identity. A ledger row is written before
+# its file exists (recovery must find it); once the file is made, the row gets
+# its (st_dev, st_ino) and file type (``ftype``: the S_IFMT bits), and garbage
+# collection and destroy delete a file only if the name still holds that
+# inode, of that type. ``removed_at``: deleted by instaclone (or found gone),
+# never a candidate again.
+_V5_RESOURCE_COLUMNS = (("dev", "INTEGER"), ("ino", "INTEGER"), ("ftype", "INTEGER"), ("removed_at", "REAL"))
+
+
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
@@ -167,9 +176,17 @@ def _v4(db: sqlite3.Connection) -> None:
         db.execute(stmt)
 
 
+def _v5(db: sqlite3.Connection) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(resources)")}
+    for name, decl in _V5_RESOURCE_COLUMNS:
+        if name not in columns:
+            db.execute(f"ALTER TABLE resources ADD COLUMN {name} {decl}")
+    db.execute("CREATE INDEX IF NOT EXISTS resources_made ON resources(removed_at, dev)")
+
+
 #: (version, migration to it from the version before), in order.
 MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
-    (1, _v1), (2, _v2), (3, _v3), (4, _v4))
+    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5))
 
 
 def _version(db: sqlite3.Connection) -> int:
