@@ -169,6 +169,14 @@ class PoolsConfig:
 
 
 @dataclass(frozen=True)
+class GcConfig:
+    # A full garbage collection (every file instaclone made and no chain uses)
+    # runs this often, the first one this long after start; 0: only on request
+    # (POST /v1/gc). Destroy collects what the destroyed clone released itself.
+    interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
@@ -178,6 +186,7 @@ class Config:
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
+    gc: GcConfig = field(default_factory=GcConfig)
 
     @property
     def delta_dir(self) -> Path:
@@ -192,13 +201,19 @@ class Config:
         return self.daemon.state_dir / "jobs"
 
     @property
+    def own_dirs(self) -> tuple[Path, ...]:
+        """instaclone's own directories: only files made below them are ever deleted by garbage collection."""
+        return (self.delta_dir, self.clones_dir, self.jobs_dir, self.daemon.state_dir / "frozen")
+
+    @property
     def journal_path(self) -> Path:
         return self.daemon.state_dir / "journal.sqlite"
 
 
 # Section name in the TOML file -> dataclass field of Config.
 _SECTIONS = {"daemon": "daemon", "libvirt": "libvirt", "clone": "clone", "storage.qcow2": "qcow2",
-             "memory.filecow": "filecow", "webhooks": "webhooks", "access": "access", "pools": "pools"}
+             "memory.filecow": "filecow", "webhooks": "webhooks", "access": "access", "pools": "pools",
+             "gc": "gc"}
 
 # (min, max) for numeric keys.
 _RANGES: dict[str, tuple[float, float]] = {
@@ -224,6 +239,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "pools.max_memory_mib": (0, 1 << 30),
     "pools.claim_wait_s": (0, 3600),
     "pools.check_interval_s": (0.1, 3600),
+    "gc.interval_s": (0, 7 * 86400),
 }
 _CHOICES = {
     "daemon.log_format": ("auto", "json", "console", "journald"),

@@ -1,4 +1,4 @@
-"""Maintenance of finished clones: destroy (then garbage collection), and backing-chain consolidation after a job."""
+"""Maintenance of finished clones: destroy (then collection of what it released), and chain consolidation."""
 
 from __future__ import annotations
 
@@ -6,22 +6,26 @@ import asyncio
 import time
 from pathlib import Path
 
-from ..errors import Conflict, InstacloneError, NotFound, StepFailed
-from ..model import CloneRecord, JobRecord, ResourceKind
+from ..errors import Conflict, DomainNotFound, InstacloneError, NotFound, StepFailed
+from ..model import CloneRecord, JobRecord, Resource, ResourceKind
 from ..states import State
 from ..store.gc import retained_id
-from . import gc
+from . import gc, templates
+from .pipeline import STUN_LEDGER_PREFIX
 from .services import Services
 
 
 async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") -> CloneRecord:
-    """Power off and remove a clone made by instaclone; then collect what nothing uses any more.
+    """Power off and remove a clone made by instaclone; then collect what it released (nothing else).
 
-    Its clones (if it has any) keep running: the images of its directory
-    their chains use stay, kept under a ``retained:`` ledger record that also
-    keeps its name taken, until garbage collection finds them unused
-    (``jobs.gc``). Never touches a file of its source. ``reason`` (destroyed,
-    expired, released, pool) is in its ``clone.destroyed`` event.
+    What it released: the files instaclone made for it (its directory), its
+    deltas as a source, and the recorded images of its disks' chains, each
+    unless another chain still uses it (``jobs.gc``, scoped). Its clones (if
+    it has any) keep running: the images of its directory their chains use
+    stay, kept under a ``retained:`` ledger id that also keeps its name taken,
+    until a later destroy or collection finds them unused. Never touches a
+    file of its source, nor one instaclone did not make. ``reason``
+    (destroyed, expired, released, pool) is in its ``clone.destroyed`` event.
     """
     rec = await svc.store.get_clone(name)
     if rec is None:
@@ -33,19 +37,46 @@ async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") 
     clone_dir = Path(rec.dir)
     # Under its lock: no job of it is in its stun (snapshotting its disk) meanwhile.
     async with svc.lock(name):
+        released = await _released_chain(svc, name)
         if clone_dir.parent == svc.config.clones_dir:  # never outside our directory
             # Recorded before the clone is forgotten: its directory is removed
-            # by the ledger once no chain uses a file in it.
-            await svc.ledger.recorder(retained_id(rec.source, name))(ResourceKind.FILE, str(clone_dir), clone=name)
+            # once no chain uses a file in it (then the id is released).
+            kept_id = retained_id(rec.source, name)
+            made = await svc.store.made_identity(str(clone_dir))
+            rid = await svc.ledger.recorder(kept_id)(ResourceKind.FILE, str(clone_dir), clone=name)
+            if made is not None:
+                await svc.store.set_made(rid, *made)
+            # Its deltas as a source are its own now: collected like its files.
+            await svc.store.adopt_source_deltas((STUN_LEDGER_PREFIX, templates.ledger_id(name)), name,
+                                                into=kept_id, clone=name)
         await svc.virt.undefine(name)
         await svc.store.remove_clone(rec, reason=reason)
     svc.log.info("clone.destroyed", clone=name, source=rec.source, children=children, reason=reason)
+    scope_dirs = {gc.norm(str(clone_dir)), *(p.rsplit("/", 1)[0] for p in released)}
+    kept_id = retained_id(rec.source, name)
+
+    def in_scope(res: Resource) -> bool:
+        ref = gc.norm(res.ref)
+        return res.job_id == kept_id or ref in released or any(gc.under(ref, d) for d in scope_dirs)
+
     try:
-        await gc.collect(svc)
+        await gc.collect(svc, scope=in_scope)
     except InstacloneError as exc:
         # The clone is gone; its files stay until a later collection can tell they are unused.
         svc.log.warning("gc.failed", after="destroy", clone=name, error=exc.message)
     return rec
+
+
+async def _released_chain(svc: Services, name: str) -> set[str]:
+    """Every path the clone's chains and definition name, read before it is undefined (none if it is gone)."""
+    try:
+        paths = await gc.domain_paths(svc, name)
+    except DomainNotFound:
+        return set()
+    except (InstacloneError, OSError) as exc:
+        svc.log.warning("gc.chain_unknown", clone=name, error=str(exc))
+        return set()
+    return {gc.norm(p) for p in paths}
 
 
 async def consolidate(svc: Services, jobs: list[JobRecord]) -> None:
@@ -96,6 +127,7 @@ async def _consolidate_one(svc: Services, name: str) -> None:
         except TimeoutError:
             raise StepFailed(f"consolidation of {name} {disk.target} took longer than "
                                   f"{svc.config.clone.step_timeout_s:g} s") from None
+        svc.chain_cache.pop(str(disk.path), None)  # its chain is shorter now
         now_top = next(d.path for d in (await svc.virt.lookup(name)).disks if d.target == disk.target)
         after = await svc.storage.chain_depth(path=now_top)
         svc.log.info("chain.consolidated", domain=name, disk=disk.target, depth_before=depth,

@@ -54,6 +54,8 @@ class Services:
     step_hook: StepHook | None = None
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     log: Any = field(default_factory=lambda: get_logger(component="jobs"))
+    # Backing chains read from image files, by top image, with the stat of each image (``jobs.gc``).
+    chain_cache: dict[str, Any] = field(default_factory=dict)
     _start_slots: asyncio.Semaphore | None = None
 
     @property
