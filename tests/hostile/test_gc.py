@@ -6,7 +6,8 @@ by another inode, a source's own top image in a shared ``delta_dir`` while the
 source is undefined: none of them is ever deleted. The fakes (tests/fakes.py,
 which satisfy the typed hypervisor protocol) stand in for libvirt and
 qemu-img: the claims here are about host files, and the fake images name
-their backing file as a qcow2 header does.
+their backing file as a qcow2 header does. The last test does the same on a
+real busybox guest, its real images and the logs and sockets its QEMU makes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import pytest
 from instaclone.jobs import gc
 from instaclone.states import State
 
+from ..conftest import libvirt_ready
 from ..fakes import fake_engine, fake_world, image_bytes
+from ..vmlib import Api, boot_source, daemon_world
 
 CANARY = b"the host's own file\n" * 64
 
@@ -190,6 +193,29 @@ async def test_destroy_reads_each_chain_once_not_every_chain_per_destroy(env):
     assert not any((c.clones_dir / n).exists() for n in names)
 
 
+async def test_clones_destroyed_at_once_are_collected_together(env):
+    """A pool torn down: many destroys at once share a collection, not one full collection each."""
+    engine, virt, journal, c = env
+    job = await engine.submit(source="src", name="p", count=12)
+    await engine.wait(job.id, 20)
+    names = [x["name"] for x in (await journal.get_job(job.id)).result["clones"]]
+    listings = 0
+    list_names = virt.list_names
+
+    async def counted() -> list[str]:
+        nonlocal listings
+        listings += 1
+        return await list_names()
+
+    virt.list_names = counted
+    virt.delay["undefine"] = 0.05  # QEMU takes a moment to go: the destroys overlap
+    await asyncio.gather(*(engine.destroy_clone(n) for n in names))
+    assert not any((c.clones_dir / n).exists() for n in names)
+    assert await journal.list_clones() == []
+    # Before: one full collection (one listing of every domain) per destroy, 12.
+    assert listings <= 3, listings
+
+
 async def test_a_full_collection_runs_every_gc_interval(tmp_path):
     c, journal, virt = await fake_world(tmp_path, gc={"interval_s": 0.2})
     engine = fake_engine(c, journal, virt)
@@ -212,3 +238,31 @@ async def test_a_full_collection_runs_every_gc_interval(tmp_path):
             await services
         await engine.shutdown(5)
         await journal.close()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvirt_ready()))
+async def test_real_clone_destroyed_with_foreign_files_and_symlinks_in_its_directories():
+    async with daemon_world("hgc-") as (scratch, virt, config):
+        await boot_source(virt, scratch, "hgc-src", file_backed_ram=True)
+        planter = Planter(scratch.path / "outside")
+        async with Api(config.daemon.socket) as api:
+            status, body = await api.call("POST", "/v1/jobs?wait=180", {"source": "hgc-src", "name": "hgc-c1"})
+            assert status == 201 and body["job"]["state"] == "Unstunned", body
+            clone_dir = config.clones_dir / "hgc-c1"
+            made = sorted(p.name for p in clone_dir.iterdir())  # its delta, its QEMU's log and sockets
+            # While it runs: in its directory, in the source's delta directory, in every root.
+            for d in (clone_dir, config.delta_dir / "hgc-src", config.delta_dir, config.clones_dir,
+                      config.jobs_dir):
+                planter.plant(d, d.name)
+            src_top = (await virt.lookup("hgc-src")).disks[0].path
+            status, body = await api.call("DELETE", "/v1/clones/hgc-c1")
+            assert status == 200, body
+            planter.check()
+            assert not any((clone_dir / n).exists() for n in made), made
+            status, body = await api.call("POST", "/v1/gc", {"dry_run": False})
+            assert status == 200 and body["gc"]["deleted"] == [], body
+            assert body["gc"]["kept"] == [{"path": str(clone_dir), "reason": "not empty"}], body
+            planter.check()
+            assert await virt.state("hgc-src") == "running" and src_top.exists()
+            assert (await virt.lookup("hgc-src")).disks[0].path == src_top

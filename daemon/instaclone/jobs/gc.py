@@ -304,20 +304,42 @@ async def collect(svc: Services, *, dry_run: bool = False, scope: Scope | None =
     A file that cannot be deleted is reported in ``failed``, one that is not
     the file instaclone made (or is reached through a link) in ``kept``.
     """
-    t0 = time.monotonic()
     async with svc.lock(GC_LOCK):
-        facts = await gather(svc, scope)
-        # Recorded, but nothing is there any more (or only through a link): never a candidate again.
-        gone = [r.id for p, rs in facts.made.items() if p not in facts.candidates for r in rs]
-        doomed = garbage(facts.candidates, facts.reachable, facts.protected)
-        report = Report(dry_run=dry_run, deleted=dict(doomed) if dry_run else {})
-        if not dry_run:
-            await svc.store.set_removed(gone)
-            await _delete(svc, facts, doomed, report)
-        for path in facts.unsafe:
-            report.kept.append({"path": path, "reason": safefs.Removal.UNSAFE.value})
-            svc.log.warning("gc.kept", path=path, reason=safefs.Removal.UNSAFE.value)
-        await _retained(svc, facts, doomed if dry_run else report.deleted, report)
+        return await _collect(svc, dry_run=dry_run, scope=scope)
+
+
+async def collect_released(svc: Services, scope: Scope) -> Report | None:
+    """What a destroy released (``scope``), collected together with the scopes of destroys waiting meanwhile.
+
+    Destroys of many clones at once (a pool torn down) wait for one another's
+    collection: the first to get the lock collects for all that are waiting
+    then, the others return None (their files were collected by it).
+    """
+    waiting = svc.gc_scopes
+    waiting.append(scope)
+    async with svc.lock(GC_LOCK):
+        if scope not in waiting:
+            return None
+        batch = list(waiting)
+        waiting.clear()
+        return await _collect(svc, dry_run=False, scope=lambda res: any(s(res) for s in batch))
+
+
+async def _collect(svc: Services, *, dry_run: bool, scope: Scope | None) -> Report:
+    """:func:`collect`; the caller holds the collection lock."""
+    t0 = time.monotonic()
+    facts = await gather(svc, scope)
+    # Recorded, but nothing is there any more (or only through a link): never a candidate again.
+    gone = [r.id for p, rs in facts.made.items() if p not in facts.candidates for r in rs]
+    doomed = garbage(facts.candidates, facts.reachable, facts.protected)
+    report = Report(dry_run=dry_run, deleted=dict(doomed) if dry_run else {})
+    if not dry_run:
+        await svc.store.set_removed(gone)
+        await _delete(svc, facts, doomed, report)
+    for path in facts.unsafe:
+        report.kept.append({"path": path, "reason": safefs.Removal.UNSAFE.value})
+        svc.log.warning("gc.kept", path=path, reason=safefs.Removal.UNSAFE.value)
+    await _retained(svc, facts, doomed if dry_run else report.deleted, report)
     svc.log.info("gc.collected", dry_run=dry_run, scoped=scope is not None, files=len(report.deleted),
                  bytes=sum(report.deleted.values()), released=report.released, failed=len(report.failed),
                  kept=len(report.kept), ms=round((time.monotonic() - t0) * 1000.0, 1))

@@ -49,9 +49,12 @@ async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") 
             # Its deltas as a source are its own now: collected like its files.
             await svc.store.adopt_source_deltas((STUN_LEDGER_PREFIX, templates.ledger_id(name)), name,
                                                 into=kept_id, clone=name)
+        t0 = time.monotonic()
         await svc.virt.undefine(name)
+        undefine_ms = round((time.monotonic() - t0) * 1000.0, 1)
         await svc.store.remove_clone(rec, reason=reason)
-    svc.log.info("clone.destroyed", clone=name, source=rec.source, children=children, reason=reason)
+    svc.log.info("clone.destroyed", clone=name, source=rec.source, children=children, reason=reason,
+                 undefine_ms=undefine_ms)
     scope_dirs = {gc.norm(str(clone_dir)), *(p.rsplit("/", 1)[0] for p in released)}
     kept_id = retained_id(rec.source, name)
 
@@ -60,7 +63,7 @@ async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") 
         return res.job_id == kept_id or ref in released or any(gc.under(ref, d) for d in scope_dirs)
 
     try:
-        await gc.collect(svc, scope=in_scope)
+        await gc.collect_released(svc, in_scope)
     except InstacloneError as exc:
         # The clone is gone; its files stay until a later collection can tell they are unused.
         svc.log.warning("gc.failed", after="destroy", clone=name, error=exc.message)
