@@ -132,7 +132,9 @@ class Sequence:
         name = parents[k % len(parents)] if parents and k % 2 == 0 else names[k % len(names)]
         if name in parents:
             self.stats["destroyed_with_children"] += 1
-        await self.engine.destroy_clone(name)
+        before = _files(self.roots)
+        await self.engine.destroy_clone(name)  # collects what it released
+        self.stats["deleted"] += len(before - _files(self.roots))
         assert name not in self.virt.domains
 
     async def collect(self, k: int) -> None:
@@ -151,7 +153,7 @@ class Sequence:
             await self.engine.freeze("src")
 
     async def stray(self, k: int) -> None:
-        """An image nothing uses: left by a crash, or by an older daemon."""
+        """An image nothing uses and nobody recorded: another program's, or planted (never deleted)."""
         where = [self.c.delta_dir / f"src.vda.stray{self.n}.qcow2", self.c.clones_dir / f"ghost{k}" / "vda.qcow2",
                  self.c.jobs_dir / f"deadbeef{k}" / "memory.state"][k % 3]
         where.parent.mkdir(parents=True, exist_ok=True)
@@ -187,11 +189,13 @@ class Sequence:
         # Right after a collection: everything left is used or protected, retained dirs are needed.
         protected = [os.path.realpath(r.dir) for r in await self.journal.list_clones()]
         protected += [os.path.realpath(p) for p in self.inflight_files]
+        # A file nobody recorded is never deleted (before the ledger kept identities, it was).
+        protected += [os.path.realpath(p) for p in self.stray_files]
         protected += [os.path.realpath(self.c.daemon.state_dir / "frozen" / n) for n in await self.journal.frozen()]
         for f in _files(self.roots):
             assert f in used or any(gc.under(f, p) for p in protected), f"after {after}: {f} is unused and left"
         for p in self.stray_files:
-            assert not p.exists()
+            assert p.exists(), f"after {after}: {p}, which instaclone did not make, was deleted"
         retained = [r for r in await self.journal.active_resources() if r.job_id.startswith(RETAINED)]
         now = {r.job_id for r in retained}
         self.stats["released"] += len(self.retained - now)
@@ -291,8 +295,9 @@ async def test_gc_aborts_without_deleting_when_a_chain_cannot_be_read(env, monke
         await engine.submit(source="src", name="c1")
     monkeypatch.undo()
     report = await gc.collect(engine.svc)
-    assert report.released == ["c1"] and str(os.path.realpath(stray)) in report.deleted
-    assert not (c.clones_dir / "c1").exists()
+    assert report.released == ["c1"] and not (c.clones_dir / "c1").exists()
+    # A file nobody recorded is never deleted (it was, before the ledger kept identities).
+    assert stray.exists() and not any(p.endswith("stray.qcow2") for p in report.deleted)
 
 
 async def test_a_file_a_domain_not_ours_names_is_kept(env):
@@ -324,14 +329,23 @@ async def test_disk_usage_per_source(env):
 # -- API and CLI -----------------------------------------------------------------------
 
 async def test_api_gc_and_status(tmp_path, capsys):
-    async with fake_api(tmp_path) as (client, _virt, sock):
-        status, body = await client.call("POST", "/v1/jobs?wait=10", {"source": "src", "name": "c1"})
-        assert status == 201
+    async with fake_api(tmp_path) as (client, virt, sock):
+        for name in ("c1", "c2"):
+            status, body = await client.call("POST", "/v1/jobs?wait=10", {"source": "src", "name": name})
+            assert status == 201
+        # c1 is destroyed while a domain not ours uses its disk: the disk waits for a collection.
+        disk = tmp_path / "state" / "clones" / "c1" / "vda.qcow2"
+        disk.write_bytes(disk.read_bytes() + b"x" * 8192)
+        virt.add_source("mine", disk, state="shutoff")
+        status, _ = await client.call("DELETE", "/v1/clones/c1")
+        assert status == 200 and disk.exists()
+        await virt.undefine("mine")
+        # A file nobody recorded is never deleted (before the ledger kept identities, it was).
         stray = tmp_path / "state" / "deltas" / "old.qcow2"
         stray.write_bytes(b"x" * 8192)
         status, body = await client.call("POST", "/v1/gc", {"dry_run": True})
-        assert status == 200 and body["gc"]["dry_run"] is True and stray.exists()
-        assert [d["path"] for d in body["gc"]["deleted"]] == [os.path.realpath(stray)]
+        assert status == 200 and body["gc"]["dry_run"] is True and stray.exists() and disk.exists()
+        assert [d["path"] for d in body["gc"]["deleted"]] == [str(disk.parent), str(disk)]
         for bad in ({"dry_run": "yes"}, {"dry_run": True, "force": 1}):
             status, err = await client.call("POST", "/v1/gc", bad)
             assert status == 400 and err["error"]["code"] == "invalid_request"
@@ -340,11 +354,11 @@ async def test_api_gc_and_status(tmp_path, capsys):
         run = lambda *argv: asyncio.to_thread(cli.main, ["--socket", str(sock), *argv])  # noqa: E731
         assert await run("gc", "--dry-run") == 0
         out = capsys.readouterr().out
-        assert f"would delete {os.path.realpath(stray)}" in out and stray.exists()
+        assert f"would delete {disk}" in out and stray.exists() and str(stray) not in out
         assert await run("-o", "json", "gc") == 0
         out = capsys.readouterr().out  # the daemon's log lines (same process) come first
         report: dict[str, Any] = json.loads(out[out.index("{\n"):])
-        assert report["bytes"] >= 8192 and not stray.exists()
+        assert report["bytes"] >= 8192 and not disk.exists() and stray.exists()
         assert await run("status") == 0
         out = capsys.readouterr().out
         assert "disk used per source:" in out and "SOURCE" in out and "\nsrc " in out

@@ -9,7 +9,7 @@ from instaclone.model import CORE, Resource, ResourceKind, ResourceStatus
 
 
 class MemStore:
-    """The three ledger calls of the store, in memory."""
+    """The ledger calls of the store, in memory."""
 
     def __init__(self) -> None:
         self.rows: list[Resource] = []
@@ -26,6 +26,12 @@ class MemStore:
     async def resources(self, owner_id: str, *, active_only: bool = True) -> list[Resource]:
         return [r for r in self.rows if r.job_id == owner_id
                 and (not active_only or r.status is not ResourceStatus.RELEASED)]
+
+    async def set_made(self, resource_id: int, dev: int, ino: int, ftype: int) -> None:
+        self.rows = [replace(r, dev=dev, ino=ino, ftype=ftype) if r.id == resource_id else r for r in self.rows]
+
+    async def set_removed(self, resource_ids) -> None:
+        self.removed = {*getattr(self, "removed", set()), *resource_ids}
 
 
 class Undoer:

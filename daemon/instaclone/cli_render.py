@@ -204,6 +204,8 @@ def print_gc(report: dict[str, Any]) -> None:
         print(f"kept {r['dir']} ({size(r['bytes'])}) of destroyed clone {r['clone']}: its clones' disks use it")
     for f in report.get("failed", []):
         print(f"could not remove {f}")
+    for k in report.get("kept", []):
+        print(f"left {k['path']}: {k['reason']} (not the file instaclone made, or holds files it did not make)")
 
 
 def print_disk(disk: dict[str, Any]) -> None:

@@ -260,6 +260,14 @@ class PoolsConfig:
 
 
 @dataclass(frozen=True)
+class GcConfig:
+    # A full garbage collection (every file instaclone made and no chain uses)
+    # runs this often, the first one this long after start; 0: only on request
+    # (POST /v1/gc). Destroy collects what the destroyed clone released itself.
+    interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
@@ -271,6 +279,7 @@ class Config:
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
+    gc: GcConfig = field(default_factory=GcConfig)
 
     @property
     def delta_dir(self) -> Path:
@@ -285,6 +294,11 @@ class Config:
         return self.daemon.state_dir / "jobs"
 
     @property
+    def own_dirs(self) -> tuple[Path, ...]:
+        """instaclone's own directories: only files made below them are ever deleted by garbage collection."""
+        return (self.delta_dir, self.clones_dir, self.jobs_dir, self.daemon.state_dir / "frozen")
+
+    @property
     def journal_path(self) -> Path:
         return self.daemon.state_dir / "journal.sqlite"
 
@@ -292,7 +306,8 @@ class Config:
 # Section name in the TOML file -> dataclass field of Config.
 _SECTIONS = {"daemon": "daemon", "libvirt": "libvirt", "clone": "clone", "storage.qcow2": "qcow2",
              "memory.filecow": "filecow", "webhooks": "webhooks", "access": "access", "pools": "pools",
-             "admission": "admission", "journal": "journal"}
+             "admission": "admission", "journal": "journal",
+             "gc": "gc"}
 
 # (min, max) for numeric keys.
 _RANGES: dict[str, tuple[float, float]] = {
@@ -327,6 +342,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "admission.disk_growth_mib": (0, 1 << 30),
     "admission.max_queued_jobs": (1, 100_000),
     "journal.retention_days": (0, 3650),
+    "gc.interval_s": (0, 7 * 86400),
 }
 _CHOICES = {
     "daemon.log_format": ("auto", "json", "console", "journald"),

@@ -51,6 +51,10 @@ class Resource:
     status: ResourceStatus
     owner: str = CORE
     uuid: str | None = None  # a domain's UUID (None in records of journal schema < 6)
+    # (st_dev, st_ino) and S_IFMT bits of the file once made (None: not made yet, or not a file).
+    dev: int | None = None
+    ino: int | None = None
+    ftype: int | None = None
 
 
 @dataclass(frozen=True)

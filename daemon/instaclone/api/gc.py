@@ -11,7 +11,7 @@ from .routes import Call, Reply, Route
 
 
 async def collect(request: web.Request, call: Call) -> web.Response:
-    """Delete (``dry_run``: list) every file under instaclone's directories that nothing uses."""
+    """Delete (``dry_run``: list) every file instaclone made that nothing uses."""
     dry_run = call.body_as(m.DryRun).dry_run
     gc = request.app.get(GC)
     if gc is None:
@@ -23,8 +23,9 @@ async def collect(request: web.Request, call: Call) -> web.Response:
 
 ROUTES = [
     Route("POST", "/v1/gc", collect, "collect garbage",
-          description="Delete every delta or memory image under instaclone's directories that no domain's "
-                      "backing chain uses and no job in flight recorded; dry_run lists them.",
+          description="Delete every file the ledger recorded as made by instaclone (by path and inode) that "
+                      "no domain's backing chain or definition uses and no job in flight holds; a file nobody "
+                      "recorded is never deleted. dry_run lists them.",
           ok={200: Reply("what was (or would be) deleted", {
               "type": "object", "required": ["gc"], "properties": {"gc": {"$ref": "#/components/schemas/Gc"}}})},
           errors={404: "not_found (no garbage collector in this daemon)",

@@ -58,7 +58,13 @@ _STATIC: dict[str, Any] = {
                      "items": {"type": "object", "properties": {
                          "clone": {"type": "string"}, "source": {"type": "string"},
                          "dir": {"type": "string"}, "bytes": {"type": "integer"}}}},
-        "failed": {"type": "array", "items": {"type": "string"}}}},
+        "failed": {"type": "array", "items": {"type": "string"}},
+        "kept": {"type": "array", "description": "files instaclone made and nothing uses, not deleted: the name "
+                                                 "holds another inode (replaced), a directory holds files "
+                                                 "instaclone did not make (not empty), or a symlinked directory "
+                                                 "is on the way (unsafe path)",
+                 "items": {"type": "object", "required": ["path", "reason"], "properties": {
+                     "path": {"type": "string"}, "reason": {"type": "string"}}}}}},
     "Prepare": {"type": "object", "required": ["source", "changed", "not_changed", "diff"], "properties": {
         "source": {"type": "string"}, "state": {"type": "string"}, "dry_run": {"type": "boolean"},
         "applied": {"type": "boolean", "description": "the persistent definition was written"},

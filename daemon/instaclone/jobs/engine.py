@@ -20,12 +20,12 @@ from contextlib import suppress
 from typing import Any
 
 from ..config import Config
-from ..errors import DomainReplaced, ShuttingDown
+from ..errors import DomainReplaced, InstacloneError, ShuttingDown
 from ..hv import Hypervisor
 from ..model import CORE, CloneRecord, JobRecord
 from ..plugin_api import MemoryBackend, StorageBackend
 from ..store import Store
-from . import maintenance, pipeline, recovery, templates
+from . import gc, maintenance, pipeline, recovery, templates
 from .admission import Admission
 from .guestexec import GuestFileReader, GuestProcess, GuestService
 from .ledger import CoreUndoer, Ledger, Undoer
@@ -47,7 +47,7 @@ class Engine:
         undoers: dict[str, Undoer] = {CORE: CoreUndoer(virt, storage), storage.name: storage}
         undoers.update({m.name: m for m in memories})
         self.svc = Services(config=config, store=journal, virt=virt, storage=storage, memories=memories,
-                            ledger=Ledger(journal, undoers))
+                            ledger=Ledger(journal, undoers, anchors=config.own_dirs))
         self._admission = Admission(self.svc)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
@@ -183,11 +183,13 @@ class Engine:
         return await self.guest.get(name, path=path)
 
     async def run_services(self) -> None:
-        """The engine's background work: the pool keeper, the TTL reaper, journal pruning (cancel to stop)."""
+        """The engine's background work: the pool keeper, the TTL reaper, journal pruning, the
+        periodic collection (cancel to stop)."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.pools.run(), name="pools")
             tg.create_task(self.pools.reap(), name="ttl")
             tg.create_task(self._prune_loop(), name="journal-prune")
+            tg.create_task(self._collect_garbage(), name="gc")
 
     async def prune_journal(self) -> dict[str, int]:
         """Prune what finished more than ``journal.retention_days`` ago (see ``store.retention``); {} if 0."""
@@ -209,6 +211,18 @@ class Engine:
             except Exception:
                 self.svc.log.exception("journal.prune_failed")
             await asyncio.sleep(PRUNE_EVERY_S)
+
+    async def _collect_garbage(self) -> None:
+        """A full collection every ``gc.interval_s`` (read each round: a reload moves it; 0: none)."""
+        while True:
+            interval_s = self.svc.config.gc.interval_s
+            await asyncio.sleep(interval_s or 60.0)
+            if not interval_s or not self.svc.config.gc.interval_s:
+                continue
+            try:
+                await gc.collect(self.svc)
+            except InstacloneError as exc:
+                self.svc.log.warning("gc.failed", after="interval", error=exc.message)
 
     async def freeze(self, name: object) -> dict[str, Any]:
         return await templates.freeze(self.svc, name)

@@ -12,10 +12,13 @@ undo keeps the record and is reported (the job ends NeedsAttention).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from .. import safefs
 from ..errors import DomainNotFound
 from ..hv import Hypervisor
 from ..log import get as get_logger
@@ -40,6 +43,10 @@ class LedgerStore(Protocol):
     async def set_resource(self, resource_id: int, status: ResourceStatus) -> None: ...
 
     async def resources(self, owner_id: str, *, active_only: bool = True) -> list[Resource]: ...
+
+    async def set_made(self, resource_id: int, dev: int, ino: int, ftype: int) -> None: ...
+
+    async def set_removed(self, resource_ids: Iterable[int]) -> None: ...
 
 
 class CoreUndoer:
@@ -72,6 +79,10 @@ class CoreUndoer:
             await remove_path(Path(resource.ref))
         else:
             await self.storage.undo(resource=resource, source=source)
+
+
+#: Kinds whose ref is a path instaclone makes.
+FILE_KINDS = (ResourceKind.FILE, ResourceKind.SOURCE_DELTA)
 
 
 async def undefine_recorded(virt: Hypervisor, resource: Resource) -> None:
@@ -110,9 +121,12 @@ def undo_order(resources: list[Resource]) -> list[Resource]:
 class Ledger:
     """Records resources before creation and undoes them, live or after a crash."""
 
-    def __init__(self, store: LedgerStore, undoers: Mapping[str, Undoer]) -> None:
+    def __init__(self, store: LedgerStore, undoers: Mapping[str, Undoer], *,
+                 anchors: Iterable[Path | str] = ()) -> None:
         self.store = store
         self.undoers = dict(undoers)
+        # instaclone's own directories: the files made below them get an identity.
+        self.anchors = tuple(str(a) for a in anchors)
 
     def recorder(self, owner_id: str, *, owner: str = CORE) -> Recorder:
         """A ``record(kind, ref, clone=)`` callable for ``owner`` within ``owner_id``'s ledger."""
@@ -121,6 +135,29 @@ class Ledger:
             return await self.store.plan(owner_id, kind, ref, clone=clone, owner=owner, uuid=uuid)
 
         return record
+
+    async def stamp(self, owner_id: str) -> int:
+        """Record the identity of each file ``owner_id``'s active records name that exists now; returns how many.
+
+        Called right after the step that made them (a record is written
+        before its file exists, so it cannot carry the identity itself). Only
+        files below instaclone's own directories get one: garbage collection
+        and destroy delete nothing else. A name reached through a symlinked
+        directory gets none.
+        """
+        n = 0
+        for res in await self.store.resources(owner_id):
+            if res.kind not in FILE_KINDS or res.dev is not None or safefs.anchor_of(res.ref, self.anchors) is None:
+                continue
+            try:
+                made = await asyncio.to_thread(safefs.identity, res.ref, self.anchors)
+            except (safefs.UnsafePath, OSError) as exc:
+                log.warning("ledger.identity_unknown", owner_id=owner_id, ref=res.ref, error=str(exc))
+                continue
+            if made is not None:
+                await self.store.set_made(res.id, *made)
+                n += 1
+        return n
 
     async def release(self, owner_id: str, kind: ResourceKind, ref: str) -> None:
         """Mark active records of ``ref`` released: it was undone by the success path (e.g. unstun)."""
@@ -157,4 +194,6 @@ class Ledger:
                 leftovers.append(f"{describe(res)}: {exc}")
                 continue
             await self.store.set_resource(res.id, ResourceStatus.RELEASED)
+            if res.kind in FILE_KINDS and not await asyncio.to_thread(os.path.lexists, res.ref):
+                await self.store.set_removed([res.id])
         return leftovers

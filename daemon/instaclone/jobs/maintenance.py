@@ -1,4 +1,4 @@
-"""Maintenance of finished clones: destroy (then garbage collection), and backing-chain consolidation after a job."""
+"""Maintenance of finished clones: destroy (then collection of what it released), and chain consolidation."""
 
 from __future__ import annotations
 
@@ -6,23 +6,27 @@ import asyncio
 import time
 from pathlib import Path
 
-from ..errors import Conflict, DomainReplaced, InstacloneError, NotFound, StepFailed
+from ..errors import Conflict, DomainNotFound, DomainReplaced, InstacloneError, NotFound, StepFailed
 from ..hv import Outcome
-from ..model import CloneRecord, JobRecord, ResourceKind
+from ..model import CloneRecord, JobRecord, Resource, ResourceKind
 from ..states import State
 from ..store.gc import retained_id
-from . import gc
+from . import gc, templates
+from .pipeline import STUN_LEDGER_PREFIX
 from .services import Services
 
 
 async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") -> CloneRecord:
-    """Power off and remove a clone made by instaclone; then collect what nothing uses any more.
+    """Power off and remove a clone made by instaclone; then collect what it released (nothing else).
 
-    Its clones (if it has any) keep running: the images of its directory
-    their chains use stay, kept under a ``retained:`` ledger record that also
-    keeps its name taken, until garbage collection finds them unused
-    (``jobs.gc``). Never touches a file of its source. ``reason`` (destroyed,
-    expired, released, pool) is in its ``clone.destroyed`` event.
+    What it released: the files instaclone made for it (its directory), its
+    deltas as a source, and the recorded images of its disks' chains, each
+    unless another chain still uses it (``jobs.gc``, scoped). Its clones (if
+    it has any) keep running: the images of its directory their chains use
+    stay, kept under a ``retained:`` ledger id that also keeps its name taken,
+    until a later destroy or collection finds them unused. Never touches a
+    file of its source, nor one instaclone did not make. ``reason``
+    (destroyed, expired, released, pool) is in its ``clone.destroyed`` event.
 
     The domain is undefined by the UUID recorded for the clone: if its name
     belongs to another domain now, that domain is left alone, the clone is
@@ -39,16 +43,33 @@ async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") 
     clone_dir = Path(rec.dir)
     # Under its lock: no job of it is in its stun (snapshotting its disk) meanwhile.
     async with svc.lock(name):
+        released = await _released_chain(svc, name, rec.uuid)
         if clone_dir.parent == svc.config.clones_dir:  # never outside our directory
             # Recorded before the clone is forgotten: its directory is removed
-            # by the ledger once no chain uses a file in it.
-            await svc.ledger.recorder(retained_id(rec.source, name))(ResourceKind.FILE, str(clone_dir), clone=name)
+            # once no chain uses a file in it (then the id is released).
+            kept_id = retained_id(rec.source, name)
+            made = await svc.store.made_identity(str(clone_dir))
+            rid = await svc.ledger.recorder(kept_id)(ResourceKind.FILE, str(clone_dir), clone=name)
+            if made is not None:
+                await svc.store.set_made(rid, *made)
+            # Its deltas as a source are its own now: collected like its files.
+            await svc.store.adopt_source_deltas((STUN_LEDGER_PREFIX, templates.ledger_id(name)), name,
+                                                into=kept_id, clone=name)
+        t0 = time.monotonic()
         outcome = await svc.virt.undefine_id(name, rec.uuid)
+        undefine_ms = round((time.monotonic() - t0) * 1000.0, 1)
         await svc.store.remove_clone(rec, reason=reason)
     svc.log.info("clone.destroyed", clone=name, source=rec.source, children=children, reason=reason,
-                 domain=outcome.value)
+                 domain=outcome.value, undefine_ms=undefine_ms)
+    scope_dirs = {gc.norm(str(clone_dir)), *(p.rsplit("/", 1)[0] for p in released)}
+    kept_id = retained_id(rec.source, name)
+
+    def in_scope(res: Resource) -> bool:
+        ref = gc.norm(res.ref)
+        return res.job_id == kept_id or ref in released or any(gc.under(ref, d) for d in scope_dirs)
+
     try:
-        await gc.collect(svc)
+        await gc.collect_released(svc, in_scope)
     except InstacloneError as exc:
         # The clone is gone; its files stay until a later collection can tell they are unused.
         svc.log.warning("gc.failed", after="destroy", clone=name, error=exc.message)
@@ -57,6 +78,23 @@ async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") 
                              "another one, or that UUID has another name; it was left alone, and instaclone "
                              "forgot the clone")
     return rec
+
+
+async def _released_chain(svc: Services, name: str, uuid: str) -> set[str]:
+    """Every path the clone's chains and definition name, read before it is undefined.
+
+    None if it is gone, or if its name now belongs to another domain (whose
+    files are not the clone's to release).
+    """
+    try:
+        await svc.virt.lookup_id(name, uuid)
+        paths = await gc.domain_paths(svc, name)
+    except DomainNotFound:
+        return set()
+    except (InstacloneError, OSError) as exc:
+        svc.log.warning("gc.chain_unknown", clone=name, error=str(exc))
+        return set()
+    return {gc.norm(p) for p in paths}
 
 
 async def consolidate(svc: Services, jobs: list[JobRecord]) -> None:
@@ -107,6 +145,7 @@ async def _consolidate_one(svc: Services, name: str) -> None:
         except TimeoutError:
             raise StepFailed(f"consolidation of {name} {disk.target} took longer than "
                                   f"{svc.config.clone.step_timeout_s:g} s") from None
+        svc.chain_cache.pop(str(disk.path), None)  # its chain is shorter now
         now = next(d for d in (await svc.virt.lookup(name)).disks if d.target == disk.target)
         after = await svc.storage.chain_depth(path=now.path, fmt=now.format)
         svc.log.info("chain.consolidated", domain=name, disk=disk.target, depth_before=depth,

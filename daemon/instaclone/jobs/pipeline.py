@@ -30,7 +30,7 @@ from ..hv import domxml, vmstate
 from ..model import CORE, JobRecord, ResourceKind
 from ..plugin_api import CloneTarget, MemoryBackend, Recorder, StunContext
 from ..states import State
-from . import customize, start
+from . import customize, gc, start
 from .admission import active_source
 from .files import copy_private, give, make_dir, owner_of, read_json, remove_path
 from .services import Services
@@ -233,6 +233,13 @@ async def define_clones(svc: Services, run: Run, member: Member) -> None:
             nvram=clone.nvram,
         )
         xml = run.memory.adjust_xml(ctx=ctx, clone=clone, xml=domxml.clone_xml(ctx.source.xml, ident))
+        # The logs and sockets its QEMU will make in its directory are the
+        # clone's too: recorded, so that destroy may delete them (and nothing
+        # else) and the directory can go.
+        made = {str(p) for p in (*clone.disks.values(), clone.nvram) if p is not None}
+        for path in sorted(p for p in gc.xml_paths(xml) if gc.under(p, str(clone.dir)) and p != str(clone.dir)):
+            if path not in made:
+                await member.record(ResourceKind.FILE, path, clone=clone.name)
         await member.record(ResourceKind.DOMAIN, clone.name, clone=clone.name, uuid=clone.uuid)
         await svc.virt.define(xml)
 
@@ -377,6 +384,9 @@ async def stun_phase(svc: Services, run: Run) -> bool:
         run.step = State.UNSTUNNED.value
         await _hooks(svc, run, run.step)
         await unstun(svc, run)
+        # Outside the stun: what the steps made gets its identity.
+        for owner_id in (run.id, *(m.job.id for m in run.alive)):
+            await svc.ledger.stamp(owner_id)
     except _NoJobLeft:
         await _roll_back_shared(svc, run, None)
         return False
@@ -423,6 +433,7 @@ async def start_member(svc: Services, run: Run, member: Member) -> None:
         result = {**await start.result(svc, run.memory, ctx, started, run.stun_ms),
                   "source_clock": run.source_clock, "failed_clones": member.failed_clones,
                   "stun": {"id": run.id, "jobs": run.job_ids}}
+        await svc.ledger.stamp(job.id)  # what the clones' QEMUs made (logs, sockets)
         await start.hand_over(svc, job, started)
     except BaseException as exc:
         await fail_member(svc, run, member, exc)

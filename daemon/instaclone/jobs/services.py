@@ -56,6 +56,10 @@ class Services:
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     log: Any = field(default_factory=lambda: get_logger(component="jobs"))
     capacity: Capacity = field(default_factory=Capacity)
+    # Backing chains read from image files, by top image, with the stat of each image (``jobs.gc``).
+    chain_cache: dict[str, Any] = field(default_factory=dict)
+    # What destroys released and wait to have collected (``jobs.gc.collect_released``).
+    gc_scopes: list[Any] = field(default_factory=list)
     _start_slots: asyncio.Semaphore | None = None
 
     @property

@@ -60,6 +60,7 @@ async def freeze(svc: Services, name: object) -> dict[str, Any]:
             if nvram is not None:
                 await asyncio.to_thread(copy_private, nvram, ctx.job_dir / "nvram.fd")
             image = await memory.capture(ctx=ctx, record=svc.ledger.recorder(ledger_id(src), owner=memory.name))
+            await svc.ledger.stamp(ledger_id(src))
             ms = round((time.monotonic() - t0) * 1000.0, 3)
             await svc.store.set_frozen_image(src, image, freeze_ms=ms)
         except BaseException:
@@ -106,6 +107,7 @@ async def unfreeze(svc: Services, name: object) -> dict[str, Any]:
             ctx = StunContext(f"unfreeze-{identity.new_job_id()[:8]}", info, svc.frozen_dir(src))
             await svc.storage.create_source_delta(
                 ctx=ctx, record=svc.ledger.recorder(ledger_id(src), owner=svc.storage.name))
+            await svc.ledger.stamp(ledger_id(src))
         clock: dict[str, Any] | None = None
         if entry.paused_by_us:
             await svc.virt.resume(src)

@@ -11,9 +11,24 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterable
+from typing import Any
 
 from ..model import CORE, Resource, ResourceKind, ResourceStatus
 from .base import StoreBase
+
+#: The columns :func:`resource` reads, in its order.
+COLUMNS = "id, job_id, kind, ref, clone, status, owner, uuid, dev, ino, ftype"
+
+#: Kinds whose ref is a path instaclone made (a file or a directory).
+FILE_KINDS = (ResourceKind.FILE.value, ResourceKind.SOURCE_DELTA.value)
+
+
+def resource(row: tuple[Any, ...]) -> Resource:
+    """A Resource from a row of :data:`COLUMNS`."""
+    rid, oid, kind, ref, clone, status, owner, uuid, dev, ino, ftype = row
+    return Resource(rid, oid, ResourceKind(kind), ref, clone, ResourceStatus(status), owner,
+                    uuid=uuid, dev=dev, ino=ino, ftype=ftype)
 
 
 class LedgerMixin(StoreBase):
@@ -50,14 +65,12 @@ class LedgerMixin(StoreBase):
         """
 
         def do(db: sqlite3.Connection) -> list[Resource]:
-            q = "SELECT id, job_id, kind, ref, clone, status, owner, uuid FROM resources WHERE job_id=?"
+            q = f"SELECT {COLUMNS} FROM resources WHERE job_id=?"
             args: tuple[str, ...] = (owner_id,)
             if active_only:
                 q += " AND status != ?"
                 args = (owner_id, ResourceStatus.RELEASED.value)
-            rows = db.execute(q + " ORDER BY id", args).fetchall()
-            return [Resource(rid, oid, ResourceKind(kind), ref, clone, ResourceStatus(status), owner, uuid)
-                    for rid, oid, kind, ref, clone, status, owner, uuid in rows]
+            return [resource(row) for row in db.execute(q + " ORDER BY id", args)]
 
         return await self._db.write(do)
 
@@ -69,5 +82,44 @@ class LedgerMixin(StoreBase):
                 "SELECT job_id, MIN(id) FROM resources WHERE status != ? AND substr(job_id, 1, ?) = ? "
                 "GROUP BY job_id ORDER BY 2", (ResourceStatus.RELEASED.value, len(prefix), prefix)).fetchall()
             return [r[0] for r in rows]
+
+        return await self._db.write(do)
+
+    async def set_made(self, resource_id: int, dev: int, ino: int, ftype: int) -> None:
+        """The file of ``resource_id`` exists now: record its identity (once; a later call keeps the first)."""
+
+        def do(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE resources SET dev=?, ino=?, ftype=? WHERE id=? AND dev IS NULL",
+                       (dev, ino, ftype, resource_id))
+
+        await self._db.write(do)
+
+    async def set_removed(self, resource_ids: Iterable[int]) -> None:
+        """The files of these rows were deleted by instaclone (or found gone): never candidates again."""
+        ids = [(time.time(), i) for i in resource_ids]
+
+        def do(db: sqlite3.Connection) -> None:
+            db.executemany("UPDATE resources SET removed_at=? WHERE id=? AND removed_at IS NULL", ids)
+
+        if ids:
+            await self._db.write(do)
+
+    async def made_files(self) -> list[Resource]:
+        """Every file or directory row with an identity not yet removed, whatever its status, id order."""
+
+        def do(db: sqlite3.Connection) -> list[Resource]:
+            q = (f"SELECT {COLUMNS} FROM resources WHERE removed_at IS NULL AND dev IS NOT NULL "
+                 f"AND kind IN ({','.join('?' * len(FILE_KINDS))}) ORDER BY id")
+            return [resource(row) for row in db.execute(q, FILE_KINDS)]
+
+        return await self._db.write(do)
+
+    async def made_identity(self, ref: str) -> tuple[int, int, int] | None:
+        """(dev, ino, ftype) the newest record of ``ref`` not yet removed gave it when made, or None."""
+
+        def do(db: sqlite3.Connection) -> tuple[int, int, int] | None:
+            row = db.execute("SELECT dev, ino, ftype FROM resources WHERE ref=? AND dev IS NOT NULL "
+                             "AND removed_at IS NULL ORDER BY id DESC LIMIT 1", (ref,)).fetchone()
+            return (int(row[0]), int(row[1]), int(row[2] or 0)) if row else None
 
         return await self._db.write(do)

@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Version 1: jobs, their states, the resource ledger, frozen sources, clones.
 _V1 = """
@@ -147,6 +147,15 @@ _V5_OWNER_TABLES = ("jobs", "clones", "pools")
 _V6_RESOURCE_COLUMNS = (("uuid", "TEXT"),)
 
 
+# Version 7: what instaclone made, by identity. A ledger row is written before
+# its file exists (recovery must find it); once the file is made, the row gets
+# its (st_dev, st_ino) and file type (``ftype``: the S_IFMT bits), and garbage
+# collection and destroy delete a file only if the name still holds that
+# inode, of that type. ``removed_at``: deleted by instaclone (or found gone),
+# never a candidate again.
+_V7_RESOURCE_COLUMNS = (("dev", "INTEGER"), ("ino", "INTEGER"), ("ftype", "INTEGER"), ("removed_at", "REAL"))
+
+
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
@@ -193,9 +202,17 @@ def _v6(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE resources ADD COLUMN {name} {decl}")
 
 
+def _v7(db: sqlite3.Connection) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(resources)")}
+    for name, decl in _V7_RESOURCE_COLUMNS:
+        if name not in columns:
+            db.execute(f"ALTER TABLE resources ADD COLUMN {name} {decl}")
+    db.execute("CREATE INDEX IF NOT EXISTS resources_made ON resources(removed_at, dev)")
+
+
 #: (version, migration to it from the version before), in order.
 MIGRATIONS: tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...] = (
-    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5), (6, _v6))
+    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5), (6, _v6), (7, _v7))
 
 
 def _version(db: sqlite3.Connection) -> int:
