@@ -180,10 +180,10 @@ async def test_destroy_reads_each_chain_once_not_every_chain_per_destroy(env):
     calls = 0
     chain = engine.svc.storage.chain
 
-    async def counted(*, path: Path) -> list[Path]:
+    async def counted(*, path: Path, fmt: str) -> list[Path]:
         nonlocal calls
         calls += 1
-        return await chain(path=path)
+        return await chain(path=path, fmt=fmt)
 
     engine.svc.storage.chain = counted
     for name in names:
