@@ -21,6 +21,7 @@ pkgs=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-d
       systemd   # systemd-analyze verifies the units in the tests; nothing is started
       mmdebstrap e2fsprogs dosfstools mtools fdisk ovmf  # the Debian test guest (build-debian-guest.sh)
       openssh-client  # ssh-keygen: clones' SSH host keys are made on the host
+      tini  # reaps libvirt's QEMU processes at once where no systemd runs (start-libvirtd.sh)
       zsh)  # the CLI's zsh completion is tried in a real zsh (tests/test_cli_pty.py)
 missing=()
 for p in "${pkgs[@]}"; do
@@ -64,11 +65,7 @@ if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
 fi
 if ! virsh -c qemu:///system version >/dev/null 2>&1; then
     pgrep -x virtlogd >/dev/null || { say "starting virtlogd"; virtlogd -d; }
-    pgrep -x libvirtd >/dev/null || { say "starting libvirtd"; libvirtd -d; }
-    for _ in $(seq 1 50); do
-        virsh -c qemu:///system version >/dev/null 2>&1 && break
-        sleep 0.2
-    done
+    pgrep -x libvirtd >/dev/null || { say "starting libvirtd"; "$repo/scripts/start-libvirtd.sh"; }
 fi
 virsh -c qemu:///system version >/dev/null || { echo "setup: libvirtd does not answer on qemu:///system" >&2; exit 1; }
 
@@ -84,7 +81,7 @@ if ! cmp -s "$repo/plugins/instaclone_plugins/libvirt_hook.py" "$hook"; then
     else
         pkill -x libvirtd || true
         for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
-        libvirtd -d
+        "$repo/scripts/start-libvirtd.sh"
     fi
     for _ in $(seq 1 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
     virsh -c qemu:///system version >/dev/null || { echo "setup: libvirtd did not come back after installing the hook" >&2; exit 1; }

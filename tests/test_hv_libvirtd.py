@@ -1,10 +1,10 @@
 """The connection tells the truth (issue 12, item 5): libvirtd stopped, hung, and back.
 
-These tests stop the real libvirtd (started by scripts/setup.sh as
-``libvirtd -d``) and always start it again, with the same command line, before
-they end; virtlogd is never touched. Running domains survive a libvirtd
-restart (libvirtd reconnects to their QEMU monitors). Like every integration
-test, run them under the lock:
+These tests stop the real libvirtd (started by scripts/setup.sh) and always
+start it again as setup.sh does (scripts/start-libvirtd.sh) before they end;
+virtlogd is never touched. Running domains survive a libvirtd restart
+(libvirtd reconnects to their QEMU monitors). Like every integration test,
+run them under the lock:
 
     flock /tmp/instaclone-integration.lock .venv/bin/pytest -m integration tests/test_hv_libvirtd.py
 """
@@ -60,13 +60,12 @@ def _answers() -> bool:
 
 
 class Libvirtd:
-    """The running libvirtd, by the pid in its pid file; stopped and started as setup.sh does."""
+    """The running libvirtd, by the pid in its pid file; stopped, and started as setup.sh does."""
 
     def __init__(self) -> None:
         pid = _pid("libvirtd")
         assert pid is not None and _answers(), "libvirtd is not running"
         self.pid = pid
-        self.argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
         self.virtlogd = _pid("virtlogd")
 
     def stop(self) -> float:
@@ -89,7 +88,8 @@ class Libvirtd:
         if Path(f"/proc/{self.pid}").exists():
             self.thaw()
         else:
-            subprocess.run(self.argv, check=True, timeout=30)
+            subprocess.run([str(Path(__file__).resolve().parent.parent / "scripts" / "start-libvirtd.sh")],
+                           check=True, timeout=60)
         for _ in range(100):
             pid = _pid("libvirtd")
             if pid is not None and _answers():

@@ -28,6 +28,8 @@ from .proclib import EXE, DaemonProcess, NotifySocket, free_port, write_config
 from .test_systemd import parse_journal
 from .vmlib import Api, Scratch, boot_source, make_config, running_daemon, wait_state
 
+REPO = Path(__file__).resolve().parent.parent
+
 needs_libvirt = pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvirt_ready()))
 
 
@@ -251,12 +253,8 @@ def restart_libvirtd() -> None:
         if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0:
             break
         time.sleep(0.1)
-    subprocess.run(["libvirtd", "-d"], check=True)
-    for _ in range(100):
-        if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise AssertionError("libvirtd did not come back")
+    # As setup.sh starts it (under a reaper), waiting until it answers.
+    subprocess.run([str(REPO / "scripts" / "start-libvirtd.sh")], check=True, timeout=60)
 
 
 @pytest.mark.integration
