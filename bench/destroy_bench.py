@@ -23,9 +23,10 @@ in-process daemon (production config), side by side in the same run:
    at once (as a pool torn down, or one DELETE each from many callers): the
    time until the last destroy returned, per mode.
 
-Here, libvirt's part is mostly waiting for the exited QEMU to be reaped: the
-sandbox's PID 1 reaps orphans about 1.6 s after they exit (systemd reaps at
-once), and libvirt polls until the process is gone. The other domains on the
+libvirt's part is signalling QEMU and polling (every 200 ms) until the
+process is gone and reaped: where no systemd runs, start libvirtd with
+scripts/start-libvirtd.sh (a reaping subreaper above it), or a PID 1 that
+reaps late adds its delay to every destroy (1.6 s in this sandbox). The other domains on the
 host count too (each destroy looks at every domain's chains); their number
 is in the JSON. Everything it creates is removed, on Ctrl-C too.
 """
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from instaclone import config as cfg
 from instaclone.daemon import Daemon
-from instaclone.hv import LibvirtHypervisor as Hypervisor
+from instaclone.hv import LibvirtHypervisor as Hypervisor, Outcome
 from instaclone.jobs import gc
 from instaclone.log import setup as log_setup
 from tests.guests import devguest
@@ -113,16 +114,16 @@ class Bench:
     def time_undefine(self) -> None:
         """Time libvirt's part of each destroy (the daemon's hypervisor's undefine)."""
         virt = self.d.engine.svc.virt
-        undefine = virt.undefine
+        undefine_id = virt.undefine_id
 
-        async def timed(name: str) -> None:
+        async def timed(name: str, uuid: str) -> Outcome:
             t0 = time.monotonic()
             try:
-                await undefine(name)
+                return await undefine_id(name, uuid)
             finally:
                 self.undefine_ms[name] = (time.monotonic() - t0) * 1000.0
 
-        virt.undefine = timed  # type: ignore[method-assign]
+        virt.undefine_id = timed  # type: ignore[method-assign]
 
     async def destroy(self, mode: str, name: str) -> float:
         t0 = time.monotonic()
