@@ -26,9 +26,9 @@ in-process daemon (production config), side by side in the same run:
 libvirt's part is signalling QEMU and polling (every 200 ms) until the
 process is gone and reaped: where no systemd runs, start libvirtd with
 scripts/start-libvirtd.sh (a reaping subreaper above it), or a PID 1 that
-reaps late adds its delay to every destroy (1.6 s in this sandbox). The other domains on the
-host count too (each destroy looks at every domain's chains); their number
-is in the JSON. Everything it creates is removed, on Ctrl-C too.
+reaps late adds its delay to every destroy (1.6 s in this sandbox). The
+other domains on the host are in the JSON (a full collection reads every
+domain's chains). Everything it creates is removed, on Ctrl-C too.
 """
 
 from __future__ import annotations
