@@ -1,4 +1,4 @@
-"""Everything a storage or memory backend may import from instaclone (DESIGN.md §3).
+"""Everything a storage or memory backend may import from instaclone (docs/architecture.md, "Adding a backend").
 
 A storage backend makes delta disks; a memory backend links a clone's memory
 to its source's. Both are ABCs with async, keyword-only methods and class-level

@@ -25,7 +25,7 @@ watches at the running loop. Watches of a loop that was closed died with it.
 its free callbacks on ``loop.call_soon`` instead of tasks: libvirt removes a
 connection's timer when the connection's last reference goes, which may be
 whenever the garbage collector frees a domain object, and libvirtaio would
-create and cancel an untracked task then (STYLE.md: tracked tasks only).
+create and cancel an untracked task then (the daemon runs tracked tasks only).
 """
 
 from __future__ import annotations

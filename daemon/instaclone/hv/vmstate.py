@@ -14,7 +14,7 @@ holds per-VM state and decides, for each, one of:
 * ``refuse``: the clone would share writable state that instaclone cannot
   copy; the source is refused with an error naming the device.
 
-DESIGN.md invariant 7: a clone never shares a writable file with its source.
+The rule behind it: a clone never shares a writable file with its source.
 """
 
 from __future__ import annotations

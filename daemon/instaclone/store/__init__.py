@@ -1,7 +1,7 @@
 """The store: everything instaclone persists, in one SQLite database.
 
 Everything a job is about to create is written here *before* it is created
-(DESIGN.md invariant 2), so that recovery after a crash can find and remove
+(docs/architecture.md, "The ledger"), so that recovery after a crash can find and remove
 it; every change the outside world hears about writes its event in the same
 transaction (the outbox). Imports only the core (docs/architecture.md).
 
