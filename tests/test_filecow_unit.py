@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from instaclone.hv import domxml
+from instaclone.safefs import sparse_copy
 from instaclone_plugins import libvirt_hook
-from instaclone_plugins.filecow import FileCowMemory, sparse_copy
+from instaclone_plugins.filecow import FileCowMemory
 
 from .fakes import SOURCE_XML
 

@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 __all__ = [
-    "PUNCH_HOLE", "Identity", "Owner", "Removal", "UnsafePath", "anchor_of", "copy_file", "create_file", "identity",
-    "link_file", "lstat", "make_dir", "open_dir", "open_file", "open_parent", "opened_dir", "punch", "remove_made",
-    "sparse_copy",
+    "PUNCH_HOLE", "Identity", "Owner", "Removal", "UnsafePath", "anchor_of", "copy_file", "create_file",
+    "data_ranges", "identity", "link_file", "lstat", "make_dir", "open_dir", "open_file", "open_parent",
+    "opened_dir", "punch", "remove_made", "sparse_copy",
 ]
 
 #: (uid, gid); -1 keeps that part.
@@ -165,6 +165,20 @@ def copy_file(src: Path, dst: Path, *, owner: Owner | None = None, mode: int = 0
         os.close(fin)
 
 
+def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the allocated ranges of ``fd`` below ``size`` (SEEK_DATA/SEEK_HOLE)."""
+    out, off = [], 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data past off
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.append((start, end - start))
+        off = end
+    return out
+
+
 def sparse_copy(src: Path, dst: Path, *, mode: int = 0o600) -> None:
     """Copy the regular file ``src`` to a new file ``dst``, data ranges only (holes stay holes).
 
@@ -178,20 +192,13 @@ def sparse_copy(src: Path, dst: Path, *, mode: int = 0o600) -> None:
         fout = create_file(dst, mode=mode, owner=(st.st_uid, st.st_gid))
         try:
             os.ftruncate(fout, size)
-            off = 0
-            while off < size:
-                try:
-                    start = os.lseek(fin, off, os.SEEK_DATA)
-                except OSError:  # ENXIO: no data past off
-                    break
-                end = os.lseek(fin, start, os.SEEK_HOLE)
-                pos = start
+            for start, length in data_ranges(fin, size):
+                pos, end = start, start + length
                 while pos < end:
                     n = os.copy_file_range(fin, fout, end - pos, pos, pos)
                     if n == 0:
                         raise OSError(f"short copy of {src} at {pos}")
                     pos += n
-                off = end
         finally:
             os.close(fout)
     finally:

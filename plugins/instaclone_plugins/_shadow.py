@@ -207,20 +207,6 @@ def _map(fd: int, size: int, prot: int = _PROT_READ) -> int:
     return int(addr)
 
 
-def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """(offset, length) of the allocated ranges of ``fd`` (SEEK_DATA/SEEK_HOLE)."""
-    out, off = [], 0
-    while off < size:
-        try:
-            start = os.lseek(fd, off, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data past off
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        out.append((start, end - start))
-        off = end
-    return out
-
-
 class RamPair:
     """The source's and the shadow's RAM files, mapped into this process to compare them at switchover.
 
@@ -257,7 +243,7 @@ class RamPair:
                 pair._maps.append((_map(fd, pair.size, _PROT_READ | _PROT_WRITE), pair.size))
             if populate:
                 # The source's data ranges only: faulting a hole in would allocate it.
-                for off, length in data_ranges(fs, pair.size):
+                for off, length in safefs.data_ranges(fs, pair.size):
                     for addr, _ in pair._maps:
                         _libc.madvise(addr + off, length, _MADV_POPULATE_READ)
         except BaseException:
@@ -287,7 +273,7 @@ class RamPair:
         with self._lock:
             if self._stop.is_set():
                 raise OSError(f"the RAM files {self.source} and {self.shadow} were closed")
-            data = data_ranges(self._fds[0], self.size)
+            data = safefs.data_ranges(self._fds[0], self.size)
             pos = 0
             for off, length in data:
                 if off > pos:

@@ -465,13 +465,3 @@ def punch_zero_pages(path: Path, page: int = 4096, chunk: int = 1 << 21) -> int:
     finally:
         os.close(fd)
     return freed
-
-
-def sparse_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to a new file ``dst``, data ranges only (holes stay holes); see ``safefs.sparse_copy``.
-
-    A guest's RAM file is sparse: pages the guest never touched were never
-    allocated, so the copy costs time in proportion to the RAM in use, not
-    to the guest's RAM size. Neither name is followed if it is a link.
-    """
-    safefs.sparse_copy(src, dst)

@@ -290,7 +290,7 @@ async def test_clone_delta_is_never_created_through_a_planted_link(tmp_path: Pat
 def test_nvram_and_ram_copies_never_read_or_write_through_links(tmp_path: Path, canary: Path) -> None:
     """A source's NVRAM or RAM file swapped for a link to a root file is not copied; a planted target is not written."""
     from instaclone.jobs.files import copy_private
-    from instaclone_plugins.filecow import sparse_copy
+    from instaclone.safefs import sparse_copy
 
     before = untouched(canary)
     qemu_dir = tmp_path / "qemu-writable"
