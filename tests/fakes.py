@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from instaclone.errors import DomainExists, DomainNotFound, DomainReplaced, VirtError
+from instaclone.errors import DomainExists, DomainNotFound, DomainReplaced, LibvirtError
 from instaclone.hv import DomainInfo, Hypervisor, MigrationInfo, Outcome, file_disks
 from instaclone.jobs.capacity import HostProbe
 from instaclone.plugin_api import CloneTarget, Recorder, ResourceKind, StorageBackend, StunContext
@@ -78,7 +78,7 @@ class FakeHypervisor:
         self.exec_log: list[tuple[str, list[str], bytes]] = []  # agent_exec calls: (domain, argv, stdin)
         self.interfaces: dict[str, list[dict[str, Any]]] = {}  # guest-network-get-interfaces answers
         self.agent_log: list[tuple[str, str]] = []  # agent calls: (domain, command)
-        self.guests: dict[str, FakeGuest] = {}  # domains whose agent a FakeGuest answers
+        self.guests: dict[str, FakeGuestAgent] = {}  # domains whose agent a FakeGuestAgent answers
 
     async def _hook(self, method: str, name: str) -> None:
         self.calls.append((method, name))
@@ -278,7 +278,7 @@ class FakeHypervisor:
         await self._hook("migrate_live", name)
         src, dst = self._get(name), self._get(target)
         if src.migration in ("active", "pre-switchover"):
-            raise VirtError(f"{name!r} is already being migrated")
+            raise LibvirtError(f"{name!r} is already being migrated")
         assert dst.state == "paused" and "incoming" in dst.xml, "the target waits for an incoming migration"
         src.migration, src.migrating_to, src.was_running = "active", target, src.state == "running"
 
@@ -291,14 +291,14 @@ class FakeHypervisor:
         elif d.migration == "none" and d.state == "paused" and "incoming" in d.xml:
             d.migration = "completed"  # the incoming side, once its source completed
         if d.migration not in until:
-            raise VirtError(f"migration of {name!r} is {d.migration}, not {'/'.join(until)}")
+            raise LibvirtError(f"migration of {name!r} is {d.migration}, not {'/'.join(until)}")
         return MigrationInfo(d.migration, {"ram": {"transferred": 4096}}, time.monotonic())
 
     async def continue_migration(self, name: str) -> None:
         await self._hook("continue_migration", name)
         d = self._get(name)
         if d.migration != "pre-switchover":
-            raise VirtError(f"migration of {name!r} is not at pre-switchover")
+            raise LibvirtError(f"migration of {name!r} is not at pre-switchover")
         d.migration = "completed"
 
     async def cancel_migration(self, name: str) -> bool:
@@ -317,7 +317,7 @@ class FakeHypervisor:
         for disk in file_disks(self._get(name).xml):
             if disk.target == target:
                 return image_chain(disk.path)
-        raise VirtError(f"{name!r} has no disk {target!r}")
+        raise LibvirtError(f"{name!r} has no disk {target!r}")
 
     async def block_pull(self, name: str, target: str, *, base: Path | None, timeout_s: float) -> None:
         await self._hook("block_pull", name)
@@ -377,12 +377,12 @@ class RoomyHost(HostProbe):
         return Path("/var/lib/libvirt/qemu/ram"), True
 
 
-def fake_engine(config: Any, journal: Any, virt: FakeHypervisor) -> Any:
+def fake_engine(config: Any, store: Any, virt: FakeHypervisor) -> Any:
     """An Engine on the fake hypervisor and storage, with the real saverestore memory backend."""
     from instaclone.jobs.engine import Engine
     from instaclone_plugins.saverestore import SaveRestoreMemory
 
-    return Engine(config=config, journal=journal, virt=virt, storage=FakeStorage(config=config, virt=virt),
+    return Engine(config=config, store=store, virt=virt, storage=FakeStorage(config=config, virt=virt),
                   memory=SaveRestoreMemory(config=config, virt=virt))
 
 
@@ -395,19 +395,19 @@ async def fake_world(tmp_path: Path, **sections: Any) -> tuple[Any, Any, FakeHyp
     from dataclasses import replace
 
     from instaclone import config as cfg
-    from instaclone.store import Store as Journal
+    from instaclone.store import Store
 
     c = cfg.Config()
     c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "state"))
     for name, changes in sections.items():
         c = replace(c, **{name: replace(getattr(c, name), **changes)})
-    journal = Journal(c.journal_path)
-    await journal.open()
+    store = Store(c.store_path)
+    await store.open()
     virt = FakeHypervisor()
     base = tmp_path / "base.qcow2"
     base.write_bytes(b"base")
     virt.add_source("src", base)
-    return c, journal, virt
+    return c, store, virt
 
 
 @asynccontextmanager
@@ -420,13 +420,13 @@ async def fake_api(tmp_path: Path) -> AsyncIterator[tuple[Any, FakeHypervisor, P
 
     from .apiclient import Api
 
-    c, journal, virt = await fake_world(tmp_path)
-    engine = fake_engine(c, journal, virt)
-    runner = web.AppRunner(make_app(engine, journal, gc=GarbageCollector(engine.svc)), **RUNNER_ARGS)
+    c, store, virt = await fake_world(tmp_path)
+    engine = fake_engine(c, store, virt)
+    runner = web.AppRunner(make_app(engine, store, gc=GarbageCollector(engine.svc)), **RUNNER_ARGS)
     await runner.setup()
     sock = tmp_path / "ctl.sock"
     await web.UnixSite(runner, str(sock)).start()
-    services = asyncio.get_running_loop().create_task(engine.run_services())
+    services = asyncio.get_running_loop().create_task(engine.run_background())
     try:
         async with Api(sock) as client:
             yield client, virt, sock
@@ -436,12 +436,12 @@ async def fake_api(tmp_path: Path) -> AsyncIterator[tuple[Any, FakeHypervisor, P
             await services
         await engine.shutdown(5)
         await runner.cleanup()
-        await journal.close()
+        await store.close()
 
 
 @dataclass
 class FakeProcess:
-    """A command a FakeGuest runs for guest-exec: its output files and how it ended."""
+    """A command a FakeGuestAgent runs for guest-exec: its output files and how it ended."""
 
     argv: list[str]
     env: dict[str, str]
@@ -452,7 +452,7 @@ class FakeProcess:
     signal: int | None = None
 
 
-class FakeGuest:
+class FakeGuestAgent:
     """A guest agent answering like qemu-guest-agent, for instaclone.jobs.guestexec's unit tests.
 
     Files live in ``files`` (path -> bytes, directories in ``dirs``). guest-exec
@@ -486,10 +486,10 @@ class FakeGuest:
         if command == "guest-file-open":
             path, mode = a["path"], a.get("mode", "r")
             if posixpath.dirname(path) not in self.dirs or (mode.startswith("r") and path not in self.files):
-                raise VirtError(f"guest agent guest-file-open: failed to open file '{path}' (mode: '{mode}'): "
+                raise LibvirtError(f"guest agent guest-file-open: failed to open file '{path}' (mode: '{mode}'): "
                                 f"No such file or directory")
             if path in self.dirs and mode.startswith(("w", "a")):
-                raise VirtError(f"failed to open file '{path}' (mode: '{mode}'): Is a directory")
+                raise LibvirtError(f"failed to open file '{path}' (mode: '{mode}'): Is a directory")
             if mode.startswith("w"):
                 self.files[path] = bytearray()
             h = self._id()
@@ -527,7 +527,7 @@ class FakeGuest:
             if proc.signal is not None:
                 return {"exited": True, "signal": proc.signal}
             return {"exited": True, "exitcode": proc.task.result()}
-        raise VirtError(f"guest agent {command}: CommandNotFound")
+        raise LibvirtError(f"guest agent {command}: CommandNotFound")
 
     def _exec(self, a: dict[str, Any]) -> int:
         args = a.get("arg", [])

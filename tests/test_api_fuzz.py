@@ -57,7 +57,7 @@ from yarl import URL
 from instaclone import config as cfg, errors as errs
 from instaclone.api import MAX_BODY_BYTES, MAX_WAIT_S, make_app
 from instaclone.jobs.engine import Engine
-from instaclone.store import Store as Journal
+from instaclone.store import Store
 from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from .fakes import FakeHypervisor, FakeStorage, RoomyHost
@@ -236,15 +236,15 @@ class Harness:
         self.cwd.mkdir(parents=True)
         (self.canary / "etc").mkdir()
         (self.canary / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
-        self.journal = Journal(self.config.journal_path)
-        await self.journal.open()
+        self.store = Store(self.config.store_path)
+        await self.store.open()
         self.virt = FakeHypervisor()
         (self.root / "b.qcow2").write_bytes(b"")
         self.virt.add_source("src", self.root / "b.qcow2")
-        self.engine = Engine(config=self.config, journal=self.journal, virt=self.virt,  # type: ignore[arg-type]
+        self.engine = Engine(config=self.config, store=self.store, virt=self.virt,  # type: ignore[arg-type]
                              storage=FakeStorage(config=self.config, virt=self.virt),  # type: ignore[arg-type]
                              memory=SaveRestoreMemory(config=self.config, virt=self.virt))  # type: ignore[arg-type]
-        self.runner = web.AppRunner(make_app(self.engine, self.journal))
+        self.runner = web.AppRunner(make_app(self.engine, self.store))
         await self.runner.setup()
         await web.UnixSite(self.runner, str(self.sock)).start()
         # A new connection per request: after a protocol error the server closes its end.
@@ -261,7 +261,7 @@ class Harness:
             try:
                 await self.runner.cleanup()
             finally:
-                await self.journal.close()
+                await self.store.close()
 
     # -- sending --
 
@@ -287,18 +287,18 @@ class Harness:
         return reply
 
     async def job_count(self) -> int:
-        return len(await self.journal.list_jobs(limit=1_000_000))
+        return len(await self.store.list_jobs(limit=1_000_000))
 
     async def call(self, req: Req, expect: Expect | None = None) -> Reply:
         """Send ``req``; check every invariant, and ``expect`` if given."""
         jobs_before = await self.job_count()
-        frozen_before = set(await self.journal.frozen())
+        frozen_before = set(await self.store.frozen())
         reply = await self.send(req)
         self.check_reply(req, reply)
         self.stats[reply.status, reply.code] += 1
         if not 200 <= reply.status < 300:
             assert await self.job_count() == jobs_before, f"refused request {req!r} created a job: {reply}"
-            assert set(await self.journal.frozen()) == frozen_before, f"refused {req!r} changed frozen sources"
+            assert set(await self.store.frozen()) == frozen_before, f"refused {req!r} changed frozen sources"
         if expect is not None:
             assert (reply.status, reply.code) in expect, \
                 f"{req!r} -> {reply.status} {reply.raw[:500]!r}; expected one of {sorted(expect, key=str)}"
@@ -380,7 +380,7 @@ class Harness:
         if wait is not None and not wait_ok(wait[0]):
             # ?wait is checked before the job is submitted: nothing past body parsing can answer.
             return {(400, "invalid_request"), (413, "body_too_large")}
-        taken = await self.journal.names_in_use() | set(self.virt.domains)
+        taken = await self.store.names_in_use() | set(self.virt.domains)
         return expect_job(req.raw or b"", domains=set(self.virt.domains), taken=taken)
 
     async def post_job(self, req: Req) -> Reply:
@@ -404,14 +404,14 @@ class Harness:
     async def settle(self) -> None:
         """Let every job finish, then check the end state of the journal and of the files."""
         deadline = time.monotonic() + 30
-        while await self.journal.list_jobs(unfinished=True):
+        while await self.store.list_jobs(unfinished=True):
             assert time.monotonic() < deadline, "jobs did not finish"
             await asyncio.sleep(0.02)
-        for job in await self.journal.list_jobs(limit=1_000_000):
+        for job in await self.store.list_jobs(limit=1_000_000):
             assert job.state.value in ("Unstunned", "Failed"), job.to_dict()
             if job.source == "src":
                 assert job.state.value == "Unstunned", job.to_dict()
-        for rec in await self.journal.list_clones():
+        for rec in await self.store.list_clones():
             assert is_valid_name(rec.name) and rec.name in self.virt.domains, rec
             assert Path(rec.dir) == self.config.clones_dir / rec.name and Path(rec.dir).is_dir(), rec
         self.check_world()
@@ -646,9 +646,9 @@ async def test_fuzz_paths_and_methods(harness: Harness) -> None:
         if d["pick"] % 7 == 0:  # keep a supply of clones, jobs and frozen sources around
             await harness.post_job(job_req({"source": "src", "name": f"c{d['pick']}", "count": d["pick"] % 3 + 1},
                                            "?wait=5"))
-        clones = sorted(c.name for c in await harness.journal.list_clones())
-        jobs = [j.id for j in await harness.journal.list_jobs(limit=1_000_000)]
-        frozen = sorted(await harness.journal.frozen())
+        clones = sorted(c.name for c in await harness.store.list_clones())
+        jobs = [j.id for j in await harness.store.list_jobs(limit=1_000_000)]
+        frozen = sorted(await harness.store.frozen())
         pool = {"delete": clones, "freeze": sorted(harness.virt.domains), "unfreeze": frozen,
                 "get_job": jobs}.get(kind) or ["src"]
         seg = pool[d["pick"] % len(pool)] if d["seg_kind"] == "existing" else d["seg"]
@@ -790,7 +790,7 @@ async def test_bad_wait_on_post_creates_no_job(harness: Harness, wait: str) -> N
     reply = await harness.send(req)
     assert (reply.status, reply.code) == (400, "invalid_request"), reply
     await harness.settle()
-    assert "w" not in harness.virt.domains and not await harness.journal.list_jobs(), "a refused request cloned"
+    assert "w" not in harness.virt.domains and not await harness.store.list_jobs(), "a refused request cloned"
 
 
 async def test_destroying_a_frozen_clone_leaves_no_frozen_entry(harness: Harness) -> None:
@@ -800,7 +800,7 @@ async def test_destroying_a_frozen_clone_leaves_no_frozen_entry(harness: Harness
     reply = await harness.call(Req("DELETE", "/v1/clones/fc"))
     assert reply.status in (200, 409), reply
     if reply.status == 200:  # either refused while frozen, or it must not stay frozen
-        assert "fc" not in await harness.journal.frozen()
+        assert "fc" not in await harness.store.frozen()
         assert not (harness.state_dir / "frozen" / "fc").exists()
     await harness.settle()
 

@@ -22,12 +22,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from instaclone import config as cfg
-from instaclone.errors import VirtConnectionError, VirtError, VirtTimeout
+from instaclone.errors import LibvirtError, LibvirtTimeout, LibvirtUnavailable
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.jobs.engine import Engine
 from instaclone.plugin_api import CloneTarget, Recorder, StunContext
 from instaclone.states import State
-from instaclone.store import Store as Journal
+from instaclone.store import Store
 from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from .conftest import libvirt_ready
@@ -77,26 +77,26 @@ class ChainStorage(FakeStorage):
         self.consolidated.append((domain, target, self._depth(top)))
         if self.fail_next:
             self.fail_next = False
-            raise VirtError("injected block pull failure")
+            raise LibvirtError("injected block pull failure")
         self.depth[top] = 2
 
 
 @pytest.fixture
 async def chain_env(tmp_path: Path):
-    c, journal, virt = await fake_world(tmp_path, clone={"stun_deadline_ms": 500, "step_timeout_s": 5,
+    c, store, virt = await fake_world(tmp_path, clone={"stun_deadline_ms": 500, "step_timeout_s": 5,
                                                          "max_chain_depth": 4})
     storage = ChainStorage(config=c, virt=virt)  # type: ignore[arg-type]
-    engine = Engine(config=c, journal=journal, virt=virt,  # type: ignore[arg-type]
+    engine = Engine(config=c, store=store, virt=virt,  # type: ignore[arg-type]
                     storage=storage, memory=SaveRestoreMemory(config=c, virt=virt))  # type: ignore[arg-type]
-    yield engine, virt, storage, journal
+    yield engine, virt, storage, store
     await engine.shutdown(5)
-    await journal.close()
+    await store.close()
 
 
-async def _job(engine: Engine, journal: Journal, source: str, name: str):
+async def _job(engine: Engine, store: Store, source: str, name: str):
     job = await engine.submit(source=source, name=name, keep_network=True, customize=False)
     await engine.wait(job.id, 10)
-    return await journal.get_job(job.id)
+    return await store.get_job(job.id)
 
 
 async def _top_depth(virt: FakeHypervisor, storage: ChainStorage, name: str) -> int:
@@ -104,10 +104,10 @@ async def _top_depth(virt: FakeHypervisor, storage: ChainStorage, name: str) -> 
 
 
 async def test_engine_consolidates_only_past_the_limit(chain_env):
-    engine, virt, storage, journal = chain_env
+    engine, virt, storage, store = chain_env
     seen = []
     for i in range(1, 8):
-        job = await _job(engine, journal, "src", f"c{i}")
+        job = await _job(engine, store, "src", f"c{i}")
         assert job.state is State.UNSTUNNED
         seen.append(await _top_depth(virt, storage, "src"))
         assert seen[-1] <= 4
@@ -120,21 +120,21 @@ async def test_engine_consolidates_only_past_the_limit(chain_env):
     # Clone of a clone: its chain grows from its source's; same rule.
     storage.consolidated.clear()
     for i in range(1, 4):
-        job = await _job(engine, journal, "c7", f"cc{i}")
+        job = await _job(engine, store, "c7", f"cc{i}")
         assert job.state is State.UNSTUNNED
     assert list(storage.consolidated) == [("c7", "vda", 5), ("cc2", "vda", 5)]
 
 
 async def test_consolidation_failure_does_not_fail_the_job(chain_env):
-    engine, virt, storage, journal = chain_env
+    engine, virt, storage, store = chain_env
     for i in range(1, 3):
-        await _job(engine, journal, "src", f"c{i}")
+        await _job(engine, store, "src", f"c{i}")
     storage.fail_next = True
-    job = await _job(engine, journal, "src", "c3")
+    job = await _job(engine, store, "src", "c3")
     assert job.state is State.UNSTUNNED
     assert virt.domains["src"].state == "running"
     assert await _top_depth(virt, storage, "src") == 5  # left long; the next job tries again
-    job = await _job(engine, journal, "src", "c4")
+    job = await _job(engine, store, "src", "c4")
     assert job.state is State.UNSTUNNED
     assert await _top_depth(virt, storage, "src") == 2
 
@@ -225,7 +225,7 @@ async def test_block_pull_waits_for_the_job_and_checks_the_chain(scripted):
 async def test_block_pull_that_vanishes_without_effect_is_an_error(scripted):
     virt, doms = scripted
     doms["vm"] = ScriptedDomain([{"type": 1, "bandwidth": 0, "cur": 3, "end": 100}], list(CHAIN), succeed=False)
-    with pytest.raises(VirtError, match=r"without shortening the chain \(3/100\)"):
+    with pytest.raises(LibvirtError, match=r"without shortening the chain \(3/100\)"):
         await virt.block_pull("vm", "vda", base=Path("/d/base"), timeout_s=10)
 
 
@@ -233,7 +233,7 @@ async def test_block_pull_timeout_aborts_the_job(scripted):
     virt, doms = scripted
     doms["vm"] = d = ScriptedDomain(None, list(CHAIN))
     t0 = time.monotonic()
-    with pytest.raises(VirtTimeout, match=r"did not finish within 0\.3 s"):
+    with pytest.raises(LibvirtTimeout, match=r"did not finish within 0\.3 s"):
         await virt.block_pull("vm", "vda", base=Path("/d/base"), timeout_s=0.3)
     assert time.monotonic() - t0 < 2
     assert d.calls[-1] == ("abort", "vda", 0)
@@ -303,7 +303,7 @@ async def remove_domains(virt: Hypervisor, before: set[str], prefix: str) -> Non
                 if name.startswith(prefix):
                     await virt.undefine(name)
             return
-        except VirtConnectionError:
+        except LibvirtUnavailable:
             if loop.time() > end:
                 raise
             await asyncio.sleep(1)

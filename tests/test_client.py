@@ -240,3 +240,19 @@ async def test_webhook_routes_absent_is_not_found(api):
     c, _virt = api
     with pytest.raises(ic.NotFound, match="webhooks are not enabled"):
         await c.webhooks()
+
+
+def test_error_classes_are_named_alike_in_daemon_and_client() -> None:
+    """Each API error code has the same class name on both sides (one vocabulary for users and code)."""
+    from instaclone import errors as daemon_errors
+    from instaclone.client import errors as client_errors
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    by_code: dict[str, set[str]] = {}
+    for cls in subclasses(daemon_errors.InstacloneError)[1:]:  # the roots differ: InstacloneError, ApiError
+        by_code.setdefault(cls.code, set()).add(cls.__name__)
+    unlike = {code: (client_errors.CODES[code].__name__, sorted(names)) for code, names in by_code.items()
+              if code in client_errors.CODES and client_errors.CODES[code].__name__ not in names}
+    assert not unlike, f"client class name differs from the daemon's for these codes: {unlike}"

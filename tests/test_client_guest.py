@@ -29,7 +29,7 @@ def _err(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
-class FakeGuest:
+class FakeGuestRoutes:
     """The exec/files routes over an in-memory guest filesystem."""
 
     def __init__(self, *, any_clone: bool = False) -> None:
@@ -159,8 +159,8 @@ class FakeGuest:
 
 
 @pytest.fixture
-async def guest(tmp_path: Path) -> AsyncIterator[tuple[FakeGuest, Path]]:
-    fake = FakeGuest()
+async def guest(tmp_path: Path) -> AsyncIterator[tuple[FakeGuestRoutes, Path]]:
+    fake = FakeGuestRoutes()
     runner = web.AppRunner(fake.app())
     await runner.setup()
     sock = tmp_path / "guest.sock"

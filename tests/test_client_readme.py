@@ -22,7 +22,7 @@ from aiohttp import web
 from instaclone import client as ic
 
 from .fakes import FakeHypervisor, fake_engine, fake_world
-from .test_client_guest import FakeGuest
+from .test_client_guest import FakeGuestRoutes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,23 +34,23 @@ def examples() -> list[str]:
 
 
 @asynccontextmanager
-async def api_with_guest(tmp_path: Path) -> AsyncIterator[tuple[Path, FakeHypervisor, FakeGuest]]:
+async def api_with_guest(tmp_path: Path) -> AsyncIterator[tuple[Path, FakeHypervisor, FakeGuestRoutes]]:
     from instaclone.api import make_app
     from instaclone.jobs.gc import GarbageCollector
 
-    c, journal, virt = await fake_world(tmp_path, pools={"check_interval_s": 0.2})
+    c, store, virt = await fake_world(tmp_path, pools={"check_interval_s": 0.2})
     base = tmp_path / "tmpl.qcow2"
     base.write_bytes(b"base")
     virt.add_source("tmpl", base)
-    engine = fake_engine(c, journal, virt)
-    guest = FakeGuest(any_clone=True)
-    app = make_app(engine, journal, gc=GarbageCollector(engine.svc))
+    engine = fake_engine(c, store, virt)
+    guest = FakeGuestRoutes(any_clone=True)
+    app = make_app(engine, store, gc=GarbageCollector(engine.svc))
     app.middlewares.insert(0, guest.middleware())
     runner = web.AppRunner(app)
     await runner.setup()
     sock = tmp_path / "ctl.sock"
     await web.UnixSite(runner, str(sock)).start()
-    services = asyncio.get_running_loop().create_task(engine.run_services())
+    services = asyncio.get_running_loop().create_task(engine.run_background())
     try:
         yield sock, virt, guest
     finally:
@@ -59,7 +59,7 @@ async def api_with_guest(tmp_path: Path) -> AsyncIterator[tuple[Path, FakeHyperv
             await services
         await engine.shutdown(5)
         await runner.cleanup()
-        await journal.close()
+        await store.close()
 
 
 def _env(sock: Path) -> dict[str, str]:

@@ -53,8 +53,8 @@ def test_guest_scripts_are_valid_posix_sh():
 
 
 async def test_each_clone_gets_host_made_secrets_and_its_result(agent_env):
-    engine, virt, journal, _ = agent_env
-    job = await run_job(engine, journal, name="c", count=3)
+    engine, virt, store, _ = agent_env
+    job = await run_job(engine, store, name="c", count=3)
     assert job.state is State.UNSTUNNED, job.error
     calls = identity_calls(virt)
     assert set(calls) == {"c-1", "c-2", "c-3"}
@@ -87,8 +87,8 @@ async def test_each_clone_gets_host_made_secrets_and_its_result(agent_env):
 
 
 async def test_keep_ssh_host_keys_from_request_and_config(agent_env):
-    engine, virt, journal, _c = agent_env
-    job = await run_job(engine, journal, name="k1", keep_ssh_host_keys=True)
+    engine, virt, store, _c = agent_env
+    job = await run_job(engine, store, name="k1", keep_ssh_host_keys=True)
     assert job.state is State.UNSTUNNED
     argv, stdin = identity_calls(virt)["k1"]
     assert argv[-1] == "1" and b"\nKEY " not in stdin  # no keys made when they are kept
@@ -97,8 +97,8 @@ async def test_keep_ssh_host_keys_from_request_and_config(agent_env):
 
 
 async def test_user_script_runs_after_the_reset_with_its_environment(agent_env):
-    engine, virt, journal, _ = agent_env
-    job = await run_job(engine, journal, name="s1", script="echo hello from $IC_CLONE_NAME\n")
+    engine, virt, store, _ = agent_env
+    job = await run_job(engine, store, name="s1", script="echo hello from $IC_CLONE_NAME\n")
     assert job.state is State.UNSTUNNED, job.error
     name, argv, stdin = virt.exec_log[-1]
     assert name == "s1" and stdin == b"echo hello from $IC_CLONE_NAME\n"
@@ -116,7 +116,7 @@ async def test_bad_scripts_are_refused(agent_env, bad):
 
 
 async def test_a_failing_user_script_fails_the_clone(agent_env):
-    engine, virt, journal, _c = agent_env
+    engine, virt, store, _c = agent_env
     real = virt.agent_exec
 
     async def failing(name, argv, **kw):
@@ -125,30 +125,30 @@ async def test_a_failing_user_script_fails_the_clone(agent_env):
         return await real(name, argv, **kw)
 
     virt.agent_exec = failing
-    job = await run_job(engine, journal, name="f1", script="exit 3\n")
+    job = await run_job(engine, store, name="f1", script="exit 3\n")
     assert job.state is State.FAILED
     assert job.error["code"] == "customization_failed" and "exited 3: boom" in job.error["message"]
     assert set(virt.domains) == {"src"}
 
 
 async def test_clone_without_ipv4_where_the_source_had_it_fails(agent_env, tmp_path):
-    engine, virt, journal, _c = agent_env
+    engine, virt, store, _c = agent_env
     with_clone_config(engine, customize_timeout_s=1.0)
     virt.interfaces["n1"] = [{"name": "eth0", "ip-addresses": [
         {"ip-address": "fe80::1", "ip-address-type": "ipv6", "prefix": 64}]}]
-    job = await run_job(engine, journal, name="n1")
+    job = await run_job(engine, store, name="n1")
     assert job.state is State.FAILED
     assert "no IPv4 address on eth0" in job.error["message"]
 
 
 async def test_source_clock_is_set_after_a_long_stun_and_after_unfreeze(agent_env):
-    engine, virt, journal, _c = agent_env
-    job = await run_job(engine, journal, name="t1")
+    engine, virt, store, _c = agent_env
+    job = await run_job(engine, store, name="t1")
     assert job.result["source_clock"] is None  # a short stun
     assert ("src", "guest-set-time") not in virt.agent_log
     virt.delay["save_state"] = 1.2
     with_clone_config(engine, stun_deadline_ms=5000)
-    job = await run_job(engine, journal, name="t2")
+    job = await run_job(engine, store, name="t2")
     assert job.state is State.UNSTUNNED, job.error
     assert job.result["stun_ms"] > 1000 and job.result["source_clock"] == {"set": True}
     assert ("src", "guest-set-time") in virt.agent_log
@@ -160,10 +160,10 @@ async def test_source_clock_is_set_after_a_long_stun_and_after_unfreeze(agent_en
 
 
 async def test_customization_waits_for_the_replugged_nic_to_appear(agent_env):
-    engine, virt, journal, _c = agent_env
+    engine, virt, store, _c = agent_env
     with_clone_config(engine, customize_timeout_s=1.0)
     virt.interfaces["w1"] = []  # the hot-plugged NIC never shows up in the guest
-    job = await run_job(engine, journal, name="w1")
+    job = await run_job(engine, store, name="w1")
     assert job.state is State.FAILED
     assert "does not show its new NIC" in job.error["message"], job.error
     assert set(virt.domains) == {"src"}

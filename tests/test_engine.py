@@ -15,17 +15,17 @@ from instaclone import config as cfg
 from instaclone.errors import (
     InvalidName,
     InvalidRequest,
+    LibvirtError,
     NameInUse,
     NotFound,
     ShuttingDown,
     SourceNotCloneable,
     SourceNotFound,
-    VirtError,
 )
 from instaclone.jobs.engine import Engine
 from instaclone.model import JobSpec, ResourceKind
 from instaclone.states import HAPPY_PATH, State
-from instaclone.store import Store as Journal
+from instaclone.store import Store
 
 from .fakes import fake_engine, fake_world
 
@@ -34,17 +34,17 @@ STEPS = [s.value for s in HAPPY_PATH[1:]]
 
 @pytest.fixture
 async def env(tmp_path: Path):
-    c, journal, virt = await fake_world(tmp_path, clone={"stun_deadline_ms": 500, "step_timeout_s": 5})
-    engine = fake_engine(c, journal, virt)
-    yield engine, virt, journal, c
+    c, store, virt = await fake_world(tmp_path, clone={"stun_deadline_ms": 500, "step_timeout_s": 5})
+    engine = fake_engine(c, store, virt)
+    yield engine, virt, store, c
     await engine.shutdown(5)
-    await journal.close()
+    await store.close()
 
 
-async def run_job(engine: Engine, journal: Journal, **kw):
+async def run_job(engine: Engine, store: Store, **kw):
     job = await engine.submit(source=kw.pop("source", "src"), name=kw.pop("name", "c1"), **kw)
     await engine.wait(job.id, 10)
-    return await journal.get_job(job.id)
+    return await store.get_job(job.id)
 
 
 def leftover_files(c: cfg.Config) -> list[Path]:
@@ -57,34 +57,34 @@ def leftover_files(c: cfg.Config) -> list[Path]:
 
 
 async def test_happy_path(env):
-    engine, virt, journal, c = env
-    job = await run_job(engine, journal, name="c1")
+    engine, virt, store, c = env
+    job = await run_job(engine, store, name="c1")
     assert [e.state for e in job.history.entries] == list(HAPPY_PATH)
     assert virt.domains["src"].state == "running"
     assert virt.domains["c1"].state == "running"
     assert "-incoming" not in virt.domains["c1"].xml  # persistent definition is clean
     assert job.result["clones"][0]["name"] == "c1"
     assert set(job.durations_ms if hasattr(job, "durations_ms") else job.history.durations_ms()) == set(STEPS)
-    clones = await journal.list_clones()
+    clones = await store.list_clones()
     assert [x.name for x in clones] == ["c1"]
-    assert not (await journal.resources(job.id))  # all handed over
+    assert not (await store.resources(job.id))  # all handed over
     assert not list(c.jobs_dir.iterdir())  # scratch removed
 
 
 async def test_nic_is_held_down_then_replugged(env):
-    engine, virt, journal, _ = env
-    job = await run_job(engine, journal, name="c1")
+    engine, virt, store, _ = env
+    job = await run_job(engine, store, name="c1")
     assert job.state is State.UNSTUNNED
     seq = [m for m, n in virt.calls if n == "c1" and m in ("set_link", "resume", "replug_interface")]
     assert seq == ["set_link", "resume", "replug_interface"]
-    job = await run_job(engine, journal, name="c2", keep_network=True)
+    job = await run_job(engine, store, name="c2", keep_network=True)
     seq = [m for m, n in virt.calls if n == "c2" and m in ("set_link", "resume", "replug_interface")]
     assert seq == ["resume", "replug_interface"]
 
 
 async def test_count_makes_n_clones_from_one_stun(env):
-    engine, virt, journal, _ = env
-    job = await run_job(engine, journal, name="pool", count=3)
+    engine, virt, store, _ = env
+    job = await run_job(engine, store, name="pool", count=3)
     assert job.state is State.UNSTUNNED
     assert {"pool-1", "pool-2", "pool-3"} <= set(virt.domains)
     assert [m for m, n in virt.calls if n == "src"].count("suspend") == 1
@@ -96,14 +96,14 @@ async def test_count_makes_n_clones_from_one_stun(env):
 
 @pytest.mark.parametrize("step", STEPS)
 async def test_fault_at_every_step_rolls_back(env, step):
-    engine, virt, journal, c = env
+    engine, virt, store, c = env
 
     async def hook(job_id: str, at: str) -> None:
         if at == step:
-            raise VirtError(f"injected failure at {at}")
+            raise LibvirtError(f"injected failure at {at}")
 
     engine.step_hook = hook
-    job = await run_job(engine, journal, name="c1", count=2)
+    job = await run_job(engine, store, name="c1", count=2)
     assert job.state is State.FAILED, job.error
     assert job.error["step"] == step
     assert "injected failure" in job.error["message"]
@@ -112,16 +112,16 @@ async def test_fault_at_every_step_rolls_back(env, step):
     assert virt.domains["src"].state == "running"
     assert set(virt.domains) == {"src"}
     assert leftover_files(c) == []
-    assert not (await journal.resources(job.id))
-    assert await journal.list_clones() == []
+    assert not (await store.resources(job.id))
+    assert await store.list_clones() == []
 
 
 @pytest.mark.parametrize("method", ["suspend", "snapshot_disks", "save_state", "define", "start", "load_state",
                                     "set_link", "replug_interface"])
 async def test_backend_failure_rolls_back(env, method):
-    engine, virt, journal, c = env
-    virt.fail[method] = VirtError(f"{method} broke")
-    job = await run_job(engine, journal, name="c1")
+    engine, virt, store, c = env
+    virt.fail[method] = LibvirtError(f"{method} broke")
+    job = await run_job(engine, store, name="c1")
     assert job.state is State.FAILED
     assert f"{method} broke" in job.error["message"]
     assert virt.domains["src"].state == "running"
@@ -130,9 +130,9 @@ async def test_backend_failure_rolls_back(env, method):
 
 
 async def test_stun_deadline_aborts_and_resumes(env):
-    engine, virt, journal, c = env
+    engine, virt, store, c = env
     virt.delay["save_state"] = 2.0  # deadline is 500 ms
-    job = await run_job(engine, journal, name="c1")
+    job = await run_job(engine, store, name="c1")
     assert job.state is State.FAILED
     assert job.error["code"] == "stun_deadline_exceeded"
     assert job.error["step"] == "MemoryLinked"
@@ -142,19 +142,19 @@ async def test_stun_deadline_aborts_and_resumes(env):
 
 
 async def test_rollback_failure_is_needs_attention(env):
-    engine, virt, journal, _ = env
-    virt.fail["start"] = VirtError("start broke")
-    virt.fail["undefine"] = VirtError("undefine broke too")
-    job = await run_job(engine, journal, name="c1")
+    engine, virt, store, _ = env
+    virt.fail["start"] = LibvirtError("start broke")
+    virt.fail["undefine"] = LibvirtError("undefine broke too")
+    job = await run_job(engine, store, name="c1")
     assert job.state is State.NEEDS_ATTENTION
     assert any("undefine c1" in x for x in job.error["left_behind"])
     assert virt.domains["src"].state == "running"
 
 
 async def test_paused_source_is_used_frozen_and_stays_paused(env):
-    engine, virt, journal, _ = env
+    engine, virt, store, _ = env
     virt.domains["src"].state = "paused"
-    job = await run_job(engine, journal, name="c1")
+    job = await run_job(engine, store, name="c1")
     assert job.state is State.UNSTUNNED
     assert State.STUNNED not in [e.state for e in job.history.entries]
     assert virt.domains["src"].state == "paused"
@@ -177,10 +177,10 @@ async def test_paused_source_is_used_frozen_and_stays_paused(env):
     ({"name": "ok", "source": "a;rm -rf"}, InvalidName),
 ])
 async def test_bad_input_is_refused_before_anything_happens(env, kw, err):
-    engine, virt, journal, _ = env
+    engine, virt, store, _ = env
     with pytest.raises(err):
         await engine.submit(source=kw.pop("source", "src"), **kw)
-    assert await journal.list_jobs() == []
+    assert await store.list_jobs() == []
     assert virt.calls == [] or all(m == "lookup" for m, _ in virt.calls)
 
 
@@ -201,12 +201,12 @@ async def test_duplicate_names_across_jobs(env):
 
 
 async def test_same_source_is_serialized(env):
-    engine, virt, journal, _ = env
+    engine, virt, store, _ = env
     virt.delay["save_state"] = 0.05
     jobs = [await engine.submit(source="src", name=f"s{i}") for i in range(5)]
     for j in jobs:
         await engine.wait(j.id, 10)
-    states = [(await journal.get_job(j.id)).state for j in jobs]
+    states = [(await store.get_job(j.id)).state for j in jobs]
     assert states == [State.UNSTUNNED] * 5
     # stuns never overlap: suspend/resume of src strictly alternate; the
     # four submitted while the first stun ran share the second.
@@ -216,8 +216,8 @@ async def test_same_source_is_serialized(env):
 
 
 async def test_destroy_removes_clone_and_files_not_source(env):
-    engine, virt, journal, _c = env
-    job = await run_job(engine, journal, name="c1")
+    engine, virt, store, _c = env
+    job = await run_job(engine, store, name="c1")
     clone_dir = Path(job.result["clones"][0]["dir"])
     assert clone_dir.exists()
     await engine.destroy_clone("c1")
@@ -230,51 +230,51 @@ async def test_destroy_removes_clone_and_files_not_source(env):
 
 async def test_recovery_resumes_stunned_source_and_removes_orphans(env):
     """Model a SIGKILL after Configured: only the journal and the world remain."""
-    engine, virt, journal, c = env
-    job = await journal.create_job("deadbeef", "src", JobSpec.from_dict({"names": ["c1"], "count": 1}))
+    engine, virt, store, c = env
+    job = await store.create_job("deadbeef", "src", JobSpec.from_dict({"names": ["c1"], "count": 1}))
     job_dir = c.jobs_dir / job.id
     clone_dir = c.clones_dir / "c1"
-    await journal.plan(job.id, ResourceKind.FILE, str(job_dir))
+    await store.plan(job.id, ResourceKind.FILE, str(job_dir))
     job_dir.mkdir(parents=True)
     (job_dir / "memory.state").write_bytes(b"x")
-    await journal.plan(job.id, ResourceKind.STUN, "src")
+    await store.plan(job.id, ResourceKind.STUN, "src")
     await virt.suspend("src")
-    await journal.record_state(job, State.STUNNED)
+    await store.record_state(job, State.STUNNED)
     orphan_delta = c.delta_dir / "src.vda.deadbeef.qcow2"
-    await journal.plan(job.id, ResourceKind.SOURCE_DELTA, str(orphan_delta), owner="fake")
+    await store.plan(job.id, ResourceKind.SOURCE_DELTA, str(orphan_delta), owner="fake")
     c.delta_dir.mkdir(parents=True, exist_ok=True)
     orphan_delta.write_bytes(b"never attached")
-    await journal.record_state(job, State.SOURCE_DELTA_CREATED)
-    await journal.plan(job.id, ResourceKind.FILE, str(clone_dir), clone="c1")
+    await store.record_state(job, State.SOURCE_DELTA_CREATED)
+    await store.plan(job.id, ResourceKind.FILE, str(clone_dir), clone="c1")
     clone_dir.mkdir(parents=True)
     (clone_dir / "vda.qcow2").write_bytes(b"d")
-    await journal.record_state(job, State.CLONE_DELTA_CREATED)
-    await journal.plan(job.id, ResourceKind.DOMAIN, "c1", clone="c1")
+    await store.record_state(job, State.CLONE_DELTA_CREATED)
+    await store.plan(job.id, ResourceKind.DOMAIN, "c1", clone="c1")
     await virt.define(virt.domains["src"].xml.replace("<name>src</name>", "<name>c1</name>"))
     # ... daemon killed here. A new engine recovers:
     handled = await engine.recover()
     assert handled == [job.id]
-    rec = await journal.get_job(job.id)
+    rec = await store.get_job(job.id)
     assert rec.state is State.FAILED
     assert rec.error["code"] == "interrupted"
     assert virt.domains["src"].state == "running"
     assert set(virt.domains) == {"src"}
     assert not job_dir.exists() and not clone_dir.exists() and not orphan_delta.exists()
-    assert not (await journal.resources(job.id))
+    assert not (await store.resources(job.id))
 
 
 async def test_recovery_requeues_untouched_requested_jobs(env):
-    engine, virt, journal, _ = env
-    job = await journal.create_job("cafe", "src", JobSpec.from_dict({"names": ["c9"], "count": 1}))
+    engine, virt, store, _ = env
+    job = await store.create_job("cafe", "src", JobSpec.from_dict({"names": ["c9"], "count": 1}))
     assert await engine.recover() == [job.id]
     await engine.wait(job.id, 10)
-    assert (await journal.get_job(job.id)).state is State.UNSTUNNED
+    assert (await store.get_job(job.id)).state is State.UNSTUNNED
     assert "c9" in virt.domains
 
 
 async def test_shutdown_mid_job_rolls_back_and_resumes(env):
     """SIGTERM path: in-flight jobs past the grace period are cancelled and rolled back."""
-    engine, virt, journal, c = env
+    engine, virt, store, c = env
     virt.delay["save_state"] = 5.0
     job = await engine.submit(source="src", name="c1")
     for _ in range(200):
@@ -282,7 +282,7 @@ async def test_shutdown_mid_job_rolls_back_and_resumes(env):
             break
         await asyncio.sleep(0.01)
     await engine.shutdown(0.05)
-    rec = await journal.get_job(job.id)
+    rec = await store.get_job(job.id)
     assert rec.state is State.FAILED
     assert rec.error["code"] == "interrupted"
     assert virt.domains["src"].state == "running"
@@ -296,9 +296,9 @@ AGENT = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0
 
 
 async def test_customization_runs_with_links_down_then_up(env):
-    engine, virt, journal, _ = env
+    engine, virt, store, _ = env
     virt.domains["src"].xml = virt.domains["src"].xml.replace("</devices>", AGENT + "</devices>")
-    job = await run_job(engine, journal, name="c1", config={"a": "b"})
+    job = await run_job(engine, store, name="c1", config={"a": "b"})
     assert job.state is State.UNSTUNNED, job.error
     seq = [m for m, n in virt.calls if n == "c1" and m in ("set_link", "resume", "replug_interface", "agent_exec")]
     assert seq == ["set_link", "resume", "replug_interface", "agent_exec", "set_link", "agent_exec"]
@@ -307,10 +307,10 @@ async def test_customization_runs_with_links_down_then_up(env):
 
 
 async def test_customization_failure_fails_the_job_and_removes_the_clone(env):
-    engine, virt, journal, c = env
+    engine, virt, store, c = env
     virt.domains["src"].xml = virt.domains["src"].xml.replace("</devices>", AGENT + "</devices>")
-    virt.fail["agent_exec"] = VirtError("guest-exec: permission denied")
-    job = await run_job(engine, journal, name="c1")
+    virt.fail["agent_exec"] = LibvirtError("guest-exec: permission denied")
+    job = await run_job(engine, store, name="c1")
     assert job.state is State.FAILED
     assert job.error["code"] == "customization_failed"
     assert "c1" in job.error["message"] and "permission denied" in job.error["message"]
@@ -326,50 +326,50 @@ async def test_bad_guest_config_is_refused(env, config):
 
 
 async def test_recovery_undoes_a_freeze_cut_short(env):
-    engine, virt, journal, c = env
-    await journal.add_frozen("src", paused_by_us=True, backend="saverestore")
+    engine, virt, store, c = env
+    await store.add_frozen("src", paused_by_us=True, backend="saverestore")
     await virt.suspend("src")
     (c.daemon.state_dir / "frozen" / "src").mkdir(parents=True)
     await engine.recover()
     assert virt.domains["src"].state == "running"
-    assert await journal.frozen() == {}
+    assert await store.frozen() == {}
     assert not (c.daemon.state_dir / "frozen" / "src").exists()
 
 
 async def test_recovery_undoes_a_freeze_cut_short_from_its_ledger(env):
     """Model a SIGKILL inside the memory capture of a freeze: the ledger knows what it made."""
-    engine, virt, journal, c = env
+    engine, virt, store, c = env
     frozen_dir = c.daemon.state_dir / "frozen" / "src"
-    await journal.add_frozen("src", paused_by_us=True, backend="saverestore")
-    await journal.plan("frozen-src", ResourceKind.STUN, "src")
+    await store.add_frozen("src", paused_by_us=True, backend="saverestore")
+    await store.plan("frozen-src", ResourceKind.STUN, "src")
     await virt.suspend("src")
-    await journal.plan("frozen-src", ResourceKind.FILE, str(frozen_dir))
+    await store.plan("frozen-src", ResourceKind.FILE, str(frozen_dir))
     frozen_dir.mkdir(parents=True)
-    await journal.plan("frozen-src", ResourceKind.FILE, str(frozen_dir / "memory.state"), owner="saverestore")
+    await store.plan("frozen-src", ResourceKind.FILE, str(frozen_dir / "memory.state"), owner="saverestore")
     (frozen_dir / "memory.state").write_bytes(b"half a RAM image")
     await engine.recover()
     assert virt.domains["src"].state == "running"
-    assert await journal.frozen() == {}
+    assert await store.frozen() == {}
     assert not frozen_dir.exists()
-    assert await journal.resources("frozen-src") == []
+    assert await store.resources("frozen-src") == []
 
 
 async def test_failed_freeze_capture_leaves_nothing(env):
-    engine, virt, journal, c = env
-    virt.fail["save_state"] = VirtError("save broke")
-    with pytest.raises(VirtError, match="save broke"):
+    engine, virt, store, c = env
+    virt.fail["save_state"] = LibvirtError("save broke")
+    with pytest.raises(LibvirtError, match="save broke"):
         await engine.freeze("src")
     assert virt.domains["src"].state == "running"
-    assert await journal.frozen() == {}
+    assert await store.frozen() == {}
     assert not (c.daemon.state_dir / "frozen" / "src").exists()
-    assert await journal.resources("frozen-src") == []
+    assert await store.resources("frozen-src") == []
 
 
 async def test_freeze_clone_unfreeze_with_fakes(env):
-    engine, virt, journal, _ = env
+    engine, virt, store, _ = env
     entry = await engine.freeze("src")
     assert entry["status"] == "frozen" and virt.domains["src"].state == "paused"
-    job = await run_job(engine, journal, name="f1")
+    job = await run_job(engine, store, name="f1")
     assert job.state is State.UNSTUNNED and State.STUNNED not in [e.state for e in job.history.entries]
     assert virt.domains["src"].state == "paused"
     snapshots_before = [m for m, n in virt.calls if m == "snapshot_disks"]
@@ -377,14 +377,14 @@ async def test_freeze_clone_unfreeze_with_fakes(env):
     assert virt.domains["src"].state == "running"
     # the source got a new delta before it ran again (its clone is backed by the old top)
     assert len([m for m, n in virt.calls if m == "snapshot_disks"]) == len(snapshots_before) + 1
-    assert await journal.frozen() == {}
-    assert await journal.resources("frozen-src") == []
+    assert await store.frozen() == {}
+    assert await store.resources("frozen-src") == []
 
 
 async def test_destroy_of_a_clone_with_clones_of_its_own_keeps_them_running(env):
-    engine, virt, journal, c = env
-    assert (await run_job(engine, journal, name="parent")).state is State.UNSTUNNED
-    assert (await run_job(engine, journal, source="parent", name="child")).state is State.UNSTUNNED
+    engine, virt, store, c = env
+    assert (await run_job(engine, store, name="parent")).state is State.UNSTUNNED
+    assert (await run_job(engine, store, source="parent", name="child")).state is State.UNSTUNNED
     parent_disk = c.clones_dir / "parent" / "vda.qcow2"
     await engine.destroy_clone("parent")
     assert "parent" not in virt.domains and virt.domains["child"].state == "running"
@@ -393,4 +393,4 @@ async def test_destroy_of_a_clone_with_clones_of_its_own_keeps_them_running(env)
         await engine.submit(source="src", name="parent")
     await engine.destroy_clone("child")
     assert not (c.clones_dir / "parent").exists() and not (c.clones_dir / "child").exists()
-    assert (await run_job(engine, journal, name="parent")).state is State.UNSTUNNED
+    assert (await run_job(engine, store, name="parent")).state is State.UNSTUNNED

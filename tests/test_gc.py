@@ -95,8 +95,8 @@ class Sequence:
         self.stats = {"deleted": 0, "destroyed_with_children": 0, "released": 0}
 
     async def run(self, ops: list[tuple[str, int]]) -> dict[str, int]:
-        self.c, self.journal, self.virt = await fake_world(self.root)
-        self.engine = fake_engine(self.c, self.journal, self.virt)
+        self.c, self.store, self.virt = await fake_world(self.root)
+        self.engine = fake_engine(self.c, self.store, self.virt)
         self.roots = list(gc.roots(self.engine.svc).values())
         outside = self.root / "src_VARS.fd"
         outside.write_bytes(os.urandom(4096))
@@ -107,12 +107,12 @@ class Sequence:
                 await self.check(after=op)
         finally:
             await self.engine.shutdown(5)
-            await self.journal.close()
+            await self.store.close()
         return self.stats
 
     # -- operations ---------------------------------------------------------------------
     async def clones(self) -> list[str]:
-        return [c.name for c in await self.journal.list_clones()]
+        return [c.name for c in await self.store.list_clones()]
 
     async def clone(self, k: int) -> None:
         sources = ["src", *await self.clones()]
@@ -120,14 +120,14 @@ class Sequence:
         job = await self.engine.submit(source=sources[k % len(sources)], name=f"c{self.n}",
                                        count=1 + k % 2 if k % 5 == 0 else 1)
         await self.engine.wait(job.id, 20)
-        rec = await self.journal.get_job(job.id)
+        rec = await self.store.get_job(job.id)
         assert rec is not None and rec.state is State.UNSTUNNED, rec
 
     async def destroy(self, k: int) -> None:
         names = await self.clones()
         if not names:
             return
-        parents = sorted({c.source for c in await self.journal.list_clones()} & set(names))
+        parents = sorted({c.source for c in await self.store.list_clones()} & set(names))
         # Half the time a clone with clones of its own, when there is one.
         name = parents[k % len(parents)] if parents and k % 2 == 0 else names[k % len(names)]
         if name in parents:
@@ -147,7 +147,7 @@ class Sequence:
         self.stats["deleted"] += len(real.deleted)
 
     async def freeze(self, k: int) -> None:
-        if "src" in await self.journal.frozen():
+        if "src" in await self.store.frozen():
             await self.engine.unfreeze("src")
         else:
             await self.engine.freeze("src")
@@ -166,7 +166,7 @@ class Sequence:
         self.n += 1
         job_id = f"inflight{self.n}"
         path = [self.c.jobs_dir / job_id / "memory.state", self.c.delta_dir / f"src.vda.{job_id}.qcow2"][k % 2]
-        await self.journal.plan(job_id, ResourceKind.FILE if k % 2 == 0 else ResourceKind.SOURCE_DELTA, str(path))
+        await self.store.plan(job_id, ResourceKind.FILE if k % 2 == 0 else ResourceKind.SOURCE_DELTA, str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(image_bytes("inflight", ""))
         self.inflight_files.append(path)
@@ -178,7 +178,7 @@ class Sequence:
             for src in ET.fromstring(dom.xml).iterfind("./devices/disk/source"):
                 for p in image_chain(Path(src.get("file", ""))):
                     assert p.exists(), f"after {after}: {p} of {dom.name}'s chain is gone"
-        for rec in await self.journal.list_clones():  # clones of a destroyed clone keep running
+        for rec in await self.store.list_clones():  # clones of a destroyed clone keep running
             assert self.virt.domains[rec.name].state == "running", rec.name
         for p in self.inflight_files:
             assert p.exists(), f"after {after}: in-flight {p} was deleted"
@@ -187,16 +187,16 @@ class Sequence:
         if after not in ("collect", "destroy"):
             return
         # Right after a collection: everything left is used or protected, retained dirs are needed.
-        protected = [os.path.realpath(r.dir) for r in await self.journal.list_clones()]
+        protected = [os.path.realpath(r.dir) for r in await self.store.list_clones()]
         protected += [os.path.realpath(p) for p in self.inflight_files]
         # A file nobody recorded is never deleted (before the ledger kept identities, it was).
         protected += [os.path.realpath(p) for p in self.stray_files]
-        protected += [os.path.realpath(self.c.daemon.state_dir / "frozen" / n) for n in await self.journal.frozen()]
+        protected += [os.path.realpath(self.c.daemon.state_dir / "frozen" / n) for n in await self.store.frozen()]
         for f in _files(self.roots):
             assert f in used or any(gc.under(f, p) for p in protected), f"after {after}: {f} is unused and left"
         for p in self.stray_files:
             assert p.exists(), f"after {after}: {p}, which instaclone did not make, was deleted"
-        retained = [r for r in await self.journal.active_resources() if r.job_id.startswith(RETAINED)]
+        retained = [r for r in await self.store.active_resources() if r.job_id.startswith(RETAINED)]
         now = {r.job_id for r in retained}
         self.stats["released"] += len(self.retained - now)
         self.retained = now
@@ -244,23 +244,23 @@ async def test_a_long_seeded_sequence(tmp_path):
 
 @pytest.fixture
 async def env(tmp_path):
-    c, journal, virt = await fake_world(tmp_path)
-    engine = fake_engine(c, journal, virt)
-    yield engine, virt, journal, c
+    c, store, virt = await fake_world(tmp_path)
+    engine = fake_engine(c, store, virt)
+    yield engine, virt, store, c
     await engine.shutdown(5)
-    await journal.close()
+    await store.close()
 
 
-async def _clone(engine, journal, source, name):
+async def _clone(engine, store, source, name):
     job = await engine.submit(source=source, name=name)
     await engine.wait(job.id, 10)
-    assert (await journal.get_job(job.id)).state is State.UNSTUNNED
+    assert (await store.get_job(job.id)).state is State.UNSTUNNED
 
 
 async def test_middle_clone_destroyed_then_child_then_everything_unused_goes(env):
-    engine, virt, journal, c = env
-    await _clone(engine, journal, "src", "mid")
-    await _clone(engine, journal, "mid", "kid")
+    engine, virt, store, c = env
+    await _clone(engine, store, "src", "mid")
+    await _clone(engine, store, "mid", "kid")
     mid_disk = c.clones_dir / "mid" / "vda.qcow2"
     assert mid_disk in image_chain(file_disks(virt.domains["kid"].xml)[0].path)
     await engine.destroy_clone("mid")
@@ -271,13 +271,13 @@ async def test_middle_clone_destroyed_then_child_then_everything_unused_goes(env
     assert report.deleted == {} and [r["clone"] for r in report.retained] == ["mid"]
     await engine.destroy_clone("kid")
     assert not (c.clones_dir / "mid").exists() and not (c.clones_dir / "kid").exists()
-    assert await journal.active_resources() == []
-    assert await journal.names_in_use() == set()
+    assert await store.active_resources() == []
+    assert await store.names_in_use() == set()
 
 
 async def test_gc_aborts_without_deleting_when_a_chain_cannot_be_read(env, monkeypatch):
-    engine, virt, journal, c = env
-    await _clone(engine, journal, "src", "c1")
+    engine, virt, store, c = env
+    await _clone(engine, store, "src", "c1")
     stray = c.delta_dir / "stray.qcow2"
     stray.write_bytes(b"x")
 
@@ -302,8 +302,8 @@ async def test_gc_aborts_without_deleting_when_a_chain_cannot_be_read(env, monke
 
 async def test_a_file_a_domain_not_ours_names_is_kept(env):
     """A domain instaclone did not make, whose disk is a clone's image, keeps that image."""
-    engine, virt, journal, c = env
-    await _clone(engine, journal, "src", "c1")
+    engine, virt, store, c = env
+    await _clone(engine, store, "src", "c1")
     disk = c.clones_dir / "c1" / "vda.qcow2"
     virt.add_source("mine", disk, state="shutoff")
     await engine.destroy_clone("c1")
@@ -313,9 +313,9 @@ async def test_a_file_a_domain_not_ours_names_is_kept(env):
 
 
 async def test_disk_usage_per_source(env):
-    engine, _virt, journal, _c = env
-    await _clone(engine, journal, "src", "a")
-    await _clone(engine, journal, "a", "b")
+    engine, _virt, store, _c = env
+    await _clone(engine, store, "src", "a")
+    await _clone(engine, store, "a", "b")
     usage = await gc.disk_usage(engine.svc)
     by = {s["source"]: s for s in usage["sources"]}
     assert set(by) == {"src", "a"} and by["src"]["clones"] == 1 and by["a"]["clones"] == 1

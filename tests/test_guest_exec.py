@@ -17,10 +17,10 @@ import pytest
 
 from instaclone.api import make_app
 from instaclone.api.access import ACCESS, NOBODY, Caller
-from instaclone.errors import AgentUnavailable, VirtTimeout
+from instaclone.errors import AgentUnavailable, LibvirtTimeout
 from instaclone.model import CloneRecord
 
-from .fakes import FakeGuest, FakeHypervisor, FakeProcess, fake_engine, fake_world
+from .fakes import FakeGuestAgent, FakeHypervisor, FakeProcess, fake_engine, fake_world
 
 AGENT = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
 
@@ -37,19 +37,19 @@ class ReadOnlyAccess:
 
 @asynccontextmanager
 async def world(tmp_path: Path, *, agent_channel: bool = True, read_only: bool = False) -> AsyncIterator[
-        tuple[aiohttp.ClientSession, FakeHypervisor, FakeGuest, Any]]:
-    """The API over a fake engine with one running clone "c1" whose agent a FakeGuest answers."""
+        tuple[aiohttp.ClientSession, FakeHypervisor, FakeGuestAgent, Any]]:
+    """The API over a fake engine with one running clone "c1" whose agent a FakeGuestAgent answers."""
     from aiohttp import web
 
-    c, journal, virt = await fake_world(tmp_path)
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = await fake_world(tmp_path)
+    engine = fake_engine(c, store, virt)
     dom = virt.add_source("c1", tmp_path / "c1.qcow2")
     if agent_channel:
         dom.xml = dom.xml.replace("</devices>", AGENT + "</devices>")
-    guest = FakeGuest()
+    guest = FakeGuestAgent()
     virt.guests["c1"] = guest
-    await journal.add_clones("job-1", [CloneRecord("c1", dom.uuid, "src", "job-1", str(tmp_path), time.time())], [])
-    app = make_app(engine, journal)
+    await store.add_clones("job-1", [CloneRecord("c1", dom.uuid, "src", "job-1", str(tmp_path), time.time())], [])
+    app = make_app(engine, store)
     if read_only:
         app[ACCESS] = ReadOnlyAccess()  # type: ignore[assignment]
     runner = web.AppRunner(app)
@@ -61,7 +61,7 @@ async def world(tmp_path: Path, *, agent_channel: bool = True, read_only: bool =
             yield s, virt, guest, engine
     finally:
         await runner.cleanup()
-        await journal.close()
+        await store.close()
 
 
 async def exec_lines(s: aiohttp.ClientSession, body: dict[str, Any], clone: str = "c1") -> tuple[int, list[Any]]:
@@ -91,7 +91,7 @@ async def sleeper(proc: FakeProcess) -> int:
     return 0
 
 
-def no_exec_files(guest: FakeGuest) -> None:
+def no_exec_files(guest: FakeGuestAgent) -> None:
     assert not [p for p in guest.files if "/exec-" in p], guest.files
     assert not guest.handles, "handles left open"
     assert not guest.procs, "processes left running"
@@ -213,7 +213,7 @@ async def test_exec_validation_and_reachability(tmp_path):
         status, lines = await exec_lines(s, {"argv": ["true"]})
         assert status == 409 and lines[0]["error"]["code"] == "domain_state_invalid"
         virt.domains["c1"].state = "running"
-        virt.fail["agent"] = VirtTimeout("Guest agent is not responding")
+        virt.fail["agent"] = LibvirtTimeout("Guest agent is not responding")
         status, lines = await exec_lines(s, {"argv": ["true"]})
         assert status == 409 and lines[0]["error"]["code"] == "agent_unavailable"
         assert "does not answer guest-ping" in lines[0]["error"]["message"]

@@ -150,7 +150,7 @@ async def test_a_request_that_may_have_run_is_not_sent_again(hv):
     h, opener = hv
     await h.connect()
     opener.conns[0].fail_next = [libvirt_error("End of file while reading data: Input/output error")]
-    with pytest.raises(hvconn.VirtConnectionError):
+    with pytest.raises(hvconn.LibvirtUnavailable):
         await h.list_names()
     assert [c.listed for c in opener.conns] == [1]
     assert await h.ensure_connected() and len(opener.conns) == 2  # the next call gets a new connection

@@ -437,9 +437,9 @@ async def test_validation_and_document_follow_a_reloaded_config(tmp_path: Path) 
     from .apiclient import Api
     from .fakes import fake_engine, fake_world
 
-    c, journal, virt = await fake_world(tmp_path)
-    engine = fake_engine(c, journal, virt)
-    app = make_app(engine, journal)
+    c, store, virt = await fake_world(tmp_path)
+    engine = fake_engine(c, store, virt)
+    app = make_app(engine, store)
     runner = web.AppRunner(app, **RUNNER_ARGS)
     await runner.setup()
     sock = tmp_path / "ctl.sock"
@@ -459,4 +459,4 @@ async def test_validation_and_document_follow_a_reloaded_config(tmp_path: Path) 
     finally:
         await engine.shutdown(5)
         await runner.cleanup()
-        await journal.close()
+        await store.close()

@@ -92,18 +92,18 @@ class Server:
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
     endpoint = cfg.WebhookEndpoint("rx", "http://127.0.0.1:9/", (SECRET,), ("*",))
-    c, journal, virt = await fake_world(tmp_path)
+    c, store, virt = await fake_world(tmp_path)
     c = replace(c, webhooks=replace(c.webhooks, endpoints=(endpoint,)))
-    engine = fake_engine(c, journal, virt)
-    sender = WebhookSender(c.webhooks, journal, bus=EventBus(), gate=engine.outside_stun)  # never run: no sends
-    app = make_app(engine, journal, sender, gc=GarbageCollector(engine.svc))
+    engine = fake_engine(c, store, virt)
+    sender = WebhookSender(c.webhooks, store, bus=EventBus(), gate=engine.outside_stun)  # never run: no sends
+    app = make_app(engine, store, sender, gc=GarbageCollector(engine.svc))
     app[ACCESS] = OpenAccess(c.access)
     runner = web.AppRunner(app, **RUNNER_ARGS)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    services = asyncio.get_running_loop().create_task(engine.run_services())
+    services = asyncio.get_running_loop().create_task(engine.run_background())
     try:
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/v1/openapi.json") as r:
             doc = await r.json()
@@ -113,7 +113,7 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         await asyncio.gather(services, return_exceptions=True)
         await engine.shutdown(5)
         await runner.cleanup()
-        await journal.close()
+        await store.close()
 
 
 def _fixed(operation: Any) -> dict[str, Any]:

@@ -165,7 +165,7 @@ async def scrape_after_activity(tmp: Path) -> str:
     bus, metrics = EventBus(), Metrics()
     bus.subscribe(metrics.on_event)
     metrics.configure(c.clone.stun_deadline_ms)
-    store = Store(c.journal_path, on_commit=bus.publish)
+    store = Store(c.store_path, on_commit=bus.publish)
     await store.open()
     virt = FakeHypervisor()
     (tmp / "base.qcow2").write_bytes(b"base")
@@ -177,7 +177,7 @@ async def scrape_after_activity(tmp: Path) -> str:
     sender.on_outcome = metrics.on_delivery
     await engine.recover()
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(sender.run()), loop.create_task(engine.run_services())]
+    tasks = [loop.create_task(sender.run()), loop.create_task(engine.run_background())]
     runner = web.AppRunner(metrics.app())
     try:
         job = await engine.submit(source="src", name="ok-1", customize=False)

@@ -25,7 +25,7 @@ from .fakes import FakeHypervisor, fake_engine, fake_world
 async def running(engine: Any) -> AsyncIterator[Any]:
     """The engine with its services (pool keeper, TTL reaper) running."""
     await engine.recover()
-    task = asyncio.get_running_loop().create_task(engine.run_services())
+    task = asyncio.get_running_loop().create_task(engine.run_background())
     try:
         yield engine
     finally:
@@ -37,10 +37,10 @@ async def running(engine: Any) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def world(tmp_path: Path):
-    c, journal, virt = await fake_world(tmp_path, pools={"check_interval_s": 0.2},
+    c, store, virt = await fake_world(tmp_path, pools={"check_interval_s": 0.2},
                                         clone={"stun_deadline_ms": 5000, "step_timeout_s": 30})
-    yield c, journal, virt
-    await journal.close()
+    yield c, store, virt
+    await store.close()
 
 
 async def until(pred: Any, timeout_s: float = 20.0) -> None:
@@ -62,8 +62,8 @@ def stuns(virt: FakeHypervisor) -> int:
 
 
 async def test_a_pool_fills_with_one_stun_and_hands_out_members_at_once(world):
-    c, journal, virt = world
-    async with running(fake_engine(c, journal, virt)) as engine:
+    c, store, virt = world
+    async with running(fake_engine(c, store, virt)) as engine:
         await engine.pools.create(name="vdi", source="src", size=3, config={"role": "desk"})
         await until(idle_count(engine, "vdi", 3))
         assert stuns(virt) == 1  # three members, one job, one stun
@@ -83,14 +83,14 @@ async def test_a_pool_fills_with_one_stun_and_hands_out_members_at_once(world):
         rel = await engine.pools.release(out["clone"]["name"])
         assert rel["pool"] == "vdi" and out["clone"]["name"] not in virt.domains
         assert (await engine.pools.show("vdi"))["claimed"] == []
-        types = [e.type for e in await journal.events(since=0, limit=1000)]
+        types = [e.type for e in await store.events(since=0, limit=1000)]
         for t in ("pool.created", "pool.replenishing", "pool.claimed", "pool.released"):
             assert t in types, t
 
 
 async def test_a_claim_on_an_empty_pool_waits_bounded(world):
-    c, journal, virt = world
-    async with running(fake_engine(c, journal, virt)) as engine:
+    c, store, virt = world
+    async with running(fake_engine(c, store, virt)) as engine:
         await engine.pools.create(name="empty", source="src", size=0)
         t0 = time.monotonic()
         with pytest.raises(PoolEmpty) as info:
@@ -105,8 +105,8 @@ async def test_a_claim_on_an_empty_pool_waits_bounded(world):
 
 
 async def test_resize_and_delete(world):
-    c, journal, virt = world
-    async with running(fake_engine(c, journal, virt)) as engine:
+    c, store, virt = world
+    async with running(fake_engine(c, store, virt)) as engine:
         await engine.pools.create(name="p", source="src", size=3)
         await until(idle_count(engine, "p", 3))
         claimed = (await engine.pools.claim("p"))["clone"]["name"]
@@ -120,7 +120,7 @@ async def test_resize_and_delete(world):
         assert all(m not in virt.domains for m in idle)
         # The claimed member stays, as a plain clone.
         assert virt.domains[claimed].state == "running"
-        rec = await journal.get_clone(claimed)
+        rec = await store.get_clone(claimed)
         assert rec is not None and rec.pool is None
         with pytest.raises(NotFound):
             await engine.pools.show("p")
@@ -129,11 +129,11 @@ async def test_resize_and_delete(world):
 
 
 async def test_image_push_replaces_idle_members_and_keeps_claimed_ones(world, tmp_path: Path):
-    c, journal, virt = world
+    c, store, virt = world
     disk = tmp_path / "src2.qcow2"
     disk.write_bytes(b"base2")
     virt.add_source("src2", disk)
-    async with running(fake_engine(c, journal, virt)) as engine:
+    async with running(fake_engine(c, store, virt)) as engine:
         await engine.pools.create(name="ci", source="src", size=2)
         await until(idle_count(engine, "ci", 2))
         old_idle = set((await engine.pools.show("ci"))["idle"])
@@ -147,37 +147,37 @@ async def test_image_push_replaces_idle_members_and_keeps_claimed_ones(world, tm
         await until(replaced)
         p = await engine.pools.show("ci")
         assert p["source"] == "src2" and p["generation"] == 2
-        assert [(await journal.get_clone(m)).source for m in p["idle"]] == ["src2", "src2"]
+        assert [(await store.get_clone(m)).source for m in p["idle"]] == ["src2", "src2"]
         assert not (old_idle - {claimed}) & set(virt.domains)
         assert virt.domains[claimed].state == "running" and p["claimed"] == [claimed]
 
 
 async def test_replenishment_stays_within_the_host_budget(world, tmp_path: Path):
-    c, journal, virt = world
+    c, store, virt = world
     from dataclasses import replace
     c = replace(c, pools=replace(c.pools, max_clones=2))
-    async with running(fake_engine(c, journal, virt)) as engine:
+    async with running(fake_engine(c, store, virt)) as engine:
         await engine.pools.create(name="big", source="src", size=5)
         await until(idle_count(engine, "big", 2))
         await asyncio.sleep(0.5)
         p = await engine.pools.show("big")
         assert len(p["idle"]) == 2 and p["pending"] == 0 and "host budget" in (p["held"] or "")
-        assert len(await journal.list_clones()) == 2
+        assert len(await store.list_clones()) == 2
 
 
 async def test_reconcile_at_start_replaces_dead_idle_members_and_never_touches_claimed(world):
-    c, journal, virt = world
-    async with running(fake_engine(c, journal, virt)) as engine:
+    c, store, virt = world
+    async with running(fake_engine(c, store, virt)) as engine:
         await engine.pools.create(name="r", source="src", size=2)
         await until(idle_count(engine, "r", 2))
         claimed = (await engine.pools.claim("r"))["clone"]["name"]
         await until(idle_count(engine, "r", 2))
     # The daemon is down; one idle member and the claimed one die meanwhile.
-    dead_idle = (await journal.pool_members("r"))[-1].name
-    assert (await journal.get_clone(dead_idle)).claimed_at is None
+    dead_idle = (await store.pool_members("r"))[-1].name
+    assert (await store.get_clone(dead_idle)).claimed_at is None
     await virt.destroy(dead_idle)
     await virt.destroy(claimed)
-    async with running(fake_engine(c, journal, virt)) as engine:
+    async with running(fake_engine(c, store, virt)) as engine:
         async def replaced() -> bool:
             p = await engine.pools.show("r")
             return dead_idle not in p["idle"] and await idle_count(engine, "r", 2)()
@@ -189,29 +189,29 @@ async def test_reconcile_at_start_replaces_dead_idle_members_and_never_touches_c
 
 
 async def test_ttl_destroys_clones_across_a_restart(world):
-    c, journal, virt = world
-    async with running(fake_engine(c, journal, virt)) as engine:
+    c, store, virt = world
+    async with running(fake_engine(c, store, virt)) as engine:
         job = await engine.submit(source="src", name="short", ttl_s=1)
         keep = await engine.submit(source="src", name="long", ttl_s=3600)
         await engine.wait(job.id, 20)
         await engine.wait(keep.id, 20)
-        rec = await journal.get_clone("short")
+        rec = await store.get_clone("short")
         assert rec is not None and rec.expires_at is not None
     # Down while it expires; destroyed once the daemon is back.
     await asyncio.sleep(max(0.0, rec.expires_at - time.time()) + 0.1)
     assert "short" in virt.domains
-    async with running(fake_engine(c, journal, virt)):
+    async with running(fake_engine(c, store, virt)):
         async def gone() -> bool:
-            return await journal.get_clone("short") is None
+            return await store.get_clone("short") is None
         await until(gone, 10)
         assert "short" not in virt.domains and "long" in virt.domains
-    types = [e.type for e in await journal.events(since=0, limit=1000)]
+    types = [e.type for e in await store.events(since=0, limit=1000)]
     assert "clone.expired" in types
 
 
 async def test_a_claimed_member_with_a_ttl_expires_and_is_replaced(world):
-    c, journal, virt = world
-    async with running(fake_engine(c, journal, virt)) as engine:
+    c, store, virt = world
+    async with running(fake_engine(c, store, virt)) as engine:
         await engine.pools.create(name="t", source="src", size=1)
         await until(idle_count(engine, "t", 1))
         name = (await engine.pools.claim("t", ttl_s=1))["clone"]["name"]
@@ -230,17 +230,17 @@ async def test_a_claimed_member_with_a_ttl_expires_and_is_replaced(world):
     ({"name": "x", "source": "src", "size": 1, "freeze": "yes"}, "freeze must be"),
 ])
 async def test_bad_pool_requests_are_refused(world, kw: dict[str, Any], message: str):
-    c, journal, virt = world
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = world
+    engine = fake_engine(c, store, virt)
     with pytest.raises(InvalidRequest) as info:
         await engine.pools.create(**kw)
     assert message in info.value.message
-    assert await journal.list_pools() == []
+    assert await store.list_pools() == []
 
 
 async def test_claim_and_source_errors(world):
-    c, journal, virt = world
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = world
+    engine = fake_engine(c, store, virt)
     with pytest.raises(NotFound):
         await engine.pools.claim("nope")
     with pytest.raises(NotFound):
@@ -256,16 +256,16 @@ async def test_claim_and_source_errors(world):
 
 async def test_a_member_is_either_claimed_or_retired_never_both(world):
     """The keeper's destroy of a surplus member and a claim race: exactly one wins, in the store."""
-    c, journal, virt = world
-    async with running(fake_engine(c, journal, virt)) as engine:
+    c, store, virt = world
+    async with running(fake_engine(c, store, virt)) as engine:
         await engine.pools.create(name="race", source="src", size=2)
         await until(idle_count(engine, "race", 2))
         a, b = (await engine.pools.show("race"))["idle"]
-        claimed = await journal.claim_member("race", [a], ttl_s=None)
+        claimed = await store.claim_member("race", [a], ttl_s=None)
         assert claimed is not None and claimed.name == a
-        assert await journal.retire_member("race", a) is False  # claimed: the keeper leaves it
-        assert await journal.retire_member("race", b) is True
-        assert await journal.claim_member("race", [b], ttl_s=None) is None  # retiring: no claim takes it
+        assert await store.retire_member("race", a) is False  # claimed: the keeper leaves it
+        assert await store.retire_member("race", b) is True
+        assert await store.claim_member("race", [b], ttl_s=None) is None  # retiring: no claim takes it
         await until(idle_count(engine, "race", 2))
         p = await engine.pools.show("race")
         assert p["claimed"] == [a] and b not in p["idle"] and b not in virt.domains

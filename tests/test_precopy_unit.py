@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from instaclone.errors import VirtTimeout
+from instaclone.errors import LibvirtTimeout
 
 from .contract import harness
 from .contract.fakeworld import FakeWorld
@@ -20,11 +20,11 @@ async def run_job(world: FakeWorld, **config_changes: object) -> Any:
     if config_changes:
         world.config = replace(world.config, clone=replace(world.config.clone, **config_changes))
     storage, memory = harness.make_backends(world.config, world.virt, world.storage, world.memory)
-    engine = harness.make_engine(world.config, world.journal, world.virt, storage, memory)
+    engine = harness.make_engine(world.config, world.store, world.virt, storage, memory)
     try:
         job_id = await harness.submit(engine, source=world.source, name="pc", count=2, customize=False)
         await harness.wait(engine, job_id)
-        job = await world.journal.get_job(job_id)
+        job = await world.store.get_job(job_id)
         assert job is not None
         return job
     finally:
@@ -53,12 +53,12 @@ async def test_precopy_stops_the_source_only_around_the_snapshot(tmp_path: Path)
         assert not [d for d in world.virt.domains if d.startswith("instaclone-shadow-")]
         assert world.virt.domains["src"].state == "running"
     finally:
-        await world.journal.close()
+        await world.store.close()
 
 
 async def test_precopy_that_does_not_converge_falls_back_to_copy(tmp_path: Path) -> None:
     world = await world_at(tmp_path)
-    world.virt.fail["wait_migration"] = VirtTimeout("the migration of 'src' was not pre-switchover within 60 s")
+    world.virt.fail["wait_migration"] = LibvirtTimeout("the migration of 'src' was not pre-switchover within 60 s")
     try:
         out = await run_job(world)
         assert out.state.value == "Unstunned", out
@@ -69,7 +69,7 @@ async def test_precopy_that_does_not_converge_falls_back_to_copy(tmp_path: Path)
         assert not [d for d in world.virt.domains if d.startswith("instaclone-shadow-")]
         assert world.virt.domains["src"].state == "running"
     finally:
-        await world.journal.close()
+        await world.store.close()
 
 
 async def test_stun_deadline_is_lifted_at_switchover(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ async def test_stun_deadline_is_lifted_at_switchover(tmp_path: Path) -> None:
         assert out.state.value == "Unstunned", out
         assert out.result["stun_ms"] < 200
     finally:
-        await world.journal.close()
+        await world.store.close()
 
 
 async def test_stun_deadline_counts_while_qemu_holds_the_source(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ async def test_stun_deadline_counts_while_qemu_holds_the_source(tmp_path: Path) 
         assert not [d for d in world.virt.domains if d.startswith("instaclone-shadow-")]
         await asyncio.sleep(0)
     finally:
-        await world.journal.close()
+        await world.store.close()
 
 
 # -- the shadow's copy verified against the stopped source (TCG loses writes) -------------
@@ -188,4 +188,4 @@ async def test_precopy_image_is_the_source_ram_at_stun(tmp_path: Path) -> None:
                                                                                          n.startswith("instaclone-shadow-"))]
         assert looks and looks[1] < order.index("migrate_live")
     finally:
-        await world.journal.close()
+        await world.store.close()

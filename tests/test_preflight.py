@@ -248,7 +248,7 @@ BARE = """<domain type='qemu'><name>bare</name><uuid>11111111-2222-3333-4444-555
 
 
 def test_prepare_adds_what_is_missing_and_is_idempotent():
-    prep = pp.prepare(BARE)
+    prep = pp.prepare_definition(BARE)
     assert [c.split(":")[0] for c in prep.changed] == ["cow_memory", "mac_reset", "guest_customization",
                                                       "vm_generation_id"]
     assert prep.not_changed == ()
@@ -259,7 +259,7 @@ def test_prepare_adds_what_is_missing_and_is_idempotent():
     assert "app:info" in prep.xml and "keep me" in prep.xml
     after = pf.check(prep.xml, pf.Facts(state="shutoff"))
     assert all(f.ok for f in after.checks if f.capability in pf.PREPARABLE)
-    again = pp.prepare(prep.xml)
+    again = pp.prepare_definition(prep.xml)
     assert again.changed == () and again.xml == prep.xml
     d = pp.diff(BARE, prep.xml, "bare")
     assert d.startswith("--- bare (before)\n+++ bare (after)\n")
@@ -273,7 +273,7 @@ def test_prepare_adds_what_is_missing_and_is_idempotent():
 def test_prepare_changes_private_ram_to_shared_in_place():
     xml = BARE.replace("<os>", "<memoryBacking><locked/><source type='memfd'/><access mode='private'/>"
                                "</memoryBacking><os>")
-    root = ET.fromstring(pp.prepare(xml).xml)
+    root = ET.fromstring(pp.prepare_definition(xml).xml)
     mb = root.findall("memoryBacking")
     assert len(mb) == 1 and mb[0].find("locked") is not None
     assert mb[0].find("source").get("type") == "file" and mb[0].find("access").get("mode") == "shared"
@@ -282,7 +282,7 @@ def test_prepare_changes_private_ram_to_shared_in_place():
 def test_prepare_never_touches_what_it_cannot_fix():
     xml = edit(BARE, add("devices", "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"))
     xml = edit(xml, add("", "<cpu><numa><cell id='0' cpus='0' memory='262144' unit='KiB'/></numa></cpu>"))
-    prep = pp.prepare(xml)
+    prep = pp.prepare_definition(xml)
     root = ET.fromstring(prep.xml)
     assert root.find("./devices/tpm") is not None and root.find("./cpu/numa") is not None
     assert root.find("memoryBacking") is None  # NUMA: RAM left as it is
@@ -293,7 +293,7 @@ def test_prepare_never_touches_what_it_cannot_fix():
 
 def test_pending_until_next_boot():
     live = BARE
-    persistent = pp.prepare(BARE).xml
+    persistent = pp.prepare_definition(BARE).xml
     report = pf.check(live, pf.Facts(state="running", inactive_xml=persistent))
     assert report.pending == ["cow_memory", "mac_reset", "guest_customization", "vm_generation_id"]
     f = item(report, "cow_memory")

@@ -12,9 +12,9 @@ import pytest
 from instaclone import cli
 from instaclone.api import ROUTES, document
 from instaclone.config import Config
-from instaclone.errors import VirtError
+from instaclone.errors import LibvirtError
 from instaclone.jobs import preflight
-from instaclone.jobs.prepare import prepare
+from instaclone.jobs.prepare import prepare_definition
 
 from .fakes import fake_api
 
@@ -49,12 +49,12 @@ async def test_check_reports_each_capability(api):
 async def test_check_pings_the_agent_when_there_is_a_channel(api):
     client, virt, _ = api
     src = virt.domains["src"]
-    src.xml = prepare(src.xml).xml  # as if booted prepared
+    src.xml = prepare_definition(src.xml).xml  # as if booted prepared
     _, body = await client.call("GET", "/v1/sources/src/check")
     assert by_cap(body["check"], "guest_customization")["ok"] is True
     assert ("agent", "src") in virt.calls
     assert body["check"]["cloneable"] is True
-    virt.fail["agent"] = VirtError("guest agent is not connected")
+    virt.fail["agent"] = LibvirtError("guest agent is not connected")
     _, body = await client.call("GET", "/v1/sources/src/check")
     item = by_cap(body["check"], "guest_customization")
     assert item["level"] == "error" and "not connected" in item["detail"]
@@ -145,7 +145,7 @@ async def test_openapi_has_the_new_paths(api):
     schemas = doc["components"]["schemas"]
     assert {"Check", "CheckItem", "Prepare"} <= set(schemas)
     caps = set(schemas["CheckItem"]["properties"]["capability"]["enum"])
-    report = preflight.check(prepare(_fake_xml()).xml,
+    report = preflight.check(prepare_definition(_fake_xml()).xml,
                              preflight.Facts(state="running", chain_depths={"vda": 2}))
     # Host and device findings appear only when they apply (a fact gathered, a balloon present).
     assert caps == {f.capability for f in report.checks} | {"ram_filesystem", "balloon"}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from instaclone.errors import SourceNotCloneable, VirtError
+from instaclone.errors import LibvirtError, SourceNotCloneable
 from instaclone.hv import domxml, vmstate
 from instaclone.states import State
 
@@ -135,9 +135,9 @@ def _make_uefi(virt, tmp: Path) -> tuple[Path, str]:
 
 
 async def test_uefi_clone_gets_its_own_nvram_copy_removed_on_destroy(env, tmp_path):
-    engine, virt, journal, c = env
+    engine, virt, store, c = env
     nvram, digest = _make_uefi(virt, tmp_path)
-    job = await run_job(engine, journal, name="c1", count=2)
+    job = await run_job(engine, store, name="c1", count=2)
     assert job.state is State.UNSTUNNED, job.error
     for cl in job.result["clones"]:
         own = Path(cl["nvram"])
@@ -153,10 +153,10 @@ async def test_uefi_clone_gets_its_own_nvram_copy_removed_on_destroy(env, tmp_pa
 
 @pytest.mark.parametrize("step", ["define", "load_state"])
 async def test_nvram_copy_is_rolled_back_with_the_clone(env, tmp_path, step):
-    engine, virt, journal, c = env
+    engine, virt, store, c = env
     nvram, digest = _make_uefi(virt, tmp_path)
-    virt.fail[step] = VirtError("injected")
-    job = await run_job(engine, journal, name="c1")
+    virt.fail[step] = LibvirtError("injected")
+    job = await run_job(engine, store, name="c1")
     assert job.state is State.FAILED
     assert leftover_files(c) == []
     assert hashlib.sha256(nvram.read_bytes()).hexdigest() == digest
@@ -164,13 +164,13 @@ async def test_nvram_copy_is_rolled_back_with_the_clone(env, tmp_path, step):
 
 
 async def test_frozen_uefi_source_clones_copy_the_nvram_taken_at_freeze(env, tmp_path):
-    engine, virt, journal, c = env
+    engine, virt, store, c = env
     nvram, _ = _make_uefi(virt, tmp_path)
     await engine.freeze("src")
     at_freeze = c.daemon.state_dir / "frozen" / "src" / "nvram.fd"
     assert at_freeze.read_bytes() == nvram.read_bytes()
     nvram.write_bytes(b"changed behind our back")  # not what the clone must get
-    job = await run_job(engine, journal, name="c1")
+    job = await run_job(engine, store, name="c1")
     assert job.state is State.UNSTUNNED, job.error
     assert Path(job.result["clones"][0]["nvram"]).read_bytes().startswith(b"UEFI-VARS")
     await engine.unfreeze("src")
@@ -178,7 +178,7 @@ async def test_frozen_uefi_source_clones_copy_the_nvram_taken_at_freeze(env, tmp
 
 
 async def test_tpm_source_is_refused_at_submit_and_freeze(env):
-    engine, virt, journal, _ = env
+    engine, virt, store, _ = env
     dom = virt.domains["src"]
     dom.xml = dom.xml.replace("</devices>", "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/>"
                                             "</tpm></devices>")
@@ -186,7 +186,7 @@ async def test_tpm_source_is_refused_at_submit_and_freeze(env):
         await engine.submit(source="src", name="c1")
     with pytest.raises(SourceNotCloneable, match="tpm"):
         await engine.freeze("src")
-    assert dom.state == "running" and not await journal.list_jobs()
+    assert dom.state == "running" and not await store.list_jobs()
 
 
 @pytest.mark.parametrize("devices", [

@@ -63,15 +63,15 @@ class Hub:
 
     async def start(self) -> Hub:
         self.bus = EventBus()
-        self.journal = Store(self.config.journal_path, on_commit=self.bus.publish)
-        await self.journal.open()
-        self.engine = Engine(config=self.config, journal=self.journal, virt=self.virt,  # type: ignore[arg-type]
+        self.store = Store(self.config.store_path, on_commit=self.bus.publish)
+        await self.store.open()
+        self.engine = Engine(config=self.config, store=self.store, virt=self.virt,  # type: ignore[arg-type]
                              storage=FakeStorage(config=self.config, virt=self.virt),  # type: ignore[arg-type]
                              memory=SaveRestoreMemory(config=self.config, virt=self.virt))  # type: ignore[arg-type]
-        self.sender = WebhookSender(self.config.webhooks, self.journal, bus=self.bus, gate=self.engine.outside_stun)
+        self.sender = WebhookSender(self.config.webhooks, self.store, bus=self.bus, gate=self.engine.outside_stun)
         await self.engine.recover()
         self.task = asyncio.get_running_loop().create_task(self.sender.run())
-        self.runner = web.AppRunner(make_app(self.engine, self.journal, self.sender, bus=self.bus))
+        self.runner = web.AppRunner(make_app(self.engine, self.store, self.sender, bus=self.bus))
         await self.runner.setup()
         self.sock = self.tmp / "ctl.sock"
         await web.UnixSite(self.runner, str(self.sock)).start()
@@ -82,24 +82,24 @@ class Hub:
         await self.runner.cleanup()
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
-        await self.journal.close()
+        await self.store.close()
 
     async def clone(self, name: str) -> str:
         job = await self.engine.submit(source="src", name=name)
         await self.engine.wait(job.id, 10)
-        got = await self.journal.get_job(job.id)
+        got = await self.store.get_job(job.id)
         assert got is not None and got.state.value == "Unstunned", got and got.error
         return job.id
 
     async def event_ids(self) -> set[str]:
-        return {e.id for e in await self.journal.events(since=0)}
+        return {e.id for e in await self.store.events(since=0)}
 
 
 async def settled(hub: Hub, timeout: float = 10.0) -> list[Any]:
     """The deliveries once none is pending (the receiver sees a request before its row is settled)."""
     end = time.monotonic() + timeout
     while True:
-        rows = await hub.journal.list_deliveries(limit=10_000)
+        rows = await hub.store.list_deliveries(limit=10_000)
         if all(d.status != "pending" for d in rows) or time.monotonic() > end:
             return rows
         await asyncio.sleep(0.05)
@@ -267,7 +267,7 @@ async def test_retry_after_is_honoured(tmp_path: Path, receiver: Receiver):
         await until(lambda: receiver.attempts >= 7, what="one attempt per event")
         await asyncio.sleep(0.5)
         assert receiver.attempts == 7, "no retry before Retry-After, despite a 50 ms backoff"
-        rows = await h.journal.list_deliveries()
+        rows = await h.store.list_deliveries()
         assert all(d.status == "pending" and d.last_status == 503 for d in rows)
         assert all(d.next_at - d.updated_at >= 29.9 for d in rows)
     finally:
@@ -300,7 +300,7 @@ async def test_redirect_is_not_followed(hub: Hub, receiver: Receiver):
     await hub.clone("rd")
     await until(lambda: receiver.attempts >= 14, what="retries")
     assert receiver.redirect_hits == 0
-    rows = await hub.journal.list_deliveries()
+    rows = await hub.store.list_deliveries()
     assert all(d.status == "pending" and "redirect" in (d.last_error or "") for d in rows)
 
 
@@ -311,7 +311,7 @@ async def test_hanging_receiver_never_slows_clones_and_times_out(hub: Hub, recei
     await until(lambda: receiver.attempts >= 8, what="attempts to the hanging receiver")
     assert hub.sender.in_flight <= hub.config.webhooks.max_in_flight
     await asyncio.sleep(1.3)  # timeout_s is 1 s
-    rows = await hub.journal.list_deliveries(limit=1000)
+    rows = await hub.store.list_deliveries(limit=1000)
     assert any("no answer within 1 s" in (d.last_error or "") for d in rows)
 
 

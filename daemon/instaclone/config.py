@@ -299,7 +299,7 @@ class Config:
         return (self.delta_dir, self.clones_dir, self.jobs_dir, self.daemon.state_dir / "frozen")
 
     @property
-    def journal_path(self) -> Path:
+    def store_path(self) -> Path:
         return self.daemon.state_dir / "journal.sqlite"
 
 

@@ -55,7 +55,7 @@ class Daemon:
         self.log = logsetup.get(component="daemon")
         # Committed events reach the sender, the event stream and the metrics through the bus.
         self.bus = EventBus()
-        self.store = Store(config.journal_path, on_commit=self.bus.publish)
+        self.store = Store(config.store_path, on_commit=self.bus.publish)
         self.virt = LibvirtHypervisor(config.libvirt.uri, threads=config.libvirt.threads,
                                       agent_threads=config.libvirt.agent_threads)
         self.metrics = Metrics()
@@ -83,7 +83,7 @@ class Daemon:
         await storage.check()
         for m in memories:
             await m.check()
-        self.engine = Engine(config=c, journal=self.store, virt=self.virt, storage=storage, memory=memories)
+        self.engine = Engine(config=c, store=self.store, virt=self.virt, storage=storage, memory=memories)
         self.engine.pools.observe = self.metrics.on_pool
         self.metrics.configure(c.clone.stun_deadline_ms)
         self.metrics.set_pools(await self.store.list_pools())
@@ -98,7 +98,7 @@ class Daemon:
         self._tasks.append(loop.create_task(self._send_webhooks(), name="webhooks"))
         self._tasks.append(loop.create_task(self._watch(), name="watch"))
         # Pools reconciled (dead idle members replaced, claimed ones left alone), expired clones destroyed.
-        self._tasks.append(loop.create_task(self.engine.run_services(), name="engine-services"))
+        self._tasks.append(loop.create_task(self.engine.run_background(), name="engine-background"))
         app = make_app(self.engine, self.store, self.webhooks, bus=self.bus, metrics=self.metrics,
                        gc=GarbageCollector(self.engine.svc))
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, **RUNNER_ARGS)

@@ -124,7 +124,7 @@ class HostBusy(InsufficientCapacity):
     http_status = 503
 
 
-class NotSupportedError(InstacloneError):
+class NotSupported(InstacloneError):
     """A backend was asked for an optional operation it does not offer."""
 
     code = "not_supported"
@@ -189,7 +189,7 @@ class UnsafeImage(StorageError):
     http_status = 409
 
 
-class MemoryError_(InstacloneError):  # noqa: N801 - avoid shadowing the builtin
+class MemoryBackendError(InstacloneError):
     code = "memory_backend_error"
 
 
@@ -203,7 +203,7 @@ class Interrupted(InstacloneError):
 # -- hypervisor errors (translated from libvirtError in instaclone.hv) ----------
 
 
-class VirtError(InstacloneError):
+class LibvirtError(InstacloneError):
     code = "libvirt_error"
 
     def __init__(self, message: str, *, libvirt_code: int | None = None, step: str | None = None) -> None:
@@ -217,13 +217,13 @@ class VirtError(InstacloneError):
         return out
 
 
-class VirtConnectionError(VirtError):
+class LibvirtUnavailable(LibvirtError):
     code = "libvirt_unavailable"
     http_status = 503
     retryable = True
 
 
-class DomainNotFound(VirtError):
+class DomainNotFound(LibvirtError):
     code = "domain_not_found"
     http_status = 404
 
@@ -239,19 +239,19 @@ class DomainReplaced(DomainNotFound):
     http_status = 409
 
 
-class DomainExists(VirtError):
+class DomainExists(LibvirtError):
     code = "domain_exists"
     http_status = 409
 
 
-class VirtStateError(VirtError):
+class DomainStateInvalid(LibvirtError):
     """libvirt refused because the domain is in the wrong state."""
 
     code = "domain_state_invalid"
     http_status = 409
 
 
-class VirtTimeout(VirtError):
+class LibvirtTimeout(LibvirtError):
     code = "libvirt_timeout"
     retryable = True
 

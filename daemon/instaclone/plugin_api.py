@@ -28,11 +28,11 @@ from .errors import (
     ConfigError,
     DomainNotFound,
     InstacloneError,
-    MemoryError_,
-    NotSupportedError,
+    LibvirtError,
+    MemoryBackendError,
+    NotSupported,
     StorageError,
     UnsafeImage,
-    VirtError,
 )
 from .hv import Disk, DomainInfo, Hypervisor, MigrationInfo, Outcome, domxml
 from .identity import new_mac, new_uuid
@@ -40,10 +40,36 @@ from .log import get as get_logger
 from .model import CORE, MemoryImage, Resource, ResourceKind
 
 __all__ = [
-    "CORE", "Backend", "CloneTarget", "Config", "ConfigError", "Disk", "DomainInfo", "DomainNotFound", "Hypervisor",
-    "InstacloneError", "MemoryBackend", "MemoryError_", "MemoryImage", "MigrationInfo", "NotSupportedError",
-    "Outcome", "Recorder", "Resource", "ResourceKind", "StorageBackend", "StorageError", "StunContext",
-    "UnsafeImage", "VirtError", "domxml", "get_logger", "new_mac", "new_uuid", "remove_path", "safefs",
+    "CORE",
+    "Backend",
+    "CloneTarget",
+    "Config",
+    "ConfigError",
+    "Disk",
+    "DomainInfo",
+    "DomainNotFound",
+    "Hypervisor",
+    "InstacloneError",
+    "LibvirtError",
+    "MemoryBackend",
+    "MemoryBackendError",
+    "MemoryImage",
+    "MigrationInfo",
+    "NotSupported",
+    "Outcome",
+    "Recorder",
+    "Resource",
+    "ResourceKind",
+    "StorageBackend",
+    "StorageError",
+    "StunContext",
+    "UnsafeImage",
+    "domxml",
+    "get_logger",
+    "new_mac",
+    "new_uuid",
+    "remove_path",
+    "safefs",
 ]
 
 
@@ -78,7 +104,7 @@ class StunContext:
     def image(self) -> MemoryImage:
         """The captured image; raises if MemoryLinked has not run."""
         if self.memory is None:
-            raise MemoryError_(f"job {self.job_id}: no memory image captured yet")
+            raise MemoryBackendError(f"job {self.job_id}: no memory image captured yet")
         return self.memory
 
 
@@ -129,7 +155,7 @@ class Backend(abc.ABC):
         if resource.kind is ResourceKind.FILE:
             await remove_path(Path(resource.ref))
             return
-        raise NotSupportedError(f"backend {self.name!r} cannot undo a {resource.kind.value} resource")
+        raise NotSupported(f"backend {self.name!r} cannot undo a {resource.kind.value} resource")
 
 
 class StorageBackend(Backend):
@@ -169,7 +195,7 @@ class StorageBackend(Backend):
             await self.remove(paths=[Path(resource.ref)])
 
     async def _images_in_use(self, source: str) -> set[str]:
-        """Every image of every disk chain of ``source`` (none if it is gone); VirtError if unknown."""
+        """Every image of every disk chain of ``source`` (none if it is gone); LibvirtError if unknown."""
         try:
             info = await self.virt.lookup(source)
         except DomainNotFound:
@@ -187,7 +213,7 @@ class StorageBackend(Backend):
         the one the backend created: an image is never probed (a raw disk's
         guest can write any header into it).
         """
-        raise NotSupportedError(f"storage backend {self.name!r} cannot inspect chains")
+        raise NotSupported(f"storage backend {self.name!r} cannot inspect chains")
 
     async def chain(self, *, path: Path, fmt: str) -> list[Path]:
         """The images of the chain whose top is ``path`` (read as ``fmt``), top first, as the files say.
@@ -198,12 +224,12 @@ class StorageBackend(Backend):
 
         Garbage collection deletes an image only if no chain read here (or
         QEMU's, for a running domain) names it; a backend that cannot tell
-        raises NotSupportedError, and then nothing is collected.
+        raises NotSupported, and then nothing is collected.
         """
-        raise NotSupportedError(f"storage backend {self.name!r} cannot inspect chains")
+        raise NotSupported(f"storage backend {self.name!r} cannot inspect chains")
 
     async def consolidate(self, *, domain: str, target: str) -> None:
-        raise NotSupportedError(f"storage backend {self.name!r} cannot consolidate chains")
+        raise NotSupported(f"storage backend {self.name!r} cannot consolidate chains")
 
 
 class MemoryBackend(Backend):

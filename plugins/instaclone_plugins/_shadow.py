@@ -57,7 +57,7 @@ from typing import Any
 from instaclone.plugin_api import (
     Config,
     Hypervisor,
-    MemoryError_,
+    MemoryBackendError,
     MigrationInfo,
     Recorder,
     ResourceKind,
@@ -147,7 +147,7 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
     try:
         await asyncio.to_thread(safefs.make_dir, shadow.dir, mode=mode, owner=(-1, gid), exist_ok=True)
     except OSError as exc:
-        raise MemoryError_(f"cannot make the shadow's directory {shadow.dir}: {exc.strerror or exc}") from None
+        raise MemoryBackendError(f"cannot make the shadow's directory {shadow.dir}: {exc.strerror or exc}") from None
     disks: dict[str, Path] = {}
     for disk in ctx.source.disks:
         if disk.readonly:
@@ -164,7 +164,7 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
         try:
             await asyncio.to_thread(safefs.copy_file, ctx.nvram, nvram, owner=owner)
         except OSError as exc:
-            raise MemoryError_(f"cannot copy {ctx.nvram} for the shadow: {exc.strerror or exc}") from None
+            raise MemoryBackendError(f"cannot copy {ctx.nvram} for the shadow: {exc.strerror or exc}") from None
     ident = domxml.CloneIdentity(
         name=shadow.name, uuid=shadow.uuid, macs=[new_mac() for _ in range(domxml.count_interfaces(ctx.source.xml))],
         dir=shadow.dir, disks=disks, job_id=ctx.job_id, extra_qemu_args=["-incoming", "defer"], nvram=nvram,
@@ -179,14 +179,14 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
 async def link_ram(*, shadow: Shadow, ram: tuple[Path, bool], image_dir: Path, alias: str) -> Path:
     """Hard-link the shadow's RAM file ``ram`` (path, shared) into ``image_dir``: it outlives the shadow there."""
     if not ram[1]:
-        raise MemoryError_(f"shadow {shadow.name!r} has no shared RAM file (got {ram})")
+        raise MemoryBackendError(f"shadow {shadow.name!r} has no shared RAM file (got {ram})")
     frozen = image_dir / alias
     try:
         # libvirt's per-domain RAM directory is QEMU's: the file is opened
         # without following a link and that very inode is linked.
         await asyncio.to_thread(safefs.link_file, ram[0], frozen)
     except OSError as exc:
-        raise MemoryError_(f"cannot link the shadow's RAM file {ram[0]} to {frozen}: {exc}") from None
+        raise MemoryBackendError(f"cannot link the shadow's RAM file {ram[0]} to {frozen}: {exc}") from None
     return frozen
 
 
@@ -341,4 +341,4 @@ def _new_file(path: Path, owner: tuple[int, int]) -> None:
     try:
         os.close(safefs.create_file(path, owner=owner))
     except OSError as exc:
-        raise MemoryError_(f"cannot create the shadow's disk {path}: {exc.strerror or exc}") from None
+        raise MemoryBackendError(f"cannot create the shadow's disk {path}: {exc.strerror or exc}") from None

@@ -54,7 +54,7 @@ from instaclone.plugin_api import (
     DomainInfo,
     InstacloneError,
     MemoryBackend,
-    MemoryError_,
+    MemoryBackendError,
     MemoryImage,
     Outcome,
     Recorder,
@@ -162,7 +162,7 @@ class FileCowMemory(MemoryBackend):
             try:
                 shadow.verified = await asyncio.to_thread(shadow.ram.verify)
             except OSError as exc:
-                raise MemoryError_(f"cannot verify the shadow's RAM against the source's: {exc}") from None
+                raise MemoryBackendError(f"cannot verify the shadow's RAM against the source's: {exc}") from None
             finally:
                 await self._unmap_rams(shadow.name)
             if shadow.verified.repaired_pages:
@@ -179,12 +179,12 @@ class FileCowMemory(MemoryBackend):
         """Map the shared RAM files of the source and of its shadow, to verify the copy at switchover."""
         found = await self.virt.ram_file(source, RAM_ALIAS), await self.virt.ram_file(shadow.name, RAM_ALIAS)
         if found[0] is None or not found[0][1] or found[1] is None or not found[1][1]:
-            raise MemoryError_(f"no shared RAM file to verify the pre-copy with (source {found[0]}, "
+            raise MemoryBackendError(f"no shared RAM file to verify the pre-copy with (source {found[0]}, "
                                f"shadow {found[1]})")
         try:
             shadow.ram = await asyncio.to_thread(_shadow.RamPair.open, found[0][0], found[1][0])
         except OSError as exc:
-            raise MemoryError_(f"cannot map the RAM files to verify the pre-copy with: {exc}") from None
+            raise MemoryBackendError(f"cannot map the RAM files to verify the pre-copy with: {exc}") from None
         self._rams[shadow.name] = shadow.ram
 
     async def _unmap_rams(self, shadow: str) -> None:
@@ -201,7 +201,7 @@ class FileCowMemory(MemoryBackend):
         await self.virt.wait_migration(shadow.name, until=("completed",), timeout_s=self.config.clone.step_timeout_s)
         found = await self.virt.ram_file(shadow.name, RAM_ALIAS)
         if found is None:
-            raise MemoryError_(f"shadow {shadow.name!r} has no RAM file")
+            raise MemoryBackendError(f"shadow {shadow.name!r} has no RAM file")
         ramdir = found[0].parent.parent
         image_dir, state = ramdir / "instaclone" / ctx.job_id, ctx.job_dir / "device.state"
         await record(ResourceKind.FILE, str(image_dir))
@@ -225,7 +225,7 @@ class FileCowMemory(MemoryBackend):
     async def _capture_source(self, *, ctx: StunContext, record: Recorder) -> MemoryImage:
         found = await self.virt.ram_file(ctx.source.name, RAM_ALIAS)
         if found is None or not found[1]:
-            raise MemoryError_(f"source {ctx.source.name!r} has no shared RAM file")
+            raise MemoryBackendError(f"source {ctx.source.name!r} has no shared RAM file")
         ram, _ = found
         ramdir = ram.parent.parent
         image_dir = ramdir / "instaclone" / ctx.job_id
@@ -247,7 +247,7 @@ class FileCowMemory(MemoryBackend):
             else:
                 await asyncio.to_thread(safefs.sparse_copy, ram, frozen)
         except OSError as exc:
-            raise MemoryError_(f"cannot {'link' if respawn else 'copy'} the source's RAM file {ram} "
+            raise MemoryBackendError(f"cannot {'link' if respawn else 'copy'} the source's RAM file {ram} "
                                f"to {frozen}: {exc}") from None
         mode = "respawn" if respawn else ("frozen" if ctx.frozen else "copy")
         extra = {"fallback": ctx.scratch["fallback"]} if "fallback" in ctx.scratch else {}
@@ -289,7 +289,8 @@ class FileCowMemory(MemoryBackend):
             await asyncio.to_thread(sweep_grants, self.grants_dir, self.config.clone.step_timeout_s)
             grant = await asyncio.to_thread(write_grant, uuid, img, self.grants_dir)
         except OSError as exc:
-            raise MemoryError_(f"cannot write the libvirt hook's grant for {name!r}: {exc.strerror or exc}") from None
+            raise MemoryBackendError(
+                f"cannot write the libvirt hook's grant for {name!r}: {exc.strerror or exc}") from None
         try:
             await self.virt.start(name, paused=True)
         finally:
@@ -304,7 +305,7 @@ class FileCowMemory(MemoryBackend):
                 ino = None
         if found is None or found[1] or ino != img.number("inode"):
             await self.virt.destroy_id(name, uuid)
-            raise MemoryError_(
+            raise MemoryBackendError(
                 f"{name!r} does not map the frozen RAM file privately (got {found}); is the libvirt hook "
                 "/etc/libvirt/hooks/qemu.d/instaclone installed and libvirtd restarted? (scripts/setup.sh)"
             )
@@ -334,7 +335,7 @@ class FileCowMemory(MemoryBackend):
             # By its UUID: a domain defined under the source's name since the
             # stun is not stopped (and not started on the frozen image).
             if await self.virt.destroy_id(name, ctx.source.uuid) is not Outcome.DONE:
-                raise MemoryError_(f"source {name!r} is no longer the domain stunned (UUID {ctx.source.uuid}); "
+                raise MemoryBackendError(f"source {name!r} is no longer the domain stunned (UUID {ctx.source.uuid}); "
                                    "it was not respawned")
             t.append(time.monotonic())
             await self._start_on_image(name, ctx.source.uuid, img)
@@ -355,7 +356,7 @@ class FileCowMemory(MemoryBackend):
 
 
 def make_image_dir(image_dir: Path) -> None:
-    """``<ramdir>/instaclone/<job>``: root's, 0700, never through a link; MemoryError_ if it cannot be.
+    """``<ramdir>/instaclone/<job>``: root's, 0700, never through a link; MemoryBackendError if it cannot be.
 
     libvirt's RAM directory is QEMU's user's: ``instaclone`` below it must be
     the daemon's own directory (not a link, not someone else's), or nothing
@@ -365,7 +366,7 @@ def make_image_dir(image_dir: Path) -> None:
         safefs.make_dir(image_dir.parent, mode=0o700, exist_ok=True)
         safefs.make_dir(image_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
-        raise MemoryError_(f"cannot make the memory image's directory {image_dir}: "
+        raise MemoryBackendError(f"cannot make the memory image's directory {image_dir}: "
                            f"{exc.strerror or exc} (a link or someone else's directory is never used)") from None
 
 

@@ -69,7 +69,7 @@ def build_engine(world: World, injector: Injector | None) -> Any:
     if injector is not None:
         instrument(storage, "storage", injector)
         instrument(memory, "memory", injector)
-    return harness.make_engine(world.config, world.journal, virt, storage, memory)
+    return harness.make_engine(world.config, world.store, virt, storage, memory)
 
 
 async def with_engine(world: World, fn: Callable[[Any], Awaitable[Any]], injector: Injector | None = None) -> Any:
@@ -82,7 +82,7 @@ async def with_engine(world: World, fn: Callable[[Any], Awaitable[Any]], injecto
 
 async def set_frozen(world: World, frozen: bool) -> None:
     """Bring the source to the state a scenario starts from (no faults)."""
-    entry = await harness.frozen_entry(world.journal, world.source)
+    entry = await harness.frozen_entry(world.store, world.source)
     if frozen and entry is None:
         await with_engine(world, lambda e: harness.freeze(e, world.source))
     elif not frozen and entry is not None:
@@ -94,7 +94,7 @@ async def clean_clone(world: World, name: str) -> None:
     async def go(engine: Any) -> None:
         job_id = await harness.submit(engine, source=world.source, name=name, count=1, customize=False)
         await harness.wait(engine, job_id)
-        out = await harness.job_outcome(world.journal, job_id)
+        out = await harness.job_outcome(world.store, job_id)
         assert out.state == "Unstunned", out
         for c in out.clones:
             await harness.destroy_clone(engine, c)
@@ -123,7 +123,7 @@ async def _prepare(world: World, scenario: Scenario, name: str) -> Snap:
     await set_frozen(world, False)
     baseline = await snapshot(world)
     await set_frozen(world, True)
-    frozen = await harness.frozen_entry(world.journal, world.source)
+    frozen = await harness.frozen_entry(world.store, world.source)
     if frozen is not None and not frozen.get("clones"):
         await clean_clone(world, f"{name}p")  # so unfreeze must give the source a new delta
     return baseline
@@ -141,13 +141,13 @@ async def run_op(world: World, scenario: Scenario, engine: Any, injector: Inject
                                       customize=scenario.customize)
         if started is not None:
             started(job_id)
-        injector.arm(lambda: harness.job_state(world.journal, job_id),
+        injector.arm(lambda: harness.job_state(world.store, job_id),
                      (lambda: world.fingerprint(job_id)) if probe else None)
         try:
             await harness.wait(engine, job_id)
         finally:
             injector.disarm()
-        return job_id, await harness.job_outcome(world.journal, job_id)
+        return job_id, await harness.job_outcome(world.store, job_id)
     op = harness.freeze if scenario.name == "freeze" else harness.unfreeze
 
     async def label() -> str:
@@ -186,8 +186,8 @@ async def settle(world: World, scenario: Scenario, job_id: str | None, out: harn
     bad = report.violations
     if job_id is not None:
         for owner_id in (job_id, f"stun-{job_id}"):  # the job's own records, and its stun's
-            bad += [f"journal record not released: {r}" for r in await harness.unreleased(world.journal, owner_id)]
-    bad += [f"unfinished job in the journal: {j}" for j in await harness.unfinished_jobs(world.journal)]
+            bad += [f"journal record not released: {r}" for r in await harness.unreleased(world.store, owner_id)]
+    bad += [f"unfinished job in the journal: {j}" for j in await harness.unfinished_jobs(world.store)]
     if out.state == "Failed":
         err = out.error or {}
         if not err.get("code") or err.get("code") == "internal_error" or not err.get("message"):
@@ -230,9 +230,9 @@ async def settle(world: World, scenario: Scenario, job_id: str | None, out: harn
             await set_frozen(world, False)
         except InstacloneError as exc:
             bad.append(f"unfreeze after the failure failed too: {exc}")
-    if scenario.name in ("freeze", "unfreeze") and await harness.frozen_entry(world.journal, world.source) is None:
+    if scenario.name in ("freeze", "unfreeze") and await harness.frozen_entry(world.store, world.source) is None:
         owner = harness.freeze_owner(world.source)
-        bad += [f"journal record not released: {r}" for r in await harness.unreleased(world.journal, owner)]
+        bad += [f"journal record not released: {r}" for r in await harness.unreleased(world.store, owner)]
 
 
 async def _destroy_all(engine: Any, names: list[str]) -> None:
@@ -303,7 +303,7 @@ async def kill_case(world: World, scenario: Scenario, fault: Fault, name: str, a
         # the child, so recovery has nothing to do; the case is skipped.
         if job_id is not None and job_id not in handled and not report.not_reached:
             report.violations.append(f"recovery did not handle job {job_id} (handled {handled})")
-        return await harness.job_outcome(world.journal, job_id) if job_id else harness.Outcome("killed", None)
+        return await harness.job_outcome(world.store, job_id) if job_id else harness.Outcome("killed", None)
 
     out = await with_engine(world, recover)
     return await verdict(world, scenario, before, job_id, out, report, mode="kill",

@@ -155,7 +155,7 @@ class FakeWorld(World):
         w.virt.add_source(w.source, disk)
         w.virt.domains[w.source].xml = source_xml(w.source, disk, nvram)
         w.virt._map_ram(w.source)
-        w.journal = await harness.open_journal(w.config.journal_path)
+        w.store = await harness.open_store(w.config.store_path)
         return w
 
     @property
@@ -195,5 +195,5 @@ class FakeWorld(World):
         """The same world in a child process: the fake's state from the parent's dump."""
         w = cls(Path(spec["root"]), storage=spec["storage"], memory=spec["memory"], source=spec["source"])
         w.virt.load(w.state_file)
-        w.journal = await harness.open_journal(w.config.journal_path)
+        w.store = await harness.open_store(w.config.store_path)
         return w

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from instaclone.errors import VirtError
+from instaclone.errors import LibvirtError
 
 from . import harness
 
@@ -33,7 +33,7 @@ LAYERS = ("hv", "storage", "memory")
 PHASES = ("before", "after")
 
 
-class InjectedFault(VirtError):
+class InjectedFault(LibvirtError):
     """The error a fault raises: what a failing libvirt call raises."""
 
 

@@ -23,7 +23,7 @@ from instaclone.hv.hypervisor import LibvirtHypervisor
 from instaclone.jobs.engine import Engine
 from instaclone.model import ResourceStatus
 from instaclone.plugin_api import MemoryBackend, StorageBackend
-from instaclone.store import Store as Journal
+from instaclone.store import Store
 from instaclone_plugins.filecow import FileCowMemory
 from instaclone_plugins.qcow2 import Qcow2Storage
 from instaclone_plugins.saverestore import SaveRestoreMemory
@@ -58,19 +58,19 @@ def make_backends(config: Config, virt: Any, storage: str, memory: str) -> tuple
     return STORAGE[storage](config=config, virt=virt), MEMORY[name](config=config, virt=virt)
 
 
-def make_engine(config: Config, journal: Journal, virt: Any, storage: StorageBackend,
+def make_engine(config: Config, store: Store, virt: Any, storage: StorageBackend,
                 memory: MemoryBackend) -> Engine:
-    return Engine(config=config, journal=journal, virt=virt, storage=storage, memory=[memory])
+    return Engine(config=config, store=store, virt=virt, storage=storage, memory=[memory])
 
 
-async def open_journal(path: Path) -> Journal:
-    journal = Journal(path)
-    await journal.open()
-    return journal
+async def open_store(path: Path) -> Store:
+    store = Store(path)
+    await store.open()
+    return store
 
 
-async def close_journal(journal: Journal) -> None:
-    await journal.close()
+async def close_store(store: Store) -> None:
+    await store.close()
 
 
 async def shutdown(engine: Engine) -> None:
@@ -109,8 +109,8 @@ async def destroy_clone(engine: Engine, name: str) -> None:
     await engine.destroy_clone(name)
 
 
-async def job_state(journal: Journal, job_id: str) -> str:
-    job = await journal.get_job(job_id)
+async def job_state(store: Store, job_id: str) -> str:
+    job = await store.get_job(job_id)
     return job.state.value if job is not None else "absent"
 
 
@@ -124,11 +124,11 @@ class Outcome:
     result: dict[str, Any] | None = None
 
 
-async def job_outcome(journal: Journal, job_id: str) -> Outcome:
-    job = await journal.get_job(job_id)
+async def job_outcome(store: Store, job_id: str) -> Outcome:
+    job = await store.get_job(job_id)
     if job is None:
         return Outcome("absent", None)
-    clones = [c.name for c in await journal.list_clones() if c.job_id == job_id]
+    clones = [c.name for c in await store.list_clones() if c.job_id == job_id]
     return Outcome(job.state.value, job.error, clones, job.result)
 
 
@@ -142,32 +142,32 @@ def freeze_owner(source: str) -> str:
     return f"frozen-{source}"
 
 
-async def unreleased(journal: Journal, owner: str) -> list[str]:
+async def unreleased(store: Store, owner: str) -> list[str]:
     """The resource records of a job (or other owner) not marked released, as ``kind ref (status)``."""
-    return [f"{_v(r.kind)} {r.ref} ({_v(r.status)})" for r in await journal.resources(owner, active_only=False)
+    return [f"{_v(r.kind)} {r.ref} ({_v(r.status)})" for r in await store.resources(owner, active_only=False)
             if _v(r.status) != ResourceStatus.RELEASED.value]
 
 
-async def unfinished_jobs(journal: Journal) -> list[str]:
-    return [j.id for j in await journal.list_jobs(unfinished=True)]
+async def unfinished_jobs(store: Store) -> list[str]:
+    return [j.id for j in await store.list_jobs(unfinished=True)]
 
 
-async def frozen_entry(journal: Journal, source: str) -> dict[str, Any] | None:
+async def frozen_entry(store: Store, source: str) -> dict[str, Any] | None:
     """The freeze registry's entry of ``source`` (status, image, ...), or None."""
-    entry: Any = (await journal.frozen()).get(source)
+    entry: Any = (await store.frozen()).get(source)
     if entry is None:
         return None
     return dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
 
 
-async def clones_of(journal: Journal, source: str) -> list[str]:
-    return [c.name for c in await journal.list_clones() if c.source == source]
+async def clones_of(store: Store, source: str) -> list[str]:
+    return [c.name for c in await store.list_clones() if c.source == source]
 
 
-async def journal_facts(journal: Journal, job_id: str | None, source: str) -> tuple[Any, ...]:
+async def store_facts(store: Store, job_id: str | None, source: str) -> tuple[Any, ...]:
     """What a crash would leave of the operation in the journal (compared, never interpreted)."""
-    state = await job_state(journal, job_id) if job_id else None
-    records = [(_v(r.kind), r.ref, _v(r.status)) for r in await journal.resources(job_id, active_only=False)] \
+    state = await job_state(store, job_id) if job_id else None
+    records = [(_v(r.kind), r.ref, _v(r.status)) for r in await store.resources(job_id, active_only=False)] \
         if job_id else []
-    clones = sorted(c.name for c in await journal.list_clones())
-    return (state, tuple(records), repr(await frozen_entry(journal, source)), tuple(clones))
+    clones = sorted(c.name for c in await store.list_clones())
+    return (state, tuple(records), repr(await frozen_entry(store, source)), tuple(clones))

@@ -69,7 +69,7 @@ async def _fake_plan(storage: str, memory: str, scenario: Scenario) -> Injector:
         try:
             return await record_plan(world, scenario, FAKE_CLONE)
         finally:
-            await world.journal.close()
+            await world.store.close()
 
 
 def fake_cases() -> list[Case]:

@@ -84,11 +84,11 @@ class LibvirtWorld(World):
         for d in (c.daemon.state_dir, c.jobs_dir, c.clones_dir, c.delta_dir, c.daemon.state_dir / "frozen"):
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, *harness.devguest.qemu_owner())
-        w.journal = await harness.open_journal(c.journal_path)
+        w.store = await harness.open_store(c.store_path)
         return w
 
     async def detach(self) -> None:
-        await harness.close_journal(self.journal)
+        await harness.close_store(self.store)
         await self.virt.close()
 
     @property
@@ -142,9 +142,9 @@ class LibvirtWorld(World):
         API; only while the source is not frozen and has no clones (every
         case destroys its clones), so no other chain uses the images.
         """
-        if await harness.frozen_entry(self.journal, self.source) is not None:
+        if await harness.frozen_entry(self.store, self.source) is not None:
             return
-        if await harness.clones_of(self.journal, self.source):
+        if await harness.clones_of(self.store, self.source):
             return
         top = (await self.virt.lookup(self.source)).disks[0]
         if len(await self.chain(top.path)) <= max_depth:

@@ -26,7 +26,7 @@ async def test_contract(fake_case: Case, tmp_path: Path) -> None:
         else:
             report = await kill_case(world, case.scenario, case.fault, FAKE_CLONE, tmp_path)
     finally:
-        await world.journal.close()
+        await world.store.close()
     record(case, report)
     assert not report.violations, failure_message(case, report)
     if report.not_reached:

@@ -51,7 +51,7 @@ class World(abc.ABC):
         self.source = source
         self.storage = storage
         self.memory = memory
-        self.journal: Any = None
+        self.store: Any = None
 
     @property
     @abc.abstractmethod
@@ -75,10 +75,10 @@ class World(abc.ABC):
 
     async def before_child(self) -> None:
         """Hand the world to a child process (close what it must open itself)."""
-        await harness.close_journal(self.journal)
+        await harness.close_store(self.store)
 
     async def after_child(self) -> None:
-        self.journal = await harness.open_journal(self.config.journal_path)
+        self.store = await harness.open_store(self.config.store_path)
 
     async def leftover_processes(self, names: list[str]) -> list[str]:
         return []
@@ -97,7 +97,7 @@ class World(abc.ABC):
             # Logs grow on their own; their size says nothing about the job.
             size = -1 if p.endswith(".log") else _stat(p)[0]
             files.append((p, size))
-        facts = (await harness.journal_facts(self.journal, job_id, self.source), tuple(files),
+        facts = (await harness.store_facts(self.store, job_id, self.source), tuple(files),
                  await self.domain_facts())
         return hashlib.sha256(repr(facts).encode()).hexdigest()[:16]
 
@@ -142,7 +142,7 @@ async def snapshot(world: World) -> Snap:
         chain_stat={p: _stat(p) for p in chain},
         nvram_sha=_sha(nvram) if nvram is not None else None,
         ram_backing=domxml.file_ram(xml),
-        frozen=await harness.frozen_entry(world.journal, world.source),
+        frozen=await harness.frozen_entry(world.store, world.source),
     )
 
 

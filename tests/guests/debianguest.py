@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instaclone.errors import VirtError
+from instaclone.errors import LibvirtError
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 
 from . import devguest
@@ -150,7 +150,7 @@ async def wait_agent(virt: Hypervisor, name: str, timeout: float = 300) -> None:
         try:
             await virt.agent(name, "guest-ping", timeout_s=2)
             return
-        except VirtError as exc:
+        except LibvirtError as exc:
             last = exc
             await asyncio.sleep(0.5)
     raise TimeoutError(f"guest agent of {name} does not answer after {timeout} s (last: {last})")
@@ -171,7 +171,7 @@ async def wait_running(virt: Hypervisor, name: str, timeout: float = 300) -> str
             raise TimeoutError(f"systemd in {name} not up after {timeout} s")
         try:
             _rc, out = await gexec(virt, name, "systemctl is-system-running --wait", timeout_s=left)
-        except VirtError:
+        except LibvirtError:
             # The agent can go away while the guest is still booting (udev restarts it).
             await asyncio.sleep(0.5)
             continue

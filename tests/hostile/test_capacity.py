@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from instaclone.errors import InstacloneError, VirtError
+from instaclone.errors import InstacloneError, LibvirtError
 from instaclone.states import State
 
 from ..fakes import FakeHypervisor, fake_api, fake_engine, fake_world
@@ -48,13 +48,13 @@ def tree(path: Path) -> set[Path]:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[tuple[Any, Any, FakeHypervisor]]:
-    c, journal, virt = await fake_world(tmp_path)
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = await fake_world(tmp_path)
+    engine = fake_engine(c, store, virt)
     try:
-        yield engine, journal, virt
+        yield engine, store, virt
     finally:
         await engine.shutdown(10)
-        await journal.close()
+        await store.close()
 
 
 # -- item 6: admission by capacity ---------------------------------------------------
@@ -95,8 +95,8 @@ def small_fs(tmp_path: Path) -> Any:
 
 
 async def test_delta_dir_on_a_small_filesystem_refused_naming_disk(tmp_path: Path, small_fs: Path) -> None:
-    c, journal, virt = await fake_world(tmp_path, qcow2={"delta_dir": small_fs})
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = await fake_world(tmp_path, qcow2={"delta_dir": small_fs})
+    engine = fake_engine(c, store, virt)
     try:
         with pytest.raises(InstacloneError) as info:
             await engine.submit(source="src", name="dk")
@@ -105,17 +105,17 @@ async def test_delta_dir_on_a_small_filesystem_refused_naming_disk(tmp_path: Pat
         assert err["resource"] == "disk" and err["path"] == str(small_fs), err
         assert err["free"] < err["need"], err
         assert "insufficient disk" in err["message"], err
-        assert await journal.list_jobs() == []
+        assert await store.list_jobs() == []
         assert tree(small_fs) == set()
         assert not (c.clones_dir).exists() or tree(c.clones_dir) == set()
     finally:
         await engine.shutdown(10)
-        await journal.close()
+        await store.close()
 
 
 async def test_queue_cap_answers_503_and_makes_nothing(tmp_path: Path) -> None:
-    c, journal, virt = await fake_world(tmp_path, admission={"max_queued_jobs": 2})
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = await fake_world(tmp_path, admission={"max_queued_jobs": 2})
+    engine = fake_engine(c, store, virt)
     release = asyncio.Event()
 
     async def hold(_job_id: str, step: str) -> None:
@@ -131,18 +131,18 @@ async def test_queue_cap_answers_503_and_makes_nothing(tmp_path: Path) -> None:
         err = info.value.to_dict()
         assert (err["code"], info.value.http_status, err["resource"]) == ("insufficient_capacity", 503, "queue"), err
         assert (err["need"], err["free"], err["unit"]) == (1, 0, "jobs"), err
-        assert {j.id for j in await journal.list_jobs()} == {a.id, b.id}
+        assert {j.id for j in await store.list_jobs()} == {a.id, b.id}
         release.set()
         await engine.wait(a.id, 30)
         await engine.wait(b.id, 30)
         # Finished jobs give their place back.
         d = await engine.submit(source="src", name="q4")
         await engine.wait(d.id, 30)
-        assert (await journal.get_job(d.id)).state == State.UNSTUNNED
+        assert (await store.get_job(d.id)).state == State.UNSTUNNED
     finally:
         release.set()
         await engine.shutdown(10)
-        await journal.close()
+        await store.close()
 
 
 class StartCounter(FakeHypervisor):
@@ -168,35 +168,35 @@ async def test_max_starting_honoured_under_concurrent_requests(tmp_path: Path) -
 
     assert cfg.Config().clone.starting_slots == (os.cpu_count() or 1)  # the default: the core count
     assert cfg.from_dict({"clone": {"start_parallel": 3}}).clone.max_starting == 3  # the old name still reads
-    c, journal, _ = await fake_world(tmp_path, clone={"max_starting": 2})
+    c, store, _ = await fake_world(tmp_path, clone={"max_starting": 2})
     virt = StartCounter()
     for src in ("s1", "s2", "s3"):
         base = tmp_path / f"{src}.qcow2"
         base.write_bytes(b"base")
         virt.add_source(src, base)
-    engine = fake_engine(c, journal, virt)
+    engine = fake_engine(c, store, virt)
     try:
         jobs = await asyncio.gather(*(engine.submit(source=src, name=f"{src}-{i}", count=3)
                                       for src in ("s1", "s2", "s3") for i in range(2)))
         for j in jobs:
             await engine.wait(j.id, 60)
-        states = [(await journal.get_job(j.id)).state for j in jobs]
+        states = [(await store.get_job(j.id)).state for j in jobs]
         assert states == [State.UNSTUNNED] * 6, states
         assert virt.most == 2, f"{virt.most} clones started at once; clone.max_starting is 2"
     finally:
         await engine.shutdown(10)
-        await journal.close()
+        await store.close()
 
 
 async def test_pool_refill_that_does_not_fit_waits_held(world: Any) -> None:
-    engine, journal, virt = world
+    engine, store, virt = world
     set_ram_kib(virt, "src", mem_available_kib() * 2)  # one full-RAM clone is more than the host has
     await engine.pools.create(name="big", source="src", size=2)
     await engine.pools.reconcile()
     shown = await engine.pools.show("big")
     assert shown["held"] and "host's capacity" in shown["held"] and "insufficient memory" in shown["held"], shown
     assert shown["pending"] == 0 and shown["failures"] == 0, shown
-    assert await journal.list_jobs() == []
+    assert await store.list_jobs() == []
     await engine.pools.delete("big")
 
 
@@ -226,51 +226,51 @@ async def test_finished_jobs_pruned_after_retention(tmp_path: Path) -> None:
     from instaclone.model import JobSpec, ResourceKind
     from instaclone.store import DeliveryStatus
 
-    c, journal, virt = await fake_world(tmp_path, journal={"retention_days": 1e-6})  # 86 ms
-    journal.set_router(lambda _type: ["ep"])  # every event gets a delivery
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = await fake_world(tmp_path, journal={"retention_days": 1e-6})  # 86 ms
+    store.set_router(lambda _type: ["ep"])  # every event gets a delivery
+    engine = fake_engine(c, store, virt)
     services = None
     try:
         kept_clone = await engine.submit(source="src", name="alive")  # its clone stays registered
         await engine.wait(kept_clone.id, 30)
-        virt.fail["define"] = VirtError("injected")
+        virt.fail["define"] = LibvirtError("injected")
         failed = await engine.submit(source="src", name="gone")
         await engine.wait(failed.id, 30)
         del virt.fail["define"]
-        assert (await journal.get_job(failed.id)).state == State.FAILED
-        unfinished = await journal.create_job("unfinishedjob01", "src", JobSpec(("later",), "fake", "saverestore"))
-        held = await journal.create_job("heldjob00000001", "src", JobSpec(("held",), "fake", "saverestore"))
-        await journal.plan(held.id, ResourceKind.FILE, str(tmp_path / "left-behind"))
-        await journal.record_state(held, State.FAILED, error={"code": "x", "message": "left behind"})
+        assert (await store.get_job(failed.id)).state == State.FAILED
+        unfinished = await store.create_job("unfinishedjob01", "src", JobSpec(("later",), "fake", "saverestore"))
+        held = await store.create_job("heldjob00000001", "src", JobSpec(("held",), "fake", "saverestore"))
+        await store.plan(held.id, ResourceKind.FILE, str(tmp_path / "left-behind"))
+        await store.record_state(held, State.FAILED, error={"code": "x", "message": "left behind"})
         # Every delivery delivered, but one of the failed job's: its event must stay.
-        pending = (await journal.list_deliveries(job_id=failed.id))[0]
-        for d in await journal.list_deliveries(limit=10_000):
+        pending = (await store.list_deliveries(job_id=failed.id))[0]
+        for d in await store.list_deliveries(limit=10_000):
             if d.id != pending.id:
-                await journal.settle_delivery(d.id, status=DeliveryStatus.DELIVERED, attempts=1,
+                await store.settle_delivery(d.id, status=DeliveryStatus.DELIVERED, attempts=1,
                                               next_at=0, http_status=200, error=None)
         await asyncio.sleep(0.2)  # past the retention
         # The daemon's periodic task prunes at its start.
-        services = asyncio.get_running_loop().create_task(engine.run_services())
+        services = asyncio.get_running_loop().create_task(engine.run_background())
         for _ in range(100):
-            if await journal.get_job(failed.id) is None:
+            if await store.get_job(failed.id) is None:
                 break
             await asyncio.sleep(0.05)
-        assert await journal.get_job(failed.id) is None, "a finished job past retention was not pruned"
-        left = {j.id for j in await journal.list_jobs()}
+        assert await store.get_job(failed.id) is None, "a finished job past retention was not pruned"
+        left = {j.id for j in await store.list_jobs()}
         assert left == {kept_clone.id, unfinished.id, held.id}, left
-        evs = await journal.events(job_id=failed.id)
+        evs = await store.events(job_id=failed.id)
         assert [e.cursor for e in evs] == [pending.event_cursor], evs  # only the event a delivery still needs
-        remaining = await journal.list_deliveries(limit=10_000)
+        remaining = await store.list_deliveries(limit=10_000)
         assert {d.status for d in remaining} == {DeliveryStatus.PENDING.value}, remaining
-        assert await journal.events(job_id=kept_clone.id), "events of a kept job are kept"
-        assert await journal.resources(held.id), "the ledger's active record is kept"
+        assert await store.events(job_id=kept_clone.id), "events of a kept job are kept"
+        assert await store.resources(held.id), "the ledger's active record is kept"
     finally:
         if services is not None:
             services.cancel()
             with suppress(asyncio.CancelledError):
                 await services
         await engine.shutdown(10)
-        await journal.close()
+        await store.close()
 
 
 async def test_deliveries_to_a_removed_endpoint_are_dropped(world: Any) -> None:
@@ -279,17 +279,17 @@ async def test_deliveries_to_a_removed_endpoint_are_dropped(world: Any) -> None:
     from instaclone.outbox.bus import EventBus
     from instaclone.outbox.webhooks import WebhookSender
 
-    engine, journal, _virt = world
-    journal.set_router(lambda _type: ["kept", "removed"])
+    engine, store, _virt = world
+    store.set_router(lambda _type: ["kept", "removed"])
     job = await engine.submit(source="src", name="wh")
     await engine.wait(job.id, 30)
-    before = await journal.delivery_counts()
+    before = await store.delivery_counts()
     assert set(before) == {"kept", "removed"}, before
     endpoint = WebhookEndpoint("kept", "http://127.0.0.1:9/", (new_secret(),))
-    sender = WebhookSender(WebhooksConfig(endpoints=(endpoint,)), journal, bus=EventBus())
+    sender = WebhookSender(WebhooksConfig(endpoints=(endpoint,)), store, bus=EventBus())
     dropped = await sender.drop_removed()
     assert dropped == {"removed": sum(before["removed"].values())}, dropped
-    assert set(await journal.delivery_counts()) == {"kept"}
+    assert set(await store.delivery_counts()) == {"kept"}
 
 
 # -- item 7: guest-agent calls on their own pool -----------------------------------------

@@ -312,7 +312,7 @@ def test_nvram_and_ram_copies_never_read_or_write_through_links(tmp_path: Path, 
 
 
 def test_ram_image_is_never_linked_or_punched_through_a_link(tmp_path: Path, canary: Path) -> None:
-    from instaclone.errors import MemoryError_
+    from instaclone.errors import MemoryBackendError
     from instaclone_plugins.filecow import punch_ranges, punch_zero_pages
 
     before = untouched(canary)
@@ -332,7 +332,7 @@ def test_ram_image_is_never_linked_or_punched_through_a_link(tmp_path: Path, can
     ramdir = tmp_path / "ram"
     ramdir.mkdir()
     (ramdir / "instaclone").symlink_to(canary.parent, target_is_directory=True)
-    with pytest.raises(MemoryError_, match="never used"):
+    with pytest.raises(MemoryBackendError, match="never used"):
         make_image_dir(ramdir / "instaclone" / "stun-j1")
     assert sorted(p.name for p in canary.parent.iterdir()) == ["canary"]
     assert untouched(canary) == before
@@ -464,15 +464,15 @@ async def test_an_older_installs_state_is_made_private_at_start(tmp_path: Path) 
     for d in (state, state / "clones", state / "jobs", state / "deltas", state / "frozen"):
         d.mkdir()
         d.chmod(0o755)
-    journal = state / "journal.sqlite"
-    db = sqlite3.connect(journal)
+    store = state / "journal.sqlite"
+    db = sqlite3.connect(store)
     db.execute("PRAGMA journal_mode=WAL")
     db.close()
     for p in state.glob("journal.sqlite*"):
         p.chmod(0o644)
     c = Config()
     c = replace(c, daemon=replace(c.daemon, state_dir=state))
-    store = Store(c.journal_path)
+    store = Store(c.store_path)
     await store.open()
     try:
         for p in state.glob("journal.sqlite*"):

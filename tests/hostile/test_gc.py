@@ -31,17 +31,17 @@ CANARY = b"the host's own file\n" * 64
 
 @pytest.fixture
 async def env(tmp_path):
-    c, journal, virt = await fake_world(tmp_path)
-    engine = fake_engine(c, journal, virt)
-    yield engine, virt, journal, c
+    c, store, virt = await fake_world(tmp_path)
+    engine = fake_engine(c, store, virt)
+    yield engine, virt, store, c
     await engine.shutdown(5)
-    await journal.close()
+    await store.close()
 
 
-async def _clone(engine, journal, source: str, name: str) -> None:
+async def _clone(engine, store, source: str, name: str) -> None:
     job = await engine.submit(source=source, name=name)
     await engine.wait(job.id, 20)
-    rec = await journal.get_job(job.id)
+    rec = await store.get_job(job.id)
     assert rec is not None and rec.state is State.UNSTUNNED, rec
 
 
@@ -78,7 +78,7 @@ class Planter:
 
 
 async def test_foreign_files_and_symlinks_in_every_directory_survive_jobs_destroy_and_gc(env, tmp_path):
-    engine, virt, journal, c = env
+    engine, virt, store, c = env
     planter = Planter(tmp_path / "outside")
     for d in (c.delta_dir, c.clones_dir, c.jobs_dir, c.daemon.state_dir / "frozen"):
         d.mkdir(parents=True, exist_ok=True)
@@ -92,9 +92,9 @@ async def test_foreign_files_and_symlinks_in_every_directory_survive_jobs_destro
                 planter.plant(d, f"{d.name}-{step}")
 
     engine.svc.step_hook = while_running
-    await _clone(engine, journal, "src", "mid")
-    await _clone(engine, journal, "mid", "kid")
-    await _clone(engine, journal, "src", "solo")
+    await _clone(engine, store, "src", "mid")
+    await _clone(engine, store, "mid", "kid")
+    await _clone(engine, store, "src", "solo")
     engine.svc.step_hook = None
     await engine.freeze("src")  # (unfreeze removes the frozen directory whole: not GC's, not destroy's)
     await engine.unfreeze("src")
@@ -123,9 +123,9 @@ async def test_foreign_files_and_symlinks_in_every_directory_survive_jobs_destro
 
 
 async def test_a_recorded_path_replaced_by_another_inode_survives(env, tmp_path):
-    engine, _virt, journal, c = env
-    await _clone(engine, journal, "src", "c1")
-    await _clone(engine, journal, "src", "c2")
+    engine, _virt, store, c = env
+    await _clone(engine, store, "src", "c1")
+    await _clone(engine, store, "src", "c2")
     disk, other = c.clones_dir / "c1" / "vda.qcow2", c.clones_dir / "c2" / "vda.qcow2"
     # While the clones run, their recorded disks' names are taken by something else (their QEMU's
     # user may write there): a new file, and a symlink to a canary outside.
@@ -151,10 +151,10 @@ async def test_a_recorded_path_replaced_by_another_inode_survives(env, tmp_path)
 
 async def test_a_source_top_in_a_shared_delta_dir_survives_gc_while_the_source_is_undefined(tmp_path):
     # delta_dir is the directory the source's own disk lives in.
-    c, journal, virt = await fake_world(tmp_path, qcow2={"delta_dir": tmp_path})
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = await fake_world(tmp_path, qcow2={"delta_dir": tmp_path})
+    engine = fake_engine(c, store, virt)
     try:
-        await _clone(engine, journal, "src", "c1")
+        await _clone(engine, store, "src", "c1")
         top = next(d.path for d in (await virt.lookup("src")).disks)
         base = tmp_path / "base.qcow2"
         assert top.parent == tmp_path and top != base
@@ -168,15 +168,15 @@ async def test_a_source_top_in_a_shared_delta_dir_survives_gc_while_the_source_i
         assert all(p.exists() for p in (top, base))
     finally:
         await engine.shutdown(5)
-        await journal.close()
+        await store.close()
 
 
 async def test_destroy_reads_each_chain_once_not_every_chain_per_destroy(env):
     """Teardown: destroying N clones reads each domain's chain from its images once, not N times."""
-    engine, _virt, journal, c = env
+    engine, _virt, store, c = env
     names = [f"c{i}" for i in range(8)]
     for name in names:
-        await _clone(engine, journal, "src", name)
+        await _clone(engine, store, "src", name)
     calls = 0
     chain = engine.svc.storage.chain
 
@@ -195,10 +195,10 @@ async def test_destroy_reads_each_chain_once_not_every_chain_per_destroy(env):
 
 async def test_clones_destroyed_at_once_are_collected_together(env):
     """A pool torn down: many destroys at once share a collection, not one full collection each."""
-    engine, virt, journal, c = env
+    engine, virt, store, c = env
     job = await engine.submit(source="src", name="p", count=12)
     await engine.wait(job.id, 20)
-    names = [x["name"] for x in (await journal.get_job(job.id)).result["clones"]]
+    names = [x["name"] for x in (await store.get_job(job.id)).result["clones"]]
     listings = 0
     list_names = virt.list_names
 
@@ -211,17 +211,17 @@ async def test_clones_destroyed_at_once_are_collected_together(env):
     virt.delay["undefine"] = 0.05  # QEMU takes a moment to go: the destroys overlap
     await asyncio.gather(*(engine.destroy_clone(n) for n in names))
     assert not any((c.clones_dir / n).exists() for n in names)
-    assert await journal.list_clones() == []
+    assert await store.list_clones() == []
     # Before: one full collection (one listing of every domain) per destroy, 12.
     assert listings <= 3, listings
 
 
 async def test_a_full_collection_runs_every_gc_interval(tmp_path):
-    c, journal, virt = await fake_world(tmp_path, gc={"interval_s": 0.2})
-    engine = fake_engine(c, journal, virt)
-    services = asyncio.get_running_loop().create_task(engine.run_services())
+    c, store, virt = await fake_world(tmp_path, gc={"interval_s": 0.2})
+    engine = fake_engine(c, store, virt)
+    services = asyncio.get_running_loop().create_task(engine.run_background())
     try:
-        await _clone(engine, journal, "src", "c1")
+        await _clone(engine, store, "src", "c1")
         disk = c.clones_dir / "c1" / "vda.qcow2"
         virt.add_source("mine", disk, state="shutoff")
         await engine.destroy_clone("c1")
@@ -237,7 +237,7 @@ async def test_a_full_collection_runs_every_gc_interval(tmp_path):
         with pytest.raises(asyncio.CancelledError):
             await services
         await engine.shutdown(5)
-        await journal.close()
+        await store.close()
 
 
 @pytest.mark.integration

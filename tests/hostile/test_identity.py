@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from instaclone import config as cfg
-from instaclone.errors import DomainNotFound, InstacloneError, VirtError
+from instaclone.errors import DomainNotFound, InstacloneError, LibvirtError
 from instaclone.model import CloneRecord, JobSpec, PoolRecord, ResourceKind, ResourceStatus
 from instaclone.states import State
 from instaclone.store import Store
@@ -84,15 +84,15 @@ def untouched(virt: FakeHypervisor, foreign: FakeDomain) -> bool:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[tuple[Any, Any, FakeHypervisor]]:
-    c, journal, virt = await fake_world(tmp_path, pools={"check_interval_s": 0.2},
+    c, store, virt = await fake_world(tmp_path, pools={"check_interval_s": 0.2},
                                         clone={"stun_deadline_ms": 5000, "step_timeout_s": 30})
-    yield c, journal, virt
-    await journal.close()
+    yield c, store, virt
+    await store.close()
 
 
 async def services(engine: Any) -> asyncio.Task[None]:
     await engine.recover()
-    return asyncio.get_running_loop().create_task(engine.run_services())
+    return asyncio.get_running_loop().create_task(engine.run_background())
 
 
 async def stop(engine: Any, task: asyncio.Task[None]) -> None:
@@ -116,7 +116,7 @@ async def test_fake_hv_tells_gone_from_replaced(world: Any) -> None:
 
 
 async def test_fake_live_rollback_leaves_a_domain_that_took_the_name(world: Any) -> None:
-    c, journal, virt = world
+    c, store, virt = world
     foreign: list[FakeDomain] = []
     start = virt.start
 
@@ -125,51 +125,51 @@ async def test_fake_live_rollback_leaves_a_domain_that_took_the_name(world: Any)
             # Our clone's domain is undefined behind our back, another one takes its name,
             # and the start fails: the job rolls back its DOMAIN record.
             foreign.append(take_name(virt, name))
-            raise VirtError("start failed")
+            raise LibvirtError("start failed")
         await start(name, paused=paused)
 
     virt.start = start_then_lose_the_name  # type: ignore[method-assign]
-    engine = fake_engine(c, journal, virt)
+    engine = fake_engine(c, store, virt)
     task = await services(engine)
     try:
         job = await engine.submit(source="src", name="rb")
         await engine.wait(job.id, 20)
     finally:
         await stop(engine, task)
-    done = await journal.get_job(job.id)
+    done = await store.get_job(job.id)
     assert done is not None and done.state is State.FAILED, done
     assert untouched(virt, foreign[0]), "the rollback undefined a domain instaclone did not make"
-    assert await journal.resources(job.id) == [], "the domain record stays active"
+    assert await store.resources(job.id) == [], "the domain record stays active"
 
 
 async def test_fake_crash_recovery_leaves_a_domain_that_took_the_name(world: Any) -> None:
-    c, journal, virt = world
-    job_id = await dead_job(journal, "src", "cr")
-    await plan_domain(journal, job_id, "cr", str(uuidlib.uuid4()))
+    c, store, virt = world
+    job_id = await dead_job(store, "src", "cr")
+    await plan_domain(store, job_id, "cr", str(uuidlib.uuid4()))
     foreign = take_name(virt, "cr")
-    engine = fake_engine(c, journal, virt)
+    engine = fake_engine(c, store, virt)
     await engine.recover()
     await engine.shutdown(5)
-    after = await journal.get_job(job_id)
+    after = await store.get_job(job_id)
     assert after is not None and after.state is State.FAILED, after
     assert untouched(virt, foreign), "recovery undefined a domain instaclone did not make"
-    assert await journal.resources(job_id) == []
+    assert await store.resources(job_id) == []
 
 
-async def _fake_clone(engine: Any, journal: Any, name: str, **kw: Any) -> CloneRecord:
+async def _fake_clone(engine: Any, store: Any, name: str, **kw: Any) -> CloneRecord:
     job = await engine.submit(source="src", name=name, **kw)
     await engine.wait(job.id, 20)
-    rec = await journal.get_clone(name)
-    assert rec is not None, await journal.get_job(job.id)
+    rec = await store.get_clone(name)
+    assert rec is not None, await store.get_job(job.id)
     return rec
 
 
 async def test_fake_destroy_forgets_the_clone_and_refuses_the_other_domain(world: Any) -> None:
-    c, journal, virt = world
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = world
+    engine = fake_engine(c, store, virt)
     task = await services(engine)
     try:
-        await _fake_clone(engine, journal, "ds")
+        await _fake_clone(engine, store, "ds")
         foreign = take_name(virt, "ds")
         with pytest.raises(InstacloneError) as info:
             await engine.destroy_clone("ds")
@@ -177,21 +177,21 @@ async def test_fake_destroy_forgets_the_clone_and_refuses_the_other_domain(world
     finally:
         await stop(engine, task)
     assert untouched(virt, foreign), "destroy removed a domain instaclone did not make"
-    assert await journal.get_clone("ds") is None
+    assert await store.get_clone("ds") is None
 
 
 async def test_fake_ttl_expiry_leaves_a_domain_that_took_the_name(world: Any) -> None:
-    c, journal, virt = world
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = world
+    engine = fake_engine(c, store, virt)
     task = await services(engine)
     try:
-        await _fake_clone(engine, journal, "tt", ttl_s=3600)
+        await _fake_clone(engine, store, "tt", ttl_s=3600)
         foreign = take_name(virt, "tt")
-        await journal.set_expiry("tt", time.time() - 1)
+        await store.set_expiry("tt", time.time() - 1)
         engine.pools.wake()
 
         async def forgotten() -> bool:
-            return await journal.get_clone("tt") is None
+            return await store.get_clone("tt") is None
         await until(forgotten, 10)
     finally:
         await stop(engine, task)
@@ -199,8 +199,8 @@ async def test_fake_ttl_expiry_leaves_a_domain_that_took_the_name(world: Any) ->
 
 
 async def test_fake_pool_retire_leaves_a_domain_that_took_the_name(world: Any) -> None:
-    c, journal, virt = world
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = world
+    engine = fake_engine(c, store, virt)
     task = await services(engine)
     try:
         await engine.pools.create(name="pl", source="src", size=1)
@@ -213,7 +213,7 @@ async def test_fake_pool_retire_leaves_a_domain_that_took_the_name(world: Any) -
         foreign = take_name(virt, member)
 
         async def retired() -> bool:
-            return await journal.get_clone(member) is None
+            return await store.get_clone(member) is None
         await until(retired, 10)
         await until(one_idle, 20)  # and replaced by a new member
     finally:
@@ -222,11 +222,11 @@ async def test_fake_pool_retire_leaves_a_domain_that_took_the_name(world: Any) -
 
 
 async def test_fake_exec_does_not_reach_a_domain_that_took_the_name(world: Any) -> None:
-    c, journal, virt = world
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = world
+    engine = fake_engine(c, store, virt)
     task = await services(engine)
     try:
-        await _fake_clone(engine, journal, "ex")
+        await _fake_clone(engine, store, "ex")
         take_name(virt, "ex")
         virt.agent_log.clear()
         with pytest.raises(InstacloneError) as info:
@@ -235,7 +235,7 @@ async def test_fake_exec_does_not_reach_a_domain_that_took_the_name(world: Any) 
         assert virt.agent_log == [], "a guest agent command reached the other domain"
     finally:
         await stop(engine, task)
-    assert await journal.get_clone("ex") is not None  # exec forgets nothing
+    assert await store.get_clone("ex") is not None  # exec forgets nothing
 
 
 # -- on real libvirtd ---------------------------------------------------------------------
@@ -321,7 +321,7 @@ async def assert_untouched(virt: Any, foreign: Foreign, what: str) -> None:
 
 async def plant_clone(config: cfg.Config, name: str, **kw: Any) -> CloneRecord:
     """A registered clone whose domain (another UUID) was undefined and its name taken since."""
-    store = Store(config.journal_path)
+    store = Store(config.store_path)
     await store.open()
     try:
         job_id = await dead_job(store, "ic-id-gone-source", name, upto=(*_TO_CONFIGURED, State.UNSTUNNED))
@@ -355,7 +355,7 @@ async def test_real_live_rollback_leaves_the_domain_that_took_the_name(real_worl
                                                                        foreign_vm: Foreign) -> None:
     from instaclone.jobs.ledger import CoreUndoer, Ledger
 
-    store = Store(real_world.config.journal_path)
+    store = Store(real_world.config.store_path)
     await store.open()
     try:
         rid = await plan_domain(store, "rb-job", foreign_vm.name, str(uuidlib.uuid4()))
@@ -382,7 +382,7 @@ async def test_real_crash_recovery_leaves_the_domain_that_took_the_name(real_wor
 
     # A daemon killed at Configured: the job's domain record is in the journal,
     # its domain is gone, and another domain has the name when it starts again.
-    store = Store(real_world.config.journal_path)
+    store = Store(real_world.config.store_path)
     await store.open()
     try:
         job_id = await dead_job(store, "ic-id-gone-source", foreign_vm.name)
@@ -455,8 +455,8 @@ async def test_real_pool_retire_leaves_the_domain_that_took_the_name(real_world:
 
 
 async def test_fake_a_source_redefined_before_its_stun_is_refused(world: Any) -> None:
-    c, journal, virt = world
-    engine = fake_engine(c, journal, virt)
+    c, store, virt = world
+    engine = fake_engine(c, store, virt)
     task = await services(engine)
     try:
         async with engine.svc.lock("src"):  # the job waits for its stun here
@@ -468,7 +468,7 @@ async def test_fake_a_source_redefined_before_its_stun_is_refused(world: Any) ->
         await engine.wait(job.id, 20)
     finally:
         await stop(engine, task)
-    done = await journal.get_job(job.id)
+    done = await store.get_job(job.id)
     assert done is not None and done.state is State.FAILED, done
     assert done.error is not None and done.error["code"] == "source_not_cloneable", done.error
     assert "redefined" in done.error["message"]

@@ -293,15 +293,15 @@ async def real_storage_engine(tmp_path: Path, h: Hostile) -> AsyncIterator[Any]:
     raw_source(virt, h)
     c = cfg.Config()
     c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "state"))
-    journal = Store(c.journal_path)
-    await journal.open()
-    engine = Engine(config=c, journal=journal, virt=virt, storage=Qcow2Storage(config=c, virt=virt),
+    store = Store(c.store_path)
+    await store.open()
+    engine = Engine(config=c, store=store, virt=virt, storage=Qcow2Storage(config=c, virt=virt),
                     memory=SaveRestoreMemory(config=c, virt=virt))
     try:
         yield engine
     finally:
         await engine.shutdown(5)
-        await journal.close()
+        await store.close()
 
 
 async def test_gc_reachability_opens_nothing_but_the_disks(tmp_path, hostile):
@@ -323,7 +323,7 @@ async def test_source_check_opens_nothing_but_the_disks(tmp_path, hostile):
     from ..apiclient import Api
 
     async with real_storage_engine(tmp_path, hostile) as engine:
-        runner = web.AppRunner(make_app(engine, engine.journal, gc=GarbageCollector(engine.svc)), **RUNNER_ARGS)
+        runner = web.AppRunner(make_app(engine, engine.store, gc=GarbageCollector(engine.svc)), **RUNNER_ARGS)
         await runner.setup()
         sock = tmp_path / "ctl.sock"
         await web.UnixSite(runner, str(sock)).start()

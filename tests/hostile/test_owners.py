@@ -172,7 +172,7 @@ async def daemon(acc: Accounts, **access: Any) -> AsyncIterator[Daemon]:
     top.chmod(0o755)
     runner = None
     services = None
-    c, journal, virt = await fake_world(top, pools={"check_interval_s": 0.2},
+    c, store, virt = await fake_world(top, pools={"check_interval_s": 0.2},
                                         clone={"stun_deadline_ms": 5000, "step_timeout_s": 30})
     try:
         c = replace(c, access=replace(c.access, write_groups=(acc.groups["writers"],),
@@ -180,13 +180,13 @@ async def daemon(acc: Accounts, **access: Any) -> AsyncIterator[Daemon]:
         other = top / "other.qcow2"
         other.write_bytes(b"other")
         virt.add_source("other", other)
-        engine = fake_engine(c, journal, virt)
-        runner = web.AppRunner(make_app(engine, journal), **RUNNER_ARGS)
+        engine = fake_engine(c, store, virt)
+        runner = web.AppRunner(make_app(engine, store), **RUNNER_ARGS)
         await runner.setup()
         sock = top / "ctl.sock"
         await web.UnixSite(runner, str(sock)).start()
         sock.chmod(0o666)  # the groups in [access] are the gate here, not the socket's mode
-        services = asyncio.get_running_loop().create_task(engine.run_services())
+        services = asyncio.get_running_loop().create_task(engine.run_background())
         yield Daemon(sock, acc, virt, engine)
     finally:
         if services is not None:
@@ -195,7 +195,7 @@ async def daemon(acc: Accounts, **access: Any) -> AsyncIterator[Daemon]:
                 await services
         if runner is not None:
             await runner.cleanup()
-        await journal.close()
+        await store.close()
         shutil.rmtree(top)
 
 
@@ -390,7 +390,7 @@ async def test_rows_from_before_owners_are_root_s(tmp_path: Path, accounts: Acco
     finally:
         await store.close()
     async with daemon(accounts) as d:
-        await d.engine.journal.add_clones("old-job", [rec], [])
+        await d.engine.store.add_clones("old-job", [rec], [])
         status, body = await d.call("bob", "GET", "/v1/clones")
         assert status == 200 and _names(body) == set(), body
         status, body = await d.call("bob", "DELETE", "/v1/clones/old")

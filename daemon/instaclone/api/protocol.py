@@ -152,7 +152,7 @@ class EngineView(Protocol):
 
     async def guest_exec(self, name: str, *, argv: list[str], env: dict[str, str] | None = None,
                          timeout_s: float = 300.0, stdin: bytes | None = None) -> GuestProcessView:
-        """Start a command in a clone; raises NotFound, AgentUnavailable, VirtStateError, GuestFileError."""
+        """Start a command in a clone; raises NotFound, AgentUnavailable, DomainStateInvalid, GuestFileError."""
 
     async def put_guest_file(self, name: str, *, path: str, mode: str, chunks: AsyncIterator[bytes],
                              sha256: str | None = None) -> dict[str, Any]:

@@ -161,7 +161,7 @@ async def prepare_source(request: web.Request, call: Call) -> web.Response:
             before = await engine.virt.inactive_xml(name)
         except DomainNotFound:
             raise SourceNotFound(f"source domain {name!r} does not exist") from None
-        prep = prepare.prepare(before)
+        prep = prepare.prepare_definition(before)
         after = prep.xml
         if prep.changed and not dry_run:
             await engine.virt.define(prep.xml)

@@ -27,7 +27,7 @@ CloseCallback = Callable[[Any, int, Any], None]  # (connection, reason, opaque)
 
 if TYPE_CHECKING:
 
-    class LibvirtError(Exception):
+    class RawLibvirtError(Exception):
         def get_error_code(self) -> int | None: ...
         def get_error_message(self) -> str | None: ...
 
@@ -80,7 +80,7 @@ if TYPE_CHECKING:
         def _remove_timeout(self, timer: int) -> int: ...
 
 else:
-    LibvirtError = libvirt.libvirtError
+    RawLibvirtError = libvirt.libvirtError
     Domain = libvirt.virDomain
     Connection = libvirt.virConnect
     AsyncIOImpl = libvirtaio.virEventAsyncIOImpl
@@ -135,7 +135,7 @@ VIR_CONNECT_CLOSE_REASON_CLIENT: Final[int] = libvirt.VIR_CONNECT_CLOSE_REASON_C
 
 
 def open_connection(uri: str) -> Connection:
-    """``virConnectOpen``; raises LibvirtError. Blocks: call it on a worker thread."""
+    """``virConnectOpen``; raises RawLibvirtError. Blocks: call it on a worker thread."""
     conn: Connection = libvirt.open(uri)
     return conn
 
@@ -162,13 +162,13 @@ def invoke_free_callback(opaque: Any) -> None:
 
 
 def qemu_agent_command(dom: Domain, cmd: str, timeout_s: int) -> str:
-    """One guest agent command (JSON text in, JSON text out); raises LibvirtError."""
+    """One guest agent command (JSON text in, JSON text out); raises RawLibvirtError."""
     reply: str = libvirt_qemu.qemuAgentCommand(dom, cmd, timeout_s, 0)
     return reply
 
 
 def qemu_monitor_command(dom: Domain, cmd: str, files: list[int] | None = None) -> str:
-    """One QMP command, optionally passing file descriptors along; raises LibvirtError."""
+    """One QMP command, optionally passing file descriptors along; raises RawLibvirtError."""
     if files:
         reply, _ = libvirt_qemu.qemuMonitorCommandWithFiles(dom, cmd, files, 0)
         return str(reply)

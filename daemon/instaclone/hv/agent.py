@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-from ..errors import VirtError, VirtTimeout
+from ..errors import LibvirtError, LibvirtTimeout
 from . import _libvirt as lv, guestfiles
 from .connection import Connection
 
@@ -18,7 +18,7 @@ class Agent(Connection):
                     *, timeout_s: int = 10) -> Any:
         """Run one QEMU guest agent command through libvirt; returns its "return" value.
 
-        VirtError if the agent answers with an error; VirtTimeout if it does not answer.
+        LibvirtError if the agent answers with an error; LibvirtTimeout if it does not answer.
         """
 
         def do() -> Any:
@@ -27,7 +27,7 @@ class Agent(Connection):
                 cmd["arguments"] = arguments
             reply = json.loads(lv.qemu_agent_command(self._dom(name), json.dumps(cmd), timeout_s))
             if "error" in reply:
-                raise VirtError(f"guest agent {command}: {reply['error'].get('desc', reply['error'])}")
+                raise LibvirtError(f"guest agent {command}: {reply['error'].get('desc', reply['error'])}")
             return reply.get("return")
 
         # On the agent's own threads: a guest that does not answer never delays a stun's libvirt calls.
@@ -37,7 +37,7 @@ class Agent(Connection):
                          timeout_s: float = 30.0) -> tuple[int, str]:
         """Run ``argv`` in the guest (guest-exec); returns (exit status, stdout+stderr).
 
-        VirtTimeout if it has not finished after ``timeout_s``.
+        LibvirtTimeout if it has not finished after ``timeout_s``.
         """
         pid = await guestfiles.exec_start(self, name, argv, input_data=stdin or None, capture=True)
         loop = asyncio.get_running_loop()
@@ -49,6 +49,6 @@ class Agent(Connection):
                 code = st["exitcode"]
                 return int(code if code is not None else -1), (st["out"] + st["err"]).decode(errors="replace")
             if loop.time() > end:
-                raise VirtTimeout(f"{argv[0]} in {name!r} did not finish within {timeout_s:g} s")
+                raise LibvirtTimeout(f"{argv[0]} in {name!r} did not finish within {timeout_s:g} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)  # one status call is ~1 ms; a coarser poll adds up to its step to every command

@@ -8,7 +8,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from ..errors import VirtError, VirtTimeout
+from ..errors import LibvirtError, LibvirtTimeout
 from . import _libvirt as lv
 from .connection import Connection
 
@@ -39,13 +39,13 @@ class BlockJobs(Connection):
         """Disk ``target`` of the running domain ``name`` as QEMU uses it: active layer first.
 
         This is libvirt's view (the live XML's ``backingStore`` elements),
-        which a block job updates when it completes. VirtError if there is no such disk.
+        which a block job updates when it completes. LibvirtError if there is no such disk.
         """
 
         def do() -> list[Path]:
             chain = disk_chain(self._dom(name).XMLDesc(0), target)
             if chain is None:
-                raise VirtError(f"{name!r} has no disk {target!r}")
+                raise LibvirtError(f"{name!r} has no disk {target!r}")
             return chain
 
         return await self._call(f"backing chain of {name!r} {target}", do)
@@ -58,7 +58,7 @@ class BlockJobs(Connection):
             try:
                 # Without VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC libvirt returns once the job is gone.
                 dom.blockJobAbort(target, 0)
-            except lv.LibvirtError:
+            except lv.RawLibvirtError:
                 if dom.blockJobInfo(target, 0):
                     raise
 
@@ -76,9 +76,9 @@ class BlockJobs(Connection):
         libvirt reports no result for a finished job (it just disappears from
         ``blockJobInfo``) unless one listens to its events, so success is
         read from the live XML afterwards: the chain must be shortened
-        (VirtError if it is not). After ``timeout_s`` (or if the caller is
+        (LibvirtError if it is not). After ``timeout_s`` (or if the caller is
         cancelled) the job is aborted, which leaves the chain as it was, and
-        VirtTimeout raised.
+        LibvirtTimeout raised.
         """
         what = f"block pull of {name!r} {target}" + (f" down to {base}" if base is not None else "")
 
@@ -96,7 +96,7 @@ class BlockJobs(Connection):
         done = len(chain) == 1 if base is None else (len(chain) >= 2 and chain[1] == Path(base))
         if not done:
             progress = f"{last.get('cur')}/{last.get('end')}" if last else "no progress seen"
-            raise VirtError(f"{what} ended without shortening the chain ({progress}); "
+            raise LibvirtError(f"{what} ended without shortening the chain ({progress}); "
                             f"the chain is still {' <- '.join(map(str, reversed(chain)))}")
 
     async def _wait_block_job(self, name: str, target: str, what: str, timeout_s: float) -> dict[str, Any]:
@@ -113,11 +113,11 @@ class BlockJobs(Connection):
                 last = dict(info)
                 if loop.time() > deadline:
                     await self._abort_block_job(name, target)
-                    raise VirtTimeout(f"{what} did not finish within {timeout_s:g} s "
+                    raise LibvirtTimeout(f"{what} did not finish within {timeout_s:g} s "
                                       f"({last.get('cur')}/{last.get('end')} bytes); aborted")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.2)
         except asyncio.CancelledError:
-            with suppress(VirtError):
+            with suppress(LibvirtError):
                 await self._abort_block_job(name, target)
             raise

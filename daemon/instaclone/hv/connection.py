@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any, TypeVar
 
-from ..errors import DomainNotFound, DomainReplaced, VirtConnectionError
+from ..errors import DomainNotFound, DomainReplaced, LibvirtUnavailable
 from ..log import get as get_logger
 from . import _libvirt as lv, eventloop
 from .translate import connection_lost, never_sent, translate
@@ -51,7 +51,7 @@ Opener = Callable[[str], lv.Connection]
 def _is_alive(conn: lv.Connection) -> bool:
     try:
         return bool(conn.isAlive())
-    except lv.LibvirtError:
+    except lv.RawLibvirtError:
         return False
 
 
@@ -114,7 +114,7 @@ class Connection:
         link = self._link
         try:
             return fn()
-        except lv.LibvirtError as exc:
+        except lv.RawLibvirtError as exc:
             if not connection_lost(exc):
                 raise translate(exc, action) from None
             # libvirtd went away (restarted, most likely): drop the dead
@@ -126,7 +126,7 @@ class Connection:
         # new connection cannot do anything twice.
         try:
             return fn()
-        except lv.LibvirtError as exc:
+        except lv.RawLibvirtError as exc:
             if connection_lost(exc):
                 self._drop(self._link)
             raise translate(exc, action) from None
@@ -147,8 +147,8 @@ class Connection:
     def _open_link(self) -> _Link:
         try:
             conn = self._opener(self.uri)
-        except lv.LibvirtError as exc:
-            raise VirtConnectionError(f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}",
+        except lv.RawLibvirtError as exc:
+            raise LibvirtUnavailable(f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}",
                                       libvirt_code=exc.get_error_code()) from None
         link = _Link(conn)
         try:
@@ -156,10 +156,10 @@ class Connection:
             if conn.setKeepAlive(*self._keepalive) == 1:
                 self._log.warning("libvirt.no_keepalive", why="libvirtd does not support keepalive")
             conn.registerCloseCallback(self._on_close, link)
-        except lv.LibvirtError as exc:
-            with suppress(lv.LibvirtError):
+        except lv.RawLibvirtError as exc:
+            with suppress(lv.RawLibvirtError):
                 conn.close()
-            raise VirtConnectionError(f"cannot watch the libvirt connection to {self.uri}: "
+            raise LibvirtUnavailable(f"cannot watch the libvirt connection to {self.uri}: "
                                       f"{exc.get_error_message()}", libvirt_code=exc.get_error_code()) from None
         return link
 
@@ -178,9 +178,9 @@ class Connection:
 
     @staticmethod
     def _release(link: _Link) -> None:
-        with suppress(lv.LibvirtError):
+        with suppress(lv.RawLibvirtError):
             link.conn.unregisterCloseCallback()
-        with suppress(lv.LibvirtError):
+        with suppress(lv.RawLibvirtError):
             link.conn.close()
 
     def _dom(self, name: str) -> lv.Domain:
@@ -198,7 +198,7 @@ class Connection:
         conn = self._connection()
         try:
             dom = conn.lookupByUUIDString(uuid)
-        except lv.LibvirtError as exc:
+        except lv.RawLibvirtError as exc:
             if exc.get_error_code() != lv.VIR_ERR_NO_DOMAIN:
                 raise
             holder = self._dom_or_none(name)
@@ -214,7 +214,7 @@ class Connection:
     def _dom_or_none(self, name: str) -> lv.Domain | None:
         try:
             return self._dom(name)
-        except lv.LibvirtError as exc:
+        except lv.RawLibvirtError as exc:
             if exc.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
                 return None
             raise
@@ -222,7 +222,7 @@ class Connection:
     # -- public ---------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the connection; VirtConnectionError if libvirtd cannot be reached."""
+        """Open the connection; LibvirtUnavailable if libvirtd cannot be reached."""
         await self._call("connect", self._connection)
 
     async def is_connected(self) -> bool:
@@ -241,7 +241,7 @@ class Connection:
             return True
         try:
             await asyncio.wait_for(asyncio.shield(self._reconnect()), CONNECT_WAIT_S)
-        except (VirtConnectionError, TimeoutError):
+        except (LibvirtUnavailable, TimeoutError):
             return False
         return await self.is_connected()
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import DomainNotFound, DomainReplaced, VirtStateError
+from ..errors import DomainNotFound, DomainReplaced, DomainStateInvalid
 from ..log import get as get_logger
 from . import _libvirt as lv
 from .connection import Connection
@@ -107,7 +107,7 @@ class Domains(Connection):
             deadline = time.monotonic() + 5.0
             while dom.state()[0] != lv.VIR_DOMAIN_PAUSED:
                 if time.monotonic() > deadline:
-                    raise VirtStateError(f"{name!r} is stopped in QEMU (postmigrate) but libvirt says it runs")
+                    raise DomainStateInvalid(f"{name!r} is stopped in QEMU (postmigrate) but libvirt says it runs")
                 time.sleep(0.005)
             dom.resume()
 
@@ -218,7 +218,7 @@ def _power_off(dom: lv.Domain) -> None:
     if dom.isActive():
         try:
             dom.destroy()
-        except lv.LibvirtError:
+        except lv.RawLibvirtError:
             # It stopped by itself meanwhile (a QEMU whose incoming
             # migration failed exits): "domain is not running".
             if dom.isActive():
@@ -234,6 +234,6 @@ def _qemu_stopped_by_migration(dom: lv.Domain) -> bool:
     """QEMU's own run state is postmigrate (or finish-migrate): a migration stopped the vCPUs."""
     try:
         answer = json.loads(lv.qemu_monitor_command(dom, json.dumps({"execute": "query-status"}), None))
-    except lv.LibvirtError:  # gone meanwhile, or no monitor: nothing we could resume
+    except lv.RawLibvirtError:  # gone meanwhile, or no monitor: nothing we could resume
         return False
     return (answer.get("return") or {}).get("status") in ("postmigrate", "finish-migrate")

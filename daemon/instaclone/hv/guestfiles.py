@@ -7,7 +7,7 @@ goes through :meth:`~instaclone.hv.agent.Agent.agent` (one agent command on
 a thread of the guest-agent pool, never one a stun's calls wait for), so
 this module needs only something with that method.
 
-The agent's errors arrive as :class:`~instaclone.errors.VirtError` whose
+The agent's errors arrive as :class:`~instaclone.errors.LibvirtError` whose
 message carries the guest's ``strerror`` ("... : No such file or directory");
 :func:`guest_errno` tells them apart.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 from typing import Any, Protocol
 
-from ..errors import VirtError
+from ..errors import LibvirtError
 
 #: Bytes per guest-file-read: 1.4 MB of base64 in one agent reply, well inside
 #: libvirt's 4 MiB string limit and the agents' limits.
@@ -36,7 +36,7 @@ class AgentCaller(Protocol):
                     *, timeout_s: int = 10) -> Any: ...
 
 
-def guest_errno(exc: VirtError) -> str | None:
+def guest_errno(exc: LibvirtError) -> str | None:
     """Which guest error ``exc`` reports: "ENOENT", "EACCES", "EISDIR", ... or None."""
     msg = exc.message
     for text, name in (("No such file or directory", "ENOENT"), ("Permission denied", "EACCES"),
@@ -50,7 +50,7 @@ def guest_errno(exc: VirtError) -> str | None:
 async def file_open(virt: AgentCaller, name: str, path: str, mode: str) -> int:
     """Open ``path`` in the guest with fopen ``mode`` ("r", "w", "w+", ...); returns the handle.
 
-    A file it creates has mode 0600. VirtError (see :func:`guest_errno`) if it cannot.
+    A file it creates has mode 0600. LibvirtError (see :func:`guest_errno`) if it cannot.
     """
     return int(await virt.agent(name, "guest-file-open", {"path": path, "mode": mode}, timeout_s=FILE_CALL_S))
 
@@ -67,11 +67,11 @@ async def file_read(virt: AgentCaller, name: str, handle: int, count: int = CHUN
 
 
 async def file_write(virt: AgentCaller, name: str, handle: int, data: bytes) -> None:
-    """Write all of ``data`` at the handle's position; VirtError if the guest wrote less."""
+    """Write all of ``data`` at the handle's position; LibvirtError if the guest wrote less."""
     r = await virt.agent(name, "guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(data).decode()},
                          timeout_s=FILE_CALL_S)
     if int(r.get("count", -1)) != len(data):
-        raise VirtError(f"guest-file-write wrote {r.get('count')} of {len(data)} bytes")
+        raise LibvirtError(f"guest-file-write wrote {r.get('count')} of {len(data)} bytes")
 
 
 async def file_seek(virt: AgentCaller, name: str, handle: int, offset: int, whence: str = "set") -> int:
@@ -82,7 +82,7 @@ async def file_seek(virt: AgentCaller, name: str, handle: int, offset: int, when
 
 
 async def file_close(virt: AgentCaller, name: str, handle: int) -> None:
-    """Close the handle (flushing what was written; VirtError if that fails, e.g. ENOSPC)."""
+    """Close the handle (flushing what was written; LibvirtError if that fails, e.g. ENOSPC)."""
     await virt.agent(name, "guest-file-close", {"handle": handle}, timeout_s=FILE_CALL_S)
 
 

@@ -16,7 +16,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from ..errors import VirtError, VirtStateError, VirtTimeout
+from ..errors import DomainStateInvalid, LibvirtError, LibvirtTimeout
 from . import _libvirt as lv
 from .connection import Connection
 from .records import MigrationInfo
@@ -24,13 +24,13 @@ from .records import MigrationInfo
 
 def qmp(dom: lv.Domain, command: str, arguments: dict[str, Any] | None = None,
         files: list[int] | None = None) -> Any:
-    """One QMP command on ``dom``'s monitor; its "return" value. VirtError if QEMU answers an error."""
+    """One QMP command on ``dom``'s monitor; its "return" value. LibvirtError if QEMU answers an error."""
     cmd: dict[str, Any] = {"execute": command}
     if arguments is not None:
         cmd["arguments"] = arguments
     data = json.loads(lv.qemu_monitor_command(dom, json.dumps(cmd), files))
     if "error" in data:
-        raise VirtError(f"QEMU {command}: {data['error'].get('desc', data['error'])}")
+        raise LibvirtError(f"QEMU {command}: {data['error'].get('desc', data['error'])}")
     return data.get("return")
 
 
@@ -44,13 +44,13 @@ def _wait_migration(dom: lv.Domain, what: str, timeout_s: float, cancel: threadi
         if status == "completed":
             return dict(info)
         if status in ("failed", "cancelled"):
-            raise VirtError(f"{what} failed: {info.get('error-desc', status)}")
+            raise LibvirtError(f"{what} failed: {info.get('error-desc', status)}")
         if cancel.is_set() or time.monotonic() > deadline:
-            with suppress(VirtError):  # it ended meanwhile; the error below says why we stopped
+            with suppress(LibvirtError):  # it ended meanwhile; the error below says why we stopped
                 qmp(dom, "migrate_cancel")
             if cancel.is_set():
-                raise VirtError(f"{what} was cancelled")
-            raise VirtTimeout(f"{what} did not finish within {timeout_s:g} s (status {status})")
+                raise LibvirtError(f"{what} was cancelled")
+            raise LibvirtTimeout(f"{what} did not finish within {timeout_s:g} s (status {status})")
         cancel.wait(delay)
         delay = min(delay * 2, 0.05)
 
@@ -88,7 +88,7 @@ class Migration(Connection):
             try:
                 path = qmp(dom, "qom-get", {"path": f"/objects/{alias}", "property": "mem-path"})
                 share = qmp(dom, "qom-get", {"path": f"/objects/{alias}", "property": "share"})
-            except VirtError:
+            except LibvirtError:
                 return None  # not a memory-backend-file
             return Path(path), bool(share)
 
@@ -101,7 +101,7 @@ class Migration(Connection):
         With ``ignore_shared``, RAM in shared memory backends is skipped and
         only device state is written. The domain stays paused and can be
         resumed afterwards. Returns QEMU's final migration statistics.
-        VirtStateError if the domain was already captured during this pause.
+        DomainStateInvalid if the domain was already captured during this pause.
         """
         cancel = threading.Event()
 
@@ -110,14 +110,14 @@ class Migration(Connection):
             # QEMU migrates a VM only once per pause: a second save fails with
             # "Can't migrate the vm that was paused due to previous migration".
             if (qmp(dom, "query-status") or {}).get("status") == "postmigrate":
-                raise VirtStateError(
+                raise DomainStateInvalid(
                     f"{name!r} was already captured during this pause (it was paused by its owner and "
                     "cloned before); resume it, or freeze it with 'instaclone freeze' to clone it repeatedly")
             # Never through a link (the directory is root's; issue 21).
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             except OSError as exc:
-                raise VirtError(f"cannot create the state file {path} of {name!r}: {exc.strerror}") from None
+                raise LibvirtError(f"cannot create the state file {path} of {name!r}: {exc.strerror}") from None
             try:
                 _set_caps(dom, ignore_shared)
                 # QEMU's default bandwidth cap (32 MiB/s) is for networks, not files.
@@ -140,7 +140,7 @@ class Migration(Connection):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError as exc:
-                raise VirtError(f"cannot open the state file {path} for {name!r}: {exc.strerror}") from None
+                raise LibvirtError(f"cannot open the state file {path} for {name!r}: {exc.strerror}") from None
             try:
                 _set_caps(dom, ignore_shared)
                 qmp(dom, "getfd", {"fdname": "instaclone-in"}, files=[fd])
@@ -159,7 +159,7 @@ class Migration(Connection):
         def do() -> None:
             src, dst = self._dom(name), self._dom(target)
             if (qmp(src, "query-migrate") or {}).get("status") in IN_FLIGHT:
-                raise VirtStateError(f"{name!r} is already being migrated")
+                raise DomainStateInvalid(f"{name!r} is already being migrated")
             out, inc = socket.socketpair()
             try:
                 qmp(dst, "getfd", {"fdname": "instaclone-precopy-in"}, files=[inc.fileno()])
@@ -177,7 +177,7 @@ class Migration(Connection):
         await self._call(f"live migration of {name!r} into {target!r}", do)
 
     async def wait_migration(self, name: str, *, until: tuple[str, ...], timeout_s: float) -> MigrationInfo:
-        """Poll until the migration's status is in ``until``; VirtError if it failed, VirtTimeout if late."""
+        """Poll until the migration's status is in ``until``; LibvirtError if it failed, LibvirtTimeout if late."""
         cancel = threading.Event()
 
         def do() -> MigrationInfo:
@@ -194,13 +194,13 @@ class Migration(Connection):
                 if status in until and not (status == "completed" and _finishing(dom)):
                     return MigrationInfo(status, dict(info), last_running)
                 if status in ("failed", "cancelled"):
-                    raise VirtError(f"migration of {name!r} {status}: {info.get('error-desc', status)}")
+                    raise LibvirtError(f"migration of {name!r} {status}: {info.get('error-desc', status)}")
                 if status == "active":
                     last_running = looked
                 if cancel.is_set():
-                    raise VirtError(f"waiting for the migration of {name!r} was cancelled")
+                    raise LibvirtError(f"waiting for the migration of {name!r} was cancelled")
                 if time.monotonic() > deadline:
-                    raise VirtTimeout(f"the migration of {name!r} was not {'/'.join(until)} within "
+                    raise LibvirtTimeout(f"the migration of {name!r} was not {'/'.join(until)} within "
                                       f"{timeout_s:g} s (status {status}, "
                                       f"{(info.get('ram') or {}).get('remaining', '?')} bytes of RAM to go)")
                 # The first pass over RAM takes seconds; once QEMU iterates
@@ -228,14 +228,14 @@ class Migration(Connection):
                 return False
             cancelled = (qmp(dom, "query-migrate") or {}).get("status") in IN_FLIGHT
             if cancelled:
-                with suppress(VirtError):  # it ended meanwhile
+                with suppress(LibvirtError):  # it ended meanwhile
                     qmp(dom, "migrate_cancel")
             # Also when it had completed: until QEMU leaves finish-migrate,
             # the source cannot be resumed.
             deadline = time.monotonic() + 30.0
             while (qmp(dom, "query-migrate") or {}).get("status") in IN_FLIGHT or _finishing(dom):
                 if time.monotonic() > deadline:
-                    raise VirtTimeout(f"the migration of {name!r} did not end within 30 s of migrate_cancel")
+                    raise LibvirtTimeout(f"the migration of {name!r} did not end within 30 s of migrate_cancel")
                 time.sleep(0.005)
             return cancelled
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import xml.etree.ElementTree as ET
 
-from ..errors import VirtError, VirtTimeout
+from ..errors import LibvirtError, LibvirtTimeout
 from . import _libvirt as lv
 from .connection import Connection
 
@@ -34,7 +34,7 @@ class Nics(Connection):
             dom = self._dom(name)
             iface = _iface_by_mac(dom, mac)
             if iface is None:
-                raise VirtError(f"{name!r} has no interface with MAC {mac}")
+                raise LibvirtError(f"{name!r} has no interface with MAC {mac}")
             _set_link_state(iface, up)
             dom.updateDeviceFlags(ET.tostring(iface, encoding="unicode"), lv.VIR_DOMAIN_AFFECT_LIVE)
 
@@ -45,7 +45,7 @@ class Nics(Connection):
 
         A VM restored from another's state keeps that VM's MAC inside its
         virtio-net device state; a freshly plugged device makes the guest
-        read the MAC of the definition. Needs guest ACPI hotplug: VirtTimeout
+        read the MAC of the definition. Needs guest ACPI hotplug: LibvirtTimeout
         if the guest does not release the NIC within ``timeout_s``.
         """
 
@@ -53,12 +53,12 @@ class Nics(Connection):
             dom = self._dom(name)
             iface = _iface_by_mac(dom, mac)
             if iface is None:
-                raise VirtError(f"{name!r} has no interface with MAC {mac}")
+                raise LibvirtError(f"{name!r} has no interface with MAC {mac}")
             dom.detachDeviceFlags(ET.tostring(iface, encoding="unicode"), lv.VIR_DOMAIN_AFFECT_LIVE)
             deadline = time.monotonic() + timeout_s
             while _iface_by_mac(dom, mac) is not None:
                 if time.monotonic() > deadline:
-                    raise VirtTimeout(f"the guest of {name!r} did not release its NIC {mac} within "
+                    raise LibvirtTimeout(f"the guest of {name!r} did not release its NIC {mac} within "
                                       f"{timeout_s:g} s (no ACPI hotplug in the guest?)")
                 time.sleep(0.05)
             for tag in ("alias", "target"):

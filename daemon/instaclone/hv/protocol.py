@@ -5,9 +5,9 @@ libvirt; the tests' ``FakeHypervisor`` implements it in memory. mypy checks
 both against it (``tests/test_hv_protocol.py``), so a fake cannot drift from
 the real thing. Pure: importing this module imports no libvirt.
 
-Every method may raise :class:`~instaclone.errors.VirtError` or one of its
-subclasses: ``DomainNotFound`` for an absent domain, ``VirtConnectionError``
-when libvirtd cannot be reached, ``VirtStateError``, ``VirtTimeout``.
+Every method may raise :class:`~instaclone.errors.LibvirtError` or one of its
+subclasses: ``DomainNotFound`` for an absent domain, ``LibvirtUnavailable``
+when libvirtd cannot be reached, ``DomainStateInvalid``, ``LibvirtTimeout``.
 
 A domain instaclone made (a clone, a shadow) is acted on by identity: the
 ``*_id`` methods take its name *and* the UUID recorded for it, look it up
@@ -32,7 +32,7 @@ class Hypervisor(Protocol):
     # -- connection ---------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the connection; VirtConnectionError if libvirtd cannot be reached."""
+        """Open the connection; LibvirtUnavailable if libvirtd cannot be reached."""
 
     async def is_connected(self) -> bool:
         """Whether the connection is open and libvirtd answers (no reconnect)."""
@@ -108,7 +108,7 @@ class Hypervisor(Protocol):
 
     async def agent_exec(self, name: str, argv: list[str], *, stdin: bytes = b"",
                          timeout_s: float = 30.0) -> tuple[int, str]:
-        """Run ``argv`` in the guest; (exit status, stdout+stderr); VirtTimeout after ``timeout_s``."""
+        """Run ``argv`` in the guest; (exit status, stdout+stderr); LibvirtTimeout after ``timeout_s``."""
 
     # -- network interfaces -------------------------------------------------------
 
@@ -144,9 +144,9 @@ class Hypervisor(Protocol):
         """
 
     async def wait_migration(self, name: str, *, until: tuple[str, ...], timeout_s: float) -> MigrationInfo:
-        """Poll ``name``'s migration until its status is one of ``until``; VirtError if it failed.
+        """Poll ``name``'s migration until its status is one of ``until``; LibvirtError if it failed.
 
-        VirtTimeout after ``timeout_s``; the migration is left as it is then.
+        LibvirtTimeout after ``timeout_s``; the migration is left as it is then.
         """
 
     async def continue_migration(self, name: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import DomainExists, DomainNotFound, VirtConnectionError, VirtError, VirtStateError, VirtTimeout
+from ..errors import DomainExists, DomainNotFound, DomainStateInvalid, LibvirtError, LibvirtTimeout, LibvirtUnavailable
 from . import _libvirt as lv
 
 _NOT_FOUND = {lv.VIR_ERR_NO_DOMAIN}
@@ -20,7 +20,7 @@ _LOST = re.compile(r"Broken pipe|client socket is closed|Cannot write data|Canno
 _NOT_SENT = re.compile(r"Cannot write data|client socket is closed|Broken pipe", re.I)
 
 
-def translate(exc: lv.LibvirtError, action: str) -> VirtError:
+def translate(exc: lv.RawLibvirtError, action: str) -> LibvirtError:
     """Map a libvirtError to our error tree by its code."""
     code = exc.get_error_code()
     msg = f"{action}: {exc.get_error_message() or exc}"
@@ -29,17 +29,17 @@ def translate(exc: lv.LibvirtError, action: str) -> VirtError:
     if code in _EXISTS:
         return DomainExists(msg, libvirt_code=code)
     if code in _STATE:
-        return VirtStateError(msg, libvirt_code=code)
+        return DomainStateInvalid(msg, libvirt_code=code)
     if code in _TIMEOUT:
-        return VirtTimeout(msg, libvirt_code=code)
+        return LibvirtTimeout(msg, libvirt_code=code)
     if code in _CONNECTION:
-        return VirtConnectionError(msg, libvirt_code=code)
+        return LibvirtUnavailable(msg, libvirt_code=code)
     if code == lv.VIR_ERR_OPERATION_FAILED and "already exists" in msg:
         return DomainExists(msg, libvirt_code=code)
-    return VirtError(msg, libvirt_code=code)
+    return LibvirtError(msg, libvirt_code=code)
 
 
-def connection_lost(exc: lv.LibvirtError) -> bool:
+def connection_lost(exc: lv.RawLibvirtError) -> bool:
     """True if ``exc`` says the connection to libvirtd is gone (not that the call failed)."""
     code = exc.get_error_code()
     msg = exc.get_error_message() or ""
@@ -48,6 +48,6 @@ def connection_lost(exc: lv.LibvirtError) -> bool:
     return code in (lv.VIR_ERR_SYSTEM_ERROR, lv.VIR_ERR_INTERNAL_ERROR) and bool(_LOST.search(msg))
 
 
-def never_sent(exc: lv.LibvirtError) -> bool:
+def never_sent(exc: lv.RawLibvirtError) -> bool:
     """True if the failed request cannot have reached libvirtd (so sending it again is safe)."""
     return bool(_NOT_SENT.search(exc.get_error_message() or ""))

@@ -16,8 +16,8 @@ from ..errors import (
 from ..hv import DomainInfo, domxml, vmstate
 from ..model import JobRecord, JobSpec
 from ..plugin_api import MemoryBackend
+from .context import JobContext
 from .customize import validate_script
-from .services import Services
 
 MAX_GUEST_CONFIG_BYTES = 16 * 1024
 
@@ -25,7 +25,7 @@ MAX_GUEST_CONFIG_BYTES = 16 * 1024
 class Admission:
     """Turns requests into Requested jobs; no two unfinished jobs may claim one name."""
 
-    def __init__(self, svc: Services) -> None:
+    def __init__(self, svc: JobContext) -> None:
         self.svc = svc
         self._names = asyncio.Lock()
 
@@ -108,7 +108,7 @@ def validate_guest_config(config: object) -> dict[str, str]:
     return dict(config)
 
 
-async def active_source(svc: Services, src: str) -> DomainInfo:
+async def active_source(svc: JobContext, src: str) -> DomainInfo:
     """The source's current description; it must exist, run or be paused, and hold no unclonable state."""
     try:
         info = await svc.virt.lookup(src)

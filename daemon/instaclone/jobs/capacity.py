@@ -22,7 +22,7 @@ blocks until their clones run):
 A shortfall raises :class:`~instaclone.errors.InsufficientCapacity` (507)
 or :class:`~instaclone.errors.HostBusy` (503) naming the resource, the need
 and what is free; the caller has made nothing yet. How many clones start at
-once is bounded elsewhere (``clone.max_starting``: ``Services.start_slots``).
+once is bounded elsewhere (``clone.max_starting``: ``JobContext.start_slots``).
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ from ..plugin_api import MemoryBackend, StorageBackend
 from ..store import Store
 from . import gc, maintenance, pipeline, recovery, templates
 from .admission import Admission
-from .guestexec import GuestFileReader, GuestProcess, GuestService
+from .context import JobContext, StepHook
+from .guestexec import GuestFileReader, GuestOps, GuestProcess
 from .ledger import CoreUndoer, Ledger, Undoer
 from .pools import PoolKeeper
-from .services import Services, StepHook
 
 #: How long a finished job's completion event is kept for waiters that race with it.
 DONE_KEEP_S = 60.0
@@ -41,13 +41,13 @@ PRUNE_EVERY_S = 3600.0
 class Engine:
     """Runs clone jobs; the API, the CLI's daemon and the tests drive it through these methods."""
 
-    def __init__(self, *, config: Config, journal: Store, virt: Hypervisor, storage: StorageBackend,
+    def __init__(self, *, config: Config, store: Store, virt: Hypervisor, storage: StorageBackend,
                  memory: MemoryBackend | list[MemoryBackend]) -> None:
         memories = memory if isinstance(memory, list) else [memory]
         undoers: dict[str, Undoer] = {CORE: CoreUndoer(virt, storage), storage.name: storage}
         undoers.update({m.name: m for m in memories})
-        self.svc = Services(config=config, store=journal, virt=virt, storage=storage, memories=memories,
-                            ledger=Ledger(journal, undoers, anchors=config.own_dirs))
+        self.svc = JobContext(config=config, store=store, virt=virt, storage=storage, memories=memories,
+                            ledger=Ledger(store, undoers, anchors=config.own_dirs))
         self._admission = Admission(self.svc)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
@@ -55,7 +55,7 @@ class Engine:
         self._waiting: dict[str, list[JobRecord]] = {}
         self._jobs: dict[str, JobRecord] = {}
         self._stuns = 0
-        self.guest = GuestService(self.svc)
+        self.guest = GuestOps(self.svc)
         self.pools = PoolKeeper(self.svc, submit=self.submit, destroy=self.destroy_clone, freeze=self.freeze)
         self._slots = asyncio.Semaphore(config.daemon.max_concurrent_jobs)
         self._running = 0
@@ -73,7 +73,7 @@ class Engine:
         self.svc.config = config
 
     @property
-    def journal(self) -> Store:
+    def store(self) -> Store:
         return self.svc.store
 
     @property
@@ -182,7 +182,7 @@ class Engine:
         """A file of clone ``name`` to read (size and sha256 known); raises GuestFileNotFound, ..."""
         return await self.guest.get(name, path=path)
 
-    async def run_services(self) -> None:
+    async def run_background(self) -> None:
         """The engine's background work: the pool keeper, the TTL reaper, journal pruning, the
         periodic collection (cancel to stop)."""
         async with asyncio.TaskGroup() as tg:
@@ -191,7 +191,7 @@ class Engine:
             tg.create_task(self._prune_loop(), name="journal-prune")
             tg.create_task(self._collect_garbage(), name="gc")
 
-    async def prune_journal(self) -> dict[str, int]:
+    async def prune_finished(self) -> dict[str, int]:
         """Prune what finished more than ``journal.retention_days`` ago (see ``store.retention``); {} if 0."""
         days = self.svc.config.journal.retention_days
         if days <= 0:
@@ -205,7 +205,7 @@ class Engine:
         """Prune at start, then every PRUNE_EVERY_S; never raises."""
         while True:
             try:
-                await self.prune_journal()
+                await self.prune_finished()
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -57,7 +57,7 @@ from ..errors import DomainNotFound, GcAborted, InstacloneError
 from ..hv import file_disks
 from ..model import Resource, ResourceKind, ResourceStatus
 from ..store.gc import RETAINED, retained_source
-from .services import Services
+from .context import JobContext
 
 #: The key of the lock one collection at a time holds (no domain name has a ':').
 GC_LOCK = ":gc"
@@ -135,14 +135,14 @@ class Report:
 
 # -- gathering ------------------------------------------------------------------------
 
-def roots(svc: Services) -> dict[str, Path]:
+def roots(svc: JobContext) -> dict[str, Path]:
     """instaclone's own directories by what they hold."""
     c = svc.config
     return {"deltas": c.delta_dir, "clones": c.clones_dir, "frozen": c.daemon.state_dir / "frozen",
             "jobs": c.jobs_dir}
 
 
-def anchors(svc: Services) -> tuple[str, ...]:
+def anchors(svc: JobContext) -> tuple[str, ...]:
     return tuple(str(p) for p in svc.config.own_dirs)
 
 
@@ -199,7 +199,7 @@ def _stat_key(path: str, *, whole: bool) -> tuple[int, ...] | None:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) if whole else (st.st_dev, st.st_ino)
 
 
-async def file_chain(svc: Services, top: Path, fmt: str, *, running: bool = False) -> list[Path]:
+async def file_chain(svc: JobContext, top: Path, fmt: str, *, running: bool = False) -> list[Path]:
     """The chain whose top is ``top`` (of format ``fmt``, as its definition records) as the image files say,
     read again only if an image of it changed."""
     key = str(top)
@@ -220,7 +220,7 @@ async def file_chain(svc: Services, top: Path, fmt: str, *, running: bool = Fals
     return chain
 
 
-async def domain_paths(svc: Services, name: str) -> set[str]:
+async def domain_paths(svc: JobContext, name: str) -> set[str]:
     """Every path domain ``name`` uses: its images' chains and what its definitions name; DomainNotFound."""
     out: set[str] = set()
     info = await svc.virt.lookup(name)
@@ -236,7 +236,7 @@ async def domain_paths(svc: Services, name: str) -> set[str]:
     return out
 
 
-async def reachable(svc: Services) -> set[str]:
+async def reachable(svc: JobContext) -> set[str]:
     """Every path any domain's disk chains or definitions name; GcAborted if one cannot be read."""
     out: set[str] = set()
     for name in await svc.virt.list_names():
@@ -256,7 +256,7 @@ async def reachable(svc: Services) -> set[str]:
 Scope = Callable[[Resource], bool]
 
 
-async def gather(svc: Services, scope: Scope | None = None) -> Facts:
+async def gather(svc: JobContext, scope: Scope | None = None) -> Facts:
     """The made files (in ``scope``), then what the ledger and registries protect, then what the domains use."""
     made: dict[str, list[Resource]] = {}
     own = anchors(svc)
@@ -300,7 +300,7 @@ def _sizes(paths: list[str], own: tuple[str, ...]) -> dict[str, int | safefs.Rem
 
 # -- collecting ------------------------------------------------------------------------
 
-async def collect(svc: Services, *, dry_run: bool = False, scope: Scope | None = None) -> Report:
+async def collect(svc: JobContext, *, dry_run: bool = False, scope: Scope | None = None) -> Report:
     """Delete (or, ``dry_run``, list) every unused file instaclone made (those in ``scope``: all by default).
 
     Raises GcAborted (nothing deleted) if a domain's chains cannot be read.
@@ -311,7 +311,7 @@ async def collect(svc: Services, *, dry_run: bool = False, scope: Scope | None =
         return await _collect(svc, dry_run=dry_run, scope=scope)
 
 
-async def collect_released(svc: Services, scope: Scope) -> Report | None:
+async def collect_released(svc: JobContext, scope: Scope) -> Report | None:
     """What a destroy released (``scope``), collected together with the scopes of destroys waiting meanwhile.
 
     Destroys of many clones at once (a pool torn down) wait for one another's
@@ -328,7 +328,7 @@ async def collect_released(svc: Services, scope: Scope) -> Report | None:
         return await _collect(svc, dry_run=False, scope=lambda res: any(s(res) for s in batch))
 
 
-async def _collect(svc: Services, *, dry_run: bool, scope: Scope | None) -> Report:
+async def _collect(svc: JobContext, *, dry_run: bool, scope: Scope | None) -> Report:
     """:func:`collect`; the caller holds the collection lock."""
     t0 = time.monotonic()
     facts = await gather(svc, scope)
@@ -349,7 +349,7 @@ async def _collect(svc: Services, *, dry_run: bool, scope: Scope | None) -> Repo
     return report
 
 
-async def _delete(svc: Services, facts: Facts, doomed: Mapping[str, int], report: Report) -> None:
+async def _delete(svc: JobContext, facts: Facts, doomed: Mapping[str, int], report: Report) -> None:
     """Remove each doomed path that still holds the inode it was made with; deepest first."""
     own = anchors(svc)
     for path in depth_first(doomed):
@@ -379,7 +379,7 @@ async def _delete(svc: Services, facts: Facts, doomed: Mapping[str, int], report
         svc.log.warning("gc.kept", path=path, reason=outcome.value)
 
 
-async def _retained(svc: Services, facts: Facts, removed: Mapping[str, int], report: Report) -> None:
+async def _retained(svc: JobContext, facts: Facts, removed: Mapping[str, int], report: Report) -> None:
     """Release the retained ids of destroyed clones whose directory went; report those still used."""
     seen: set[str] = set()
     for res in facts.retained:
@@ -401,7 +401,7 @@ async def _retained(svc: Services, facts: Facts, removed: Mapping[str, int], rep
 
 # -- disk use per source ------------------------------------------------------------------
 
-async def disk_usage(svc: Services) -> dict[str, Any]:
+async def disk_usage(svc: JobContext) -> dict[str, Any]:
     """Bytes allocated under instaclone's directories, per source: its deltas, its clones' (and frozen) files.
 
     A destroyed clone's kept directory counts for its source as ``retained``.
@@ -456,7 +456,7 @@ def _owner(path: str, r: Mapping[str, str], by_dir: Mapping[str, str], kept: Map
 class GarbageCollector:
     """What the API calls (``api.protocol.GcView``): one per engine."""
 
-    def __init__(self, svc: Services) -> None:
+    def __init__(self, svc: JobContext) -> None:
         self.svc = svc
 
     async def collect(self, *, dry_run: bool) -> dict[str, Any]:

@@ -36,17 +36,17 @@ from ..errors import (
     ChecksumMismatch,
     DomainNotFound,
     DomainReplaced,
+    DomainStateInvalid,
     ExecTimeout,
     GuestFileError,
     GuestFileNotFound,
     InstacloneError,
+    LibvirtError,
     NotFound,
-    VirtError,
-    VirtStateError,
 )
 from ..hv import Hypervisor, guestfiles as gf
+from .context import JobContext
 from .customize import AGENT_CHANNEL, has_agent
-from .services import Services
 
 #: Where the exec's output and input files live in the guest (made 0700 on first use).
 EXEC_DIR = "/run/instaclone"
@@ -223,7 +223,7 @@ class GuestFileReader:
         while True:
             try:
                 data, eof = await gf.file_read(self.virt, self.name, self._handle)
-            except VirtError as exc:
+            except LibvirtError as exc:
                 raise GuestFileError(f"reading {self.path} in clone {self.name!r} failed: {exc.message}") from None
             if data:
                 self.sent += len(data)
@@ -254,17 +254,17 @@ async def _rechunk(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[byt
         yield bytes(buf)
 
 
-def _file_error(exc: VirtError, name: str, what: str, path: str) -> InstacloneError:
+def _file_error(exc: LibvirtError, name: str, what: str, path: str) -> InstacloneError:
     """A guest's file error as ours: GuestFileNotFound for a missing file or directory."""
     if gf.guest_errno(exc) in ("ENOENT", "ENOTDIR"):
         return GuestFileNotFound(f"{what} {path} does not exist in clone {name!r}")
     return GuestFileError(f"{path} in clone {name!r}: {exc.message}")
 
 
-class GuestService:
+class GuestOps:
     """exec, put and get inside clones instaclone made (never in a source or another domain)."""
 
-    def __init__(self, svc: Services) -> None:
+    def __init__(self, svc: JobContext) -> None:
         self.svc = svc
 
     @property
@@ -275,7 +275,7 @@ class GuestService:
         """Return if ``name`` is a running clone of ours whose guest agent answers.
 
         NotFound (not one of our clones, or its domain is gone), DomainReplaced (its name
-        belongs to another domain now: checked by the UUID recorded for it), VirtStateError
+        belongs to another domain now: checked by the UUID recorded for it), DomainStateInvalid
         (domain_state_invalid: not running), AgentUnavailable (no agent channel, or no answer).
         """
         clone = await self.svc.store.get_clone(name)
@@ -290,7 +290,7 @@ class GuestService:
         except DomainNotFound:
             raise NotFound(f"clone {name!r} has no domain any more (destroy it to forget it)") from None
         if info.state != "running":
-            raise VirtStateError(f"clone {name!r} is {info.state}, not running: commands and files need "
+            raise DomainStateInvalid(f"clone {name!r} is {info.state}, not running: commands and files need "
                                  f"its guest running")
         if not has_agent(info.xml):
             raise AgentUnavailable(
@@ -308,7 +308,7 @@ class GuestService:
         """guest-file-open of a file in EXEC_DIR, making the directory (0700) the first time."""
         try:
             return await gf.file_open(self.virt, name, path, mode)
-        except VirtError as exc:
+        except LibvirtError as exc:
             if gf.guest_errno(exc) != "ENOENT":
                 raise GuestFileError(f"cannot create {path} in clone {name!r}: {exc.message}") from None
         rc, out = await self.virt.agent_exec(name, ["mkdir", "-p", "-m", "0700", EXEC_DIR])
@@ -316,7 +316,7 @@ class GuestService:
             raise GuestFileError(f"cannot make {EXEC_DIR} in clone {name!r}: {out.strip()}")
         try:
             return await gf.file_open(self.virt, name, path, mode)
-        except VirtError as exc:
+        except LibvirtError as exc:
             raise GuestFileError(f"cannot create {path} in clone {name!r}: {exc.message}") from None
 
     async def _remove(self, name: str, paths: list[str]) -> None:
@@ -352,7 +352,7 @@ class GuestService:
             pid = await gf.exec_start(self.virt, name, ["/bin/sh", "-c", _WRAPPER, "sh", base,
                                                         "1" if stdin else "0", *argv], env=env_list)
             started = True
-        except VirtError as exc:
+        except LibvirtError as exc:
             raise GuestFileError(f"cannot start {argv[0]!r} in clone {name!r}: {exc.message}") from None
         finally:
             if not started:
@@ -377,7 +377,7 @@ class GuestService:
         tmp = posixpath.join(directory, f".{base}.instaclone-{secrets.token_hex(6)}")
         try:
             h = await gf.file_open(self.virt, name, tmp, "w")
-        except VirtError as exc:
+        except LibvirtError as exc:
             raise _file_error(exc, name, "directory", directory) from None
         digest = hashlib.sha256()
         size = 0
@@ -399,7 +399,7 @@ class GuestService:
             placed = True  # the script removes the temp file whatever happens
             rc, out = await self.virt.agent_exec(name, ["/bin/sh", "-c", _PLACE, "sh", tmp, got, mode, path],
                                                  timeout_s=60 + size / (1 << 20) * SUM_S_PER_MIB)
-        except VirtError as exc:
+        except LibvirtError as exc:
             raise GuestFileError(f"writing {path} in clone {name!r} failed: {exc.message}") from None
         finally:
             if not closed:
@@ -422,7 +422,7 @@ class GuestService:
         await self.reachable(name)
         try:
             h = await gf.file_open(self.virt, name, path, "r")
-        except VirtError as exc:
+        except LibvirtError as exc:
             raise _file_error(exc, name, "file", path) from None
         try:
             size = await gf.file_seek(self.virt, name, h, 0, "end")
@@ -434,7 +434,7 @@ class GuestService:
                 raise GuestFileError(f"cannot read {path} in clone {name!r}: {out.strip()}")
         except BaseException as exc:
             await _close_quietly(self.virt, name, h)
-            if isinstance(exc, VirtError):
+            if isinstance(exc, LibvirtError):
                 raise GuestFileError(f"cannot read {path} in clone {name!r}: {exc.message}") from None
             raise
         return GuestFileReader(self.virt, name, path, h, size, sha)

@@ -12,11 +12,11 @@ from ..model import CloneRecord, JobRecord, Resource, ResourceKind
 from ..states import State
 from ..store.gc import retained_id
 from . import gc, templates
+from .context import JobContext
 from .pipeline import STUN_LEDGER_PREFIX
-from .services import Services
 
 
-async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") -> CloneRecord:
+async def destroy_clone(svc: JobContext, name: str, *, reason: str = "destroyed") -> CloneRecord:
     """Power off and remove a clone made by instaclone; then collect what it released (nothing else).
 
     What it released: the files instaclone made for it (its directory), its
@@ -80,7 +80,7 @@ async def destroy_clone(svc: Services, name: str, *, reason: str = "destroyed") 
     return rec
 
 
-async def _released_chain(svc: Services, name: str, uuid: str) -> set[str]:
+async def _released_chain(svc: JobContext, name: str, uuid: str) -> set[str]:
     """Every path the clone's chains and definition name, read before it is undefined.
 
     None if it is gone, or if its name now belongs to another domain (whose
@@ -97,7 +97,7 @@ async def _released_chain(svc: Services, name: str, uuid: str) -> set[str]:
     return {gc.norm(p) for p in paths}
 
 
-async def consolidate(svc: Services, jobs: list[JobRecord]) -> None:
+async def consolidate(svc: JobContext, jobs: list[JobRecord]) -> None:
     """Shorten backing chains longer than ``clone.max_chain_depth`` after successful jobs of one source.
 
     The source (once for the jobs of one stun) and each job's clones. Only a
@@ -127,7 +127,7 @@ async def consolidate(svc: Services, jobs: list[JobRecord]) -> None:
                             job_id=job_id)
 
 
-async def _consolidate_one(svc: Services, name: str) -> None:
+async def _consolidate_one(svc: JobContext, name: str) -> None:
     limit = svc.config.clone.max_chain_depth
     info = await svc.virt.lookup(name)
     if info.state != "running":

@@ -32,8 +32,8 @@ from ..plugin_api import CloneTarget, MemoryBackend, Recorder, StunContext
 from ..states import State
 from . import customize, gc, start
 from .admission import active_source
+from .context import JobContext
 from .files import copy_private, give, make_dir, owner_of, read_json, remove_path
-from .services import Services
 
 #: Ledger ids of what the jobs of one stun share start with this.
 STUN_LEDGER_PREFIX = "stun-"
@@ -73,7 +73,7 @@ class Run:
 
     @property
     def context(self) -> StunContext:
-        assert self.ctx is not None, "prepare() runs first"
+        assert self.ctx is not None, "set_up_run() runs first"
         return self.ctx
 
     @property
@@ -85,8 +85,8 @@ class Run:
         return [m.job.id for m in self.members]
 
 
-SharedAction = Callable[[Services, Run], Awaitable[None]]
-MemberAction = Callable[[Services, Run, Member], Awaitable[None]]
+SharedAction = Callable[[JobContext, Run], Awaitable[None]]
+MemberAction = Callable[[JobContext, Run, Member], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Step:
     applies: Callable[[Run], bool] = lambda run: True  # False: the state is skipped (a frozen source)
 
 
-def new_run(svc: Services, jobs: list[JobRecord], *,
+def new_run(svc: JobContext, jobs: list[JobRecord], *,
             on_done: Callable[[str], None] | None = None) -> Run:
     """The run of ``jobs`` (one source, one memory backend), led by the first."""
     run_id = STUN_LEDGER_PREFIX + jobs[0].id
@@ -115,7 +115,7 @@ def new_run(svc: Services, jobs: list[JobRecord], *,
 
 # -- the steps ----------------------------------------------------------------------------
 
-async def stun(svc: Services, run: Run) -> None:
+async def stun(svc: JobContext, run: Run) -> None:
     """Stunned: the memory backend stops the source (recorded first: a failed stop is resumed too).
 
     A pre-copying backend copies RAM while the source runs and stops it at
@@ -128,7 +128,7 @@ async def stun(svc: Services, run: Run) -> None:
     svc.gate.hold(run.id)
 
 
-async def end_stun(svc: Services, run: Run) -> None:
+async def end_stun(svc: JobContext, run: Run) -> None:
     """The source runs again: the stun's length is known and its ledger record done."""
     if not run.stunned:
         return
@@ -138,7 +138,7 @@ async def end_stun(svc: Services, run: Run) -> None:
     svc.gate.let_go(run.id)
 
 
-async def source_delta(svc: Services, run: Run) -> None:
+async def source_delta(svc: JobContext, run: Run) -> None:
     """SourceDeltaCreated: the source's writes go to new deltas from now on."""
     ctx = run.context
     if ctx.frozen:
@@ -152,7 +152,7 @@ async def source_delta(svc: Services, run: Run) -> None:
         await end_stun(svc, run)
 
 
-async def clone_deltas(svc: Services, run: Run, member: Member) -> None:
+async def clone_deltas(svc: JobContext, run: Run, member: Member) -> None:
     """CloneDeltaCreated: each clone's directory, empty deltas over the tops, its own NVRAM copy."""
     ctx, job = run.context, member.job
     # The directory stays root's: QEMU only passes through it (0710, its
@@ -208,7 +208,7 @@ async def _per_clone(run: Run, clones: list[CloneTarget], action: Callable[[Clon
         raise errors[0]
 
 
-async def link_memory(svc: Services, run: Run) -> None:
+async def link_memory(svc: JobContext, run: Run) -> None:
     """MemoryLinked: the source's memory and device state at stun (a frozen source's, made at freeze)."""
     ctx = run.context
     if ctx.frozen:
@@ -220,7 +220,7 @@ async def link_memory(svc: Services, run: Run) -> None:
     ctx.memory = await run.memory.capture(ctx=ctx, record=record)
 
 
-async def define_clones(svc: Services, run: Run, member: Member) -> None:
+async def define_clones(svc: JobContext, run: Run, member: Member) -> None:
     """Configured: each clone's own domain definition (new name, UUID, MACs, paths)."""
     ctx, job = run.context, member.job
     nics = domxml.count_interfaces(ctx.source.xml)
@@ -246,7 +246,7 @@ async def define_clones(svc: Services, run: Run, member: Member) -> None:
     await _per_clone(run, member.clones, one)
 
 
-async def unstun(svc: Services, run: Run) -> None:
+async def unstun(svc: JobContext, run: Run) -> None:
     """The source goes on (the clones start afterwards, in ``start_phase``)."""
     ctx = run.context
     if not ctx.frozen:
@@ -269,7 +269,7 @@ PIPELINE: tuple[Step, ...] = (
 
 # -- the runner ---------------------------------------------------------------------------
 
-async def prepare(svc: Services, run: Run) -> None:
+async def set_up_run(svc: JobContext, run: Run) -> None:
     """Requested: look at the source again (it may have changed since admission), make the stun's directory."""
     info = await active_source(svc, run.source)
     for m in run.members:
@@ -312,12 +312,12 @@ class _NoJobLeft(Exception):
     """Every job of the stun failed on its own: what they shared is rolled back."""
 
 
-async def _hooks(svc: Services, run: Run, step: str) -> None:
+async def _hooks(svc: JobContext, run: Run, step: str) -> None:
     for m in run.alive:
         await svc.hook(m.job.id, step)
 
 
-async def run_step(svc: Services, run: Run, step: Step) -> None:
+async def run_step(svc: JobContext, run: Run, step: Step) -> None:
     """The step's action under the per-step timeout, then its state transition (one event per job)."""
     run.step = step.state.value
     await _hooks(svc, run, run.step)
@@ -345,7 +345,7 @@ async def run_step(svc: Services, run: Run, step: Step) -> None:
 
 
 @asynccontextmanager
-async def stun_deadline(svc: Services, run: Run) -> AsyncIterator[asyncio.Timeout]:
+async def stun_deadline(svc: JobContext, run: Run) -> AsyncIterator[asyncio.Timeout]:
     """Abort the steps inside if the source stays stunned past ``clone.stun_deadline_ms`` from its stop.
 
     The caller lifts the deadline (``reschedule(None)``) once the source runs again.
@@ -364,7 +364,7 @@ async def stun_deadline(svc: Services, run: Run) -> AsyncIterator[asyncio.Timeou
         raise
 
 
-async def stun_phase(svc: Services, run: Run) -> bool:
+async def stun_phase(svc: JobContext, run: Run) -> bool:
     """Requested to Configured, then the source runs again; the caller holds the source's lock.
 
     Returns False if no job is left to start (each failed and was rolled
@@ -372,7 +372,7 @@ async def stun_phase(svc: Services, run: Run) -> bool:
     """
     try:
         await _hooks(svc, run, State.REQUESTED.value)
-        await prepare(svc, run)
+        await set_up_run(svc, run)
         steps = [s for s in PIPELINE if s.applies(run)]
         for step in [s for s in steps if not s.deadline]:
             await run_step(svc, run, step)
@@ -398,7 +398,7 @@ async def stun_phase(svc: Services, run: Run) -> bool:
     return True
 
 
-async def start_phase(svc: Services, run: Run) -> None:
+async def start_phase(svc: JobContext, run: Run) -> None:
     """Unstunned: each job's clones start and are handed over; then what the jobs shared is let go."""
     ctx = run.context
     try:
@@ -415,7 +415,7 @@ async def start_phase(svc: Services, run: Run) -> None:
             raise
 
 
-async def start_member(svc: Services, run: Run, member: Member) -> None:
+async def start_member(svc: JobContext, run: Run, member: Member) -> None:
     """One job's clones start; a clone that fails is removed alone; the job ends Unstunned or Partial."""
     ctx, job = run.context, member.job
     try:
@@ -457,7 +457,7 @@ async def _shielded(aw: Awaitable[list[str]]) -> list[str]:
         return await fut
 
 
-async def fail_member(svc: Services, run: Run, member: Member, exc: BaseException) -> None:
+async def fail_member(svc: JobContext, run: Run, member: Member, exc: BaseException) -> None:
     """Roll back what only ``member`` created and end it Failed (or NeedsAttention)."""
     if member.done:
         return
@@ -473,7 +473,7 @@ async def fail_member(svc: Services, run: Run, member: Member, exc: BaseExceptio
         run.on_done(job.id)
 
 
-async def _roll_back_shared(svc: Services, run: Run, exc: BaseException | None) -> None:
+async def _roll_back_shared(svc: JobContext, run: Run, exc: BaseException | None) -> None:
     """A failure of what the jobs share: the source runs again first, then every job still alive fails.
 
     ``exc`` is None when each job had failed on its own already.

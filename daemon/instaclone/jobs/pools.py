@@ -42,7 +42,7 @@ from ..model import CloneRecord, JobRecord, PoolRecord
 from ..store.pools import RETIRING
 from . import guestscript
 from .admission import active_source, pick_memory, validate_bool, validate_guest_config, validate_ttl
-from .services import Services
+from .context import JobContext
 
 #: The largest pool.
 MAX_POOL_SIZE = 1000
@@ -81,7 +81,7 @@ class _PoolState:
 class PoolKeeper:
     """Keeps every pool at its size; hands out and takes back members; destroys expired clones."""
 
-    def __init__(self, svc: Services, *, submit: Submit, destroy: Destroy, freeze: Freeze) -> None:
+    def __init__(self, svc: JobContext, *, submit: Submit, destroy: Destroy, freeze: Freeze) -> None:
         self.svc = svc
         self._submit, self._destroy, self._freeze = submit, destroy, freeze
         self._wake = asyncio.Event()

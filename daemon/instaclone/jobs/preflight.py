@@ -6,7 +6,7 @@ of libvirt's memory backing directory) and says, per
 capability, whether the source has it and exactly what to change. Per-VM
 state (firmware, NVRAM, disks, host devices) is judged by
 :mod:`instaclone.hv.vmstate`, the code the clone itself refuses sources by.
-:func:`.prepare.prepare` makes the changes instaclone can make itself in a
+:func:`.prepare.prepare_definition` makes the changes instaclone can make itself in a
 persistent definition and lists those it will not make.
 
 Levels: ``error`` means a clone of the source with the default options is
@@ -410,7 +410,7 @@ def ram_filesystem(ram: hostfs.RamDir) -> Finding:
                    "the guest's RAM in use and with the host's disk load)", ram_fix(ram.path))
 
 
-#: Capabilities :func:`prepare` can give a definition: name -> test on a parsed domain.
+#: Capabilities :func:`.prepare.prepare_definition` can give a definition: name -> test on a parsed domain.
 PREPARABLE: dict[str, Callable[[ET.Element], bool]] = {
     "cow_memory": lambda r: has_shared_file_ram(r) and not has_numa(r),
     "mac_reset": has_acpi,

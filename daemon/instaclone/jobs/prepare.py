@@ -1,6 +1,6 @@
 """Prepare a persistent definition for instant clones, and show what changed. Pure: no I/O.
 
-:func:`prepare` adds what instaclone may add itself (shared file-backed RAM,
+:func:`prepare_definition` adds what instaclone may add itself (shared file-backed RAM,
 ACPI, a guest-agent channel, a VM generation ID) and lists what still stands
 in the way (from :func:`.preflight.check`'s findings); :func:`diff` and
 :func:`pending` tell the caller what changed and what waits for the next boot.
@@ -34,7 +34,7 @@ from .preflight import (
 
 @dataclass(frozen=True)
 class Preparation:
-    """What :func:`prepare` did to a definition."""
+    """What :func:`prepare_definition` did to a definition."""
 
     xml: str  # the new definition; the input itself when nothing changed
     changed: tuple[str, ...]  # one line per change made
@@ -56,7 +56,7 @@ def _insert_after(parent: ET.Element, el: ET.Element, after: Sequence[str]) -> N
         parent.insert(idx + 1, el)
 
 
-def prepare(xml: str) -> Preparation:
+def prepare_definition(xml: str) -> Preparation:
     """Add to the persistent definition ``xml`` what instant clones need and instaclone may add.
 
     Shared file-backed RAM (unless the guest has NUMA cells), ``<acpi/>``, a

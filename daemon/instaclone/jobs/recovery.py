@@ -12,11 +12,11 @@ from ..errors import Interrupted
 from ..model import FreezeStatus, JobRecord, ResourceKind
 from ..states import State
 from . import templates
+from .context import JobContext
 from .pipeline import STUN_LEDGER_PREFIX
-from .services import Services
 
 
-async def recover(svc: Services, dispatch: Callable[[JobRecord], None]) -> list[str]:
+async def recover(svc: JobContext, dispatch: Callable[[JobRecord], None]) -> list[str]:
     """Reconcile unfinished jobs after a restart; returns the ids handled.
 
     Jobs still in Requested with nothing created run again (roll forward);
@@ -62,7 +62,7 @@ async def recover(svc: Services, dispatch: Callable[[JobRecord], None]) -> list[
     return handled
 
 
-async def _stun_source(svc: Services, stun_id: str) -> str | None:
+async def _stun_source(svc: JobContext, stun_id: str) -> str | None:
     """The source of a stun's ledger: its first job's (the stun's id names that job)."""
     job = await svc.store.get_job(stun_id.removeprefix(STUN_LEDGER_PREFIX))
     return job.source if job is not None else None

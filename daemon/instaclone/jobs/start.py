@@ -19,8 +19,8 @@ from ..hv import domxml
 from ..model import CloneRecord, JobRecord
 from ..plugin_api import CloneTarget, MemoryBackend, StunContext
 from . import customize
+from .context import JobContext
 from .customize import validate_script
-from .services import Services
 
 #: A stun longer than this sets the source's clock from the host's afterwards.
 SOURCE_CLOCK_AFTER_STUN_MS = 1000.0
@@ -42,7 +42,7 @@ class _Laps:
 class _Starter:
     """What every clone of one job is started with."""
 
-    def __init__(self, svc: Services, job: JobRecord, ctx: StunContext, memory: MemoryBackend,
+    def __init__(self, svc: JobContext, job: JobRecord, ctx: StunContext, memory: MemoryBackend,
                  script: str | None) -> None:
         self.svc, self.job, self.ctx, self.memory, self.script = svc, job, ctx, memory, script
         self.keep_network = job.spec.keep_network
@@ -114,7 +114,7 @@ class _Starter:
             lap("script")
 
 
-async def start_clones(svc: Services, job: JobRecord, ctx: StunContext, memory: MemoryBackend,
+async def start_clones(svc: JobContext, job: JobRecord, ctx: StunContext, memory: MemoryBackend,
                        clones: list[CloneTarget]) -> dict[str, Exception]:
     """Start ``clones`` a few at a time; returns the error of each clone that failed (by name).
 
@@ -132,7 +132,7 @@ async def start_clones(svc: Services, job: JobRecord, ctx: StunContext, memory: 
     return {c.name: r for c, r in zip(clones, results, strict=True) if isinstance(r, Exception)}
 
 
-def configured_script(svc: Services) -> str | None:
+def configured_script(svc: JobContext) -> str | None:
     """The configured ``clone.customize_script``, read now (it may change between jobs)."""
     path = svc.config.clone.customize_script
     if not path:
@@ -143,7 +143,7 @@ def configured_script(svc: Services) -> str | None:
         raise customize.CustomizationFailed(f"clone.customize_script {path}: {exc}") from None
 
 
-async def source_clock_after_stun(svc: Services, source: str, ctx: StunContext,
+async def source_clock_after_stun(svc: JobContext, source: str, ctx: StunContext,
                                   stun_ms: float | None) -> dict[str, Any] | None:
     """After a long stun the source's clock is behind by as much: set it from the host's."""
     if stun_ms is None or stun_ms <= SOURCE_CLOCK_AFTER_STUN_MS or not customize.has_agent(ctx.source.xml):
@@ -151,7 +151,7 @@ async def source_clock_after_stun(svc: Services, source: str, ctx: StunContext,
     return await customize.set_clock(svc.virt, source)
 
 
-async def result(svc: Services, memory: MemoryBackend, ctx: StunContext, clones: list[CloneTarget],
+async def result(svc: JobContext, memory: MemoryBackend, ctx: StunContext, clones: list[CloneTarget],
                  stun_ms: float | None) -> dict[str, Any]:
     """The job's result: each clone as it runs now, and how the source was cloned."""
     out = []
@@ -179,7 +179,7 @@ async def result(svc: Services, memory: MemoryBackend, ctx: StunContext, clones:
     }
 
 
-async def hand_over(svc: Services, job: JobRecord, clones: list[CloneTarget]) -> None:
+async def hand_over(svc: JobContext, job: JobRecord, clones: list[CloneTarget]) -> None:
     """Register the clones; the job's ledger records become theirs in the same transaction."""
     now = time.time()
     expires = now + job.spec.ttl_s if job.spec.ttl_s is not None else None

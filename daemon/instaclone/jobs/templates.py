@@ -21,8 +21,8 @@ from ..model import CORE, FrozenSource, ResourceKind
 from ..plugin_api import StunContext
 from . import customize
 from .admission import active_source, pick_memory
+from .context import JobContext
 from .files import copy_private, make_dir, remove_path, write_json
-from .services import Services
 
 
 def ledger_id(source: str) -> str:
@@ -30,7 +30,7 @@ def ledger_id(source: str) -> str:
     return f"frozen-{source}"
 
 
-async def freeze(svc: Services, name: object) -> dict[str, Any]:
+async def freeze(svc: JobContext, name: object) -> dict[str, Any]:
     """Pause ``name`` as a template and capture its memory image once; it stays paused until unfreeze."""
     src = identity.validate_name(name, what="source name")
     async with svc.lock(src):
@@ -71,7 +71,7 @@ async def freeze(svc: Services, name: object) -> dict[str, Any]:
     return {**entry.to_dict(), "freeze_ms": ms}
 
 
-async def roll_back_freeze(svc: Services, src: str) -> None:
+async def roll_back_freeze(svc: JobContext, src: str) -> None:
     """Undo a freeze that did not complete (live, or found by recovery): resume, remove, forget."""
     leftovers = await svc.ledger.rollback(ledger_id(src), source=src)
     for left in leftovers:
@@ -87,7 +87,7 @@ async def roll_back_freeze(svc: Services, src: str) -> None:
     await svc.store.remove_frozen(src)
 
 
-async def unfreeze(svc: Services, name: object) -> dict[str, Any]:
+async def unfreeze(svc: JobContext, name: object) -> dict[str, Any]:
     """Let a frozen source run again; its clones are not affected."""
     src = identity.validate_name(name, what="source name")
     async with svc.lock(src):
@@ -119,7 +119,7 @@ async def unfreeze(svc: Services, name: object) -> dict[str, Any]:
     return {**entry.to_dict(), "clock": clock}
 
 
-async def _drop(svc: Services, entry: FrozenSource) -> None:
+async def _drop(svc: JobContext, entry: FrozenSource) -> None:
     """The frozen image and directory go (through the memory backend); the registry row last."""
     if entry.image is not None:
         await svc.memory_named(entry.backend).release(image=entry.image)

@@ -1,4 +1,4 @@
-"""What the parts of the jobs layer share: the daemon's services, the source locks, the stun gate."""
+"""What the parts of the jobs layer share, one JobContext per engine: collaborators, source locks, stun gate."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class StunGate:
 
 
 @dataclass
-class Services:
+class JobContext:
     """The daemon's collaborators as the jobs layer sees them (one per engine)."""
 
     config: Config
