@@ -57,3 +57,15 @@ def test_readme_links_resolve() -> None:
 def test_readme_is_short() -> None:
     """The README says what instaclone is, the two commands, a tour and links; the rest is in docs/."""
     assert len((REPO / "README.md").read_bytes()) <= 12 * 1024
+
+
+def test_code_cites_only_pages_that_exist() -> None:
+    """A comment, docstring or script that names a page under docs/ names one the repository has."""
+    roots = ["daemon", "plugins", "tests", "scripts", "bench", "config", "systemd"]
+    files = [p for root in roots for p in (REPO / root).rglob("*") if p.is_file() and p.suffix in
+             (".py", ".sh", ".toml", ".md", ".yml", ".service", ".socket")]
+    files += [REPO / "pyproject.toml", REPO / "README.md", REPO / "mkdocs.yml"]
+    missing = sorted({f"{f.relative_to(REPO)}: {page}" for f in files
+                      for page in re.findall(r"\bdocs/[\w./-]+\.md\b", f.read_text(errors="replace"))
+                      if not (REPO / page).is_file()})
+    assert not missing, missing
