@@ -99,7 +99,7 @@ say "libvirtd answers on qemu:///system"
 # (size=100% is a limit, not a reservation). Mounting over the directory hides
 # the files of domains using it, so it is done only while no domain is active
 # (running or paused: a frozen source is paused and its RAM is in there) and
-# the directory holds no file. Not permanent: see the README for an fstab line
+# the directory holds no file. Not permanent: docs/operations/guest-ram.md has an fstab line
 # or a systemd mount unit. `instaclone check SRC` reports it (ram_filesystem).
 ram_fs=${INSTACLONE_RAM_FS:-tmpfs}
 case $ram_fs in tmpfs|hugetlbfs|disk) ;; *)

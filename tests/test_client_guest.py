@@ -96,7 +96,7 @@ class FakeGuestRoutes:
         elif argv[0] == "big":  # one line far longer than aiohttp's readline limit
             await line({"type": "stdout", "data": b64(b"x" * 3_000_000)})
             await line({"type": "exit", "exit_code": 0, "signal": None, "duration_ms": 1.0})
-        elif argv[0] == "sh":  # the README's CI example: "runs the tests", leaves their report
+        elif argv[0] == "sh":  # the CI example of docs/guide/client.md: "runs the tests", leaves their report
             self.files["/root/results.xml"] = b"<testsuite tests='2' failures='0'/>"
             await line({"type": "stdout", "data": b64(b"2 passed\n")})
             await line({"type": "exit", "exit_code": 0, "signal": None, "duration_ms": 5.0})

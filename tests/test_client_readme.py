@@ -1,4 +1,4 @@
-"""The README's "Python client library" examples, run as they are, against the API over the fake engine.
+"""The examples of the docs' "Python client library" page, run as they are, against the API over the fake engine.
 
 The exec/files routes come from tests/test_client_guest.py's fake (in front
 of the real app's routes), so the CI example runs end to end: claim, put,
@@ -28,9 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def examples() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Python client library", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+    text = (REPO / "docs" / "guide" / "client.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
 @asynccontextmanager
@@ -97,11 +96,11 @@ async def _lines_until(code: str, sock: Path, cwd: Path, pred: Any, settled: Any
         await proc.wait()
 
 
-def test_the_readme_has_an_example_per_use_case():
+def test_the_client_page_has_an_example_per_use_case():
     codes = examples()
     assert len(codes) == 4
     for code in codes:
-        compile(code, "README.md", "exec")
+        compile(code, "docs/guide/client.md", "exec")
     assert "c.clone(" in codes[0] and "since=" in codes[1] and 'c.claim("ci-pool"' in codes[2]
     assert "SyncClient" in codes[3]
 

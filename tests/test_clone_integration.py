@@ -192,7 +192,7 @@ async def test_cli_clone_count_and_errors(world):
     r = await asyncio.to_thread(run, "clones", "ls")
     assert r.returncode == 0 and "ic-pool-1" in r.stdout and "ic-pool-2" in r.stdout
 
-    # Inside a clone, as the README shows it: exec's output and exit status are the command's;
+    # Inside a clone, as docs/guide/exec.md shows it: exec's output and exit status are the command's;
     # cp both ways, checked.
     r = await asyncio.to_thread(run, "exec", "--env", "WHO=cli", "ic-pool-1", "--", "sh", "-c",
                                 'echo "out $WHO"; echo err >&2; exit 7')

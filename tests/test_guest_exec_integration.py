@@ -1,7 +1,7 @@
 """Integration: commands and files inside clones through their guest agent (busybox guest's ic-agent).
 
 Real libvirt + QEMU, the test guest of scripts/build-guest.sh, the daemon's
-API on its socket. Prints the figures the README quotes (exec latency of
+API on its socket. Prints the figures docs/guide/exec.md quotes (exec latency of
 ``true``, cp throughput both ways) with ``pytest -s``.
 """
 

@@ -368,4 +368,4 @@ async def test_access_by_peer_credentials(acl_api):
         assert status == 200
 
 
-# "Install as a service", as the README says: tests/test_install.py.
+# Installing as a service (docs/operations/install.md): tests/test_install.py.

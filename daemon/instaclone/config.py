@@ -158,8 +158,8 @@ class AdmissionConfig:
     # now (jobs accepted and not yet finished count with what they reserved).
     # Memory: MemAvailable must keep memory_reserve_mib after each clone's
     # private part: a saverestore clone's whole guest RAM, a filecow clone's
-    # filecow_private_fraction of it (measured 0.4-3.4 % at hand-over, README
-    # "Benchmark"; it grows with what the clone writes), plus clone_overhead_mib
+    # filecow_private_fraction of it (measured 0.4-3.4 % at hand-over,
+    # docs/design/benchmarks.md; it grows with what the clone writes), plus clone_overhead_mib
     # for QEMU itself (TCG translation cache: ~75-100 MiB private per busybox
     # clone, 160-390 MiB per Debian guest; KVM has none). A RAM image on a
     # memory filesystem (tmpfs memory_backing_dir) counts as memory too.

@@ -1,7 +1,7 @@
 """The records that cross layers: typed, and frozen where nothing may change them.
 
 Pure: no I/O. The store persists these, the jobs layer makes them, the API
-shows them (``to_dict``). See docs/architecture.md.
+shows them (``to_dict``). See docs/development/layers.md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Everything a storage or memory backend may import from instaclone (docs/architecture.md, "Adding a backend").
+"""Everything a storage or memory backend may import from instaclone (docs/design/backends.md).
 
 A storage backend makes delta disks; a memory backend links a clone's memory
 to its source's. Both are ABCs with async, keyword-only methods and class-level
 capability flags; both are found by name through the entry-point groups
 ``instaclone.storage`` and ``instaclone.memory`` (see ``instaclone.backends``).
 
-The undo contract (docs/architecture.md, "The ledger"): a backend records each
+The undo contract (docs/design/ledger.md): a backend records each
 resource with ``record(kind, ref)`` *before* it creates it, and removes what it
 recorded in :meth:`Backend.undo`, which both a live rollback and crash
 recovery call, in the same order. A backend never removes on its own what a

@@ -1,4 +1,4 @@
-"""Reading disk images with qemu-img without ever letting it guess a format (docs/security.md).
+"""Reading disk images with qemu-img without ever letting it guess a format (docs/operations/security.md).
 
 A guest owns every byte of a raw disk. Left to probe, ``qemu-img`` takes a
 qcow2 header the guest wrote there for the real thing: the root daemon then

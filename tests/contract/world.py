@@ -170,7 +170,7 @@ def compare(before: Snap, after: Snap, *, expect_state: str, expect_frozen: Any 
 
     ``expect_frozen``: "same" (the registry entry is unchanged) or None (no entry).
     New images on top of the source's chain are allowed: a source delta the
-    source writes to is the source's disk now (docs/architecture.md, SourceDeltaCreated);
+    source writes to is the source's disk now (docs/design/states.md, SourceDeltaCreated);
     an unfreeze tried twice gives it two.
     """
     bad: list[str] = []

@@ -1,4 +1,4 @@
-"""The control API (docs/architecture.md): app and middleware (:mod:`.app`), access by peer
+"""The control API (docs/guide/api.md): app and middleware (:mod:`.app`), access by peer
 credentials (:mod:`.access`), route declarations (:mod:`.routes`) with their typed inputs
 (:mod:`.models`) and answers (:mod:`.answers`), handlers by resource (:mod:`.jobs`,
 :mod:`.sources`, :mod:`.pools`, :mod:`.webhooks`, :mod:`.gc`, :mod:`.guest`), the event stream (:mod:`.stream`),

@@ -1,4 +1,4 @@
-"""The hypervisor layer (docs/architecture.md): the only code that talks to libvirt.
+"""The hypervisor layer (docs/development/layers.md): the only code that talks to libvirt.
 
 ``Hypervisor`` is the Protocol the rest of instaclone programs against;
 ``LibvirtHypervisor`` implements it. ``DomainInfo``, ``Disk``,

@@ -6,7 +6,7 @@ that wait for its lock when it comes free are coalesced into one stun (the
 first of them leads; the others' tasks wait for their own job to end), and
 once the source runs again the lock is let go while the clones start, so
 the next stun may begin. Stuns of different sources run concurrently, up to
-``daemon.max_concurrent_jobs`` at once. See docs/architecture.md.
+``daemon.max_concurrent_jobs`` at once. See docs/design/states.md.
 """
 
 from __future__ import annotations

@@ -381,7 +381,7 @@ def ram_fix(path: str) -> str:
     """The commands that put ``path`` (libvirt's memory_backing_dir) on a tmpfs."""
     return (f"with no domain running (virsh list --name is empty): mount -t tmpfs -o size=100%,mode=0755,"
             f"uid=$(id -u libvirt-qemu),gid=$(id -g libvirt-qemu) tmpfs {path} - scripts/setup.sh does this; "
-            "README 'Where guest RAM lives' makes it permanent (or set memory_backing_dir in "
+            "docs/operations/guest-ram.md makes it permanent (or set memory_backing_dir in "
             "/etc/libvirt/qemu.conf to a tmpfs or hugetlbfs mount and restart libvirtd)")
 
 

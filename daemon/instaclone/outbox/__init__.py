@@ -2,5 +2,5 @@
 
 The store writes events and their deliveries in the transaction of the change
 they describe; everything here only reads them or reacts to them, so nothing
-here can lose an event or slow a clone job (docs/architecture.md).
+here can lose an event or slow a clone job (docs/guide/events.md).
 """

@@ -1,9 +1,9 @@
 """The store: everything instaclone persists, in one SQLite database.
 
 Everything a job is about to create is written here *before* it is created
-(docs/architecture.md, "The ledger"), so that recovery after a crash can find and remove
+(docs/design/ledger.md), so that recovery after a crash can find and remove
 it; every change the outside world hears about writes its event in the same
-transaction (the outbox). Imports only the core (docs/architecture.md).
+transaction (the outbox). Imports only the core (docs/development/layers.md).
 
 Parts: :mod:`.schema` (tables, migrations), :mod:`.db` (the writer and reader
 threads), :mod:`.jobs`, :mod:`.ledger` (resource rows), :mod:`.clones`,

@@ -4,7 +4,7 @@ A row names what the resource is (its kind and ref), the clone it is for, and
 its owner: the backend, or ``core``, whose undo removes it. Rows belong to an
 owner id, a job's id or a frozen source's ledger id (``frozen-<name>``).
 Recovery after a crash finds what a dead run created here (a record is
-written before what it names is made: docs/architecture.md, "The ledger");
+written before what it names is made: docs/design/ledger.md);
 the jobs layer's ledger undoes it.
 """
 
