@@ -6,7 +6,7 @@
 #     exists (an existing one loses any permission for others);
 #   - the system group "instaclone" (members may drive the daemon);
 #   - the libvirt hook the filecow memory backend needs;
-#   - the man page instacloned(8) and the README (the units' Documentation=);
+#   - the man page instacloned(8), the README and the docs/ pages it links to (the units' Documentation=);
 #   - systemd/instacloned.{service,socket}, enabled and started.
 #
 #   scripts/install-service.sh [--no-packages] [--no-start]
@@ -99,9 +99,11 @@ else
     hook_changed=1
 fi
 
-say "man page $MAN_DIR/instacloned.8, README in $DOC_DIR"
+say "man page $MAN_DIR/instacloned.8, README and docs/ in $DOC_DIR"
 install -D -m 0644 "$repo/docs/man/instacloned.8" "$MAN_DIR/instacloned.8"
 install -D -m 0644 "$repo/README.md" "$DOC_DIR/README.md"
+# The README links into docs/: the pages go beside it, so the links resolve there too.
+(cd "$repo" && find docs -name '*.md' -exec install -D -m 0644 {} "$DOC_DIR/{}" \;)
 
 say "units in $UNIT_DIR"
 mkdir -p "$UNIT_DIR"

@@ -120,6 +120,13 @@ def test_every_documentation_uri_is_installed(install: Install, first: tuple[str
     assert seen >= 4
 
 
+def test_installed_readme_links_resolve(install: Install, first: tuple[str, list[str]]) -> None:
+    """The installed README's links into docs/ lead to installed pages."""
+    doc = install.root / "doc"
+    links = re.findall(r"\]\((docs/[^)#]+)", (doc / "README.md").read_text())
+    assert links and all((doc / link).is_file() for link in links), [x for x in links if not (doc / x).is_file()]
+
+
 def test_rerun_without_changes_restarts_nothing(install: Install, first: tuple[str, list[str]]) -> None:
     out, calls = install.run()
     assert "instacloned left running (code and units unchanged)" in out
