@@ -41,6 +41,7 @@ from instaclone import config as cfg
 from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.log import setup as log_setup
+from instaclone.requests import CloneRequest, FreezeRequest
 from tests.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
@@ -141,7 +142,7 @@ async def daemon_for(work: Path, memory: str, mode: str = "copy") -> Daemon:
 async def clone_once(d: Daemon, source: str, name: str, count: int = 1) -> tuple[dict[str, Any], float, list[Path]]:
     assert d.engine is not None
     t0 = time.monotonic()
-    job = await d.engine.submit(source=source, name=name, count=count)
+    job = await d.engine.submit(CloneRequest(source=source, name=name, count=count))
     await d.engine.wait(job.id, 900)
     rec = await d.store.get_job(job.id)
     assert rec is not None and rec.state.value == "Unstunned", (rec.state if rec else None, rec.error if rec else None)
@@ -180,7 +181,7 @@ async def run(sizes: list[int], pool: int) -> dict[str, Any]:
                 await b.fill(src)
                 if frozen:
                     assert d.engine is not None
-                    await d.engine.freeze(src)
+                    await d.engine.freeze(FreezeRequest(src))
                 job, ready_s, _ = await clone_once(d, src, f"bk-{label[:6]}-{mib}")
                 await asyncio.sleep(2)
                 cname = job["result"]["clones"][0]["name"]
@@ -190,7 +191,7 @@ async def run(sizes: list[int], pool: int) -> dict[str, Any]:
                 assert d.engine is not None
                 await d.engine.destroy_clone(cname)
                 if frozen:
-                    await d.engine.unfreeze(src)
+                    await d.engine.unfreeze(FreezeRequest(src))
                 await b.cleanup()
             results["sizes"][mib] = row
             print(json.dumps({mib: {k: {kk: vv for kk, vv in v.items() if kk != "durations_ms"}

@@ -55,6 +55,7 @@ from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor, Outcome
 from instaclone.jobs import gc
 from instaclone.log import setup as log_setup
+from instaclone.requests import CloneRequest
 from tests.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
@@ -105,7 +106,7 @@ class Bench:
 
     async def make(self, source: str, n: int) -> list[str]:
         self.n += 1
-        job = await self.d.engine.submit(source=source, name=f"d{self.n}x", count=n, customize=False)
+        job = await self.d.engine.submit(CloneRequest(source=source, name=f"d{self.n}x", count=n, customize=False))
         await self.d.engine.wait(job.id, self.args.job_timeout_s)
         rec = await self.d.store.get_job(job.id)
         assert rec is not None and rec.state.value == "Unstunned", rec

@@ -46,6 +46,7 @@ from instaclone import config as cfg
 from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.log import setup as log_setup
+from instaclone.requests import CloneRequest, FreezeRequest
 from tests.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
@@ -126,7 +127,7 @@ class Bench:
         t0 = time.time()
         ids = []
         for i in range(n):
-            job = await self.d.engine.submit(source=source, name=f"ser{i}")
+            job = await self.d.engine.submit(CloneRequest(source=source, name=f"ser{i}"))
             await self.d.engine.wait(job.id, self.args.job_timeout_s)
             ids.append(job.id)
         secs, stuns, states = await self.jobs_ready(ids, t0)
@@ -136,7 +137,8 @@ class Bench:
         await self.destroy_all()
         # All at once.
         t0 = time.time()
-        jobs = await asyncio.gather(*(self.d.engine.submit(source=source, name=f"co{i}") for i in range(n)))
+        jobs = await asyncio.gather(*(self.d.engine.submit(CloneRequest(source=source, name=f"co{i}"))
+                                      for i in range(n)))
         secs, stuns, states = await self.jobs_ready([j.id for j in jobs], t0)
         out["concurrent"] = {"all_ready_s": round(secs, 2), "stuns": len(stuns), "ok": states.count("Unstunned"),
                              "phases": self.phases}
@@ -189,7 +191,7 @@ class Bench:
                 await self.destroy_all()
             with contextlib.suppress(Exception):
                 for f in list((await self.d.store.frozen()).keys()):
-                    await self.d.engine.unfreeze(f)
+                    await self.d.engine.unfreeze(FreezeRequest(f))
             with contextlib.suppress(Exception):
                 await self.d.stop(0)
         for name in self.domains:
@@ -216,7 +218,7 @@ async def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
         results["coalescing"] = await b.coalescing(run_src)
         if args.only == "coalescing":
             return
-        await b.d.engine.freeze(frozen_src)
+        await b.d.engine.freeze(FreezeRequest(frozen_src))
         results["replenish_frozen"] = await b.fill("pf", frozen_src)
         emit({"phase": "replenish_frozen", **results["replenish_frozen"]})
         results["replenish_running"] = await b.fill("pr", run_src)

@@ -55,6 +55,7 @@ from instaclone.daemon import Daemon
 from instaclone.errors import ConfigError, InstacloneError
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.log import setup as log_setup
+from instaclone.requests import CloneRequest
 from tests.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
@@ -257,7 +258,7 @@ class Bench:
         watch = asyncio.ensure_future(first_counter())
         try:
             try:
-                rec = await d.engine.submit(source=source, name=name, customize=self.args.customize)
+                rec = await d.engine.submit(CloneRequest(source=source, name=name, customize=self.args.customize))
             except InstacloneError as exc:
                 job.error_code, job.error = exc.code, exc.message
                 return job

@@ -26,6 +26,7 @@ from instaclone.errors import LibvirtError, LibvirtTimeout, LibvirtUnavailable
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.jobs.engine import Engine
 from instaclone.plugin_api import CloneTarget, Recorder, StunContext
+from instaclone.requests import CloneRequest
 from instaclone.states import State
 from instaclone.store import Store
 from instaclone_plugins.saverestore import SaveRestoreMemory
@@ -94,7 +95,7 @@ async def chain_env(tmp_path: Path):
 
 
 async def _job(engine: Engine, store: Store, source: str, name: str):
-    job = await engine.submit(source=source, name=name, keep_network=True, customize=False)
+    job = await engine.submit(CloneRequest(source=source, name=name, keep_network=True, customize=False))
     await engine.wait(job.id, 10)
     return await store.get_job(job.id)
 

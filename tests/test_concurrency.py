@@ -20,6 +20,7 @@ import pytest
 from instaclone import config as cfg
 from instaclone.errors import LibvirtError
 from instaclone.jobs.engine import Engine
+from instaclone.requests import CloneRequest
 from instaclone.store import Store
 
 from .fakes import FakeHypervisor, RoomyHost, fake_engine
@@ -81,7 +82,7 @@ async def world(tmp_path: Path):
 
 
 async def submit_all(engine: Engine, requests: list[tuple[str, str]]) -> list[str]:
-    jobs = await asyncio.gather(*(engine.submit(source=s, name=n) for s, n in requests))
+    jobs = await asyncio.gather(*(engine.submit(CloneRequest(source=s, name=n)) for s, n in requests))
     await asyncio.gather(*(engine.wait(j.id, 120) for j in jobs))
     return [j.id for j in jobs]
 
@@ -112,7 +113,7 @@ async def test_fifty_concurrent_requests(world, sources: int):
 
 async def test_same_name_requested_concurrently_only_one_wins(world):
     engine, _virt, _journal = world
-    results = await asyncio.gather(*(engine.submit(source="s0", name="dup") for _ in range(20)),
+    results = await asyncio.gather(*(engine.submit(CloneRequest(source="s0", name="dup")) for _ in range(20)),
                                    return_exceptions=True)
     accepted = [r for r in results if not isinstance(r, BaseException)]
     refused = [r for r in results if isinstance(r, BaseException)]
@@ -123,7 +124,7 @@ async def test_same_name_requested_concurrently_only_one_wins(world):
 async def hold_first_stun(engine: Engine, virt: CountingHypervisor, source: str) -> tuple[str, asyncio.Event]:
     """Submit one job and keep its stun pending (at SourceDeltaCreated) until the event is set."""
     release = asyncio.Event()
-    first = await engine.submit(source=source, name="first")
+    first = await engine.submit(CloneRequest(source=source, name="first"))
 
     async def hook(job_id: str, step: str) -> None:
         if job_id == first.id and step == "SourceDeltaCreated":
@@ -143,7 +144,7 @@ async def test_hundred_requests_during_a_stun_share_one_stun(world):
     # budget is tested in tests/hostile/test_capacity.py, coalescing here.
     engine.svc.capacity.probe = RoomyHost()
     first, release = await hold_first_stun(engine, virt, "s0")
-    jobs = await asyncio.gather(*(engine.submit(source="s0", name=f"c{i}") for i in range(100)))
+    jobs = await asyncio.gather(*(engine.submit(CloneRequest(source="s0", name=f"c{i}")) for i in range(100)))
     release.set()
     await asyncio.gather(*(engine.wait(j.id, 120) for j in [*jobs]))
     await engine.wait(first, 60)
@@ -166,7 +167,7 @@ async def test_one_failing_request_never_fails_another(world):
     engine, virt, store = world
     virt.bad_define.add("c-bad")
     _first, release = await hold_first_stun(engine, virt, "s0")
-    jobs = [await engine.submit(source="s0", name=n) for n in ("c-a", "c-bad", "c-b")]
+    jobs = [await engine.submit(CloneRequest(source="s0", name=n)) for n in ("c-a", "c-bad", "c-b")]
     release.set()
     for j in jobs:
         await engine.wait(j.id, 60)
@@ -186,7 +187,7 @@ async def test_one_failing_request_never_fails_another(world):
 async def test_a_clone_that_fails_to_start_is_removed_alone(world, tmp_path: Path):
     engine, virt, store = world
     virt.bad_start.add("p-2")
-    job = await engine.submit(source="s0", name="p", count=3)
+    job = await engine.submit(CloneRequest(source="s0", name="p", count=3))
     await engine.wait(job.id, 60)
     done = await store.get_job(job.id)
     assert done is not None and done.state.value == "Partial"
@@ -202,7 +203,7 @@ async def test_a_clone_that_fails_to_start_is_removed_alone(world, tmp_path: Pat
 async def test_all_clones_failing_to_start_fail_the_job(world):
     engine, virt, store = world
     virt.bad_start.update({"q-1", "q-2"})
-    job = await engine.submit(source="s0", name="q", count=2)
+    job = await engine.submit(CloneRequest(source="s0", name="q", count=2))
     await engine.wait(job.id, 60)
     done = await store.get_job(job.id)
     assert done is not None and done.state.value == "Failed"
@@ -215,11 +216,11 @@ async def test_the_source_lock_is_let_go_while_clones_start(world):
     """The next stun of a source may run while the previous job's clones still start."""
     engine, virt, store = world
     virt.delay["start"] = 0.5  # a slow clone start
-    j1 = await engine.submit(source="s0", name="slow")
+    j1 = await engine.submit(CloneRequest(source="s0", name="slow"))
     while virt.stuns["s0"] == 0:
         await asyncio.sleep(0.005)
     await asyncio.sleep(0.1)  # j1's stun is over; its clone is starting
-    j2 = await engine.submit(source="s0", name="next")
+    j2 = await engine.submit(CloneRequest(source="s0", name="next"))
     while virt.stuns["s0"] < 2:
         await asyncio.sleep(0.005)
     first = await store.get_job(j1.id)

@@ -18,6 +18,7 @@ import pytest
 
 from instaclone.errors import InvalidRequest
 from instaclone.jobs import guestscript
+from instaclone.requests import MAX_SCRIPT_BYTES, CloneRequest, FreezeRequest
 from instaclone.states import State
 
 from .test_engine import AGENT, env, run_job  # noqa: F401  (fixture)
@@ -93,7 +94,7 @@ async def test_keep_ssh_host_keys_from_request_and_config(agent_env):
     argv, stdin = identity_calls(virt)["k1"]
     assert argv[-1] == "1" and b"\nKEY " not in stdin  # no keys made when they are kept
     with pytest.raises(InvalidRequest, match="keep_ssh_host_keys"):
-        await engine.submit(source="src", name="k2", keep_ssh_host_keys="yes")
+        await engine.submit(CloneRequest(source="src", name="k2", keep_ssh_host_keys="yes"))
 
 
 async def test_user_script_runs_after_the_reset_with_its_environment(agent_env):
@@ -108,11 +109,11 @@ async def test_user_script_runs_after_the_reset_with_its_environment(agent_env):
     assert order[0] is True  # the reset ran first
 
 
-@pytest.mark.parametrize("bad", ["", "   ", 5, "x" * (guestscript.MAX_SCRIPT_BYTES + 1), "a\x00b"])
+@pytest.mark.parametrize("bad", ["", "   ", 5, "x" * (MAX_SCRIPT_BYTES + 1), "a\x00b"])
 async def test_bad_scripts_are_refused(agent_env, bad):
     engine, *_ = agent_env
     with pytest.raises(InvalidRequest, match="script"):
-        await engine.submit(source="src", name="b1", script=bad)
+        await engine.submit(CloneRequest(source="src", name="b1", script=bad))
 
 
 async def test_a_failing_user_script_fails_the_clone(agent_env):
@@ -154,8 +155,8 @@ async def test_source_clock_is_set_after_a_long_stun_and_after_unfreeze(agent_en
     assert ("src", "guest-set-time") in virt.agent_log
     virt.delay.clear()
     virt.agent_log.clear()
-    await engine.freeze("src")
-    out = await engine.unfreeze("src")
+    await engine.freeze(FreezeRequest("src"))
+    out = await engine.unfreeze(FreezeRequest("src"))
     assert out["clock"] == {"set": True} and ("src", "guest-set-time") in virt.agent_log
 
 

@@ -24,6 +24,7 @@ from instaclone.errors import (
 )
 from instaclone.jobs.engine import Engine
 from instaclone.model import JobSpec, ResourceKind
+from instaclone.requests import CloneRequest, FreezeRequest
 from instaclone.states import HAPPY_PATH, State
 from instaclone.store import Store
 
@@ -42,7 +43,7 @@ async def env(tmp_path: Path):
 
 
 async def run_job(engine: Engine, store: Store, **kw):
-    job = await engine.submit(source=kw.pop("source", "src"), name=kw.pop("name", "c1"), **kw)
+    job = await engine.submit(CloneRequest(source=kw.pop("source", "src"), name=kw.pop("name", "c1"), **kw))
     await engine.wait(job.id, 10)
     return await store.get_job(job.id)
 
@@ -179,7 +180,7 @@ async def test_paused_source_is_used_frozen_and_stays_paused(env):
 async def test_bad_input_is_refused_before_anything_happens(env, kw, err):
     engine, virt, store, _ = env
     with pytest.raises(err):
-        await engine.submit(source=kw.pop("source", "src"), **kw)
+        await engine.submit(CloneRequest(source=kw.pop("source", "src"), **kw))
     assert await store.list_jobs() == []
     assert virt.calls == [] or all(m == "lookup" for m, _ in virt.calls)
 
@@ -188,22 +189,22 @@ async def test_shut_off_source_is_refused(env):
     engine, virt, _, _ = env
     virt.domains["src"].state = "shutoff"
     with pytest.raises(SourceNotCloneable):
-        await engine.submit(source="src", name="c1")
+        await engine.submit(CloneRequest(source="src", name="c1"))
 
 
 async def test_duplicate_names_across_jobs(env):
     engine, virt, _journal, _ = env
     virt.delay["save_state"] = 0.2
-    await engine.submit(source="src", name="dup")
+    await engine.submit(CloneRequest(source="src", name="dup"))
     with pytest.raises(NameInUse):
-        await engine.submit(source="src", name="dup")
+        await engine.submit(CloneRequest(source="src", name="dup"))
     await engine.shutdown(5)
 
 
 async def test_same_source_is_serialized(env):
     engine, virt, store, _ = env
     virt.delay["save_state"] = 0.05
-    jobs = [await engine.submit(source="src", name=f"s{i}") for i in range(5)]
+    jobs = [await engine.submit(CloneRequest(source="src", name=f"s{i}")) for i in range(5)]
     for j in jobs:
         await engine.wait(j.id, 10)
     states = [(await store.get_job(j.id)).state for j in jobs]
@@ -276,7 +277,7 @@ async def test_shutdown_mid_job_rolls_back_and_resumes(env):
     """SIGTERM path: in-flight jobs past the grace period are cancelled and rolled back."""
     engine, virt, store, c = env
     virt.delay["save_state"] = 5.0
-    job = await engine.submit(source="src", name="c1")
+    job = await engine.submit(CloneRequest(source="src", name="c1"))
     for _ in range(200):
         if virt.domains["src"].state == "paused":
             break
@@ -289,7 +290,7 @@ async def test_shutdown_mid_job_rolls_back_and_resumes(env):
     assert set(virt.domains) == {"src"}
     assert leftover_files(c) == []
     with pytest.raises(ShuttingDown, match="shutting down"):
-        await engine.submit(source="src", name="c2")
+        await engine.submit(CloneRequest(source="src", name="c2"))
 
 
 AGENT = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
@@ -322,7 +323,7 @@ async def test_customization_failure_fails_the_job_and_removes_the_clone(env):
 async def test_bad_guest_config_is_refused(env, config):
     engine, _, _journal, _ = env
     with pytest.raises(InvalidRequest, match="config"):
-        await engine.submit(source="src", name="c1", config=config)
+        await engine.submit(CloneRequest(source="src", name="c1", config=config))
 
 
 async def test_recovery_undoes_a_freeze_cut_short(env):
@@ -358,7 +359,7 @@ async def test_failed_freeze_capture_leaves_nothing(env):
     engine, virt, store, c = env
     virt.fail["save_state"] = LibvirtError("save broke")
     with pytest.raises(LibvirtError, match="save broke"):
-        await engine.freeze("src")
+        await engine.freeze(FreezeRequest("src"))
     assert virt.domains["src"].state == "running"
     assert await store.frozen() == {}
     assert not (c.daemon.state_dir / "frozen" / "src").exists()
@@ -367,13 +368,13 @@ async def test_failed_freeze_capture_leaves_nothing(env):
 
 async def test_freeze_clone_unfreeze_with_fakes(env):
     engine, virt, store, _ = env
-    entry = await engine.freeze("src")
+    entry = await engine.freeze(FreezeRequest("src"))
     assert entry["status"] == "frozen" and virt.domains["src"].state == "paused"
     job = await run_job(engine, store, name="f1")
     assert job.state is State.UNSTUNNED and State.STUNNED not in [e.state for e in job.history.entries]
     assert virt.domains["src"].state == "paused"
     snapshots_before = [m for m, n in virt.calls if m == "snapshot_disks"]
-    await engine.unfreeze("src")
+    await engine.unfreeze(FreezeRequest("src"))
     assert virt.domains["src"].state == "running"
     # the source got a new delta before it ran again (its clone is backed by the old top)
     assert len([m for m, n in virt.calls if m == "snapshot_disks"]) == len(snapshots_before) + 1
@@ -390,7 +391,7 @@ async def test_destroy_of_a_clone_with_clones_of_its_own_keeps_them_running(env)
     assert "parent" not in virt.domains and virt.domains["child"].state == "running"
     assert parent_disk.exists()  # the child's chain uses it
     with pytest.raises(NameInUse):  # its directory is kept: a new "parent" would make and remove it
-        await engine.submit(source="src", name="parent")
+        await engine.submit(CloneRequest(source="src", name="parent"))
     await engine.destroy_clone("child")
     assert not (c.clones_dir / "parent").exists() and not (c.clones_dir / "child").exists()
     assert (await run_job(engine, store, name="parent")).state is State.UNSTUNNED

@@ -26,6 +26,7 @@ from instaclone.errors import GcAborted, NameInUse, StorageError
 from instaclone.hv import file_disks
 from instaclone.jobs import gc
 from instaclone.model import ResourceKind
+from instaclone.requests import CloneRequest, FreezeRequest
 from instaclone.states import State
 from instaclone.store.gc import RETAINED
 
@@ -117,8 +118,8 @@ class Sequence:
     async def clone(self, k: int) -> None:
         sources = ["src", *await self.clones()]
         self.n += 1
-        job = await self.engine.submit(source=sources[k % len(sources)], name=f"c{self.n}",
-                                       count=1 + k % 2 if k % 5 == 0 else 1)
+        job = await self.engine.submit(CloneRequest(source=sources[k % len(sources)], name=f"c{self.n}",
+                                       count=1 + k % 2 if k % 5 == 0 else 1))
         await self.engine.wait(job.id, 20)
         rec = await self.store.get_job(job.id)
         assert rec is not None and rec.state is State.UNSTUNNED, rec
@@ -148,9 +149,9 @@ class Sequence:
 
     async def freeze(self, k: int) -> None:
         if "src" in await self.store.frozen():
-            await self.engine.unfreeze("src")
+            await self.engine.unfreeze(FreezeRequest("src"))
         else:
-            await self.engine.freeze("src")
+            await self.engine.freeze(FreezeRequest("src"))
 
     async def stray(self, k: int) -> None:
         """An image nothing uses and nobody recorded: another program's, or planted (never deleted)."""
@@ -203,7 +204,7 @@ class Sequence:
         for r in retained:
             assert any(gc.under(u, os.path.realpath(r.ref)) for u in used), f"{r.ref} kept for nothing"
             with pytest.raises(NameInUse):
-                await self.engine.submit(source="src", name=r.clone)
+                await self.engine.submit(CloneRequest(source="src", name=r.clone))
         for name in await self.clones():
             assert Path(self.c.clones_dir / name).is_dir()
 
@@ -252,7 +253,7 @@ async def env(tmp_path):
 
 
 async def _clone(engine, store, source, name):
-    job = await engine.submit(source=source, name=name)
+    job = await engine.submit(CloneRequest(source=source, name=name))
     await engine.wait(job.id, 10)
     assert (await store.get_job(job.id)).state is State.UNSTUNNED
 
@@ -292,7 +293,7 @@ async def test_gc_aborts_without_deleting_when_a_chain_cannot_be_read(env, monke
     await engine.destroy_clone("c1")
     assert "c1" not in virt.domains and (c.clones_dir / "c1").exists()
     with pytest.raises(NameInUse):
-        await engine.submit(source="src", name="c1")
+        await engine.submit(CloneRequest(source="src", name="c1"))
     monkeypatch.undo()
     report = await gc.collect(engine.svc)
     assert report.released == ["c1"] and not (c.clones_dir / "c1").exists()

@@ -19,6 +19,7 @@ from instaclone.api import make_app
 from instaclone.api.access import ACCESS, NOBODY, Caller
 from instaclone.errors import AgentUnavailable, LibvirtTimeout
 from instaclone.model import CloneRecord
+from instaclone.requests import ExecRequest, GetFileRequest
 
 from .fakes import FakeGuestAgent, FakeHypervisor, FakeProcess, fake_engine, fake_world
 
@@ -142,7 +143,7 @@ async def test_exec_timeout_kills_and_cleans_up(tmp_path):
 async def test_caller_going_away_kills_the_command(tmp_path):
     async with world(tmp_path) as (_s, virt, guest, engine):
         guest.programs["sleep"] = sleeper
-        proc = await engine.guest_exec("c1", argv=["sleep"], timeout_s=60)
+        proc = await engine.guest_exec(ExecRequest("c1", argv=["sleep"], timeout_s=60))
         events = proc.events()
         assert (await anext(events))["type"] == "started"
         await events.aclose()
@@ -225,7 +226,7 @@ async def test_no_agent_channel(tmp_path):
         assert status == 409 and lines[0]["error"]["code"] == "agent_unavailable"
         assert "org.qemu.guest_agent.0" in lines[0]["error"]["message"]
         with pytest.raises(AgentUnavailable):
-            await engine.open_guest_file("c1", path="/etc/x")
+            await engine.open_guest_file(GetFileRequest("c1", path="/etc/x"))
 
 
 async def test_all_three_need_write_access(tmp_path):

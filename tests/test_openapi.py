@@ -413,7 +413,7 @@ async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path
 def test_the_script_pattern_is_the_engine_rule(script: str, ok: bool) -> None:
     """The document's script rule is validate_script's: not only (Python's) white space, no NUL."""
     from instaclone.errors import InvalidRequest
-    from instaclone.jobs.customize import validate_script
+    from instaclone.requests import validate_script
 
     doc = document(ROUTES, Config())
     schema = {"$ref": "#/components/schemas/CreateJob"}

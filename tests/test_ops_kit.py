@@ -32,6 +32,7 @@ from instaclone import config as cfg, events
 from instaclone.outbox.bus import EventBus
 from instaclone.outbox.metrics import Metrics
 from instaclone.outbox.webhooks import WebhookSender
+from instaclone.requests import ClaimRequest, CloneRequest, PoolRequest
 from instaclone.store import Store
 
 from .fakes import FakeHypervisor, fake_engine
@@ -180,18 +181,18 @@ async def scrape_after_activity(tmp: Path) -> str:
     tasks = [loop.create_task(sender.run()), loop.create_task(engine.run_background())]
     runner = web.AppRunner(metrics.app())
     try:
-        job = await engine.submit(source="src", name="ok-1", customize=False)
+        job = await engine.submit(CloneRequest(source="src", name="ok-1", customize=False))
         await engine.wait(job.id, 20)
         virt.delay["save_state"] = 2.0  # past the 500 ms stun deadline: aborted, rolled back
-        job = await engine.submit(source="src", name="slow-1", customize=False)
+        job = await engine.submit(CloneRequest(source="src", name="slow-1", customize=False))
         await engine.wait(job.id, 20)
         del virt.delay["save_state"]
-        await engine.pools.create(name="ci", source="src", size=1, customize=False)
+        await engine.pools.create(PoolRequest(name="ci", source="src", size=1, customize=False))
 
         async def pool_full() -> bool:
             return len((await engine.pools.show("ci"))["idle"]) == 1
         await until(pool_full)
-        await engine.pools.claim("ci", ttl_s=600)
+        await engine.pools.claim(ClaimRequest("ci", ttl_s=600))
 
         async def deliveries_settled() -> bool:
             counts = await store.delivery_counts()

@@ -17,6 +17,7 @@ import pytest
 
 from instaclone.errors import Conflict, InvalidRequest, NotFound
 from instaclone.jobs.pools import PoolEmpty
+from instaclone.requests import ClaimRequest, CloneRequest, PoolRequest
 
 from .fakes import FakeHypervisor, fake_engine, fake_world
 
@@ -64,13 +65,13 @@ def stuns(virt: FakeHypervisor) -> int:
 async def test_a_pool_fills_with_one_stun_and_hands_out_members_at_once(world):
     c, store, virt = world
     async with running(fake_engine(c, store, virt)) as engine:
-        await engine.pools.create(name="vdi", source="src", size=3, config={"role": "desk"})
+        await engine.pools.create(PoolRequest(name="vdi", source="src", size=3, config={"role": "desk"}))
         await until(idle_count(engine, "vdi", 3))
         assert stuns(virt) == 1  # three members, one job, one stun
         members = (await engine.pools.show("vdi"))["idle"]
         assert all(virt.domains[m].state == "running" for m in members)
         t0 = time.monotonic()
-        out = await engine.pools.claim("vdi", ttl_s=600)
+        out = await engine.pools.claim(ClaimRequest("vdi", ttl_s=600))
         assert time.monotonic() - t0 < 0.5
         assert out["clone"]["name"] in members and out["clone"]["claimed_at"]
         assert out["clone"]["expires_at"] == pytest.approx(time.time() + 600, abs=5)
@@ -91,25 +92,25 @@ async def test_a_pool_fills_with_one_stun_and_hands_out_members_at_once(world):
 async def test_a_claim_on_an_empty_pool_waits_bounded(world):
     c, store, virt = world
     async with running(fake_engine(c, store, virt)) as engine:
-        await engine.pools.create(name="empty", source="src", size=0)
+        await engine.pools.create(PoolRequest(name="empty", source="src", size=0))
         t0 = time.monotonic()
         with pytest.raises(PoolEmpty) as info:
-            await engine.pools.claim("empty", wait_s=0.3)
+            await engine.pools.claim(ClaimRequest("empty", wait_s=0.3))
         assert 0.3 <= time.monotonic() - t0 < 2.0
         assert info.value.code == "pool_empty" and "within 0.3 s" in info.value.message
         # A slow member: the claim waits for it and says how long.
         virt.delay["start"] = 0.5
         await engine.pools.resize("empty", 1)
-        out = await engine.pools.claim("empty", wait_s=20)
+        out = await engine.pools.claim(ClaimRequest("empty", wait_s=20))
         assert out["waited_ms"] >= 300
 
 
 async def test_resize_and_delete(world):
     c, store, virt = world
     async with running(fake_engine(c, store, virt)) as engine:
-        await engine.pools.create(name="p", source="src", size=3)
+        await engine.pools.create(PoolRequest(name="p", source="src", size=3))
         await until(idle_count(engine, "p", 3))
-        claimed = (await engine.pools.claim("p"))["clone"]["name"]
+        claimed = (await engine.pools.claim(ClaimRequest("p")))["clone"]["name"]
         await engine.pools.resize("p", 1)
         await until(idle_count(engine, "p", 1))
         await engine.pools.resize("p", 2)
@@ -134,10 +135,10 @@ async def test_image_push_replaces_idle_members_and_keeps_claimed_ones(world, tm
     disk.write_bytes(b"base2")
     virt.add_source("src2", disk)
     async with running(fake_engine(c, store, virt)) as engine:
-        await engine.pools.create(name="ci", source="src", size=2)
+        await engine.pools.create(PoolRequest(name="ci", source="src", size=2))
         await until(idle_count(engine, "ci", 2))
         old_idle = set((await engine.pools.show("ci"))["idle"])
-        claimed = (await engine.pools.claim("ci"))["clone"]["name"]
+        claimed = (await engine.pools.claim(ClaimRequest("ci")))["clone"]["name"]
         await until(idle_count(engine, "ci", 2))
         await engine.pools.update_source("ci", "src2")
 
@@ -157,7 +158,7 @@ async def test_replenishment_stays_within_the_host_budget(world, tmp_path: Path)
     from dataclasses import replace
     c = replace(c, pools=replace(c.pools, max_clones=2))
     async with running(fake_engine(c, store, virt)) as engine:
-        await engine.pools.create(name="big", source="src", size=5)
+        await engine.pools.create(PoolRequest(name="big", source="src", size=5))
         await until(idle_count(engine, "big", 2))
         await asyncio.sleep(0.5)
         p = await engine.pools.show("big")
@@ -168,9 +169,9 @@ async def test_replenishment_stays_within_the_host_budget(world, tmp_path: Path)
 async def test_reconcile_at_start_replaces_dead_idle_members_and_never_touches_claimed(world):
     c, store, virt = world
     async with running(fake_engine(c, store, virt)) as engine:
-        await engine.pools.create(name="r", source="src", size=2)
+        await engine.pools.create(PoolRequest(name="r", source="src", size=2))
         await until(idle_count(engine, "r", 2))
-        claimed = (await engine.pools.claim("r"))["clone"]["name"]
+        claimed = (await engine.pools.claim(ClaimRequest("r")))["clone"]["name"]
         await until(idle_count(engine, "r", 2))
     # The daemon is down; one idle member and the claimed one die meanwhile.
     dead_idle = (await store.pool_members("r"))[-1].name
@@ -191,8 +192,8 @@ async def test_reconcile_at_start_replaces_dead_idle_members_and_never_touches_c
 async def test_ttl_destroys_clones_across_a_restart(world):
     c, store, virt = world
     async with running(fake_engine(c, store, virt)) as engine:
-        job = await engine.submit(source="src", name="short", ttl_s=1)
-        keep = await engine.submit(source="src", name="long", ttl_s=3600)
+        job = await engine.submit(CloneRequest(source="src", name="short", ttl_s=1))
+        keep = await engine.submit(CloneRequest(source="src", name="long", ttl_s=3600))
         await engine.wait(job.id, 20)
         await engine.wait(keep.id, 20)
         rec = await store.get_clone("short")
@@ -212,9 +213,9 @@ async def test_ttl_destroys_clones_across_a_restart(world):
 async def test_a_claimed_member_with_a_ttl_expires_and_is_replaced(world):
     c, store, virt = world
     async with running(fake_engine(c, store, virt)) as engine:
-        await engine.pools.create(name="t", source="src", size=1)
+        await engine.pools.create(PoolRequest(name="t", source="src", size=1))
         await until(idle_count(engine, "t", 1))
-        name = (await engine.pools.claim("t", ttl_s=1))["clone"]["name"]
+        name = (await engine.pools.claim(ClaimRequest("t", ttl_s=1)))["clone"]["name"]
 
         async def expired() -> bool:
             return name not in virt.domains
@@ -233,7 +234,7 @@ async def test_bad_pool_requests_are_refused(world, kw: dict[str, Any], message:
     c, store, virt = world
     engine = fake_engine(c, store, virt)
     with pytest.raises(InvalidRequest) as info:
-        await engine.pools.create(**kw)
+        await engine.pools.create(PoolRequest(**kw))
     assert message in info.value.message
     assert await store.list_pools() == []
 
@@ -242,14 +243,14 @@ async def test_claim_and_source_errors(world):
     c, store, virt = world
     engine = fake_engine(c, store, virt)
     with pytest.raises(NotFound):
-        await engine.pools.claim("nope")
+        await engine.pools.claim(ClaimRequest("nope"))
     with pytest.raises(NotFound):
-        await engine.pools.create(name="x", source="missing", size=1)
-    await engine.pools.create(name="x", source="src", size=0)
+        await engine.pools.create(PoolRequest(name="x", source="missing", size=1))
+    await engine.pools.create(PoolRequest(name="x", source="src", size=0))
     with pytest.raises(Conflict):
-        await engine.pools.create(name="x", source="src", size=0)
+        await engine.pools.create(PoolRequest(name="x", source="src", size=0))
     with pytest.raises(InvalidRequest):
-        await engine.pools.claim("x", ttl_s=0)
+        await engine.pools.claim(ClaimRequest("x", ttl_s=0))
     with pytest.raises(NotFound):
         await engine.pools.release("nope")
 
@@ -258,7 +259,7 @@ async def test_a_member_is_either_claimed_or_retired_never_both(world):
     """The keeper's destroy of a surplus member and a claim race: exactly one wins, in the store."""
     c, store, virt = world
     async with running(fake_engine(c, store, virt)) as engine:
-        await engine.pools.create(name="race", source="src", size=2)
+        await engine.pools.create(PoolRequest(name="race", source="src", size=2))
         await until(idle_count(engine, "race", 2))
         a, b = (await engine.pools.show("race"))["idle"]
         claimed = await store.claim_member("race", [a], ttl_s=None)

@@ -211,6 +211,6 @@ async def test_check_reports_the_ram_filesystem_of_libvirts_memory_backing_dir(a
     ("qemu+ssh://host/system", False), ("qemu://host/system", False), ("test:///default", False),
 ])
 def test_ram_filesystem_is_checked_for_the_local_system_libvirtd_only(uri, local):
-    from instaclone.api.sources import local_system_uri
+    from instaclone.jobs.sources import local_system_uri
 
     assert local_system_uri(uri) is local

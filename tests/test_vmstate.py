@@ -16,6 +16,7 @@ import pytest
 
 from instaclone.errors import LibvirtError, SourceNotCloneable
 from instaclone.hv import domxml, vmstate
+from instaclone.requests import CloneRequest, FreezeRequest
 from instaclone.states import State
 
 from .test_engine import env, leftover_files, run_job  # noqa: F401  (fixture)
@@ -166,14 +167,14 @@ async def test_nvram_copy_is_rolled_back_with_the_clone(env, tmp_path, step):
 async def test_frozen_uefi_source_clones_copy_the_nvram_taken_at_freeze(env, tmp_path):
     engine, virt, store, c = env
     nvram, _ = _make_uefi(virt, tmp_path)
-    await engine.freeze("src")
+    await engine.freeze(FreezeRequest("src"))
     at_freeze = c.daemon.state_dir / "frozen" / "src" / "nvram.fd"
     assert at_freeze.read_bytes() == nvram.read_bytes()
     nvram.write_bytes(b"changed behind our back")  # not what the clone must get
     job = await run_job(engine, store, name="c1")
     assert job.state is State.UNSTUNNED, job.error
     assert Path(job.result["clones"][0]["nvram"]).read_bytes().startswith(b"UEFI-VARS")
-    await engine.unfreeze("src")
+    await engine.unfreeze(FreezeRequest("src"))
     assert not at_freeze.exists() and nvram.read_bytes() == b"changed behind our back"
 
 
@@ -183,9 +184,9 @@ async def test_tpm_source_is_refused_at_submit_and_freeze(env):
     dom.xml = dom.xml.replace("</devices>", "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/>"
                                             "</tpm></devices>")
     with pytest.raises(SourceNotCloneable, match="tpm model=tpm-crb backend=emulator"):
-        await engine.submit(source="src", name="c1")
+        await engine.submit(CloneRequest(source="src", name="c1"))
     with pytest.raises(SourceNotCloneable, match="tpm"):
-        await engine.freeze("src")
+        await engine.freeze(FreezeRequest("src"))
     assert dom.state == "running" and not await store.list_jobs()
 
 

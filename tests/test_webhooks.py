@@ -24,6 +24,7 @@ from instaclone.errors import ConfigError
 from instaclone.jobs.engine import Engine
 from instaclone.outbox.bus import EventBus
 from instaclone.outbox.webhooks import WebhookSender, backoff_s, parse_retry_after
+from instaclone.requests import CloneRequest
 from instaclone.store import Store
 from instaclone_plugins.saverestore import SaveRestoreMemory
 
@@ -85,7 +86,7 @@ class Hub:
         await self.store.close()
 
     async def clone(self, name: str) -> str:
-        job = await self.engine.submit(source="src", name=name)
+        job = await self.engine.submit(CloneRequest(source="src", name=name))
         await self.engine.wait(job.id, 10)
         got = await self.store.get_job(job.id)
         assert got is not None and got.state.value == "Unstunned", got and got.error
@@ -204,7 +205,7 @@ async def test_every_state_change_delivered_signed_in_order(hub: Hub, receiver: 
 
 async def test_failed_job_and_destroy_events(hub: Hub, receiver: Receiver):
     hub.virt.fail["define"] = RuntimeError("define exploded")
-    job = await hub.engine.submit(source="src", name="bad")
+    job = await hub.engine.submit(CloneRequest(source="src", name="bad"))
     await hub.engine.wait(job.id, 10)
     hub.virt.fail.clear()
     await hub.clone("good")

@@ -23,6 +23,7 @@ from instaclone.hv.hypervisor import LibvirtHypervisor
 from instaclone.jobs.engine import Engine
 from instaclone.model import ResourceStatus
 from instaclone.plugin_api import MemoryBackend, StorageBackend
+from instaclone.requests import CloneRequest, FreezeRequest
 from instaclone.store import Store
 from instaclone_plugins.filecow import FileCowMemory
 from instaclone_plugins.qcow2 import Qcow2Storage
@@ -83,8 +84,8 @@ async def submit(engine: Engine, *, source: str, name: str, count: int, customiz
     The guest's SSH host keys are kept: making new ones runs ssh-keygen on the
     host (seconds per clone, no backend call in it).
     """
-    job = await engine.submit(source=source, name=name, count=count, customize=customize,
-                              keep_ssh_host_keys=True)
+    job = await engine.submit(CloneRequest(source=source, name=name, count=count, customize=customize,
+                              keep_ssh_host_keys=True))
     return job.id
 
 
@@ -98,11 +99,11 @@ async def recover(engine: Engine) -> list[str]:
 
 
 async def freeze(engine: Engine, source: str) -> None:
-    await engine.freeze(source)
+    await engine.freeze(FreezeRequest(source))
 
 
 async def unfreeze(engine: Engine, source: str) -> None:
-    await engine.unfreeze(source)
+    await engine.unfreeze(FreezeRequest(source))
 
 
 async def destroy_clone(engine: Engine, name: str) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from instaclone.errors import InstacloneError, LibvirtError
+from instaclone.requests import CloneRequest, PoolRequest
 from instaclone.states import State
 
 from ..fakes import FakeHypervisor, fake_api, fake_engine, fake_world
@@ -99,7 +100,7 @@ async def test_delta_dir_on_a_small_filesystem_refused_naming_disk(tmp_path: Pat
     engine = fake_engine(c, store, virt)
     try:
         with pytest.raises(InstacloneError) as info:
-            await engine.submit(source="src", name="dk")
+            await engine.submit(CloneRequest(source="src", name="dk"))
         err = info.value.to_dict()
         assert err["code"] == "insufficient_capacity" and info.value.http_status == 507, err
         assert err["resource"] == "disk" and err["path"] == str(small_fs), err
@@ -124,10 +125,10 @@ async def test_queue_cap_answers_503_and_makes_nothing(tmp_path: Path) -> None:
 
     engine.step_hook = hold
     try:
-        a = await engine.submit(source="src", name="q1")
-        b = await engine.submit(source="src", name="q2")
+        a = await engine.submit(CloneRequest(source="src", name="q1"))
+        b = await engine.submit(CloneRequest(source="src", name="q2"))
         with pytest.raises(InstacloneError) as info:
-            await engine.submit(source="src", name="q3")
+            await engine.submit(CloneRequest(source="src", name="q3"))
         err = info.value.to_dict()
         assert (err["code"], info.value.http_status, err["resource"]) == ("insufficient_capacity", 503, "queue"), err
         assert (err["need"], err["free"], err["unit"]) == (1, 0, "jobs"), err
@@ -136,7 +137,7 @@ async def test_queue_cap_answers_503_and_makes_nothing(tmp_path: Path) -> None:
         await engine.wait(a.id, 30)
         await engine.wait(b.id, 30)
         # Finished jobs give their place back.
-        d = await engine.submit(source="src", name="q4")
+        d = await engine.submit(CloneRequest(source="src", name="q4"))
         await engine.wait(d.id, 30)
         assert (await store.get_job(d.id)).state == State.UNSTUNNED
     finally:
@@ -176,7 +177,7 @@ async def test_max_starting_honoured_under_concurrent_requests(tmp_path: Path) -
         virt.add_source(src, base)
     engine = fake_engine(c, store, virt)
     try:
-        jobs = await asyncio.gather(*(engine.submit(source=src, name=f"{src}-{i}", count=3)
+        jobs = await asyncio.gather(*(engine.submit(CloneRequest(source=src, name=f"{src}-{i}", count=3))
                                       for src in ("s1", "s2", "s3") for i in range(2)))
         for j in jobs:
             await engine.wait(j.id, 60)
@@ -191,7 +192,7 @@ async def test_max_starting_honoured_under_concurrent_requests(tmp_path: Path) -
 async def test_pool_refill_that_does_not_fit_waits_held(world: Any) -> None:
     engine, store, virt = world
     set_ram_kib(virt, "src", mem_available_kib() * 2)  # one full-RAM clone is more than the host has
-    await engine.pools.create(name="big", source="src", size=2)
+    await engine.pools.create(PoolRequest(name="big", source="src", size=2))
     await engine.pools.reconcile()
     shown = await engine.pools.show("big")
     assert shown["held"] and "host's capacity" in shown["held"] and "insufficient memory" in shown["held"], shown
@@ -231,10 +232,10 @@ async def test_finished_jobs_pruned_after_retention(tmp_path: Path) -> None:
     engine = fake_engine(c, store, virt)
     services = None
     try:
-        kept_clone = await engine.submit(source="src", name="alive")  # its clone stays registered
+        kept_clone = await engine.submit(CloneRequest(source="src", name="alive"))  # its clone stays registered
         await engine.wait(kept_clone.id, 30)
         virt.fail["define"] = LibvirtError("injected")
-        failed = await engine.submit(source="src", name="gone")
+        failed = await engine.submit(CloneRequest(source="src", name="gone"))
         await engine.wait(failed.id, 30)
         del virt.fail["define"]
         assert (await store.get_job(failed.id)).state == State.FAILED
@@ -281,7 +282,7 @@ async def test_deliveries_to_a_removed_endpoint_are_dropped(world: Any) -> None:
 
     engine, store, _virt = world
     store.set_router(lambda _type: ["kept", "removed"])
-    job = await engine.submit(source="src", name="wh")
+    job = await engine.submit(CloneRequest(source="src", name="wh"))
     await engine.wait(job.id, 30)
     before = await store.delivery_counts()
     assert set(before) == {"kept", "removed"}, before

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from instaclone.jobs import gc
+from instaclone.requests import CloneRequest, FreezeRequest
 from instaclone.states import State
 
 from ..conftest import libvirt_ready
@@ -39,7 +40,7 @@ async def env(tmp_path):
 
 
 async def _clone(engine, store, source: str, name: str) -> None:
-    job = await engine.submit(source=source, name=name)
+    job = await engine.submit(CloneRequest(source=source, name=name))
     await engine.wait(job.id, 20)
     rec = await store.get_job(job.id)
     assert rec is not None and rec.state is State.UNSTUNNED, rec
@@ -96,8 +97,8 @@ async def test_foreign_files_and_symlinks_in_every_directory_survive_jobs_destro
     await _clone(engine, store, "mid", "kid")
     await _clone(engine, store, "src", "solo")
     engine.svc.step_hook = None
-    await engine.freeze("src")  # (unfreeze removes the frozen directory whole: not GC's, not destroy's)
-    await engine.unfreeze("src")
+    await engine.freeze(FreezeRequest("src"))  # (unfreeze removes the frozen directory whole: not GC's, not destroy's)
+    await engine.unfreeze(FreezeRequest("src"))
     # A clone's directory whose name was taken by a symlink to a directory outside.
     evil = tmp_path / "outside" / "evil"
     evil.mkdir()
@@ -196,7 +197,7 @@ async def test_destroy_reads_each_chain_once_not_every_chain_per_destroy(env):
 async def test_clones_destroyed_at_once_are_collected_together(env):
     """A pool torn down: many destroys at once share a collection, not one full collection each."""
     engine, virt, store, c = env
-    job = await engine.submit(source="src", name="p", count=12)
+    job = await engine.submit(CloneRequest(source="src", name="p", count=12))
     await engine.wait(job.id, 20)
     names = [x["name"] for x in (await store.get_job(job.id)).result["clones"]]
     listings = 0

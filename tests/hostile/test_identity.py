@@ -27,6 +27,7 @@ import pytest
 from instaclone import config as cfg
 from instaclone.errors import DomainNotFound, InstacloneError, LibvirtError
 from instaclone.model import CloneRecord, JobSpec, PoolRecord, ResourceKind, ResourceStatus
+from instaclone.requests import CloneRequest, ExecRequest, PoolRequest
 from instaclone.states import State
 from instaclone.store import Store
 
@@ -132,7 +133,7 @@ async def test_fake_live_rollback_leaves_a_domain_that_took_the_name(world: Any)
     engine = fake_engine(c, store, virt)
     task = await services(engine)
     try:
-        job = await engine.submit(source="src", name="rb")
+        job = await engine.submit(CloneRequest(source="src", name="rb"))
         await engine.wait(job.id, 20)
     finally:
         await stop(engine, task)
@@ -157,7 +158,7 @@ async def test_fake_crash_recovery_leaves_a_domain_that_took_the_name(world: Any
 
 
 async def _fake_clone(engine: Any, store: Any, name: str, **kw: Any) -> CloneRecord:
-    job = await engine.submit(source="src", name=name, **kw)
+    job = await engine.submit(CloneRequest(source="src", name=name, **kw))
     await engine.wait(job.id, 20)
     rec = await store.get_clone(name)
     assert rec is not None, await store.get_job(job.id)
@@ -203,7 +204,7 @@ async def test_fake_pool_retire_leaves_a_domain_that_took_the_name(world: Any) -
     engine = fake_engine(c, store, virt)
     task = await services(engine)
     try:
-        await engine.pools.create(name="pl", source="src", size=1)
+        await engine.pools.create(PoolRequest(name="pl", source="src", size=1))
 
         async def one_idle() -> bool:
             p = await engine.pools.show("pl")
@@ -230,7 +231,7 @@ async def test_fake_exec_does_not_reach_a_domain_that_took_the_name(world: Any) 
         take_name(virt, "ex")
         virt.agent_log.clear()
         with pytest.raises(InstacloneError) as info:
-            await engine.guest_exec("ex", argv=["id"])
+            await engine.guest_exec(ExecRequest("ex", argv=["id"]))
         assert info.value.code == "domain_replaced", info.value.to_dict()
         assert virt.agent_log == [], "a guest agent command reached the other domain"
     finally:
@@ -460,7 +461,7 @@ async def test_fake_a_source_redefined_before_its_stun_is_refused(world: Any) ->
     task = await services(engine)
     try:
         async with engine.svc.lock("src"):  # the job waits for its stun here
-            job = await engine.submit(source="src", name="rs")
+            job = await engine.submit(CloneRequest(source="src", name="rs"))
             old = virt.domains["src"]
             # Another VM is defined under the source's name meanwhile (running, as a source must be).
             other = take_name(virt, "src")

@@ -20,6 +20,7 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..errors import BodyTooLarge, InstacloneError, InvalidRequest
+from ..requests import ExecRequest, GetFileRequest, PutFileRequest
 from . import models as m
 from .common import ENGINE, PEER, log
 from .owners import own_clone
@@ -84,14 +85,27 @@ class ExecBody(m.Body):
                                             "decoded)")] | m.Absent = None
     NOT_NULL = frozenset({"env", "stdin"})
 
+    def to_request(self, clone: str) -> ExecRequest:
+        """The engine's record of this command for clone ``clone``."""
+        return ExecRequest(clone=clone, argv=tuple(self.argv), env=self.env, timeout_s=self.timeout_s,
+                           stdin=_stdin(self.stdin) if self.stdin is not None else None)
+
 
 class FileQuery(m.Query):
     path: str = Field(pattern=PATH_PATTERN, max_length=4096,
                       description="absolute path of a file in the guest (no '.', '..' or '//')")
 
+    def to_request(self, clone: str) -> GetFileRequest:
+        """The engine's record of a read of this file of clone ``clone``."""
+        return GetFileRequest(clone=clone, path=self.path)
+
 
 class PutFileQuery(FileQuery):
     mode: str = Field("0644", pattern=r"^(?:0?[0-7]{3}|[0-7]{4})$", description="octal file mode")
+
+    def to_put_request(self, clone: str, *, sha256: str | None) -> PutFileRequest:
+        """The engine's record of a write of this file of clone ``clone`` (``sha256``: the header's)."""
+        return PutFileRequest(clone=clone, path=self.path, mode=self.mode, sha256=sha256)
 
 
 class ShaHeader(BaseModel):
@@ -103,12 +117,10 @@ class ShaHeader(BaseModel):
 async def exec_in_clone(request: web.Request, call: Call) -> web.StreamResponse:
     """Run a command in a clone; its output as NDJSON lines (see ROUTES)."""
     name = call.path_as(m.ClonePath).name
-    data = call.body_as(ExecBody)
-    args: dict[str, Any] = {"argv": data.argv, "env": data.env, "timeout_s": data.timeout_s,
-                            "stdin": _stdin(data.stdin) if data.stdin is not None else None}
+    req = call.body_as(ExecBody).to_request(name)
     await own_clone(request, name)
-    proc = await request.app[ENGINE].guest_exec(name, **args)
-    log.info("api.exec", clone=name, argv0=args["argv"][0], pid=proc.pid, peer=request.get(PEER))
+    proc = await request.app[ENGINE].guest_exec(req)
+    log.info("api.exec", clone=name, argv0=req.argv[0], pid=proc.pid, peer=request.get(PEER))
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
     try:
         await resp.prepare(request)
@@ -135,9 +147,8 @@ async def exec_in_clone(request: web.Request, call: Call) -> web.StreamResponse:
 async def put_file(request: web.Request, call: Call) -> web.Response:
     """Write the body to a file in a clone, verified in the guest (see ROUTES)."""
     name = call.path_as(m.ClonePath).name
-    query = call.query_as(PutFileQuery)
-    path, mode = query.path, query.mode.zfill(4)
-    want = call.headers_as(ShaHeader).sha256
+    req = call.query_as(PutFileQuery).to_put_request(name, sha256=call.headers_as(ShaHeader).sha256)
+    path = req.path
     await own_clone(request, name)
 
     async def body() -> AsyncIterator[bytes]:
@@ -151,7 +162,7 @@ async def put_file(request: web.Request, call: Call) -> web.Response:
         except web.RequestPayloadError as exc:
             raise InvalidRequest(f"request body could not be read: {exc}") from None
 
-    result = await request.app[ENGINE].put_guest_file(name, path=path, mode=mode, chunks=body(), sha256=want)
+    result = await request.app[ENGINE].put_guest_file(req, body())
     log.info("api.file_put", clone=name, path=path, bytes=result["bytes"], peer=request.get(PEER))
     return web.json_response({"file": result})
 
@@ -159,9 +170,10 @@ async def put_file(request: web.Request, call: Call) -> web.Response:
 async def get_file(request: web.Request, call: Call) -> web.StreamResponse:
     """A clone's file as the body, with its size and sha256 in the headers (see ROUTES)."""
     name = call.path_as(m.ClonePath).name
-    path = call.query_as(FileQuery).path
+    req = call.query_as(FileQuery).to_request(name)
+    path = req.path
     await own_clone(request, name)
-    reader = await request.app[ENGINE].open_guest_file(name, path=path)
+    reader = await request.app[ENGINE].open_guest_file(req)
     if request.method == "HEAD":  # the size and checksum, without reading the file
         await reader.close()
         head = web.StreamResponse(headers={"Content-Type": "application/octet-stream", SHA_HEADER: reader.sha256})

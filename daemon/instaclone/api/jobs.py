@@ -16,11 +16,11 @@ async def health(request: web.Request, _call: Call) -> web.Response:
     engine = request.app[ENGINE]
     out = {
         "version": __version__,
-        "libvirt_connected": await engine.virt.ensure_connected(),
+        "libvirt_connected": await engine.libvirt_connected(),
         "active_jobs": engine.active_jobs,
         "accepting": engine.accepting,
-        "storage_backend": engine.storage.name,
-        "memory_backend": engine.memory.name,
+        "storage_backend": engine.storage_backend,
+        "memory_backend": engine.memory_backend,
     }
     gc = request.app.get(GC)
     if gc is not None:
@@ -29,14 +29,11 @@ async def health(request: web.Request, _call: Call) -> web.Response:
 
 
 async def create_job(request: web.Request, call: Call) -> web.Response:
-    data = call.body_as(m.CreateJobBase)
+    req = call.body_as(m.CreateJobBase).to_request(owner=caller_of(request).uid)
     wait = call.query_as(m.WaitQuery).wait
     engine = request.app[ENGINE]
-    await usable_source(request, data.source)
-    job = await engine.submit(source=data.source, name=data.name, count=data.count,
-                              keep_network=data.keep_network, customize=data.customize, config=data.config,
-                              keep_ssh_host_keys=data.keep_ssh_host_keys, script=data.script, ttl_s=data.ttl_s,
-                              owner=caller_of(request).uid)
+    await usable_source(request, req.source)
+    job = await engine.submit(req)
     log.info("api.clone_requested", job_id=job.id, source=job.source, peer=request.get(PEER))
     if wait:
         await engine.wait(job.id, wait)

@@ -1,10 +1,12 @@
 """The API's typed inputs: every request body, query and path parameter as a pydantic model.
 
-These models are the contract: the routes (:mod:`.routes`) validate each
-request through them, and the OpenAPI document (:mod:`.openapi`) is their
-JSON Schema. A constraint the server enforces on a request belongs here, so
-that the document states it; what only the engine can know (does the source
-exist, is the name free) is a documented status code instead.
+These models are the contract at the edge: the routes (:mod:`.routes`)
+validate each request through them, and the OpenAPI document (:mod:`.openapi`)
+is their JSON Schema. A constraint the server enforces on a request belongs
+here, so that the document states it, with its limit taken from
+:mod:`instaclone.requests`; a model then builds the engine's typed record once
+(``to_request``). What only the engine can know (does the source exist, is
+the name free) is a documented status code instead.
 
 Bodies are strict (JSON types as they are: ``1`` is not ``true``, ``"2"`` is
 not a count) and refuse unknown fields. Query values arrive as text: the
@@ -25,10 +27,19 @@ from pydantic.json_schema import SkipJsonSchema
 from .. import events
 from ..errors import InvalidName, InvalidRequest
 from ..identity import MAX_NAME_LEN
-from ..jobs.admission import MAX_GUEST_CONFIG_BYTES, MAX_TTL_S
-from ..jobs.customize import validate_script
-from ..jobs.guestscript import MAX_SCRIPT_BYTES
-from ..jobs.pools import MAX_POOL_SIZE
+from ..requests import (
+    MAX_CLAIM_WAIT_S,
+    MAX_GUEST_CONFIG_BYTES,
+    MAX_POOL_SIZE,
+    MAX_SCRIPT_BYTES,
+    MAX_TTL_S,
+    ClaimRequest,
+    CloneRequest,
+    PoolRequest,
+    PoolUpdate,
+    PrepareRequest,
+    validate_script,
+)
 from ..store import DeliveryStatus
 from .common import MAX_WAIT_S
 
@@ -71,7 +82,7 @@ def _config_size(config: dict[str, str] | None) -> dict[str, str] | None:
 
 
 def _script(script: str) -> str:
-    validate_script(script)  # the engine's own rule (InvalidRequest; turned into a 400 by routes.parse)
+    validate_script(script)  # the core's own rule (InvalidRequest; turned into a 400 by routes.parse)
     return script
 
 
@@ -143,6 +154,13 @@ class CreateJobBase(Body):
                              f"are longer than {MAX_NAME_LEN} characters")
         return self
 
+    def to_request(self, *, owner: int | None) -> CloneRequest:
+        """The engine's record of this request, made by ``owner`` (a uid)."""
+        return CloneRequest(source=self.source, name=self.name, count=self.count, keep_network=self.keep_network,
+                            customize=self.customize, config=self.config,
+                            keep_ssh_host_keys=self.keep_ssh_host_keys, script=self.script, ttl_s=self.ttl_s,
+                            owner=owner)
+
 
 def _names_fit_schema(max_count: int) -> list[dict[str, Any]]:
     """The name/count rule as JSON Schema: per number of digits of count, the longest name."""
@@ -178,6 +196,12 @@ class CreatePool(Body):
     keep_network: bool = False
     freeze: bool = Field(False, description="freeze the source first (if it is not)")
 
+    def to_request(self, *, owner: int | None) -> PoolRequest:
+        """The engine's record of this request, made by ``owner`` (a uid)."""
+        return PoolRequest(name=self.name, source=self.source, size=self.size, config=self.config,
+                           customize=self.customize, keep_network=self.keep_network, freeze=self.freeze,
+                           owner=owner)
+
 
 class UpdatePool(Body):
     """``size``: resize; ``source``: move the pool to a new source (image push). At least one.
@@ -196,16 +220,29 @@ class UpdatePool(Body):
             raise ValueError("give 'size' or 'source' (or both)")
         return self
 
+    def to_request(self, name: str) -> PoolUpdate:
+        """The engine's record of this change of pool ``name`` (a field not sent is left alone)."""
+        return PoolUpdate(name=name, size=self.size, source=self.source)
+
 
 class Claim(Body):
     ttl_s: Ttl | None = None
     config: GuestConfig = Field(None, description="written over the pool's config to /run/instaclone/config.json")
-    wait_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] | None = Field(
+    wait_s: Annotated[float, Field(ge=0, le=MAX_CLAIM_WAIT_S, allow_inf_nan=False)] | None = Field(
         None, description="how long to wait for a member (default pools.claim_wait_s)")
+
+    def to_request(self, pool: str, *, owner: int | None, claimed_by: dict[str, Any] | None) -> ClaimRequest:
+        """The engine's record of a claim on ``pool`` by ``owner`` (a uid; ``claimed_by``: its peer)."""
+        return ClaimRequest(pool=pool, ttl_s=self.ttl_s, config=self.config, wait_s=self.wait_s,
+                            claimed_by=claimed_by, owner=owner)
 
 
 class DryRun(Body):
     dry_run: bool = False
+
+    def to_request(self, source: str) -> PrepareRequest:
+        """The engine's record of a prepare of ``source``."""
+        return PrepareRequest(source=source, dry_run=self.dry_run)
 
 
 class Replay(Body):

@@ -12,12 +12,9 @@ from .routes import CLONE_NOT_FOUND, HV_FAILED, LIBVIRT_DOWN, SOURCE_FORBIDDEN, 
 
 
 async def create_pool(request: web.Request, call: Call) -> web.Response:
-    data = call.body_as(m.CreatePool)
-    await usable_source(request, data.source)
-    pool = await request.app[ENGINE].pools.create(
-        name=data.name, source=data.source, size=data.size, config=data.config,
-        customize=data.customize, keep_network=data.keep_network, freeze=data.freeze,
-        owner=caller_of(request).uid)
+    req = call.body_as(m.CreatePool).to_request(owner=caller_of(request).uid)
+    await usable_source(request, req.source)
+    pool = await request.app[ENGINE].pools.create(req)
     log.info("api.pool_created", pool=pool["name"], peer=request.get(PEER))
     return web.json_response({"pool": await pool_view(request, pool)}, status=201)
 
@@ -36,16 +33,12 @@ async def update_pool(request: web.Request, call: Call) -> web.Response:
     """PATCH: ``size`` resizes; ``source`` moves the pool to a new source (image push)."""
     name = call.path_as(m.PoolPath).name
     data = call.body_as(m.UpdatePool)
-    pools = request.app[ENGINE].pools
-    pool = None
+    req = data.to_request(name)
     sent = data.model_fields_set
     await own_pool(request, name)
-    if "source" in sent and data.source is not None:
-        await usable_source(request, data.source)
-    if "source" in sent:
-        pool = await pools.update_source(name, data.source)
-    if "size" in sent:
-        pool = await pools.resize(name, data.size)
+    if req.source is not None:
+        await usable_source(request, req.source)
+    pool = await request.app[ENGINE].pools.update(req)
     log.info("api.pool_updated", pool=name, peer=request.get(PEER), **data.model_dump(include=sent))
     return web.json_response({"pool": await pool_view(request, pool) if pool is not None else None})
 
@@ -59,15 +52,14 @@ async def delete_pool(request: web.Request, call: Call) -> web.Response:
 
 
 async def claim(request: web.Request, call: Call) -> web.Response:
-    data = call.body_as(m.Claim)
-    name = call.path_as(m.PoolPath).name
     peer = request.get(PEER)
     claimed_by = {k: peer.get(k) for k in ("pid", "uid")} if isinstance(peer, dict) else None
-    pool = await request.app[STORE].get_pool(name)
+    req = call.body_as(m.Claim).to_request(call.path_as(m.PoolPath).name, owner=caller_of(request).uid,
+                                            claimed_by=claimed_by)
+    pool = await request.app[STORE].get_pool(req.pool)
     if pool is not None:  # a claim is a clone of the pool's source: the same rule (a missing pool: the keeper's 404)
         await usable_source(request, pool.source)
-    out = await request.app[ENGINE].pools.claim(name, ttl_s=data.ttl_s, config=data.config, wait_s=data.wait_s,
-                                                 claimed_by=claimed_by, owner=caller_of(request).uid)
+    out = await request.app[ENGINE].pools.claim(req)
     log.info("api.pool_claimed", pool=out["pool"], clone=out["clone"]["name"], waited_ms=out["waited_ms"],
              peer=peer)
     return web.json_response({"claim": out})

@@ -1,63 +1,42 @@
-"""What the API needs of the engine, as a ``typing.Protocol``.
+"""What the API needs of the engine, as ``typing.Protocol``s: the one place that says so.
 
-The engine facade (``instaclone.jobs.engine.Engine``) satisfies it; the API
-imports nothing of the jobs layer, and mypy checks the fit where the daemon
-hands the engine to :func:`~instaclone.api.make_app`.
+The engine facade (``instaclone.jobs.engine.Engine``) satisfies it; mypy
+checks the fit where the daemon hands the engine to
+:func:`~instaclone.api.make_app`. Its types are the core's only (the request
+records of :mod:`instaclone.requests`, :mod:`instaclone.model`'s records,
+the config): the API imports neither the jobs layer nor the hypervisor layer
+(the import contract ``api-thin`` in pyproject.toml says so).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager
-from pathlib import Path
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 from ..config import Config
-from ..hv.records import DomainInfo
 from ..model import CloneRecord, JobRecord
-
-
-class HypervisorView(Protocol):
-    """The hypervisor calls the API makes (health, clone states, check, prepare)."""
-
-    async def ensure_connected(self) -> bool: ...
-
-    async def state(self, name: str) -> str: ...
-
-    async def lookup(self, name: str) -> DomainInfo: ...
-
-    async def inactive_xml(self, name: str) -> str: ...
-
-    async def define(self, xml: str) -> str: ...
-
-    async def agent(self, name: str, command: str, arguments: dict[str, Any] | None = None,
-                    *, timeout_s: int = 10) -> Any: ...
-
-
-class StorageView(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    async def chain_depth(self, *, path: Path, fmt: str) -> int: ...
-
-
-class MemoryView(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    def can_serve(self, source: DomainInfo) -> str | None: ...
+from ..requests import (
+    CheckRequest,
+    ClaimRequest,
+    CloneRequest,
+    ExecRequest,
+    FreezeRequest,
+    GetFileRequest,
+    PoolRequest,
+    PoolUpdate,
+    PrepareRequest,
+    PutFileRequest,
+)
 
 
 class PoolsView(Protocol):
     """The pool keeper as the API drives it (``instaclone.jobs.pools.PoolKeeper``)."""
 
-    async def create(self, *, name: object, source: object, size: object, config: object = None,
-                     customize: object = True, keep_network: object = False,
-                     freeze: object = False, owner: int | None = None) -> dict[str, Any]: ...
+    async def create(self, req: PoolRequest) -> dict[str, Any]:
+        """Define a pool; raises Conflict (it exists), SourceNotFound, SourceNotCloneable, ..."""
 
-    async def resize(self, name: str, size: object) -> dict[str, Any]: ...
-
-    async def update_source(self, name: str, source: object) -> dict[str, Any]: ...
+    async def update(self, req: PoolUpdate) -> dict[str, Any] | None:
+        """Move a pool to a new source and/or resize it; raises NotFound, SourceNotFound, ..."""
 
     async def delete(self, name: str) -> dict[str, Any]: ...
 
@@ -65,9 +44,8 @@ class PoolsView(Protocol):
 
     async def list_all(self) -> list[dict[str, Any]]: ...
 
-    async def claim(self, name: str, *, ttl_s: object = None, config: object = None,
-                    wait_s: object = None, claimed_by: dict[str, Any] | None = None,
-                    owner: int | None = None) -> dict[str, Any]: ...
+    async def claim(self, req: ClaimRequest) -> dict[str, Any]:
+        """Hand out a ready member; raises NotFound, PoolEmpty, InvalidRequest (its config not written)."""
 
     async def release(self, clone: str) -> dict[str, Any]: ...
 
@@ -110,7 +88,8 @@ class GuestFileView(Protocol):
 
 
 class EngineView(Protocol):
-    """The engine as the API drives it."""
+    """The engine as the API drives it: requests in as :mod:`instaclone.requests` records, answers out as
+    core records or the dicts the API renders."""
 
     @property
     def pools(self) -> PoolsView: ...
@@ -119,16 +98,12 @@ class EngineView(Protocol):
     def config(self) -> Config: ...
 
     @property
-    def virt(self) -> HypervisorView: ...
+    def storage_backend(self) -> str:
+        """The storage backend's name."""
 
     @property
-    def storage(self) -> StorageView: ...
-
-    @property
-    def memory(self) -> MemoryView: ...
-
-    @property
-    def memories(self) -> Sequence[MemoryView]: ...
+    def memory_backend(self) -> str:
+        """The preferred memory backend's name."""
 
     @property
     def active_jobs(self) -> int: ...
@@ -136,30 +111,35 @@ class EngineView(Protocol):
     @property
     def accepting(self) -> bool: ...
 
-    async def submit(self, *, source: object, name: object, count: object = 1, keep_network: object = False,
-                     customize: object = True, config: object = None, keep_ssh_host_keys: object = None,
-                     script: object = None, ttl_s: object = None, owner: int | None = None) -> JobRecord:
-        """Validate and queue a clone request; raises InvalidRequest, NameInUse, SourceNotFound, ..."""
+    async def libvirt_connected(self) -> bool:
+        """Whether libvirt answers (reconnecting if it was lost)."""
+
+    async def clone_state(self, name: str) -> str:
+        """The state of a clone's domain ("missing" if there is none or libvirt fails)."""
+
+    async def submit(self, req: CloneRequest) -> JobRecord:
+        """Queue a clone request; raises NameInUse, SourceNotFound, SourceNotCloneable, InsufficientCapacity, ..."""
 
     async def wait(self, job_id: str, timeout_s: float) -> None:
         """Return when the job is terminal or after ``timeout_s``."""
 
     async def destroy_clone(self, name: str) -> CloneRecord: ...
 
-    async def freeze(self, name: object) -> dict[str, Any]: ...
+    async def freeze(self, req: FreezeRequest) -> dict[str, Any]: ...
 
-    async def unfreeze(self, name: object) -> dict[str, Any]: ...
+    async def unfreeze(self, req: FreezeRequest) -> dict[str, Any]: ...
 
-    async def guest_exec(self, name: str, *, argv: list[str], env: dict[str, str] | None = None,
-                         timeout_s: float = 300.0, stdin: bytes | None = None) -> GuestProcessView:
+    async def check_source(self, req: CheckRequest) -> dict[str, Any]:
+        """A source's preflight report (the answer's ``check``); raises SourceNotFound."""
+
+    async def prepare_source(self, req: PrepareRequest) -> dict[str, Any]:
+        """Fix a source's definition for instant clones (the answer's ``prepare``); raises SourceNotFound."""
+
+    async def guest_exec(self, req: ExecRequest) -> GuestProcessView:
         """Start a command in a clone; raises NotFound, AgentUnavailable, DomainStateInvalid, GuestFileError."""
 
-    async def put_guest_file(self, name: str, *, path: str, mode: str, chunks: AsyncIterator[bytes],
-                             sha256: str | None = None) -> dict[str, Any]:
+    async def put_guest_file(self, req: PutFileRequest, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
         """Write a file in a clone; raises GuestFileNotFound, GuestFileError, ChecksumMismatch, ..."""
 
-    async def open_guest_file(self, name: str, *, path: str) -> GuestFileView:
+    async def open_guest_file(self, req: GetFileRequest) -> GuestFileView:
         """A clone's file to read; raises GuestFileNotFound, GuestFileError, ..."""
-
-    def source_lock(self, name: str) -> AbstractAsyncContextManager[Any]:
-        """The lock jobs of ``name`` hold; held while the API rewrites its definition."""

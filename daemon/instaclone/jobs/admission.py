@@ -1,9 +1,9 @@
-"""Admission: a clone request is validated, given its names and backends, and persisted as Requested."""
+"""Admission: a clone request (a valid record) is checked against the world, given its names and backends,
+and persisted as Requested."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 
 from .. import identity
 from ..errors import (
@@ -16,10 +16,8 @@ from ..errors import (
 from ..hv import DomainInfo, domxml, vmstate
 from ..model import JobRecord, JobSpec
 from ..plugin_api import MemoryBackend
+from ..requests import CloneRequest
 from .context import JobContext
-from .customize import validate_script
-
-MAX_GUEST_CONFIG_BYTES = 16 * 1024
 
 
 class Admission:
@@ -29,21 +27,17 @@ class Admission:
         self.svc = svc
         self._names = asyncio.Lock()
 
-    async def admit(self, *, source: object, name: object, count: object, keep_network: object,
-                    customize: object, config: object, keep_ssh_host_keys: object,
-                    script: object, ttl_s: object = None, pool: str | None = None,
-                    pool_generation: int = 0, owner: int | None = None) -> JobRecord:
-        """Validate a clone request and persist it as Requested; raises InvalidRequest & co."""
+    async def admit(self, req: CloneRequest, *, owner: int) -> JobRecord:
+        """Check what ``req`` needs of the world (the source, free names, capacity, clone.max_count) and
+        persist it as Requested; raises SourceNotFound, SourceNotCloneable, NameInUse, InsufficientCapacity."""
         svc = self.svc
-        src = identity.validate_name(source, what="source name")
-        if keep_ssh_host_keys is None:
-            keep_ssh_host_keys = svc.config.clone.keep_ssh_host_keys
-        flags = {k: validate_bool(k, v) for k, v in (("keep_network", keep_network), ("customize", customize),
-                                             ("keep_ssh_host_keys", keep_ssh_host_keys))}
-        guest_config = validate_guest_config(config)
-        ttl = validate_ttl(ttl_s)
-        checked_script = validate_script(script)
-        names = identity.clone_names(identity.validate_name(name), self._count(count))
+        src = req.source
+        limit = svc.config.clone.max_count
+        if req.count > limit:
+            raise InvalidRequest(f"count must be between 1 and {limit}, got {req.count}")
+        keep_ssh_host_keys = (svc.config.clone.keep_ssh_host_keys if req.keep_ssh_host_keys is None
+                              else req.keep_ssh_host_keys)
+        names = req.names
         if src in names:
             raise NameInUse(f"clone name {src!r} is the source's own name")
         info = await active_source(svc, src)
@@ -59,53 +53,14 @@ class Admission:
                                          frozen=src in await svc.store.frozen())
             svc.capacity.check(svc.config, demand)
             spec = JobSpec(names=tuple(names), storage_backend=svc.storage.name, memory_backend=memory.name,
-                           config=guest_config, script=checked_script, keep_network=flags["keep_network"],
-                           customize=flags["customize"], keep_ssh_host_keys=flags["keep_ssh_host_keys"],
-                           ttl_s=ttl, pool=pool, pool_generation=pool_generation, source_uuid=info.uuid)
+                           config=dict(req.config or {}), script=req.script, keep_network=req.keep_network,
+                           customize=req.customize, keep_ssh_host_keys=keep_ssh_host_keys,
+                           ttl_s=req.ttl_s, pool=req.pool, pool_generation=req.pool_generation,
+                           source_uuid=info.uuid)
             job = await svc.store.create_job(identity.new_job_id(), src, spec, owner=owner)
             svc.capacity.hold(job.id, demand)
         svc.log_transition(job, job.history.entries[-1])
         return job
-
-    def _count(self, count: object) -> int:
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise InvalidRequest("count must be an integer")
-        limit = self.svc.config.clone.max_count
-        if not 1 <= count <= limit:
-            raise InvalidRequest(f"count must be between 1 and {limit}, got {count}")
-        return count
-
-
-def validate_bool(name: str, value: object) -> bool:
-    """A request's flag: true or false, nothing else."""
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"{name} must be true or false")
-    return value
-
-
-#: The longest TTL a clone may be given (a year).
-MAX_TTL_S = 365 * 24 * 3600.0
-
-
-def validate_ttl(ttl_s: object) -> float | None:
-    """A clone's time to live in seconds (None: no expiry)."""
-    if ttl_s is None:
-        return None
-    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not 1 <= ttl_s <= MAX_TTL_S:
-        raise InvalidRequest(f"ttl_s must be a number of seconds between 1 and {MAX_TTL_S:g}")
-    return float(ttl_s)
-
-
-def validate_guest_config(config: object) -> dict[str, str]:
-    """Key/value data for the guest (like VMware's InstantCloneSpec config)."""
-    if config is None:
-        return {}
-    if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                               for k, v in config.items()):
-        raise InvalidRequest("config must be an object of string keys and string values")
-    if len(json.dumps(config)) > MAX_GUEST_CONFIG_BYTES:
-        raise InvalidRequest(f"config is larger than {MAX_GUEST_CONFIG_BYTES} bytes")
-    return dict(config)
 
 
 async def active_source(svc: JobContext, src: str) -> DomainInfo:

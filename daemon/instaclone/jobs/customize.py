@@ -25,13 +25,13 @@ import time
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from ..errors import CustomizationFailed, InstacloneError, InvalidRequest
+from ..errors import CustomizationFailed, InstacloneError
 from ..hv import Hypervisor
 from . import guestscript
 from .guestscript import SSH_KEY_TYPES, make_host_keys
 
 __all__ = ["AGENT_CHANNEL", "SSH_KEY_TYPES", "CustomizationFailed", "customize", "has_agent", "has_agent_channel",
-           "ipv4_interfaces", "make_host_keys", "renew_network", "run_script", "set_clock", "validate_script",
+           "ipv4_interfaces", "make_host_keys", "renew_network", "run_script", "set_clock",
            "wait_agent", "wait_nics"]
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
@@ -181,19 +181,6 @@ async def renew_network(virt: Hypervisor, name: str, *, timeout_s: float,
          "ipv4": v4.get(str(i.get("name")), [])}
         for i in ifaces if i.get("name") != "lo"
     ]
-
-
-def validate_script(script: object) -> str | None:
-    """A user customization script: a non-empty string of at most guestscript.MAX_SCRIPT_BYTES."""
-    if script is None:
-        return None
-    if not isinstance(script, str) or not script.strip():
-        raise InvalidRequest("script must be a non-empty string (a shell script run in each clone)")
-    if len(script.encode()) > guestscript.MAX_SCRIPT_BYTES:
-        raise InvalidRequest(f"script is larger than {guestscript.MAX_SCRIPT_BYTES} bytes")
-    if "\x00" in script:
-        raise InvalidRequest("script must not contain NUL bytes")
-    return script
 
 
 async def run_script(virt: Hypervisor, name: str, script: str, *, source: str, job_id: str,

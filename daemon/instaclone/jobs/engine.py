@@ -24,8 +24,17 @@ from ..errors import DomainReplaced, InstacloneError, ShuttingDown
 from ..hv import Hypervisor
 from ..model import CORE, CloneRecord, JobRecord
 from ..plugin_api import MemoryBackend, StorageBackend
+from ..requests import (
+    CheckRequest,
+    CloneRequest,
+    ExecRequest,
+    FreezeRequest,
+    GetFileRequest,
+    PrepareRequest,
+    PutFileRequest,
+)
 from ..store import Store
-from . import gc, maintenance, pipeline, recovery, templates
+from . import gc, maintenance, pipeline, recovery, sources, templates
 from .admission import Admission
 from .context import JobContext, StepHook
 from .guestexec import GuestFileReader, GuestOps, GuestProcess
@@ -94,6 +103,16 @@ class Engine:
         return self.svc.memories[0]
 
     @property
+    def storage_backend(self) -> str:
+        """The storage backend's name."""
+        return self.svc.storage.name
+
+    @property
+    def memory_backend(self) -> str:
+        """The preferred memory backend's name."""
+        return self.svc.memories[0].name
+
+    @property
     def step_hook(self) -> StepHook | None:
         return self.svc.step_hook
 
@@ -131,22 +150,16 @@ class Engine:
 
     # -- commands -----------------------------------------------------------------------
 
-    async def submit(self, *, source: object, name: object, count: object = 1, keep_network: object = False,
-                     customize: object = True, config: object = None, keep_ssh_host_keys: object = None,
-                     script: object = None, ttl_s: object = None, pool: str | None = None,
-                     pool_generation: int = 0, owner: int | None = None) -> JobRecord:
-        """Validate a clone request, persist it as Requested and queue it.
+    async def submit(self, req: CloneRequest) -> JobRecord:
+        """Check a clone request against the world, persist it as Requested and queue it.
 
-        ``owner``: the uid the job and its clones belong to (None: the daemon's own, as for the pool
-        keeper's jobs). Who may ask is the API's to decide.
+        ``req.owner``: the uid the job and its clones belong to (None: the daemon's own, as for the pool
+        keeper's jobs). Who may ask is the API's to decide. Raises ShuttingDown, SourceNotFound,
+        SourceNotCloneable, NameInUse, InsufficientCapacity, InvalidRequest (count past clone.max_count).
         """
         if not self.accepting:
             raise ShuttingDown("the daemon is shutting down and accepts no new jobs; retry after it restarts")
-        job = await self._admission.admit(source=source, name=name, count=count, keep_network=keep_network,
-                                          customize=customize, config=config,
-                                          keep_ssh_host_keys=keep_ssh_host_keys, script=script, ttl_s=ttl_s,
-                                          pool=pool, pool_generation=pool_generation,
-                                          owner=os.getuid() if owner is None else owner)
+        job = await self._admission.admit(req, owner=os.getuid() if req.owner is None else req.owner)
         self._dispatch(job)
         return job
 
@@ -168,19 +181,37 @@ class Engine:
             self.pools.wake()  # a member gone: the pool makes another
         return rec
 
-    async def guest_exec(self, name: str, *, argv: list[str], env: dict[str, str] | None = None,
-                         timeout_s: float = 300.0, stdin: bytes | None = None) -> GuestProcess:
-        """Start a command in clone ``name`` (see ``jobs.guestexec``); raises NotFound, AgentUnavailable, ..."""
-        return await self.guest.run(name, argv=argv, env=env, timeout_s=timeout_s, stdin=stdin)
+    async def guest_exec(self, req: ExecRequest) -> GuestProcess:
+        """Start a command in a clone (see ``jobs.guestexec``); raises NotFound, AgentUnavailable, ..."""
+        return await self.guest.run(req)
 
-    async def put_guest_file(self, name: str, *, path: str, mode: str, chunks: AsyncIterator[bytes],
-                             sha256: str | None = None) -> dict[str, Any]:
-        """Write a file in clone ``name``, verified and renamed into place; raises ChecksumMismatch, ..."""
-        return await self.guest.put(name, path=path, mode=mode, chunks=chunks, sha256=sha256)
+    async def put_guest_file(self, req: PutFileRequest, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+        """Write ``chunks`` to a file in a clone, verified and renamed into place; raises ChecksumMismatch, ..."""
+        return await self.guest.put(req, chunks)
 
-    async def open_guest_file(self, name: str, *, path: str) -> GuestFileReader:
-        """A file of clone ``name`` to read (size and sha256 known); raises GuestFileNotFound, ..."""
-        return await self.guest.get(name, path=path)
+    async def open_guest_file(self, req: GetFileRequest) -> GuestFileReader:
+        """A file of a clone to read (size and sha256 known); raises GuestFileNotFound, ..."""
+        return await self.guest.get(req)
+
+    async def check_source(self, req: CheckRequest) -> dict[str, Any]:
+        """The preflight report of a domain (see ``jobs.sources``); raises SourceNotFound."""
+        return await sources.check(self.svc, req)
+
+    async def prepare_source(self, req: PrepareRequest) -> dict[str, Any]:
+        """Write what instant clones need into a domain's definition, under its lock (see ``jobs.sources``);
+        raises SourceNotFound."""
+        return await sources.prepare(self.svc, req)
+
+    async def libvirt_connected(self) -> bool:
+        """Whether libvirt answers (reconnecting if it was lost)."""
+        return await self.svc.virt.ensure_connected()
+
+    async def clone_state(self, name: str) -> str:
+        """The state of domain ``name`` ("missing" if it is not there or libvirt fails)."""
+        try:
+            return await self.svc.virt.state(name)
+        except InstacloneError:
+            return "missing"
 
     async def run_background(self) -> None:
         """The engine's background work: the pool keeper, the TTL reaper, journal pruning, the
@@ -224,11 +255,13 @@ class Engine:
             except InstacloneError as exc:
                 self.svc.log.warning("gc.failed", after="interval", error=exc.message)
 
-    async def freeze(self, name: object) -> dict[str, Any]:
-        return await templates.freeze(self.svc, name)
+    async def freeze(self, req: FreezeRequest) -> dict[str, Any]:
+        """Freeze a source as a template (see ``jobs.templates``); raises Conflict, SourceNotFound, ..."""
+        return await templates.freeze(self.svc, req)
 
-    async def unfreeze(self, name: object) -> dict[str, Any]:
-        return await templates.unfreeze(self.svc, name)
+    async def unfreeze(self, req: FreezeRequest) -> dict[str, Any]:
+        """Unfreeze a source (see ``jobs.templates``); raises NotFound, ..."""
+        return await templates.unfreeze(self.svc, req)
 
     async def recover(self) -> list[str]:
         """Reconcile unfinished jobs after a restart (see ``jobs.recovery``); returns the ids handled."""

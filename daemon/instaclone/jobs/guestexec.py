@@ -45,6 +45,7 @@ from ..errors import (
     NotFound,
 )
 from ..hv import Hypervisor, guestfiles as gf
+from ..requests import ExecRequest, GetFileRequest, PutFileRequest
 from .context import JobContext
 from .customize import AGENT_CHANNEL, has_agent
 
@@ -326,14 +327,14 @@ class GuestOps:
         except InstacloneError as exc:
             self.svc.log.warning("guest.cleanup_failed", clone=name, paths=paths, error=exc.message)
 
-    async def run(self, name: str, *, argv: list[str], env: dict[str, str] | None = None,
-                  timeout_s: float = 300.0, stdin: bytes | None = None) -> GuestProcess:
-        """Start ``argv`` in clone ``name``; the returned process streams its output (see GuestProcess).
+    async def run(self, req: ExecRequest) -> GuestProcess:
+        """Start ``req.argv`` in clone ``req.clone``; the returned process streams its output (see GuestProcess).
 
-        The command runs in ``/`` with ``PATH`` (BASE_ENV) and ``env``, stdin from ``stdin``
+        The command runs in ``/`` with ``PATH`` (BASE_ENV) and ``req.env``, stdin from ``req.stdin``
         (else /dev/null). Raises as :meth:`reachable`, GuestFileError if the guest cannot hold the
         output files.
         """
+        name, argv, env, stdin = req.clone, list(req.argv), req.env, req.stdin
         await self.reachable(name)
         base = f"{EXEC_DIR}/exec-{secrets.token_hex(8)}"
         handles: list[int] = []
@@ -361,17 +362,17 @@ class GuestOps:
                 if handles:
                     await self._remove(name, [base + ".out", base + ".err", base + ".in"])
         self.svc.log.info("guest.exec", clone=name, argv0=argv[0], pid=pid)
-        return GuestProcess(self.virt, name, pid, (handles[0], handles[1]), timeout_s, self.svc.log)
+        return GuestProcess(self.virt, name, pid, (handles[0], handles[1]), req.timeout_s, self.svc.log)
 
-    async def put(self, name: str, *, path: str, mode: str, chunks: AsyncIterator[bytes],
-                  sha256: str | None = None) -> dict[str, Any]:
-        """Write ``chunks`` to ``path`` in clone ``name``: to a temp name beside it, then (size and
-        sha256 checked in the guest, ``mode`` set) renamed onto it. Returns ``{path, bytes, sha256, mode}``.
+    async def put(self, req: PutFileRequest, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+        """Write ``chunks`` to ``req.path`` in clone ``req.clone``: to a temp name beside it, then (size and
+        sha256 checked in the guest, ``req.mode`` set) renamed onto it. Returns ``{path, bytes, sha256, mode}``.
 
         GuestFileNotFound (no such directory), GuestFileError (refused, is a directory, disk full),
-        ChecksumMismatch (the bytes are not ``sha256``, or the guest's copy differs), and as
-        :meth:`reachable`. A failed put leaves ``path`` as it was and no temp file.
+        ChecksumMismatch (the bytes are not ``req.sha256``, or the guest's copy differs), and as
+        :meth:`reachable`. A failed put leaves the path as it was and no temp file.
         """
+        name, path, mode, sha256 = req.clone, req.path, req.mode, req.sha256
         await self.reachable(name)
         directory, base = posixpath.split(path)
         tmp = posixpath.join(directory, f".{base}.instaclone-{secrets.token_hex(6)}")
@@ -414,11 +415,12 @@ class GuestOps:
             raise GuestFileError(f"cannot put {path} in place in clone {name!r} (exit {rc}): {out.strip()}")
         return {"path": path, "bytes": size, "sha256": got, "mode": mode}
 
-    async def get(self, name: str, *, path: str) -> GuestFileReader:
-        """Open ``path`` in clone ``name`` for reading; its size and sha256 are taken first.
+    async def get(self, req: GetFileRequest) -> GuestFileReader:
+        """Open ``req.path`` in clone ``req.clone`` for reading; its size and sha256 are taken first.
 
         GuestFileNotFound (no such file), GuestFileError (a directory, unreadable), and as :meth:`reachable`.
         """
+        name, path = req.clone, req.path
         await self.reachable(name)
         try:
             h = await gf.file_open(self.virt, name, path, "r")

@@ -24,8 +24,6 @@ CONFIG_PATH = "/run/instaclone/config.json"
 RNG_BYTES = 64
 #: Size of systemd's random seed file (its default pool size).
 SEED_BYTES = 512
-#: Largest user customization script accepted.
-MAX_SCRIPT_BYTES = 64 * 1024
 #: Output of a user script kept in the job result.
 SCRIPT_TAIL_CHARS = 2000
 

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import events, identity
+from .. import events
 from ..errors import (
     Conflict,
     DomainReplaced,
@@ -39,13 +39,11 @@ from ..errors import (
 )
 from ..hv import domxml
 from ..model import CloneRecord, JobRecord, PoolRecord
+from ..requests import ClaimRequest, CloneRequest, FreezeRequest, PoolRequest, PoolUpdate
 from ..store.pools import RETIRING
 from . import guestscript
-from .admission import active_source, pick_memory, validate_bool, validate_guest_config, validate_ttl
+from .admission import active_source, pick_memory
 from .context import JobContext
-
-#: The largest pool.
-MAX_POOL_SIZE = 1000
 
 
 class PoolEmpty(InstacloneError):
@@ -56,9 +54,9 @@ class PoolEmpty(InstacloneError):
     retryable = True
 
 
-Submit = Callable[..., Awaitable[JobRecord]]
+Submit = Callable[[CloneRequest], Awaitable[JobRecord]]
 Destroy = Callable[..., Awaitable[CloneRecord]]
-Freeze = Callable[[object], Awaitable[dict[str, Any]]]
+Freeze = Callable[[FreezeRequest], Awaitable[dict[str, Any]]]
 #: (kind, pool, figures): ``members`` {idle, claimed, pending}, ``claim`` {wait_s}, ``replenished`` {seconds}.
 Observer = Callable[[str, str, dict[str, float]], None]
 
@@ -100,48 +98,52 @@ class PoolKeeper:
 
     # -- commands ---------------------------------------------------------------------
 
-    async def create(self, *, name: object, source: object, size: object, config: object = None,
-                     customize: object = True, keep_network: object = False,
-                     freeze: object = False, owner: int | None = None) -> dict[str, Any]:
-        """Define a pool of ``owner`` (a uid; None: the daemon's), optionally freezing its source first;
-        the keeper fills it in the background (its members are the daemon's until claimed)."""
-        pool_name = identity.validate_name(name, what="pool name")
-        src = identity.validate_name(source, what="source name")
-        n = _size(size)
-        guest_config = validate_guest_config(config)
-        flags = {k: validate_bool(k, v) for k, v in (("customize", customize), ("keep_network", keep_network),
-                                             ("freeze", freeze))}
+    async def create(self, req: PoolRequest) -> dict[str, Any]:
+        """Define a pool of ``req.owner`` (a uid; None: the daemon's), optionally freezing its source first;
+        the keeper fills it in the background (its members are the daemon's until claimed). Raises
+        Conflict (it exists), SourceNotFound, SourceNotCloneable."""
+        pool_name, src = req.name, req.source
         if await self.svc.store.get_pool(pool_name) is not None:
             raise Conflict(f"pool {pool_name!r} exists")
         await self._check_source(src)
-        if flags["freeze"] and src not in await self.svc.store.frozen():
-            await self._freeze(src)
+        if req.freeze and src not in await self.svc.store.frozen():
+            await self._freeze(FreezeRequest(src))
         try:
             pool = await self.svc.store.create_pool(PoolRecord(
-                pool_name, src, n, guest_config, flags["customize"], flags["keep_network"],
-                owner=os.getuid() if owner is None else owner))
+                pool_name, src, req.size, dict(req.config or {}), req.customize, req.keep_network,
+                owner=os.getuid() if req.owner is None else req.owner))
         except ValueError:
             raise Conflict(f"pool {pool_name!r} exists") from None
-        self.svc.log.info("pool.created", pool=pool_name, source=src, size=n)
+        self.svc.log.info("pool.created", pool=pool_name, source=src, size=req.size)
         self.wake()
         return await self.show(pool.name)
 
-    async def resize(self, name: str, size: object) -> dict[str, Any]:
+    async def update(self, req: PoolUpdate) -> dict[str, Any] | None:
+        """Move the pool to ``req.source`` (if given), then resize it to ``req.size`` (if given); the pool
+        after, or None if neither was given. Raises NotFound, SourceNotFound, SourceNotCloneable."""
+        pool = None
+        if req.source is not None:
+            pool = await self.update_source(req.name, req.source)
+        if req.size is not None:
+            pool = await self.resize(req.name, req.size)
+        return pool
+
+    async def resize(self, name: str, size: int) -> dict[str, Any]:
+        """Set the pool's size (0..MAX_POOL_SIZE, as PoolUpdate has it); raises NotFound."""
         await self._get(name)
         try:
-            await self.svc.store.update_pool(name, size=_size(size))
+            await self.svc.store.update_pool(name, size=size)
         except KeyError:
             raise NotFound(f"no pool {name!r}") from None
         self.wake()
         return await self.show(name)
 
-    async def update_source(self, name: str, source: object) -> dict[str, Any]:
+    async def update_source(self, name: str, source: str) -> dict[str, Any]:
         """Image push: move the pool to a new source; idle members are replaced, claimed ones stay."""
         await self._get(name)
-        src = identity.validate_name(source, what="source name")
-        await self._check_source(src)
+        await self._check_source(source)
         try:
-            await self.svc.store.update_pool(name, source=src)
+            await self.svc.store.update_pool(name, source=source)
         except KeyError:
             raise NotFound(f"no pool {name!r}") from None
         self._st(name).failures = 0
@@ -174,17 +176,16 @@ class PoolKeeper:
     async def list_all(self) -> list[dict[str, Any]]:
         return [await self._describe(p) for p in await self.svc.store.list_pools()]
 
-    async def claim(self, name: str, *, ttl_s: object = None, config: object = None,
-                    wait_s: object = None, claimed_by: dict[str, Any] | None = None,
-                    owner: int | None = None) -> dict[str, Any]:
-        """Hand out an idle member at once, or wait (bounded) for the next one; raises PoolEmpty.
+    async def claim(self, req: ClaimRequest) -> dict[str, Any]:
+        """Hand out an idle member at once, or wait (bounded) for the next one; raises NotFound, PoolEmpty.
 
-        The member becomes ``owner``'s (a uid; None: the daemon's).
+        The member becomes ``req.owner``'s (a uid; None: the daemon's).
         """
         t0 = time.monotonic()
-        ttl = validate_ttl(ttl_s)
-        extra = validate_guest_config(config)
-        limit = self.svc.config.pools.claim_wait_s if wait_s is None else _wait(wait_s)
+        name, ttl, extra = req.pool, req.ttl_s, dict(req.config or {})
+        claimed_by = dict(req.claimed_by) if req.claimed_by is not None else None
+        owner = req.owner
+        limit = self.svc.config.pools.claim_wait_s if req.wait_s is None else req.wait_s
         deadline = t0 + limit
         pool = await self._get(name)
         st = self._st(name)
@@ -308,9 +309,10 @@ class PoolKeeper:
         count = fit
         base = f"{pool.name}-{secrets.token_hex(3)}"
         try:
-            job = await self._submit(source=pool.source, name=base, count=count, customize=pool.customize,
-                                     keep_network=pool.keep_network, config=dict(pool.config) or None,
-                                     pool=pool.name, pool_generation=pool.generation)
+            job = await self._submit(CloneRequest(
+                source=pool.source, name=base, count=count, customize=pool.customize,
+                keep_network=pool.keep_network, config=dict(pool.config) or None, pool=pool.name,
+                pool_generation=pool.generation))
         except InsufficientCapacity as exc:  # the host changed since _fit: wait, as above
             st.held = f"replenishment held by the host's capacity: {exc.message}"
             return
@@ -477,14 +479,3 @@ class PoolKeeper:
                 "pending": await self._pending(pool),
                 "held": st.held, "last_error": st.last_error, "failures": st.failures}
 
-
-def _size(size: object) -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_POOL_SIZE:
-        raise InvalidRequest(f"size must be an integer between 0 and {MAX_POOL_SIZE}")
-    return size
-
-
-def _wait(wait_s: object) -> float:
-    if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 3600:
-        raise InvalidRequest("wait_s must be a number of seconds between 0 and 3600")
-    return float(wait_s)

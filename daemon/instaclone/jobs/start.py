@@ -18,9 +18,9 @@ from ..errors import InstacloneError
 from ..hv import domxml
 from ..model import CloneRecord, JobRecord
 from ..plugin_api import CloneTarget, MemoryBackend, StunContext
+from ..requests import validate_script
 from . import customize
 from .context import JobContext
-from .customize import validate_script
 
 #: A stun longer than this sets the source's clock from the host's afterwards.
 SOURCE_CLOCK_AFTER_STUN_MS = 1000.0

@@ -19,6 +19,7 @@ from ..errors import Conflict, DomainNotFound, NotFound, StepFailed
 from ..hv import vmstate
 from ..model import CORE, FrozenSource, ResourceKind
 from ..plugin_api import StunContext
+from ..requests import FreezeRequest
 from . import customize
 from .admission import active_source, pick_memory
 from .context import JobContext
@@ -30,9 +31,9 @@ def ledger_id(source: str) -> str:
     return f"frozen-{source}"
 
 
-async def freeze(svc: JobContext, name: object) -> dict[str, Any]:
-    """Pause ``name`` as a template and capture its memory image once; it stays paused until unfreeze."""
-    src = identity.validate_name(name, what="source name")
+async def freeze(svc: JobContext, req: FreezeRequest) -> dict[str, Any]:
+    """Pause the source as a template and capture its memory image once; it stays paused until unfreeze."""
+    src = req.source
     async with svc.lock(src):
         if src in await svc.store.frozen():
             raise Conflict(f"{src!r} is already frozen")
@@ -87,9 +88,9 @@ async def roll_back_freeze(svc: JobContext, src: str) -> None:
     await svc.store.remove_frozen(src)
 
 
-async def unfreeze(svc: JobContext, name: object) -> dict[str, Any]:
+async def unfreeze(svc: JobContext, req: FreezeRequest) -> dict[str, Any]:
     """Let a frozen source run again; its clones are not affected."""
-    src = identity.validate_name(name, what="source name")
+    src = req.source
     async with svc.lock(src):
         entry = (await svc.store.frozen()).get(src)
         if entry is None:
