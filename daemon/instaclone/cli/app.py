@@ -9,15 +9,14 @@ failure it knows into its line and status.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 
-from . import complete
+from . import complete, loop
 from .command import Command
 from .commandline import COMMAND_ATTR, parser
 from .context import CliError, Ctx, translated
-from .exitcodes import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED
+from .exitcodes import EXIT_BROKEN_PIPE, EXIT_FAILED
 from .output import Output
 
 
@@ -39,15 +38,17 @@ def _quiet_stdout() -> None:
         os.dup2(devnull.fileno(), sys.stdout.fileno())
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI; its exit status. Every failure is one line on stderr (never a traceback)."""
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: list[str]) -> int:
+    """The CLI on ``argv``; its exit status. Every failure is one line on stderr (never a traceback).
+
+    Runs within ``instaclone.cli.main``'s Ctrl-C handling, which turns KeyboardInterrupt into its line.
+    """
     try:
         if complete.HIDDEN in argv:
             return complete.main(argv)
         root = parser()
         args = root.parse_args(argv)
-        status = asyncio.run(run(args, root))
+        status = loop.run(run(args, root))
         sys.stdout.flush()
         return status
     except CliError as exc:
@@ -57,9 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         # The reader of stdout went away (| head): like coreutils, stop quietly.
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
-        print("instaclone: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except Exception as exc:
         # A bug of ours: still one line, and the traceback for whoever debugs it.
         if os.environ.get("INSTACLONE_DEBUG"):

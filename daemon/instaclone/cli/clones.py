@@ -17,14 +17,16 @@ from .exitcodes import EXIT_USAGE
 COMMANDS = Commands()
 
 
-def _clone_options(args: argparse.Namespace) -> dict[str, Any]:
+async def _clone_options(args: argparse.Namespace) -> dict[str, Any]:
     """The optional clone request fields given on the command line."""
     out: dict[str, Any] = {}
     if args.keep_ssh_host_keys:
         out["keep_ssh_host_keys"] = True
     if args.script:
         try:
-            out["script"] = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
+            # In a thread: the loop stays free to see a Ctrl-C while this waits on a terminal.
+            out["script"] = await asyncio.to_thread(
+                sys.stdin.read if args.script == "-" else Path(args.script).read_text)
         except (OSError, UnicodeDecodeError) as exc:
             raise CliError(f"--script {args.script}: {exc}", EXIT_USAGE) from None
     if args.ttl is not None:
@@ -71,7 +73,7 @@ async def _clone(ctx: Ctx, args: argparse.Namespace) -> int:
     submitted = await ctx.client.clone(
         args.source, name=args.name, count=args.count, wait=args.wait and not show_progress, timeout_s=args.timeout,
         config=kv(args.config), customize=not args.no_customize, keep_network=args.keep_network,
-        **_clone_options(args))
+        **await _clone_options(args))
     job = raw(submitted)
     if show_progress:
         print(f"job {job['id']}: cloning {args.source} -> {', '.join(submitted.clones)}", flush=True)

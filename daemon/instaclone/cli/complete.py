@@ -12,11 +12,11 @@ into the command line. ``instaclone completion zsh`` is the same function under 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shlex
 from typing import TYPE_CHECKING
 
+from . import loop
 from .tree import COMPLETE, DEFAULT_SOCKET, walk
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ def main(argv: list[str]) -> int:
     if not rest or rest[0] not in KINDS:
         return 0
     try:
-        found = asyncio.run(_names(sock, rest[0]))
+        found = loop.run(_names(sock, rest[0]))
     except ClientError:
         return 0  # no daemon, no names: never an error in the middle of a command line
     for n in found:

@@ -104,7 +104,8 @@ async def _exec(ctx: Ctx, args: argparse.Namespace) -> int:
     split_exec(args)
     env = kv(args.env, "--env") if args.env else None
     # The protocol takes stdin whole, with the request: read it to its end first.
-    stdin = sys.stdin.buffer.read() if args.interactive else None
+    # In a thread: the loop stays free to see a Ctrl-C while this waits on a terminal.
+    stdin = await asyncio.to_thread(sys.stdin.buffer.read) if args.interactive else None
     out, err = sys.stdout.buffer, sys.stderr.buffer
     sys.stdout.flush()
     try:
