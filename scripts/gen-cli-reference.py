@@ -26,7 +26,7 @@ EVERYWHERE = ("help", "output", "quiet")
 
 def root_parser() -> argparse.ArgumentParser:
     """The CLI's root parser: the one place this script names the CLI's modules."""
-    from instaclone.cli_parser import parser
+    from instaclone.cli import parser
 
     return parser()
 

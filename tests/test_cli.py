@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from instaclone import __version__, cli_help, cli_parser
-from instaclone.cli_output import to_yaml
+from instaclone import __version__
+from instaclone.cli import commandline, manual, tree
+from instaclone.cli.output import to_yaml
 
 from .fakes import fake_api
 
@@ -174,9 +175,9 @@ async def test_version_and_help() -> None:
 
 def test_man_page_is_up_to_date() -> None:
     """docs/man/instaclone.1 is what the parser prints (regenerate: instaclone help --man > docs/man/instaclone.1)."""
-    page = cli_help.man_page(cli_parser.parser())
+    page = manual.man_page(commandline.parser())
     assert (REPO / "docs/man/instaclone.1").read_text() == page
-    for path, _ in cli_parser.walk(cli_parser.parser()):
+    for path, _ in tree.walk(commandline.parser()):
         if path and path[0] not in ("help", "completion") and len(path) == 1:
             assert f".SS instaclone {path[0]}".replace("-", "\\-") in page, path
 

@@ -1,7 +1,7 @@
 """Shell completion for ``instaclone``: scripts generated from the parser, names from the daemon.
 
 ``instaclone completion bash`` prints a bash script: tables of every command's subcommands,
-options and positional arguments (generated from ``cli_parser.parser()``, so they cannot drift)
+options and positional arguments (generated from ``commandline.parser()``, so they cannot drift)
 and one function that walks the words typed so far through them. Where a clone, source, pool or
 job name is wanted it runs ``instaclone __complete KIND`` (a hidden command) for the daemon's
 names; that prints nothing when the daemon cannot be reached, so completion never prints an error
@@ -12,15 +12,15 @@ into the command line. ``instaclone completion zsh`` is the same function under 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shlex
 from typing import TYPE_CHECKING
 
-from .cli_parser import COMPLETE, DEFAULT_SOCKET, walk
+from . import loop
+from .tree import COMPLETE, DEFAULT_SOCKET, walk
 
 if TYPE_CHECKING:
-    from .client import Client
+    from instaclone.client import Client
 
 #: The hidden command the scripts call: ``instaclone [--socket S] __complete KIND``.
 HIDDEN = "__complete"
@@ -175,7 +175,7 @@ async def names(client: Client, kind: str) -> list[str]:
 
 
 async def _names(sock: str, kind: str) -> list[str]:
-    from .client import Client
+    from instaclone.client import Client
 
     async with Client(sock, timeout_s=5) as client:
         return await names(client, kind)
@@ -187,13 +187,13 @@ def main(argv: list[str]) -> int:
     before = argv[:argv.index(HIDDEN)]
     if "--socket" in before and before.index("--socket") + 1 < len(before):
         sock = before[before.index("--socket") + 1]
-    from .client import ClientError
+    from instaclone.client import ClientError
 
     rest = argv[argv.index(HIDDEN) + 1:]
     if not rest or rest[0] not in KINDS:
         return 0
     try:
-        found = asyncio.run(_names(sock, rest[0]))
+        found = loop.run(_names(sock, rest[0]))
     except ClientError:
         return 0  # no daemon, no names: never an error in the middle of a command line
     for n in found:

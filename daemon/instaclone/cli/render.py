@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .cli_output import Column, Listing, hms, table, when
+from .output import Column, Listing, hms, table, when
 
 
 def _fmt_ms(v: Any) -> str:

@@ -1,6 +1,8 @@
-"""The CLI's way to the daemon: ``instaclone.client`` (the one HTTP client), and ``CliError``.
+"""What every command gets (``Ctx``: the client, the output options) and ``CliError``.
 
-Every failure becomes a ``CliError`` carrying its exit status (``cli_exit``): the daemon's own
+The CLI reaches the daemon only through ``instaclone.client`` (the one HTTP client; an import
+contract in pyproject.toml says so). Every failure becomes a ``CliError`` carrying its exit
+status (``exitcodes``): the daemon's own
 errors (1), unreachable (3, also when it goes away mid-answer), permission (4: the socket's
 EACCES, whose message from the client names the group and the ``usermod`` that fixes it, or the
 API's 403 ``forbidden``).
@@ -8,16 +10,17 @@ API's 403 ``forbidden``).
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .cli_exit import EXIT_FAILED, EXIT_PERMISSION, EXIT_UNREACHABLE, EXIT_USAGE
-from .cli_output import Output, raw
+from .exitcodes import EXIT_FAILED, EXIT_PERMISSION, EXIT_UNREACHABLE, EXIT_USAGE
+from .output import Output, raw
 
 if TYPE_CHECKING:  # the client (aiohttp) is imported only by commands that talk to the daemon
-    from .client import Client, ClientError
+    from instaclone.client import Client, ClientError
 
 __all__ = ["CliError", "Ctx", "cli_error", "kv", "raw", "translated"]
 
@@ -45,7 +48,7 @@ def _permission_hint(rule: object) -> str:
 
 def cli_error(exc: ClientError) -> CliError:
     """The CliError (message and exit status) of one of the client's errors."""
-    from .client import ApiError, DaemonUnreachable, PermissionDenied
+    from instaclone.client import ApiError, DaemonUnreachable, PermissionDenied
 
     if isinstance(exc, PermissionDenied):
         return CliError(f"{exc}", EXIT_PERMISSION)
@@ -61,20 +64,41 @@ def cli_error(exc: ClientError) -> CliError:
 @contextmanager
 def translated() -> Iterator[None]:
     """Raise the client's errors as CliError (for code that talks to the client directly)."""
-    from .client import ClientError
-
     try:
         yield
-    except ClientError as exc:
-        raise cli_error(exc) from None
+    except Exception as exc:
+        # A client error means the client is imported; a command that never used it (help,
+        # completion) must not import it (nor aiohttp) here.
+        client = sys.modules.get("instaclone.client")
+        if client is not None and isinstance(exc, client.ClientError):
+            raise cli_error(exc) from None
+        raise
 
 
-@dataclass
 class Ctx:
-    """What every command gets: the client on the daemon's socket and the output options."""
+    """What every command gets: the client on the daemon's socket, the output options, the root parser.
 
-    client: Client
-    out: Output
+    The client is made on first use: commands that need no daemon (help, completion) never import
+    aiohttp.
+    """
+
+    def __init__(self, socket: str, out: Output, parser: argparse.ArgumentParser) -> None:
+        self.socket, self.out, self.parser = socket, out, parser
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        """The client on ``socket`` (it connects on its first request)."""
+        if self._client is None:
+            from instaclone.client import Client
+
+            self._client = Client(self.socket)
+        return self._client
+
+    async def close(self) -> None:
+        """Close the client's session, if one was opened."""
+        if self._client is not None:
+            await self._client.close()
 
 
 def kv(pairs: list[str], option: str = "--config") -> dict[str, str]:

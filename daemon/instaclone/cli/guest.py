@@ -23,13 +23,13 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .cli_exit import EXIT_EXEC_TIMEOUT, EXIT_EXEC_TOOL, EXIT_USAGE
-from .cli_transport import CliError, Ctx, cli_error, kv, raw
+from .command import Arg, Commands
+from .context import CliError, Ctx, cli_error, kv, raw
+from .exitcodes import EXIT_EXEC_TIMEOUT, EXIT_EXEC_TOOL, EXIT_USAGE
 
 #: Bytes per chunk read from a local file or stdin, and from the daemon's answer.
 CHUNK = 1 << 20
@@ -38,7 +38,7 @@ PROGRESS_MIN_BYTES = 8 << 20
 #: ``CLONE:/path``: a clone name, a colon, an absolute path (use ``./a:b`` for a local name with a colon).
 _REMOTE = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.+-]*):(/.*)")
 
-Handler = Callable[[Ctx, argparse.Namespace], Awaitable[int]]
+COMMANDS = Commands()
 
 
 # -- exec -----------------------------------------------------------------------------------------
@@ -89,12 +89,23 @@ def _agent_hint(exc: CliError) -> str:
     return ""
 
 
+@COMMANDS.command("exec", help="run a command inside a clone (exit status: the command's)",
+                  usage="instaclone exec [-i] [--env K=V] [--timeout S] CLONE -- CMD [ARG...]", args=[
+    Arg("clone", help="a clone made by instaclone"),
+    Arg("argv", nargs=argparse.REMAINDER, metavar="CMD", help="the command and its arguments"),
+    Arg("-i", "--interactive", action="store_true", help="send this command's stdin to the command"),
+    Arg("--env", action="append", default=[], metavar="K=V", help="environment variable; repeatable"),
+    Arg("--timeout", type=float, default=300.0, metavar="S",
+        help="kill the command after S seconds (default 300; exit 124)"),
+])
 async def _exec(ctx: Ctx, args: argparse.Namespace) -> int:
-    from .client import ClientError, ExecOutput, ExecTimeout
+    from instaclone.client import ClientError, ExecOutput, ExecTimeout
 
+    split_exec(args)
     env = kv(args.env, "--env") if args.env else None
     # The protocol takes stdin whole, with the request: read it to its end first.
-    stdin = sys.stdin.buffer.read() if args.interactive else None
+    # In a thread: the loop stays free to see a Ctrl-C while this waits on a terminal.
+    stdin = await asyncio.to_thread(sys.stdin.buffer.read) if args.interactive else None
     out, err = sys.stdout.buffer, sys.stderr.buffer
     sys.stdout.flush()
     try:
@@ -236,6 +247,12 @@ async def _download(ctx: Ctx, src: Remote, dst: str) -> int:
         meter.close()
 
 
+@COMMANDS.command("cp", help="copy a file into or out of a clone (CLONE:/path on one side; '-': stdin/stdout)",
+                  usage="instaclone cp SRC DST   (one of them CLONE:/abs/path)", args=[
+    Arg("src", help="a local file, '-' (stdin) or CLONE:/abs/path"),
+    Arg("dst", help="a local file or directory, '-' (stdout) or CLONE:/abs/path"),
+    Arg("--mode", help="file mode in the guest (octal, e.g. 0755; default 0644)"),
+])
 async def _cp(ctx: Ctx, args: argparse.Namespace) -> int:
     src, dst = parse_location(args.src), parse_location(args.dst)
     if isinstance(src, Remote) and isinstance(dst, Remote):
@@ -247,6 +264,3 @@ async def _cp(ctx: Ctx, args: argparse.Namespace) -> int:
         return await _download(ctx, src, dst)
     raise CliError("cp: name a clone on one side: CLONE:/abs/path (both sides are local)", EXIT_USAGE)
 
-
-def commands() -> dict[str, Handler]:
-    return {"exec": _exec, "cp": _cp}

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
-from .cli_exit import EXIT_CODES, EXIT_USAGE
-from .cli_parser import DEFAULT_SOCKET, help_of, subcommands, walk
+from .. import __version__
+from .exitcodes import EXIT_CODES, EXIT_USAGE
+from .tree import DEFAULT_SOCKET, help_of, subcommands, walk
 
 TOPICS: dict[str, str] = {
     "output": """\
