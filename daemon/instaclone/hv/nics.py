@@ -1,13 +1,30 @@
-"""Network interfaces of a running domain: link state and hot re-plug."""
+"""Network interfaces of a running domain: link state, and replacing a NIC.
+
+:meth:`Nics.replace_nic` is the one place that knows how a clone's NIC is
+replaced; the job layer calls it once per NIC and knows nothing of how.
+
+A VM restored from another's state keeps that VM's MAC inside its
+virtio-net device state; a freshly plugged device makes the guest read the
+MAC of the definition. So the NIC is hot-unplugged and an identical one
+plugged back. The guest releases the old one itself (ACPI hot-unplug), as
+fast as it is busy: libvirt says when with a domain event, DEVICE_REMOVED
+(or DEVICE_REMOVAL_FAILED when the guest refused), and the wait for it
+holds no thread. The events are watched once per connection, for every
+domain (:class:`_Removals`).
+"""
 
 from __future__ import annotations
 
-import time
+import asyncio
+import threading
 import xml.etree.ElementTree as ET
+from typing import Any, Literal
 
 from ..errors import VirtError, VirtTimeout
 from . import _libvirt as lv
 from .connection import Connection
+
+Removal = Literal["removed", "failed"]
 
 
 def _iface_by_mac(dom: lv.Domain, mac: str) -> ET.Element | None:
@@ -24,8 +41,66 @@ def _set_link_state(iface: ET.Element, up: bool) -> None:
     ET.SubElement(iface, "link", {"state": "up" if up else "down"})
 
 
+def _resolve(fut: asyncio.Future[Removal], how: Removal) -> None:
+    if not fut.done():
+        fut.set_result(how)
+
+
+class _Removals:
+    """Who waits for which device to be removed: (domain UUID, device alias) -> a future.
+
+    libvirt calls :meth:`_on_removed` and :meth:`_on_failed` on the event
+    loop's thread (its events are dispatched by :mod:`.eventloop`); they
+    only settle a future, through ``call_soon_threadsafe`` so that any
+    thread would do. An event nobody waits for is dropped.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the waiters; held briefly, by the loop and the callbacks
+        self._watch_lock = threading.Lock()  # the registration, an RPC: never taken by the loop
+        self._watching: lv.Connection | None = None
+        self._waiters: dict[tuple[str, str], asyncio.Future[Removal]] = {}
+
+    def watch(self, conn: lv.Connection) -> None:
+        """Have ``conn`` report device removals here, once per connection. Blocks: a worker thread."""
+        with self._watch_lock:
+            if self._watching is conn:
+                return
+            # Every domain: one registration serves every clone this connection ever replugs.
+            conn.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_removed, None)
+            conn.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_failed, None)
+            self._watching = conn
+
+    def expect(self, uuid: str, alias: str) -> asyncio.Future[Removal]:
+        """A future settled by the next removal event of device ``alias`` of domain ``uuid``."""
+        fut: asyncio.Future[Removal] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._waiters[(uuid, alias)] = fut
+        return fut
+
+    def forget(self, uuid: str, alias: str, fut: asyncio.Future[Removal]) -> None:
+        with self._lock:
+            if self._waiters.get((uuid, alias)) is fut:
+                del self._waiters[(uuid, alias)]
+
+    def _settle(self, dom: lv.Domain, alias: str, how: Removal) -> None:
+        with self._lock:
+            fut = self._waiters.get((dom.UUIDString(), alias))  # the handle's own UUID: no call to libvirtd
+        if fut is not None:
+            fut.get_loop().call_soon_threadsafe(_resolve, fut, how)
+
+    def _on_removed(self, _conn: Any, dom: lv.Domain, alias: str, _opaque: Any) -> None:
+        self._settle(dom, alias, "removed")
+
+    def _on_failed(self, _conn: Any, dom: lv.Domain, alias: str, _opaque: Any) -> None:
+        self._settle(dom, alias, "failed")
+
+
 class Nics(Connection):
     """NIC calls on running domains."""
+
+    #: Made on first use, on the loop's thread (mixins of Connection have no __init__ of their own).
+    _removals: _Removals | None = None
 
     async def set_link(self, name: str, mac: str, *, up: bool) -> None:
         """Set the link state of the running domain's NIC with ``mac``."""
@@ -40,31 +115,82 @@ class Nics(Connection):
 
         await self._call(f"set link of {name!r} {mac}", do)
 
-    async def replug_interface(self, name: str, mac: str, *, link_up: bool, timeout_s: float = 10.0) -> None:
-        """Hot-unplug the NIC with ``mac`` and plug an identical one back.
+    async def replace_nic(self, name: str, mac: str, *, link_up: bool, timeout_s: float) -> None:
+        """Replace the running domain's NIC with ``mac`` by an identical one, with its link ``link_up``.
 
-        A VM restored from another's state keeps that VM's MAC inside its
-        virtio-net device state; a freshly plugged device makes the guest
-        read the MAC of the definition. Needs guest ACPI hotplug: VirtTimeout
-        if the guest does not release the NIC within ``timeout_s``.
+        Unplug, wait until the guest released it, plug the same interface
+        back (same MAC, model, PCI slot) and check that the live definition
+        has it with that link state. The guest then reads the MAC of the
+        definition. Raises VirtTimeout if the guest did not release the NIC
+        within ``timeout_s`` of the unplug request (it needs ACPI hot-unplug;
+        the NIC is left as the guest has it), VirtError if the guest refused
+        (DEVICE_REMOVAL_FAILED), if there is no such NIC, or if the plugged
+        one is not there afterwards.
         """
+        if self._removals is None:
+            self._removals = _Removals()
+        removals = self._removals
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        uuid, alias, iface = await self._call(f"find NIC {mac} of {name!r}", lambda: self._nic(name, mac, removals))
+        # Waited for before the unplug is asked for: the event may come before the call returns.
+        removed = removals.expect(uuid, alias)
+        try:
+            if not await self._call(f"unplug NIC {mac} of {name!r}",
+                                    lambda: self._unplug(name, uuid, mac, iface, removals)):
+                await self._released(name, uuid, mac, removed, deadline - loop.time(), timeout_s)
+        finally:
+            removals.forget(uuid, alias, removed)
+        await self._call(f"plug NIC {mac} into {name!r}", lambda: self._plug(name, uuid, mac, iface, link_up))
 
-        def do() -> None:
-            dom = self._dom(name)
-            iface = _iface_by_mac(dom, mac)
-            if iface is None:
-                raise VirtError(f"{name!r} has no interface with MAC {mac}")
-            dom.detachDeviceFlags(ET.tostring(iface, encoding="unicode"), lv.VIR_DOMAIN_AFFECT_LIVE)
-            deadline = time.monotonic() + timeout_s
-            while _iface_by_mac(dom, mac) is not None:
-                if time.monotonic() > deadline:
-                    raise VirtTimeout(f"the guest of {name!r} did not release its NIC {mac} within "
-                                      f"{timeout_s:g} s (no ACPI hotplug in the guest?)")
-                time.sleep(0.05)
-            for tag in ("alias", "target"):
-                for el in iface.findall(tag):
-                    iface.remove(el)
-            _set_link_state(iface, link_up)
-            dom.attachDeviceFlags(ET.tostring(iface, encoding="unicode"), lv.VIR_DOMAIN_AFFECT_LIVE)
+    def _nic(self, name: str, mac: str, removals: _Removals) -> tuple[str, str, str]:
+        """(UUID, device alias, interface XML) of ``name``'s NIC with ``mac``; events watched from now on."""
+        conn = self._connection()
+        removals.watch(conn)
+        dom = conn.lookupByName(name)
+        iface = _iface_by_mac(dom, mac)
+        if iface is None:
+            raise VirtError(f"{name!r} has no interface with MAC {mac}")
+        alias = iface.find("alias")
+        if alias is None or not alias.get("name"):
+            raise VirtError(f"the NIC {mac} of {name!r} has no device alias (is the domain running?)")
+        return dom.UUIDString(), str(alias.get("name")), ET.tostring(iface, encoding="unicode")
 
-        await self._call(f"replug NIC {mac} of {name!r}", do)
+    def _unplug(self, name: str, uuid: str, mac: str, iface: str, removals: _Removals) -> bool:
+        """Ask for the unplug; whether the NIC is gone already (libvirt waits a few seconds for the guest)."""
+        removals.watch(self._connection())  # a reconnect since _nic: watch the new connection too
+        dom = self._dom_id(name, uuid)
+        dom.detachDeviceFlags(iface, lv.VIR_DOMAIN_AFFECT_LIVE)
+        return _iface_by_mac(dom, mac) is None
+
+    async def _released(self, name: str, uuid: str, mac: str, removed: asyncio.Future[Removal],
+                        remaining_s: float, timeout_s: float) -> None:
+        """Wait for the removal event; at the deadline the live XML has the last word."""
+        try:
+            how = await asyncio.wait_for(removed, max(0.0, remaining_s))
+        except TimeoutError:
+            # An event lost with a dropped connection, or one sent before we watched.
+            if await self._call(f"look for NIC {mac} of {name!r}",
+                                lambda: _iface_by_mac(self._dom_id(name, uuid), mac) is None):
+                return
+            raise VirtTimeout(f"the guest of {name!r} did not release its NIC {mac} within {timeout_s:g} s "
+                              f"(clone.nic_release_timeout_s; does the guest handle ACPI hot-unplug?)") from None
+        if how == "failed":
+            raise VirtError(f"the guest of {name!r} refused to release its NIC {mac} "
+                            f"(libvirt reported the device removal failed)")
+
+    def _plug(self, name: str, uuid: str, mac: str, iface_xml: str, link_up: bool) -> None:
+        """Plug the interface back with its link ``link_up``; VirtError unless the live XML then has it so."""
+        iface = ET.fromstring(iface_xml)
+        for tag in ("alias", "target"):  # libvirt names the new device and its tap itself
+            for el in iface.findall(tag):
+                iface.remove(el)
+        _set_link_state(iface, link_up)
+        dom = self._dom_id(name, uuid)
+        dom.attachDeviceFlags(ET.tostring(iface, encoding="unicode"), lv.VIR_DOMAIN_AFFECT_LIVE)
+        now = _iface_by_mac(dom, mac)
+        link = now.find("link") if now is not None else None
+        state = link.get("state", "up") if link is not None else "up"
+        if now is None or state != ("up" if link_up else "down"):
+            raise VirtError(f"the NIC {mac} plugged into {name!r} is "
+                            f"{'missing' if now is None else f'link {state}'} in its live definition")
