@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import VirtError, VirtTimeout
@@ -39,6 +40,19 @@ def _set_link_state(iface: ET.Element, up: bool) -> None:
     for old in iface.findall("link"):
         iface.remove(old)
     ET.SubElement(iface, "link", {"state": "up" if up else "down"})
+
+
+@dataclass
+class _Nic:
+    """One NIC being replaced: what the unplug learns of it, and what the wait needs."""
+
+    name: str
+    mac: str
+    link_up: bool
+    uuid: str = ""
+    alias: str = ""
+    xml: str = ""  # the live <interface>, as it was unplugged
+    removed: asyncio.Future[Removal] | None = None  # settled by its removal event
 
 
 def _resolve(fut: asyncio.Future[Removal], how: Removal) -> None:
@@ -71,17 +85,19 @@ class _Removals:
             conn.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_failed, None)
             self._watching = conn
 
-    def expect(self, uuid: str, alias: str) -> asyncio.Future[Removal]:
-        """A future settled by the next removal event of device ``alias`` of domain ``uuid``."""
-        fut: asyncio.Future[Removal] = asyncio.get_running_loop().create_future()
-        with self._lock:
-            self._waiters[(uuid, alias)] = fut
-        return fut
+    def expect(self, nic: _Nic, loop: asyncio.AbstractEventLoop) -> None:
+        """Make ``nic.removed`` a future of ``loop`` settled by the next removal event of that device.
 
-    def forget(self, uuid: str, alias: str, fut: asyncio.Future[Removal]) -> None:
+        Any thread: a future is only made here; it is settled on its loop.
+        """
+        nic.removed = loop.create_future()
         with self._lock:
-            if self._waiters.get((uuid, alias)) is fut:
-                del self._waiters[(uuid, alias)]
+            self._waiters[(nic.uuid, nic.alias)] = nic.removed
+
+    def forget(self, nic: _Nic) -> None:
+        with self._lock:
+            if nic.removed is not None and self._waiters.get((nic.uuid, nic.alias)) is nic.removed:
+                del self._waiters[(nic.uuid, nic.alias)]
 
     def _settle(self, dom: lv.Domain, alias: str, how: Removal) -> None:
         with self._lock:
@@ -129,68 +145,65 @@ class Nics(Connection):
         """
         if self._removals is None:
             self._removals = _Removals()
-        removals = self._removals
-        loop = asyncio.get_running_loop()
+        removals, loop = self._removals, asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        uuid, alias, iface = await self._call(f"find NIC {mac} of {name!r}", lambda: self._nic(name, mac, removals))
-        # Waited for before the unplug is asked for: the event may come before the call returns.
-        removed = removals.expect(uuid, alias)
+        nic = _Nic(name, mac, link_up)
         try:
-            if not await self._call(f"unplug NIC {mac} of {name!r}",
-                                    lambda: self._unplug(name, uuid, mac, iface, removals)):
-                await self._released(name, uuid, mac, removed, deadline - loop.time(), timeout_s)
+            if await self._call(f"replace NIC {mac} of {name!r}", lambda: self._unplug(nic, removals, loop)):
+                return
+            await self._released(nic, deadline - loop.time(), timeout_s)
+            await self._call(f"plug NIC {mac} into {name!r}", lambda: self._plug(self._dom_id(name, nic.uuid), nic))
         finally:
-            removals.forget(uuid, alias, removed)
-        await self._call(f"plug NIC {mac} into {name!r}", lambda: self._plug(name, uuid, mac, iface, link_up))
+            removals.forget(nic)
 
-    def _nic(self, name: str, mac: str, removals: _Removals) -> tuple[str, str, str]:
-        """(UUID, device alias, interface XML) of ``name``'s NIC with ``mac``; events watched from now on."""
+    def _unplug(self, nic: _Nic, removals: _Removals, loop: asyncio.AbstractEventLoop) -> bool:
+        """Ask for the unplug; if libvirt's own short wait saw the guest let go, plug at once (True)."""
         conn = self._connection()
         removals.watch(conn)
-        dom = conn.lookupByName(name)
-        iface = _iface_by_mac(dom, mac)
+        dom = conn.lookupByName(nic.name)
+        iface = _iface_by_mac(dom, nic.mac)
         if iface is None:
-            raise VirtError(f"{name!r} has no interface with MAC {mac}")
+            raise VirtError(f"{nic.name!r} has no interface with MAC {nic.mac}")
         alias = iface.find("alias")
         if alias is None or not alias.get("name"):
-            raise VirtError(f"the NIC {mac} of {name!r} has no device alias (is the domain running?)")
-        return dom.UUIDString(), str(alias.get("name")), ET.tostring(iface, encoding="unicode")
+            raise VirtError(f"the NIC {nic.mac} of {nic.name!r} has no device alias (is the domain running?)")
+        nic.uuid, nic.alias, nic.xml = dom.UUIDString(), str(alias.get("name")), ET.tostring(iface, encoding="unicode")
+        # Waited for before the unplug is asked for: the event may come before the call returns.
+        removals.expect(nic, loop)
+        dom.detachDeviceFlags(nic.xml, lv.VIR_DOMAIN_AFFECT_LIVE)
+        if _iface_by_mac(dom, nic.mac) is not None:
+            return False
+        self._plug(dom, nic)
+        return True
 
-    def _unplug(self, name: str, uuid: str, mac: str, iface: str, removals: _Removals) -> bool:
-        """Ask for the unplug; whether the NIC is gone already (libvirt waits a few seconds for the guest)."""
-        removals.watch(self._connection())  # a reconnect since _nic: watch the new connection too
-        dom = self._dom_id(name, uuid)
-        dom.detachDeviceFlags(iface, lv.VIR_DOMAIN_AFFECT_LIVE)
-        return _iface_by_mac(dom, mac) is None
-
-    async def _released(self, name: str, uuid: str, mac: str, removed: asyncio.Future[Removal],
-                        remaining_s: float, timeout_s: float) -> None:
+    async def _released(self, nic: _Nic, remaining_s: float, timeout_s: float) -> None:
         """Wait for the removal event; at the deadline the live XML has the last word."""
+        assert nic.removed is not None
         try:
-            how = await asyncio.wait_for(removed, max(0.0, remaining_s))
+            how = await asyncio.wait_for(nic.removed, max(0.0, remaining_s))
         except TimeoutError:
             # An event lost with a dropped connection, or one sent before we watched.
-            if await self._call(f"look for NIC {mac} of {name!r}",
-                                lambda: _iface_by_mac(self._dom_id(name, uuid), mac) is None):
+            if await self._call(f"look for NIC {nic.mac} of {nic.name!r}",
+                                lambda: _iface_by_mac(self._dom_id(nic.name, nic.uuid), nic.mac) is None):
                 return
-            raise VirtTimeout(f"the guest of {name!r} did not release its NIC {mac} within {timeout_s:g} s "
+            raise VirtTimeout(f"the guest of {nic.name!r} did not release its NIC {nic.mac} within {timeout_s:g} s "
                               f"(clone.nic_release_timeout_s; does the guest handle ACPI hot-unplug?)") from None
         if how == "failed":
-            raise VirtError(f"the guest of {name!r} refused to release its NIC {mac} "
+            raise VirtError(f"the guest of {nic.name!r} refused to release its NIC {nic.mac} "
                             f"(libvirt reported the device removal failed)")
 
-    def _plug(self, name: str, uuid: str, mac: str, iface_xml: str, link_up: bool) -> None:
-        """Plug the interface back with its link ``link_up``; VirtError unless the live XML then has it so."""
-        iface = ET.fromstring(iface_xml)
+    @staticmethod
+    def _plug(dom: lv.Domain, nic: _Nic) -> None:
+        """Plug the interface back; VirtError unless the live XML then has it with the link asked for."""
+        iface = ET.fromstring(nic.xml)
         for tag in ("alias", "target"):  # libvirt names the new device and its tap itself
             for el in iface.findall(tag):
                 iface.remove(el)
-        _set_link_state(iface, link_up)
-        dom = self._dom_id(name, uuid)
+        _set_link_state(iface, nic.link_up)
         dom.attachDeviceFlags(ET.tostring(iface, encoding="unicode"), lv.VIR_DOMAIN_AFFECT_LIVE)
-        now = _iface_by_mac(dom, mac)
+        now = _iface_by_mac(dom, nic.mac)
         link = now.find("link") if now is not None else None
         state = link.get("state", "up") if link is not None else "up"
-        if now is None or state != ("up" if link_up else "down"):
-            raise VirtError(f"the NIC {mac} plugged into {name!r} is "
+        if now is None or state != ("up" if nic.link_up else "down"):
+            raise VirtError(f"the NIC {nic.mac} plugged into {nic.name!r} is "
                             f"{'missing' if now is None else f'link {state}'} in its live definition")
