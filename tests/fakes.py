@@ -254,9 +254,9 @@ class FakeHypervisor:
         await self._hook("set_link", name)
         assert self._get(name).state == ("running" if up else "paused") or up
 
-    async def replug_interface(self, name: str, mac: str, *, link_up: bool, timeout_s: float = 10.0) -> None:
-        await self._hook("replug_interface", name)
-        assert self._get(name).state == "running", "NICs are replugged in a running guest"
+    async def replace_nic(self, name: str, mac: str, *, link_up: bool, timeout_s: float) -> None:
+        await self._hook("replace_nic", name)
+        assert self._get(name).state == "running", "NICs are replaced in a running guest"
 
     async def ram_file(self, name: str, alias: str = "pc.ram") -> tuple[Path, bool] | None:
         await self._hook("ram_file", name)

@@ -42,6 +42,7 @@ def test_example_config_is_valid_and_documents_every_key():
     ({"clone": {"stun_deadline_ms": "fast"}}, "clone.stun_deadline_ms"),
     ({"clone": {"stun_deadline_ms": 10}}, "clone.stun_deadline_ms"),
     ({"clone": {"bogus": 1}}, "clone.bogus"),
+    ({"clone": {"nic_release_timeout_s": 0}}, "clone.nic_release_timeout_s"),
     ({"daemon": {"socket": "relative/path"}}, "daemon.socket"),
     ({"daemon": {"log_format": "xml"}}, "daemon.log_format"),
     ({"nope": {}}, "nope"),

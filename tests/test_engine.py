@@ -7,6 +7,7 @@ and that nothing the job created is left behind.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from instaclone.errors import (
     InvalidName,
     InvalidRequest,
     LibvirtError,
+    LibvirtTimeout,
     NameInUse,
     NotFound,
     ShuttingDown,
@@ -76,11 +78,29 @@ async def test_nic_is_held_down_then_replugged(env):
     engine, virt, store, _ = env
     job = await run_job(engine, store, name="c1")
     assert job.state is State.UNSTUNNED
-    seq = [m for m, n in virt.calls if n == "c1" and m in ("set_link", "resume", "replug_interface")]
-    assert seq == ["set_link", "resume", "replug_interface"]
+    seq = [m for m, n in virt.calls if n == "c1" and m in ("set_link", "resume", "replace_nic")]
+    assert seq == ["set_link", "resume", "replace_nic"]
     job = await run_job(engine, store, name="c2", keep_network=True)
-    seq = [m for m, n in virt.calls if n == "c2" and m in ("set_link", "resume", "replug_interface")]
-    assert seq == ["resume", "replug_interface"]
+    seq = [m for m, n in virt.calls if n == "c2" and m in ("set_link", "resume", "replace_nic")]
+    assert seq == ["resume", "replace_nic"]
+
+
+async def test_nic_release_has_its_own_timeout_and_a_timeout_fails_the_job_cleanly(env):
+    engine, virt, store, c = env
+    engine.config = replace(engine.config, clone=replace(engine.config.clone, nic_release_timeout_s=7.0))
+    budgets = []
+
+    async def never_released(name: str, mac: str, *, link_up: bool, timeout_s: float) -> None:
+        budgets.append(timeout_s)
+        raise LibvirtTimeout(f"the guest of {name!r} did not release its NIC {mac} within {timeout_s:g} s")
+
+    virt.replace_nic = never_released  # type: ignore[method-assign]
+    job = await run_job(engine, store, name="c1")
+    assert budgets == [7.0]  # not clone.customize_timeout_s
+    assert job.state is State.FAILED
+    assert job.error["code"] == "libvirt_timeout" and "did not release its NIC" in job.error["message"]
+    assert set(virt.domains) == {"src"} and virt.domains["src"].state == "running"
+    assert leftover_files(c) == []
 
 
 async def test_count_makes_n_clones_from_one_stun(env):
@@ -118,7 +138,7 @@ async def test_fault_at_every_step_rolls_back(env, step):
 
 
 @pytest.mark.parametrize("method", ["suspend", "snapshot_disks", "save_state", "define", "start", "load_state",
-                                    "set_link", "replug_interface"])
+                                    "set_link", "replace_nic"])
 async def test_backend_failure_rolls_back(env, method):
     engine, virt, store, c = env
     virt.fail[method] = LibvirtError(f"{method} broke")
@@ -301,8 +321,8 @@ async def test_customization_runs_with_links_down_then_up(env):
     virt.domains["src"].xml = virt.domains["src"].xml.replace("</devices>", AGENT + "</devices>")
     job = await run_job(engine, store, name="c1", config={"a": "b"})
     assert job.state is State.UNSTUNNED, job.error
-    seq = [m for m, n in virt.calls if n == "c1" and m in ("set_link", "resume", "replug_interface", "agent_exec")]
-    assert seq == ["set_link", "resume", "replug_interface", "agent_exec", "set_link", "agent_exec"]
+    seq = [m for m, n in virt.calls if n == "c1" and m in ("set_link", "resume", "replace_nic", "agent_exec")]
+    assert seq == ["set_link", "resume", "replace_nic", "agent_exec", "set_link", "agent_exec"]
     ident = job.result["clones"][0]["identity"]
     assert ident["hostname"] == "c1" and ident["interfaces"][0]["addresses"] == ["10.0.2.15/24"]
 

@@ -36,7 +36,7 @@ from tests.fakes import FakeHypervisor
 
 
 class Drifted(FakeHypervisor):
-    async def replug_interface(self, name: str, mac: str, *, link_up: bool) -> None:  # type: ignore[override]
+    async def replace_nic(self, name: str, mac: str, *, link_up: bool) -> None:  # type: ignore[override]
         return None
 
 
@@ -50,7 +50,7 @@ def test_the_check_fails_on_a_drifted_fake(tmp_path: Path):
     check = tmp_path / "drift_check.py"
     check.write_text(DRIFTED)
     r = mypy(check, tmp_path)
-    assert r.returncode == 1 and "replug_interface" in r.stdout and "Hypervisor" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 1 and "replace_nic" in r.stdout and "Hypervisor" in r.stdout, r.stdout + r.stderr
 
 
 def test_pure_modules_import_no_libvirt():

@@ -137,6 +137,9 @@ class CloneConfig:
     max_starting: int = 0
     # Guest-side identity reset through the guest agent, per clone.
     customize_timeout_s: float = 60.0
+    # A clone's guest must release its old NIC (ACPI hot-unplug) within this
+    # when the NIC is replaced, or the clone fails and is removed.
+    nic_release_timeout_s: float = 60.0
     # Keep the source's SSH host keys in clones (default: regenerate them).
     keep_ssh_host_keys: bool = False
     # A shell script (host path) run in every clone after its identity reset,
@@ -320,6 +323,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "clone.max_count": (1, 1000),
     "clone.max_starting": (0, 256),
     "clone.customize_timeout_s": (1, 3600),
+    "clone.nic_release_timeout_s": (1, 3600),
     "clone.max_chain_depth": (2, 1000),
     "storage.qcow2.max_chain_images": (2, 65536),
     "webhooks.timeout_s": (0.1, 300),

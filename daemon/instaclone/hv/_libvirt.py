@@ -24,6 +24,8 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 HandleCallback = Callable[[int, int, int, Any], None]  # (watch, fd, events, opaque)
 TimeoutCallback = Callable[[int, Any], None]  # (timer, opaque)
 CloseCallback = Callable[[Any, int, Any], None]  # (connection, reason, opaque)
+#: DEVICE_REMOVED and DEVICE_REMOVAL_FAILED domain events: (connection, domain, device alias, opaque).
+DeviceEventCallback = Callable[[Any, "Domain", str, Any], None]
 
 if TYPE_CHECKING:
 
@@ -61,6 +63,8 @@ if TYPE_CHECKING:
         def setKeepAlive(self, interval: int, count: int) -> int: ...  # noqa: N802
         def registerCloseCallback(self, cb: CloseCallback, opaque: Any) -> int: ...  # noqa: N802
         def unregisterCloseCallback(self) -> None: ...  # noqa: N802
+        def domainEventRegisterAny(self, dom: Domain | None, eventID: int,  # noqa: N802, N803
+                                   cb: DeviceEventCallback, opaque: Any) -> int: ...
 
     class AsyncIOImpl:
         """libvirtaio's event loop implementation for one asyncio loop."""
@@ -125,6 +129,11 @@ VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA: Final[int] = libvirt.VIR_DOMAIN_UNDEFI
 VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY: Final[int] = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
 VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA: Final[int] = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
 VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC: Final[int] = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+
+# -- domain events ---------------------------------------------------------------------
+
+VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED: Final[int] = libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED
+VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED: Final[int] = libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED
 
 # -- connections -----------------------------------------------------------------------
 

@@ -115,8 +115,11 @@ class Hypervisor(Protocol):
     async def set_link(self, name: str, mac: str, *, up: bool) -> None:
         """Set the link state of the running domain's NIC with ``mac``."""
 
-    async def replug_interface(self, name: str, mac: str, *, link_up: bool, timeout_s: float = 10.0) -> None:
-        """Hot-unplug the NIC with ``mac`` and plug an identical one back (the guest reads the new MAC)."""
+    async def replace_nic(self, name: str, mac: str, *, link_up: bool, timeout_s: float) -> None:
+        """Replace the running domain's NIC with ``mac`` by an identical one (the guest reads the new MAC).
+
+        LibvirtTimeout if the guest does not release the old one within ``timeout_s``.
+        """
 
     # -- memory and device state (QEMU migration stream) --------------------------
 

@@ -83,11 +83,10 @@ class _Starter:
                 await virt.set_link(clone.name, mac, up=False)
         await virt.resume(clone.name)
         lap("start")
-        # The guest releases the old NIC itself (ACPI): as slow as the guest
-        # is busy, so it gets the budget of the guest-side work.
+        # Links stay down until the identity reset when there is one.
         for mac in clone.macs:
-            await virt.replug_interface(clone.name, mac, link_up=not self.customizing,
-                                        timeout_s=self.svc.config.clone.customize_timeout_s)
+            await virt.replace_nic(clone.name, mac, link_up=not self.customizing,
+                                   timeout_s=self.svc.config.clone.nic_release_timeout_s)
         lap("nic_replug")
 
     async def _host_keys(self, clone: CloneTarget) -> dict[str, tuple[bytes, bytes]] | None:
