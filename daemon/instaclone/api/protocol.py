@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from ..config import Config
 from ..hv.records import DomainInfo
-from ..model import CloneRecord, JobRecord
+from ..model import CloneRecord, Finding, JobRecord
 
 
 class HypervisorView(Protocol):
@@ -34,17 +34,24 @@ class HypervisorView(Protocol):
                     *, timeout_s: int = 10) -> Any: ...
 
 
-class StorageView(Protocol):
+class BackendView(Protocol):
+    """What preflight and prepare ask of every loaded backend (``instaclone.jobs.preflight.Part``)."""
+
     @property
     def name(self) -> str: ...
 
+    def preflight(self, *, xml: str) -> list[Finding]: ...
+
+    def prepared(self, *, xml: str) -> dict[str, bool]: ...
+
+    def prepare_xml(self, *, xml: str) -> tuple[str, list[str]]: ...
+
+
+class StorageView(BackendView, Protocol):
     async def chain_depth(self, *, path: Path, fmt: str) -> int: ...
 
 
-class MemoryView(Protocol):
-    @property
-    def name(self) -> str: ...
-
+class MemoryView(BackendView, Protocol):
     def can_serve(self, source: DomainInfo) -> str | None: ...
 
 

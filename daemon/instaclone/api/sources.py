@@ -123,7 +123,8 @@ async def _source_facts(request: web.Request, name: str) -> tuple[preflight.Fact
         agent_ping=ping, agent_error=ping_error, chain_depths=await _chain_depths(request, info),
         max_chain_depth=engine.config.clone.max_chain_depth,
         memory_backends=[(m.name, m.can_serve(info)) for m in engine.memories],
-        storage_backend=engine.storage.name, inactive_xml=inactive, ram_dir=await _ram_dir(request))
+        storage_backend=engine.storage.name, backends=[engine.storage, *engine.memories], inactive_xml=inactive,
+        ram_dir=await _ram_dir(request))
     return facts, info.xml
 
 
@@ -161,13 +162,14 @@ async def prepare_source(request: web.Request, call: Call) -> web.Response:
             before = await engine.virt.inactive_xml(name)
         except DomainNotFound:
             raise SourceNotFound(f"source domain {name!r} does not exist") from None
-        prep = prepare.prepare_definition(before)
+        prep = prepare.prepare_definition(before, [engine.storage, *engine.memories])
         after = prep.xml
         if prep.changed and not dry_run:
             await engine.virt.define(prep.xml)
             after = await engine.virt.inactive_xml(name)  # libvirt's own rendering, with what it filled in
     # What the definition has and the running domain not yet (for a dry run: before any change).
-    pending = prepare.pending(info.xml, before if dry_run else after) if info.active else []
+    parts = [engine.storage, *engine.memories]
+    pending = prepare.pending(info.xml, before if dry_run else after, parts) if info.active else []
     note = _prepare_note(name, changed=bool(prep.changed), dry_run=dry_run, active=info.active, pending=pending)
     if prep.changed and not dry_run:
         log.info("api.source_prepared", source=name, changed=[c.split(":")[0] for c in prep.changed],
