@@ -114,3 +114,27 @@ def test_unknown_backend_fails_at_check_config(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert "unknown memory backend 'warp'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_config_reference_and_example_are_generated():
+    """docs/reference/config.md and config/instaclone.toml are what scripts/gen-config-reference.py writes."""
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "gen-config-reference.py"), "--check"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 0, run.stderr  # the message says which command regenerates them
+
+
+def test_config_reference_check_names_the_command(tmp_path):
+    """A stale file fails the check with the command that fixes it, and the check writes nothing."""
+    script = tmp_path / "scripts" / "gen-config-reference.py"
+    script.parent.mkdir()
+    script.write_text((REPO / "scripts" / "gen-config-reference.py").read_text())
+    (tmp_path / "docs" / "reference").mkdir(parents=True)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "docs" / "reference" / "config.md").write_text((REPO / "docs/reference/config.md").read_text())
+    stale = tmp_path / "config" / "instaclone.toml"
+    stale.write_text(EXAMPLE.read_text().replace("max_count = 64", "max_count = 65"))
+    run = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert "config/instaclone.toml is out of date" in run.stderr
+    assert "scripts/gen-config-reference.py" in run.stderr
+    assert "max_count = 65" in stale.read_text()
