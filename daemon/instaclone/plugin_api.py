@@ -294,6 +294,9 @@ class MemoryBackend(Backend):
     supports_running_source: ClassVar[bool] = True
     supports_frozen_source: ClassVar[bool] = True
     shares_memory: ClassVar[bool] = False  # True: clone RAM is copy-on-write of the source's
+    #: True: a stun's memory image goes in libvirt's memory_backing_dir (else the job's directory):
+    #: admission counts it against that filesystem (as memory, when it is a tmpfs).
+    image_in_memory_backing_dir: ClassVar[bool] = False
 
     def can_serve(self, source: DomainInfo) -> str | None:
         """None if this backend can clone ``source``, else the reason it cannot."""

@@ -121,6 +121,7 @@ class FileCowMemory(MemoryBackend):
     supports_running_source = True
     supports_frozen_source = True
     shares_memory = True
+    image_in_memory_backing_dir = True
 
     #: Where the libvirt hook finds the grants (an instance may be given another: tests).
     grants_dir: Path = GRANTS_DIR
