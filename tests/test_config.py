@@ -138,3 +138,12 @@ def test_config_reference_check_names_the_command(tmp_path):
     assert "config/instaclone.toml is out of date" in run.stderr
     assert "scripts/gen-config-reference.py" in run.stderr
     assert "max_count = 65" in stale.read_text()
+
+
+def test_a_reload_names_changed_keys_of_backend_sections_too():
+    from instaclone.daemon import _diff
+
+    old = backends.config_from_dict({"clone": {"max_count": 3}})
+    new = backends.config_from_dict({"memory": {"filecow": {"source_mode": "precopy"}}, "clone": {"max_count": 3}})
+    assert _diff(new, old) == [("memory.filecow.source_mode", "precopy", "copy")]
+    assert _diff(old, old) == []

@@ -280,10 +280,21 @@ def prepare_dirs(c: Config) -> None:
             raise ConfigError(f"cannot make the state directory {d} private: {exc.strerror or exc}") from None
 
 
+def _sections(c: Config) -> dict[str, Any]:
+    """Every section of ``c`` by its TOML name: the core's, then the backends' the file has."""
+    return {**{name: getattr(c, name) for name in cfg.SECTIONS}, **dict(c.backends)}
+
+
 def _diff(a: Config, b: Config) -> list[tuple[str, object, object]]:
+    """(``section.key``, value in ``a``, value in ``b``) of every key that differs."""
     out = []
-    for section in a.__dataclass_fields__:
-        sa, sb = getattr(a, section), getattr(b, section)
+    sections_a, sections_b = _sections(a), _sections(b)
+    for section in {**sections_a, **sections_b}:
+        sa: Any = sections_a.get(section)
+        sb: Any = sections_b.get(section)
+        # A backend section only one file has: the other has its defaults.
+        sa = type(sb)() if sa is None else sa
+        sb = type(sa)() if sb is None else sb
         for key in sa.__dataclass_fields__:
             va, vb = getattr(sa, key), getattr(sb, key)
             if va != vb:
