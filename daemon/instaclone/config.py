@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from . import events
 from .errors import ConfigError
-from .settings import read_section, setting
+from .settings import check_section_class, read_section, setting
 
 DEFAULT_CONFIG_PATH = Path("/etc/instaclone/instaclone.toml")
 
@@ -418,6 +418,9 @@ class Config:
 #: The core's sections: TOML table -> section class (the field of Config with that name).
 SECTIONS: dict[str, type[Any]] = {f.name: f.default_factory().__class__  # type: ignore[operator]
                                   for f in fields(Config) if f.name != "backends"}
+# A key added without setting() (no help, no bounds) fails here, at import, naming itself.
+for _cls in SECTIONS.values():
+    check_section_class(_cls)
 
 
 def _old_names(section: str, table: dict[str, Any]) -> dict[str, Any]:
