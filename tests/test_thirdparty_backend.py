@@ -124,3 +124,16 @@ def test_the_contract_suite_runs_it_unchanged():
     assert passed >= 10, run.stdout[-2000:]
     assert re.search(r"fake-stash-job-live: \d+ cases, 0 failed", run.stdout), run.stdout[-2000:]
     assert re.search(r"fake-stash-job-kill: \d+ cases, 0 failed", run.stdout), run.stdout[-2000:]
+
+
+def test_a_plugin_that_cannot_be_loaded_is_a_clear_error(tmp_path, monkeypatch):
+    """An installed plugin whose import fails stops the config with its entry point named, not a traceback."""
+    info = tmp_path / "broken_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[instaclone.memory]\nbroken = broken_plugin:Nothing\n")
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('half installed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"entry point instaclone\.memory:broken \(broken_plugin:Nothing\) "
+                                          r"cannot be loaded: RuntimeError: half installed"):
+        backends.config_from_dict({})

@@ -26,7 +26,11 @@ def _load(group: str, name: str, base: type[Backend]) -> type[Backend]:
     if name not in found:
         known = ", ".join(sorted(found)) or "none"
         raise ConfigError(f"unknown {group.split('.')[-1]} backend {name!r} (installed: {known})")
-    cls = found[name].load()
+    try:
+        cls = found[name].load()
+    except Exception as exc:  # noqa: BLE001 - a plugin's import may raise anything: said once, no traceback
+        raise ConfigError(f"entry point {group}:{name} ({found[name].value}) cannot be loaded: "
+                          f"{type(exc).__name__}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"entry point {group}:{name} is not a {base.__name__}")
     if cls.name != name:
@@ -59,7 +63,11 @@ def all_backends() -> list[type[Backend]]:
 
 
 def sections() -> dict[str, type[Any]]:
-    """Every installed backend's config section: ``"memory.filecow"`` -> its settings class."""
+    """Every installed backend's config section: ``"memory.filecow"`` -> its settings class.
+
+    Every installed backend is loaded, configured or not (its section is checked whether it is used or
+    not): a plugin that cannot be loaded is a ConfigError naming its entry point.
+    """
     out: dict[str, type[Any]] = {}
     for cls in all_backends():
         if cls.settings_class is None:
