@@ -42,6 +42,7 @@ from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.log import setup as log_setup
 from instaclone.requests import CloneRequest, FreezeRequest
+from instaclone_plugins.filecow import FileCowSettings
 from tests.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
@@ -131,9 +132,8 @@ async def daemon_for(work: Path, memory: str, mode: str = "copy") -> Daemon:
     c = replace(c,
                 daemon=replace(c.daemon, state_dir=work / f"state-{memory}-{mode}",
                                socket=work / f"{memory}-{mode}.sock", log_format="console", log_level="warning"),
-                clone=replace(c.clone, memory_backend=memory, memory_fallback="none", stun_deadline_ms=60000,
-                              step_timeout_s=600),
-                filecow=replace(c.filecow, source_mode=mode))
+                clone=replace(c.clone, memory_backends=(memory,), stun_deadline_ms=60000,
+                              step_timeout_s=600)).with_section("memory.filecow", FileCowSettings(source_mode=mode))
     d = Daemon(c)
     await d.start()
     return d

@@ -50,7 +50,7 @@ from typing import Any
 # The test guest's driver lives with the tests (tests/guests/).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from instaclone import config as cfg
+from instaclone import backends, config as cfg
 from instaclone.daemon import Daemon
 from instaclone.errors import ConfigError, InstacloneError
 from instaclone.hv import LibvirtHypervisor as Hypervisor
@@ -227,14 +227,14 @@ class Bench:
 
     def config_for(self, mode: str) -> cfg.Config:
         """The production configuration (stun deadline included) with our state dir; raises ConfigError."""
-        c = cfg.from_dict({"memory": {"filecow": {"source_mode": mode}}})
+        c = backends.config_from_dict({"memory": {"filecow": {"source_mode": mode}}})
         a = self.args
         return replace(c,
                        # Short: a clone's sockets live below it (108 bytes at most).
                        daemon=replace(c.daemon, state_dir=self.work / f"s-{mode[:3]}",
                                       socket=self.work / f"{mode}.sock", log_format="console",
                                       log_level="warning"),
-                       clone=replace(c.clone, memory_backend="filecow", memory_fallback="none",
+                       clone=replace(c.clone, memory_backends=("filecow",),
                                      stun_deadline_ms=a.stun_deadline_ms if a.stun_deadline_ms else
                                      c.clone.stun_deadline_ms,
                                      step_timeout_s=a.step_timeout_s if a.step_timeout_s else c.clone.step_timeout_s))

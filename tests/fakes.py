@@ -377,30 +377,37 @@ class RoomyHost(HostProbe):
         return Path("/var/lib/libvirt/qemu/ram"), True
 
 
-def fake_engine(config: Any, store: Any, virt: FakeHypervisor) -> Any:
-    """An Engine on the fake hypervisor and storage, with the real saverestore memory backend."""
+def fake_engine(config: Any, store: Any, virt: FakeHypervisor, memories: tuple[str, ...] = ("saverestore",)) -> Any:
+    """An Engine on the fake hypervisor and storage, with real memory backends (by name: saverestore)."""
+    from instaclone import backends
     from instaclone.jobs.engine import Engine
-    from instaclone_plugins.saverestore import SaveRestoreMemory
 
     return Engine(config=config, store=store, virt=virt, storage=FakeStorage(config=config, virt=virt),
-                  memory=SaveRestoreMemory(config=config, virt=virt))
+                  memory=[backends.memory_backend(m)(config=config, virt=virt) for m in memories])
 
 
 async def fake_world(tmp_path: Path, **sections: Any) -> tuple[Any, Any, FakeHypervisor]:
     """(config, open journal, fake hypervisor with a running source "src") under ``tmp_path``.
 
-    ``sections`` replace fields per config section, e.g. ``clone={"max_count": 2}``;
-    the caller closes the journal.
+    ``sections`` replace fields per config section, e.g. ``clone={"max_count": 2}``
+    (``qcow2=`` and ``filecow=``: the backends' sections); the caller closes the journal.
     """
     from dataclasses import replace
 
     from instaclone import config as cfg
     from instaclone.store import Store
+    from instaclone_plugins.filecow import FileCowSettings
+    from instaclone_plugins.qcow2 import Qcow2Settings
 
+    backends = {"qcow2": ("storage.qcow2", Qcow2Settings), "filecow": ("memory.filecow", FileCowSettings)}
     c = cfg.Config()
     c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "state"))
     for name, changes in sections.items():
-        c = replace(c, **{name: replace(getattr(c, name), **changes)})
+        if name in backends:
+            section, cls = backends[name]
+            c = c.with_section(section, replace(c.section(section, cls), **changes))
+        else:
+            c = replace(c, **{name: replace(getattr(c, name), **changes)})
     store = Store(c.store_path)
     await store.open()
     virt = FakeHypervisor()
@@ -411,7 +418,8 @@ async def fake_world(tmp_path: Path, **sections: Any) -> tuple[Any, Any, FakeHyp
 
 
 @asynccontextmanager
-async def fake_api(tmp_path: Path) -> AsyncIterator[tuple[Any, FakeHypervisor, Path]]:
+async def fake_api(tmp_path: Path, memories: tuple[str, ...] = ("saverestore",),
+                   ) -> AsyncIterator[tuple[Any, FakeHypervisor, Path]]:
     """The control API on a Unix socket over a fake engine: (client, fake hypervisor, socket path)."""
     from aiohttp import web
 
@@ -421,7 +429,7 @@ async def fake_api(tmp_path: Path) -> AsyncIterator[tuple[Any, FakeHypervisor, P
     from .apiclient import Api
 
     c, store, virt = await fake_world(tmp_path)
-    engine = fake_engine(c, store, virt)
+    engine = fake_engine(c, store, virt, memories)
     runner = web.AppRunner(make_app(engine, store, gc=GarbageCollector(engine.svc)), **RUNNER_ARGS)
     await runner.setup()
     sock = tmp_path / "ctl.sock"

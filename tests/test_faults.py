@@ -24,6 +24,7 @@ import pytest
 from instaclone.config import Config
 from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor
+from instaclone_plugins.qcow2 import Qcow2Settings
 
 from .conftest import libvirt_ready
 from .guests import devguest
@@ -123,7 +124,7 @@ async def test_delta_filesystem_full(world: World):
     assert shutil.disk_usage(small).free < 64 * 1024
     # Admission would refuse this job (507 insufficient_capacity, disk: tests/hostile/test_capacity.py);
     # with its disk margin off, the filesystem fills under the step itself, which must fail cleanly.
-    config = replace(world.config, qcow2=replace(world.config.qcow2, delta_dir=small / "deltas"),
+    config = replace(world.config.with_section("storage.qcow2", Qcow2Settings(delta_dir=small / "deltas")),
                      admission=replace(world.config.admission, min_free_disk_mib=0, disk_growth_mib=0))
     (small / "deltas").mkdir(exist_ok=True)
     await world.start(config)
@@ -146,7 +147,7 @@ async def test_qemu_img_failing(world: World):
                     "if [ \"$1\" = create ]; then echo \"qemu-img: $7: Could not create: Input/output error\" >&2; "
                     "exit 1; fi\nexec qemu-img \"$@\"\n")
     fake.chmod(0o755)
-    config = replace(world.config, qcow2=replace(world.config.qcow2, qemu_img=str(fake)))
+    config = world.config.with_section("storage.qcow2", Qcow2Settings(qemu_img=str(fake)))
     await world.start(config)
     await boot_source(world.virt, world.scratch, f"{PREFIX}src3")
     job = await world.clone({"source": f"{PREFIX}src3", "name": f"{PREFIX}c3"})

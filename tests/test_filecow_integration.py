@@ -142,9 +142,8 @@ async def test_frozen_source_clones_without_stun(world):
 
 async def test_respawn_mode_then_fallback(tmp_path):
     """source_mode=respawn: the source restarts privately on the image; its next clone uses saverestore."""
-    from dataclasses import replace
-
     from instaclone.hv import LibvirtHypervisor as Hypervisor
+    from instaclone_plugins.filecow import FileCowSettings
 
     from .vmlib import Scratch, make_config, running_daemon
 
@@ -152,7 +151,7 @@ async def test_respawn_mode_then_fallback(tmp_path):
     virt = Hypervisor()
     await virt.connect()
     config = make_config(scratch)
-    config = replace(config, filecow=replace(config.filecow, source_mode="respawn"))
+    config = config.with_section("memory.filecow", FileCowSettings(source_mode="respawn"))
     daemon = await running_daemon(config)
     try:
         src = await boot_source(virt, scratch, "fc-resp", file_backed_ram=True)

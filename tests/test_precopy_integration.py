@@ -15,10 +15,11 @@ import json
 import signal
 import statistics
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from instaclone_plugins.filecow import FileCowSettings
 
 from .conftest import libvirt_ready
 from .guests import devguest
@@ -68,7 +69,7 @@ async def prod():
     await virt.connect()
     before = set(await virt.list_names())
     config = make_config(scratch, stun_deadline_ms=2000)
-    config = replace(config, filecow=replace(config.filecow, source_mode="precopy"))
+    config = config.with_section("memory.filecow", FileCowSettings(source_mode="precopy"))
     daemon = await running_daemon(config)
     try:
         yield scratch, virt, config

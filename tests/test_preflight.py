@@ -6,8 +6,18 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from instaclone.config import Config
 from instaclone.hv import hostfs
 from instaclone.jobs import preflight as pf, prepare as pp
+from instaclone.jobs.customize import has_agent_channel
+from instaclone_plugins._filecow_xml import FIX_MEMORY, has_shared_file_ram
+from instaclone_plugins.filecow import FREE_PAGE_REPORTING, FileCowMemory
+from instaclone_plugins.saverestore import SaveRestoreMemory
+
+#: The default memory backends, as preflight and prepare ask them (pure: no hypervisor needed).
+BACKENDS = [FileCowMemory(config=Config(), virt=None), SaveRestoreMemory(config=Config(), virt=None)]
+#: What prepare gives a definition (the core's and filecow's).
+PREPARED = ["cow_memory", "mac_reset", "guest_customization", "vm_generation_id"]
 
 #: A source with every capability: shared file RAM, ACPI, agent channel, genid, qcow2 disk.
 READY = """<domain type='kvm'>
@@ -31,7 +41,10 @@ READY = """<domain type='kvm'>
 </domain>"""
 
 RUNNING = pf.Facts(state="running", agent_ping=True, chain_depths={"vda": 2}, max_chain_depth=32,
-                   memory_backends=[("filecow", None), ("saverestore", None)])
+                   memory_backends=[("filecow", None), ("saverestore", None)], backends=BACKENDS)
+#: As RUNNING, for a source filecow cannot serve.
+NOT_SHARED = pf.Facts(**{**RUNNING.__dict__, "memory_backends": [("filecow", "its RAM is not a shared file"),
+                                                                 ("saverestore", None)]})
 
 
 def edit(xml: str, fn) -> str:
@@ -79,7 +92,7 @@ def test_ready_source_is_cloneable_and_all_ok():
 
 
 def test_anonymous_ram_warns_with_the_memory_backing_fix():
-    report = pf.check(edit(READY, remove("memoryBacking")), RUNNING)
+    report = pf.check(edit(READY, remove("memoryBacking")), NOT_SHARED)
     f = item(report, "cow_memory")
     assert (f.ok, f.level) == (False, "warn")
     assert f.fix == "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
@@ -88,19 +101,20 @@ def test_anonymous_ram_warns_with_the_memory_backing_fix():
 
 def test_private_file_ram_is_not_enough():
     xml = READY.replace("<access mode='shared'/>", "<access mode='private'/>")
-    f = item(pf.check(xml, RUNNING), "cow_memory")
-    assert not f.ok and "'private'" in f.detail and f.fix == pf.FIX_MEMORY
+    f = item(pf.check(xml, NOT_SHARED), "cow_memory")
+    assert not f.ok and "'private'" in f.detail and f.fix == FIX_MEMORY
 
 
 def test_no_memory_backend_can_serve_is_an_error():
-    facts = pf.Facts(state="running", memory_backends=[("filecow", "its RAM is not a shared file")])
+    facts = pf.Facts(state="running", memory_backends=[("filecow", "its RAM is not a shared file")],
+                     backends=BACKENDS)
     report = pf.check(edit(READY, remove("memoryBacking")), facts)
     assert item(report, "cow_memory").level == "error" and not report.cloneable
 
 
 def test_numa_guest_cannot_use_filecow():
     xml = edit(READY, add("", "<cpu><numa><cell id='0' cpus='0' memory='262144' unit='KiB'/></numa></cpu>"))
-    f = item(pf.check(xml, RUNNING), "cow_memory")
+    f = item(pf.check(xml, NOT_SHARED), "cow_memory")
     assert not f.ok and "NUMA" in f.detail and "numa" in f.fix
 
 
@@ -248,18 +262,17 @@ BARE = """<domain type='qemu'><name>bare</name><uuid>11111111-2222-3333-4444-555
 
 
 def test_prepare_adds_what_is_missing_and_is_idempotent():
-    prep = pp.prepare_definition(BARE)
-    assert [c.split(":")[0] for c in prep.changed] == ["cow_memory", "mac_reset", "guest_customization",
-                                                      "vm_generation_id"]
+    prep = pp.prepare_definition(BARE, BACKENDS)
+    assert [c.split(":")[0] for c in prep.changed] == PREPARED
     assert prep.not_changed == ()
     root = ET.fromstring(prep.xml)
-    assert pf.has_shared_file_ram(root) and pf.has_acpi(root) and pf.has_agent_channel(root) and pf.has_genid(root)
+    assert has_shared_file_ram(root) and pf.has_acpi(root) and has_agent_channel(root) and pf.has_genid(root)
     # Untouched: disks, NICs, foreign metadata (with its namespace prefix).
     assert root.find("./devices/disk/source").get("file") == "/srv/bare.qcow2"
     assert "app:info" in prep.xml and "keep me" in prep.xml
-    after = pf.check(prep.xml, pf.Facts(state="shutoff"))
-    assert all(f.ok for f in after.checks if f.capability in pf.PREPARABLE)
-    again = pp.prepare_definition(prep.xml)
+    after = pf.check(prep.xml, pf.Facts(state="shutoff", memory_backends=RUNNING.memory_backends, backends=BACKENDS))
+    assert all(f.ok for f in after.checks if f.capability in PREPARED)
+    again = pp.prepare_definition(prep.xml, BACKENDS)
     assert again.changed == () and again.xml == prep.xml
     d = pp.diff(BARE, prep.xml, "bare")
     assert d.startswith("--- bare (before)\n+++ bare (after)\n")
@@ -273,7 +286,7 @@ def test_prepare_adds_what_is_missing_and_is_idempotent():
 def test_prepare_changes_private_ram_to_shared_in_place():
     xml = BARE.replace("<os>", "<memoryBacking><locked/><source type='memfd'/><access mode='private'/>"
                                "</memoryBacking><os>")
-    root = ET.fromstring(pp.prepare_definition(xml).xml)
+    root = ET.fromstring(pp.prepare_definition(xml, BACKENDS).xml)
     mb = root.findall("memoryBacking")
     assert len(mb) == 1 and mb[0].find("locked") is not None
     assert mb[0].find("source").get("type") == "file" and mb[0].find("access").get("mode") == "shared"
@@ -282,7 +295,7 @@ def test_prepare_changes_private_ram_to_shared_in_place():
 def test_prepare_never_touches_what_it_cannot_fix():
     xml = edit(BARE, add("devices", "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"))
     xml = edit(xml, add("", "<cpu><numa><cell id='0' cpus='0' memory='262144' unit='KiB'/></numa></cpu>"))
-    prep = pp.prepare_definition(xml)
+    prep = pp.prepare_definition(xml, BACKENDS)
     root = ET.fromstring(prep.xml)
     assert root.find("./devices/tpm") is not None and root.find("./cpu/numa") is not None
     assert root.find("memoryBacking") is None  # NUMA: RAM left as it is
@@ -293,15 +306,15 @@ def test_prepare_never_touches_what_it_cannot_fix():
 
 def test_pending_until_next_boot():
     live = BARE
-    persistent = pp.prepare_definition(BARE).xml
-    report = pf.check(live, pf.Facts(state="running", inactive_xml=persistent))
-    assert report.pending == ["cow_memory", "mac_reset", "guest_customization", "vm_generation_id"]
+    persistent = pp.prepare_definition(BARE, BACKENDS).xml
+    report = pf.check(live, pf.Facts(**{**NOT_SHARED.__dict__, "inactive_xml": persistent}))
+    assert report.pending == PREPARED
     f = item(report, "cow_memory")
     assert f.pending and not f.ok and "pending: the persistent definition has it, applies at next boot" in f.detail
     assert f.fix is None  # nothing left to change in the definition
-    assert pp.pending(live, persistent) == report.pending
+    assert pp.pending(live, persistent, BACKENDS) == report.pending
     # Shut off: the definition is what runs next, nothing is pending.
-    assert pf.check(persistent, pf.Facts(state="shutoff", inactive_xml=persistent)).pending == []
+    assert pf.check(persistent, pf.Facts(state="shutoff", inactive_xml=persistent, backends=BACKENDS)).pending == []
 
 
 # -- the host's RAM filesystem (libvirt's memory_backing_dir) ------------------------------
@@ -376,8 +389,11 @@ def test_virtio_balloon_warns_about_inflating_filecow_clones():
 
 def test_free_page_reporting_balloon_keeps_filecow_away():
     xml = edit(READY, add("devices", "<memballoon model='virtio' freePageReporting='on'/>"))
-    f = item(pf.check(xml, RUNNING), "balloon")
+    facts = pf.Facts(**{**RUNNING.__dict__, "memory_backends": [("filecow", FREE_PAGE_REPORTING),
+                                                                ("saverestore", None)]})
+    f = item(pf.check(xml, facts), "balloon")
     assert (f.ok, f.level) == (False, "warn") and "punched out of the RAM image" in f.detail
+    assert "clones use saverestore instead" in f.detail
     assert "<memballoon model='none'/>" in (f.fix or "")
     assert not [x for x in pf.check(edit(READY, add("devices", "<memballoon model='none'/>")), RUNNING).checks
                 if x.capability == "balloon"]

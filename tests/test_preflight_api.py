@@ -15,14 +15,21 @@ from instaclone.config import Config
 from instaclone.errors import LibvirtError
 from instaclone.jobs import preflight
 from instaclone.jobs.prepare import prepare_definition
+from instaclone_plugins._filecow_xml import FIX_MEMORY, has_shared_file_ram
+from instaclone_plugins.filecow import FileCowMemory
 
 from .fakes import fake_api
 
 
 @pytest.fixture
 async def api(tmp_path: Path):
-    async with fake_api(tmp_path) as (client, virt, sock):
+    # The default memory backends: filecow's findings, saverestore serving the fake's anonymous-RAM source.
+    async with fake_api(tmp_path, memories=("filecow", "saverestore")) as (client, virt, sock):
         yield client, virt, sock
+
+
+#: What prepare gives a definition (filecow's and the core's), in the order it reports them.
+PREPARED = ["cow_memory", "mac_reset", "guest_customization", "vm_generation_id"]
 
 
 def by_cap(report: dict, cap: str) -> dict:
@@ -38,8 +45,8 @@ async def test_check_reports_each_capability(api):
     report = body["check"]
     assert report["source"] == "src" and report["state"] == "running" and report["frozen"] is False
     mem = by_cap(report, "cow_memory")
-    assert (mem["ok"], mem["level"], mem["fix"]) == (False, "warn", preflight.FIX_MEMORY)
-    assert "saverestore" in mem["detail"]  # the fake's engine has saverestore only
+    assert (mem["ok"], mem["level"], mem["fix"]) == (False, "warn", FIX_MEMORY)
+    assert "clones use saverestore instead" in mem["detail"]
     assert by_cap(report, "mac_reset")["level"] == "error"  # the fake source has no <acpi/>
     assert report["cloneable"] is False
     assert by_cap(report, "chain_depth")["detail"].startswith("vda: 2 image(s)")  # FakeStorage.chain_depth
@@ -49,7 +56,7 @@ async def test_check_reports_each_capability(api):
 async def test_check_pings_the_agent_when_there_is_a_channel(api):
     client, virt, _ = api
     src = virt.domains["src"]
-    src.xml = prepare_definition(src.xml).xml  # as if booted prepared
+    src.xml = prepare_definition(src.xml, [FileCowMemory(config=Config(), virt=virt)]).xml  # as if booted prepared
     _, body = await client.call("GET", "/v1/sources/src/check")
     assert by_cap(body["check"], "guest_customization")["ok"] is True
     assert ("agent", "src") in virt.calls
@@ -98,14 +105,14 @@ async def test_prepare_running_source_changes_the_definition_only(api):
     status, body = await client.call("POST", "/v1/sources/src/prepare", {})
     p = body["prepare"]
     assert status == 200 and p["applied"] is True and p["diff"] == body["prepare"]["diff"] != ""
-    assert "next boot of src" in p["note"] and p["pending"] == list(preflight.PREPARABLE)
+    assert "next boot of src" in p["note"] and p["pending"] == PREPARED
     assert virt.domains["src"].xml == live  # the running domain is unchanged
     root = ET.fromstring(virt.domains["src"].inactive)
-    assert preflight.has_shared_file_ram(root) and preflight.has_acpi(root)
+    assert has_shared_file_ram(root) and preflight.has_acpi(root)
 
     _, body = await client.call("GET", "/v1/sources/src/check")
     report = body["check"]
-    assert report["pending"] == list(preflight.PREPARABLE)
+    assert report["pending"] == PREPARED
     assert "pending: the persistent definition has it, applies at next boot" in by_cap(report, "cow_memory")["detail"]
 
     # Idempotent: nothing more to change, still pending until the next boot.
@@ -121,8 +128,13 @@ async def test_prepare_running_source_changes_the_definition_only(api):
     assert body["check"]["pending"] == [] and by_cap(body["check"], "cow_memory")["ok"] is True
 
 
-async def test_prepare_shut_off_source_and_a_clone(api):
-    client, virt, _ = api
+async def test_prepare_shut_off_source_and_a_clone(tmp_path: Path):
+    # saverestore only: the fake hypervisor keeps no RAM file for filecow to clone.
+    async with fake_api(tmp_path) as (client, virt, _):
+        await _prepare_shut_off_source_and_a_clone(client, virt)
+
+
+async def _prepare_shut_off_source_and_a_clone(client, virt) -> None:
     virt.domains["src"].state = "shutoff"
     _, body = await client.call("POST", "/v1/sources/src/prepare")
     assert body["prepare"]["note"] == "the changes apply when src is started"
@@ -144,11 +156,13 @@ async def test_openapi_has_the_new_paths(api):
     assert "post" in doc["paths"]["/v1/sources/{name}/prepare"]
     schemas = doc["components"]["schemas"]
     assert {"Check", "CheckItem", "Prepare"} <= set(schemas)
-    caps = set(schemas["CheckItem"]["properties"]["capability"]["enum"])
-    report = preflight.check(prepare_definition(_fake_xml()).xml,
-                             preflight.Facts(state="running", chain_depths={"vda": 2}))
+    about = schemas["CheckItem"]["properties"]["capability"]["description"]
+    filecow = FileCowMemory(config=Config(), virt=None)
+    report = preflight.check(prepare_definition(_fake_xml(), [filecow]).xml, preflight.Facts(
+        state="running", chain_depths={"vda": 2}, memory_backends=[("filecow", None)], backends=[filecow]))
     # Host and device findings appear only when they apply (a fact gathered, a balloon present).
-    assert caps == {f.capability for f in report.checks} | {"ram_filesystem", "balloon"}
+    for cap in {f.capability for f in report.checks} | {"ram_filesystem", "balloon", "memory_backend"}:
+        assert cap in about, cap
     assert doc == json.loads(json.dumps(document(ROUTES, Config())))
 
 
@@ -164,7 +178,7 @@ async def test_cli_check_and_prepare(api, capsys):
     out = capsys.readouterr().out
     assert out.startswith("src: NOT cloneable (running)")
     assert "  WARN  cow_memory" in out and "  FAIL  mac_reset" in out and "  OK    disk vda" in out
-    assert f"  cow_memory: {preflight.FIX_MEMORY}" in out
+    assert f"  cow_memory: {FIX_MEMORY}" in out
     assert await run("prepare", "src", "--dry-run") == 0
     out = capsys.readouterr().out
     assert "--- src (before)" in out and "would change: cow_memory" in out and "dry run" in out
@@ -173,7 +187,7 @@ async def test_cli_check_and_prepare(api, capsys):
     assert "changed: mac_reset" in out and "next boot of src" in out
     assert await run("-o", "json", "check", "src") == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["pending"] == list(preflight.PREPARABLE)
+    assert report["pending"] == PREPARED
     await virt.destroy("src")
     await virt.start("src")
     assert await run("check", "src") == 0

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from instaclone.jobs import preflight
+from instaclone_plugins._filecow_xml import FIX_MEMORY, has_shared_file_ram
 
 from .conftest import libvirt_ready
 from .guests import devguest
@@ -33,7 +33,7 @@ async def test_check_and_prepare_a_running_guest(world):
             assert status == 200, body
             report = body["check"]
             mem = by_cap(report, "cow_memory")
-            assert (mem["ok"], mem["level"], mem["fix"]) == (False, "warn", preflight.FIX_MEMORY), mem
+            assert (mem["ok"], mem["level"], mem["fix"]) == (False, "warn", FIX_MEMORY), mem
             # Everything else the test guest has: ACPI, an agent that answers, genid, one qcow2 delta on base.
             assert report["cloneable"] is True, report
             assert by_cap(report, "guest_customization")["ok"] is True
@@ -43,7 +43,7 @@ async def test_check_and_prepare_a_running_guest(world):
 
             status, body = await api.call("POST", f"/v1/sources/{name}/prepare", {"dry_run": True})
             assert status == 200 and body["prepare"]["applied"] is False, body
-            assert not preflight.has_shared_file_ram(ET.fromstring(await virt.inactive_xml(name)))
+            assert not has_shared_file_ram(ET.fromstring(await virt.inactive_xml(name)))
 
             status, body = await api.call("POST", f"/v1/sources/{name}/prepare", {})
             assert status == 200, body
@@ -52,9 +52,9 @@ async def test_check_and_prepare_a_running_guest(world):
             assert p["applied"] is True and [c.split(":")[0] for c in p["changed"]] == ["cow_memory"]
             assert "memoryBacking" in p["diff"] and "next boot" in p["note"]
             # The definition has it; the running domain is unchanged and runs on, same boot.
-            assert preflight.has_shared_file_ram(ET.fromstring(await virt.inactive_xml(name)))
+            assert has_shared_file_ram(ET.fromstring(await virt.inactive_xml(name)))
             info = await virt.lookup(name)
-            assert info.state == "running" and not preflight.has_shared_file_ram(ET.fromstring(info.xml))
+            assert info.state == "running" and not has_shared_file_ram(ET.fromstring(info.xml))
             assert info.xml == live_before
             assert await virt.ram_file(name) is None  # QEMU's RAM is still anonymous
             got_boot, _ = await devguest.wait_counter(src.serial_log, above=count, timeout=30)

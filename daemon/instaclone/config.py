@@ -1,7 +1,12 @@
 """Configuration: one TOML file, every key with a working default.
 
 ``load(path)`` returns a validated :class:`Config`. Errors name the offending
-key (``clone.stun_deadline_ms: must be an integer between 50 and 600000``).
+key (``clone.stun_deadline_ms: must be between 50 and 600000, got 10``). Each
+key declares its default, bounds and help where it is defined (``setting()``,
+:mod:`instaclone.settings`); backends declare their own sections
+(``[storage.<name>]``, ``[memory.<name>]``), which :func:`from_dict` reads
+when it is given their classes. ``docs/reference/config.md`` and the example
+``config/instaclone.toml`` are generated from all of them.
 """
 
 from __future__ import annotations
@@ -12,13 +17,15 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from . import events
 from .errors import ConfigError
+from .settings import check_section_class, read_section, setting
 
 DEFAULT_CONFIG_PATH = Path("/etc/instaclone/instaclone.toml")
 
@@ -54,29 +61,80 @@ def default_qemu_group() -> str:
     return QEMU_GROUP
 
 
+def _group(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a group name (\"\" for the daemon's own group), got {value!r}")
+    if value:
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ConfigError(f"{key}: no group named {value!r} on this host "
+                              f"(create it with groupadd --system {value}, or set \"\")") from None
+    return value
+
+
+def _listen(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a string, got {value!r}")
+    if value:
+        parse_listen(key, value)
+    return value
+
+
+def _script(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a path string (\"\" for none), got {value!r}")
+    if value:
+        if not Path(value).is_absolute():
+            raise ConfigError(f"{key}: must be an absolute path, got {value!r}")
+        if not Path(value).is_file():
+            raise ConfigError(f"{key}: {value} is not a readable file")
+    return value
+
+
+def _backend_names(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}: must be a non-empty list of backend names, got {value!r}")
+    twice = sorted({v for v in value if value.count(v) > 1})
+    if twice:
+        raise ConfigError(f"{key}: {twice[0]!r} is named twice")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
-    socket: Path = Path("/run/instaclone/control.sock")
-    socket_mode: int = 0o660
-    # Group of the socket the daemon binds itself (a socket-activated one is
-    # the socket unit's: SocketGroup=). "": the daemon's primary group.
-    socket_group: str = field(default_factory=default_socket_group)
-    state_dir: Path = Path("/var/lib/instaclone")
-    max_concurrent_jobs: int = 4
-    # auto: journald (with JOB_ID, CLONE, ... fields) under systemd, else JSON lines on stdout.
-    log_format: str = "auto"  # auto | json | console | journald
-    log_level: str = "info"
-    # On SIGTERM: running jobs get this long to finish, then are rolled back.
-    shutdown_grace_s: float = 30.0
-    # Prometheus metrics on a loopback TCP port too ("127.0.0.1:9464"); "" = only
-    # on the control socket (GET /metrics).
-    metrics_listen: str = ""
-    # The group libvirt runs QEMU in (qemu.conf "group"). The directories QEMU
-    # must pass through to reach a clone's disks and NVRAM (state, clones,
-    # deltas, jobs and each clone's) are root's, mode 0710 with this group:
-    # QEMU may traverse them, not list them; nobody else may do either. ""
-    # (no such group): those directories are 0711 instead.
-    qemu_group: str = field(default_factory=default_qemu_group)
+    """The daemon process: its control socket, state directory, logging and shutdown."""
+
+    socket: Path = setting(Path("/run/instaclone/control.sock"), help=(
+        "Control socket (HTTP+JSON, API under /v1). The CLI finds it through --socket or INSTACLONE_SOCKET."))
+    socket_mode: int = setting(0o660, min=0, max=0o777, toml="0o660", help="Permission bits of the control socket.")
+    socket_group: str = setting(factory=default_socket_group, parse=_group, example='socket_group = "instaclone"',
+                                default_text='"instaclone" if that group exists, else ""', help=(
+        "Group of the control socket when the daemon binds it itself (with instacloned.socket, the unit's "
+        "SocketGroup= applies). Default: \"instaclone\" if that group exists (scripts/install-service.sh creates "
+        "it), else the daemon's own group (\"\"). A group that does not exist is a config error."))
+    state_dir: Path = setting(Path("/var/lib/instaclone"), help=(
+        "The store (SQLite), clone directories, job scratch space and deltas live here."))
+    max_concurrent_jobs: int = setting(4, min=1, max=256, help=(
+        "Clone jobs running at once (jobs for one source always run one at a time)."))
+    log_format: str = setting("auto", choices=("auto", "json", "console", "journald"), help=(
+        "\"auto\": to journald, with fields (JOB_ID, CLONE, STATE, ...) when running under systemd, else "
+        "\"json\" (one JSON object per line on stdout); \"console\" for people; \"journald\" to force the journal."))
+    log_level: str = setting("info", choices=("debug", "info", "warning", "error"),
+                             help="How much is logged (SIGHUP applies a change).")
+    shutdown_grace_s: float = setting(30.0, min=0, max=3600, help=(
+        "On SIGTERM: no new jobs; running jobs get this long to finish, then are rolled back (their sources "
+        "resumed). systemd's TimeoutStopSec must be larger."))
+    metrics_listen: str = setting("", parse=_listen, help=(
+        "Prometheus metrics are always at GET /metrics on the control socket; set HOST:PORT on a loopback "
+        "address to serve them over TCP too (unauthenticated)."))
+    qemu_group: str = setting(factory=default_qemu_group, parse=_group, example='qemu_group = "kvm"',
+                              default_text='"kvm" if that group exists, else ""', help=(
+        "The group libvirt runs QEMU in (qemu.conf \"group\"; Debian: kvm). Files the daemon makes are private "
+        "(umask 077): the directories QEMU must pass through to a clone's disks (state_dir, its clones, deltas "
+        "and jobs directories, each clone's) are root's, mode 0710 with this group: QEMU may traverse them, not "
+        "list them; the store and frozen images 0600 root; clone disks, NVRAM and RAM copies 0600, QEMU's "
+        "user's. \"\" makes those directories 0711 instead. A group that does not exist is a config error."))
 
     def qemu_reach(self) -> tuple[int, int]:
         """(mode, gid) of a directory QEMU must pass through; gid -1 keeps root's."""
@@ -90,20 +148,29 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class AccessConfig:
-    # Callers are identified by SO_PEERCRED (uid) and SO_PEERGROUPS (groups).
-    # Admins (root, the daemon's own user, members of admin_groups) may do
-    # anything and see everything. Members of write_groups may also clone,
-    # destroy, freeze, replay; members of read_groups may only read. With
-    # read_groups empty, anyone who can open the socket (mode
-    # daemon.socket_mode) may read. A non-admin sees and acts on only the
-    # jobs, clones and claims it owns (its uid made them).
-    write_groups: tuple[str, ...] = ("instaclone",)
-    read_groups: tuple[str, ...] = ()
-    admin_groups: tuple[str, ...] = ()
-    # Per group, the source names (glob patterns) its non-admin members may
-    # clone, freeze, prepare or make a pool of: ((group, (pattern, ...)), ...),
-    # "*" for every caller. Empty (the default): every source.
-    sources: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Who may do what through the control socket.
+
+    Callers are identified by SO_PEERCRED (uid) and SO_PEERGROUPS (groups) on the control socket and
+    logged on every mutating call. Admins (root, the daemon's own user, members of admin_groups) may do
+    anything and see everything; members of write_groups may clone, destroy, freeze, replay; members of
+    read_groups may only read. With read_groups empty, anyone who can open the socket (see
+    daemon.socket_mode and the socket's group) may read. Every job, clone and claim has an owner (the uid
+    that asked): a non-admin sees, execs into, copies to/from, destroys and releases only its own (others'
+    answer 404), and sees scripts and guest configs of its own jobs and pools only.
+    """
+
+    write_groups: tuple[str, ...] = setting(("instaclone",), help="Groups whose members may also clone, "
+                                            "destroy, freeze and replay.")
+    read_groups: tuple[str, ...] = setting((), help="Groups whose members may only read (empty: anyone who can "
+                                           "open the socket may read).")
+    admin_groups: tuple[str, ...] = setting((), help="Groups whose members are admins.")
+    sources: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        (), parse=lambda key, value: _source_rules(value),
+        example='sources = { ci = ["ci-*", "build-*"], "*" = ["sandbox-*"] }', default_text="(every source)", help=(
+            "Per group, which sources its non-admin members may clone, freeze, prepare or make a pool of: a "
+            "table of group = [glob patterns on source names], checked by name at the request (\"*\" as the "
+            "group: every caller). Not set: every source. A clone made by instaclone is a source only to its "
+            "owner (and admins)."))
 
     def sources_of(self, groups: set[str]) -> tuple[str, ...] | None:
         """The source patterns a non-admin in ``groups`` may use (None: every source)."""
@@ -114,40 +181,59 @@ class AccessConfig:
 
 @dataclass(frozen=True)
 class LibvirtConfig:
-    uri: str = "qemu:///system"
-    threads: int = 8
-    # Worker threads for guest-agent calls only (exec, files, identity reset):
-    # a hung guest holds these, never the threads a stun's libvirt calls use.
-    agent_threads: int = 4
+    """The connection to libvirt."""
+
+    uri: str = setting("qemu:///system", help="The libvirt connection URI.")
+    threads: int = setting(8, min=2, max=128, help=(
+        "Worker threads for libvirt calls (libvirt-python blocks; the event loop never does)."))
+    agent_threads: int = setting(4, min=1, max=64, help=(
+        "Worker threads for guest-agent calls only (exec, files, identity reset): a guest that does not "
+        "answer holds these, never the threads a stun needs."))
 
 
 @dataclass(frozen=True)
 class CloneConfig:
-    storage_backend: str = "qcow2"
-    memory_backend: str = "filecow"
-    # Used for sources the first backend cannot serve ("none": refuse them).
-    memory_fallback: str = "saverestore"
-    stun_deadline_ms: int = 2000
-    step_timeout_s: float = 120.0
-    max_count: int = 64
-    # Clones started at once host-wide, across all jobs and pools (QEMU start,
-    # NIC replug, identity reset, network): more at once only share the CPU
-    # more thinly. 0: the host's core count. Read at start. The old name
-    # clone.start_parallel is still read as this key.
-    max_starting: int = 0
-    # Guest-side identity reset through the guest agent, per clone.
-    customize_timeout_s: float = 60.0
-    # A clone's guest must release its old NIC (ACPI hot-unplug) within this
-    # when the NIC is replaced, or the clone fails and is removed.
-    nic_release_timeout_s: float = 60.0
-    # Keep the source's SSH host keys in clones (default: regenerate them).
-    keep_ssh_host_keys: bool = False
-    # A shell script (host path) run in every clone after its identity reset,
-    # unless the request brings its own ("" : none).
-    customize_script: str = ""
-    # Images in a disk's backing chain above which the running domain's chain
-    # is consolidated after a job (a live block pull into its own top image).
-    max_chain_depth: int = 32
+    """How clones are made: the backends, the stun's limits, identity reset."""
+
+    storage_backend: str = setting("qcow2", help=(
+        "How delta disks are made: a backend of the entry point group \"instaclone.storage\"; its settings "
+        "are the section [storage.<name>]."))
+    memory_backends: tuple[str, ...] = setting(("filecow", "saverestore"), parse=_backend_names, help=(
+        "How a clone's memory is linked to its source's: backends of the entry point group "
+        "\"instaclone.memory\", in order; each source is cloned by the first that can serve it (a source none "
+        "can serve is refused). Their settings are the sections [memory.<name>]. filecow maps the source's RAM "
+        "file copy-on-write (it needs a source with <memoryBacking><source type='file'/><access "
+        "mode='shared'/></memoryBacking>); saverestore copies the RAM and serves any source. The older "
+        "spelling memory_backend = \"A\" with memory_fallback = \"B\" (or \"none\") is still read as "
+        "memory_backends = [\"A\", \"B\"] (or [\"A\"])."))
+    stun_deadline_ms: int = setting(2000, min=50, max=600_000, help=(
+        "Hard limit on how long a running source stays paused. Past it the job is aborted, rolled back and "
+        "the source resumed."))
+    step_timeout_s: float = setting(120.0, min=1, max=3600, help=(
+        "Limit for any single step (the stun deadline is usually the tighter one)."))
+    max_count: int = setting(64, min=1, max=1000, help="Most clones one job may make.")
+    max_starting: int = setting(0, min=0, max=256, help=(
+        "Clones started at once host-wide, across all jobs and pools (QEMU start, NIC replug, identity reset, "
+        "network: CPU work); 0 = the host's core count. Read at daemon start. The older name "
+        "clone.start_parallel is still read as this key."))
+    customize_timeout_s: float = setting(60.0, min=1, max=3600, help=(
+        "Time allowed for a clone's guest-side identity reset (hostname, machine-id, DHCP, config data) "
+        "through the QEMU guest agent; past it the job fails and the clone is removed."))
+    nic_release_timeout_s: float = setting(60.0, min=1, max=3600, help=(
+        "Time a clone's guest has to release its old NIC (ACPI hot-unplug) when the NIC is replaced so that "
+        "the guest reads the clone's MAC; past it the job fails and the clone is removed."))
+    keep_ssh_host_keys: bool = setting(False, help=(
+        "Clones get new SSH host keys (made after the guest's random generator is reseeded from the host); "
+        "true keeps the source's keys in every clone."))
+    customize_script: str = setting("", parse=_script, help=(
+        "A shell script on this host run in every clone (/bin/sh -s, through the guest agent) after its "
+        "identity reset, like Horizon's post-clone script; a request's own \"script\" replaces it. \"\" runs "
+        "none."))
+    max_chain_depth: int = setting(32, min=2, max=1000, help=(
+        "Every clone of a running source adds one image to the source's backing chain (and a clone's chain "
+        "is its source's plus one). Past this many images, a running domain's chain is consolidated after the "
+        "job, live: the images only it uses are pulled into its own top (libvirt block pull, keeping the base "
+        "image shared). Frozen sources are never consolidated."))
 
     @property
     def starting_slots(self) -> int:
@@ -156,66 +242,67 @@ class CloneConfig:
 
 
 @dataclass(frozen=True)
+class PoolsConfig:
+    """Pools keep ready clones ("instaclone pool create")."""
+
+    max_clones: int = setting(64, min=1, max=100_000, help=(
+        "Pool replenishment stays within this host budget of clones on the host (registered or being made, "
+        "pooled or not, claimed or idle)."))
+    max_memory_mib: int = setting(0, min=0, max=1 << 30, help=(
+        "... and of the guest RAM (MiB) those clones are defined with (0: no memory budget)."))
+    claim_wait_s: float = setting(60.0, min=0, max=3600, help=(
+        "A claim on a pool with no idle member waits this long for the next one."))
+    check_interval_s: float = setting(5.0, min=0.1, max=3600, help=(
+        "Pools are checked this often, and at once after each claim, release or job."))
+
+
+@dataclass(frozen=True)
 class AdmissionConfig:
-    # A job is accepted only if what its clones will not share fits the host
-    # now (jobs accepted and not yet finished count with what they reserved).
-    # Memory: MemAvailable must keep memory_reserve_mib after each clone's
-    # private part: a saverestore clone's whole guest RAM, a filecow clone's
-    # filecow_private_fraction of it (measured 0.4-3.4 % at hand-over,
-    # docs/design/benchmarks.md; it grows with what the clone writes), plus clone_overhead_mib
-    # for QEMU itself (TCG translation cache: ~75-100 MiB private per busybox
-    # clone, 160-390 MiB per Debian guest; KVM has none). A RAM image on a
-    # memory filesystem (tmpfs memory_backing_dir) counts as memory too.
-    memory_reserve_mib: int = 512
-    filecow_private_fraction: float = 0.25
-    clone_overhead_mib: int = 128
-    # Disk: the delta, clone and RAM/state filesystems must keep
-    # min_free_disk_mib free after the job's expected growth: disk_growth_mib
-    # per new delta (the source's and each clone's), and the guest RAM once
-    # per stun for the memory image (filecow's RAM copy, saverestore's state).
-    min_free_disk_mib: int = 1024
-    disk_growth_mib: int = 256
-    # Jobs accepted and not finished (queued or running) at most; more: 503.
-    max_queued_jobs: int = 64
+    """A job is accepted only if the host can take what its clones will not share.
+
+    Jobs accepted and not finished count with what they reserved; else HTTP 507 insufficient_capacity
+    naming the resource, the need and what is free.
+    """
+
+    memory_reserve_mib: int = setting(512, min=0, max=1 << 30, help=(
+        "Memory: MemAvailable must keep this much after the job (a RAM image on a memory filesystem counts "
+        "as memory too)."))
+    filecow_private_fraction: float = setting(0.25, min=0, max=1, help=(
+        "A filecow clone's private share of its guest RAM (measured 0.4-3.4 % at hand-over, "
+        "docs/design/benchmarks.md; it grows with what the clone writes). A saverestore clone needs all of "
+        "its guest RAM."))
+    clone_overhead_mib: int = setting(128, min=0, max=1 << 20, help=(
+        "QEMU's own memory per clone (under TCG its translation cache: ~75-100 MiB private for the busybox "
+        "guest, 160-390 MiB for a Debian guest; KVM: less)."))
+    min_free_disk_mib: int = setting(1024, min=0, max=1 << 30, help=(
+        "Disk: the delta, clone and RAM/state filesystems must keep this much free after the job's expected "
+        "growth ..."))
+    disk_growth_mib: int = setting(256, min=0, max=1 << 30, help=(
+        "... which is this much per new delta (the source's and each clone's), plus the guest RAM once per "
+        "stun for the memory image."))
+    max_queued_jobs: int = setting(64, min=1, max=100_000, help=(
+        "Jobs accepted and not finished at once; more get HTTP 503 insufficient_capacity."))
 
 
 @dataclass(frozen=True)
 class JournalConfig:
-    # Finished jobs (with their states, events and released ledger rows) and
-    # delivered webhook deliveries older than this are pruned, hourly and at
-    # start. Never an unfinished job, one whose ledger still holds something,
-    # or one whose clones are still registered. 0: keep everything.
-    retention_days: float = 7.0
+    """Pruning of the store (the section keeps its older name)."""
+
+    retention_days: float = setting(7.0, min=0, max=3650, help=(
+        "Finished jobs (their states, events, released ledger rows) and delivered webhook deliveries are "
+        "pruned after this many days (hourly, and at start); never an unfinished job, one the ledger still "
+        "holds or whose clones still exist. 0 keeps everything."))
 
 
 @dataclass(frozen=True)
-class Qcow2Config:
-    delta_dir: Path | None = None  # default: <state_dir>/deltas
-    qemu_img: str = "qemu-img"
-    # Images a backing chain may have when instaclone walks it (one qemu-img
-    # call per image); a longer chain is refused as unsafe_image. Keep it
-    # above clone.max_chain_depth, or chains are refused before consolidation.
-    max_chain_images: int = 1024
+class GcConfig:
+    """Garbage collection of the files instaclone made."""
 
-
-@dataclass(frozen=True)
-class FileCowConfig:
-    # How a running source is kept from writing into the RAM its clones map:
-    # "copy": clones map a sparse copy of the RAM file made during the stun
-    #         (the source runs on in place and stays cloneable);
-    # "respawn": the source's QEMU is restarted as one more private child of
-    #         the frozen file (no copy; the stun includes a QEMU restart);
-    # "precopy": before the stun, the running source is live-migrated into a
-    #         paused shadow QEMU whose RAM is a fresh shared file; the stun is
-    #         the migration's switchover plus the disk snapshot, and clones map
-    #         the shadow's file. Falls back to "copy" if the pre-copy does not
-    #         reach the switchover within precopy_timeout_s.
-    source_mode: str = "copy"
-    # QEMU's downtime-limit: the longest final copy (RAM still dirty plus
-    # device state) the pre-copy plans for at switchover.
-    precopy_downtime_ms: int = 30
-    # Below clone.step_timeout_s (the Stunned step's timeout, which it runs in).
-    precopy_timeout_s: float = 90.0
+    interval_s: float = setting(3600.0, min=0, max=7 * 86400, help=(
+        "A full garbage collection (every file instaclone made that no domain uses) runs this often, the "
+        "first one this long after start; 0: only on request (\"instaclone gc\", POST /v1/gc). Each destroy "
+        "collects what the destroyed clone released itself. Only files the store recorded as made by "
+        "instaclone (by path and inode) are ever deleted."))
 
 
 @dataclass(frozen=True)
@@ -233,60 +320,85 @@ class WebhookEndpoint:
         return [events.decode_secret(s) for s in self.secrets]
 
 
+_ENDPOINT_EXAMPLE = """\
+[[webhooks.endpoints]]
+name = "ops"                                   # letters, digits, . _ -
+url = "https://hooks.example.com/instaclone"   # http:// or https://, no credentials
+secret = "whsec_..."                           # base64 after whsec_, >= 16 bytes
+# secrets = ["whsec_new...", "whsec_old..."]   # while rotating: both sign
+# secret_file = "/etc/instaclone/ops.whsec"    # or: read from this file, one secret a line;
+#                                              # it must be 0600 (or stricter), the daemon's
+#                                              # user's, and not a link
+events = ["clone.ready", "clone.failed"]       # types or globs; default ["*"]"""
+
+
 @dataclass(frozen=True)
 class WebhooksConfig:
-    # Per attempt: a receiver slower than this counts as failed and is retried.
-    timeout_s: float = 10.0
-    # Attempts per delivery before it is marked failed (replayable by hand).
-    max_attempts: int = 12
-    # Exponential backoff with jitter: about initial * 2^(attempt-1), capped.
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 600.0
-    # Requests in flight at once, per endpoint.
-    max_in_flight: int = 8
-    # Events whose deliveries are all settled are pruned after this long.
-    retention_days: float = 7.0
-    endpoints: tuple[WebhookEndpoint, ...] = ()
+    """Events to HTTP receivers, signed and delivered at least once.
+
+    Every state change of every job (clone.requested, clone.stunned, ..., clone.ready, clone.failed),
+    clone.destroyed, source.frozen and source.unfrozen is written to an outbox in the same transaction as
+    the change and POSTed to each endpoint, signed per the Standard Webhooks scheme (webhook-id,
+    webhook-timestamp, webhook-signature). Delivery is at least once: the same event keeps its webhook-id
+    across retries, restarts and replays, so receivers deduplicate on it. Nothing is sent while a source is
+    stunned. A slow or failing receiver never slows a clone.
+    """
+
+    timeout_s: float = setting(10.0, min=0.1, max=300, help=(
+        "Seconds one attempt may take; a slower receiver counts as failed and is retried."))
+    max_attempts: int = setting(12, min=1, max=1000, help=(
+        "Attempts before a delivery is marked failed (then: instaclone webhooks deliveries replay)."))
+    backoff_initial_s: float = setting(1.0, min=0.01, max=3600, help=(
+        "Retry delay: about backoff_initial_s * 2^(attempt-1), half of it random (jitter), at most "
+        "backoff_max_s. A Retry-After header from the receiver wins."))
+    backoff_max_s: float = setting(600.0, min=0.01, max=86400, help="The longest retry delay.")
+    max_in_flight: int = setting(8, min=1, max=256, help=(
+        "Requests in flight at once per endpoint (a hanging receiver holds only its own)."))
+    retention_days: float = setting(7.0, min=0, max=3650, help=(
+        "Events whose deliveries are all settled are pruned after this many days."))
+    endpoints: tuple[WebhookEndpoint, ...] = setting(
+        (), parse=lambda key, value: _endpoints(value), example=_ENDPOINT_EXAMPLE, default_text="(none)", help=(
+            "One [[webhooks.endpoints]] table per receiver: name, url, and secret (or secrets while rotating, "
+            "or secret_file), events (types or globs, default every event). A receiver answering 410 Gone is "
+            "disabled until \"instaclone webhooks enable NAME\"; redirects are never followed."))
 
 
-@dataclass(frozen=True)
-class PoolsConfig:
-    # The host budget every pool's replenishment stays within: clones on the
-    # host (registered plus being made, pooled or not), and the guest RAM they
-    # are defined with (0: no memory budget). Claimed members count too.
-    max_clones: int = 64
-    max_memory_mib: int = 0
-    # A claim on a pool with no idle member waits this long for the next one.
-    claim_wait_s: float = 60.0
-    # Pools are checked this often (and at once after each claim, release and job).
-    check_interval_s: float = 5.0
-
-
-@dataclass(frozen=True)
-class GcConfig:
-    # A full garbage collection (every file instaclone made and no chain uses)
-    # runs this often, the first one this long after start; 0: only on request
-    # (POST /v1/gc). Destroy collects what the destroyed clone released itself.
-    interval_s: float = 3600.0
+#: A backend's settings: "storage.<name>" or "memory.<name>" -> an instance of its section class.
+BackendSections = tuple[tuple[str, Any], ...]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     clone: CloneConfig = field(default_factory=CloneConfig)
-    qcow2: Qcow2Config = field(default_factory=Qcow2Config)
-    filecow: FileCowConfig = field(default_factory=FileCowConfig)
-    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
-    access: AccessConfig = field(default_factory=AccessConfig)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
     gc: GcConfig = field(default_factory=GcConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    #: The backends' sections that the file has, as read (see :meth:`section`).
+    backends: BackendSections = ()
+
+    def section(self, name: str, cls: type[_T]) -> _T:
+        """The backend section ``name`` (``"memory.filecow"``) as read, or ``cls()`` (its defaults) if absent."""
+        for n, value in self.backends:
+            if n == name and isinstance(value, cls):
+                return value
+        return cls()
+
+    def with_section(self, name: str, value: object) -> Config:
+        """This config with the backend section ``name`` replaced by ``value``."""
+        return replace(self, backends=(*((n, v) for n, v in self.backends if n != name), (name, value)))
 
     @property
     def delta_dir(self) -> Path:
-        return self.qcow2.delta_dir or self.daemon.state_dir / "deltas"
+        """Where source deltas go: the storage backend section's ``delta_dir`` if set, else <state_dir>/deltas."""
+        ours = f"storage.{self.clone.storage_backend}"
+        chosen = next((getattr(v, "delta_dir", None) for n, v in self.backends if n == ours), None)
+        return chosen if isinstance(chosen, Path) else self.daemon.state_dir / "deltas"
 
     @property
     def clones_dir(self) -> Path:
@@ -306,116 +418,39 @@ class Config:
         return self.daemon.state_dir / "journal.sqlite"
 
 
-# Section name in the TOML file -> dataclass field of Config.
-_SECTIONS = {"daemon": "daemon", "libvirt": "libvirt", "clone": "clone", "storage.qcow2": "qcow2",
-             "memory.filecow": "filecow", "webhooks": "webhooks", "access": "access", "pools": "pools",
-             "admission": "admission", "journal": "journal",
-             "gc": "gc"}
-
-# (min, max) for numeric keys.
-_RANGES: dict[str, tuple[float, float]] = {
-    "daemon.socket_mode": (0, 0o777),
-    "daemon.max_concurrent_jobs": (1, 256),
-    "libvirt.threads": (2, 128),
-    "libvirt.agent_threads": (1, 64),
-    "clone.stun_deadline_ms": (50, 600_000),
-    "clone.step_timeout_s": (1, 3600),
-    "clone.max_count": (1, 1000),
-    "clone.max_starting": (0, 256),
-    "clone.customize_timeout_s": (1, 3600),
-    "clone.nic_release_timeout_s": (1, 3600),
-    "clone.max_chain_depth": (2, 1000),
-    "storage.qcow2.max_chain_images": (2, 65536),
-    "webhooks.timeout_s": (0.1, 300),
-    "webhooks.max_attempts": (1, 1000),
-    "webhooks.backoff_initial_s": (0.01, 3600),
-    "webhooks.backoff_max_s": (0.01, 86400),
-    "webhooks.max_in_flight": (1, 256),
-    "webhooks.retention_days": (0, 3650),
-    "daemon.shutdown_grace_s": (0, 3600),
-    "memory.filecow.precopy_downtime_ms": (1, 10_000),
-    "memory.filecow.precopy_timeout_s": (1, 3600),
-    "pools.max_clones": (1, 100_000),
-    "pools.max_memory_mib": (0, 1 << 30),
-    "pools.claim_wait_s": (0, 3600),
-    "pools.check_interval_s": (0.1, 3600),
-    "admission.memory_reserve_mib": (0, 1 << 30),
-    "admission.filecow_private_fraction": (0, 1),
-    "admission.clone_overhead_mib": (0, 1 << 20),
-    "admission.min_free_disk_mib": (0, 1 << 30),
-    "admission.disk_growth_mib": (0, 1 << 30),
-    "admission.max_queued_jobs": (1, 100_000),
-    "journal.retention_days": (0, 3650),
-    "gc.interval_s": (0, 7 * 86400),
-}
-_CHOICES = {
-    "daemon.log_format": ("auto", "json", "console", "journald"),
-    "daemon.log_level": ("debug", "info", "warning", "error"),
-    "memory.filecow.source_mode": ("precopy", "copy", "respawn"),
-}
+#: The core's sections: TOML table -> section class (the field of Config with that name).
+SECTIONS: dict[str, type[Any]] = {f.name: f.default_factory().__class__  # type: ignore[operator]
+                                  for f in fields(Config) if f.name != "backends"}
+# A key added without setting() (no help, no bounds) fails here, at import, naming itself.
+for _cls in SECTIONS.values():
+    check_section_class(_cls)
 
 
-def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
-    if "Path" in annotation:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key}: must be a non-empty path string")
-        path = Path(value)
-        if not path.is_absolute():
-            raise ConfigError(f"{key}: must be an absolute path, got {value!r}")
-        return path
-    if annotation.startswith("tuple[str"):
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(f"{key}: must be a list of non-empty strings, got {value!r}")
-        return tuple(value)
-    if key in ("daemon.socket_group", "daemon.qemu_group"):
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: must be a group name (\"\" for the daemon's own group), got {value!r}")
-        if value:
-            try:
-                grp.getgrnam(value)
-            except KeyError:
-                raise ConfigError(f"{key}: no group named {value!r} on this host "
-                                  f"(create it with groupadd --system {value}, or set \"\")") from None
-        return value
-    if key == "daemon.metrics_listen":
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: must be a string, got {value!r}")
-        if value:
-            parse_listen(key, value)
-        return value
-    if key == "clone.customize_script":
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: must be a path string (\"\" for none), got {value!r}")
-        if value:
-            if not Path(value).is_absolute():
-                raise ConfigError(f"{key}: must be an absolute path, got {value!r}")
-            if not Path(value).is_file():
-                raise ConfigError(f"{key}: {value} is not a readable file")
-        return value
-    if annotation == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: must be true or false, got {value!r}")
-        return value
-    if annotation == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: must be an integer, got {value!r}")
-    elif annotation == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: must be a number, got {value!r}")
-        value = float(value)
-    elif annotation == "str" and (not isinstance(value, str) or not value):
-            raise ConfigError(f"{key}: must be a non-empty string, got {value!r}")
-    if key in _RANGES:
-        lo, hi = _RANGES[key]
-        if not lo <= value <= hi:
-            raise ConfigError(f"{key}: must be between {lo:g} and {hi:g}, got {value!r}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise ConfigError(f"{key}: must be one of {', '.join(_CHOICES[key])}, got {value!r}")
-    return value
+def _old_names(section: str, table: dict[str, Any]) -> dict[str, Any]:
+    """``table`` with keys of older spellings rewritten to today's; ConfigError if both are given."""
+    if section != "clone":
+        return table
+    table = dict(table)
+    if "start_parallel" in table:
+        if "max_starting" in table:
+            raise ConfigError("clone.start_parallel: the old name of clone.max_starting; give only one")
+        table["max_starting"] = table.pop("start_parallel")
+    old = [k for k in ("memory_backend", "memory_fallback") if k in table]
+    if old:
+        if "memory_backends" in table:
+            raise ConfigError(f"clone.{old[0]}: the older spelling of clone.memory_backends; give only one")
+        first, fallback = table.pop("memory_backend", "filecow"), table.pop("memory_fallback", "saverestore")
+        for key, value in (("memory_backend", first), ("memory_fallback", fallback)):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"clone.{key}: must be a backend name, got {value!r}")
+        if first == "none":
+            raise ConfigError("clone.memory_backend: must be a backend name, got 'none'")
+        table["memory_backends"] = [first] + ([fallback] if fallback not in ("none", first) else [])
+    return table
 
 
-def _flatten_sections(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+def _flatten_sections(raw: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for name, table in raw.items():
         if name in ("storage", "memory") and isinstance(table, dict):
             for sub, subtable in table.items():
@@ -425,35 +460,27 @@ def _flatten_sections(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def from_dict(raw: dict[str, Any]) -> Config:
-    """Build a validated Config from parsed TOML. Unknown keys are errors."""
+def from_dict(raw: dict[str, Any], backend_sections: Mapping[str, type[Any]] | None = None) -> Config:
+    """Build a validated Config from parsed TOML. Unknown sections and keys are errors.
+
+    ``backend_sections`` are the sections backends declare (``"memory.filecow"``
+    -> its section class; ``instaclone.backends.sections()`` finds them all);
+    a ``[storage.*]`` or ``[memory.*]`` table not among them is unknown.
+    """
+    extra = dict(backend_sections or {})
     built: dict[str, Any] = {}
+    found: list[tuple[str, Any]] = []
     for section, table in _flatten_sections(raw).items():
-        if section not in _SECTIONS:
-            raise ConfigError(f"{section}: unknown section (known: {', '.join(_SECTIONS)})")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{section}: must be a table")
-        attr = _SECTIONS[section]
-        cls = type(getattr(Config(), attr))
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in table.items():
-            if attr == "clone" and key == "start_parallel":  # its old name
-                if "max_starting" in table:
-                    raise ConfigError("clone.start_parallel: the old name of clone.max_starting; give only one")
-                key = "max_starting"
-            if attr == "webhooks" and key == "endpoints":
-                values[key] = _endpoints(value)
-                continue
-            if attr == "access" and key == "sources":
-                values[key] = _source_rules(value)
-                continue
-            if key not in known:
-                raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(known)})")
-            f = known[key]
-            values[key] = _coerce(f"{section}.{key}", value, f.default, str(f.type))
-        built[attr] = cls(**values)
-    return Config(**built)
+        if section in SECTIONS:
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}: must be a table")
+            built[section] = read_section(section, SECTIONS[section], _old_names(section, table))
+        elif section in extra:
+            found.append((section, read_section(section, extra[section], table)))
+        else:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join([*SECTIONS, *extra])})")
+    return Config(**built, backends=tuple(found))
+
 
 
 #: A glob of source names: what a domain name may hold, plus the glob characters * ? [ ] !.
@@ -610,8 +637,11 @@ def parse_listen(key: str, value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def load(path: Path | None) -> Config:
-    """Read and validate ``path``; ``None`` or a missing default file gives defaults."""
+def load(path: Path | None, backend_sections: Mapping[str, type[Any]] | None = None) -> Config:
+    """Read and validate ``path``; ``None`` or a missing default file gives defaults.
+
+    ``backend_sections``: as for :func:`from_dict` (``instaclone.backends.load_config`` passes them all).
+    """
     if path is None:
         if not DEFAULT_CONFIG_PATH.exists():
             return Config()
@@ -622,4 +652,4 @@ def load(path: Path | None) -> Config:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
-    return from_dict(raw)
+    return from_dict(raw, backend_sections)

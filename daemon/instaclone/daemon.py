@@ -71,10 +71,7 @@ class Daemon:
 
     async def start(self) -> None:
         c = self.config
-        storage_cls = backends.storage_backend(c.clone.storage_backend)
-        memory_classes = [backends.memory_backend(c.clone.memory_backend)]
-        if c.clone.memory_fallback != "none" and c.clone.memory_fallback != c.clone.memory_backend:
-            memory_classes.append(backends.memory_backend(c.clone.memory_fallback))
+        storage_cls, memory_classes = backends.configured(c)
         prepare_dirs(c)
         await self.store.open()
         await self.virt.connect()
@@ -188,7 +185,7 @@ class Daemon:
         """SIGHUP: re-read the config file; apply what is safe to change while running."""
         self.notifier.reloading()
         try:
-            new = _apply_overrides(cfg.load(self.config_path), self._overrides)
+            new = _apply_overrides(backends.load_config(self.config_path), self._overrides)
         except InstacloneError as exc:
             self.log.error("config.reload_failed", error=exc.message)
             self.notifier.ready(await self._status_text())
@@ -197,8 +194,7 @@ class Daemon:
         # Safe: clone limits and timeouts (read per job), admission's budget (per
         # request), retention (per pruning), webhooks, access, log level.
         applied = replace(old, clone=replace(new.clone, storage_backend=old.clone.storage_backend,
-                                             memory_backend=old.clone.memory_backend,
-                                             memory_fallback=old.clone.memory_fallback),
+                                             memory_backends=old.clone.memory_backends),
                           admission=new.admission, journal=new.journal,
                           webhooks=new.webhooks, access=new.access,
                           daemon=replace(old.daemon, log_level=new.daemon.log_level,
@@ -284,10 +280,21 @@ def prepare_dirs(c: Config) -> None:
             raise ConfigError(f"cannot make the state directory {d} private: {exc.strerror or exc}") from None
 
 
+def _sections(c: Config) -> dict[str, Any]:
+    """Every section of ``c`` by its TOML name: the core's, then the backends' the file has."""
+    return {**{name: getattr(c, name) for name in cfg.SECTIONS}, **dict(c.backends)}
+
+
 def _diff(a: Config, b: Config) -> list[tuple[str, object, object]]:
+    """(``section.key``, value in ``a``, value in ``b``) of every key that differs."""
     out = []
-    for section in a.__dataclass_fields__:
-        sa, sb = getattr(a, section), getattr(b, section)
+    sections_a, sections_b = _sections(a), _sections(b)
+    for section in {**sections_a, **sections_b}:
+        sa: Any = sections_a.get(section)
+        sb: Any = sections_b.get(section)
+        # A backend section only one file has: the other has its defaults.
+        sa = type(sb)() if sa is None else sa
+        sb = type(sa)() if sb is None else sb
         for key in sa.__dataclass_fields__:
             va, vb = getattr(sa, key), getattr(sb, key)
             if va != vb:
@@ -381,11 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_format:
         overrides["log_format"] = args.log_format
     try:
-        config = _apply_overrides(cfg.load(args.config), overrides)
-        backends.storage_backend(config.clone.storage_backend)
-        backends.memory_backend(config.clone.memory_backend)
-        if config.clone.memory_fallback != "none":
-            backends.memory_backend(config.clone.memory_fallback)
+        config = _apply_overrides(backends.load_config(args.config), overrides)
+        backends.configured(config)
     except InstacloneError as exc:
         print(f"instacloned: {exc.message}", file=sys.stderr)
         return 2

@@ -315,3 +315,33 @@ class PoolRecord:
         return {"name": self.name, "source": self.source, "size": self.size, "config": dict(self.config),
                 "customize": self.customize, "keep_network": self.keep_network, "generation": self.generation,
                 "created_at": self.created_at, "updated_at": self.updated_at, "owner": self.owner}
+
+
+#: Finding levels: a clone with the default options is refused (error), works without the capability
+#: (warn), or nothing is to do (ok).
+OK, WARN, ERROR = "ok", "warn", "error"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One capability of a source in a preflight report: whether it has it and what to change if not.
+
+    Made by the core's checks (``instaclone.jobs.preflight``) and by backends (``Backend.preflight``).
+    """
+
+    capability: str
+    ok: bool
+    level: str  # ok | warn | error
+    detail: str
+    fix: str | None = None  # the exact XML to add or change; None: nothing (or nothing in the XML)
+    device: str | None = None  # the disk target (or device) the finding is about
+    pending: bool = False  # the persistent definition has it already; the running domain not yet
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"capability": self.capability, "ok": self.ok, "level": self.level,
+                               "detail": self.detail, "fix": self.fix}
+        if self.device is not None:
+            out["device"] = self.device
+        if self.pending:
+            out["pending"] = True
+        return out

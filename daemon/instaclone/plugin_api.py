@@ -1,9 +1,14 @@
-"""Everything a storage or memory backend may import from instaclone (docs/design/backends.md).
+"""Everything a storage or memory backend may import from instaclone (docs/development/backends.md).
 
 A storage backend makes delta disks; a memory backend links a clone's memory
 to its source's. Both are ABCs with async, keyword-only methods and class-level
 capability flags; both are found by name through the entry-point groups
 ``instaclone.storage`` and ``instaclone.memory`` (see ``instaclone.backends``).
+A backend owns its parts: its config section (``settings_class``, read from
+``[storage.<name>]`` / ``[memory.<name>]``), its preflight findings
+(:meth:`Backend.preflight`) and its changes to domain XML
+(:meth:`Backend.prepare_xml` for a source's definition,
+:meth:`MemoryBackend.adjust_xml` for a clone's).
 
 The undo contract (docs/design/ledger.md): a backend records each
 resource with ``record(kind, ref)`` *before* it creates it, and removes what it
@@ -20,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from . import safefs
 from .config import Config
@@ -37,10 +42,14 @@ from .errors import (
 from .hv import Disk, DomainInfo, Hypervisor, MigrationInfo, Outcome, domxml
 from .identity import new_mac, new_uuid
 from .log import get as get_logger
-from .model import CORE, MemoryImage, Resource, ResourceKind
+from .model import CORE, ERROR, OK, WARN, Finding, MemoryImage, Resource, ResourceKind
+from .settings import setting
 
 __all__ = [
     "CORE",
+    "ERROR",
+    "OK",
+    "WARN",
     "Backend",
     "CloneTarget",
     "Config",
@@ -48,6 +57,7 @@ __all__ = [
     "Disk",
     "DomainInfo",
     "DomainNotFound",
+    "Finding",
     "Hypervisor",
     "InstacloneError",
     "LibvirtError",
@@ -70,7 +80,10 @@ __all__ = [
     "new_uuid",
     "remove_path",
     "safefs",
+    "setting",
 ]
+
+_S = TypeVar("_S")
 
 
 class Recorder(Protocol):
@@ -134,13 +147,54 @@ async def remove_path(path: Path) -> None:
 
 
 class Backend(abc.ABC):
-    """What storage and memory backends share: a name, a start-up check, and undo."""
+    """What storage and memory backends share: a name, a config section, a start-up check, preflight and undo."""
 
     name: ClassVar[str]
+    #: "storage" or "memory": the first part of the backend's config section's name.
+    kind: ClassVar[str]
+    #: The backend's config section ``[<kind>.<name>]``: a frozen dataclass whose fields are made with
+    #: :func:`setting` (default, bounds, help). None: the backend has no settings.
+    settings_class: ClassVar[type[Any] | None] = None
 
     def __init__(self, *, config: Config, virt: Hypervisor) -> None:
         self.config = config
         self.virt = virt
+
+    @classmethod
+    def section(cls) -> str:
+        """The name of the backend's config section, e.g. ``memory.filecow``."""
+        return f"{cls.kind}.{cls.name}"
+
+    def settings(self, cls: type[_S]) -> _S:
+        """The backend's section as the config file has it (validated at load), or ``cls()``'s defaults."""
+        return self.config.section(self.section(), cls)
+
+    def preflight(self, *, xml: str) -> list[Finding]:
+        """What this backend says about cloning the domain ``xml`` describes (its live XML when it runs).
+
+        Pure: no I/O. A memory backend judges as if it were the only one: a
+        finding of level ``error`` says it cannot serve the source (the core
+        lowers it to ``warn`` when a later backend of ``clone.memory_backends``
+        serves it, and says which). Default: nothing to say.
+        """
+        return []
+
+    def prepared(self, *, xml: str) -> dict[str, bool]:
+        """Per capability :meth:`prepare_xml` gives a definition: does ``xml`` have it? Default: none.
+
+        Tells a change that waits for the next boot (the persistent definition
+        has it, the running domain not yet).
+        """
+        return {}
+
+    def prepare_xml(self, *, xml: str) -> tuple[str, list[str]]:
+        """Change a source's persistent definition ``xml`` so that this backend can serve it.
+
+        Returns the new XML and one line per change (``capability: what``);
+        only what is safe to change in a definition, nothing when it is there
+        already (idempotent). Default: unchanged. Pure: no I/O.
+        """
+        return xml, []
 
     async def check(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Verify at daemon start that the backend can work here; raise ConfigError if not."""
@@ -161,6 +215,7 @@ class Backend(abc.ABC):
 class StorageBackend(Backend):
     """Makes the delta disks of a clone operation."""
 
+    kind = "storage"
     supports_running_source: ClassVar[bool] = True
     supports_consolidation: ClassVar[bool] = False
 
@@ -235,9 +290,13 @@ class StorageBackend(Backend):
 class MemoryBackend(Backend):
     """Gives a clone the memory (and device state) of its source at stun."""
 
+    kind = "memory"
     supports_running_source: ClassVar[bool] = True
     supports_frozen_source: ClassVar[bool] = True
     shares_memory: ClassVar[bool] = False  # True: clone RAM is copy-on-write of the source's
+    #: True: a stun's memory image goes in libvirt's memory_backing_dir (else the job's directory):
+    #: admission counts it against that filesystem (as memory, when it is a tmpfs).
+    image_in_memory_backing_dir: ClassVar[bool] = False
 
     def can_serve(self, source: DomainInfo) -> str | None:
         """None if this backend can clone ``source``, else the reason it cannot."""

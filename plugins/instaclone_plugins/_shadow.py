@@ -70,6 +70,7 @@ from instaclone.plugin_api import (
 
 from . import _images
 from ._proc import run
+from .qcow2 import Qcow2Settings
 
 #: Where a job's shadow notes live in ``StunContext.scratch``.
 KEY = "filecow.shadow"
@@ -136,6 +137,8 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
     # A short directory, and file names kept as the source's: the shadow's
     # sockets must fit a UNIX socket path (108 bytes).
     shadow = Shadow(shadow_name(ctx.job_id), ctx.job_dir / "sh", new_uuid())
+    # The shadow's disks are qcow2 overlays whatever the storage backend: qcow2's qemu-img makes them.
+    qemu_img = config.section("storage.qcow2", Qcow2Settings).qemu_img
     # Known from here on: a start that fails half-way is undone by its UUID.
     ctx.scratch[KEY] = shadow
     await record(ResourceKind.FILE, str(shadow.dir))
@@ -154,9 +157,9 @@ async def start(*, ctx: StunContext, record: Recorder, virt: Hypervisor, config:
             continue
         disks[disk.target] = shadow.dir / f"{disk.target}.qcow2"
         # The size of the disk read as the format libvirt recorded (never probed).
-        size = await _images.virtual_size(config.qcow2.qemu_img, disk.path, disk.format)
+        size = await _images.virtual_size(qemu_img, disk.path, disk.format)
         await asyncio.to_thread(_new_file, disks[disk.target], owner)
-        await run(config.qcow2.qemu_img, "create", "-q", "-f", "qcow2", str(disks[disk.target]), str(size))
+        await run(qemu_img, "create", "-q", "-f", "qcow2", str(disks[disk.target]), str(size))
     nvram = None
     if ctx.nvram is not None:
         # The shadow never runs its firmware; its flash only has to fit.

@@ -45,6 +45,7 @@ import itertools
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from instaclone.plugin_api import (
     CloneTarget,
     ConfigError,
     DomainInfo,
+    Finding,
     InstacloneError,
     MemoryBackend,
     MemoryBackendError,
@@ -65,9 +67,10 @@ from instaclone.plugin_api import (
     get_logger,
     remove_path,
     safefs,
+    setting,
 )
 
-from . import _shadow
+from . import _filecow_xml, _shadow
 from .libvirt_hook import GRANTS_DIR
 
 RAM_ALIAS = "pc.ram"
@@ -85,11 +88,40 @@ FREE_PAGE_REPORTING = (
 log = get_logger(component="filecow")
 
 
+@dataclass(frozen=True)
+class FileCowSettings:
+    """The filecow memory backend (in clone.memory_backends)."""
+
+    source_mode: str = setting("copy", choices=("precopy", "copy", "respawn"), help=(
+        "How a running source is kept from writing into the RAM its clones map:\n"
+        "\"precopy\": before the stun, the running source is live-migrated (QEMU's pre-copy) into a paused "
+        "shadow QEMU whose RAM is a fresh shared file; the source stops only for the switchover (the last dirty "
+        "pages, device state, the disk snapshot) and runs on in place; clones map the shadow's file. The stun "
+        "does not grow with the RAM in use; the time to clone ready does. If the pre-copy does not reach the "
+        "switchover within precopy_timeout_s (a guest dirtying RAM faster than it can be copied, even "
+        "throttled by auto-converge), the job falls back to \"copy\"; the job result's memory.mode says which "
+        "ran.\n"
+        "\"copy\" (default): clones map a sparse copy of the source's RAM file, made while the source is "
+        "stunned (costs time ~ the guest's used RAM); the source runs on in place and can be cloned again and "
+        "again.\n"
+        "\"respawn\": the source's QEMU is restarted as a private child of the frozen file (no copy, but a QEMU "
+        "restart inside the stun, and later clones of that source use the next backend of "
+        "clone.memory_backends)."))
+    precopy_downtime_ms: int = setting(30, min=1, max=10_000, help=(
+        "QEMU's downtime-limit for the pre-copy: the longest final copy (RAM still dirty plus device state) it "
+        "plans for at switchover."))
+    precopy_timeout_s: float = setting(90.0, min=1, max=3600, help=(
+        "Must stay below clone.step_timeout_s: the pre-copy runs inside the Stunned step, which that timeout "
+        "ends."))
+
+
 class FileCowMemory(MemoryBackend):
     name = "filecow"
+    settings_class = FileCowSettings
     supports_running_source = True
     supports_frozen_source = True
     shares_memory = True
+    image_in_memory_backing_dir = True
 
     #: Where the libvirt hook finds the grants (an instance may be given another: tests).
     grants_dir: Path = GRANTS_DIR
@@ -98,10 +130,11 @@ class FileCowMemory(MemoryBackend):
         super().__init__(**kwargs)
         #: shadow name -> its and its source's RAM, mapped to verify the pre-copy
         self._rams: dict[str, _shadow.RamPair] = {}
+        self.own = self.settings(FileCowSettings)
 
     async def check(self) -> None:
         await asyncio.to_thread(sweep_grants, self.grants_dir, self.config.clone.step_timeout_s)
-        fc, clone = self.config.filecow, self.config.clone
+        fc, clone = self.own, self.config.clone
         if fc.source_mode == "precopy" and fc.precopy_timeout_s >= clone.step_timeout_s:
             raise ConfigError(f"memory.filecow.precopy_timeout_s ({fc.precopy_timeout_s:g}) must be below "
                               f"clone.step_timeout_s ({clone.step_timeout_s:g}): the pre-copy runs inside the "
@@ -118,11 +151,22 @@ class FileCowMemory(MemoryBackend):
             return FREE_PAGE_REPORTING
         return None
 
+    def preflight(self, *, xml: str) -> list[Finding]:
+        """``cow_memory`` (RAM in one shared file) and ``balloon`` (none that punches holes into shared RAM)."""
+        return _filecow_xml.findings(xml)
+
+    def prepared(self, *, xml: str) -> dict[str, bool]:
+        return _filecow_xml.prepared(xml)
+
+    def prepare_xml(self, *, xml: str) -> tuple[str, list[str]]:
+        """Shared file-backed RAM, unless the guest has NUMA cells (prepare never changes its topology)."""
+        return _filecow_xml.prepare(xml)
+
     # -- the stun: pre-copy into a shadow, or a plain pause ------------------------------
 
     async def stun(self, *, ctx: StunContext, record: Recorder) -> float:
         """``precopy``: copy RAM into the job's shadow while the source runs; QEMU stops it at switchover."""
-        if self.config.filecow.source_mode != "precopy":
+        if self.own.source_mode != "precopy":
             return await super().stun(ctx=ctx, record=record)
         t0 = time.monotonic()
         try:
@@ -130,9 +174,9 @@ class FileCowMemory(MemoryBackend):
             if _shadow.needs_verify(ctx.source.xml):
                 await self._map_rams(ctx.source.name, shadow)
             await self.virt.migrate_live(ctx.source.name, shadow.name,
-                                         downtime_ms=self.config.filecow.precopy_downtime_ms)
+                                         downtime_ms=self.own.precopy_downtime_ms)
             shadow.precopy = await self.virt.wait_migration(
-                ctx.source.name, until=("pre-switchover",), timeout_s=self.config.filecow.precopy_timeout_s)
+                ctx.source.name, until=("pre-switchover",), timeout_s=self.own.precopy_timeout_s)
         except InstacloneError as exc:
             # Not converged in time (or the shadow would not take the
             # stream): the source still runs, or runs again once cancelled.
@@ -238,7 +282,7 @@ class FileCowMemory(MemoryBackend):
         stats = await self.virt.save_state(ctx.source.name, state, ignore_shared=True,
                                            timeout_s=self.config.clone.step_timeout_s)
         frozen = image_dir / RAM_ALIAS
-        respawn = self.config.filecow.source_mode == "respawn" and not ctx.frozen
+        respawn = self.own.source_mode == "respawn" and not ctx.frozen
         try:
             # The source's RAM file is in libvirt's per-domain directory,
             # which QEMU's user may write: never followed if it is a link.

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from instaclone.plugin_api import (
@@ -42,6 +43,7 @@ from instaclone.plugin_api import (
     StorageError,
     StunContext,
     safefs,
+    setting,
 )
 
 from . import _images
@@ -53,16 +55,31 @@ def _new_file(path: Path) -> None:
     os.close(safefs.create_file(path))
 
 
+@dataclass(frozen=True)
+class Qcow2Settings:
+    """The qcow2 storage backend (clone.storage_backend = "qcow2")."""
+
+    delta_dir: Path | None = setting(None, example='delta_dir = "/var/lib/instaclone/deltas"',
+                                     default_text="<state_dir>/deltas", help="Where new source deltas go.")
+    qemu_img: str = setting("qemu-img", help="The qemu-img program (a name looked up in PATH, or a path).")
+    max_chain_images: int = setting(1024, min=2, max=65536, help=(
+        "Images a backing chain may have when instaclone walks it, one image at a time with the format libvirt "
+        "recorded (never probed); a longer chain, a loop, or a json:/protocol/relative backing name is refused "
+        "(unsafe_image). Keep it above clone.max_chain_depth, or chains are refused before consolidation."))
+
+
 class Qcow2Storage(StorageBackend):
     name = "qcow2"
+    settings_class = Qcow2Settings
     supports_running_source = True
     supports_consolidation = True
 
     def __init__(self, *, config: Config, virt: Hypervisor) -> None:
         super().__init__(config=config, virt=virt)
-        self.qemu_img = config.qcow2.qemu_img
+        own = self.settings(Qcow2Settings)
+        self.qemu_img = own.qemu_img
         self.delta_dir = config.delta_dir
-        self.max_chain_images = config.qcow2.max_chain_images
+        self.max_chain_images = own.max_chain_images
         self._backings = _images.Backings()
 
     async def check(self) -> None:

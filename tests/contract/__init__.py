@@ -1,7 +1,9 @@
 """The contract suite (issue 12, item 3): a fault at every backend call, then nothing may be left.
 
-For each storage x memory backend (qcow2 with filecow and saverestore on real
-libvirt, FakeStorage with both on a fake hypervisor) and each operation (a
+For each storage x memory backend found through the entry-point groups
+``instaclone.storage`` and ``instaclone.memory`` (built-in or installed: the
+test plugin ``tests/thirdparty/instaclone_stash`` too) on real libvirt, and
+FakeStorage with each memory backend on a fake hypervisor, and each operation (a
 clone job of a running source, freeze, a job of a frozen source, unfreeze):
 
 1. a clean run records every call the operation makes to the hypervisor and

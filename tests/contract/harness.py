@@ -3,7 +3,9 @@
 Everything else in ``tests/contract`` works through these functions: the
 engine's constructor and its public calls (submit, wait, recover, freeze,
 unfreeze, destroy_clone), the journal's job and resource records, the backend
-ABCs (to know which methods a backend call is) and the built-in backends.
+ABCs (to know which methods a backend call is) and the backends, found by
+name through their entry points (``instaclone.backends``) like the daemon
+finds them: an installed third-party backend runs through the suite too.
 It imports the new module names (``jobs.engine``, ``store``,
 ``plugin_api``, ``hv``, ``tests/guests``); when names or signatures change
 again, re-point the imports and bodies here: nothing else in the suite
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from instaclone import backends as _backends
 from instaclone.config import Config
 from instaclone.hv import domxml as domxml, vmstate as vmstate  # re-exported: pure XML readers
 from instaclone.hv.hypervisor import LibvirtHypervisor
@@ -25,9 +28,6 @@ from instaclone.model import ResourceStatus
 from instaclone.plugin_api import MemoryBackend, StorageBackend
 from instaclone.requests import CloneRequest, FreezeRequest
 from instaclone.store import Store
-from instaclone_plugins.filecow import FileCowMemory
-from instaclone_plugins.qcow2 import Qcow2Storage
-from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from ..fakes import FakeHypervisor as FakeHypervisor, FakeStorage
 from ..guests import devguest as devguest  # the busybox test guest's driver
@@ -38,8 +38,27 @@ Hypervisor = LibvirtHypervisor
 #: Job states after which a job's task does no more work for the job itself.
 TERMINAL = frozenset({"Unstunned", "Partial", "Failed", "NeedsAttention"})
 
-STORAGE: dict[str, type[StorageBackend]] = {"qcow2": Qcow2Storage, "fake": FakeStorage}
-MEMORY: dict[str, type[MemoryBackend]] = {"filecow": FileCowMemory, "saverestore": SaveRestoreMemory}
+#: The fake world's own storage double (tests/fakes.py), not a backend anyone installs.
+FAKE_STORAGE = "fake"
+
+
+def storage_names() -> list[str]:
+    """The storage backends registered in the entry-point group ``instaclone.storage``."""
+    return _backends.names("instaclone.storage")
+
+
+def memory_names() -> list[str]:
+    """The memory backends registered in the entry-point group ``instaclone.memory``."""
+    return _backends.names("instaclone.memory")
+
+
+def memory_class(name: str) -> type[MemoryBackend]:
+    """The memory backend registered as ``name`` (a mode suffix, ``filecow-precopy``, is ignored)."""
+    return _backends.memory_backend(name.partition("-")[0])
+
+
+def storage_class(name: str) -> type[StorageBackend]:
+    return FakeStorage if name == FAKE_STORAGE else _backends.storage_backend(name)
 
 
 def backend_methods(layer: str) -> list[str]:
@@ -51,12 +70,14 @@ def backend_methods(layer: str) -> list[str]:
 def make_backends(config: Config, virt: Any, storage: str, memory: str) -> tuple[StorageBackend, MemoryBackend]:
     """Instances of the named backends, sharing ``virt`` (the hypervisor, or its proxy).
 
-    ``memory`` may name a mode too: ``filecow-copy`` is filecow with ``source_mode = "copy"``.
+    ``memory`` may name a mode too: ``filecow-copy`` is filecow with ``source_mode = "copy"`` in its section.
     """
-    name, _, mode = memory.partition("-")
-    if mode:
-        config = replace(config, filecow=replace(config.filecow, source_mode=mode))
-    return STORAGE[storage](config=config, virt=virt), MEMORY[name](config=config, virt=virt)
+    _, _, mode = memory.partition("-")
+    mem = memory_class(memory)
+    if mode and mem.settings_class is not None:
+        own = config.section(mem.section(), mem.settings_class)
+        config = config.with_section(mem.section(), replace(own, source_mode=mode))
+    return storage_class(storage)(config=config, virt=virt), mem(config=config, virt=virt)
 
 
 def make_engine(config: Config, store: Store, virt: Any, storage: StorageBackend,

@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import harness
 from .cases import Scenario, record_plan
 from .faults import LAYERS, Call, Fault, Injector, kill_faults, live_faults
 
@@ -56,9 +57,16 @@ def cases_of(storage: str, memory: str, scenario: Scenario, plan: Injector, *,
 
 FAKE_SCENARIOS = (Scenario("job", count=2, customize=True), Scenario("frozen-job"), Scenario("freeze"),
                   Scenario("unfreeze"))
-# filecow runs in its default mode (copy) and in precopy mode.
-FAKE_COMBOS = (("fake", "saverestore"), ("fake", "filecow"), ("fake", "filecow-precopy"))
+#: Memory backends run once more in another mode of theirs (their section's source_mode).
+EXTRA_MODES = ("filecow-precopy",)
 FAKE_CLONE = "ct"
+
+
+def fake_combos() -> list[tuple[str, str]]:
+    """(storage, memory) on the fakes: the fake storage with every memory backend found by entry point."""
+    names = harness.memory_names()
+    extra = [m for m in EXTRA_MODES if m.partition("-")[0] in names]
+    return [(harness.FAKE_STORAGE, m) for m in sorted([*names, *extra])]
 
 
 async def _fake_plan(storage: str, memory: str, scenario: Scenario) -> Injector:
@@ -75,7 +83,7 @@ async def _fake_plan(storage: str, memory: str, scenario: Scenario) -> Injector:
 def fake_cases() -> list[Case]:
     """Every case on the fakes: each scenario's clean run, then both modes at every call."""
     out = []
-    for storage, memory in FAKE_COMBOS:
+    for storage, memory in fake_combos():
         for scenario in FAKE_SCENARIOS:
             if memory.endswith("-precopy") and scenario.name != "job":
                 continue  # a frozen source is served the same in every mode

@@ -17,20 +17,32 @@ from typing import Any
 
 import pytest
 
+from . import harness
 from .cases import Scenario, record_plan
 from .plans import Case, cases_of
 
 #: world -> (source name, file-backed shared RAM)
 WORLDS = {"fc": ("ct-fc-src", True), "sr": ("ct-sr-src", False)}
-#: (world, storage, memory, scenario), in the order they run.
-SUITES = (
-    ("fc", "qcow2", "filecow", Scenario("job")),
-    ("fc", "qcow2", "filecow", Scenario("freeze")),
-    ("fc", "qcow2", "filecow", Scenario("frozen-job")),
-    ("fc", "qcow2", "filecow", Scenario("unfreeze")),
-    ("sr", "qcow2", "saverestore", Scenario("job")),
-)
-WORLD_OF_MEMORY = {"filecow": "fc", "saverestore": "sr"}
+#: What runs on real libvirt per memory backend: one whose clones share the source's RAM gets the
+#: source with shared file RAM and every scenario (its frozen image is its own); one that copies RAM
+#: gets the other source and a clone job (freezing is the same core code for it).
+SHARING_SCENARIOS = (Scenario("job"), Scenario("freeze"), Scenario("frozen-job"), Scenario("unfreeze"))
+COPYING_SCENARIOS = (Scenario("job"),)
+
+
+def world_of_memory(memory: str) -> str:
+    """The world (source) a memory backend, found by entry point, runs its cases on."""
+    return "fc" if harness.memory_class(memory).shares_memory else "sr"
+
+
+def suites() -> list[tuple[str, str, str, Scenario]]:
+    """(world, storage, memory, scenario), in the order they run: every backend found by entry point."""
+    out = []
+    for storage in harness.storage_names():
+        for memory in harness.memory_names():
+            w = world_of_memory(memory)
+            out += [(w, storage, memory, s) for s in (SHARING_SCENARIOS if w == "fc" else COPYING_SCENARIOS)]
+    return out
 
 #: world -> scratch dir of its booted source.
 BOOTED: dict[str, Path] = {}
@@ -86,7 +98,7 @@ async def _record_all() -> list[Case]:
 
     await boot_all()
     out: list[Case] = []
-    for i, (w, storage, memory, scenario) in enumerate(SUITES):
+    for i, (w, storage, memory, scenario) in enumerate(suites()):
         world = await LibvirtWorld.attach(BOOTED[w], source=WORLDS[w][0], storage=storage, memory=memory)
         try:
             plan = await record_plan(world, scenario, f"ct-{w}-plan{i}")

@@ -1,4 +1,4 @@
-"""The contract on the fakes: FakeStorage with saverestore and filecow on a fake hypervisor.
+"""The contract on the fakes: FakeStorage with every memory backend found by entry point, on a fake hypervisor.
 
 Every call of every scenario fails once, before and after it takes effect;
 once with a live rollback, once by SIGKILL of a child process running the

@@ -1,4 +1,4 @@
-"""The contract on real libvirt: qcow2 storage with filecow and saverestore memory, busybox guests under QEMU.
+"""The contract on real libvirt: every storage x memory backend found by entry point, busybox guests under QEMU.
 
 Cases come from clean runs on the booted sources (see realplans.py); one
 source per memory backend serves all its cases. Each case fails one call
@@ -18,7 +18,7 @@ import pytest
 from .cases import kill_case, live_case
 from .conftest import failure_message, record
 from .plans import Case
-from .realplans import BOOTED, WORLD_OF_MEMORY, WORLDS, boot_all, cleanup
+from .realplans import BOOTED, WORLDS, boot_all, cleanup, world_of_memory
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ async def test_contract(libvirt_case: Case, tmp_path: Path) -> None:
     from .realworld import LibvirtWorld
 
     case = libvirt_case
-    w = WORLD_OF_MEMORY[case.memory]
+    w = world_of_memory(case.memory)
     world = await LibvirtWorld.attach(BOOTED[w], source=WORLDS[w][0], storage=case.storage, memory=case.memory)
     name = f"ct-{w}-{next(_names)}"
     try:

@@ -27,6 +27,8 @@ import pytest
 from instaclone.errors import InstacloneError, LibvirtError
 from instaclone.requests import CloneRequest, PoolRequest
 from instaclone.states import State
+from instaclone_plugins.filecow import FileCowMemory
+from instaclone_plugins.saverestore import SaveRestoreMemory
 
 from ..fakes import FakeHypervisor, fake_api, fake_engine, fake_world
 
@@ -208,12 +210,12 @@ async def test_admission_check_cost(world: Any) -> None:
     samples = []
     for _ in range(500):
         t0 = time.perf_counter()
-        demand = svc.capacity.demand(svc.config, source="src", ram_mib=256, backend="filecow", count=4)
+        demand = svc.capacity.demand(svc.config, source="src", ram_mib=256, backend=FileCowMemory, count=4)
         svc.capacity.check(svc.config, demand)
         samples.append((time.perf_counter() - t0) * 1e6)
     # A frozen source's clones need no new delta and no new memory image.
-    frozen = svc.capacity.demand(svc.config, source="src", ram_mib=256, backend="saverestore", count=4, frozen=True)
-    running = svc.capacity.demand(svc.config, source="src", ram_mib=256, backend="saverestore", count=4)
+    frozen = svc.capacity.demand(svc.config, source="src", ram_mib=256, backend=SaveRestoreMemory, count=4, frozen=True)
+    running = svc.capacity.demand(svc.config, source="src", ram_mib=256, backend=SaveRestoreMemory, count=4)
     assert sum(m for _, m in frozen.disk_mib.values()) == sum(m for _, m in running.disk_mib.values()) - 256 - 256
     p50, p99 = statistics.median(samples), statistics.quantiles(samples, n=100)[98]
     print(f"admission capacity check: p50 {p50:.1f} us, p99 {p99:.1f} us")

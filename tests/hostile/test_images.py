@@ -35,7 +35,7 @@ from instaclone.errors import StorageError
 from instaclone.jobs import gc
 from instaclone.plugin_api import CloneTarget, StunContext
 from instaclone_plugins import _shadow
-from instaclone_plugins.qcow2 import Qcow2Storage
+from instaclone_plugins.qcow2 import Qcow2Settings, Qcow2Storage
 
 from ..fakes import FakeHypervisor
 
@@ -175,7 +175,8 @@ def domain_xml(name: str, disks: dict[str, tuple[Path, str]]) -> str:
 
 def storage_for(tmp: Path, virt: FakeHypervisor, **qcow2: Any) -> Qcow2Storage:
     c = cfg.Config()
-    c = replace(c, daemon=replace(c.daemon, state_dir=tmp / "state"), qcow2=replace(c.qcow2, **qcow2))
+    c = replace(c, daemon=replace(c.daemon, state_dir=tmp / "state")).with_section(
+        "storage.qcow2", Qcow2Settings(**qcow2))
     return Qcow2Storage(config=c, virt=virt)
 
 

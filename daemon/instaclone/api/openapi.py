@@ -26,15 +26,20 @@ from .models import QUERY_SCHEMA_OVERRIDES
 from .routes import Call, RawBody, Reply, Route
 
 _REF = "#/components/schemas/{model}"
+#: Preflight's capabilities (instaclone.jobs.preflight), and those of the built-in backend filecow.
+CORE_CAPABILITIES = ("state", "mac_reset", "guest_customization", "vm_generation_id", "firmware", "tpm", "disk",
+                     "chain_depth", "host_state", "ram_filesystem")
+FILECOW_CAPABILITIES = ("cow_memory", "balloon")
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 #: The reports of preflight, gc and prepare (dictionaries built by jobs/, described here).
 _STATIC: dict[str, Any] = {
     "CheckItem": {"type": "object", "required": ["capability", "ok", "level", "detail", "fix"], "properties": {
-        "capability": {"type": "string", "enum": ["state", "cow_memory", "mac_reset", "guest_customization",
-                                                  "vm_generation_id", "firmware", "tpm", "disk",
-                                                  "chain_depth", "host_state", "ram_filesystem",
-                                                  "balloon"]},
+        # Not an enum: each loaded backend adds findings of its own (Backend.preflight).
+        "capability": {"type": "string", "description": (
+            "the core's: " + ", ".join(CORE_CAPABILITIES) + "; the loaded backends' own (built in, filecow's: "
+            + ", ".join(FILECOW_CAPABILITIES) + "), and memory_backend: a memory backend that cannot serve "
+            "the source and says nothing else")},
         "ok": {"type": "boolean"},
         "level": {"type": "string", "enum": ["ok", "warn", "error"]},
         "detail": {"type": "string"},

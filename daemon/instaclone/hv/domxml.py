@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +209,15 @@ def macs(xml: str) -> list[str]:
     """The MAC addresses of the domain's interfaces, in device order."""
     root = ET.fromstring(xml)
     return [m.get("address", "") for m in root.iterfind("./devices/interface/mac")]
+
+
+def parse(xml: str) -> ET.Element:
+    """Parse ``xml``, keeping its namespace prefixes (qemu:, metadata) when written back."""
+    for _ev, (prefix, uri) in ET.iterparse(io.StringIO(xml), events=("start-ns",)):
+        # ElementTree refuses its own ns0-style prefixes; anything else is kept as written.
+        if prefix and not re.fullmatch(r"ns\d+", prefix):
+            ET.register_namespace(prefix, uri)
+    return ET.fromstring(xml)
 
 
 def file_ram(xml: str) -> tuple[bool, str | None]:

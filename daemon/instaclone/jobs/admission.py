@@ -49,7 +49,7 @@ class Admission:
                 raise NameInUse(f"name already in use: {', '.join(clash)}")
             # Under the lock: the check and the job's reservation are one step for concurrent requests.
             demand = svc.capacity.demand(svc.config, source=src, ram_mib=domxml.memory_mib(info.xml),
-                                         backend=memory.name, count=len(names),
+                                         backend=memory, count=len(names),
                                          frozen=src in await svc.store.frozen())
             svc.capacity.check(svc.config, demand)
             spec = JobSpec(names=tuple(names), storage_backend=svc.storage.name, memory_backend=memory.name,

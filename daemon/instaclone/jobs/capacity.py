@@ -6,17 +6,18 @@ job needs with what the host has free *now*, less what jobs accepted and not
 yet finished already hold (their figures are not in MemAvailable or the free
 blocks until their clones run):
 
- - memory: each clone's private part, the whole guest RAM for ``saverestore``
-   (and any backend we know nothing of), ``admission.filecow_private_fraction``
-   of it for ``filecow``, plus ``admission.clone_overhead_mib`` for QEMU
-   itself; the stun's RAM image too when the RAM directory is a memory
-   filesystem. MemAvailable must keep ``admission.memory_reserve_mib``.
+ - memory: each clone's private part, the whole guest RAM for a memory
+   backend that copies it (``saverestore``), ``admission.filecow_private_fraction``
+   of it for one whose clones share the source's RAM (``shares_memory``:
+   ``filecow``), plus ``admission.clone_overhead_mib`` for QEMU itself; the
+   stun's RAM image too when it goes to the RAM directory and that is a
+   memory filesystem. MemAvailable must keep ``admission.memory_reserve_mib``.
  - disk: ``admission.disk_growth_mib`` per new delta (the source's on the
    delta filesystem, each clone's on the clone filesystem) and the guest RAM
-   once per stun for the memory image (filecow's RAM copy in libvirt's
-   memory_backing_dir, saverestore's state file in the jobs directory; a
-   frozen source has both already); each filesystem must keep
-   ``admission.min_free_disk_mib``.
+   once per stun for the memory image (in libvirt's memory_backing_dir for a
+   backend with ``image_in_memory_backing_dir``, filecow's RAM copy, else in
+   the jobs directory, saverestore's state file; a frozen source has it
+   already); each filesystem must keep ``admission.min_free_disk_mib``.
  - queue: at most ``admission.max_queued_jobs`` jobs accepted and unfinished.
 
 A shortfall raises :class:`~instaclone.errors.InsufficientCapacity` (507)
@@ -31,12 +32,26 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ..config import Config
 from ..errors import HostBusy, InsufficientCapacity
 from ..hv import hostfs
 
 MIB = 1 << 20
+
+
+class MemoryTraits(Protocol):
+    """What admission needs of a memory backend (its class flags, ``instaclone.plugin_api.MemoryBackend``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shares_memory(self) -> bool: ...
+
+    @property
+    def image_in_memory_backing_dir(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -108,14 +123,14 @@ class Capacity:
         """The job ended: what it used is in the host's own figures now (or gone)."""
         self._held.pop(job_id, None)
 
-    def demand(self, config: Config, *, source: str, ram_mib: int, backend: str, count: int,
+    def demand(self, config: Config, *, source: str, ram_mib: int, backend: MemoryTraits, count: int,
                frozen: bool = False) -> Demand:
         """What a job of ``count`` clones of a ``ram_mib`` source through memory backend ``backend`` needs.
 
         A ``frozen`` source gets no new delta and no new memory image (both were made at freeze).
         """
         adm = config.admission
-        share = adm.filecow_private_fraction if backend == "filecow" else 1.0
+        share = adm.filecow_private_fraction if backend.shares_memory else 1.0
         per_clone = ram_mib * share + adm.clone_overhead_mib
         memory = per_clone * count
         disk: dict[int, tuple[str, float]] = {}
@@ -128,7 +143,7 @@ class Capacity:
         add(config.clones_dir, adm.disk_growth_mib * count)
         if not frozen:
             add(config.delta_dir, adm.disk_growth_mib)
-            if backend == "filecow":
+            if backend.image_in_memory_backing_dir:
                 ram_dir, in_memory = self.probe.ram_dir()
                 if in_memory:
                     memory += ram_mib
@@ -136,7 +151,7 @@ class Capacity:
                     add(ram_dir, ram_mib)
             else:
                 add(config.jobs_dir, ram_mib)
-        what = (f"{count} clone{'s' if count != 1 else ''} of {source!r} ({backend}: {ram_mib} MiB guest RAM, "
+        what = (f"{count} clone{'s' if count != 1 else ''} of {source!r} ({backend.name}: {ram_mib} MiB guest RAM, "
                 f"{ram_mib * share:g} MiB of it private, + {adm.clone_overhead_mib} MiB QEMU each)")
         return Demand(memory, disk, what)
 
@@ -181,7 +196,7 @@ class Capacity:
         if refusal is not None:
             raise refusal
 
-    def fit(self, config: Config, *, source: str, ram_mib: int, backend: str, limit: int,
+    def fit(self, config: Config, *, source: str, ram_mib: int, backend: MemoryTraits, limit: int,
             frozen: bool = False) -> tuple[int, InsufficientCapacity | None]:
         """The most clones (up to ``limit``) one job of ``source`` may make now, and why not more (or None)."""
         snap = self.snapshot()

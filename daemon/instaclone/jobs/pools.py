@@ -444,7 +444,7 @@ class PoolKeeper:
         except InstacloneError:
             return limit, None  # admission says why, and the job's failure backs off
         return self.svc.capacity.fit(self.svc.config, source=pool.source, ram_mib=domxml.memory_mib(info.xml),
-                                     backend=memory.name, limit=limit,
+                                     backend=memory, limit=limit,
                                      frozen=pool.source in await self.svc.store.frozen())
 
     async def _memory_mib(self, source: str) -> int:

@@ -1,9 +1,12 @@
 """Preflight: can this domain be instant-cloned, and what must change? Pure: no I/O.
 
 :func:`check` reads a domain XML (plus the few live facts the caller
-gathered: state, agent ping, chain depths, memory backends, the filesystem
+gathered: state, agent ping, chain depths, the loaded backends, the filesystem
 of libvirt's memory backing directory) and says, per
-capability, whether the source has it and exactly what to change. Per-VM
+capability, whether the source has it and exactly what to change. Each
+loaded backend adds its own findings (``Backend.preflight``); the memory
+backends' are merged here: a backend that cannot serve the source is an
+error only if no later backend of ``clone.memory_backends`` can. Per-VM
 state (firmware, NVRAM, disks, host devices) is judged by
 :mod:`instaclone.hv.vmstate`, the code the clone itself refuses sources by.
 :func:`.prepare.prepare_definition` makes the changes instaclone can make itself in a
@@ -17,20 +20,20 @@ clones work but without that capability (or only with an option such as
 
 from __future__ import annotations
 
-import io
-import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from ..hv import domxml, hostfs, vmstate
+from ..model import ERROR, OK, WARN, Finding
 from .customize import AGENT_CHANNEL, has_agent_channel
+
+__all__ = ["ERROR", "OK", "WARN", "Facts", "Finding", "Part", "Report", "check", "parse"]
 
 #: Disk image formats the file-based storage backends stack deltas on.
 DISK_FORMATS = ("qcow2", "raw")
 
-FIX_MEMORY = "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
 FIX_ACPI = "<features><acpi/></features>"
 FIX_AGENT = f"<channel type='unix'><target type='virtio' name='{AGENT_CHANNEL}'/></channel>"
 FIX_GENID = "<genid/>"
@@ -38,30 +41,20 @@ FIX_GENID = "<genid/>"
 NEXT_BOOT = ("pending: the persistent definition has it, applies at next boot "
              "(a full shutdown and start of the domain; a reboot inside the guest is not enough)")
 
-OK, WARN, ERROR = "ok", "warn", "error"
 _ACTIVE = ("running", "paused")
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One capability of the source: whether it has it and what to change if not."""
+class Part(Protocol):
+    """A loaded backend as preflight and prepare ask it (``instaclone.plugin_api.Backend``)."""
 
-    capability: str
-    ok: bool
-    level: str  # ok | warn | error
-    detail: str
-    fix: str | None = None  # the exact XML to add or change; None: nothing (or nothing in the XML)
-    device: str | None = None  # the disk target (or device) the finding is about
-    pending: bool = False  # the persistent definition has it already; the running domain not yet
+    @property
+    def name(self) -> str: ...
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"capability": self.capability, "ok": self.ok, "level": self.level,
-                               "detail": self.detail, "fix": self.fix}
-        if self.device is not None:
-            out["device"] = self.device
-        if self.pending:
-            out["pending"] = True
-        return out
+    def preflight(self, *, xml: str) -> list[Finding]: ...
+
+    def prepared(self, *, xml: str) -> dict[str, bool]: ...
+
+    def prepare_xml(self, *, xml: str) -> tuple[str, list[str]]: ...
 
 
 @dataclass(frozen=True)
@@ -80,6 +73,9 @@ class Facts:
     #: The configured memory backends in order: (name, None if it can serve the source, else why not).
     memory_backends: Sequence[tuple[str, str | None]] = ()
     storage_backend: str = "qcow2"
+    #: The loaded backends (storage and memory), each asked for its findings; the memory backends'
+    #: are merged in the order of ``memory_backends``.
+    backends: Sequence[Part] = ()
     #: The persistent definition of a running domain (to tell changes pending until next boot).
     inactive_xml: str | None = None
     #: libvirt's memory backing directory and its filesystem; None: not checked (libvirt not on this host).
@@ -111,13 +107,8 @@ class Report:
 # -- XML helpers ------------------------------------------------------------------------
 
 
-def parse(xml: str) -> ET.Element:
-    """Parse ``xml``, keeping its namespace prefixes (qemu:, metadata) when written back."""
-    for _ev, (prefix, uri) in ET.iterparse(io.StringIO(xml), events=("start-ns",)):
-        # ElementTree refuses its own ns0-style prefixes; anything else is kept as written.
-        if prefix and not re.fullmatch(r"ns\d+", prefix):
-            ET.register_namespace(prefix, uri)
-    return ET.fromstring(xml)
+#: Parse a domain XML keeping its namespace prefixes.
+parse = domxml.parse
 
 
 def _short(el: ET.Element) -> str:
@@ -132,17 +123,6 @@ def _short(el: ET.Element) -> str:
 
 def _copy(el: ET.Element) -> ET.Element:
     return ET.fromstring(ET.tostring(el, encoding="unicode"))
-
-
-def has_shared_file_ram(root: ET.Element) -> bool:
-    src = root.find("./memoryBacking/source")
-    access = root.find("./memoryBacking/access")
-    return (src is not None and src.get("type") == "file"
-            and access is not None and access.get("mode") == "shared")
-
-
-def has_numa(root: ET.Element) -> bool:
-    return root.find("./cpu/numa") is not None
 
 
 def has_acpi(root: ET.Element) -> bool:
@@ -167,37 +147,6 @@ def _state(root: ET.Element, facts: Facts) -> Finding:
                        "to clone it repeatedly, freeze it (instaclone freeze)")
     return Finding("state", False, ERROR, f"{facts.state}: a clone continues a running guest; start the domain "
                    "first (virsh start)")
-
-
-def _memory(root: ET.Element, facts: Facts) -> Finding:
-    cap = "cow_memory"
-    servers = [n for n, why in facts.memory_backends if why is None]
-    numa = has_numa(root)
-    if has_shared_file_ram(root) and not numa:
-        return Finding(cap, True, OK, "RAM is a shared file: filecow clones map it copy-on-write")
-    if numa:
-        why = ("guest NUMA cells (<cpu><numa>): filecow supports a single RAM backend only; prepare does not "
-               "change the guest's topology")
-        fix = "remove <numa>...</numa> (every <cell>) from <cpu>" + (
-            "" if has_shared_file_ram(root) else f", and add {FIX_MEMORY}")
-    else:
-        src = root.find("./memoryBacking/source")
-        access = root.find("./memoryBacking/access")
-        now = ("anonymous RAM" if src is None or src.get("type") in (None, "anonymous")
-               else f"RAM source type {src.get('type')!r}")
-        now += "" if access is None else f", access mode {access.get('mode')!r}"
-        why = f"{now}: filecow needs RAM in a shared file"
-        fix = FIX_MEMORY
-        if root.find("./memoryBacking/hugepages") is not None:
-            fix = f"{FIX_MEMORY} (on a hugetlbfs memory_backing_dir in qemu.conf, keeping <hugepages/>)"
-    others = [n for n in servers if n != "filecow"]
-    if others:
-        return Finding(cap, False, WARN, f"{why}; clones use {others[0]} instead: one full RAM copy per clone",
-                       fix)
-    if facts.memory_backends:
-        return Finding(cap, False, ERROR, f"{why}; no configured memory backend can clone it ("
-                       + "; ".join(f"{n}: {w}" for n, w in facts.memory_backends if w) + ")", fix)
-    return Finding(cap, False, WARN, f"{why}; clones fall back to a full RAM copy (saverestore) if configured", fix)
 
 
 def _mac_reset(root: ET.Element, facts: Facts) -> Finding:
@@ -228,23 +177,6 @@ def _customization(root: ET.Element, facts: Facts) -> Finding:
     why = "not running" if facts.state != "running" else "not asked"
     return Finding(cap, True, OK, f"guest agent channel present (agent not pinged: {why}); customization also "
                    "needs an agent that answers in the guest")
-
-
-def _balloon(root: ET.Element, facts: Facts) -> list[Finding]:
-    """A virtio balloon in a filecow clone discards pages of the RAM image its siblings share (QEMU 7.2)."""
-    virtio, reporting = domxml.balloon(ET.tostring(root, encoding="unicode"))
-    if not virtio:
-        return []
-    fix = "<memballoon model='none'/> (or no free page reporting, and never inflate a clone's balloon)"
-    if reporting:
-        return [Finding("balloon", False, WARN, "virtio balloon with free page reporting: a filecow clone's "
-                        "reported free pages would be punched out of the RAM image its siblings share (QEMU "
-                        "7.2 discards file-backed RAM with fallocate, even when mapped privately), so filecow "
-                        "refuses this source and clones copy their RAM (saverestore); on the source alone it "
-                        "keeps freed pages out of every copy", fix)]
-    return [Finding("balloon", True, WARN, "virtio balloon: do not inflate a filecow clone's balloon (virsh setmem "
-                    "--live): QEMU 7.2 discards the pages it gets back by punching holes in the RAM image the "
-                    "clone's siblings share, and they read zeros there", fix)]
 
 
 def _genid(root: ET.Element, facts: Facts) -> Finding:
@@ -411,8 +343,8 @@ def ram_filesystem(ram: hostfs.RamDir) -> Finding:
 
 
 #: Capabilities :func:`.prepare.prepare_definition` can give a definition: name -> test on a parsed domain.
+#: (What backends can give is theirs: ``Backend.prepared``.)
 PREPARABLE: dict[str, Callable[[ET.Element], bool]] = {
-    "cow_memory": lambda r: has_shared_file_ram(r) and not has_numa(r),
     "mac_reset": has_acpi,
     "guest_customization": has_agent_channel,
     "vm_generation_id": has_genid,
@@ -420,11 +352,58 @@ PREPARABLE: dict[str, Callable[[ET.Element], bool]] = {
 
 
 def xml_findings(root: ET.Element, facts: Facts) -> list[Finding]:
-    """Every finding that depends on the XML (all but the state)."""
+    """Every finding of the core that depends on the XML (all but the state)."""
     items = vmstate.walk(ET.tostring(root, encoding="unicode"))
-    return [_memory(root, facts), *_balloon(root, facts), _mac_reset(root, facts), _customization(root, facts),
-            _genid(root, facts), _firmware(root, items), *_tpm(root, facts), *_disks(root, items, facts),
-            *_host_state(items)]
+    return [_mac_reset(root, facts), _customization(root, facts), _genid(root, facts), _firmware(root, items),
+            *_tpm(root, facts), *_disks(root, items, facts), *_host_state(items)]
+
+
+def _instead(f: Finding, server: str, shares: bool) -> Finding:
+    detail = f"{f.detail}; clones use {server} instead" + ("" if shares else ": one full RAM copy per clone")
+    return replace(f, level=WARN, detail=detail)
+
+
+def memory_findings(xml: str, facts: Facts) -> list[Finding]:
+    """The memory backends' findings, in ``clone.memory_backends`` order, up to the first that serves.
+
+    Each backend judges the source as if it were the only one (an error: it
+    cannot serve it; a backend that says nothing while ``can_serve`` refuses
+    gets a ``memory_backend`` error with that reason). Before the backend that
+    serves, errors become warnings naming it; with none serving, they stay
+    errors and name every backend's reason.
+    """
+    parts = {p.name: p for p in facts.backends}
+    server = next((n for n, why in facts.memory_backends if why is None), None)
+    reasons = "; ".join(f"{n}: {why}" for n, why in facts.memory_backends if why)
+    out: list[Finding] = []
+    for name, why in facts.memory_backends:
+        part = parts.get(name)
+        found = part.preflight(xml=xml) if part is not None else []
+        if why is not None and not any(f.level == ERROR for f in found):
+            found.append(Finding("memory_backend", False, ERROR, f"{name} cannot clone it: {why}", device=name))
+        if name == server:
+            return out + found
+        if server is None:
+            out += [replace(f, detail=f"{f.detail}; no configured memory backend can clone it ({reasons})")
+                    if f.level == ERROR else f for f in found]
+        else:
+            shares = bool(getattr(parts.get(server), "shares_memory", False))
+            out += [_instead(f, server, shares) if f.level == ERROR else f for f in found]
+    return out
+
+
+def _storage_findings(xml: str, facts: Facts) -> list[Finding]:
+    memory = {n for n, _ in facts.memory_backends}
+    return [f for p in facts.backends if p.name not in memory for f in p.preflight(xml=xml)]
+
+
+def prepared(root: ET.Element, parts: Sequence[Part]) -> dict[str, bool]:
+    """Capability -> does the definition ``root`` have it, for what prepare can give (the core's and backends')."""
+    out: dict[str, bool] = {}
+    xml = ET.tostring(root, encoding="unicode")
+    for p in parts:  # first, as prepare makes their changes first
+        out.update(p.prepared(xml=xml))
+    return out | {cap: has(root) for cap, has in PREPARABLE.items()}
 
 
 def check(xml: str, facts: Facts | None = None) -> Report:
@@ -436,19 +415,19 @@ def check(xml: str, facts: Facts | None = None) -> Report:
     """
     facts = facts or Facts()
     root = parse(xml)
-    findings = [_state(root, facts), *xml_findings(root, facts)]
+    findings = [_state(root, facts), *memory_findings(xml, facts), *xml_findings(root, facts),
+                *_storage_findings(xml, facts)]
     if facts.ram_dir is not None:
         findings.append(ram_filesystem(facts.ram_dir))
     if facts.inactive_xml is not None and facts.state in _ACTIVE:
-        persistent = parse(facts.inactive_xml)
+        live, persistent = prepared(root, facts.backends), prepared(parse(facts.inactive_xml), facts.backends)
         for i, f in enumerate(findings):
-            has = PREPARABLE.get(f.capability)
-            if has is None:
+            if f.capability not in live:
                 continue
-            if not has(root) and has(persistent):
+            if not live[f.capability] and persistent[f.capability]:
                 findings[i] = Finding(f.capability, False, f.level, f"{f.detail}; {NEXT_BOOT}", None,
                                       f.device, pending=True)
-            elif has(root) and not has(persistent):
+            elif live[f.capability] and not persistent[f.capability]:
                 findings[i] = Finding(f.capability, f.ok, WARN, f"{f.detail}; but the persistent definition no "
                                       "longer has it: lost at next boot", None, f.device)
     name = root.findtext("name") or ""

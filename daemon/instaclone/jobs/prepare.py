@@ -1,9 +1,11 @@
 """Prepare a persistent definition for instant clones, and show what changed. Pure: no I/O.
 
-:func:`prepare_definition` adds what instaclone may add itself (shared file-backed RAM,
-ACPI, a guest-agent channel, a VM generation ID) and lists what still stands
-in the way (from :func:`.preflight.check`'s findings); :func:`diff` and
-:func:`pending` tell the caller what changed and what waits for the next boot.
+:func:`prepare_definition` adds what instaclone may add itself (ACPI, a
+guest-agent channel, a VM generation ID, and what each loaded backend adds
+through ``Backend.prepare_xml``, e.g. filecow's shared file-backed RAM) and
+lists what still stands in the way (from the preflight findings);
+:func:`diff` and :func:`pending` tell the caller what changed and what waits
+for the next boot.
 """
 
 from __future__ import annotations
@@ -14,20 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..hv import domxml
 from .customize import AGENT_CHANNEL, has_agent_channel
 from .preflight import (
     ERROR,
     FIX_AGENT,
     FIX_GENID,
-    FIX_MEMORY,
-    PREPARABLE,
     Facts,
+    Part,
     has_acpi,
     has_genid,
-    has_numa,
-    has_shared_file_ram,
     parse,
+    prepared,
     xml_findings,
 )
 
@@ -56,24 +55,21 @@ def _insert_after(parent: ET.Element, el: ET.Element, after: Sequence[str]) -> N
         parent.insert(idx + 1, el)
 
 
-def prepare_definition(xml: str) -> Preparation:
+def prepare_definition(xml: str, backends: Sequence[Part] = ()) -> Preparation:
     """Add to the persistent definition ``xml`` what instant clones need and instaclone may add.
 
-    Shared file-backed RAM (unless the guest has NUMA cells), ``<acpi/>``, a
+    What each of ``backends`` (the loaded ones) adds first (filecow: shared
+    file-backed RAM, unless the guest has NUMA cells), then ``<acpi/>``, a
     guest-agent channel and ``<genid/>``. Nothing else is touched; what
     still stands in the way (TPM, disks, firmware, NUMA) is listed in
     ``not_changed``. Idempotent: on a prepared definition nothing changes.
     """
-    root = parse(xml)
     changed: list[str] = []
-    if not has_numa(root) and not has_shared_file_ram(root):
-        mb = root.find("memoryBacking")
-        if mb is None:
-            mb = ET.Element("memoryBacking")
-            _insert_after(root, mb, ("name", "uuid", "genid", "title", "description", "metadata", "maxMemory",
-                                     "memory", "currentMemory", "blkiotune", "memtune"))
-        domxml.set_file_ram(mb, "shared")
-        changed.append(f"cow_memory: shared file-backed RAM {FIX_MEMORY}")
+    new = xml
+    for part in backends:
+        new, lines = part.prepare_xml(xml=new)
+        changed += lines
+    root = parse(new)
     if not has_acpi(root):
         features = root.find("features")
         if features is None:
@@ -94,12 +90,17 @@ def prepare_definition(xml: str) -> Preparation:
     if not has_genid(root):
         _insert_after(root, ET.Element("genid"), ("name", "uuid"))
         changed.append(f"vm_generation_id: {FIX_GENID}")
-    # Errors, and copy-on-write memory left out (NUMA): the rest is what prepare adds.
-    remaining = [f for f in xml_findings(root, Facts())
-                 if not f.ok and (f.level == ERROR or f.capability == "cow_memory")]
-    not_changed = tuple(f"{f.capability}{' ' + f.device if f.device else ''}: {f.detail}" for f in remaining)
-    new = ET.tostring(root, encoding="unicode") if changed else xml
-    return Preparation(new, tuple(changed), not_changed)
+    out = ET.tostring(root, encoding="unicode") if changed else xml
+    return Preparation(out, tuple(changed), _not_changed(out, backends))
+
+
+def _not_changed(xml: str, backends: Sequence[Part]) -> tuple[str, ...]:
+    """What still stands in the way of ``xml``: errors, and what prepare can give but left out (NUMA)."""
+    root = parse(xml)
+    missing = {cap for cap, has in prepared(root, backends).items() if not has}
+    found = xml_findings(root, Facts()) + [f for p in backends for f in p.preflight(xml=xml)]
+    return tuple(f"{f.capability}{' ' + f.device if f.device else ''}: {f.detail}" for f in found
+                 if not f.ok and (f.level == ERROR or f.capability in missing))
 
 
 def pretty(xml: str) -> str:
@@ -119,7 +120,7 @@ def diff(old: str, new: str, name: str) -> str:
                                         fromfile=f"{name} (before)", tofile=f"{name} (after)"))
 
 
-def pending(live_xml: str, inactive_xml: str) -> list[str]:
+def pending(live_xml: str, inactive_xml: str, backends: Sequence[Part] = ()) -> list[str]:
     """Capabilities the persistent definition has and the running domain does not yet."""
-    live, persistent = parse(live_xml), parse(inactive_xml)
-    return [cap for cap, has in PREPARABLE.items() if has(persistent) and not has(live)]
+    live, persistent = prepared(parse(live_xml), backends), prepared(parse(inactive_xml), backends)
+    return [cap for cap, has in persistent.items() if has and not live[cap]]

@@ -47,13 +47,14 @@ async def prepare(svc: JobContext, req: PrepareRequest) -> dict[str, Any]:
             before = await svc.virt.inactive_xml(name)
         except DomainNotFound:
             raise SourceNotFound(f"source domain {name!r} does not exist") from None
-        prep = prep_xml.prepare_definition(before)
+        prep = prep_xml.prepare_definition(before, [svc.storage, *svc.memories])
         after = prep.xml
         if prep.changed and not dry_run:
             await svc.virt.define(prep.xml)
             after = await svc.virt.inactive_xml(name)  # libvirt's own rendering, with what it filled in
     # What the definition has and the running domain not yet (for a dry run: before any change).
-    pending = prep_xml.pending(info.xml, before if dry_run else after) if info.active else []
+    parts = [svc.storage, *svc.memories]
+    pending = prep_xml.pending(info.xml, before if dry_run else after, parts) if info.active else []
     note = _prepare_note(name, changed=bool(prep.changed), dry_run=dry_run, active=info.active, pending=pending)
     return {"source": name, "state": info.state, "dry_run": dry_run, "applied": bool(prep.changed) and not dry_run,
             **prep.to_dict(), "diff": prep_xml.diff(before, after, name), "pending": pending, "note": note}
@@ -124,5 +125,6 @@ async def _source_facts(svc: JobContext, name: str) -> tuple[preflight.Facts, st
         agent_ping=ping, agent_error=ping_error, chain_depths=await _chain_depths(svc, info),
         max_chain_depth=svc.config.clone.max_chain_depth,
         memory_backends=[(m.name, m.can_serve(info)) for m in svc.memories],
-        storage_backend=svc.storage.name, inactive_xml=inactive, ram_dir=await _ram_dir(svc))
+        storage_backend=svc.storage.name, backends=[svc.storage, *svc.memories], inactive_xml=inactive,
+        ram_dir=await _ram_dir(svc))
     return facts, info.xml
