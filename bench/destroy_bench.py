@@ -55,7 +55,7 @@ from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor, Outcome
 from instaclone.jobs import gc
 from instaclone.log import setup as log_setup
-from tests.guests import devguest
+from tests.support.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
 MODES = ("baseline", "fast")

@@ -46,7 +46,7 @@ from instaclone import config as cfg
 from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.log import setup as log_setup
-from tests.guests import devguest
+from tests.support.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
 

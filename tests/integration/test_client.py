@@ -8,9 +8,8 @@ import time
 import pytest
 
 from instaclone import client as ic
-
-from .conftest import libvirt_ready
-from .vmlib import boot_source, daemon_world
+from tests.support.host import libvirt_ready
+from tests.support.vmlib import boot_source, daemon_world
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
                                                           reason=str(libvirt_ready()))]

@@ -8,67 +8,18 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-from instaclone import events
-from instaclone.config import WebhookEndpoint
-from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.hv.domxml import macs
-
-from .conftest import libvirt_ready
-from .guests import devguest
-from .receiver import Receiver
-from .vmlib import Api, Scratch, assert_no_qemu_left, boot_source, make_config, running_daemon, undefine_new
+from tests.support.guests import devguest
+from tests.support.host import libvirt_ready
+from tests.support.receiver import Receiver
+from tests.support.vmlib import Api, boot_source, clone_log, first_counter
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
                                                           reason=str(libvirt_ready()))]
 
-
-WEBHOOK_SECRET = events.new_secret()
-
-#: Every domain the integration tests create starts with one of these.
-TEST_PREFIXES = ("ic-", "fc-", "fz-", "id-", "db-")
-
-
-@pytest.fixture
-async def world():
-    """A scratch dir, a daemon on it, a libvirt handle; everything removed afterwards."""
-    scratch = Scratch()
-    virt = Hypervisor()
-    await virt.connect()
-    before = set(await virt.list_names())
-    receiver = await Receiver([WEBHOOK_SECRET]).start()
-    config = make_config(scratch)
-    config = replace(config, webhooks=replace(config.webhooks, endpoints=(
-        WebhookEndpoint("test", receiver.url, (WEBHOOK_SECRET,)),)))
-    daemon = await running_daemon(config)
-    daemon.receiver = receiver  # type: ignore[attr-defined]
-    try:
-        yield scratch, virt, daemon, config
-    finally:
-        await daemon.stop()
-        await receiver.stop()
-        # Only what this test made (other users' domains may come and go meanwhile).
-        await undefine_new(virt, before, TEST_PREFIXES)
-        await virt.close()
-        scratch.cleanup()
-    # Nothing of ours may survive the test.
-    assert_no_qemu_left(scratch)
-
-
-def clone_log(config, name: str) -> Path:
-    return config.clones_dir / name / f"{name}.serial.log"
-
-
-def first_counter(log: Path) -> tuple[str, int] | None:
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("IC boot="):
-            boot, count = line.split()[1:3]
-            return boot.split("=", 1)[1], int(count.split("=", 1)[1])
-    return None
 
 
 async def test_clone_running_guest_end_to_end(world):

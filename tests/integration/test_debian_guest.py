@@ -1,4 +1,4 @@
-"""The Debian 12 test guest (scripts/build-debian-guest.sh, tests/guests/debianguest.py): XML and real boots."""
+"""The Debian 12 test guest (scripts/build-debian-guest.sh, tests/support/guests/debianguest.py): XML and real boots."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from instaclone.hv import LibvirtHypervisor as Hypervisor
-
-from .conftest import libvirt_ready
-from .guests import debianguest as dg
-from .vmlib import Scratch
+from tests.support.guests import debianguest as dg
+from tests.support.host import libvirt_ready
+from tests.support.vmlib import Scratch
 
 
 def _not_ready() -> str | None:

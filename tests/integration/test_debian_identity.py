@@ -16,11 +16,9 @@ from typing import Any
 import pytest
 
 from instaclone.hv import LibvirtHypervisor as Hypervisor
-
-from .conftest import libvirt_ready
-from .guests import debianguest as dg
-from .test_clone_integration import world  # noqa: F401  (fixture)
-from .vmlib import Api
+from tests.support.guests import debianguest as dg
+from tests.support.host import libvirt_ready
+from tests.support.vmlib import Api
 
 pytestmark = [
     pytest.mark.integration,

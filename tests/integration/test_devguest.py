@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .guests import devguest
+from tests.support.guests import devguest
 
 pytestmark = pytest.mark.integration
 

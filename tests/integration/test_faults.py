@@ -24,11 +24,10 @@ import pytest
 from instaclone.config import Config
 from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor
-
-from .conftest import libvirt_ready
-from .guests import devguest
-from .test_service import restart_libvirtd
-from .vmlib import Api, Scratch, boot_source, make_config, running_daemon
+from tests.support.guests import devguest
+from tests.support.host import libvirt_ready
+from tests.support.proclib import restart_libvirtd
+from tests.support.vmlib import Api, Scratch, boot_source, make_config, running_daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvirt_ready()))]
 

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import libvirt_ready
-from .guests import devguest
-from .test_clone_integration import clone_log, first_counter, world  # noqa: F401  (fixture)
-from .vmlib import Api, boot_source
+from tests.support.guests import devguest
+from tests.support.host import libvirt_ready
+from tests.support.vmlib import Api, boot_source, clone_log, cmd_sock, first_counter
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
                                                           reason=str(libvirt_ready()))]
@@ -24,10 +23,6 @@ async def clone(api: Api, source: str, name: str, count: int = 1) -> dict:
     job = body["job"]
     assert job["state"] == "Unstunned", job
     return job
-
-
-def cmd_sock(config, name: str):
-    return config.clones_dir / name / f"{name}.cmd.sock"
 
 
 async def test_running_source_filecow_isolation(world):
@@ -145,8 +140,7 @@ async def test_respawn_mode_then_fallback(tmp_path):
     from dataclasses import replace
 
     from instaclone.hv import LibvirtHypervisor as Hypervisor
-
-    from .vmlib import Scratch, make_config, running_daemon
+    from tests.support.vmlib import Scratch, make_config, running_daemon
 
     scratch = Scratch()
     virt = Hypervisor()

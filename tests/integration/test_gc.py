@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import libvirt_ready
-from .guests import devguest
-from .vmlib import Api, boot_source, daemon_world
+from tests.support.guests import devguest
+from tests.support.host import libvirt_ready
+from tests.support.vmlib import Api, boot_source, daemon_world
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
                                                           reason=str(libvirt_ready()))]

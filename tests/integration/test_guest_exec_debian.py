@@ -16,11 +16,10 @@ import time
 import aiohttp
 import pytest
 
-from .conftest import libvirt_ready
-from .guests import debianguest as dg
-from .test_clone_integration import world  # noqa: F401  (fixture)
-from .test_guest_exec_integration import exec_events, output, run
-from .vmlib import Api
+from tests.support.execlib import exec_events, output, run
+from tests.support.guests import debianguest as dg
+from tests.support.host import libvirt_ready
+from tests.support.vmlib import Api
 
 pytestmark = [
     pytest.mark.integration,

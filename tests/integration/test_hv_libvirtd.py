@@ -6,7 +6,7 @@ virtlogd is never touched. Running domains survive a libvirtd restart
 (libvirtd reconnects to their QEMU monitors). Like every integration test,
 run them under the lock:
 
-    flock /tmp/instaclone-integration.lock .venv/bin/pytest -m integration tests/test_hv_libvirtd.py
+    flock /tmp/instaclone-integration.lock .venv/bin/pytest -m integration tests/integration/test_hv_libvirtd.py
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import pytest
 
 from instaclone.hv import LibvirtHypervisor
 from instaclone.hv.connection import CONNECT_WAIT_S, KEEPALIVE_COUNT, KEEPALIVE_INTERVAL_S
-
-from .conftest import libvirt_ready
-from .proclib import DaemonProcess, NotifySocket, free_port, write_config
-from .vmlib import Api, Scratch
+from tests.support.host import libvirt_ready
+from tests.support.proclib import DaemonProcess, NotifySocket, free_port, write_config
+from tests.support.vmlib import Api, Scratch
 
 pytestmark = [
     pytest.mark.integration,
@@ -88,7 +87,7 @@ class Libvirtd:
         if Path(f"/proc/{self.pid}").exists():
             self.thaw()
         else:
-            subprocess.run([str(Path(__file__).resolve().parent.parent / "scripts" / "start-libvirtd.sh")],
+            subprocess.run([str(Path(__file__).resolve().parents[2] / "scripts" / "start-libvirtd.sh")],
                            check=True, timeout=60)
         for _ in range(100):
             pid = _pid("libvirtd")

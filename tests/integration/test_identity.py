@@ -8,11 +8,9 @@ import time
 
 import pytest
 
-from .conftest import libvirt_ready
-from .guests import devguest
-from .test_clone_integration import world  # noqa: F401  (fixture)
-from .test_filecow_integration import cmd_sock
-from .vmlib import Api, boot_source
+from tests.support.guests import devguest
+from tests.support.host import libvirt_ready
+from tests.support.vmlib import Api, boot_source, cmd_sock
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
                                                           reason=str(libvirt_ready()))]

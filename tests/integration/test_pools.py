@@ -1,6 +1,6 @@
 """Pools on real guests: fill, claim, SIGKILL during replenish, reconciliation; coalesced stuns.
 
-The daemon runs as a process (tests/proclib.py); the guests are the busybox
+The daemon runs as a process (tests/support/proclib.py); the guests are the busybox
 test guest under real libvirtd + QEMU.
 """
 
@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 
 from instaclone.hv import LibvirtHypervisor as Hypervisor
-
-from .conftest import libvirt_ready
-from .proclib import DaemonProcess, NotifySocket, write_config
-from .vmlib import Api, Scratch, boot_source
+from tests.support.host import libvirt_ready
+from tests.support.proclib import DaemonProcess, NotifySocket, write_config
+from tests.support.vmlib import Api, Scratch, boot_source
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None, reason=str(libvirt_ready()))]
 

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import libvirt_ready
-from .guests import devguest
-from .proclib import DaemonProcess, NotifySocket, write_config
-from .test_clone_integration import TEST_PREFIXES, clone_log
-from .test_crash import check_world, wait_file
-from .vmlib import Api, Scratch, boot_source, make_config, running_daemon
+from tests.support.guests import devguest
+from tests.support.host import libvirt_ready
+from tests.support.invariants import check_world, wait_file
+from tests.support.proclib import DaemonProcess, NotifySocket, write_config
+from tests.support.vmlib import TEST_PREFIXES, Api, Scratch, boot_source, clone_log, make_config, running_daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
                                                           reason=str(libvirt_ready()))]

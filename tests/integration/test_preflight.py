@@ -7,11 +7,9 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from instaclone.jobs import preflight
-
-from .conftest import libvirt_ready
-from .guests import devguest
-from .test_clone_integration import world  # noqa: F401  (fixture)
-from .vmlib import Api, boot_source
+from tests.support.guests import devguest
+from tests.support.host import libvirt_ready
+from tests.support.vmlib import Api, boot_source
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
                                                           reason=str(libvirt_ready()))]

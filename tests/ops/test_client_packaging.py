@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: Run in a fresh interpreter: the daemon's dependencies made unimportable, then the client imported.
 _BLOCKED_IMPORT = r"""

@@ -33,12 +33,11 @@ from instaclone.outbox.bus import EventBus
 from instaclone.outbox.metrics import Metrics
 from instaclone.outbox.webhooks import WebhookSender
 from instaclone.store import Store
+from tests.support.fakes import FakeHypervisor, fake_engine
+from tests.support.proclib import free_port
+from tests.support.receiver import Receiver
 
-from .fakes import FakeHypervisor, fake_engine
-from .proclib import free_port
-from .receiver import Receiver
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "config" / "prometheus" / "instaclone-alerts.yml"
 RULES_TEST = ROOT / "config" / "prometheus" / "instaclone-alerts.test.yml"
 DASHBOARD = ROOT / "config" / "grafana" / "instaclone.json"

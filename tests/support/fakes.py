@@ -67,7 +67,7 @@ class FakeDomain:
 class FakeHypervisor:
     """In-memory stand-in for instaclone.hv.LibvirtHypervisor; satisfies the Protocol instaclone.hv.Hypervisor.
 
-    mypy checks that (the assignment after the class, and tests/test_hv_protocol.py).
+    mypy checks that (the assignment after the class, and tests/unit/hv/test_hv_protocol.py).
     """
 
     def __init__(self) -> None:

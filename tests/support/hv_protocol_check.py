@@ -1,6 +1,6 @@
 """Checked by mypy, never run: the real hypervisor and the tests' fake satisfy the Protocol.
 
-tests/test_hv_protocol.py runs ``mypy --strict`` on this module; a method
+tests/unit/hv/test_hv_protocol.py runs ``mypy --strict`` on this module; a method
 missing from either class, or a signature that drifted, fails that test.
 """
 

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .host import REPO
+
 EXE = Path(sys.executable).parent / "instacloned"
 
 
@@ -140,3 +142,12 @@ class DaemonProcess:
         return out
 
 
+def restart_libvirtd() -> None:
+    """Kill libvirtd and start it again as scripts/setup.sh does, waiting until it answers."""
+    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
+    for _ in range(100):
+        if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0:
+            break
+        time.sleep(0.1)
+    # As setup.sh starts it (under a reaper), waiting until it answers.
+    subprocess.run([str(REPO / "scripts" / "start-libvirtd.sh")], check=True, timeout=60)

@@ -18,8 +18,8 @@ from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 
 from .apiclient import Api  # noqa: F401  (re-exported for tests)
-from .conftest import SCRATCH_ROOT
 from .guests import devguest
+from .host import SCRATCH_ROOT
 
 
 class Scratch:
@@ -130,3 +130,26 @@ async def daemon_world(prefix: str) -> AsyncIterator[tuple[Scratch, Hypervisor, 
         await virt.close()
         scratch.cleanup()
     assert_no_qemu_left(scratch)
+
+
+#: Every domain the integration tests create starts with one of these.
+TEST_PREFIXES = ("ic-", "fc-", "fz-", "id-", "db-")
+
+
+def clone_log(config: Any, name: str) -> Path:
+    """A clone's serial console log (the busybox guest prints its boot id and counter there)."""
+    return config.clones_dir / name / f"{name}.serial.log"
+
+
+def cmd_sock(config: Any, name: str) -> Path:
+    """A clone's command channel socket (``devguest.GuestChannel``)."""
+    return config.clones_dir / name / f"{name}.cmd.sock"
+
+
+def first_counter(log: Path) -> tuple[str, int] | None:
+    """The first (boot id, counter) the guest printed in ``log``, or None."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("IC boot="):
+            boot, count = line.split()[1:3]
+            return boot.split("=", 1)[1], int(count.split("=", 1)[1])
+    return None

@@ -318,8 +318,8 @@ def _fork_context() -> Any:
     global _FORKS
     if _FORKS is None:
         _FORKS = multiprocessing.get_context("forkserver")
-        _FORKS.set_forkserver_preload(["tests.contract.child", "tests.contract.fakeworld",
-                                       "tests.contract.realworld"])
+        _FORKS.set_forkserver_preload(["tests.support.contract.child", "tests.support.contract.fakeworld",
+                                       "tests.support.contract.realworld"])
     return _FORKS
 
 

@@ -2,7 +2,7 @@
 
 Started by cases.kill_case from a multiprocessing fork server that has
 imported the daemon's modules once (a fresh interpreter per case would cost
-half a second of imports); ``python -m tests.contract.child SPEC`` does the
+half a second of imports); ``python -m tests.support.contract.child SPEC`` does the
 same by hand.
 
 SPEC (JSON, written by cases.kill_case): the world to rebuild (see

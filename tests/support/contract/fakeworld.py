@@ -1,4 +1,5 @@
-"""The fake world: tests/fakes.py's hypervisor with file-backed RAM, a disk chain, and a state that outlives a process.
+"""The fake world: tests/support/fakes.py's hypervisor with file-backed RAM, a disk chain,
+and a state that outlives a process.
 
 :class:`ContractFake` adds to :class:`FakeHypervisor` what the real
 backends need of libvirt here: a RAM file per running file-backed domain

@@ -5,7 +5,7 @@ engine's constructor and its public calls (submit, wait, recover, freeze,
 unfreeze, destroy_clone), the journal's job and resource records, the backend
 ABCs (to know which methods a backend call is) and the built-in backends.
 It imports the new module names (``jobs.engine``, ``store``,
-``plugin_api``, ``hv``, ``tests/guests``); when names or signatures change
+``plugin_api``, ``hv``, ``tests/support/guests``); when names or signatures change
 again, re-point the imports and bodies here: nothing else in the suite
 imports the daemon's modules (except ``instaclone.errors`` and
 ``instaclone.config``, the core).

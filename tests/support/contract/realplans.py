@@ -39,7 +39,7 @@ IMAGES_BEFORE: set[str] = set()
 
 
 def _unavailable(config: pytest.Config) -> str | None:
-    from ..conftest import libvirt_ready
+    from ..host import libvirt_ready
 
     expr = config.getoption("markexpr") or ""
     if "not integration" in expr.replace("  ", " "):

@@ -1,6 +1,6 @@
 """A real Debian 12 test guest (built by ``scripts/build-debian-guest.sh``): domain XML and a driver.
 
-Free of libvirt, like :mod:`tests.guests.devguest`: it writes domain XML and
+Free of libvirt, like :mod:`tests.support.guests.devguest`: it writes domain XML and
 drives the guest through an :class:`instaclone.hv.Hypervisor` passed in
 (libvirt's guest agent API), so the guest's own ``qemu-guest-agent`` answers.
 
@@ -186,7 +186,7 @@ async def boot(virt: Hypervisor, scratch: Any, name: str, *, firmware: str = "bi
                require_running: bool = True) -> DebianVM:
     """Define and start Debian guest ``name`` on an overlay in ``scratch.path``; wait until it is up.
 
-    ``scratch`` is a :class:`tests.vmlib.Scratch` (anything with a ``path``
+    ``scratch`` is a :class:`tests.support.vmlib.Scratch` (anything with a ``path``
     QEMU can write in). Returns when the guest agent answers and systemd
     reports "running" (with ``require_running=False`` "degraded" is accepted
     too). Raises AssertionError if systemd is degraded, TimeoutError if it is

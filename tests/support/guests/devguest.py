@@ -338,8 +338,8 @@ class GuestChannel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tests.guests.devguest xml NAME --disk D --workdir W [...]``: print domain XML."""
-    p = argparse.ArgumentParser(prog="python -m tests.guests.devguest",
+    """``python -m tests.support.guests.devguest xml NAME --disk D --workdir W [...]``: print domain XML."""
+    p = argparse.ArgumentParser(prog="python -m tests.support.guests.devguest",
                                 description="instaclone's test guest")
     sub = p.add_subparsers(dest="cmd", required=True)
     x = sub.add_parser("xml", help="print the test guest's libvirt domain XML")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .fakes import fake_api
+from tests.support.fakes import fake_api
 
 
 @pytest.fixture

@@ -59,8 +59,7 @@ from instaclone.api import MAX_BODY_BYTES, MAX_WAIT_S, make_app
 from instaclone.jobs.engine import Engine
 from instaclone.store import Store
 from instaclone_plugins.saverestore import SaveRestoreMemory
-
-from .fakes import FakeHypervisor, FakeStorage, RoomyHost
+from tests.support.fakes import FakeHypervisor, FakeStorage, RoomyHost
 
 # -- the rules, stated independently of the daemon's code ----------------------------------
 

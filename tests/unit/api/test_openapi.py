@@ -21,8 +21,7 @@ from structlog.testing import capture_logs
 from instaclone.api import ROUTES, document, make_app
 from instaclone.config import Config
 from instaclone.identity import MAX_NAME_LEN
-
-from .fakes import fake_api
+from tests.support.fakes import fake_api
 
 
 @pytest.fixture
@@ -316,8 +315,7 @@ async def test_a_route_module_can_declare_raw_bodies_headers_and_ndjson(tmp_path
     from instaclone.api import ACCESS, Call, RawBody, Reply, Route
     from instaclone.api.models import ClonePath, Query
     from instaclone.api.openapi import current_document
-
-    from .test_openapi_contract import OpenAccess
+    from tests.support.openaccess import OpenAccess
 
     class FileQuery(Query):
         path: str = Field(pattern=r"^/", description="absolute path in the guest")
@@ -433,9 +431,8 @@ async def test_validation_and_document_follow_a_reloaded_config(tmp_path: Path) 
     from aiohttp import web
 
     from instaclone.api import ACCESS, RUNNER_ARGS, Access
-
-    from .apiclient import Api
-    from .fakes import fake_engine, fake_world
+    from tests.support.apiclient import Api
+    from tests.support.fakes import fake_engine, fake_world
 
     c, store, virt = await fake_world(tmp_path)
     engine = fake_engine(c, store, virt)

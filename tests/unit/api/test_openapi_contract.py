@@ -1,6 +1,6 @@
 """The server against its own OpenAPI document: schema-driven fuzzing with schemathesis.
 
-The app runs over the fake engine (tests/fakes.py) on a 127.0.0.1 TCP port,
+The app runs over the fake engine (tests/support/fakes.py) on a 127.0.0.1 TCP port,
 with access opened to every caller (TCP peers have no SO_PEERCRED), a
 webhook sender (its routes answer) and garbage collection. schemathesis reads
 the document the app serves and, for every operation, generates requests the
@@ -49,13 +49,12 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from instaclone import config as cfg
-from instaclone.api import ACCESS, RUNNER_ARGS, Access, make_app
-from instaclone.api.access import Caller, Peer
+from instaclone.api import ACCESS, RUNNER_ARGS, make_app
 from instaclone.jobs.gc import GarbageCollector
 from instaclone.outbox.bus import EventBus
 from instaclone.outbox.webhooks import WebhookSender
-
-from .fakes import fake_engine, fake_world
+from tests.support.fakes import fake_engine, fake_world
+from tests.support.openaccess import OpenAccess
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance, positive_data_acceptance, negative_data_rejection]
@@ -71,16 +70,6 @@ CONFIG = SchemathesisConfig.from_dict({"checks": {
     "positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "404", "409", "413", "503"]},
     "negative_data_rejection": {"expected-statuses": ["400", "403", "404", "405", "409", "413"]}}})
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
-
-
-class OpenAccess(Access):
-    """Every caller may do everything, as an admin (the test talks TCP: no peer credentials)."""
-
-    def allows(self, peer: Peer | None, *, write: bool) -> bool:
-        return True
-
-    def caller(self, peer: Peer | None) -> Caller:
-        return Caller(uid=None, admin=True)
 
 
 @dataclass

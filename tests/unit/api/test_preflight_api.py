@@ -15,8 +15,7 @@ from instaclone.config import Config
 from instaclone.errors import LibvirtError
 from instaclone.jobs import preflight
 from instaclone.jobs.prepare import prepare_definition
-
-from .fakes import fake_api
+from tests.support.fakes import fake_api
 
 
 @pytest.fixture
@@ -153,7 +152,7 @@ async def test_openapi_has_the_new_paths(api):
 
 
 def _fake_xml() -> str:
-    from .fakes import SOURCE_XML
+    from tests.support.fakes import SOURCE_XML
     return SOURCE_XML.format(name="x", uuid="u", disk="/tmp/x.qcow2")
 
 

@@ -1,4 +1,4 @@
-"""The CLI's conventions, run as a real subprocess against the fake API (tests/fakes.py).
+"""The CLI's conventions, run as a real subprocess against the fake API (tests/support/fakes.py).
 
 No traceback ever (broken pipe, Ctrl-C, a daemon that goes away mid-stream), --version,
 -q and -o table|wide|json|yaml on every list, help and the man page, permission errors.
@@ -23,11 +23,10 @@ from aiohttp import web
 
 from instaclone import __version__, cli_help, cli_parser
 from instaclone.cli_output import to_yaml
-
-from .fakes import fake_api
+from tests.support.fakes import fake_api
 
 CLI = [sys.executable, "-m", "instaclone.cli"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 async def run(sock: Path | str, *args: str, stdin: bytes | None = None, timeout: float = 60) -> tuple[int, str, str]:

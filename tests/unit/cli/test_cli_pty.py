@@ -1,6 +1,6 @@
 """The CLI in a real pseudo-terminal: ``clone --wait``'s progress display and shell completion.
 
-The fake API (tests/fakes.py) serves in the test's event loop; the CLI (and bash/zsh) run as
+The fake API (tests/support/fakes.py) serves in the test's event loop; the CLI (and bash/zsh) run as
 subprocesses on a pty from ``pty.openpty``, read in a thread with the time each byte came.
 """
 
@@ -21,8 +21,7 @@ from typing import Any
 import pytest
 
 from instaclone.states import HAPPY_PATH
-
-from .fakes import fake_api
+from tests.support.fakes import fake_api
 
 CLI = [sys.executable, "-m", "instaclone.cli"]
 #: Each step of a clone job takes about this long in the fake hypervisor.

@@ -1,4 +1,4 @@
-"""instaclone.client against the real API app over the fake engine (tests/fakes.py ``fake_api``)."""
+"""instaclone.client against the real API app over the fake engine (tests/support/fakes.py ``fake_api``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from instaclone import client as ic
-
-from .fakes import fake_api
+from tests.support.fakes import fake_api
 
 
 @pytest.fixture
@@ -206,8 +205,8 @@ async def test_failed_release_on_exit_is_raised(api, monkeypatch):
 
 
 async def test_webhooks_deliveries_replay(tmp_path):
-    from .receiver import Receiver
-    from .test_webhooks import SECRET_A, SECRET_B, Hub, settled
+    from tests.support.receiver import Receiver
+    from tests.support.webhooklib import SECRET_A, SECRET_B, Hub, settled
 
     receiver = await Receiver([SECRET_A, SECRET_B]).start()
     hub = await Hub(tmp_path, receiver).start()

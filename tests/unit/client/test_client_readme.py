@@ -1,6 +1,6 @@
 """The examples of the docs' "Python client library" page, run as they are, against the API over the fake engine.
 
-The exec/files routes come from tests/test_client_guest.py's fake (in front
+The exec/files routes come from tests/unit/client/test_client_guest.py's fake (in front
 of the real app's routes), so the CI example runs end to end: claim, put,
 exec, get, release.
 """
@@ -20,11 +20,10 @@ from typing import Any
 from aiohttp import web
 
 from instaclone import client as ic
+from tests.support.fakes import FakeHypervisor, fake_engine, fake_world
+from tests.support.guestroutes import FakeGuestRoutes
 
-from .fakes import FakeHypervisor, fake_engine, fake_world
-from .test_client_guest import FakeGuestRoutes
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def examples() -> list[str]:

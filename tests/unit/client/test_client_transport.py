@@ -19,8 +19,7 @@ from aiohttp import web
 
 from instaclone import client as ic, errors as daemon_errors
 from instaclone.jobs import pools as daemon_pools
-
-from .fakes import fake_api
+from tests.support.fakes import fake_api
 
 
 def test_every_daemon_error_code_has_its_class():

@@ -5,7 +5,7 @@ import pytest
 from instaclone import config
 from instaclone.errors import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "instaclone.toml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "config" / "instaclone.toml"
 
 
 def test_defaults_work():

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -27,8 +26,9 @@ import structlog
 
 from instaclone import systemd
 from instaclone.config import DaemonConfig
+from tests.support.journald import parse_journal
 
-UNIT_DIR = Path(__file__).resolve().parents[1] / "systemd"
+UNIT_DIR = Path(__file__).resolve().parents[3] / "systemd"
 
 
 @pytest.fixture
@@ -242,27 +242,6 @@ def test_under_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- journald --------------------------------------------------------------------------------
 
-def parse_journal(data: bytes) -> dict[str, list[str]]:
-    """Decode a native-protocol entry (text and binary field forms); field -> values."""
-    fields: dict[str, list[str]] = {}
-    i = 0
-    while i < len(data):
-        nl = data.index(b"\n", i)
-        line = data[i:nl]
-        if b"=" in line:
-            name, value = line.split(b"=", 1)
-            i = nl + 1
-        else:
-            name = line
-            (size,) = struct.unpack("<Q", data[nl + 1:nl + 9])
-            value = data[nl + 9:nl + 9 + size]
-            assert data[nl + 9 + size:nl + 10 + size] == b"\n", "binary field not newline-terminated"
-            i = nl + 10 + size
-        assert re.fullmatch(rb"[A-Z][A-Z0-9_]{0,63}", name), name
-        fields.setdefault(name.decode(), []).append(value.decode())
-    return fields
-
-
 def single(fields: dict[str, list[str]]) -> dict[str, str]:
     assert all(len(v) == 1 for v in fields.values()), f"repeated fields: {fields}"
     return {k: v[0] for k, v in fields.items()}
@@ -436,7 +415,7 @@ def test_reload_checks_the_config_before_signalling() -> None:
 
 
 def test_documentation_uris() -> None:
-    """Installed by scripts/install-service.sh (tests/test_install.py checks the files are there)."""
+    """Installed by scripts/install-service.sh (tests/ops/test_install.py checks the files are there)."""
     for unit in ("instacloned.service", "instacloned.socket"):
         text = (UNIT_DIR / unit).read_text()
         assert re.findall(r"^Documentation=(.*)$", text, flags=re.M) == [

@@ -1,6 +1,6 @@
 """The connection layer without libvirtd: reconnects, the close callback, the event-loop bridge.
 
-A fake libvirt connection stands in for ``virConnect`` (tests/test_hv_libvirtd.py
+A fake libvirt connection stands in for ``virConnect`` (tests/integration/test_hv_libvirtd.py
 does the same against the real libvirtd, stopping it).
 """
 

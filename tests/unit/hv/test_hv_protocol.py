@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 MYPY = Path(sys.executable).parent / "mypy"
 
 
@@ -26,13 +26,13 @@ def mypy(target: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_real_and_fake_hypervisors_satisfy_the_protocol(tmp_path: Path):
-    r = mypy(REPO / "tests" / "hv_protocol_check.py", tmp_path)
+    r = mypy(REPO / "tests" / "support" / "hv_protocol_check.py", tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 DRIFTED = '''
 from instaclone.hv import Hypervisor
-from tests.fakes import FakeHypervisor
+from tests.support.fakes import FakeHypervisor
 
 
 class Drifted(FakeHypervisor):

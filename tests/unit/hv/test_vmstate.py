@@ -17,8 +17,7 @@ import pytest
 from instaclone.errors import LibvirtError, SourceNotCloneable
 from instaclone.hv import domxml, vmstate
 from instaclone.states import State
-
-from .test_engine import env, leftover_files, run_job  # noqa: F401  (fixture)
+from tests.support.enginelib import leftover_files, run_job
 
 BASE = """<domain type='qemu'><name>src</name><uuid>6f1d1f0a-0000-4000-8000-000000000001</uuid>
   <memory unit='KiB'>262144</memory>

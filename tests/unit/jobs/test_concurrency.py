@@ -5,7 +5,7 @@ libvirt call, so that jobs really overlap; the fake records, per source, how
 many jobs hold it paused at once and how many stuns there were. Requests
 that wait while a stun is pending are coalesced into one stun; each keeps
 its own job, and one failing request never fails another. A real-guest
-variant is in tests/test_faults.py.
+variant is in tests/integration/test_faults.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from instaclone import config as cfg
 from instaclone.errors import LibvirtError
 from instaclone.jobs.engine import Engine
 from instaclone.store import Store
-
-from .fakes import FakeHypervisor, RoomyHost, fake_engine
+from tests.support.fakes import FakeHypervisor, RoomyHost, fake_engine
 
 
 class CountingHypervisor(FakeHypervisor):

@@ -1,7 +1,7 @@
 """Guest identity reset (fake hypervisor): what is sent to the guest, what the result says.
 
 The guest side itself is proven on the real Debian guest
-(tests/test_debian_identity.py); here: the secrets come from the host and
+(tests/integration/test_debian_identity.py); here: the secrets come from the host and
 differ per clone, options reach the guest, failures fail the clone, the
 source's clock is set after a long stun and after unfreeze.
 """
@@ -19,8 +19,7 @@ import pytest
 from instaclone.errors import InvalidRequest
 from instaclone.jobs import guestscript
 from instaclone.states import State
-
-from .test_engine import AGENT, env, run_job  # noqa: F401  (fixture)
+from tests.support.enginelib import AGENT, run_job
 
 
 def with_clone_config(engine, **changes) -> None:

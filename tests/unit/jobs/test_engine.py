@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from instaclone import config as cfg
 from instaclone.errors import (
     InvalidName,
     InvalidRequest,
@@ -22,38 +21,11 @@ from instaclone.errors import (
     SourceNotCloneable,
     SourceNotFound,
 )
-from instaclone.jobs.engine import Engine
 from instaclone.model import JobSpec, ResourceKind
 from instaclone.states import HAPPY_PATH, State
-from instaclone.store import Store
-
-from .fakes import fake_engine, fake_world
+from tests.support.enginelib import AGENT, leftover_files, run_job
 
 STEPS = [s.value for s in HAPPY_PATH[1:]]
-
-
-@pytest.fixture
-async def env(tmp_path: Path):
-    c, store, virt = await fake_world(tmp_path, clone={"stun_deadline_ms": 500, "step_timeout_s": 5})
-    engine = fake_engine(c, store, virt)
-    yield engine, virt, store, c
-    await engine.shutdown(5)
-    await store.close()
-
-
-async def run_job(engine: Engine, store: Store, **kw):
-    job = await engine.submit(source=kw.pop("source", "src"), name=kw.pop("name", "c1"), **kw)
-    await engine.wait(job.id, 10)
-    return await store.get_job(job.id)
-
-
-def leftover_files(c: cfg.Config) -> list[Path]:
-    """Files in the state directory other than the journal and source deltas in use."""
-    out = []
-    for p in c.daemon.state_dir.rglob("*"):
-        if p.is_file() and not p.name.startswith("journal.sqlite") and p.parent != c.delta_dir:
-            out.append(p)
-    return out
 
 
 async def test_happy_path(env):
@@ -290,9 +262,6 @@ async def test_shutdown_mid_job_rolls_back_and_resumes(env):
     assert leftover_files(c) == []
     with pytest.raises(ShuttingDown, match="shutting down"):
         await engine.submit(source="src", name="c2")
-
-
-AGENT = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
 
 
 async def test_customization_runs_with_links_down_then_up(env):

@@ -28,8 +28,7 @@ from instaclone.jobs import gc
 from instaclone.model import ResourceKind
 from instaclone.states import State
 from instaclone.store.gc import RETAINED
-
-from .fakes import FakeHypervisor, fake_api, fake_engine, fake_world, image_bytes, image_chain
+from tests.support.fakes import FakeHypervisor, fake_api, fake_engine, fake_world, image_bytes, image_chain
 
 # -- the pure decision ------------------------------------------------------------------
 

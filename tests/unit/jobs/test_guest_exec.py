@@ -19,8 +19,7 @@ from instaclone.api import make_app
 from instaclone.api.access import ACCESS, NOBODY, Caller
 from instaclone.errors import AgentUnavailable, LibvirtTimeout
 from instaclone.model import CloneRecord
-
-from .fakes import FakeGuestAgent, FakeHypervisor, FakeProcess, fake_engine, fake_world
+from tests.support.fakes import FakeGuestAgent, FakeHypervisor, FakeProcess, fake_engine, fake_world
 
 AGENT = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
 

@@ -104,8 +104,7 @@ def test_undo_order_is_stable_for_equal_kinds() -> None:
 
 async def test_a_domain_record_is_undone_by_its_uuid_and_an_old_one_by_name() -> None:
     from instaclone.jobs.ledger import CoreUndoer
-
-    from .fakes import FakeHypervisor
+    from tests.support.fakes import FakeHypervisor
 
     virt = FakeHypervisor()
     store = MemStore()

@@ -1,7 +1,7 @@
 """Pools, claims, releases, image push, the host budget and TTLs, on the fake hypervisor.
 
 The engine and its pool keeper run for real (store, pipeline, coalescing);
-only libvirt is the fake. Real guests: tests/test_pools_integration.py.
+only libvirt is the fake. Real guests: tests/integration/test_pools.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import pytest
 
 from instaclone.errors import Conflict, InvalidRequest, NotFound
 from instaclone.jobs.pools import PoolEmpty
-
-from .fakes import FakeHypervisor, fake_engine, fake_world
+from tests.support.fakes import FakeHypervisor, fake_engine, fake_world
 
 
 @asynccontextmanager

@@ -12,8 +12,7 @@ from instaclone.hv import domxml
 from instaclone.safefs import sparse_copy
 from instaclone_plugins import libvirt_hook
 from instaclone_plugins.filecow import FileCowMemory
-
-from .fakes import SOURCE_XML
+from tests.support.fakes import SOURCE_XML
 
 HOOK = Path(libvirt_hook.__file__)
 

@@ -1,6 +1,6 @@
 """filecow's precopy mode on the fake world: order of calls, fallback, the deadline from the stop.
 
-The real thing (QEMU pre-copy into a shadow) is in test_precopy_integration.py.
+The real thing (QEMU pre-copy into a shadow) is in tests/integration/test_precopy.py.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from instaclone.errors import LibvirtTimeout
-
-from .contract import harness
-from .contract.fakeworld import FakeWorld
+from tests.support.contract import harness
+from tests.support.contract.fakeworld import FakeWorld
 
 
 async def run_job(world: FakeWorld, **config_changes: object) -> Any:
