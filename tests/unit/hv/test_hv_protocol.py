@@ -11,22 +11,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[3]
 MYPY = Path(sys.executable).parent / "mypy"
 
 
-def mypy(target: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mypy cache for both checks: the second reads the modules the first analysed."""
+    return tmp_path_factory.mktemp("mypy-cache")
+
+
+def mypy(target: Path, cache: Path) -> subprocess.CompletedProcess[str]:
     # --follow-imports=silent: only the check module is judged; the modules it
     # imports are read for their types (their own errors are lint.sh's business).
     return subprocess.run(
-        [str(MYPY), "--strict", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"), str(target)],
+        [str(MYPY), "--strict", "--follow-imports=silent", "--cache-dir", str(cache), str(target)],
         cwd=REPO, capture_output=True, text=True, env={"MYPYPATH": str(REPO), "PATH": "/usr/bin:/bin"},
         timeout=300,
     )
 
 
-def test_real_and_fake_hypervisors_satisfy_the_protocol(tmp_path: Path):
-    r = mypy(REPO / "tests" / "support" / "hv_protocol_check.py", tmp_path)
+def test_real_and_fake_hypervisors_satisfy_the_protocol(cache: Path):
+    r = mypy(REPO / "tests" / "support" / "hv_protocol_check.py", cache)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -45,11 +53,11 @@ def drifted(hv: Drifted) -> Hypervisor:
 '''
 
 
-def test_the_check_fails_on_a_drifted_fake(tmp_path: Path):
+def test_the_check_fails_on_a_drifted_fake(tmp_path: Path, cache: Path):
     """The check above is not vacuous: a fake that lost a parameter fails it, naming the method."""
     check = tmp_path / "drift_check.py"
     check.write_text(DRIFTED)
-    r = mypy(check, tmp_path)
+    r = mypy(check, cache)
     assert r.returncode == 1 and "replug_interface" in r.stdout and "Hypervisor" in r.stdout, r.stdout + r.stderr
 
 

@@ -51,7 +51,9 @@ async def world(tmp_path: Path, *, agent_channel: bool = True, read_only: bool =
     app = make_app(engine, store)
     if read_only:
         app[ACCESS] = ReadOnlyAccess()  # type: ignore[assignment]
-    runner = web.AppRunner(app)
+    # After a 413 the server reads what is left of the body for lingering_time (10 s by default)
+    # before it lets go of the connection: the teardown would wait that long.
+    runner = web.AppRunner(app, lingering_time=0.5)
     await runner.setup()
     sock = tmp_path / "ctl.sock"
     await web.UnixSite(runner, str(sock)).start()
