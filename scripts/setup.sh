@@ -22,7 +22,7 @@ pkgs=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-d
       mmdebstrap e2fsprogs dosfstools mtools fdisk ovmf  # the Debian test guest (build-debian-guest.sh)
       openssh-client  # ssh-keygen: clones' SSH host keys are made on the host
       tini  # reaps libvirt's QEMU processes at once where no systemd runs (start-libvirtd.sh)
-      zsh)  # the CLI's zsh completion is tried in a real zsh (tests/unit/cli/test_cli_pty.py)
+      zsh)  # the CLI's zsh completion is tried in a real zsh (tests/ops/test_cli_pty.py)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

@@ -1,4 +1,4 @@
-"""Contract suite: cases are made at collection from clean runs (see plans.py); a summary at the end."""
+"""Contract suite: cases are made at collection from clean runs (support/contract/plans.py); a summary at the end."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from instaclone.cli_output import to_yaml
 from tests.support.fakes import fake_api
 
 CLI = [sys.executable, "-m", "instaclone.cli"]
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def run(sock: Path | str, *args: str, stdin: bytes | None = None, timeout: float = 60) -> tuple[int, str, str]:

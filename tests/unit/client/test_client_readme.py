@@ -1,6 +1,6 @@
 """The examples of the docs' "Python client library" page, run as they are, against the API over the fake engine.
 
-The exec/files routes come from tests/unit/client/test_client_guest.py's fake (in front
+The exec/files routes come from tests/support/guestroutes.py's fake (in front
 of the real app's routes), so the CI example runs end to end: claim, put,
 exec, get, release.
 """
