@@ -34,8 +34,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-# The test guest's driver lives with the tests (tests/guests/).
+# The test guest's driver lives with the tests (tests/support/guests/).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 
 from instaclone import config as cfg
 from instaclone.daemon import Daemon
@@ -43,7 +44,7 @@ from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.log import setup as log_setup
 from instaclone.requests import CloneRequest, FreezeRequest
 from instaclone_plugins.filecow import FileCowSettings
-from tests.guests import devguest
+from tests.support.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
 HOG_MIB = 64

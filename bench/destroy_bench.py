@@ -50,13 +50,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+
 from instaclone import config as cfg
 from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor, Outcome
 from instaclone.jobs import gc
 from instaclone.log import setup as log_setup
 from instaclone.requests import CloneRequest
-from tests.guests import devguest
+from tests.support.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
 MODES = ("baseline", "fast")

@@ -32,9 +32,10 @@ from typing import Any
 # The test guest's driver and helpers live with the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.vmlib import Api, Scratch, boot_source, make_config, running_daemon, undefine_new
+
 from instaclone.hv import LibvirtHypervisor as Hypervisor, domxml
 from instaclone.log import setup as log_setup
-from tests.vmlib import Api, Scratch, boot_source, make_config, running_daemon, undefine_new
 
 SOURCE = "nicb-src"
 #: Longer than libvirt's own wait for an unplug inside the detach call.

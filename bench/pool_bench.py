@@ -47,7 +47,7 @@ from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.log import setup as log_setup
 from instaclone.requests import CloneRequest, FreezeRequest
-from tests.guests import devguest
+from tests.support.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
 

@@ -47,8 +47,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-# The test guest's driver lives with the tests (tests/guests/).
+# The test guest's driver lives with the tests (tests/support/guests/).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 
 from instaclone import backends, config as cfg
 from instaclone.daemon import Daemon
@@ -56,7 +57,7 @@ from instaclone.errors import ConfigError, InstacloneError
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.log import setup as log_setup
 from instaclone.requests import CloneRequest
-from tests.guests import devguest
+from tests.support.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
 BUSY_MIB = 256

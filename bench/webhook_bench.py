@@ -27,8 +27,8 @@ from instaclone import config as cfg, events
 from instaclone.daemon import Daemon
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.log import setup as log_setup
-from tests.apiclient import Api
-from tests.vmlib import Scratch, boot_source
+from tests.support.apiclient import Api
+from tests.support.vmlib import Scratch, boot_source
 
 SECRET = events.new_secret()
 
@@ -37,7 +37,7 @@ SECRET = events.new_secret()
 RECEIVER = """
 import asyncio, sys
 sys.path.insert(0, sys.argv[1])
-from tests.receiver import Receiver
+from tests.support.receiver import Receiver
 async def main():
     r = await Receiver([sys.argv[3]], mode=sys.argv[2]).start()
     print(r.url, flush=True)

@@ -9,7 +9,7 @@
 #   initrd.img  gzip'd newc cpio: static busybox, the virtio modules, and an /init
 #               that prints "IC boot=<boot id> count=<n>" on ttyS0 every second,
 #               writes the same line to sector 0 of /dev/vda, and runs commands
-#               received on ttyS1 (see tests/guests/devguest.py)
+#               received on ttyS1 (see tests/support/guests/devguest.py)
 #   cmdline     the kernel command line to boot it with
 #   base.qcow2  empty 64 MiB data disk (created once, never replaced: overlays
 #               of running guests may point at it)

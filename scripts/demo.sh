@@ -51,7 +51,7 @@ echo "== booting source guest $src ($(cat /var/lib/instaclone/guest/accel))"
 qemu-img create -q -f qcow2 -b /var/lib/instaclone/guest/base.qcow2 -F qcow2 "$work/$src.qcow2"
 # Shared file-backed RAM lets the filecow backend clone it copy-on-write.
 # The test guest's driver lives with the tests: run it from the repository.
-PYTHONPATH="$repo" "$bin/python" -m tests.guests.devguest xml $src --disk "$work/$src.qcow2" --workdir "$work" --file-backed-ram > "$work/$src.xml"
+PYTHONPATH="$repo" "$bin/python" -m tests.support.guests.devguest xml $src --disk "$work/$src.qcow2" --workdir "$work" --file-backed-ram > "$work/$src.xml"
 virsh -q -c qemu:///system define "$work/$src.xml" >/dev/null
 virsh -q -c qemu:///system start $src >/dev/null
 for _ in $(seq 1 120); do grep -q 'count=3' "$work/$src.serial.log" 2>/dev/null && break; sleep 0.5; done

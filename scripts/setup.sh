@@ -22,7 +22,7 @@ pkgs=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-d
       mmdebstrap e2fsprogs dosfstools mtools fdisk ovmf  # the Debian test guest (build-debian-guest.sh)
       openssh-client  # ssh-keygen: clones' SSH host keys are made on the host
       tini  # reaps libvirt's QEMU processes at once where no systemd runs (start-libvirtd.sh)
-      zsh)  # the CLI's zsh completion is tried in a real zsh (tests/test_cli_pty.py)
+      zsh)  # the CLI's zsh completion is tried in a real zsh (tests/ops/test_cli_pty.py)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
@@ -39,7 +39,7 @@ fi
 if ! command -v promtool >/dev/null; then
     say "installing promtool"
     "$repo/scripts/install-promtool.sh" || say "WARNING: promtool could not be installed:" \
-        "tests/test_ops_kit.py tries again, and skips the promtool checks if it still cannot" >&2
+        "tests/ops/test_ops_kit.py tries again, and skips the promtool checks if it still cannot" >&2
 fi
 
 # libvirt runs QEMU as libvirt-qemu; the Debian package creates the user, but a

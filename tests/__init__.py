@@ -4,7 +4,7 @@
 (a module and its ``.dist-info`` with the entry point): it goes on
 ``sys.path`` here, in the package itself rather than in a conftest, so that
 every process that imports anything of ``tests`` finds it by entry point,
-the contract suite's child processes (``tests.contract.child``) included.
+the contract suite's child processes (``tests.support.contract.child``) included.
 """
 
 from __future__ import annotations

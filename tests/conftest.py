@@ -1,14 +1,47 @@
+"""Session-wide rules: every test is marked by its tier (its top folder), unit tests never need libvirtd.
+
+Tiers (docs/development/testing.md): ``unit`` (fakes, no libvirtd), ``integration`` (real libvirtd,
+QEMU and the test guests), ``contract`` (the backend contract suite), ``hostile`` (hostile guests and
+many users), ``ops`` (install, service, packaging, the ops kit, docs). A test that needs libvirtd
+carries the ``integration`` marker wherever it lives, so ``-m integration`` / ``-m "not integration"``
+split every tier by that need; a test in ``tests/integration/`` always has it.
+"""
+
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-# Scratch space that libvirt's QEMU user can read (pytest's tmp_path is 0700 under /tmp).
-SCRATCH_ROOT = Path(os.environ.get("INSTACLONE_TEST_DIR", "/var/lib/instaclone/test-tmp"))
+TESTS = Path(__file__).resolve().parent
+#: Top folders of tests/ that are tiers; each is also a marker (pyproject.toml declares them).
+TIERS = ("unit", "integration", "contract", "hostile", "ops")
+
+
+def tier_of(path: Path) -> str | None:
+    """The tier a test file belongs to (its top folder under tests/), or None outside a tier."""
+    try:
+        top = path.resolve().relative_to(TESTS).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return top if top in TIERS else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its tier; a unit test that needs libvirtd is a collection error."""
+    misplaced = []
+    for item in items:
+        tier = tier_of(item.path)
+        if tier is None:
+            misplaced.append(f"{item.nodeid}: not under a tier folder ({', '.join(TIERS)})")
+            continue
+        item.add_marker(getattr(pytest.mark, tier))
+        if tier == "unit" and item.get_closest_marker("integration") is not None:
+            misplaced.append(f"{item.nodeid}: needs libvirtd (marker integration) but is a unit test: "
+                             "move it to tests/integration/")
+    if misplaced:
+        raise pytest.UsageError("tests in the wrong tier:\n  " + "\n  ".join(misplaced))
 
 
 @pytest.fixture(autouse=True)
@@ -21,15 +54,3 @@ async def no_leaked_tasks():
     for t in leaked:
         t.cancel()
     assert not leaked, f"test leaked tasks: {leaked}"
-
-
-def libvirt_ready() -> str | None:
-    """None if real integration tests can run here, else why not."""
-    guest = Path(os.environ.get("INSTACLONE_GUEST_DIR", "/var/lib/instaclone/guest"))
-    if not (guest / "initrd.img").exists():
-        return f"test guest not built ({guest}/initrd.img missing): run scripts/build-guest.sh"
-    try:
-        subprocess.run(["virsh", "-c", "qemu:///system", "version"], check=True, capture_output=True, timeout=10)
-    except Exception as exc:  # noqa: BLE001
-        return f"libvirtd not reachable: {exc}"
-    return None

@@ -19,12 +19,13 @@ clone job of a running source, freeze, a job of a frozen source, unfreeze):
    Failed with a clear error, or - where a fault is tolerated - succeeded
    with working clones.
 
-Layout: ``harness`` (the only module that knows the engine's and journal's
+Layout: the test modules and the conftest here; the machinery in
+``tests/support/contract``: ``harness`` (the only module that knows the engine's and journal's
 Python surface: re-point it when they move), ``faults`` (proxy and
 injector), ``world``/``fakeworld``/``realworld`` (what is checked, per
 world), ``cases`` (one case), ``child`` (the engine in a process to kill),
-``plans``/``realplans`` (cases from clean runs, ids).
+``plans``/``realplans`` (cases from clean runs, ids), ``results`` (for the summary).
 
-Run: ``pytest tests/contract/test_contract_fakes.py`` (unit, no marker) and
+Run: ``pytest tests/contract/test_contract_fakes.py`` (no libvirtd) and
 ``flock /tmp/instaclone-integration.lock pytest -m integration tests/contract``.
 """

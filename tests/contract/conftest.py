@@ -1,4 +1,4 @@
-"""Contract suite: cases are made at collection from clean runs (see plans.py); a summary at the end."""
+"""Contract suite: cases are made at collection from clean runs (support/contract/plans.py); a summary at the end."""
 
 from __future__ import annotations
 
@@ -6,38 +6,27 @@ from typing import Any
 
 import pytest
 
-from .cases import Report
-from .plans import Case
-
-#: (case id, report) of every case run in this session, for the summary.
-RESULTS: list[tuple[Case, Report]] = []
+from tests.support.contract.cases import Report
+from tests.support.contract.plans import Case
+from tests.support.contract.results import RESULTS
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "fake_case" in metafunc.fixturenames:
-        from .plans import fake_cases
+        from tests.support.contract.plans import fake_cases
 
         cases = fake_cases()
         metafunc.parametrize("fake_case", cases, ids=[c.id for c in cases])
     if "libvirt_case" in metafunc.fixturenames:
-        from .realplans import libvirt_params
+        from tests.support.contract.realplans import libvirt_params
 
         metafunc.parametrize("libvirt_case", libvirt_params(metafunc.config))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    from .realplans import cleanup
+    from tests.support.contract.realplans import cleanup
 
     cleanup()
-
-
-def record(case: Case, report: Report) -> None:
-    RESULTS.append((case, report))
-
-
-def failure_message(case: Case, report: Report) -> str:
-    return f"{case.id} (outcome {report.outcome}{', ' + report.note if report.note else ''}):\n  " + \
-        "\n  ".join(report.violations)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

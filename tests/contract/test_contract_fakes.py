@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from .cases import kill_case, live_case
-from .conftest import failure_message, record
-from .fakeworld import FakeWorld
-from .plans import FAKE_CLONE, Case
+from tests.support.contract.cases import kill_case, live_case
+from tests.support.contract.fakeworld import FakeWorld
+from tests.support.contract.plans import FAKE_CLONE, Case
+from tests.support.contract.results import failure_message, record
 
 
 async def test_contract(fake_case: Case, tmp_path: Path) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from .cases import kill_case, live_case
-from .conftest import failure_message, record
-from .plans import Case
-from .realplans import BOOTED, WORLDS, boot_all, cleanup, world_of_memory
+from tests.support.contract.cases import kill_case, live_case
+from tests.support.contract.plans import Case
+from tests.support.contract.realplans import BOOTED, WORLDS, boot_all, cleanup, world_of_memory
+from tests.support.contract.results import failure_message, record
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ _names = itertools.count(1)
 @pytest.fixture(scope="module")
 def real_sources() -> Iterator[None]:
     """The sources of the cases, booted for this module only."""
-    from ..conftest import libvirt_ready
+    from tests.support.host import libvirt_ready
 
     if (why := libvirt_ready()) is not None:
         pytest.skip(why)
@@ -41,7 +41,7 @@ def real_sources() -> Iterator[None]:
 
 @pytest.mark.usefixtures("real_sources")
 async def test_contract(libvirt_case: Case, tmp_path: Path) -> None:
-    from .realworld import LibvirtWorld
+    from tests.support.contract.realworld import LibvirtWorld
 
     case = libvirt_case
     w = world_of_memory(case.memory)
@@ -64,8 +64,8 @@ async def test_contract(libvirt_case: Case, tmp_path: Path) -> None:
 @pytest.mark.usefixtures("real_sources")
 async def test_sources_still_run() -> None:
     """After every case, each source's guest still counts on (same boot): no case broke it."""
-    from .harness import devguest
-    from .realworld import LibvirtWorld
+    from tests.support.contract.harness import devguest
+    from tests.support.contract.realworld import LibvirtWorld
 
     for w, scratch in BOOTED.items():
         world = await LibvirtWorld.attach(scratch, source=WORLDS[w][0], storage="qcow2", memory="saverestore")

@@ -29,8 +29,7 @@ from instaclone.requests import CloneRequest, PoolRequest
 from instaclone.states import State
 from instaclone_plugins.filecow import FileCowMemory
 from instaclone_plugins.saverestore import SaveRestoreMemory
-
-from ..fakes import FakeHypervisor, fake_api, fake_engine, fake_world
+from tests.support.fakes import FakeHypervisor, fake_api, fake_engine, fake_world
 
 
 def mem_available_kib() -> int:
@@ -305,9 +304,16 @@ HUNG_CALLS = 20
 async def test_twenty_hung_agent_calls_do_not_delay_a_stun() -> None:
     """A real clone of the busybox guest on real libvirt; 20 agent calls hang (injected) during its stun."""
     from instaclone.hv import _libvirt as lv
-
-    from ..conftest import libvirt_ready
-    from ..vmlib import Api, Scratch, assert_no_qemu_left, boot_source, make_config, running_daemon, undefine_new
+    from tests.support.host import libvirt_ready
+    from tests.support.vmlib import (
+        Api,
+        Scratch,
+        assert_no_qemu_left,
+        boot_source,
+        make_config,
+        running_daemon,
+        undefine_new,
+    )
 
     why = libvirt_ready()
     if why is not None:

@@ -23,10 +23,9 @@ from pathlib import Path
 import pytest
 
 from instaclone.hv import LibvirtHypervisor as Hypervisor
-
-from ..conftest import libvirt_ready
-from ..proclib import EXE, DaemonProcess, NotifySocket, write_config
-from ..vmlib import Api, Scratch, assert_no_qemu_left, boot_source
+from tests.support.host import libvirt_ready
+from tests.support.proclib import EXE, DaemonProcess, NotifySocket, write_config
+from tests.support.vmlib import Api, Scratch, assert_no_qemu_left, boot_source
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "instacloned.service"
 
@@ -227,7 +226,7 @@ def test_webhook_secret_file_must_be_private_and_no_link(tmp_path: Path) -> None
 
 
 def test_installer_writes_the_config_0640_root_instaclone(tmp_path: Path) -> None:
-    from ..test_install import Install
+    from tests.support.installlib import Install
 
     inst = Install(tmp_path)
     inst.run("--no-start")
@@ -342,8 +341,7 @@ def test_hook_with_a_dotdot_alias_deletes_nothing(tmp_path: Path, canary: Path) 
     """The metadata's alias '../../outside/canary' (issue 21's '../../../../tmp/x'): nothing is unlinked or linked."""
     from instaclone.hv import domxml
     from instaclone_plugins import libvirt_hook
-
-    from ..fakes import SOURCE_XML
+    from tests.support.fakes import SOURCE_XML
 
     ramdir = tmp_path
     frozen = ramdir / "instaclone" / "stun-j1" / "pc.ram"

@@ -3,7 +3,7 @@
 Foreign files and symlinks to a canary outside are planted in every directory
 GC and destroy look at, while a job runs and after; a recorded file replaced
 by another inode, a source's own top image in a shared ``delta_dir`` while the
-source is undefined: none of them is ever deleted. The fakes (tests/fakes.py,
+source is undefined: none of them is ever deleted. The fakes (tests/support/fakes.py,
 which satisfy the typed hypervisor protocol) stand in for libvirt and
 qemu-img: the claims here are about host files, and the fake images name
 their backing file as a qcow2 header does. The last test does the same on a
@@ -22,10 +22,9 @@ import pytest
 from instaclone.jobs import gc
 from instaclone.requests import CloneRequest, FreezeRequest
 from instaclone.states import State
-
-from ..conftest import libvirt_ready
-from ..fakes import fake_engine, fake_world, image_bytes
-from ..vmlib import Api, boot_source, daemon_world
+from tests.support.fakes import fake_engine, fake_world, image_bytes
+from tests.support.host import libvirt_ready
+from tests.support.vmlib import Api, boot_source, daemon_world
 
 CANARY = b"the host's own file\n" * 64
 

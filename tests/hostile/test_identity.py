@@ -30,9 +30,8 @@ from instaclone.model import CloneRecord, JobSpec, PoolRecord, ResourceKind, Res
 from instaclone.requests import CloneRequest, ExecRequest, PoolRequest
 from instaclone.states import State
 from instaclone.store import Store
-
-from ..conftest import libvirt_ready
-from ..fakes import SOURCE_XML, FakeDomain, FakeHypervisor, fake_engine, fake_world
+from tests.support.fakes import SOURCE_XML, FakeDomain, FakeHypervisor, fake_engine, fake_world
+from tests.support.host import libvirt_ready
 
 #: A journal written by ce8c54d has no UUID in a domain's ledger record (its
 #: store.plan takes none): the test then plants the record as that code wrote it.
@@ -258,8 +257,7 @@ def foreign_vm() -> Iterator[Foreign]:
     if libvirt_ready() is not None:
         pytest.skip(str(libvirt_ready()))
     from instaclone.hv import LibvirtHypervisor
-
-    from ..vmlib import Scratch, assert_no_qemu_left, boot_source
+    from tests.support.vmlib import Scratch, assert_no_qemu_left, boot_source
 
     scratch = Scratch()
     name = f"ic-id-{uuidlib.uuid4().hex[:6]}"
@@ -296,8 +294,7 @@ class RealWorld:
 @pytest.fixture
 async def real_world(foreign_vm: Foreign) -> AsyncIterator[RealWorld]:
     from instaclone.hv import LibvirtHypervisor
-
-    from ..vmlib import Scratch, make_config
+    from tests.support.vmlib import Scratch, make_config
 
     scratch = Scratch()
     virt = LibvirtHypervisor()
@@ -379,7 +376,7 @@ class _NoStorage:
 @pytest.mark.integration
 async def test_real_crash_recovery_leaves_the_domain_that_took_the_name(real_world: RealWorld,
                                                                         foreign_vm: Foreign) -> None:
-    from ..vmlib import running_daemon
+    from tests.support.vmlib import running_daemon
 
     # A daemon killed at Configured: the job's domain record is in the journal,
     # its domain is gone, and another domain has the name when it starts again.
@@ -404,7 +401,7 @@ async def test_real_crash_recovery_leaves_the_domain_that_took_the_name(real_wor
 @pytest.mark.integration
 async def test_real_destroy_forgets_the_clone_and_leaves_the_domain(real_world: RealWorld,
                                                                    foreign_vm: Foreign) -> None:
-    from ..vmlib import Api, running_daemon
+    from tests.support.vmlib import Api, running_daemon
 
     await plant_clone(real_world.config, foreign_vm.name)
     daemon = await running_daemon(real_world.config)
@@ -425,7 +422,7 @@ async def test_real_destroy_forgets_the_clone_and_leaves_the_domain(real_world: 
 @pytest.mark.integration
 async def test_real_ttl_expiry_leaves_the_domain_that_took_the_name(real_world: RealWorld,
                                                                     foreign_vm: Foreign) -> None:
-    from ..vmlib import running_daemon
+    from tests.support.vmlib import running_daemon
 
     await plant_clone(real_world.config, foreign_vm.name, expires_at=time.time() - 1)
     daemon = await running_daemon(real_world.config)
@@ -442,7 +439,7 @@ async def test_real_ttl_expiry_leaves_the_domain_that_took_the_name(real_world: 
 @pytest.mark.integration
 async def test_real_pool_retire_leaves_the_domain_that_took_the_name(real_world: RealWorld,
                                                                      foreign_vm: Foreign) -> None:
-    from ..vmlib import running_daemon
+    from tests.support.vmlib import running_daemon
 
     await plant_clone(real_world.config, foreign_vm.name, pool="ic-id-pool")
     daemon = await running_daemon(real_world.config)

@@ -36,8 +36,7 @@ from instaclone.jobs import gc
 from instaclone.plugin_api import CloneTarget, StunContext
 from instaclone_plugins import _shadow
 from instaclone_plugins.qcow2 import Qcow2Settings, Qcow2Storage
-
-from ..fakes import FakeHypervisor
+from tests.support.fakes import FakeHypervisor
 
 RAW_SIZE = 64 << 20
 PIB = 1 << 50
@@ -320,8 +319,7 @@ async def test_source_check_opens_nothing_but_the_disks(tmp_path, hostile):
 
     from instaclone.api import RUNNER_ARGS, make_app
     from instaclone.jobs.gc import GarbageCollector
-
-    from ..apiclient import Api
+    from tests.support.apiclient import Api
 
     async with real_storage_engine(tmp_path, hostile) as engine:
         runner = web.AppRunner(make_app(engine, engine.store, gc=GarbageCollector(engine.svc)), **RUNNER_ARGS)
@@ -425,12 +423,12 @@ def _vdb_xml(xml: str, raw: Path) -> str:
 
 @pytest.mark.integration
 async def test_guest_written_header_clone_is_raw(tmp_path, hostile):
-    from ..conftest import libvirt_ready
+    from tests.support.host import libvirt_ready
 
     if (why := libvirt_ready()) is not None:
         pytest.skip(why)
-    from ..guests import devguest
-    from ..vmlib import Api, daemon_world
+    from tests.support.guests import devguest
+    from tests.support.vmlib import Api, daemon_world
 
     header = qcow2_header(tmp_path, f"nbd://127.0.0.1:{hostile.listener.port}/x")
     async with daemon_world("ic-hi-") as (scratch, virt, config):

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from ..fakes import fake_engine, fake_world
+from tests.support.fakes import fake_engine, fake_world
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("useradd"),
                                 reason="needs root, setpriv and useradd (makes real users)")
@@ -420,8 +420,16 @@ async def test_a_real_daemon_keeps_users_off_each_others_clone(accounts: Account
     """A real daemon and a busybox guest: alice's clone runs her command; bob cannot exec into it, copy
     from it, destroy it or clone it (exit statuses as documented), and it keeps running until alice
     destroys it."""
-    from ..conftest import libvirt_ready
-    from ..vmlib import Hypervisor, Scratch, assert_no_qemu_left, boot_source, make_config, running_daemon, undefine_new
+    from tests.support.host import libvirt_ready
+    from tests.support.vmlib import (
+        Hypervisor,
+        Scratch,
+        assert_no_qemu_left,
+        boot_source,
+        make_config,
+        running_daemon,
+        undefine_new,
+    )
 
     if libvirt_ready() is not None:
         pytest.skip(str(libvirt_ready()))

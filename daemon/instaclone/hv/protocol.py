@@ -2,7 +2,7 @@
 
 :class:`~instaclone.hv.hypervisor.LibvirtHypervisor` implements it on
 libvirt; the tests' ``FakeHypervisor`` implements it in memory. mypy checks
-both against it (``tests/test_hv_protocol.py``), so a fake cannot drift from
+both against it (``tests/unit/hv/test_hv_protocol.py``), so a fake cannot drift from
 the real thing. Pure: importing this module imports no libvirt.
 
 Every method may raise :class:`~instaclone.errors.LibvirtError` or one of its

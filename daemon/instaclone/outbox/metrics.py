@@ -1,7 +1,7 @@
 """Prometheus metrics, fed from the event outbox and the webhook sender.
 
 config/grafana/instaclone.json and config/prometheus/instaclone-alerts.yml
-are built on these names (tests/test_ops_kit.py checks them against a scrape).
+are built on these names (tests/ops/test_ops_kit.py checks them against a scrape).
 
 Served by prometheus_client's aiohttp handler at ``/metrics`` on the control
 socket and, if ``daemon.metrics_listen`` is set, on a loopback TCP port.
