@@ -16,6 +16,22 @@ from .context import JobContext
 from .pipeline import STUN_LEDGER_PREFIX
 
 
+async def _retain(svc: JobContext, rec: CloneRecord, clone_dir: Path) -> None:
+    """Record a destroyed clone's directory and source deltas under its ``retained:`` ledger id.
+
+    Recorded before the clone is forgotten: its directory is removed once no
+    chain uses a file in it (then the id is released); its deltas as a source
+    are its own now, collected like its files.
+    """
+    kept_id = retained_id(rec.source, rec.name)
+    made = await svc.store.made_identity(str(clone_dir))
+    rid = await svc.ledger.recorder(kept_id)(ResourceKind.FILE, str(clone_dir), clone=rec.name)
+    if made is not None:
+        await svc.store.set_made(rid, *made)
+    await svc.store.adopt_source_deltas((STUN_LEDGER_PREFIX, templates.ledger_id(rec.name)), rec.name,
+                                        into=kept_id, clone=rec.name)
+
+
 async def destroy_clone(svc: JobContext, name: str, *, reason: str = "destroyed") -> CloneRecord:
     """Power off and remove a clone made by instaclone; then collect what it released (nothing else).
 
@@ -45,16 +61,7 @@ async def destroy_clone(svc: JobContext, name: str, *, reason: str = "destroyed"
     async with svc.lock(name):
         released = await _released_chain(svc, name, rec.uuid)
         if clone_dir.parent == svc.config.clones_dir:  # never outside our directory
-            # Recorded before the clone is forgotten: its directory is removed
-            # once no chain uses a file in it (then the id is released).
-            kept_id = retained_id(rec.source, name)
-            made = await svc.store.made_identity(str(clone_dir))
-            rid = await svc.ledger.recorder(kept_id)(ResourceKind.FILE, str(clone_dir), clone=name)
-            if made is not None:
-                await svc.store.set_made(rid, *made)
-            # Its deltas as a source are its own now: collected like its files.
-            await svc.store.adopt_source_deltas((STUN_LEDGER_PREFIX, templates.ledger_id(name)), name,
-                                                into=kept_id, clone=name)
+            await _retain(svc, rec, clone_dir)
         t0 = time.monotonic()
         outcome = await svc.virt.undefine_id(name, rec.uuid)
         undefine_ms = round((time.monotonic() - t0) * 1000.0, 1)

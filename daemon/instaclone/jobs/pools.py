@@ -259,30 +259,37 @@ class PoolKeeper:
                 if c.pool is not None and c.pool not in names and c.claimed_at in (None, RETIRING):
                     await self._try_destroy(c.name, reason="pool")
 
-    async def _reconcile_one(self, pool: PoolRecord) -> None:
-        svc, st = self.svc, self._st(pool.name)
-        members = await svc.store.pool_members(pool.name)
+    async def _sweep(self, pool: PoolRecord, members: list[CloneRecord]) -> tuple[list[CloneRecord], list[CloneRecord]]:
+        """Finish cut-short retirements, retire dead and surplus idle members; (current, old) idle ones left."""
         for m in members:
             if m.claimed_at == RETIRING:  # a destroy cut short (a crash): finish it
                 await self._try_destroy(m.name, reason="pool")
-        members = [m for m in members if m.claimed_at != RETIRING]
-        idle = [m for m in members if m.claimed_at is None]
         alive = []
-        for m in idle:
+        for m in members:
+            if m.claimed_at is not None:
+                continue
             state = await self._state_of(m)
             if state == "running":
                 alive.append(m)
             else:
-                svc.log.warning("pool.member_dead", pool=pool.name, clone=m.name, state=state)
+                self.svc.log.warning("pool.member_dead", pool=pool.name, clone=m.name, state=state)
                 await self._retire(pool, m.name)
         current = [m for m in alive if m.generation == pool.generation]
         old = [m for m in alive if m.generation != pool.generation]
-        if current:
-            st.ready.set()
         # Old generation first, then the newest surplus: never more idle than the size.
         surplus = len(current) + len(old) - pool.size
         for m in (old + current[::-1])[:max(0, surplus)]:
             await self._retire(pool, m.name)
+        return current, old
+
+    async def _reconcile_one(self, pool: PoolRecord) -> None:
+        svc, st = self.svc, self._st(pool.name)
+        recorded = await svc.store.pool_members(pool.name)
+        current, old = await self._sweep(pool, recorded)
+        members = [m for m in recorded if m.claimed_at != RETIRING]
+        if current:
+            st.ready.set()
+        idle = [m for m in members if m.claimed_at is None]
         unfinished = await svc.store.list_jobs(unfinished=True)
         pending = sum(j.spec.count for j in unfinished
                       if j.spec.pool == pool.name and j.spec.pool_generation == pool.generation)
