@@ -9,7 +9,6 @@ memory backend; the core says which backend clones use instead.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
 
 from instaclone.plugin_api import ERROR, OK, WARN, Finding, domxml
 
@@ -89,18 +88,7 @@ def prepare(xml: str) -> tuple[str, list[str]]:
     mb = root.find("memoryBacking")
     if mb is None:
         mb = ET.Element("memoryBacking")
-        _insert_after(root, mb, _BEFORE_MEMORY_BACKING)
+        domxml.insert_after(root, mb, _BEFORE_MEMORY_BACKING)
     domxml.set_file_ram(mb, "shared")
     return ET.tostring(root, encoding="unicode"), [f"{CAPABILITY}: shared file-backed RAM {FIX_MEMORY}"]
 
-
-def _insert_after(parent: ET.Element, el: ET.Element, after: Sequence[str]) -> None:
-    """Insert ``el`` into ``parent`` after the last child named in ``after`` (else at the end)."""
-    idx = None
-    for i, child in enumerate(parent):
-        if child.tag in after:
-            idx = i
-    if idx is None:
-        parent.append(el)
-    else:
-        parent.insert(idx + 1, el)

@@ -6,6 +6,7 @@ import io
 import itertools
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,6 +241,18 @@ def balloon(xml: str) -> tuple[bool, bool]:
 def has_numa(xml: str) -> bool:
     """Whether the domain defines guest NUMA cells."""
     return ET.fromstring(xml).find("./cpu/numa") is not None
+
+
+def insert_after(parent: ET.Element, el: ET.Element, after: Sequence[str]) -> None:
+    """Insert ``el`` into ``parent`` after the last child named in ``after`` (else at the end)."""
+    idx = None
+    for i, child in enumerate(parent):
+        if child.tag in after:
+            idx = i
+    if idx is None:
+        parent.append(el)
+    else:
+        parent.insert(idx + 1, el)
 
 
 def set_file_ram(memory_backing: ET.Element, access: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..hv import domxml
 from .customize import AGENT_CHANNEL, has_agent_channel
 from .preflight import (
     ERROR,
@@ -43,17 +44,6 @@ class Preparation:
         return {"changed": list(self.changed), "not_changed": list(self.not_changed)}
 
 
-def _insert_after(parent: ET.Element, el: ET.Element, after: Sequence[str]) -> None:
-    """Insert ``el`` into ``parent`` after the last child named in ``after`` (else at the end)."""
-    idx = None
-    for i, child in enumerate(parent):
-        if child.tag in after:
-            idx = i
-    if idx is None:
-        parent.append(el)
-    else:
-        parent.insert(idx + 1, el)
-
 
 def prepare_definition(xml: str, backends: Sequence[Part] = ()) -> Preparation:
     """Add to the persistent definition ``xml`` what instant clones need and instaclone may add.
@@ -74,7 +64,7 @@ def prepare_definition(xml: str, backends: Sequence[Part] = ()) -> Preparation:
         features = root.find("features")
         if features is None:
             features = ET.Element("features")
-            _insert_after(root, features, ("os", "idmap", "bootloader", "bootloader_args", "sysinfo", "cpu",
+            domxml.insert_after(root, features, ("os", "idmap", "bootloader", "bootloader_args", "sysinfo", "cpu",
                                            "vcpus", "vcpu", "iothreads", "cputune", "memoryBacking",
                                            "currentMemory", "memory"))
         features.insert(0, ET.Element("acpi"))
@@ -85,10 +75,10 @@ def prepare_definition(xml: str, backends: Sequence[Part] = ()) -> Preparation:
             devices = ET.SubElement(root, "devices")
         ch = ET.Element("channel", {"type": "unix"})
         ET.SubElement(ch, "target", {"type": "virtio", "name": AGENT_CHANNEL})
-        _insert_after(devices, ch, ("disk", "controller", "interface", "serial", "console", "channel"))
+        domxml.insert_after(devices, ch, ("disk", "controller", "interface", "serial", "console", "channel"))
         changed.append(f"guest_customization: guest agent channel {FIX_AGENT}")
     if not has_genid(root):
-        _insert_after(root, ET.Element("genid"), ("name", "uuid"))
+        domxml.insert_after(root, ET.Element("genid"), ("name", "uuid"))
         changed.append(f"vm_generation_id: {FIX_GENID}")
     out = ET.tostring(root, encoding="unicode") if changed else xml
     return Preparation(out, tuple(changed), _not_changed(out, backends))
