@@ -15,7 +15,7 @@ Boots one source (file-backed shared RAM), then:
 
 Prints JSON lines, then p50/min/max per figure. Everything it creates is
 removed. About a minute on a 2-core TCG machine. Run it under the lock the
-integration tests take (``flock /tmp/ic-vm.lock ...``) on a shared libvirtd.
+integration tests take (``flock /tmp/instaclone-integration.lock ...``) on a shared libvirtd.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ retire) must leave that domain alone, and still forget what was its own.
 
 Two layers: the same paths on the fake hypervisor (the engine, store and
 ledger run for real), and on real libvirtd with the busybox guest running
-under the freed name (marked integration; run under ``flock /tmp/ic-vm.lock``).
+under the freed name (marked integration; run under ``flock /tmp/instaclone-integration.lock``).
 """
 
 from __future__ import annotations

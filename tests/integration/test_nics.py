@@ -6,7 +6,7 @@ returns with the NIC still there, and only the DEVICE_REMOVED event that
 follows the guest's resume can end the wait (nothing polls). Run under the
 lock, like every test on the shared libvirtd:
 
-    flock /tmp/ic-vm.lock .venv/bin/pytest -m integration tests/integration/test_nics.py
+    flock /tmp/instaclone-integration.lock .venv/bin/pytest -m integration tests/integration/test_nics.py
 """
 
 from __future__ import annotations
