@@ -1,7 +1,7 @@
 """Destroy benchmark (issue 21, "fast teardown"): destroy latency and the time to destroy many clones.
 
-    flock /tmp/instaclone-integration.lock .venv/bin/python bench/destroy_bench.py [--batch 10] [--rounds 2] [--count 50] \
-        [--json out.json]
+    flock /tmp/instaclone-integration.lock .venv/bin/python bench/destroy_bench.py \
+        [--batch 10] [--rounds 2] [--count 50] [--json out.json]
 
 One run, on the busybox test guest (256 MiB, file-backed RAM), with one
 in-process daemon (production config), side by side in the same run:
