@@ -251,7 +251,7 @@ async def _download(ctx: Ctx, src: Remote, dst: str) -> int:
                   usage="instaclone cp SRC DST   (one of them CLONE:/abs/path)", args=[
     Arg("src", help="a local file, '-' (stdin) or CLONE:/abs/path"),
     Arg("dst", help="a local file or directory, '-' (stdout) or CLONE:/abs/path"),
-    Arg("--mode", help="file mode in the guest (octal, e.g. 0755; default 0644)"),
+    Arg("--mode", help="file mode in the guest (octal, e.g. 0755; default: the local file's, 0644 from stdin)"),
 ])
 async def _cp(ctx: Ctx, args: argparse.Namespace) -> int:
     src, dst = parse_location(args.src), parse_location(args.dst)
