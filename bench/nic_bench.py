@@ -32,10 +32,9 @@ from typing import Any
 # The test guest's driver and helpers live with the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.vmlib import Api, Scratch, boot_source, make_config, running_daemon, undefine_new
-
 from instaclone.hv import LibvirtHypervisor as Hypervisor, domxml
 from instaclone.log import setup as log_setup
+from tests.support.vmlib import Api, boot_source, daemon_world
 
 SOURCE = "nicb-src"
 #: Longer than libvirt's own wait for an unplug inside the detach call.
@@ -87,24 +86,13 @@ async def after_resume(virt: Hypervisor, mac: str) -> float:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    scratch = Scratch()
-    virt = Hypervisor()
-    await virt.connect()
-    before = set(await virt.list_names())
-    config = make_config(scratch)
-    daemon = await running_daemon(config)
     figures: dict[str, list[float]] = {}
-    try:
+    async with daemon_world("nicb-") as (scratch, virt, config):
         await boot_source(virt, scratch, SOURCE, file_backed_ram=True)
         figures["clone nic_replug ms"] = await clone_phases(config.daemon.socket, args.clones, args.customize)
         mac = domxml.macs((await virt.lookup(SOURCE)).xml)[0]
         figures["direct replace_nic ms"] = await direct(virt, mac, args.direct)
         figures["resume to replaced ms"] = [await after_resume(virt, mac)]
-    finally:
-        await daemon.stop()
-        await undefine_new(virt, before, "nicb-")
-        await virt.close()
-        scratch.cleanup()
     summary = {k: {"n": len(v), "p50": round(statistics.median(v), 1), "min": round(min(v), 1),
                    "max": round(max(v), 1)} for k, v in figures.items() if v}
     for k, v in summary.items():

@@ -75,3 +75,16 @@ def test_unit_tests_use_no_real_vm_helper() -> None:
            for line, name in imported(p)
            if name.startswith(tuple(REAL_VM_HELPERS)) or name == "tests.support.host.libvirt_ready"]
     assert not bad, "a test that needs real guests belongs in tests/integration/:\n" + "\n".join(bad)
+
+
+def test_bench_and_scripts_import_test_helpers_that_exist() -> None:
+    """bench/ and scripts/ use tests.support helpers; a helper moved or renamed must not strand them."""
+    missing = []
+    for path in sorted([*(REPO / "bench").glob("*.py"), *(REPO / "scripts").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests"):
+                parts = (node.module or "").split(".")
+                base = REPO.joinpath(*parts)
+                if not (base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()):
+                    missing.append(f"{path.relative_to(REPO)}: from {node.module} import ...")
+    assert not missing, "imports of test modules that do not exist:\n" + "\n".join(missing)
