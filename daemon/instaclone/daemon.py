@@ -325,10 +325,17 @@ def _fault_injection(engine: Engine) -> None:
     async def hook(job_id: str, at: str) -> None:
         if at == step:
             log.warning("fault.pause", job_id=job_id, step=at, seconds=float(seconds))
-            await asyncio.to_thread(Path(marker).write_text, job_id)
+            await asyncio.to_thread(_write_marker, Path(marker), job_id)
             await asyncio.sleep(float(seconds))
 
     engine.step_hook = hook
+
+
+def _write_marker(path: Path, text: str) -> None:
+    """``path`` appears with ``text`` in it at once: a reader never sees it empty."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    part.rename(path)
 
 
 def _set_socket_owner(path: Path, group: str, mode: int) -> None:
