@@ -39,7 +39,7 @@ from .errors import (
     StorageError,
     UnsafeImage,
 )
-from .hv import Disk, DomainInfo, Hypervisor, MigrationInfo, Outcome, domxml
+from .hv import Disk, DomainInfo, Hypervisor, MigrationInfo, Outcome, QemuFacts, domxml
 from .identity import new_mac, new_uuid
 from .log import get as get_logger
 from .model import CORE, ERROR, OK, WARN, Finding, MemoryImage, Resource, ResourceKind
@@ -67,6 +67,7 @@ __all__ = [
     "MigrationInfo",
     "NotSupported",
     "Outcome",
+    "QemuFacts",
     "Recorder",
     "Resource",
     "ResourceKind",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instaclone.errors import DomainExists, DomainNotFound, DomainReplaced, LibvirtError
-from instaclone.hv import DomainInfo, Hypervisor, MigrationInfo, Outcome, file_disks
+from instaclone.hv import DomainInfo, Hypervisor, MigrationInfo, Outcome, QemuFacts, file_disks
 from instaclone.jobs.capacity import HostProbe
 from instaclone.plugin_api import CloneTarget, Recorder, ResourceKind, StorageBackend, StunContext
 
@@ -79,6 +79,8 @@ class FakeHypervisor:
         self.interfaces: dict[str, list[dict[str, Any]]] = {}  # guest-network-get-interfaces answers
         self.agent_log: list[tuple[str, str]] = []  # agent calls: (domain, command)
         self.guests: dict[str, FakeGuestAgent] = {}  # domains whose agent a FakeGuestAgent answers
+        #: what every fake QEMU says of itself (tests set an older one, or KVM)
+        self.qemu = QemuFacts((10, 0, 2), "tcg")
 
     async def _hook(self, method: str, name: str) -> None:
         self.calls.append((method, name))
@@ -262,6 +264,12 @@ class FakeHypervisor:
         await self._hook("ram_file", name)
         self._get(name)
         return None  # no fake domain has file-backed RAM
+
+    async def qemu_facts(self, name: str) -> QemuFacts:
+        await self._hook("qemu_facts", name)
+        if self._get(name).state not in ("running", "paused"):
+            raise LibvirtError(f"QEMU version of {name!r}: domain is not running")
+        return self.qemu
 
     async def save_state(self, name: str, path: Path, *, ignore_shared: bool = False,
                          timeout_s: float = 120.0) -> dict[str, Any]:

@@ -13,12 +13,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .protocol import Hypervisor
-from .records import Disk, DomainInfo, MigrationInfo, Outcome, file_disks
+from .records import Disk, DomainInfo, MigrationInfo, Outcome, QemuFacts, file_disks
 
 if TYPE_CHECKING:
     from .hypervisor import LibvirtHypervisor
 
-__all__ = ["Disk", "DomainInfo", "Hypervisor", "LibvirtHypervisor", "MigrationInfo", "Outcome", "file_disks"]
+__all__ = [
+    "Disk",
+    "DomainInfo",
+    "Hypervisor",
+    "LibvirtHypervisor",
+    "MigrationInfo",
+    "Outcome",
+    "QemuFacts",
+    "file_disks",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import DomainStateInvalid, LibvirtError, LibvirtTimeout
 from . import _libvirt as lv
 from .connection import Connection
-from .records import MigrationInfo
+from .records import MigrationInfo, QemuFacts
 
 
 def qmp(dom: lv.Domain, command: str, arguments: dict[str, Any] | None = None,
@@ -93,6 +93,18 @@ class Migration(Connection):
             return Path(path), bool(share)
 
         return await self._call(f"RAM file of {name!r}", do)
+
+    async def qemu_facts(self, name: str) -> QemuFacts:
+        """The active domain's QEMU version and accelerator (QMP ``query-version``, ``query-kvm``)."""
+
+        def do() -> QemuFacts:
+            dom = self._dom(name)
+            q = (qmp(dom, "query-version") or {}).get("qemu") or {}
+            kvm = qmp(dom, "query-kvm") or {}
+            version = (int(q.get("major", 0)), int(q.get("minor", 0)), int(q.get("micro", 0)))
+            return QemuFacts(version, "kvm" if kvm.get("enabled") else "tcg")
+
+        return await self._call(f"QEMU version of {name!r}", do)
 
     async def save_state(self, name: str, path: Path, *, ignore_shared: bool = False,
                          timeout_s: float = 120.0) -> dict[str, Any]:

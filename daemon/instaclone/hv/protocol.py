@@ -21,9 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from .records import Disk, DomainInfo, MigrationInfo, Outcome, file_disks
+from .records import Disk, DomainInfo, MigrationInfo, Outcome, QemuFacts, file_disks
 
-__all__ = ["Disk", "DomainInfo", "Hypervisor", "MigrationInfo", "Outcome", "file_disks"]
+__all__ = ["Disk", "DomainInfo", "Hypervisor", "MigrationInfo", "Outcome", "QemuFacts", "file_disks"]
 
 
 class Hypervisor(Protocol):
@@ -125,6 +125,9 @@ class Hypervisor(Protocol):
 
     async def ram_file(self, name: str, alias: str = "pc.ram") -> tuple[Path, bool] | None:
         """(path, shared) of the file behind the domain's RAM backend, or None if not file-backed."""
+
+    async def qemu_facts(self, name: str) -> QemuFacts:
+        """The active domain's QEMU version and accelerator, asked of that very QEMU."""
 
     async def save_state(self, name: str, path: Path, *, ignore_shared: bool = False,
                          timeout_s: float = 120.0) -> dict[str, Any]:

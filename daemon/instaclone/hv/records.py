@@ -41,6 +41,43 @@ class MigrationInfo:
 
 
 @dataclass(frozen=True)
+class QemuFacts:
+    """What a running domain's QEMU says of itself (QMP ``query-version`` and ``query-kvm``)."""
+
+    version: tuple[int, int, int]  # (major, minor, micro)
+    accel: str  # "kvm" or "tcg"
+
+    def at_least(self, major: int, minor: int = 0) -> bool:
+        return self.version[:2] >= (major, minor)
+
+    @property
+    def text(self) -> str:
+        return ".".join(str(n) for n in self.version)
+
+    @property
+    def loses_tcg_writes(self) -> bool:
+        """TCG on QEMU before 9.0: a migration can miss pages the guest writes while it runs.
+
+        The 64-page fast path of the dirty-bitmap sync clears dirty bits
+        without re-arming the vCPUs' TLB entries, so a later store through an
+        entry already marked dirty no longer marks its page. QEMU 9.0 fixed it
+        (commit 03bfc2188f); KVM tracks dirty pages in the kernel and never
+        had it.
+        """
+        return self.accel == "tcg" and not self.at_least(9, 0)
+
+    @property
+    def file_migration(self) -> bool:
+        """``add-fd`` + ``file:/dev/fdset/N`` migration URIs (QEMU 8.2 and later)."""
+        return self.at_least(8, 2)
+
+    @property
+    def mapped_ram(self) -> bool:
+        """The ``mapped-ram`` migration capability: RAM at fixed offsets of a seekable file (QEMU 9.0+)."""
+        return self.at_least(9, 0)
+
+
+@dataclass(frozen=True)
 class DomainInfo:
     """One look at a domain: identity, state and definition."""
 
