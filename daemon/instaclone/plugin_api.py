@@ -133,6 +133,8 @@ class CloneTarget:
     macs: list[str] = field(default_factory=list)  # one per interface, in device order
     identity: dict[str, Any] = field(default_factory=dict)  # what the guest-side reset did
     nvram: Path | None = None  # the clone's own copy of the source's UEFI variable store
+    #: Milliseconds per phase of its start; a memory backend may add its own (e.g. qemu_start, state_load).
+    phases_ms: dict[str, float] = field(default_factory=dict)
 
 
 async def remove_path(path: Path) -> None:

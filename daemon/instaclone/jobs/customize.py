@@ -29,6 +29,7 @@ from ..errors import CustomizationFailed, InstacloneError
 from ..hv import Hypervisor
 from . import guestscript
 from .guestscript import SSH_KEY_TYPES, make_host_keys
+from .timings import Timings
 
 __all__ = ["AGENT_CHANNEL", "SSH_KEY_TYPES", "CustomizationFailed", "customize", "has_agent", "has_agent_channel",
            "ipv4_interfaces", "make_host_keys", "renew_network", "run_script", "set_clock",
@@ -47,11 +48,13 @@ def has_agent(xml: str) -> bool:
     return has_agent_channel(ET.fromstring(xml))
 
 
-async def wait_agent(virt: Hypervisor, name: str, timeout_s: float) -> None:
+async def wait_agent(virt: Hypervisor, name: str, timeout_s: float, timings: Timings | None = None) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
     while True:
         try:
+            if timings is not None:
+                timings.agent_calls += 1
             await virt.agent(name, "guest-ping", timeout_s=2)
             return
         except InstacloneError as exc:
@@ -64,7 +67,7 @@ async def wait_agent(virt: Hypervisor, name: str, timeout_s: float) -> None:
 async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[str, str],
                     timeout_s: float, keep_ssh_host_keys: bool = False,
                     host_keys: dict[str, tuple[bytes, bytes]] | None = None,
-                    macs: list[str] | None = None) -> dict[str, Any]:
+                    macs: list[str] | None = None, timings: Timings | None = None) -> dict[str, Any]:
     """Make the clone's identity its own; its links must still be down.
 
     Returns what was reset: ``reset`` maps each item (clock, kernel_rng,
@@ -79,16 +82,23 @@ async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[
     ``host_keys`` (from :func:`.guestscript.make_host_keys`) replace the guest's SSH host
     keys of the same types; a type without one is made in the guest.
     Raises CustomizationFailed if the agent does not answer, a NIC does not
-    appear or the reset script fails.
+    appear or the reset script fails. ``timings`` gets each step's milliseconds.
     """
-    await wait_agent(virt, name, timeout_s)
-    await virt.agent(name, "guest-set-time", {"time": time.time_ns()})
+    t = timings or Timings()
+    with t.phase("agent_wait"):
+        await wait_agent(virt, name, timeout_s, t)
+    with t.phase("set_time"):
+        t.agent_calls += 1
+        await virt.agent(name, "guest-set-time", {"time": time.time_ns()})
     if macs:
-        await wait_nics(virt, name, macs, timeout_s=timeout_s)
+        with t.phase("nics_seen"):
+            await wait_nics(virt, name, macs, timeout_s=timeout_s, timings=t)
     machine_id = secrets.token_hex(16)
-    rc, out = await virt.agent_exec(
-        name, ["/bin/sh", "-c", guestscript.identity_script(), "sh", hostname, "1" if keep_ssh_host_keys else "0"],
-        stdin=guestscript.identity_stdin(machine_id, config, host_keys or {}), timeout_s=timeout_s)
+    with t.phase("identity_script"):
+        t.agent_calls += 1
+        rc, out = await virt.agent_exec(
+            name, ["/bin/sh", "-c", guestscript.identity_script(), "sh", hostname, "1" if keep_ssh_host_keys else "0"],
+            stdin=guestscript.identity_stdin(machine_id, config, host_keys or {}), timeout_s=timeout_s)
     if rc != 0 or "IC-DONE" not in out:
         raise CustomizationFailed(f"identity reset in {name!r} exited {rc}: {out.strip()[-400:]}")
     items, fingerprints = guestscript.parse_results(out)
@@ -101,6 +111,7 @@ async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[
         "config_path": guestscript.CONFIG_PATH if config else None,
         "reset": items,
         "ssh_host_key_fingerprints": fingerprints,
+        "guest_ms": guestscript.parse_marks(out),
     }
 
 
@@ -131,13 +142,16 @@ async def ipv4_interfaces(virt: Hypervisor, name: str, *, timeout_s: int = 3,
     return None
 
 
-async def wait_nics(virt: Hypervisor, name: str, macs: list[str], *, timeout_s: float) -> None:
+async def wait_nics(virt: Hypervisor, name: str, macs: list[str], *, timeout_s: float,
+                    timings: Timings | None = None) -> None:
     """Wait until the guest lists a NIC with each of ``macs``; CustomizationFailed if not in time."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
     want = {m.lower() for m in macs}
     delay = 0.05
     while True:
+        if timings is not None:
+            timings.agent_calls += 1
         ifaces = await virt.agent(name, "guest-network-get-interfaces") or []
         missing = want - {str(i.get("hardware-address", "")).lower() for i in ifaces}
         if not missing:
@@ -150,20 +164,25 @@ async def wait_nics(virt: Hypervisor, name: str, macs: list[str], *, timeout_s: 
 
 
 async def renew_network(virt: Hypervisor, name: str, *, timeout_s: float,
-                        want_ipv4: list[str] | None = None) -> list[dict[str, Any]]:
+                        want_ipv4: list[str] | None = None, timings: Timings | None = None) -> list[dict[str, Any]]:
     """Re-read the network after the links came up; returns the guest's interfaces.
 
     With ``want_ipv4`` (the interfaces that had IPv4 in the source), waits
     until each of them has IPv4 again, within ``timeout_s``; raises
-    CustomizationFailed if one does not.
+    CustomizationFailed if one does not. ``timings`` gets each step's milliseconds.
     """
+    t = timings or Timings()
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
-    rc, out = await virt.agent_exec(name, ["/bin/sh", "-c", guestscript.RENEW], timeout_s=timeout_s)
+    with t.phase("network_renew"):
+        t.agent_calls += 1
+        rc, out = await virt.agent_exec(name, ["/bin/sh", "-c", guestscript.RENEW], timeout_s=timeout_s)
     if rc != 0:
         raise CustomizationFailed(f"network renewal in {name!r} exited {rc}: {out.strip()[-400:]}")
     delay = 0.1
+    t_wait = loop.time()
     while True:
+        t.agent_calls += 1
         ifaces = await virt.agent(name, "guest-network-get-interfaces") or []
         v4 = _ipv4(ifaces)
         missing = sorted(n for n in (want_ipv4 or []) if not v4.get(n))
@@ -175,6 +194,7 @@ async def renew_network(virt: Hypervisor, name: str, *, timeout_s: float,
                 "(the source had one there)")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)
+    t.add("ipv4_wait", loop.time() - t_wait)
     return [
         {"name": i.get("name"), "mac": i.get("hardware-address"),
          "addresses": [f"{a.get('ip-address')}/{a.get('prefix')}" for a in i.get("ip-addresses", [])],

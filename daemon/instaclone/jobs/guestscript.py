@@ -51,6 +51,9 @@ set -u
 name=$1 keep_ssh=$2
 umask 077
 r() { echo "IC-RESULT $1 $2 $3"; }
+# When each step ended, on the guest's clock (a builtin read: no program run).
+tick() { read -r up _ < /proc/uptime; echo "IC-T $1 $up"; }
+tick begin
 read -r rng; read -r seed; read -r mid; read -r cfg
 mkdir -p /run/instaclone
 printf '%s\n' "$cfg" > /run/instaclone/config.json.tmp &&
@@ -77,6 +80,7 @@ while IFS= read -r line; do
         *) [ -n "$k" ] && printf '%s\n' "$line" >> "$k" ;;
     esac
 done
+tick ssh_keys_in
 
 # machine-id: the host's random id, never derived from DMI (a clone's SMBIOS
 # tables are its source's), also in dbus' copy when that is a file.
@@ -85,6 +89,7 @@ mid_detail="$mid"
 if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then
     printf '%s\n' "$mid" > /var/lib/dbus/machine-id && mid_detail="$mid_detail (also /var/lib/dbus/machine-id)"
 fi
+tick machine_id
 
 # DHCP: leases dropped, clients restarted so that their client id and DUID
 # follow the new machine-id (networkd derives them from it and keeps the old
@@ -117,6 +122,7 @@ if [ $systemd = 1 ]; then
 fi
 rpid=""
 if [ -n "$units" ]; then systemctl restart $units > /run/instaclone/restart.log 2>&1 & rpid=$!; fi
+tick dhcp
 
 # The kernel's random generator, before any secret is made in here.
 f=/run/instaclone/.rng
@@ -129,6 +135,7 @@ else
     r kernel_rng failed "cannot write /dev/urandom"
 fi
 : > "$f"
+tick kernel_rng
 
 # Random seed files, so the next boot does not start from the source's.
 seeds=""
@@ -137,6 +144,7 @@ for s in /var/lib/systemd/random-seed /var/lib/urandom/random-seed; do
 done
 if [ -n "$seeds" ]; then r random_seed reset "replaced with host bytes:$seeds"
 else r random_seed not_present "no random seed file"; fi
+tick random_seed
 
 # Hostname, also on /etc/hosts' 127.0.1.1 line (hostname -f reads it), its
 # domain kept. /etc/hostname is the name systemd sets at boot.
@@ -162,6 +170,7 @@ fi
 "
 (umask 022; printf '%s' "$hosts" > /etc/hosts)
 r hosts reset "$line127"
+tick hostname
 
 # SSH host keys, continued: report, or make what the host did not.
 if [ -z "$had" ]; then
@@ -183,6 +192,7 @@ fi
 for p in /etc/ssh/ssh_host_*_key.pub; do
     [ -f "$p" ] && { IFS= read -r pub < "$p"; echo "IC-PUB $pub"; }
 done
+tick ssh_host_keys
 
 # VM generation ID: the host gave the clone a new one; only a guest kernel
 # with a vmgenid driver reseeds from it.
@@ -190,6 +200,7 @@ gen=unsupported
 for d in /sys/bus/acpi/drivers/vmgenid/*:*; do [ -e "$d" ] && gen=reset; done
 if [ $gen = reset ]; then r vm_generation_id reset "new ID seen by the guest's vmgenid driver"
 else r vm_generation_id unsupported "the guest kernel has no VMGENID driver"; fi
+tick vm_generation_id
 
 if [ -n "$rpid" ] && ! wait "$rpid"; then
     err=""; read -r err < /run/instaclone/restart.log
@@ -197,6 +208,7 @@ if [ -n "$rpid" ] && ! wait "$rpid"; then
 else
     r dhcp reset "$dhcp"
 fi
+tick restart_wait
 r machine_id reset "$mid_detail"
 echo "IC-DONE"
 """
@@ -282,6 +294,27 @@ def ssh_fingerprint(pub_line: str) -> str | None:
     digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
     comment = parts[2].strip() if len(parts) > 2 else "no comment"
     return f"{bits} SHA256:{digest} {comment} ({name})"
+
+
+def parse_marks(out: str) -> dict[str, float]:
+    """Milliseconds each step of the identity script took in the guest, from its ``IC-T`` lines.
+
+    The guest's uptime has a resolution of 10 ms; the first line only starts the clock.
+    """
+    out_ms: dict[str, float] = {}
+    last: float | None = None
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or parts[0] != "IC-T":
+            continue
+        try:
+            at = float(parts[2])
+        except ValueError:
+            continue
+        if last is not None:
+            out_ms[parts[1]] = round(out_ms.get(parts[1], 0.0) + (at - last) * 1000.0, 1)
+        last = at
+    return out_ms
 
 
 def parse_results(out: str) -> tuple[dict[str, dict[str, str]], list[str]]:

@@ -21,22 +21,10 @@ from ..plugin_api import CloneTarget, MemoryBackend, StunContext
 from ..requests import validate_script
 from . import customize
 from .context import JobContext
+from .timings import Timings
 
 #: A stun longer than this sets the source's clock from the host's afterwards.
 SOURCE_CLOCK_AFTER_STUN_MS = 1000.0
-
-
-class _Laps:
-    """Milliseconds per phase of one clone's start, for its result."""
-
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-        self._t = time.monotonic()
-
-    def __call__(self, phase: str) -> None:
-        now = time.monotonic()
-        self.phases[phase] = round((now - self._t) * 1000.0, 1)
-        self._t = now
 
 
 class _Starter:
@@ -52,13 +40,15 @@ class _Starter:
                         else f"the source has no guest agent channel ({customize.AGENT_CHANNEL})")
 
     async def start(self, clone: CloneTarget, slots: asyncio.Semaphore) -> None:
-        async with slots:
-            lap = _Laps()
+        t = Timings(clone.phases_ms)
+        with t.phase("slot_wait"):
+            await slots.acquire()
+        try:
             # The clone's SSH host keys are made on the host while it starts.
-            keys = (await all_or_first_error(self._host_keys(clone), self._boot(clone, lap)))[0]
+            keys = (await all_or_first_error(self._host_keys(clone, t), self._boot(clone, t)))[0]
             if self.customizing:
                 try:
-                    await self._customize(clone, keys, lap)
+                    await self._customize(clone, keys, t)
                 except InstacloneError as exc:
                     raise customize.CustomizationFailed(
                         f"customization of clone {clone.name!r} failed; the clone was removed: "
@@ -68,49 +58,56 @@ class _Starter:
             # The persistent definition must not keep the one-shot "-incoming
             # defer" or the image link: a later plain start must cold-boot.
             virt = self.svc.virt
-            await virt.define(domxml.forget_frozen_ram(await virt.inactive_xml(clone.name)))
-            lap("define")
-            clone.identity["phases_ms"] = lap.phases
+            with t.phase("define"):
+                await virt.define(domxml.forget_frozen_ram(await virt.inactive_xml(clone.name)))
+        finally:
+            slots.release()
+        clone.identity["phases_ms"] = t.phases
+        clone.identity["ready_ms"] = t.since_start_ms()
+        clone.identity["agent_calls"] = t.agent_calls
 
-    async def _boot(self, clone: CloneTarget, lap: _Laps) -> None:
+    async def _boot(self, clone: CloneTarget, t: Timings) -> None:
         virt = self.svc.virt
-        await self.memory.start_clone(ctx=self.ctx, clone=clone)
+        with t.phase("memory_start"):
+            await self.memory.start_clone(ctx=self.ctx, clone=clone)
         # The guest still has the source's MAC (it is in the migrated device
         # state): no packet may leave before the NIC is replaced, unless the
         # network is isolated.
         if not self.keep_network:
-            for mac in clone.macs:
-                await virt.set_link(clone.name, mac, up=False)
-        await virt.resume(clone.name)
-        lap("start")
+            with t.phase("link_down"):
+                for mac in clone.macs:
+                    await virt.set_link(clone.name, mac, up=False)
+        with t.phase("resume"):
+            await virt.resume(clone.name)
         # Links stay down until the identity reset when there is one.
-        for mac in clone.macs:
-            await virt.replace_nic(clone.name, mac, link_up=not self.customizing,
-                                   timeout_s=self.svc.config.clone.nic_release_timeout_s)
-        lap("nic_replug")
+        with t.phase("nic_replug"):
+            for mac in clone.macs:
+                await virt.replace_nic(clone.name, mac, link_up=not self.customizing,
+                                       timeout_s=self.svc.config.clone.nic_release_timeout_s)
 
-    async def _host_keys(self, clone: CloneTarget) -> dict[str, tuple[bytes, bytes]] | None:
+    async def _host_keys(self, clone: CloneTarget, t: Timings) -> dict[str, tuple[bytes, bytes]] | None:
         if not self.customizing or self.keep_ssh:
             return None
-        return await customize.make_host_keys(f"root@{clone.name}")
+        with t.phase("host_keys"):
+            return await customize.make_host_keys(f"root@{clone.name}")
 
     async def _customize(self, clone: CloneTarget, keys: dict[str, tuple[bytes, bytes]] | None,
-                         lap: _Laps) -> None:
+                         t: Timings) -> None:
         virt, timeout = self.svc.virt, self.svc.config.clone.customize_timeout_s
         clone.identity = await customize.customize(
             virt, clone.name, hostname=clone.name, config=dict(self.job.spec.config), timeout_s=timeout,
-            keep_ssh_host_keys=self.keep_ssh, host_keys=keys, macs=[] if self.keep_network else clone.macs)
-        lap("identity")
-        for mac in clone.macs:
-            await virt.set_link(clone.name, mac, up=True)
+            keep_ssh_host_keys=self.keep_ssh, host_keys=keys, macs=[] if self.keep_network else clone.macs,
+            timings=t)
+        with t.phase("link_up"):
+            for mac in clone.macs:
+                await virt.set_link(clone.name, mac, up=True)
         clone.identity["interfaces"] = await customize.renew_network(
-            virt, clone.name, timeout_s=timeout, want_ipv4=self.ctx.source_ipv4)
+            virt, clone.name, timeout_s=timeout, want_ipv4=self.ctx.source_ipv4, timings=t)
         clone.identity["ipv4_waited_for"] = self.ctx.source_ipv4
-        lap("network")
         if self.script:
-            clone.identity["script"] = await customize.run_script(
-                virt, clone.name, self.script, source=self.job.source, job_id=self.job.id, timeout_s=timeout)
-            lap("script")
+            with t.phase("script"):
+                clone.identity["script"] = await customize.run_script(
+                    virt, clone.name, self.script, source=self.job.source, job_id=self.job.id, timeout_s=timeout)
 
 
 async def start_clones(svc: JobContext, job: JobRecord, ctx: StunContext, memory: MemoryBackend,
