@@ -2,11 +2,13 @@
 
 A clone made from memory is its source byte for byte: hostname, machine-id,
 SSH host keys, the kernel's random state, DHCP client id and address are the
-source's. While the clone's NICs are still link-down, :func:`customize`
-makes each of them the clone's own and hands over the caller's key/value data
-(``/run/instaclone/config.json``); after the host brings the links up,
-:func:`renew_network` re-reads the network and waits for IPv4 where the
-source had it; :func:`run_script` runs the user's own customization script.
+source's. While the clone's NICs are still link-down (and may still be being
+replugged), :func:`customize` makes each of them the clone's own and hands
+over the caller's key/value data (``/run/instaclone/config.json``) in two
+guest agent calls; once the guest shows its new NICs (:func:`wait_nics`) and
+the host has brought the links up, :func:`renew_network` re-reads the network
+and waits for IPv4 where the source had it; :func:`run_script` runs the
+user's own customization script.
 
 Every secret is made *after* the guest's kernel random generator has been
 given fresh host entropy and forced to reseed: until then a clone's RNG is
@@ -23,6 +25,7 @@ import asyncio
 import secrets
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Awaitable
 from typing import Any
 
 from ..errors import CustomizationFailed, InstacloneError
@@ -33,9 +36,13 @@ from .timings import Timings
 
 __all__ = ["AGENT_CHANNEL", "SSH_KEY_TYPES", "CustomizationFailed", "customize", "has_agent", "has_agent_channel",
            "ipv4_interfaces", "make_host_keys", "renew_network", "run_script", "set_clock",
-           "wait_agent", "wait_nics"]
+           "set_clone_clock", "wait_nics"]
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+#: Pause between tries while a clone's agent is not connected yet (a try fails at once then).
+AGENT_RETRY_S = 0.05
+#: Longest pause between two looks at the guest's interfaces while waiting for its NICs or IPv4.
+POLL_MAX_S = 0.25
 
 
 def has_agent_channel(root: ET.Element) -> bool:
@@ -48,26 +55,32 @@ def has_agent(xml: str) -> bool:
     return has_agent_channel(ET.fromstring(xml))
 
 
-async def wait_agent(virt: Hypervisor, name: str, timeout_s: float, timings: Timings | None = None) -> None:
+async def set_clone_clock(virt: Hypervisor, name: str, timeout_s: float, timings: Timings | None = None) -> None:
+    """Set the clone's clock from the host's as soon as its agent answers (the first answer is the ping).
+
+    A clone's guest agent answers once libvirt has connected to its channel:
+    until then each try fails at once, and is repeated. Raises
+    CustomizationFailed if it does not answer within ``timeout_s``.
+    """
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
     while True:
         try:
             if timings is not None:
                 timings.agent_calls += 1
-            await virt.agent(name, "guest-ping", timeout_s=2)
+            await virt.agent(name, "guest-set-time", {"time": time.time_ns()}, timeout_s=2)
             return
         except InstacloneError as exc:
             if loop.time() > end:
                 raise CustomizationFailed(f"guest agent of {name!r} did not answer within {timeout_s:g} s: "
                                           f"{exc.message}") from None
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(AGENT_RETRY_S)
 
 
 async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[str, str],
                     timeout_s: float, keep_ssh_host_keys: bool = False,
-                    host_keys: dict[str, tuple[bytes, bytes]] | None = None,
-                    macs: list[str] | None = None, timings: Timings | None = None) -> dict[str, Any]:
+                    host_keys: Awaitable[dict[str, tuple[bytes, bytes]] | None] | None = None,
+                    timings: Timings | None = None) -> dict[str, Any]:
     """Make the clone's identity its own; its links must still be down.
 
     Returns what was reset: ``reset`` maps each item (clock, kernel_rng,
@@ -75,30 +88,30 @@ async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[
     vm_generation_id) to ``{"status", "detail"}`` with status one of
     ``reset``, ``partial``, ``kept``, ``not_present``, ``unsupported`` or
     ``failed``; ``ssh_host_key_fingerprints`` the new keys' ``ssh-keygen -l``
-    lines, computed from the public keys the guest holds afterwards.
+    lines, computed from the public keys the guest holds afterwards;
+    ``guest_ms`` the milliseconds of each step inside the guest.
 
-    With ``macs`` (the replugged NICs) it first waits until the guest has
-    them all: a hot-plugged NIC appears in the guest a while after the plug.
-    ``host_keys`` (from :func:`.guestscript.make_host_keys`) replace the guest's SSH host
-    keys of the same types; a type without one is made in the guest.
-    Raises CustomizationFailed if the agent does not answer, a NIC does not
-    appear or the reset script fails. ``timings`` gets each step's milliseconds.
+    Two guest agent calls: the clock (which waits for the agent), then the
+    reset script. It does not need the clone's new NICs: it may run while
+    they are replugged (their links stay down until the caller brings them
+    up, after this returns, so no packet leaves with the source's identity).
+    ``host_keys`` (awaited after the clock is set; from
+    :func:`.guestscript.make_host_keys`) replace the guest's SSH host keys
+    of the same types; a type without one is made in the guest.
+    Raises CustomizationFailed if the agent does not answer or the reset
+    script fails. ``timings`` gets each step's milliseconds.
     """
     t = timings or Timings()
-    with t.phase("agent_wait"):
-        await wait_agent(virt, name, timeout_s, t)
     with t.phase("set_time"):
-        t.agent_calls += 1
-        await virt.agent(name, "guest-set-time", {"time": time.time_ns()})
-    if macs:
-        with t.phase("nics_seen"):
-            await wait_nics(virt, name, macs, timeout_s=timeout_s, timings=t)
+        await set_clone_clock(virt, name, timeout_s, t)
+    with t.phase("host_keys_wait"):
+        keys = await host_keys if host_keys is not None else None
     machine_id = secrets.token_hex(16)
     with t.phase("identity_script"):
         t.agent_calls += 1
         rc, out = await virt.agent_exec(
             name, ["/bin/sh", "-c", guestscript.identity_script(), "sh", hostname, "1" if keep_ssh_host_keys else "0"],
-            stdin=guestscript.identity_stdin(machine_id, config, host_keys or {}), timeout_s=timeout_s)
+            stdin=guestscript.identity_stdin(machine_id, config, keys or {}), timeout_s=timeout_s)
     if rc != 0 or "IC-DONE" not in out:
         raise CustomizationFailed(f"identity reset in {name!r} exited {rc}: {out.strip()[-400:]}")
     items, fingerprints = guestscript.parse_results(out)
@@ -160,7 +173,7 @@ async def wait_nics(virt: Hypervisor, name: str, macs: list[str], *, timeout_s: 
             raise CustomizationFailed(f"the guest of {name!r} does not show its new NIC(s) "
                                       f"{', '.join(sorted(missing))} within {timeout_s:g} s of the hot-plug")
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.5)
+        delay = min(delay * 2, POLL_MAX_S)
 
 
 async def renew_network(virt: Hypervisor, name: str, *, timeout_s: float,
@@ -193,7 +206,7 @@ async def renew_network(virt: Hypervisor, name: str, *, timeout_s: float,
                 f"{name!r} has no IPv4 address on {', '.join(missing)} within {timeout_s:g} s "
                 "(the source had one there)")
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 1.0)
+        delay = min(delay * 2, POLL_MAX_S)
     t.add("ipv4_wait", loop.time() - t_wait)
     return [
         {"name": i.get("name"), "mac": i.get("hardware-address"),

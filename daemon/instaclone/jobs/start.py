@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import InstacloneError
 from ..hv import domxml
@@ -22,6 +22,8 @@ from ..requests import validate_script
 from . import customize
 from .context import JobContext
 from .timings import Timings
+
+T = TypeVar("T")
 
 #: A stun longer than this sets the source's clock from the host's afterwards.
 SOURCE_CLOCK_AFTER_STUN_MS = 1000.0
@@ -40,33 +42,28 @@ class _Starter:
                         else f"the source has no guest agent channel ({customize.AGENT_CHANNEL})")
 
     async def start(self, clone: CloneTarget, slots: asyncio.Semaphore) -> None:
+        """Start ``clone``; when this returns it is ready: running, its identity reset, its network up.
+
+        After the resume, three things run at once (each waits on the guest
+        or on libvirt, not on the others): the NIC replug, the identity reset
+        (links down meanwhile) and the persistent definition's clean-up; the
+        links come up only once both the replug and the reset are done. The
+        SSH host keys are made on the host from the start.
+        """
         t = Timings(clone.phases_ms)
         with t.phase("slot_wait"):
             await slots.acquire()
         try:
-            # The clone's SSH host keys are made on the host while it starts.
-            keys = (await all_or_first_error(self._host_keys(clone, t), self._boot(clone, t)))[0]
-            if self.customizing:
-                try:
-                    await self._customize(clone, keys, t)
-                except InstacloneError as exc:
-                    raise customize.CustomizationFailed(
-                        f"customization of clone {clone.name!r} failed; the clone was removed: "
-                        f"{exc.message}") from exc
-            else:
-                clone.identity = {"customized": False, "reason": self.why_not}
-            # The persistent definition must not keep the one-shot "-incoming
-            # defer" or the image link: a later plain start must cold-boot.
-            virt = self.svc.virt
-            with t.phase("define"):
-                await virt.define(domxml.forget_frozen_ram(await virt.inactive_xml(clone.name)))
+            keys: asyncio.Future[dict[str, tuple[bytes, bytes]] | None] = asyncio.get_running_loop().create_future()
+            await all_or_first_error(self._host_keys(clone, keys, t), self._start(clone, keys, t))
         finally:
             slots.release()
         clone.identity["phases_ms"] = t.phases
         clone.identity["ready_ms"] = t.since_start_ms()
         clone.identity["agent_calls"] = t.agent_calls
 
-    async def _boot(self, clone: CloneTarget, t: Timings) -> None:
+    async def _start(self, clone: CloneTarget, keys: Awaitable[dict[str, tuple[bytes, bytes]] | None],
+                     t: Timings) -> None:
         virt = self.svc.virt
         with t.phase("memory_start"):
             await self.memory.start_clone(ctx=self.ctx, clone=clone)
@@ -79,25 +76,51 @@ class _Starter:
                     await virt.set_link(clone.name, mac, up=False)
         with t.phase("resume"):
             await virt.resume(clone.name)
+        if not self.customizing:
+            await all_or_first_error(self._replug(clone, t), self._define(clone, t))
+            clone.identity = {"customized": False, "reason": self.why_not}
+            return
+        identity = (await all_or_first_error(
+            self._replug(clone, t), self._define(clone, t), self._reset_identity(clone, keys, t)))[2]
+        clone.identity = identity
+        await _customizing(clone, self._network(clone, t))
+
+    async def _replug(self, clone: CloneTarget, t: Timings) -> None:
         # Links stay down until the identity reset when there is one.
         with t.phase("nic_replug"):
             for mac in clone.macs:
-                await virt.replace_nic(clone.name, mac, link_up=not self.customizing,
-                                       timeout_s=self.svc.config.clone.nic_release_timeout_s)
+                await self.svc.virt.replace_nic(clone.name, mac, link_up=not self.customizing,
+                                                timeout_s=self.svc.config.clone.nic_release_timeout_s)
 
-    async def _host_keys(self, clone: CloneTarget, t: Timings) -> dict[str, tuple[bytes, bytes]] | None:
-        if not self.customizing or self.keep_ssh:
-            return None
-        with t.phase("host_keys"):
-            return await customize.make_host_keys(f"root@{clone.name}")
+    async def _define(self, clone: CloneTarget, t: Timings) -> None:
+        # The persistent definition must not keep the one-shot "-incoming
+        # defer" or the image link: a later plain start must cold-boot. (The
+        # running domain is not touched by it.)
+        virt = self.svc.virt
+        with t.phase("define"):
+            await virt.define(domxml.forget_frozen_ram(await virt.inactive_xml(clone.name)))
 
-    async def _customize(self, clone: CloneTarget, keys: dict[str, tuple[bytes, bytes]] | None,
+    async def _host_keys(self, clone: CloneTarget, keys: asyncio.Future[dict[str, tuple[bytes, bytes]] | None],
                          t: Timings) -> None:
+        if not self.customizing or self.keep_ssh:
+            keys.set_result(None)
+            return
+        with t.phase("host_keys"):
+            keys.set_result(await customize.make_host_keys(f"root@{clone.name}"))
+
+    async def _reset_identity(self, clone: CloneTarget, keys: Awaitable[dict[str, tuple[bytes, bytes]] | None],
+                              t: Timings) -> dict[str, Any]:
+        return await _customizing(clone, customize.customize(
+            self.svc.virt, clone.name, hostname=clone.name, config=dict(self.job.spec.config),
+            timeout_s=self.svc.config.clone.customize_timeout_s, keep_ssh_host_keys=self.keep_ssh,
+            host_keys=keys, timings=t))
+
+    async def _network(self, clone: CloneTarget, t: Timings) -> None:
+        """The links come up (the guest has its new NICs and its new identity), then the network is re-read."""
         virt, timeout = self.svc.virt, self.svc.config.clone.customize_timeout_s
-        clone.identity = await customize.customize(
-            virt, clone.name, hostname=clone.name, config=dict(self.job.spec.config), timeout_s=timeout,
-            keep_ssh_host_keys=self.keep_ssh, host_keys=keys, macs=[] if self.keep_network else clone.macs,
-            timings=t)
+        if not self.keep_network and clone.macs:
+            with t.phase("nics_seen"):
+                await customize.wait_nics(virt, clone.name, clone.macs, timeout_s=timeout, timings=t)
         with t.phase("link_up"):
             for mac in clone.macs:
                 await virt.set_link(clone.name, mac, up=True)
@@ -108,6 +131,15 @@ class _Starter:
             with t.phase("script"):
                 clone.identity["script"] = await customize.run_script(
                     virt, clone.name, self.script, source=self.job.source, job_id=self.job.id, timeout_s=timeout)
+
+
+async def _customizing(clone: CloneTarget, aw: Awaitable[T]) -> T:
+    """``aw``, a part of the clone's customization: its failure says so."""
+    try:
+        return await aw
+    except InstacloneError as exc:
+        raise customize.CustomizationFailed(
+            f"customization of clone {clone.name!r} failed; the clone was removed: {exc.message}") from exc
 
 
 async def start_clones(svc: JobContext, job: JobRecord, ctx: StunContext, memory: MemoryBackend,

@@ -1,0 +1,174 @@
+"""The order of a clone's start (fake hypervisor): what overlaps, what waits for what.
+
+After the resume the NIC replug, the identity reset and the definition's
+clean-up run at once; the links come up only after both the replug and the
+reset; the network is re-read after that. Each test records the calls of one
+clone as ``+what`` when a call begins and ``-what`` when it ends, and holds
+one call open until another has begun: a start that ran them one after the
+other would never get there (the wait fails the test, not a clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from instaclone.errors import LibvirtError
+from instaclone.states import State
+from tests.support.enginelib import AGENT, run_job
+
+#: Longest a held call waits for the call it is held for (an order bug ends the test here).
+HOLD_S = 5.0
+
+
+@pytest.fixture
+def agent_env(env):
+    engine, virt, _journal, _c = env
+    virt.domains["src"].xml = virt.domains["src"].xml.replace("</devices>", AGENT + "</devices>")
+    engine.config = replace(engine.config, clone=replace(engine.config.clone, step_timeout_s=60))
+    return env
+
+
+class Recorder:
+    """Wraps the fake's calls on one clone: the sequence of begins and ends, and calls held until another."""
+
+    def __init__(self, virt: Any, clone: str) -> None:
+        self.virt, self.clone = virt, clone
+        self.seq: list[str] = []
+        self.begun: dict[str, asyncio.Event] = {}
+        self.hold: dict[str, str] = {}  # call -> the call it waits for to have begun
+        self.fail: dict[str, Exception] = {}  # call -> error it raises after its hold
+        for method in ("start", "set_link", "resume", "replace_nic", "define", "agent", "agent_exec"):
+            setattr(virt, method, self._wrap(method, getattr(virt, method)))
+
+    def _what(self, method: str, args: tuple[Any, ...], kw: dict[str, Any]) -> str:
+        if method == "set_link":
+            return f"link_{'up' if kw['up'] else 'down'}"
+        if method == "agent":
+            return args[1]
+        if method == "agent_exec":
+            return "identity_script" if any("IC-DONE" in a for a in args[1]) else "renew"
+        return method
+
+    def _event(self, what: str) -> asyncio.Event:
+        return self.begun.setdefault(what, asyncio.Event())
+
+    def _wrap(self, method: str, real: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def call(*args: Any, **kw: Any) -> Any:
+            name = args[0] if method != "define" else ("<define>" if self.clone in args[0] else "")
+            if name not in (self.clone, "<define>"):
+                return await real(*args, **kw)
+            what = self._what(method, args, kw)
+            if not self.seq and what != "start":  # the clone's definition inside the stun: not its start
+                return await real(*args, **kw)
+            self.seq.append(f"+{what}")
+            self._event(what).set()
+            if what in self.hold:
+                await asyncio.wait_for(self._event(self.hold[what]).wait(), HOLD_S)
+            if what in self.fail:
+                self.seq.append(f"!{what}")
+                raise self.fail[what]
+            try:
+                return await real(*args, **kw)
+            finally:
+                self.seq.append(f"-{what}")
+
+        return call
+
+    def index(self, mark: str) -> int:
+        return self.seq.index(mark)
+
+
+async def test_replug_identity_and_define_overlap_links_come_up_after_both(agent_env):
+    engine, virt, store, _c = agent_env
+    rec = Recorder(virt, "o1")
+    # The replug ends only once the reset script has begun, the reset script only once the
+    # definition's clean-up has begun: in one sequence, neither could. (SSH host keys kept:
+    # no ssh-keygen on the host, whose time would move the sequence.)
+    rec.hold = {"replace_nic": "identity_script", "identity_script": "define"}
+    job = await run_job(engine, store, name="o1", keep_ssh_host_keys=True)
+    assert job.state is State.UNSTUNNED, job.error
+    assert rec.seq == [
+        # Up to the resume, one after the other, links down before the guest runs.
+        "+start", "-start", "+link_down", "-link_down", "+resume", "-resume",
+        # Then at once: the replug, the definition's clean-up, the reset (the agent's first
+        # answer sets the clock: no ping before it).
+        "+replace_nic", "+define", "-define", "+guest-set-time", "-guest-set-time", "+identity_script",
+        "-replace_nic", "-identity_script",
+        # The guest shows its new NIC; only then the links come up, and the network is re-read.
+        "+guest-network-get-interfaces", "-guest-network-get-interfaces", "+link_up", "-link_up",
+        "+renew", "-renew", "+guest-network-get-interfaces", "-guest-network-get-interfaces",
+    ], rec.seq
+
+
+async def test_the_result_has_every_phase_of_the_start(agent_env):
+    engine, _virt, store, _c = agent_env
+    job = await run_job(engine, store, name="r1")
+    assert job.state is State.UNSTUNNED, job.error
+    ident = job.result["clones"][0]["identity"]
+    phases = ident["phases_ms"]
+    assert set(phases) == {"slot_wait", "memory_start", "link_down", "resume", "nic_replug", "define", "host_keys",
+                           "set_time", "host_keys_wait", "identity_script", "nics_seen", "link_up",
+                           "network_renew", "ipv4_wait"}, phases
+    assert ident["ready_ms"] >= max(phases.values())
+    assert ident["agent_calls"] == 5  # set-time, reset script, NICs seen, renew, IPv4 seen
+    assert set(job.result["phases_ms"]) == {"queue", "set_up", "source_ipv4", "stamp", "clones_start", "result",
+                                            "hand_over"}
+
+
+async def test_without_customization_replug_and_define_overlap_and_nothing_asks_the_agent(env):
+    engine, virt, store, _c = env
+    rec = Recorder(virt, "p1")
+    rec.hold = {"replace_nic": "define"}
+    job = await run_job(engine, store, name="p1")
+    assert job.state is State.UNSTUNNED, job.error
+    assert rec.index("+define") < rec.index("-replace_nic"), rec.seq
+    assert not [s for s in rec.seq if s.startswith("+guest-") or "identity" in s or "link_up" in s], rec.seq
+    ident = job.result["clones"][0]["identity"]
+    assert ident["customized"] is False and {"nic_replug", "define"} <= set(ident["phases_ms"])
+
+
+async def test_a_failed_replug_during_the_reset_removes_the_clone_and_never_brings_links_up(agent_env):
+    engine, virt, store, _c = agent_env
+    rec = Recorder(virt, "f1")
+    rec.hold = {"replace_nic": "identity_script"}
+    rec.fail = {"replace_nic": LibvirtError("the guest refused to release its NIC")}
+    job = await run_job(engine, store, name="f1")
+    assert job.state is State.FAILED
+    assert "refused to release" in job.error["message"] and job.error["code"] != "customization_failed", job.error
+    assert "+link_up" not in rec.seq and "+renew" not in rec.seq, rec.seq
+    assert set(virt.domains) == {"src"}
+
+
+async def test_a_failed_reset_during_the_replug_fails_as_customization_and_never_brings_links_up(agent_env):
+    engine, virt, store, _c = agent_env
+    rec = Recorder(virt, "f2")
+    rec.hold = {"identity_script": "replace_nic"}
+    rec.fail = {"identity_script": LibvirtError("guest-exec failed")}
+    job = await run_job(engine, store, name="f2")
+    assert job.state is State.FAILED
+    assert job.error["code"] == "customization_failed" and "guest-exec failed" in job.error["message"], job.error
+    assert "+link_up" not in rec.seq and "+renew" not in rec.seq, rec.seq
+    assert set(virt.domains) == {"src"}
+
+
+async def test_the_clock_is_set_by_the_first_answer_of_an_agent_that_connects_late(agent_env):
+    engine, virt, store, _c = agent_env
+    real, tries = virt.agent, []
+
+    async def late(name: str, command: str, arguments: Any = None, **kw: Any) -> Any:
+        if name == "l1" and command == "guest-set-time":
+            tries.append(command)
+            if len(tries) < 3:
+                raise LibvirtError("Guest agent is not responding: QEMU guest agent is not connected")
+        return await real(name, command, arguments, **kw)
+
+    virt.agent = late
+    job = await run_job(engine, store, name="l1")
+    assert job.state is State.UNSTUNNED, job.error
+    assert tries == ["guest-set-time"] * 3
+    assert ("l1", "guest-ping") not in virt.agent_log
