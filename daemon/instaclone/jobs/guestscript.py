@@ -96,11 +96,15 @@ tick machine_id
 # ones until restarted; NetworkManager keeps its DUID in lease files and
 # secret_key; dhclient in its lease file's default-duid). journald writes
 # under the new machine-id only once restarted. The restarts run meanwhile.
+# The leases go before the clients are stopped: the new NIC may be plugged
+# while this runs, and a client its hot-plug starts (ifupdown's dhclient)
+# either starts before the stop and is stopped, or finds no old lease (and
+# no old DUID) to read.
+rm -f /run/udhcpc.* /var/lib/dhcp/*.lease* /var/lib/dhclient/*.lease* /run/systemd/netif/leases/* \
+      /var/lib/NetworkManager/*.lease /var/lib/NetworkManager/secret_key 2>/dev/null
 # (by name, not by the comm scan: busybox applets can run as "busybox")
 if command -v killall >/dev/null 2>&1; then killall udhcpc dhclient >/dev/null 2>&1
 elif command -v pkill >/dev/null 2>&1; then pkill -x 'udhcpc|dhclient' >/dev/null 2>&1; fi
-rm -f /run/udhcpc.* /var/lib/dhcp/*.lease* /var/lib/dhclient/*.lease* /run/systemd/netif/leases/* \
-      /var/lib/NetworkManager/*.lease /var/lib/NetworkManager/secret_key 2>/dev/null
 for i in /sys/class/net/*; do
     i=${i#/sys/class/net/}
     [ "$i" = lo ] || ip -4 addr flush dev "$i" 2>/dev/null
