@@ -5,10 +5,11 @@
 
 For each source (the busybox test guest, 256 MiB, and the Debian 12 test
 guest, 512 MiB, cloud kernel, BIOS; both with file-backed shared RAM and a
-guest agent, each waited for until it has IPv4) it makes ``--clones``
-customized clones one after another through the control API, as a plain
-request makes them (identity reset, NIC replug, network up), each clone
-destroyed before the next request.
+guest agent, each waited for until it has IPv4: the busybox guest runs no
+DHCP client of its own and is given a lease with udhcpc) it makes
+``--clones`` customized clones one after another through the control API, as
+a plain request makes them (identity reset, NIC replug, network up), each
+clone destroyed before the next request.
 
 *Ready* is the time from the request until its job is Unstunned: the clone
 runs with its identity reset (reported per item) and IPv4 on each interface
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from instaclone.hv import LibvirtHypervisor as Hypervisor
 from instaclone.jobs import customize
 from instaclone.log import setup as log_setup
-from tests.support.guests import debianguest
+from tests.support.guests import debianguest, devguest
 from tests.support.vmlib import Api, Scratch, boot_source, daemon_world
 
 PREFIX = "rdy-"
@@ -74,7 +75,12 @@ async def wait_ipv4(virt: Hypervisor, name: str, timeout_s: float = 120) -> list
 async def boot(kind: str, virt: Hypervisor, scratch: Scratch) -> str:
     name = f"{PREFIX}{kind[:3]}-src"
     if kind == "busybox":
-        await boot_source(virt, scratch, name, file_backed_ram=True)
+        vm = await boot_source(virt, scratch, name, file_backed_ram=True)
+        # The busybox guest runs no DHCP client of its own: a lease, so that its clones wait for theirs.
+        async with await devguest.GuestChannel.connect(vm.cmd_sock) as ch:
+            rc, out = await ch.run("udhcpc -i eth0 -n -q -t 5 -T 1 >/dev/null 2>&1; ip -4 addr show eth0", timeout=60)
+            if rc != 0 or "inet " not in out:
+                raise RuntimeError(f"{name}: no DHCP lease: {out}")
     else:
         reason = debianguest.debian_ready()
         if reason is not None:
