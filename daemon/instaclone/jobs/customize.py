@@ -4,8 +4,8 @@ A clone made from memory is its source byte for byte: hostname, machine-id,
 SSH host keys, the kernel's random state, DHCP client id and address are the
 source's. While the clone's NICs are still link-down (and may still be being
 replugged), :func:`customize` makes each of them the clone's own and hands
-over the caller's key/value data (``/run/instaclone/config.json``) in two
-guest agent calls; once the guest shows its new NICs (:func:`wait_nics`) and
+over the caller's key/value data (``/run/instaclone/config.json``), the
+clock set while its script runs; once the guest shows its new NICs (:func:`wait_nics`) and
 the host has brought the links up, :func:`renew_network` re-reads the network
 and waits for IPv4 where the source had it; :func:`run_script` runs the
 user's own customization script.
@@ -36,10 +36,10 @@ from .timings import Timings
 
 __all__ = ["AGENT_CHANNEL", "SSH_KEY_TYPES", "CustomizationFailed", "customize", "has_agent", "has_agent_channel",
            "ipv4_interfaces", "make_host_keys", "renew_network", "run_script", "set_clock",
-           "set_clone_clock", "wait_nics"]
+           "wait_agent", "wait_nics"]
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
-#: Pause between tries while a clone's agent is not connected yet (a try fails at once then).
+#: Pause between pings while a clone's agent is not connected yet (a ping fails at once then).
 AGENT_RETRY_S = 0.05
 #: Longest pause between two looks at the guest's interfaces while waiting for its NICs or IPv4.
 POLL_MAX_S = 0.25
@@ -55,12 +55,11 @@ def has_agent(xml: str) -> bool:
     return has_agent_channel(ET.fromstring(xml))
 
 
-async def set_clone_clock(virt: Hypervisor, name: str, timeout_s: float, timings: Timings | None = None) -> None:
-    """Set the clone's clock from the host's as soon as its agent answers (the first answer is the ping).
+async def wait_agent(virt: Hypervisor, name: str, timeout_s: float, timings: Timings | None = None) -> None:
+    """Wait until the clone's guest agent answers ``guest-ping``; CustomizationFailed if not in time.
 
-    A clone's guest agent answers once libvirt has connected to its channel:
-    until then each try fails at once, and is repeated. Raises
-    CustomizationFailed if it does not answer within ``timeout_s``.
+    Until libvirt has connected to its channel each try fails at once; it is
+    repeated every ``AGENT_RETRY_S``.
     """
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
@@ -68,7 +67,7 @@ async def set_clone_clock(virt: Hypervisor, name: str, timeout_s: float, timings
         try:
             if timings is not None:
                 timings.agent_calls += 1
-            await virt.agent(name, "guest-set-time", {"time": time.time_ns()}, timeout_s=2)
+            await virt.agent(name, "guest-ping", timeout_s=2)
             return
         except InstacloneError as exc:
             if loop.time() > end:
@@ -91,10 +90,13 @@ async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[
     lines, computed from the public keys the guest holds afterwards;
     ``guest_ms`` the milliseconds of each step inside the guest.
 
-    Two guest agent calls: the clock (which waits for the agent), then the
-    reset script. It does not need the clone's new NICs: it may run while
-    they are replugged (their links stay down until the caller brings them
-    up, after this returns, so no packet leaves with the source's identity).
+    Three guest agent calls after the agent answers: the reset script is
+    started, the clock is set while it runs (Debian's agent then runs
+    ``hwclock -w``, which waits for the RTC's next second: up to a second),
+    and the script's end is waited for. It does not need the clone's new
+    NICs: it may run while they are replugged (their links stay down until
+    the caller brings them up, after this returns, so no packet leaves with
+    the source's identity).
     ``host_keys`` (awaited after the clock is set; from
     :func:`.guestscript.make_host_keys`) replace the guest's SSH host keys
     of the same types; a type without one is made in the guest.
@@ -102,16 +104,23 @@ async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[
     script fails. ``timings`` gets each step's milliseconds.
     """
     t = timings or Timings()
-    with t.phase("set_time"):
-        await set_clone_clock(virt, name, timeout_s, t)
+    with t.phase("agent_wait"):
+        await wait_agent(virt, name, timeout_s, t)
     with t.phase("host_keys_wait"):
         keys = await host_keys if host_keys is not None else None
+
+    async def set_clock() -> None:
+        with t.phase("set_time"):
+            t.agent_calls += 1
+            await virt.agent(name, "guest-set-time", {"time": time.time_ns()})
+
     machine_id = secrets.token_hex(16)
     with t.phase("identity_script"):
         t.agent_calls += 1
         rc, out = await virt.agent_exec(
             name, ["/bin/sh", "-c", guestscript.identity_script(), "sh", hostname, "1" if keep_ssh_host_keys else "0"],
-            stdin=guestscript.identity_stdin(machine_id, config, keys or {}), timeout_s=timeout_s)
+            stdin=guestscript.identity_stdin(machine_id, config, keys or {}), timeout_s=timeout_s,
+            meanwhile=set_clock)
     if rc != 0 or "IC-DONE" not in out:
         raise CustomizationFailed(f"identity reset in {name!r} exited {rc}: {out.strip()[-400:]}")
     items, fingerprints = guestscript.parse_results(out)

@@ -217,20 +217,25 @@ r machine_id reset "$mid_detail"
 echo "IC-DONE"
 """
 
-# Re-read the network once the links are up.
+# Re-read the network once the links are up. Shell builtins where they do
+# (under TCG a program costs 100-400 ms): the interfaces from a glob, "up"
+# from their flags (IFF_UP, 0x1), networkd or NetworkManager from the
+# processes' names; one program per interface is left, the client's own.
 RENEW = r"""
-for i in $(ls /sys/class/net); do
+procs=" "
+for c in /proc/[0-9]*/comm; do read -r n 2>/dev/null < "$c" && procs="$procs$n "; done
+for i in /sys/class/net/*; do
+    i=${i#/sys/class/net/}
     [ "$i" = lo ] && continue
-    ip link set "$i" up 2>/dev/null
-    if command -v networkctl >/dev/null 2>&1 && networkctl status >/dev/null 2>&1; then
-        networkctl reconfigure "$i" >/dev/null 2>&1
-    elif command -v nmcli >/dev/null 2>&1; then
-        nmcli device reapply "$i" >/dev/null 2>&1
-    elif command -v dhclient >/dev/null 2>&1; then
-        dhclient -1 "$i" >/dev/null 2>&1 &
-    elif command -v udhcpc >/dev/null 2>&1; then
-        udhcpc -i "$i" -n -q -t 5 -T 1 >/dev/null 2>&1 &
-    fi
+    fl=0; read -r fl 2>/dev/null < "/sys/class/net/$i/flags"
+    [ $((fl & 1)) = 1 ] || ip link set "$i" up 2>/dev/null
+    case $procs in
+        *" systemd-network "*) networkctl reconfigure "$i" >/dev/null 2>&1 ;;
+        *" NetworkManager "*) nmcli device reapply "$i" >/dev/null 2>&1 ;;
+        *) if command -v dhclient >/dev/null 2>&1; then dhclient -1 "$i" >/dev/null 2>&1 &
+           elif command -v udhcpc >/dev/null 2>&1; then udhcpc -i "$i" -n -q -t 5 -T 1 >/dev/null 2>&1 &
+           fi ;;
+    esac
 done
 wait
 echo renewed

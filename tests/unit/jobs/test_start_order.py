@@ -95,10 +95,10 @@ async def test_replug_identity_and_define_overlap_links_come_up_after_both(agent
     assert rec.seq == [
         # Up to the resume, one after the other, links down before the guest runs.
         "+start", "-start", "+link_down", "-link_down", "+resume", "-resume",
-        # Then at once: the replug, the definition's clean-up, the reset (the agent's first
-        # answer sets the clock: no ping before it).
-        "+replace_nic", "+define", "-define", "+guest-set-time", "-guest-set-time", "+identity_script",
-        "-replace_nic", "-identity_script",
+        # Then at once: the replug, the definition's clean-up, the reset (the clock is set
+        # while the reset script runs).
+        "+replace_nic", "+define", "-define", "+guest-ping", "-guest-ping", "+identity_script",
+        "-replace_nic", "+guest-set-time", "-guest-set-time", "-identity_script",
         # The guest shows its new NIC; only then the links come up, and the network is re-read.
         "+guest-network-get-interfaces", "-guest-network-get-interfaces", "+link_up", "-link_up",
         "+renew", "-renew", "+guest-network-get-interfaces", "-guest-network-get-interfaces",
@@ -112,10 +112,10 @@ async def test_the_result_has_every_phase_of_the_start(agent_env):
     ident = job.result["clones"][0]["identity"]
     phases = ident["phases_ms"]
     assert set(phases) == {"slot_wait", "memory_start", "link_down", "resume", "nic_replug", "define", "host_keys",
-                           "set_time", "host_keys_wait", "identity_script", "nics_seen", "link_up",
+                           "agent_wait", "host_keys_wait", "identity_script", "set_time", "nics_seen", "link_up",
                            "network_renew", "ipv4_wait"}, phases
     assert ident["ready_ms"] >= max(phases.values())
-    assert ident["agent_calls"] == 5  # set-time, reset script, NICs seen, renew, IPv4 seen
+    assert ident["agent_calls"] == 6  # ping, reset script, set-time, NICs seen, renew, IPv4 seen
     assert set(job.result["phases_ms"]) == {"queue", "set_up", "source_ipv4", "stamp", "clones_start", "result",
                                             "hand_over"}
 
@@ -156,12 +156,12 @@ async def test_a_failed_reset_during_the_replug_fails_as_customization_and_never
     assert set(virt.domains) == {"src"}
 
 
-async def test_the_clock_is_set_by_the_first_answer_of_an_agent_that_connects_late(agent_env):
+async def test_an_agent_that_connects_late_is_pinged_until_it_answers(agent_env):
     engine, virt, store, _c = agent_env
     real, tries = virt.agent, []
 
     async def late(name: str, command: str, arguments: Any = None, **kw: Any) -> Any:
-        if name == "l1" and command == "guest-set-time":
+        if name == "l1" and command == "guest-ping":
             tries.append(command)
             if len(tries) < 3:
                 raise LibvirtError("Guest agent is not responding: QEMU guest agent is not connected")
@@ -170,5 +170,5 @@ async def test_the_clock_is_set_by_the_first_answer_of_an_agent_that_connects_la
     virt.agent = late
     job = await run_job(engine, store, name="l1")
     assert job.state is State.UNSTUNNED, job.error
-    assert tries == ["guest-set-time"] * 3
-    assert ("l1", "guest-ping") not in virt.agent_log
+    assert tries == ["guest-ping"] * 3
+    assert [c for n, c in virt.agent_log if n == "l1"][:2] == ["guest-ping", "guest-set-time"]
