@@ -111,6 +111,7 @@ class StunContext:
     memory: MemoryImage | None = None  # the memory backend's image of the source at stun
     memory_cached: bool = False  # the image belongs to a frozen source: not released by the job
     source_ipv4: list[str] | None = None  # guest interfaces with IPv4 at stun; None: unknown
+    source_rsa_host_key: bool | None = None  # whether the source has an RSA SSH host key; None: unknown
     nvram: Path | None = None  # the UEFI variable store clones copy (the source's, or its copy at freeze)
     scratch: dict[str, Any] = field(default_factory=dict)  # a memory backend's notes between its calls
 

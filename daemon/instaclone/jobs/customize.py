@@ -22,23 +22,26 @@ host are in :mod:`.guestscript`; the job result carries each item per clone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable
 from typing import Any
 
-from ..errors import CustomizationFailed, InstacloneError
-from ..hv import Hypervisor
+from ..errors import CustomizationFailed, InstacloneError, LibvirtError
+from ..hv import Hypervisor, guestfiles
 from . import guestscript
 from .guestscript import SSH_KEY_TYPES, make_host_keys
 from .timings import Timings
 
 __all__ = ["AGENT_CHANNEL", "SSH_KEY_TYPES", "CustomizationFailed", "customize", "has_agent", "has_agent_channel",
-           "ipv4_interfaces", "make_host_keys", "renew_network", "run_script", "set_clock",
+           "has_rsa_host_key", "ipv4_interfaces", "make_host_keys", "renew_network", "run_script", "set_clock",
            "wait_agent", "wait_nics"]
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+#: The public half of a guest's RSA SSH host key (the one key type that takes long to make).
+RSA_HOST_KEY = "/etc/ssh/ssh_host_rsa_key.pub"
 #: Pause between pings while a clone's agent is not connected yet (a ping fails at once then).
 AGENT_RETRY_S = 0.05
 #: Longest pause between two looks at the guest's interfaces while waiting for its NICs or IPv4.
@@ -162,6 +165,22 @@ async def ipv4_interfaces(virt: Hypervisor, name: str, *, timeout_s: int = 3,
             continue
         return sorted(n for n, addrs in _ipv4(ifaces).items() if addrs)
     return None
+
+
+async def has_rsa_host_key(virt: Hypervisor, name: str) -> bool | None:
+    """Whether the running guest has an RSA SSH host key (its public half); None if its agent cannot say.
+
+    One or two agent calls (no program run in the guest).
+    """
+    try:
+        handle = await guestfiles.file_open(virt, name, RSA_HOST_KEY, "r")
+    except LibvirtError as exc:
+        return False if guestfiles.guest_errno(exc) == "ENOENT" else None
+    except (InstacloneError, TypeError, ValueError):  # no agent, or an answer that is no handle
+        return None
+    with contextlib.suppress(InstacloneError):
+        await guestfiles.file_close(virt, name, handle)
+    return True
 
 
 async def wait_nics(virt: Hypervisor, name: str, macs: list[str], *, timeout_s: float,

@@ -102,9 +102,17 @@ tick machine_id
 # no old DUID) to read.
 rm -f /run/udhcpc.* /var/lib/dhcp/*.lease* /var/lib/dhclient/*.lease* /run/systemd/netif/leases/* \
       /var/lib/NetworkManager/*.lease /var/lib/NetworkManager/secret_key 2>/dev/null
-# (by name, not by the comm scan: busybox applets can run as "busybox")
-if command -v killall >/dev/null 2>&1; then killall udhcpc dhclient >/dev/null 2>&1
-elif command -v pkill >/dev/null 2>&1; then pkill -x 'udhcpc|dhclient' >/dev/null 2>&1; fi
+# By name (a busybox applet may run as "busybox"), and only when one may run
+# (killall or pkill is a program: 100-400 ms under TCG): looked for now, after
+# the leases went, so that one started since then has none to read.
+clients=0
+for c in /proc/[0-9]*/comm; do
+    read -r n 2>/dev/null < "$c" && case $n in udhcpc|dhclient|busybox) clients=1; break ;; esac
+done
+if [ $clients = 1 ]; then
+    if command -v killall >/dev/null 2>&1; then killall udhcpc dhclient >/dev/null 2>&1
+    elif command -v pkill >/dev/null 2>&1; then pkill -x 'udhcpc|dhclient' >/dev/null 2>&1; fi
+fi
 for i in /sys/class/net/*; do
     i=${i#/sys/class/net/}
     [ "$i" = lo ] || ip -4 addr flush dev "$i" 2>/dev/null
@@ -346,8 +354,9 @@ def parse_results(out: str) -> tuple[dict[str, dict[str, str]], list[str]]:
 SSH_KEY_TYPES = ("rsa", "ecdsa", "ed25519")
 
 
-async def make_host_keys(comment: str) -> dict[str, tuple[bytes, bytes]] | None:
-    """Fresh SSH host key pairs, made on the host: type -> (private key, public key).
+async def make_host_keys(comment: str,
+                         types: tuple[str, ...] = SSH_KEY_TYPES) -> dict[str, tuple[bytes, bytes]] | None:
+    """Fresh SSH host key pairs of ``types``, made on the host: type -> (private key, public key).
 
     The host's generator is not the clone's (which is its source's until
     reseeded) and is fast: under TCG a guest takes 10-40 s for one RSA key.
@@ -358,7 +367,7 @@ async def make_host_keys(comment: str) -> dict[str, tuple[bytes, bytes]] | None:
     procs: list[asyncio.subprocess.Process] = []
     try:
         try:
-            for t in SSH_KEY_TYPES:
+            for t in types:
                 procs.append(await asyncio.create_subprocess_exec(
                     "ssh-keygen", "-q", "-t", t, "-N", "", "-C", comment, "-f", str(tmp / t),
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -366,7 +375,7 @@ async def make_host_keys(comment: str) -> dict[str, tuple[bytes, bytes]] | None:
         except FileNotFoundError:
             return None
         out: dict[str, tuple[bytes, bytes]] = {}
-        for t, proc in zip(SSH_KEY_TYPES, procs, strict=True):
+        for t, proc in zip(types, procs, strict=True):
             _, err = await proc.communicate()
             if proc.returncode != 0:
                 raise CustomizationFailed(f"ssh-keygen -t {t} on the host failed: {err.decode(errors='replace')}")

@@ -311,6 +311,10 @@ async def set_up_run(svc: JobContext, run: Run) -> None:
         t = time.monotonic()
         ctx.source_ipv4 = await customize.ipv4_interfaces(svc.virt, run.source)
         run.phases_ms["source_ipv4"] = _ms_since(t)
+        # Whether the clones need an RSA host key made for them (seconds of host CPU while they start).
+        t = time.monotonic()
+        ctx.source_rsa_host_key = await customize.has_rsa_host_key(svc.virt, run.source)
+        run.phases_ms["source_rsa_key"] = _ms_since(t)
 
 
 class _NoJobLeft(Exception):

@@ -105,8 +105,12 @@ class _Starter:
         if not self.customizing or self.keep_ssh:
             keys.set_result(None)
             return
+        # An RSA key takes a core for about a second here (while the clone's
+        # QEMU starts): made only when the source may have one to replace.
+        types = tuple(k for k in customize.SSH_KEY_TYPES
+                      if k != "rsa" or self.ctx.source_rsa_host_key is not False)
         with t.phase("host_keys"):
-            keys.set_result(await customize.make_host_keys(f"root@{clone.name}"))
+            keys.set_result(await customize.make_host_keys(f"root@{clone.name}", types))
 
     async def _reset_identity(self, clone: CloneTarget, keys: Awaitable[dict[str, tuple[bytes, bytes]] | None],
                               t: Timings) -> dict[str, Any]:

@@ -116,8 +116,8 @@ async def test_the_result_has_every_phase_of_the_start(agent_env):
                            "network_renew", "ipv4_wait"}, phases
     assert ident["ready_ms"] >= max(phases.values())
     assert ident["agent_calls"] == 6  # ping, reset script, set-time, NICs seen, renew, IPv4 seen
-    assert set(job.result["phases_ms"]) == {"queue", "set_up", "source_ipv4", "stamp", "clones_start", "result",
-                                            "hand_over"}
+    assert set(job.result["phases_ms"]) == {"queue", "set_up", "source_ipv4", "source_rsa_key", "stamp",
+                                            "clones_start", "result", "hand_over"}
 
 
 async def test_without_customization_replug_and_define_overlap_and_nothing_asks_the_agent(env):
@@ -172,3 +172,40 @@ async def test_an_agent_that_connects_late_is_pinged_until_it_answers(agent_env)
     assert job.state is State.UNSTUNNED, job.error
     assert tries == ["guest-ping"] * 3
     assert [c for n, c in virt.agent_log if n == "l1"][:2] == ["guest-ping", "guest-set-time"]
+
+
+def key_types(virt: Any, clone: str) -> list[str]:
+    """The SSH host key types the host made for ``clone`` (from the reset script's input)."""
+    (stdin,) = [i for n, a, i in virt.exec_log if n == clone and any("IC-DONE" in x for x in a)]
+    return sorted(line[4:].decode() for line in stdin.split(b"\n") if line.startswith(b"KEY "))
+
+
+@pytest.mark.parametrize(("answer", "want"), [
+    ("absent", ["ecdsa", "ed25519"]),  # no RSA key in the source: none made (a core for a second saved)
+    ("present", ["ecdsa", "ed25519", "rsa"]),
+    ("error", ["ecdsa", "ed25519", "rsa"]),  # the agent cannot say: every type, as before
+])
+async def test_an_rsa_host_key_is_made_only_when_the_source_may_have_one(agent_env, answer, want):
+    engine, virt, store, _c = agent_env
+    real = virt.agent
+
+    async def probe(name: str, command: str, arguments: Any = None, **kw: Any) -> Any:
+        if name == "src" and command == "guest-file-open":
+            assert arguments == {"path": "/etc/ssh/ssh_host_rsa_key.pub", "mode": "r"}
+            if answer == "absent":
+                raise LibvirtError("guest agent guest-file-open: failed to open file "
+                                   "'/etc/ssh/ssh_host_rsa_key.pub' (mode: 'r'): No such file or directory")
+            if answer == "error":
+                raise LibvirtError("guest agent guest-file-open: Permission denied")
+            return 7
+        if name == "src" and command == "guest-file-close":
+            return {}
+        return await real(name, command, arguments, **kw)
+
+    virt.agent = probe
+    job = await run_job(engine, store, name=f"k-{answer}")
+    assert job.state is State.UNSTUNNED, job.error
+    assert key_types(virt, f"k-{answer}") == want
+    # Probed before the stun, on the running source, after its interfaces.
+    src = [c for n, c in virt.agent_log if n == "src"]
+    assert src[:1] == ["guest-network-get-interfaces"], src
