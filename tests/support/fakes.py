@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,12 +242,9 @@ class FakeHypervisor:
         return {}
 
     async def agent_exec(self, name: str, argv: list[str], *, stdin: bytes = b"",
-                         timeout_s: float = 30.0,
-                         meanwhile: Callable[[], Awaitable[object]] | None = None) -> tuple[int, str]:
+                         timeout_s: float = 30.0) -> tuple[int, str]:
         await self._hook("agent_exec", name)
         self.exec_log.append((name, argv, stdin))
-        if meanwhile is not None:  # the program has started
-            await meanwhile()
         if name in self.guests:
             return await self.guests[name].agent_exec(argv)
         if any("IC-DONE" in a for a in argv):  # the identity reset script

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import LibvirtError, LibvirtTimeout
@@ -35,18 +34,12 @@ class Agent(Connection):
         return await self._call(f"guest agent {command} in {name!r}", do, agent=True)
 
     async def agent_exec(self, name: str, argv: list[str], *, stdin: bytes = b"",
-                         timeout_s: float = 30.0,
-                         meanwhile: Callable[[], Awaitable[object]] | None = None) -> tuple[int, str]:
+                         timeout_s: float = 30.0) -> tuple[int, str]:
         """Run ``argv`` in the guest (guest-exec); returns (exit status, stdout+stderr).
 
-        ``meanwhile`` is awaited once the program has started, before its end
-        is waited for (e.g. a slow agent command that need not wait for the
-        program); its error is raised at once, the program left running.
         LibvirtTimeout if it has not finished after ``timeout_s``.
         """
         pid = await guestfiles.exec_start(self, name, argv, input_data=stdin or None, capture=True)
-        if meanwhile is not None:
-            await meanwhile()
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         delay = 0.02

@@ -18,7 +18,6 @@ for sources (named by the user) and for domains the caller just defined.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -108,12 +107,8 @@ class Hypervisor(Protocol):
         """Run one QEMU guest agent command; returns its ``return`` value (decoded JSON)."""
 
     async def agent_exec(self, name: str, argv: list[str], *, stdin: bytes = b"",
-                         timeout_s: float = 30.0,
-                         meanwhile: Callable[[], Awaitable[object]] | None = None) -> tuple[int, str]:
-        """Run ``argv`` in the guest; (exit status, stdout+stderr); LibvirtTimeout after ``timeout_s``.
-
-        ``meanwhile`` is awaited once the program has started, before its end is waited for.
-        """
+                         timeout_s: float = 30.0) -> tuple[int, str]:
+        """Run ``argv`` in the guest; (exit status, stdout+stderr); LibvirtTimeout after ``timeout_s``."""
 
     # -- network interfaces -------------------------------------------------------
 

@@ -4,8 +4,8 @@ A clone made from memory is its source byte for byte: hostname, machine-id,
 SSH host keys, the kernel's random state, DHCP client id and address are the
 source's. While the clone's NICs are still link-down (and may still be being
 replugged), :func:`customize` makes each of them the clone's own and hands
-over the caller's key/value data (``/run/instaclone/config.json``), the
-clock set while its script runs; once the guest shows its new NICs (:func:`wait_nics`) and
+over the caller's key/value data (``/run/instaclone/config.json``), and sets
+its clock; once the guest shows its new NICs (:func:`wait_nics`) and
 the host has brought the links up, :func:`renew_network` re-reads the network
 and waits for IPv4 where the source had it; :func:`run_script` runs the
 user's own customization script.
@@ -35,9 +35,23 @@ from . import guestscript
 from .guestscript import SSH_KEY_TYPES, make_host_keys
 from .timings import Timings
 
-__all__ = ["AGENT_CHANNEL", "SSH_KEY_TYPES", "CustomizationFailed", "customize", "has_agent", "has_agent_channel",
-           "has_rsa_host_key", "ipv4_interfaces", "make_host_keys", "renew_network", "run_script", "set_clock",
-           "wait_agent", "wait_nics"]
+__all__ = [
+    "AGENT_CHANNEL",
+    "SSH_KEY_TYPES",
+    "CustomizationFailed",
+    "clock_offset",
+    "customize",
+    "has_agent",
+    "has_agent_channel",
+    "has_rsa_host_key",
+    "ipv4_interfaces",
+    "make_host_keys",
+    "renew_network",
+    "run_script",
+    "set_clock",
+    "wait_agent",
+    "wait_nics",
+]
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 #: The public half of a guest's RSA SSH host key (the one key type that takes long to make).
@@ -93,13 +107,16 @@ async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[
     lines, computed from the public keys the guest holds afterwards;
     ``guest_ms`` the milliseconds of each step inside the guest.
 
-    Three guest agent calls after the agent answers: the reset script is
-    started, the clock is set while it runs (Debian's agent then runs
-    ``hwclock -w``, which waits for the RTC's next second: up to a second),
-    and the script's end is waited for. It does not need the clone's new
-    NICs: it may run while they are replugged (their links stay down until
-    the caller brings them up, after this returns, so no packet leaves with
-    the source's identity).
+    The clock: the agent's ``guest-get-time`` gives the guest clock's
+    offset from the host's, and the reset script moves the clock by it
+    (GNU ``date -s "now +N seconds"``: a relative move, so the time the
+    script takes to start does not matter). ``guest-set-time`` is used only
+    where that ``date`` is missing (busybox), after the script: Debian's agent
+    runs ``hwclock -w`` for it, which busy-waits for the RTC's next
+    half-second (about 1.5 s of the guest's one vCPU here). It does not need
+    the clone's new NICs: it may run while they are replugged (their links
+    stay down until the caller brings them up, after this returns, so no
+    packet leaves with the source's identity).
     ``host_keys`` (awaited after the clock is set; from
     :func:`.guestscript.make_host_keys`) replace the guest's SSH host keys
     of the same types; a type without one is made in the guest.
@@ -112,22 +129,25 @@ async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[
     with t.phase("host_keys_wait"):
         keys = await host_keys if host_keys is not None else None
 
-    async def set_clock() -> None:
-        with t.phase("set_time"):
-            t.agent_calls += 1
-            await virt.agent(name, "guest-set-time", {"time": time.time_ns()})
-
+    with t.phase("clock_offset"):
+        offset = await clock_offset(virt, name)
+    t.agent_calls += 1
     machine_id = secrets.token_hex(16)
     with t.phase("identity_script"):
         t.agent_calls += 1
         rc, out = await virt.agent_exec(
-            name, ["/bin/sh", "-c", guestscript.identity_script(), "sh", hostname, "1" if keep_ssh_host_keys else "0"],
-            stdin=guestscript.identity_stdin(machine_id, config, keys or {}), timeout_s=timeout_s,
-            meanwhile=set_clock)
+            name, ["/bin/sh", "-c", guestscript.identity_script(), "sh", hostname, "1" if keep_ssh_host_keys else "0",
+                   "" if offset is None else f"{offset / 1e9:+.9f}"],
+            stdin=guestscript.identity_stdin(machine_id, config, keys or {}), timeout_s=timeout_s)
     if rc != 0 or "IC-DONE" not in out:
         raise CustomizationFailed(f"identity reset in {name!r} exited {rc}: {out.strip()[-400:]}")
     items, fingerprints = guestscript.parse_results(out)
-    items = {"clock": {"status": "reset", "detail": "set from the host (guest-set-time)"}, **items}
+    if "clock" not in items:  # no GNU date in the guest
+        with t.phase("set_time"):
+            t.agent_calls += 1
+            await virt.agent(name, "guest-set-time", {"time": time.time_ns()})
+        items["clock"] = {"status": "reset", "detail": "set from the host (guest-set-time)"}
+    items = {"clock": items.pop("clock"), **items}
     return {
         "customized": True,
         "hostname": hostname,
@@ -165,6 +185,22 @@ async def ipv4_interfaces(virt: Hypervisor, name: str, *, timeout_s: int = 3,
             continue
         return sorted(n for n, addrs in _ipv4(ifaces).items() if addrs)
     return None
+
+
+async def clock_offset(virt: Hypervisor, name: str) -> int | None:
+    """Nanoseconds the guest's clock is behind the host's (``guest-get-time``); None if it does not say.
+
+    Off by at most half the call's round trip.
+    """
+    before = time.time_ns()
+    try:
+        guest = await virt.agent(name, "guest-get-time")
+    except InstacloneError:
+        return None
+    after = time.time_ns()
+    if not isinstance(guest, int) or isinstance(guest, bool):
+        return None
+    return (before + after) // 2 - guest
 
 
 async def has_rsa_host_key(virt: Hypervisor, name: str) -> bool | None:

@@ -37,7 +37,8 @@ ioctl($u, 0x40085203, pack("i i", length($d) * 8, length($d)) . $d) or die "RNDA
 ioctl($u, 0x5207, 0) or die "RNDRESEEDCRNG: $!\n";
 """
 
-# $1: new hostname, $2: 1 to keep SSH host keys. stdin, a line each: the
+# $1: new hostname, $2: 1 to keep SSH host keys, $3: seconds to move the
+# clock by ("+1.234567890"; empty: not known). stdin, a line each: the
 # RNG bytes and the seed bytes as printf octal escapes, the new machine-id,
 # the JSON config; then the host-made SSH host keys ("KEY <type>", the
 # private key's lines, "PUB <public key line>") up to "END-KEYS".
@@ -54,6 +55,13 @@ r() { echo "IC-RESULT $1 $2 $3"; }
 # When each step ended, on the guest's clock (a builtin read: no program run).
 tick() { read -r up _ < /proc/uptime; echo "IC-T $1 $up"; }
 tick begin
+# The clock first, by the offset the host measured: relative, so this
+# script's own start-up time does not count. (GNU date; busybox's has no
+# relative -s: the host sets the clock itself when no result says so.)
+if [ -n "${3:-}" ] && date -s "now $3 seconds" >/dev/null 2>&1; then
+    r clock reset "moved by $3 s to the host's clock (its offset through guest-get-time); the RTC is not written"
+fi
+tick clock
 read -r rng; read -r seed; read -r mid; read -r cfg
 mkdir -p /run/instaclone
 printf '%s\n' "$cfg" > /run/instaclone/config.json.tmp &&
@@ -255,7 +263,8 @@ SCRIPT_WRAPPER = ('export IC_CLONE_NAME="$1" IC_SOURCE="$2" IC_JOB_ID="$3"; '
 
 
 def identity_script() -> str:
-    """The identity reset script (``sh -c``; ``$1`` hostname, ``$2`` 1 to keep SSH host keys)."""
+    """The identity reset script (``sh -c``; ``$1`` hostname, ``$2`` 1 to keep SSH host keys, ``$3`` the clock's
+    offset in seconds, signed, or empty)."""
     return _IDENTITY.replace('"$PERL_RESEED"', "'" + _PERL_RESEED.strip() + "'")
 
 

@@ -11,6 +11,7 @@ other would never get there (the wait fails the test, not a clock).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -95,10 +96,12 @@ async def test_replug_identity_and_define_overlap_links_come_up_after_both(agent
     assert rec.seq == [
         # Up to the resume, one after the other, links down before the guest runs.
         "+start", "-start", "+link_down", "-link_down", "+resume", "-resume",
-        # Then at once: the replug, the definition's clean-up, the reset (the clock is set
-        # while the reset script runs).
-        "+replace_nic", "+define", "-define", "+guest-ping", "-guest-ping", "+identity_script",
-        "-replace_nic", "+guest-set-time", "-guest-set-time", "-identity_script",
+        # Then at once: the replug, the definition's clean-up, the reset (the clock's offset
+        # measured for the script to move it by).
+        "+replace_nic", "+define", "-define", "+guest-ping", "-guest-ping", "+guest-get-time", "-guest-get-time",
+        "+identity_script", "-replace_nic", "-identity_script",
+        # The fake's script does not say it moved the clock (as on busybox): the agent sets it.
+        "+guest-set-time", "-guest-set-time",
         # The guest shows its new NIC; only then the links come up, and the network is re-read.
         "+guest-network-get-interfaces", "-guest-network-get-interfaces", "+link_up", "-link_up",
         "+renew", "-renew", "+guest-network-get-interfaces", "-guest-network-get-interfaces",
@@ -112,10 +115,10 @@ async def test_the_result_has_every_phase_of_the_start(agent_env):
     ident = job.result["clones"][0]["identity"]
     phases = ident["phases_ms"]
     assert set(phases) == {"slot_wait", "memory_start", "link_down", "resume", "nic_replug", "define", "host_keys",
-                           "agent_wait", "host_keys_wait", "identity_script", "set_time", "nics_seen", "link_up",
-                           "network_renew", "ipv4_wait"}, phases
+                           "agent_wait", "host_keys_wait", "clock_offset", "identity_script", "set_time",
+                           "nics_seen", "link_up", "network_renew", "ipv4_wait"}, phases
     assert ident["ready_ms"] >= max(phases.values())
-    assert ident["agent_calls"] == 6  # ping, reset script, set-time, NICs seen, renew, IPv4 seen
+    assert ident["agent_calls"] == 7  # ping, get-time, reset script, set-time, NICs seen, renew, IPv4 seen
     assert set(job.result["phases_ms"]) == {"queue", "set_up", "source_ipv4", "source_rsa_key", "stamp",
                                             "clones_start", "result", "hand_over"}
 
@@ -171,7 +174,7 @@ async def test_an_agent_that_connects_late_is_pinged_until_it_answers(agent_env)
     job = await run_job(engine, store, name="l1")
     assert job.state is State.UNSTUNNED, job.error
     assert tries == ["guest-ping"] * 3
-    assert [c for n, c in virt.agent_log if n == "l1"][:2] == ["guest-ping", "guest-set-time"]
+    assert [c for n, c in virt.agent_log if n == "l1"][:2] == ["guest-ping", "guest-get-time"]
 
 
 def key_types(virt: Any, clone: str) -> list[str]:
@@ -209,3 +212,27 @@ async def test_an_rsa_host_key_is_made_only_when_the_source_may_have_one(agent_e
     # Probed before the stun, on the running source, after its interfaces.
     src = [c for n, c in virt.agent_log if n == "src"]
     assert src[:1] == ["guest-network-get-interfaces"], src
+
+
+async def test_the_script_moves_the_clock_by_the_measured_offset_and_the_agent_sets_none(agent_env):
+    engine, virt, store, _c = agent_env
+    real_agent, real_exec = virt.agent, virt.agent_exec
+
+    async def agent(name: str, command: str, arguments: Any = None, **kw: Any) -> Any:
+        if name == "t1" and command == "guest-get-time":
+            return time.time_ns() - 2_000_000_000  # the clone's clock is 2 s behind (its stun, its start)
+        return await real_agent(name, command, arguments, **kw)
+
+    async def agent_exec(name: str, argv: list[str], **kw: Any) -> Any:
+        if name == "t1" and any("IC-DONE" in a for a in argv):  # GNU date in the guest moved it
+            return 0, f"IC-RESULT clock reset moved by {argv[-1]} s\nIC-DONE\n"
+        return await real_exec(name, argv, **kw)
+
+    virt.agent, virt.agent_exec = agent, agent_exec
+    job = await run_job(engine, store, name="t1")
+    assert job.state is State.UNSTUNNED, job.error
+    ident = job.result["clones"][0]["identity"]
+    moved = float(ident["reset"]["clock"]["detail"].split()[2])
+    assert 1.9 < moved < 2.5, moved  # "+2.0..." seconds, measured around the call
+    assert ("t1", "guest-set-time") not in virt.agent_log
+    assert next(iter(ident["reset"])) == "clock" and "set_time" not in ident["phases_ms"]
