@@ -2,13 +2,12 @@
 
 A clone made from memory is its source byte for byte: hostname, machine-id,
 SSH host keys, the kernel's random state, DHCP client id and address are the
-source's. While the clone's NICs are still link-down (and may still be being
-replugged), :func:`customize` makes each of them the clone's own and hands
-over the caller's key/value data (``/run/instaclone/config.json``), and sets
-its clock; once the guest shows its new NICs (:func:`wait_nics`) and
-the host has brought the links up, :func:`renew_network` re-reads the network
-and waits for IPv4 where the source had it; :func:`run_script` runs the
-user's own customization script.
+source's. While the clone's NICs are still link-down, :func:`customize`
+makes each of them the clone's own, sets its clock and hands over the
+caller's key/value data (``/run/instaclone/config.json``); after the host
+brings the links up, :func:`renew_network` re-reads the network and waits
+for IPv4 where the source had it; :func:`run_script` runs the user's own
+customization script.
 
 Every secret is made *after* the guest's kernel random generator has been
 given fresh host entropy and forced to reseed: until then a clone's RNG is
@@ -96,7 +95,7 @@ async def wait_agent(virt: Hypervisor, name: str, timeout_s: float, timings: Tim
 async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[str, str],
                     timeout_s: float, keep_ssh_host_keys: bool = False,
                     host_keys: Awaitable[dict[str, tuple[bytes, bytes]] | None] | None = None,
-                    timings: Timings | None = None) -> dict[str, Any]:
+                    macs: list[str] | None = None, timings: Timings | None = None) -> dict[str, Any]:
     """Make the clone's identity its own; its links must still be down.
 
     Returns what was reset: ``reset`` maps each item (clock, kernel_rng,
@@ -113,25 +112,27 @@ async def customize(virt: Hypervisor, name: str, *, hostname: str, config: dict[
     script takes to start does not matter). ``guest-set-time`` is used only
     where that ``date`` is missing (busybox), after the script: Debian's agent
     runs ``hwclock -w`` for it, which busy-waits for the RTC's next
-    half-second (about 1.5 s of the guest's one vCPU here). It does not need
-    the clone's new NICs: it may run while they are replugged (their links
-    stay down until the caller brings them up, after this returns, so no
-    packet leaves with the source's identity).
-    ``host_keys`` (awaited after the clock is set; from
+    half-second (about 1.5 s of the guest's one vCPU here).
+
+    With ``macs`` (the replugged NICs) it first waits until the guest has
+    them all: a hot-plugged NIC appears in the guest a while after the plug.
+    ``host_keys`` (awaited once the agent answers; from
     :func:`.guestscript.make_host_keys`) replace the guest's SSH host keys
     of the same types; a type without one is made in the guest.
-    Raises CustomizationFailed if the agent does not answer or the reset
-    script fails. ``timings`` gets each step's milliseconds.
+    Raises CustomizationFailed if the agent does not answer, a NIC does not
+    appear or the reset script fails. ``timings`` gets each step's milliseconds.
     """
     t = timings or Timings()
     with t.phase("agent_wait"):
         await wait_agent(virt, name, timeout_s, t)
     with t.phase("host_keys_wait"):
         keys = await host_keys if host_keys is not None else None
-
     with t.phase("clock_offset"):
+        t.agent_calls += 1
         offset = await clock_offset(virt, name)
-    t.agent_calls += 1
+    if macs:
+        with t.phase("nics_seen"):
+            await wait_nics(virt, name, macs, timeout_s=timeout_s, timings=t)
     machine_id = secrets.token_hex(16)
     with t.phase("identity_script"):
         t.agent_calls += 1

@@ -104,10 +104,10 @@ tick machine_id
 # ones until restarted; NetworkManager keeps its DUID in lease files and
 # secret_key; dhclient in its lease file's default-duid). journald writes
 # under the new machine-id only once restarted. The restarts run meanwhile.
-# The leases go before the clients are stopped: the new NIC may be plugged
-# while this runs, and a client its hot-plug starts (ifupdown's dhclient)
-# either starts before the stop and is stopped, or finds no old lease (and
-# no old DUID) to read.
+# The leases go before the clients are stopped: the guest may still be
+# handling the new NIC's hot-plug, and a client that starts (ifupdown's
+# dhclient) either starts before the stop and is stopped, or finds no old
+# lease (and no old DUID) to read.
 rm -f /run/udhcpc.* /var/lib/dhcp/*.lease* /var/lib/dhclient/*.lease* /run/systemd/netif/leases/* \
       /var/lib/NetworkManager/*.lease /var/lib/NetworkManager/secret_key 2>/dev/null
 # By name (a busybox applet may run as "busybox"), and only when one may run

@@ -44,11 +44,16 @@ class _Starter:
     async def start(self, clone: CloneTarget, slots: asyncio.Semaphore) -> None:
         """Start ``clone``; when this returns it is ready: running, its identity reset, its network up.
 
-        After the resume, three things run at once (each waits on the guest
-        or on libvirt, not on the others): the NIC replug, the identity reset
-        (links down meanwhile) and the persistent definition's clean-up; the
-        links come up only once both the replug and the reset are done. The
-        SSH host keys are made on the host from the start.
+        After the resume the NIC replug runs while the persistent
+        definition is cleaned up (host work only); then the identity reset
+        (links still down), then the links come up and the network is
+        re-read. The SSH host keys are made on the host from the start.
+
+        The replug and the reset are not run at once: both are work of the
+        guest's vCPU (ACPI hot-unplug, udev and the network daemon reacting to
+        the new NIC; the reset script's programs), and under TCG with one vCPU
+        running them side by side took longer than one after the other
+        (docs/design/benchmarks.md, "Clone ready time, per phase").
         """
         t = Timings(clone.phases_ms)
         with t.phase("slot_wait"):
@@ -76,13 +81,11 @@ class _Starter:
                     await virt.set_link(clone.name, mac, up=False)
         with t.phase("resume"):
             await virt.resume(clone.name)
+        await all_or_first_error(self._replug(clone, t), self._define(clone, t))
         if not self.customizing:
-            await all_or_first_error(self._replug(clone, t), self._define(clone, t))
             clone.identity = {"customized": False, "reason": self.why_not}
             return
-        identity = (await all_or_first_error(
-            self._replug(clone, t), self._define(clone, t), self._reset_identity(clone, keys, t)))[2]
-        clone.identity = identity
+        clone.identity = await self._reset_identity(clone, keys, t)
         await _customizing(clone, self._network(clone, t))
 
     async def _replug(self, clone: CloneTarget, t: Timings) -> None:
@@ -117,14 +120,11 @@ class _Starter:
         return await _customizing(clone, customize.customize(
             self.svc.virt, clone.name, hostname=clone.name, config=dict(self.job.spec.config),
             timeout_s=self.svc.config.clone.customize_timeout_s, keep_ssh_host_keys=self.keep_ssh,
-            host_keys=keys, timings=t))
+            host_keys=keys, macs=[] if self.keep_network else clone.macs, timings=t))
 
     async def _network(self, clone: CloneTarget, t: Timings) -> None:
         """The links come up (the guest has its new NICs and its new identity), then the network is re-read."""
         virt, timeout = self.svc.virt, self.svc.config.clone.customize_timeout_s
-        if not self.keep_network and clone.macs:
-            with t.phase("nics_seen"):
-                await customize.wait_nics(virt, clone.name, clone.macs, timeout_s=timeout, timings=t)
         with t.phase("link_up"):
             for mac in clone.macs:
                 await virt.set_link(clone.name, mac, up=True)

@@ -1,11 +1,11 @@
 """The order of a clone's start (fake hypervisor): what overlaps, what waits for what.
 
-After the resume the NIC replug, the identity reset and the definition's
-clean-up run at once; the links come up only after both the replug and the
-reset; the network is re-read after that. Each test records the calls of one
-clone as ``+what`` when a call begins and ``-what`` when it ends, and holds
-one call open until another has begun: a start that ran them one after the
-other would never get there (the wait fails the test, not a clock).
+After the resume the NIC replug runs while the definition is cleaned up;
+then the identity reset, then the links come up and the network is re-read.
+Each test records the calls of one clone as ``+what`` when a call begins and
+``-what`` when it ends, and may hold one call open until another has begun:
+a start that ran them one after the other would never get there (the wait
+fails the test, not a clock).
 """
 
 from __future__ import annotations
@@ -84,27 +84,27 @@ class Recorder:
         return self.seq.index(mark)
 
 
-async def test_replug_identity_and_define_overlap_links_come_up_after_both(agent_env):
+async def test_replug_and_define_overlap_then_the_reset_then_the_links(agent_env):
     engine, virt, store, _c = agent_env
     rec = Recorder(virt, "o1")
-    # The replug ends only once the reset script has begun, the reset script only once the
-    # definition's clean-up has begun: in one sequence, neither could. (SSH host keys kept:
-    # no ssh-keygen on the host, whose time would move the sequence.)
-    rec.hold = {"replace_nic": "identity_script", "identity_script": "define"}
+    # The replug ends only once the definition's clean-up has begun: in one sequence it could not.
+    # (SSH host keys kept: no ssh-keygen on the host, whose time would move the sequence.)
+    rec.hold = {"replace_nic": "define"}
     job = await run_job(engine, store, name="o1", keep_ssh_host_keys=True)
     assert job.state is State.UNSTUNNED, job.error
     assert rec.seq == [
         # Up to the resume, one after the other, links down before the guest runs.
         "+start", "-start", "+link_down", "-link_down", "+resume", "-resume",
-        # Then at once: the replug, the definition's clean-up, the reset (the clock's offset
-        # measured for the script to move it by).
-        "+replace_nic", "+define", "-define", "+guest-ping", "-guest-ping", "+guest-get-time", "-guest-get-time",
-        "+identity_script", "-replace_nic", "-identity_script",
+        # The replug while the definition is cleaned up (host work only).
+        "+replace_nic", "+define", "-define", "-replace_nic",
+        # Then the reset: the agent answers, the clock's offset is measured, the guest
+        # shows its new NIC, the script runs.
+        "+guest-ping", "-guest-ping", "+guest-get-time", "-guest-get-time",
+        "+guest-network-get-interfaces", "-guest-network-get-interfaces", "+identity_script", "-identity_script",
         # The fake's script does not say it moved the clock (as on busybox): the agent sets it.
         "+guest-set-time", "-guest-set-time",
-        # The guest shows its new NIC; only then the links come up, and the network is re-read.
-        "+guest-network-get-interfaces", "-guest-network-get-interfaces", "+link_up", "-link_up",
-        "+renew", "-renew", "+guest-network-get-interfaces", "-guest-network-get-interfaces",
+        # Only then the links come up, and the network is re-read.
+        "+link_up", "-link_up", "+renew", "-renew", "+guest-network-get-interfaces", "-guest-network-get-interfaces",
     ], rec.seq
 
 
@@ -135,22 +135,21 @@ async def test_without_customization_replug_and_define_overlap_and_nothing_asks_
     assert ident["customized"] is False and {"nic_replug", "define"} <= set(ident["phases_ms"])
 
 
-async def test_a_failed_replug_during_the_reset_removes_the_clone_and_never_brings_links_up(agent_env):
+async def test_a_failed_replug_removes_the_clone_and_nothing_asks_its_agent(agent_env):
     engine, virt, store, _c = agent_env
     rec = Recorder(virt, "f1")
-    rec.hold = {"replace_nic": "identity_script"}
+    rec.hold = {"replace_nic": "define"}
     rec.fail = {"replace_nic": LibvirtError("the guest refused to release its NIC")}
     job = await run_job(engine, store, name="f1")
     assert job.state is State.FAILED
     assert "refused to release" in job.error["message"] and job.error["code"] != "customization_failed", job.error
-    assert "+link_up" not in rec.seq and "+renew" not in rec.seq, rec.seq
+    assert not [s for s in rec.seq if s.startswith("+guest-") or s in ("+identity_script", "+link_up")], rec.seq
     assert set(virt.domains) == {"src"}
 
 
-async def test_a_failed_reset_during_the_replug_fails_as_customization_and_never_brings_links_up(agent_env):
+async def test_a_failed_reset_fails_as_customization_and_never_brings_links_up(agent_env):
     engine, virt, store, _c = agent_env
     rec = Recorder(virt, "f2")
-    rec.hold = {"identity_script": "replace_nic"}
     rec.fail = {"identity_script": LibvirtError("guest-exec failed")}
     job = await run_job(engine, store, name="f2")
     assert job.state is State.FAILED
