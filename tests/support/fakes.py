@@ -272,15 +272,22 @@ class FakeHypervisor:
         return self.qemu
 
     async def save_state(self, name: str, path: Path, *, ignore_shared: bool = False,
-                         timeout_s: float = 120.0) -> dict[str, Any]:
+                         mapped_ram_channels: int = 0, timeout_s: float = 120.0) -> dict[str, Any]:
         await self._hook("save_state", name)
-        path.write_bytes(b"state")
+        if mapped_ram_channels and not self.qemu.mapped_ram:
+            raise LibvirtError(f"the mapped-ram format needs QEMU 9.0 or later; this domain runs QEMU {self.qemu.text}")
+        # The header says how it was written: a load must say the same.
+        path.write_bytes(f"state mapped-ram={mapped_ram_channels}".encode())
         return {}
 
     async def load_state(self, name: str, path: Path, *, ignore_shared: bool = False,
-                         timeout_s: float = 120.0) -> None:
+                         mapped_ram_channels: int = 0, timeout_s: float = 120.0) -> None:
         await self._hook("load_state", name)
         assert path.exists()
+        header = path.read_bytes()
+        if header.startswith(b"state mapped-ram=") and header != f"state mapped-ram={mapped_ram_channels}".encode():
+            raise LibvirtError(f"load of {path} with mapped_ram_channels={mapped_ram_channels}: it was saved as "
+                               f"{header.decode()!r}")
 
     async def migrate_live(self, name: str, target: str, *, downtime_ms: int, auto_converge: bool = True) -> None:
         await self._hook("migrate_live", name)
