@@ -405,7 +405,7 @@ async def fake_world(tmp_path: Path, **sections: Any) -> tuple[Any, Any, FakeHyp
     """(config, open journal, fake hypervisor with a running source "src") under ``tmp_path``.
 
     ``sections`` replace fields per config section, e.g. ``clone={"max_count": 2}``
-    (``qcow2=`` and ``filecow=``: the backends' sections); the caller closes the journal.
+    (``qcow2=``, ``filecow=`` and ``saverestore=``: the backends' sections); the caller closes the journal.
     """
     from dataclasses import replace
 
@@ -413,8 +413,10 @@ async def fake_world(tmp_path: Path, **sections: Any) -> tuple[Any, Any, FakeHyp
     from instaclone.store import Store
     from instaclone_plugins.filecow import FileCowSettings
     from instaclone_plugins.qcow2 import Qcow2Settings
+    from instaclone_plugins.saverestore import SaveRestoreSettings
 
-    backends = {"qcow2": ("storage.qcow2", Qcow2Settings), "filecow": ("memory.filecow", FileCowSettings)}
+    backends = {"qcow2": ("storage.qcow2", Qcow2Settings), "filecow": ("memory.filecow", FileCowSettings),
+                "saverestore": ("memory.saverestore", SaveRestoreSettings)}
     c = cfg.Config()
     c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "state"))
     for name, changes in sections.items():
