@@ -56,7 +56,9 @@ def _wait_migration(dom: lv.Domain, what: str, timeout_s: float, cancel: threadi
                 raise LibvirtError(f"{what} was cancelled")
             raise LibvirtTimeout(f"{what} did not finish within {timeout_s:g} s (status {status})")
         cancel.wait(delay)
-        delay = min(delay * 2, 0.05)
+        # A device-state save or load takes 10-50 ms: a look every 20 ms at
+        # most keeps the wait from adding much to it.
+        delay = min(delay * 2, 0.02)
 
 
 def _set_caps(dom: lv.Domain, ignore_shared: bool, *, pause_before_switchover: bool = False,
@@ -138,8 +140,32 @@ IN_FLIGHT = ("setup", "active", "pre-switchover", "device", "postcopy-active", "
              "postcopy-recover", "wait-unplug", "cancelling")
 
 
+#: QEMU processes whose facts are remembered (a start gives a domain a new ID: a new entry).
+FACTS_KEPT = 512
+
+
 class Migration(Connection):
     """RAM file lookup, save and load of a domain's migration stream."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: (UUID, domain ID) -> what that QEMU process said of itself
+        self._facts_seen: dict[tuple[str, int], QemuFacts] = {}
+
+    def _facts_of(self, dom: lv.Domain) -> QemuFacts:
+        """``dom``'s QEMU facts, asked once per QEMU process: every save and load needs them, inside the stun.
+
+        A running domain's ID is its QEMU process's (libvirt gives every start
+        a new one; ``ID()`` and ``UUIDString()`` cost no round trip).
+        """
+        key = (dom.UUIDString(), dom.ID())
+        facts = self._facts_seen.get(key)
+        if facts is None:
+            facts = _facts(dom)
+            if len(self._facts_seen) >= FACTS_KEPT:
+                self._facts_seen.clear()
+            self._facts_seen[key] = facts
+        return facts
 
     async def ram_file(self, name: str, alias: str = "pc.ram") -> tuple[Path, bool] | None:
         """(path, shared) of the file behind the domain's RAM backend, or None if not file-backed."""
@@ -158,7 +184,7 @@ class Migration(Connection):
     async def qemu_facts(self, name: str) -> QemuFacts:
         """The active domain's QEMU version and accelerator (QMP ``query-version``, ``query-kvm``)."""
 
-        return await self._call(f"QEMU version of {name!r}", lambda: _facts(self._dom(name)))
+        return await self._call(f"QEMU version of {name!r}", lambda: self._facts_of(self._dom(name)))
 
     async def save_state(self, name: str, path: Path, *, ignore_shared: bool = False,
                          mapped_ram_channels: int = 0, timeout_s: float = 120.0) -> dict[str, Any]:
@@ -182,7 +208,7 @@ class Migration(Connection):
                 raise DomainStateInvalid(
                     f"{name!r} was already captured during this pause (it was paused by its owner and "
                     "cloned before); resume it, or freeze it with 'instaclone freeze' to clone it repeatedly")
-            facts = _facts(dom)
+            facts = self._facts_of(dom)
             _file_caps(dom, facts, ignore_shared, mapped_ram_channels)
             try:
                 # Never through a link (the directory is root's; issue 21).
@@ -214,7 +240,7 @@ class Migration(Connection):
 
         def do() -> None:
             dom = self._dom(name)
-            facts = _facts(dom)
+            facts = self._facts_of(dom)
             _file_caps(dom, facts, ignore_shared, mapped_ram_channels)
             try:
                 try:

@@ -71,3 +71,30 @@ def test_older_qemus_never_hear_of_mapped_ram(monitor) -> None:
     assert "mapped-ram" not in caps(monitor) and "multifd" not in caps(monitor)
     with pytest.raises(LibvirtError, match=r"needs QEMU 9\.0"):
         migration._file_caps(object(), MID, False, 4)
+
+
+class Dom:
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
+
+    def UUIDString(self) -> str:  # noqa: N802
+        return "00000000-0000-0000-0000-0000000000aa"
+
+    def ID(self) -> int:  # noqa: N802
+        return self.ident
+
+
+def test_facts_are_asked_once_per_qemu_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+
+    def qmp(dom: object, command: str, arguments: object = None, files: object = None) -> Any:
+        asked.append(command)
+        return {"qemu": {"major": 10, "minor": 0, "micro": 2}} if command == "query-version" else {"enabled": False}
+
+    monkeypatch.setattr(migration, "qmp", qmp)
+    hv = migration.Migration.__new__(migration.Migration)
+    hv._facts_seen = {}
+    assert hv._facts_of(Dom(5)) == NEW and hv._facts_of(Dom(5)) == NEW
+    assert asked == ["query-version", "query-kvm"]
+    hv._facts_of(Dom(6))  # restarted: another QEMU, perhaps another emulator
+    assert len(asked) == 4
