@@ -94,6 +94,21 @@ class Shadow:
     verified: Verified | None = None
     qemu: QemuFacts | None = None  # the source's QEMU, which decided the verification
     verify_reason: str = ""
+    #: time.monotonic() as the switchover went: attached (the source's deltas), completed, verified, resumed
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def stun_parts(self) -> dict[str, float]:
+        """Where the stun went, in ms: until the deltas were attached (from the last look that found the
+        source running: its stop, QEMU's last copy of dirty pages, the disk snapshot), the migration's
+        completion (device state), the verification, the resume."""
+        if self.precopy is None or "resumed" not in self.marks:
+            return {}
+        points = [("attach", "attached"), ("complete", "completed"), ("verify", "verified"), ("resume", "resumed")]
+        out, last = {}, self.precopy.last_running
+        for label, key in points:
+            out[label] = round((self.marks[key] - last) * 1000, 1)
+            last = self.marks[key]
+        return out
 
     def report(self) -> dict[str, Any]:
         """What the job result shows of the pre-copy."""
@@ -105,6 +120,7 @@ class Shadow:
             "dirty_sync_count": ram.get("dirty-sync-count"),
             "throttle_pct": (self.precopy.stats.get("cpu-throttle-percentage") if self.precopy else None) or 0,
             "qemu_downtime_ms": self.final.stats.get("downtime") if self.final else None,
+            "stun_parts_ms": self.stun_parts(),
             "verified": v is not None,
             "verify_reason": self.verify_reason,
             **({"qemu": self.qemu.text, "accel": self.qemu.accel} if self.qemu is not None else {}),

@@ -241,9 +241,12 @@ class FileCowMemory(MemoryBackend):
         shadow = _shadow.shadow_of(ctx)
         if shadow is None:
             return False
+        marks = shadow.marks
+        marks["attached"] = time.monotonic()  # the source's deltas
         await self.virt.continue_migration(ctx.source.name)
         shadow.final = await self.virt.wait_migration(ctx.source.name, until=("completed",),
                                                       timeout_s=self.config.clone.step_timeout_s)
+        marks["completed"] = time.monotonic()
         if shadow.ram is not None:
             # The source is still stopped (QEMU stopped it at switchover and
             # only our resume lets it run): its RAM file is the truth.
@@ -260,7 +263,9 @@ class FileCowMemory(MemoryBackend):
                 log.info("filecow.precopy_repaired", source=ctx.source.name, job_id=ctx.job_id,
                             pages=shadow.verified.repaired_pages, ms=round(shadow.verified.seconds * 1000, 1),
                             at=[hex(off) for off in sorted(shadow.verified.repaired_at)])
+        marks["verified"] = time.monotonic()
         await self.virt.resume(ctx.source.name)
+        marks["resumed"] = time.monotonic()
         return True
 
     async def _map_rams(self, source: str, shadow: _shadow.Shadow) -> None:
