@@ -438,11 +438,13 @@ async def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
             emit({"mode": mode, **results["modes"][mode]})
         if not b.daemons:
             return
-        busy = [f"{tag}-busy{i}" for i in range(1, args.busy + 1)]
-        for name in busy:
+        # Booted once; a level runs the first N of them and keeps the others paused (no CPU, no writes).
+        all_busy = [f"{tag}-busy{i}" for i in range(1, max(args.busy) + 1)]
+        for name in all_busy:
             await b.boot(name, BUSY_MIB, shared=False)
             await b.start_busy(name)
-        emit({"busy_guests": busy})
+            await virt.suspend(name)
+        emit({"busy_guests": all_busy})
         for case in args.cases:
             src = f"{tag}-src-{case.ram_mib}-{case.used_mib}"
             row: dict[str, Any] = {"modes": {}}
@@ -454,14 +456,20 @@ async def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
             emit({"case": case.label, "boot_s": row["boot_s"], **row["fill"]})
             alloc = row["fill"]["ram_file_allocated_mib"] or case.used_mib
             est = max(alloc, case.used_mib) + CLONE_OVERHEAD_MIB
-            for mode, d in b.daemons.items():
-                iters = {n: await b.busy_iterations(n) for n in busy}
-                r: dict[str, Any] = {}
-                row["modes"][mode] = r  # filled as it goes: an interrupted run still reports its jobs
-                await b.run_mode(case, mode, d, src, est, r)
-                after = {n: await b.busy_iterations(n) for n in busy}
-                r["busy_iterations"] = {n: busy_delta(iters[n], after[n]) for n in busy}
-                emit({"case": case.label, "mode": mode, "summary": summarize(r)})
+            for level in args.busy:
+                busy = all_busy[:level]
+                for name in all_busy:
+                    if (name in busy) != (await virt.state(name) == "running"):
+                        await (virt.resume(name) if name in busy else virt.suspend(name))
+                for mode, d in b.daemons.items():
+                    iters = {n: await b.busy_iterations(n) for n in busy}
+                    r: dict[str, Any] = {"busy": level}
+                    # Filled as it goes: an interrupted run still reports its jobs.
+                    row["modes"][mode if len(args.busy) == 1 else f"{mode}, {level} busy"] = r
+                    await b.run_mode(case, mode, d, src, est, r)
+                    after = {n: await b.busy_iterations(n) for n in busy}
+                    r["busy_iterations"] = {n: busy_delta(iters[n], after[n]) for n in busy}
+                    emit({"case": case.label, "mode": mode, "busy": level, "summary": summarize(r)})
             await virt.undefine(src)
             b.domains.remove(src)
     finally:
@@ -513,7 +521,8 @@ def table(res: dict[str, Any]) -> str:
     deadlines = sorted({m["stun_deadline_ms"] for m in res.get("modes", {}).values() if "stun_deadline_ms" in m})
     lines = [
         f"Stun deadline {', '.join(map(str, deadlines)) or '-'} ms. Test guest under "
-        f"{str(res.get('accel', '?')).upper()}, {res.get('busy')} busy 256 MiB guests, "
+        f"{str(res.get('accel', '?')).upper()}, busy 256 MiB guests beside the source: "
+        f"{', '.join(map(str, res.get('busy') or [0]))} (per row), "
         f"{res.get('clones')} consecutive clones per case and mode, each from its own stun of the running source; "
         "stun and ready percentiles by nearest rank over successful jobs.",
         "",
@@ -537,7 +546,7 @@ def table(res: dict[str, Any]) -> str:
                        f"MemAvailable drop {hm['mem_available_drop_mib']} MiB (Shmem +{hm['shmem_growth_mib']}, "
                        f"Cached +{hm['cached_growth_mib']}), clone PSS sum {hm['clone_pss_sum_mib']} MiB")
             p95 = s["stun_ms"]["p95"]
-            target = 100 if not res.get("busy") else 250
+            target = 100 if not r.get("busy", res.get("busy")) else 250
             parts = " / ".join(f"{k} {v:.0f}" for k, v in s["stun_parts_p50_ms"].items() if v is not None) or "-"
             aim = "yes" if (p95 is not None and p95 < target and s["ok"] == s["jobs"] and s["jobs"]
                             and "stun_deadline_exceeded" not in s["failures"]) else "no"
@@ -585,7 +594,9 @@ def main() -> int:
     p.add_argument("--cases", default="1024:256,1024:750,4096:3072", type=parse_cases,
                    help="RAM:used MiB per source guest (default: 1024:256,1024:750,4096:3072)")
     p.add_argument("--clones", type=int, default=20, help="consecutive clones per case and mode")
-    p.add_argument("--busy", type=int, default=3, help="busy 256 MiB guests running during the whole run")
+    p.add_argument("--busy", default=[3], type=lambda s: [int(n) for n in s.split(",") if n],
+                   help="busy 256 MiB guests beside the source; a list (e.g. 0,3) runs every case at each level "
+                   "in turn (default: 3)")
     p.add_argument("--mem-after", type=int, default=10, help="host memory is measured with this many clones alive "
                    "(fewer if they do not fit)")
     p.add_argument("--margin-mib", type=int, default=3072, help="MemAvailable never planned below this")
