@@ -30,9 +30,8 @@ APT_SAY=setup
 # shellcheck source=lib/platform.sh
 . "$repo/scripts/lib/platform.sh"
 
-[ "$(id -u)" = 0 ] || { echo "setup: must run as root (installs packages, starts libvirtd)" >&2; exit 1; }
-
 platform_choose || exit 1
+[ "$(id -u)" = 0 ] || { echo "setup: must run as root (installs packages, starts libvirtd)" >&2; exit 1; }
 say "platform: $PLATFORM_TEXT"
 if [ "$PLATFORM" = stock ]; then
     backported=$(platform_backported)
@@ -51,7 +50,8 @@ if [ "$PLATFORM" = stock ]; then
     fi
 fi
 
-pkgs=(pkg-config busybox-static cpio kmod python3-venv python3 gcc libc6-dev
+pkgs=(pkg-config busybox-static cpio kmod python3-venv python3 python3-dev gcc libc6-dev  # python3-dev: libvirt-python builds
+      procps   # pgrep: which daemons run (a minimal Debian has none)
       systemd   # systemd-analyze verifies the units in the tests; nothing is started
       mmdebstrap e2fsprogs dosfstools mtools fdisk ovmf  # the Debian test guest (build-debian-guest.sh)
       openssh-client  # ssh-keygen: clones' SSH host keys are made on the host

@@ -176,7 +176,11 @@ platform_qemu72() {
     chmod 0755 "$tmp"
     # apt drops root to _apt for downloads; let it write here (else it warns).
     id _apt >/dev/null 2>&1 && chown _apt "$tmp"
-    (cd "$tmp" && apt_retry apt-get download -qq "${want[@]}") || { rm -rf "$tmp"; return 1; }
+    if ! (cd "$tmp" && apt_retry apt-get download -qq "${want[@]}"); then
+        rm -rf "$tmp"
+        PLATFORM_QEMU72="not made: apt-get download ${want[*]} failed"
+        return 1
+    fi
     # The libraries QEMU 7.2 links that QEMU 10 does not (its modules' too).
     for p in $(for f in "$tmp"/*.deb; do dpkg-deb -f "$f" Depends; done | tr ',' '\n' \
                | sed -E 's/\(.*\)//; s/\|.*//; s/[[:space:]]//g' | grep -vE '^(qemu-|seabios$|ipxe-qemu$|$)' \
@@ -184,8 +188,12 @@ platform_qemu72() {
         case $(_platform_status "$p") in "install ok installed "*) ;; *) deps+=("$p") ;; esac
     done
     if [ ${#deps[@]} -gt 0 ]; then
-        DEBIAN_FRONTEND=noninteractive apt_retry apt-get install -y -qq --no-install-recommends "${deps[@]}" \
-            >/dev/null || { rm -rf "$tmp"; return 1; }
+        if ! DEBIAN_FRONTEND=noninteractive apt_retry apt-get install -y -qq --no-install-recommends "${deps[@]}" \
+                >/dev/null; then
+            rm -rf "$tmp"
+            PLATFORM_QEMU72="not made: the libraries it needs (${deps[*]}) did not install"
+            return 1
+        fi
     fi
     new="$dir.new"
     rm -rf "$new"
