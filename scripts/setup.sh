@@ -33,22 +33,8 @@ APT_SAY=setup
 platform_choose || exit 1
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (installs packages, starts libvirtd)" >&2; exit 1; }
 say "platform: $PLATFORM_TEXT"
-if [ "$PLATFORM" = stock ]; then
-    backported=$(platform_backported)
-    if [ -n "$backported" ]; then
-        # Going back is a downgrade of libvirt under its running domains: the
-        # operator's decision, not setup's.
-        {
-            echo "setup: INSTACLONE_PLATFORM=stock, but QEMU and libvirt from bookworm-backports are installed:"
-            echo "$backported" | sed 's/^/    /'
-            echo "setup does not downgrade them. To go back to Debian 12's own QEMU 7.2 and libvirt 9.0,"
-            echo "stop every domain, then run"
-            echo "    $(platform_downgrade_command)"
-            echo "and this setup again (it rebuilds libvirt-python against libvirt 9.0 and restarts libvirtd)."
-        } >&2
-        exit 1
-    fi
-fi
+refusal=$(platform_refusal)
+[ -z "$refusal" ] || { echo "$refusal" >&2; exit 1; }
 
 pkgs=(pkg-config busybox-static cpio kmod python3-venv python3 python3-dev gcc libc6-dev  # python3-dev: libvirt-python builds
       procps   # pgrep: which daemons run (a minimal Debian has none)
@@ -57,32 +43,7 @@ pkgs=(pkg-config busybox-static cpio kmod python3-venv python3 python3-dev gcc l
       openssh-client  # ssh-keygen: clones' SSH host keys are made on the host
       tini  # reaps libvirt's QEMU processes at once where no systemd runs (start-libvirtd.sh)
       zsh)  # the CLI's zsh completion is tried in a real zsh (tests/ops/test_cli_pty.py)
-missing=()
-for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
-done
-mapfile -t platform_missing < <(platform_to_install)
-if [ ${#missing[@]} -gt 0 ] || [ ${#platform_missing[@]} -gt 0 ]; then
-    if [ "$PLATFORM" = backports ] && [ ${#platform_missing[@]} -gt 0 ]; then
-        if platform_backports_source; then
-            say "added the apt source $APT_ETC/sources.list.d/backports.sources (bookworm-backports)"
-        fi
-        if ! platform_backports_lists; then
-            say "apt-get update (no bookworm-backports package list yet)"
-            apt-get update -qq
-            APT_UPDATED=1
-        fi
-    fi
-    mapfile -t platform_args < <(platform_install_args "${platform_missing[@]}")
-    install=("${missing[@]}" "${platform_args[@]}")
-    say "installing ${install[*]}"
-    apt_ensure_lists "${missing[@]}" "${platform_missing[@]}"
-    # Keep a conffile the admin changed (libvirt's qemu.conf, say) without asking.
-    DEBIAN_FRONTEND=noninteractive apt_retry apt-get install -y -qq --no-install-recommends \
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${install[@]}" >/dev/null
-else
-    say "packages present"
-fi
+platform_install -qq --no-install-recommends -- "${pkgs[@]}"
 say "QEMU $(dpkg-query -W -f='${Version}' qemu-system-x86), libvirt $(dpkg-query -W -f='${Version}' libvirt0)"
 # promtool checks config/prometheus/instaclone-alerts.yml in the tests (only
 # the binary, out of Debian's prometheus package: no Prometheus server).

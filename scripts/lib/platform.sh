@@ -15,6 +15,12 @@
 #   platform_choose             PLATFORM=backports|stock|distribution, PLATFORM_RELEASE (12, 13, ...)
 #                               and PLATFORM_TEXT; returns 1 (message on stderr) for an unknown
 #                               INSTACLONE_PLATFORM
+#   platform_refusal            why setup must stop (empty if it need not): the stock platform
+#                               chosen where backports are installed, with the command back
+#   platform_install [APT-OPTION...] -- PKG...
+#                               installs the PKGs dpkg lacks and the platform's packages not
+#                               installed as PLATFORM wants them (adding the backports source and
+#                               fetching its list first where needed); says what it does
 #   platform_to_install         the PLATFORM_PKGS not installed as PLATFORM wants them, one a line
 #   platform_install_args PKG.. PKG/bookworm-backports (backports) or PKG, one a line
 #   platform_backported         "PKG VERSION" of every installed QEMU, libvirt or seabios backport
@@ -67,6 +73,53 @@ platform_choose() {
     fi
 }
 
+platform_refusal() {
+    local backported
+    [ "$PLATFORM" = stock ] || return 0
+    backported=$(platform_backported)
+    [ -n "$backported" ] || return 0
+    # Going back is a downgrade of libvirt under its running domains: the
+    # operator's decision, not a script's.
+    echo "${APT_SAY:-platform}: INSTACLONE_PLATFORM=stock, but QEMU and libvirt from bookworm-backports are installed:"
+    echo "$backported" | sed 's/^/    /'
+    echo "They are not downgraded here. To go back to Debian 12's own QEMU 7.2 and libvirt 9.0,"
+    echo "stop every domain, then run"
+    echo "    $(platform_downgrade_command)"
+    echo "and this script again with INSTACLONE_PLATFORM=stock (it restarts libvirtd and rebuilds"
+    echo "libvirt-python against libvirt 9.0)."
+}
+
+platform_install() {
+    local opts=() p missing=() platform_missing=() platform_args=() install=()
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
+    [ $# -eq 0 ] || shift
+    for p in "$@"; do
+        case $(_platform_status "$p") in "install ok installed"*) ;; *) missing+=("$p") ;; esac
+    done
+    mapfile -t platform_missing < <(platform_to_install)
+    if [ ${#missing[@]} -eq 0 ] && [ ${#platform_missing[@]} -eq 0 ]; then
+        echo "${APT_SAY:-platform}: packages present"
+        return 0
+    fi
+    if [ "$PLATFORM" = backports ] && [ ${#platform_missing[@]} -gt 0 ]; then
+        if platform_backports_source; then
+            echo "${APT_SAY:-platform}: added the apt source $APT_ETC/sources.list.d/backports.sources (bookworm-backports)"
+        fi
+        if ! platform_backports_lists; then
+            echo "${APT_SAY:-platform}: apt-get update (no bookworm-backports package list yet)"
+            apt-get update -qq
+            APT_UPDATED=1
+        fi
+    fi
+    mapfile -t platform_args < <(platform_install_args "${platform_missing[@]}")
+    install=("${missing[@]}" "${platform_args[@]}")
+    echo "${APT_SAY:-platform}: installing ${install[*]}"
+    apt_ensure_lists "${missing[@]}" "${platform_missing[@]}"
+    # Keep a conffile the admin changed (libvirt's qemu.conf, say) without asking.
+    DEBIAN_FRONTEND=noninteractive apt_retry apt-get install -y "${opts[@]}" \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${install[@]}" >/dev/null
+}
+
 # dpkg's "Status Version" of PKG, empty if dpkg does not know it.
 _platform_status() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null || true; }
 
@@ -75,8 +128,8 @@ platform_to_install() {
     for p in "${PLATFORM_PKGS[@]}"; do
         st=$(_platform_status "$p")
         case $st in
-            "install ok installed "*~bpo*) ;;
-            "install ok installed "*) [ "$PLATFORM" != backports ] || echo "$p" ;;
+            "install ok installed"*~bpo*) ;;
+            "install ok installed"*) [ "$PLATFORM" != backports ] || echo "$p" ;;
             *) echo "$p" ;;
         esac
     done
@@ -158,7 +211,8 @@ platform_stale_daemon() {
 }
 
 platform_qemu72() {
-    local dir=$1 pkgs=(qemu-system-x86 qemu-system-common qemu-system-data) want=() p v f tmp new deps=()
+    local dir=$1 pkgs=(qemu-system-x86 qemu-system-common qemu-system-data) want=() p v f tmp new stamp d
+    local deps=() firmware=()
     case $dir in /?*) ;; *) PLATFORM_QEMU72="not made: '$dir' is not an absolute path"; return 1 ;; esac
     for p in "${pkgs[@]}"; do
         v=$(platform_stock_version "$p")
@@ -168,7 +222,9 @@ platform_qemu72() {
                return 1 ;;
         esac
     done
-    if [ -x "$dir/qemu-system-x86_64" ] && [ "$(cat "$dir/.instaclone-packages" 2>/dev/null)" = "${want[*]}" ]; then
+    # What the copy was made from, and how (the wrapper's revision): a change to either makes it again.
+    stamp="${want[*]} wrapper=2"
+    if [ -x "$dir/qemu-system-x86_64" ] && [ "$(cat "$dir/.instaclone-packages" 2>/dev/null)" = "$stamp" ]; then
         PLATFORM_QEMU72="present in $dir (${want[*]})"
         return 0
     fi
@@ -185,7 +241,7 @@ platform_qemu72() {
     for p in $(for f in "$tmp"/*.deb; do dpkg-deb -f "$f" Depends; done | tr ',' '\n' \
                | sed -E 's/\(.*\)//; s/\|.*//; s/[[:space:]]//g' | grep -vE '^(qemu-|seabios$|ipxe-qemu$|$)' \
                | sort -u); do
-        case $(_platform_status "$p") in "install ok installed "*) ;; *) deps+=("$p") ;; esac
+        case $(_platform_status "$p") in "install ok installed"*) ;; *) deps+=("$p") ;; esac
     done
     if [ ${#deps[@]} -gt 0 ]; then
         if ! DEBIAN_FRONTEND=noninteractive apt_retry apt-get install -y -qq --no-install-recommends "${deps[@]}" \
@@ -205,17 +261,24 @@ platform_qemu72() {
         PLATFORM_QEMU72="not made: the unpacked QEMU does not run: $v"
         return 1
     fi
-    # QEMU looks for its modules in QEMU_MODULE_DIR first and for its ROMs in
-    # each -L directory first, then in the system's directories (SeaBIOS and
-    # iPXE, which QEMU 7.2 takes from there as it would when installed).
+    # QEMU finds its modules, ROMs and firmware relative to its own program
+    # (../lib/x86_64-linux-gnu/qemu, ../share/qemu, ../share/seabios, ...):
+    # here that is the unpacked tree, which has its modules and ROMs but not
+    # the firmware of the seabios and ipxe-qemu packages. The wrapper names
+    # its own directories first (QEMU_MODULE_DIR; -L directories are searched
+    # first, in their order), then the system's for each one the tree lacks.
+    while read -r d; do
+        case $d in "$new/usr/bin/../"*) ;; *) continue ;; esac
+        [ -d "$d" ] || [ ! -d "/usr/${d#"$new/usr/bin/../"}" ] || firmware+=("-L /usr/${d#"$new/usr/bin/../"}")
+    done < <("$new/usr/bin/qemu-system-x86_64" -L help 2>/dev/null)
     cat > "$new/qemu-system-x86_64" <<EOF
 #!/bin/sh
 # Debian 12's QEMU 7.2 (${want[*]}), unpacked by scripts/setup.sh.
 export QEMU_MODULE_DIR=$dir/usr/lib/x86_64-linux-gnu/qemu
-exec $dir/usr/bin/qemu-system-x86_64 -L $dir/usr/share/qemu "\$@"
+exec $dir/usr/bin/qemu-system-x86_64 -L $dir/usr/share/qemu ${firmware[*]} "\$@"
 EOF
     chmod 0755 "$new/qemu-system-x86_64"
-    echo "${want[*]}" > "$new/.instaclone-packages"
+    echo "$stamp" > "$new/.instaclone-packages"
     rm -rf "$dir"
     mv "$new" "$dir"
     PLATFORM_QEMU72="made in $dir: $v"

@@ -269,19 +269,19 @@ def test_a_virtlogd_whose_program_was_replaced_is_stale(host: Host) -> None:
 
 
 def test_qemu_7_2_present_is_left_alone(host: Host) -> None:
-    """Made before from the same versions: nothing downloaded. Other versions listed: made again."""
+    """Made before from the same versions the same way: nothing downloaded. Else: made again."""
     d = host.root / "opt" / "qemu-7.2"
     d.mkdir(parents=True)
     (d / "qemu-system-x86_64").write_text("#!/bin/sh\n")
     (d / "qemu-system-x86_64").chmod(0o755)
     want = ("qemu-system-x86=1:7.2+dfsg-7+deb12u18+b3 qemu-system-common=1:7.2+dfsg-7+deb12u18+b3 "
             "qemu-system-data=1:7.2+dfsg-7+deb12u18")
-    (d / ".instaclone-packages").write_text(want + "\n")
+    (d / ".instaclone-packages").write_text(want + " wrapper=2\n")
     r = host.sh(f'platform_qemu72 {d}; echo "$PLATFORM_QEMU72"')
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"present in {d} ({want})" and host.calls() == []
 
-    (d / ".instaclone-packages").write_text("qemu-system-x86=1:7.2+dfsg-7+deb12u15\n")
+    (d / ".instaclone-packages").write_text(want + " wrapper=1\n")
     r = host.sh(f'platform_qemu72 {d} || echo "failed: $PLATFORM_QEMU72"')
     # The fake apt-get download fails (twice: apt_retry updates the lists once): the old copy stays.
     assert r.stdout.strip().startswith("failed"), r.stdout + r.stderr
@@ -295,3 +295,29 @@ def test_qemu_7_2_needs_debian_12_lists(host: Host) -> None:
     assert r.stdout.strip() == "not made: the package lists have no Debian 12 QEMU 7.2 qemu-system-common (none)"
     r = host.sh('platform_qemu72 relative/dir || echo "$PLATFORM_QEMU72"')
     assert r.stdout.strip() == "not made: 'relative/dir' is not an absolute path"
+
+
+def test_install_names_backports_adds_the_source_and_fetches_its_list(host: Host) -> None:
+    """Debian 12 with its own QEMU and libvirt, no backports source, a tool missing: one apt-get install."""
+    host.install({**stock_versions(), "gcc": "4:12.2.0-3"})
+    (host.root / "lists" / "deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages").write_text("")
+    host.fake("apt-cache", f'[ "$1" = madison ] && cat "{host.madison}/$2" 2>/dev/null; '
+                           '[ "$1" = policy ] && printf "%s:\\n  Candidate: 1\\n  Version table:\\n     1 500\\n'
+                           '        500 http://m.example/debian bookworm/main amd64 Packages\\n" "$2"; exit 0')
+    r = host.sh("platform_choose; platform_install -qq --no-install-recommends -- gcc zsh")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        f"t: added the apt source {host.root}/apt/sources.list.d/backports.sources (bookworm-backports)",
+        "t: apt-get update (no bookworm-backports package list yet)",
+        "t: installing zsh " + " ".join(f"{p}/bookworm-backports" for p in PLATFORM_PKGS)]
+    assert host.calls() == [
+        "apt-get update -qq",
+        "apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confdef "
+        "-o Dpkg::Options::=--force-confold zsh " + " ".join(f"{p}/bookworm-backports" for p in PLATFORM_PKGS)]
+
+
+def test_install_with_everything_present_runs_no_apt(host: Host) -> None:
+    host.install({**backport_versions(), "gcc": "4:12.2.0-3"})
+    r = host.sh("platform_choose; platform_install -qq -- gcc")
+    assert r.returncode == 0 and r.stdout == "t: packages present\n", r.stdout + r.stderr
+    assert host.calls() == []
