@@ -4,10 +4,14 @@ On the bookworm-backports platform libvirt 11 runs QEMU 10 by default;
 scripts/setup.sh unpacks Debian 12's QEMU 7.2 beside it, and a domain that
 names it as its ``<emulator>`` runs on it. Each case boots the busybox guest
 on one QEMU, checks what ``qemu_facts()`` reads from that QEMU, and makes a
-clone (filecow, copy mode) that must run on the same QEMU as its source: the
-migration stream of one QEMU version is loaded by the same version. Where
-there is no second QEMU (the stock platform, whose system QEMU is 7.2
-itself) the 7.2 case skips, saying so.
+clone (filecow) that must run on the same QEMU as its source: the migration
+stream of one QEMU version is loaded by the same version. With filecow's
+``source_mode`` "copy" the clone is made the same way on both; with "auto"
+(the default) the job decides from the source's own QEMU: a pre-copy,
+unverified, where that QEMU tracks dirty pages exactly (QEMU 9.0 and later,
+or KVM), a copy where a pre-copy would need verifying inside the stun (TCG
+before 9.0). Where there is no second QEMU (the stock platform, whose
+system QEMU is 7.2 itself) the 7.2 cases skip, saying so.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import pytest
 
 from instaclone import config as cfg
 from instaclone.hv import LibvirtHypervisor as Hypervisor
+from instaclone.hv.records import QemuFacts
 from instaclone_plugins.filecow import FileCowSettings
 from tests.support.guests import devguest
 from tests.support.host import libvirt_ready, qemu_version, second_qemu
@@ -43,23 +48,25 @@ QEMU72, QEMU72_WHY = second_qemu()
 World = tuple[Scratch, Hypervisor, cfg.Config]
 
 
-@pytest.fixture
-async def copy_world() -> AsyncIterator[World]:
-    """A daemon whose filecow backend copies the source's RAM (source_mode="copy", pinned here)."""
+@pytest.fixture(params=["copy", "auto"])
+async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
+    """A daemon whose filecow backend runs with the ``source_mode`` of the parameter."""
     scratch = Scratch()
     virt = Hypervisor()
     await virt.connect()
     before = set(await virt.list_names())
-    config = make_config(scratch).with_section("memory.filecow", FileCowSettings(source_mode="copy"))
+    config = make_config(scratch).with_section("memory.filecow", FileCowSettings(source_mode=request.param))
     daemon = await running_daemon(config)
     try:
         yield scratch, virt, config
     finally:
         await daemon.stop()
         await undefine_new(virt, before, TEST_PREFIXES)
+        shadows = [n for n in set(await virt.list_names()) - before if n.startswith("instaclone-shadow-")]
         await virt.close()
         scratch.cleanup()
     assert_no_qemu_left(scratch)
+    assert not shadows, f"pre-copy shadow domains left behind: {shadows}"
 
 
 def emulator_of(xml: str) -> str:
@@ -72,9 +79,8 @@ def program_of(name: str) -> str:
     return os.readlink(f"/proc/{pid}/exe")
 
 
-async def boot_and_clone(world: World, name: str,
-                         emulator: Path | None) -> tuple[tuple[int, int], str]:
-    """Boot ``name`` on ``emulator``, clone it; checks that hold on any QEMU. (version, accel) of the source."""
+async def boot_and_clone(world: World, name: str, emulator: Path | None) -> QemuFacts:
+    """Boot ``name`` on ``emulator``, clone it; checks that hold on any QEMU. The source's QEMU facts."""
     scratch, virt, config = world
     src = await boot_source(virt, scratch, name, file_backed_ram=True, emulator=emulator)
     boot, _ = devguest.read_counter(src.serial_log) or ("", 0)
@@ -90,7 +96,8 @@ async def boot_and_clone(world: World, name: str,
         assert status == 201, body
     job = body["job"]
     assert job["state"] == "Unstunned", job.get("error")
-    assert job["result"]["memory_backend"] == "filecow" and job["result"]["memory"]["mode"] == "copy", job["result"]
+    assert job["result"]["memory_backend"] == "filecow", job["result"]
+    check_mode(config, facts, job["result"]["memory"])
 
     # The clone runs on its source's QEMU: same <emulator>, same program, same version.
     info = await virt.lookup(clone)
@@ -103,22 +110,35 @@ async def boot_and_clone(world: World, name: str,
     assert b == boot
     await devguest.wait_counter(log, above=n + 1, timeout=60)
     assert await virt.state(name) == "running" and info.state == "running"
-    return facts.version[:2], facts.accel
+    return facts
 
 
-async def test_the_platform_qemu_boots_and_clones(copy_world: World) -> None:
+def check_mode(config: cfg.Config, facts: QemuFacts, memory: dict[str, object]) -> None:
+    """The way filecow kept the source's RAM, as its source_mode and the source's QEMU decide."""
+    mode = config.section("memory.filecow", FileCowSettings).source_mode
+    if mode == "copy":
+        assert memory["mode"] == "copy", memory
+    elif facts.loses_tcg_writes:
+        assert memory["mode"] == "copy", memory
+        assert f"QEMU {facts.text} with TCG can lose guest writes" in str(memory["mode_reason"]), memory
+    elif "fallback" not in memory:  # a pre-copy that did not converge falls back to a copy, saying so
+        assert memory["mode"] == "precopy" and memory["verified"] is False, memory
+        assert "tracks the pages the guest writes exactly" in str(memory["verify_reason"]), memory
+        assert memory["qemu"] == facts.text and memory["accel"] == facts.accel, memory
+
+
+async def test_the_platform_qemu_boots_and_clones(world: World) -> None:
     """The system QEMU: qemu_facts() says its version, and a clone of a guest on it runs on it."""
-    version, _ = await boot_and_clone(copy_world, "ic-pl-sys", None)
-    assert version == qemu_version("qemu-system-x86_64"), version
+    facts = await boot_and_clone(world, "ic-pl-sys", None)
+    assert facts.version[:2] == qemu_version("qemu-system-x86_64"), facts
 
 
 @pytest.mark.skipif(QEMU72 is None, reason=QEMU72_WHY)
-async def test_qemu_7_2_beside_it_boots_and_clones(copy_world: World) -> None:
+async def test_qemu_7_2_beside_it_boots_and_clones(world: World) -> None:
     """Debian 12's QEMU 7.2 under the platform's libvirt: a 7.2 guest is cloned onto 7.2."""
     assert QEMU72 is not None
-    version, accel = await boot_and_clone(copy_world, "ic-pl-72", QEMU72)
-    assert version == (7, 2)
+    facts = await boot_and_clone(world, "ic-pl-72", QEMU72)
+    assert facts.version[:2] == (7, 2)
     # What the daemon decides by: TCG on 7.2 can lose guest writes while migrating.
-    facts = await copy_world[1].qemu_facts("ic-pl-72")
-    assert facts.loses_tcg_writes == (accel == "tcg")
+    assert facts.loses_tcg_writes == (facts.accel == "tcg")
     assert not facts.file_migration and not facts.mapped_ram
