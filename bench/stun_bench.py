@@ -558,9 +558,10 @@ def table(res: dict[str, Any]) -> str:
                          f"{_fmt(s['job_s_p50'], '.2f')} | "
                          f"{_fmt(s['image_mib_median'], 'd')} | {mem} | {_fmt(fill, '.0f')} | {aim} |")
     lines += ["", "*aim*: stun p95 < 100 ms with no busy guest beside the source, < 250 ms with busy guests, and "
-              "every job succeeded (no deadline failure). *pre-copy stun parts*: from the last look that found "
-              "the source running to its new deltas attached, to the migration's end, to the verification's end, "
-              "to the resume. *ready*: from the "
+              "every job succeeded (no deadline failure). *pre-copy stun parts*: `stun_parts_ms` of the job "
+              "results (from the last look that found the source running to the look that found it stopped, the "
+              "steps' bookkeeping, the disk snapshot, the migration's end, the verification, the resume). "
+              "*ready*: from the "
               "request to the clone's first counter line; *job done*: to the job's end (Unstunned: clones "
               "started, customized and registered). *image MiB*: the job's memory image "
               "(`ram_allocated_bytes`), i.e. the RAM copied. *host memory*: MemAvailable's "

@@ -113,6 +113,8 @@ class StunContext:
     source_ipv4: list[str] | None = None  # guest interfaces with IPv4 at stun; None: unknown
     nvram: Path | None = None  # the UEFI variable store clones copy (the source's, or its copy at freeze)
     scratch: dict[str, Any] = field(default_factory=dict)  # a memory backend's notes between its calls
+    #: time.monotonic() when the storage backend was asked for the source's new deltas (0: not yet)
+    source_delta_started: float = 0.0
 
     @property
     def image(self) -> MemoryImage:

@@ -94,16 +94,19 @@ class Shadow:
     verified: Verified | None = None
     qemu: QemuFacts | None = None  # the source's QEMU, which decided the verification
     verify_reason: str = ""
-    #: time.monotonic() as the switchover went: attached (the source's deltas), completed, verified, resumed
+    #: time.monotonic() as the switchover went: seen (the source stopped at switchover), snapshot (the
+    #: storage backend asked for the source's deltas), attached, completed, verified, resumed
     marks: dict[str, float] = field(default_factory=dict)
 
     def stun_parts(self) -> dict[str, float]:
-        """Where the stun went, in ms: until the deltas were attached (from the last look that found the
-        source running: its stop, QEMU's last copy of dirty pages, the disk snapshot), the migration's
-        completion (device state), the verification, the resume."""
+        """Where the stun went, in ms: from the last look that found the source running to the look that
+        found it stopped at switchover (``stop``), the steps' bookkeeping (``journal``), the disk snapshot
+        (``snapshot``), the migration's completion (``complete``: the last dirty pages, the device state),
+        the verification, the resume."""
         if self.precopy is None or "resumed" not in self.marks:
             return {}
-        points = [("attach", "attached"), ("complete", "completed"), ("verify", "verified"), ("resume", "resumed")]
+        points = [("stop", "seen"), ("journal", "snapshot"), ("snapshot", "attached"), ("complete", "completed"),
+                  ("verify", "verified"), ("resume", "resumed")]
         out, last = {}, self.precopy.last_running
         for label, key in points:
             out[label] = round((self.marks[key] - last) * 1000, 1)

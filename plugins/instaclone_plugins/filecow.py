@@ -234,6 +234,7 @@ class FileCowMemory(MemoryBackend):
             log.warning("filecow.precopy_fallback", source=ctx.source.name, job_id=ctx.job_id, error=str(exc))
             return await super().stun(ctx=ctx, record=record)
         shadow.seconds = time.monotonic() - t0
+        shadow.marks["seen"] = time.monotonic()
         return shadow.precopy.last_running
 
     async def switchover(self, *, ctx: StunContext) -> bool:
@@ -242,6 +243,7 @@ class FileCowMemory(MemoryBackend):
         if shadow is None:
             return False
         marks = shadow.marks
+        marks["snapshot"] = ctx.source_delta_started or marks["seen"]
         marks["attached"] = time.monotonic()  # the source's deltas
         await self.virt.continue_migration(ctx.source.name)
         shadow.final = await self.virt.wait_migration(ctx.source.name, until=("completed",),

@@ -149,6 +149,7 @@ async def source_delta(svc: JobContext, run: Run) -> None:
         ctx.tops = {d.target: d.path for d in ctx.source.disks if not d.readonly}
         return
     record = svc.ledger.recorder(run.id, owner=svc.storage.name)
+    ctx.source_delta_started = time.monotonic()
     ctx.tops = await svc.storage.create_source_delta(ctx=ctx, record=record)
     if run.stunned and await run.memory.switchover(ctx=ctx):
         await end_stun(svc, run)
