@@ -211,8 +211,11 @@ class FakeHypervisor:
             await self.undefine(name)
         return outcome
 
-    async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
+    async def snapshot_disks(self, name: str, overlays: dict[str, Path], *, reuse: bool = False) -> None:
         await self._hook("snapshot_disks", name)
+        if reuse:
+            missing = [str(p) for p in overlays.values() if not p.exists()]
+            assert not missing, f"reused overlays must exist: {missing}"
         d = self._get(name)
         root = ET.fromstring(d.xml)
         for disk in root.iterfind("./devices/disk"):

@@ -97,8 +97,13 @@ class Hypervisor(Protocol):
         the domain is refused on REPLACED.
         """
 
-    async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
-        """External disk-only snapshot: disk target -> its new overlay file (no metadata kept)."""
+    async def snapshot_disks(self, name: str, overlays: dict[str, Path], *, reuse: bool = False) -> None:
+        """External disk-only snapshot: disk target -> its new overlay file (no metadata kept).
+
+        ``reuse``: the overlays exist already (made outside the stun, backed by
+        the current tops, with their formats named) and are attached as they
+        are; otherwise libvirt creates them inside the call.
+        """
 
     # -- guest agent --------------------------------------------------------------
 
