@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     class Domain:
         def name(self) -> str: ...
         def UUIDString(self) -> str: ...  # noqa: N802
+        def ID(self) -> int: ...  # noqa: N802
         def state(self, flags: int = 0) -> list[int]: ...
         def isActive(self) -> int: ...  # noqa: N802
         def XMLDesc(self, flags: int = 0) -> str: ...  # noqa: N802
