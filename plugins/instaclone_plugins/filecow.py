@@ -122,9 +122,11 @@ class FileCowSettings:
         "\"respawn\": the source's QEMU is restarted as a private child of the frozen file (no copy, but a QEMU "
         "restart inside the stun, and later clones of that source use the next backend of "
         "clone.memory_backends)."))
-    precopy_downtime_ms: int = setting(30, min=1, max=10_000, help=(
+    precopy_downtime_ms: int = setting(10, min=1, max=10_000, help=(
         "QEMU's downtime-limit for the pre-copy: the longest final copy (RAM still dirty plus device state) it "
-        "plans for at switchover."))
+        "plans for at switchover. 10 ms gave the shortest stuns here (a 1 GiB guest with 750 MiB in use beside "
+        "three busy guests, TCG: p50 112 ms against 131 ms at 30 and 140 ms at 100), converging in 3-5 passes "
+        "without throttling."))
     precopy_verify: str = setting("auto", choices=("auto", "always", "never"), help=(
         "Whether a pre-copy is compared page by page with the stopped source before the source runs again (a "
         "step inside the stun whose time grows with the RAM in use):\n"
