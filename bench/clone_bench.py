@@ -7,9 +7,15 @@ For each guest RAM size it boots a source (file-backed shared RAM, with
 for each way of getting a warm VM:
 
 * cold boot: define + start a fresh guest until its first counter line;
-* saverestore: full RAM through the migration stream;
+* saverestore: full RAM through the migration stream (mapped-ram with
+  parallel channels where QEMU has it);
 * filecow (running source, copy mode), filecow (running source, respawn mode),
-  filecow (frozen source).
+  filecow (frozen source);
+* what plain libvirt gives without instaclone: the source saved to a file and
+  restored from it (``virDomainSaveParams``/``virDomainRestoreParams``), in
+  libvirt's default format (what ``virsh save``/``virsh restore`` do) and,
+  where libvirt and QEMU have it, in the ``sparse`` (mapped-ram) format with
+  parallel channels.
 
 Figures: the source's stun, clone-ready latency (request until the clone's
 first counter line), and the clone QEMU's memory from /proc/PID/smaps_rollup
@@ -34,6 +40,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+# Bench code: the plain libvirt calls a user has, used directly (the daemon
+# goes through instaclone.hv).
+import libvirt
+
 # The test guest's driver lives with the tests (tests/support/guests/).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -48,6 +58,8 @@ from tests.support.guests import devguest
 
 ROOT = Path("/var/lib/instaclone/bench")
 HOG_MIB = 64
+#: Parallel channels of the plain sparse save/restore (instaclone's saverestore uses its own setting).
+PLAIN_CHANNELS = 4
 
 
 def smaps(name: str, ram_mib: int) -> dict[str, int]:
@@ -128,6 +140,59 @@ class Bench:
         self.created.clear()
 
 
+def plain_formats() -> list[tuple[str, dict[str, Any]]]:
+    """The plain save/restore variants to measure: (label, extra save parameters).
+
+    libvirt's default (raw stream, as ``virsh save``), and from libvirt 11.2
+    with QEMU 9.0 the ``sparse`` image format (QEMU's mapped-ram) written and
+    read by several channels.
+    """
+    out: list[tuple[str, dict[str, Any]]] = [("libvirt_save", {})]
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split()
+    version = tuple(int(x) for x in qemu[3].split(".")[:2]) if len(qemu) > 3 else (0, 0)
+    if libvirt.getVersion() >= 11_002_000 and version >= (9, 0):
+        out.append((f"libvirt_sparse_p{PLAIN_CHANNELS}", {
+            libvirt.VIR_DOMAIN_SAVE_PARAM_IMAGE_FORMAT: "sparse",
+            libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS: PLAIN_CHANNELS}))
+    return out
+
+
+async def plain_save_restore(name: str, mib: int, image: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Save the running ``name`` to ``image`` and restore it, as a libvirt user would without instaclone.
+
+    libvirt cannot restore an image under another UUID (its ABI check
+    refuses), so the warm VM is the source itself, down from the start of
+    the save until the restore returned (*stun*); *ready* is until it prints
+    its next counter line. The image is removed.
+    """
+    def save_restore() -> tuple[float, float]:
+        conn = libvirt.open("qemu:///system")
+        try:
+            dom = conn.lookupByName(name)
+            t0 = time.monotonic()
+            dom.saveParams({libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: str(image), **extra}, 0)
+            t1 = time.monotonic()
+            restore = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: str(image)}
+            if libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS in extra:
+                restore[libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS] = \
+                    extra[libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS]
+            conn.restoreParams(restore, 0)
+            return t0, t1
+        finally:
+            conn.close()
+
+    serial = devguest.serial_log_path(name, image.parent)
+    _, before = devguest.read_counter(serial) or ("", 0)
+    t0, t1 = await asyncio.to_thread(save_restore)
+    restored = time.monotonic()
+    st = image.stat()
+    image.unlink()
+    await devguest.wait_counter(serial, above=before, timeout=120)
+    ready = time.monotonic()
+    return {"stun_ms": (restored - t0) * 1000, "save_ms": (t1 - t0) * 1000, "restore_ms": (restored - t1) * 1000,
+            "ready_s": ready - t0, "state_bytes": st.st_size, "state_allocated": st.st_blocks * 512}
+
+
 async def daemon_for(work: Path, memory: str, mode: str = "copy") -> Daemon:
     c = cfg.Config()
     c = replace(c,
@@ -186,13 +251,23 @@ async def run(sizes: list[int], pool: int) -> dict[str, Any]:
                 job, ready_s, _ = await clone_once(d, src, f"bk-{label[:6]}-{mib}")
                 await asyncio.sleep(2)
                 cname = job["result"]["clones"][0]["name"]
+                memory = job["result"].get("memory") or {}
                 row[label] = {"stun_ms": job["result"]["stun_ms"], "ready_s": ready_s,
                               "durations_ms": job["durations_ms"], "mem": smaps(cname, mib),
-                              "state_bytes": (job["result"].get("memory") or {}).get("state_bytes")}
+                              "state_bytes": memory.get("state_bytes", memory.get("bytes")),
+                              "state_allocated": memory.get("allocated_bytes"), "format": memory.get("format")}
                 assert d.engine is not None
                 await d.engine.destroy_clone(cname)
                 if frozen:
                     await d.engine.unfreeze(FreezeRequest(src))
+                await b.cleanup()
+            for label, extra in plain_formats():
+                src = f"bl-{label[8:14]}-{mib}"
+                await b.boot(src, mib)
+                await b.fill(src)
+                r = await plain_save_restore(src, mib, work / f"{src}.img", extra)
+                await asyncio.sleep(2)
+                row[label] = {**r, "mem": smaps(src, mib)}
                 await b.cleanup()
             results["sizes"][mib] = row
             print(json.dumps({mib: {k: {kk: vv for kk, vv in v.items() if kk != "durations_ms"}
@@ -242,19 +317,26 @@ def table(res: dict[str, Any]) -> str:
     lines = [
         f"Guest: test guest under {res['accel'].upper()}, {res['fill_mib']} MiB written to its tmpfs before cloning.",
         "",
-        _row("guest RAM", "method", "stun ms", "ready s", "ready vs cold boot", "process RSS MiB", "process PSS MiB",
-             "process private dirty MiB", "guest-RAM private MiB", "% of guest RAM"),
-        _row(*["---"] * 10),
+        _row("guest RAM", "method", "stun ms", "ready s", "ready vs cold boot", "ready vs best plain",
+             "image MiB (allocated)", "process RSS MiB", "process PSS MiB", "process private dirty MiB",
+             "guest-RAM private MiB", "% of guest RAM"),
+        _row(*["---"] * 12),
     ]
     for mib, row in res["sizes"].items():
         cold = row["cold_boot"]["ready_s"]
+        # The best plain alternative: the fastest libvirt save/restore of this size.
+        plain = min((r["ready_s"] for label, r in row.items() if label.startswith("libvirt_")), default=None)
         for label, r in row.items():
             m = r["mem"]
             stun = "-" if r.get("stun_ms") is None else f"{r['stun_ms']:.0f}"
             ratio = "1.00" if label == "cold_boot" else f"{r['ready_s'] / cold:.2f}"
-            lines.append(f"| {mib} MiB | {label} | {stun} | {r['ready_s']:.2f} | {ratio} | {m['Rss'] / 1024:.0f} | "
-                         f"{m['Pss'] / 1024:.0f} | {m['Private_Dirty'] / 1024:.0f} | {m['ram_private'] / 1024:.1f} | "
-                         f"{100 * m['ram_private'] / 1024 / int(mib):.1f} |")
+            vs_plain = "-" if plain is None else f"{r['ready_s'] / plain:.2f}"
+            image = "-" if not r.get("state_bytes") else (
+                f"{r['state_bytes'] / 2**20:.1f}" + (f" ({r['state_allocated'] / 2**20:.1f})"
+                                                     if r.get("state_allocated") is not None else ""))
+            lines.append(f"| {mib} MiB | {label} | {stun} | {r['ready_s']:.2f} | {ratio} | {vs_plain} | {image} | "
+                         f"{m['Rss'] / 1024:.0f} | {m['Pss'] / 1024:.0f} | {m['Private_Dirty'] / 1024:.0f} | "
+                         f"{m['ram_private'] / 1024:.1f} | {100 * m['ram_private'] / 1024 / int(mib):.1f} |")
     if res.get("pool"):
         lines += ["", _row("pool (256 MiB guest)", "clones", "stun ms", "all ready s", "mean RSS MiB", "mean PSS MiB",
                            "mean private dirty MiB", "mean guest-RAM private MiB"),

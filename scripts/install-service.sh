@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Install instacloned as a systemd service on a Debian host (run as root):
-#   - the Debian packages it needs (libvirt, QEMU, qemu-img, a compiler for libvirt-python);
+#   - the Debian packages it needs (libvirt, QEMU, qemu-img, a compiler for libvirt-python):
+#     on Debian 12 QEMU 10.0 and libvirt 11.3 from bookworm-backports, or with
+#     INSTACLONE_PLATFORM=stock its own QEMU 7.2 and libvirt 9.0, as scripts/setup.sh
+#     (docs/operations/platforms.md);
 #   - a virtualenv in $PREFIX (default /opt/instaclone) with instaclone installed;
 #   - /etc/instaclone/instaclone.toml (the documented example, 0640 root:instaclone) unless one
 #     exists (an existing one loses any permission for others);
@@ -40,22 +43,15 @@ say() { echo "install-service: $*"; }
 APT_SAY=install-service
 # shellcheck source=lib/apt.sh
 . "$repo/scripts/lib/apt.sh"
+# shellcheck source=lib/platform.sh
+. "$repo/scripts/lib/platform.sh"
 
 if [ "$packages" = 1 ]; then
-    pkgs=(libvirt-daemon-system qemu-system-x86 qemu-utils python3 python3-venv python3-dev libvirt-dev
-          pkg-config gcc openssh-client)
-    missing=()
-    for p in "${pkgs[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        say "installing Debian packages ${missing[*]}"
-        apt_ensure_lists "${missing[@]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt_retry apt-get install -y -q "${missing[@]}" >/dev/null
-    else
-        say "Debian packages present"
-    fi
+    platform_choose || exit 1
+    say "platform: $PLATFORM_TEXT"
+    refusal=$(platform_refusal)
+    [ -z "$refusal" ] || { echo "$refusal" >&2; exit 1; }
+    platform_install -q -- python3 python3-venv python3-dev pkg-config gcc openssh-client procps
 fi
 
 getent group instaclone >/dev/null || { say "creating group instaclone"; groupadd --system instaclone; }
@@ -75,6 +71,15 @@ before=$(installed_state)
 say "virtualenv $PREFIX/.venv"
 [ -x "$PREFIX/.venv/bin/python" ] || python3 -m venv "$PREFIX/.venv"
 "$PREFIX/.venv/bin/pip" install -q --upgrade "$repo[daemon]"
+# libvirt-python is generated from the installed libvirt's API: built again,
+# never from pip's cache, whenever that libvirt's version changes (as setup.sh).
+want_libvirt=$(pkg-config --modversion libvirt)
+if [ "$(cat "$PREFIX/.venv/.instaclone-libvirt" 2>/dev/null)" != "$want_libvirt" ]; then
+    say "building libvirt-python against libvirt $want_libvirt"
+    "$PREFIX/.venv/bin/pip" install -q --force-reinstall --no-deps --no-cache-dir --no-binary libvirt-python \
+        libvirt-python
+    echo "$want_libvirt" > "$PREFIX/.venv/.instaclone-libvirt"
+fi
 mkdir -p "$BIN_DIR"
 ln -sf "$PREFIX/.venv/bin/instaclone" "$BIN_DIR/instaclone"
 ln -sf "$PREFIX/.venv/bin/instacloned" "$BIN_DIR/instacloned"
@@ -124,11 +129,13 @@ if [ ! -d "$SYSTEMD_RUN_DIR" ]; then
     exit 0
 fi
 # libvirtd finds hooks when it starts (running domains are not affected by a
-# restart): only a new or changed hook needs one.
-if [ "$hook_changed" = 1 ]; then
+# restart): only a new or changed hook needs one, or a libvirt upgrade whose
+# package could not restart it (policy-rc.d).
+stale=$(platform_stale_daemon libvirtd)
+if [ "$hook_changed" = 1 ] || [ -n "$stale" ]; then
     for unit in libvirtd.service virtqemud.service; do
         if systemctl is-active -q "$unit"; then
-            say "restarting $unit (the hook changed)"
+            say "restarting $unit (${stale:-the hook changed})"
             systemctl restart "$unit"
         fi
     done

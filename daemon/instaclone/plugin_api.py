@@ -114,6 +114,8 @@ class StunContext:
     source_rsa_host_key: bool | None = None  # whether the source has an RSA SSH host key; None: unknown
     nvram: Path | None = None  # the UEFI variable store clones copy (the source's, or its copy at freeze)
     scratch: dict[str, Any] = field(default_factory=dict)  # a memory backend's notes between its calls
+    #: time.monotonic() when the storage backend was asked for the source's new deltas (0: not yet)
+    source_delta_started: float = 0.0
 
     @property
     def image(self) -> MemoryImage:
@@ -223,12 +225,23 @@ class StorageBackend(Backend):
     supports_running_source: ClassVar[bool] = True
     supports_consolidation: ClassVar[bool] = False
 
+    async def prepare_source_delta(self, *, ctx: StunContext, record: Recorder) -> None:
+        """Before the stun, while the source runs: make its new deltas, ready to attach (optional).
+
+        Whatever can be made outside the stun shortens it. The source's
+        chain does not change until the stun (the source's lock is held), so
+        the deltas may name its current tops as their backing files. Each is
+        recorded as ``SOURCE_DELTA`` first; one that is never attached is
+        removed by :meth:`undo`. A no-op by default.
+        """
+
     @abc.abstractmethod
     async def create_source_delta(self, *, ctx: StunContext, record: Recorder) -> dict[str, Path]:
         """Give the stunned source new, empty deltas; return each disk's top image at stun.
 
         The returned images are read-only from now on: the source writes to the
-        new deltas. Each new delta is recorded as ``SOURCE_DELTA`` first.
+        new deltas. Each new delta is recorded as ``SOURCE_DELTA`` first (by
+        :meth:`prepare_source_delta`, if it made them).
         """
 
     @abc.abstractmethod

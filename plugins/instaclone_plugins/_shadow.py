@@ -30,7 +30,10 @@ job of 4 differed from the source's, and that job's clone hung (its guest
 never released its NIC). (One more page differs in every job, and is not a
 loss: the shadow's vmgenid device writes the shadow's own GUID at the top of
 RAM when the incoming migration ends; each clone writes its own there too.)
-So, before the source runs again, :meth:`RamPair.verify` compares the
+So, where the source's own QEMU says it is TCG before 9.0 (QMP
+``query-version`` and ``query-kvm``, asked at every job: a source restarted
+on another QEMU answers anew; ``FileCowMemory.verify_decision``), before the
+source runs again, :meth:`RamPair.verify` compares the
 shadow's RAM file with the source's page by page and copies every page that
 differs; the source's holes (zero pages) are noted, to be punched into the
 image.
@@ -49,7 +52,6 @@ import ctypes
 import os
 import threading
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ from instaclone.plugin_api import (
     Hypervisor,
     MemoryBackendError,
     MigrationInfo,
+    QemuFacts,
     Recorder,
     ResourceKind,
     StunContext,
@@ -89,6 +92,26 @@ class Shadow:
     #: the source's and the shadow's RAM, mapped, when the copy must be verified (TCG)
     ram: RamPair | None = None
     verified: Verified | None = None
+    qemu: QemuFacts | None = None  # the source's QEMU, which decided the verification
+    verify_reason: str = ""
+    #: time.monotonic() as the switchover went: seen (the source stopped at switchover), snapshot (the
+    #: storage backend asked for the source's deltas), attached, completed, verified, resumed
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def stun_parts(self) -> dict[str, float]:
+        """Where the stun went, in ms: from the last look that found the source running to the look that
+        found it stopped at switchover (``stop``), the steps' bookkeeping (``journal``), the disk snapshot
+        (``snapshot``), the migration's completion (``complete``: the last dirty pages, the device state),
+        the verification, the resume."""
+        if self.precopy is None or "resumed" not in self.marks:
+            return {}
+        points = [("stop", "seen"), ("journal", "snapshot"), ("snapshot", "attached"), ("complete", "completed"),
+                  ("verify", "verified"), ("resume", "resumed")]
+        out, last = {}, self.precopy.last_running
+        for label, key in points:
+            out[label] = round((self.marks[key] - last) * 1000, 1)
+            last = self.marks[key]
+        return out
 
     def report(self) -> dict[str, Any]:
         """What the job result shows of the pre-copy."""
@@ -100,7 +123,10 @@ class Shadow:
             "dirty_sync_count": ram.get("dirty-sync-count"),
             "throttle_pct": (self.precopy.stats.get("cpu-throttle-percentage") if self.precopy else None) or 0,
             "qemu_downtime_ms": self.final.stats.get("downtime") if self.final else None,
+            "stun_parts_ms": self.stun_parts(),
             "verified": v is not None,
+            "verify_reason": self.verify_reason,
+            **({"qemu": self.qemu.text, "accel": self.qemu.accel} if self.qemu is not None else {}),
             **({"verify_ms": round(v.seconds * 1000, 1), "verified_bytes": v.compared_bytes,
                 "repaired_pages": v.repaired_pages} if v is not None else {}),
         }
@@ -116,11 +142,6 @@ class Verified:
     #: (offset, length) of the source's holes: zero at stun, to be punched into the image
     holes: list[tuple[int, int]] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def needs_verify(source_xml: str) -> bool:
-    """A TCG guest (``<domain type='qemu'>``): its migration can lose writes (see the module doc)."""
-    return ET.fromstring(source_xml).get("type") == "qemu"
 
 
 def shadow_name(job_id: str) -> str:

@@ -2,7 +2,11 @@
 
 * Source delta: a libvirt disk-only external snapshot. The source's top image
   at stun, T, becomes the read-only backing file of a new, empty overlay that
-  the source writes to from then on.
+  the source writes to from then on. The overlay is made before the stun
+  (``qemu-img create -u -b T``, while the source still runs and holds the
+  source's lock, so T cannot change) and the snapshot only attaches it
+  (``reuse``): libvirt would otherwise create it inside the stun, through
+  QEMU's own image creation job.
 * Clone delta: ``qemu-img create -f qcow2 -u -b T -F <fmt> <size>``, an empty
   overlay per clone, where ``<fmt>`` is the format libvirt recorded for the
   source's disk and ``<size>`` T's virtual size read as that format.
@@ -35,6 +39,7 @@ from instaclone.plugin_api import (
     CloneTarget,
     Config,
     ConfigError,
+    Disk,
     DomainNotFound,
     Hypervisor,
     Recorder,
@@ -50,9 +55,17 @@ from . import _images
 from ._images import Layer
 from ._proc import run
 
+#: Where ``prepare_source_delta`` leaves the overlays it made, in ``StunContext.scratch``.
+PREPARED = "qcow2.source_deltas"
 
-def _new_file(path: Path) -> None:
-    os.close(safefs.create_file(path))
+
+def _new_file(path: Path, owner: tuple[int, int] | None = None) -> None:
+    os.close(safefs.create_file(path, owner=owner))
+
+
+def _owner(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_uid, st.st_gid
 
 
 @dataclass(frozen=True)
@@ -88,14 +101,48 @@ class Qcow2Storage(StorageBackend):
         except StorageError as exc:
             raise ConfigError(f"storage.qcow2.qemu_img: {exc}") from None
 
-    async def create_source_delta(self, *, ctx: StunContext, record: Recorder) -> dict[str, Path]:
+    def _writable(self, ctx: StunContext) -> list[Disk]:
         disks = [d for d in ctx.source.disks if not d.readonly]
         if not disks:
             raise StorageError(f"source {ctx.source.name!r} has no writable file-backed disk to clone")
+        return disks
+
+    async def _source_dir(self, ctx: StunContext) -> Path:
         source_dir = self.delta_dir / ctx.source.name
-        # libvirt makes the overlays here; QEMU only passes through (0710, its group).
+        # The overlays go here; QEMU only passes through (0710, its group).
         mode, gid = self.config.daemon.qemu_reach()
         await asyncio.to_thread(safefs.make_dir, source_dir, mode=mode, owner=(-1, gid), exist_ok=True)
+        return source_dir
+
+    async def prepare_source_delta(self, *, ctx: StunContext, record: Recorder) -> None:
+        """The source's new overlays, made while it runs: the stun only attaches them."""
+        disks = self._writable(ctx)
+        source_dir = await self._source_dir(ctx)
+        made: dict[str, Path] = {}
+        for disk in disks:
+            path = source_dir / f"{ctx.source.name}.{disk.target}.{ctx.job_id}.qcow2"
+            await record(ResourceKind.SOURCE_DELTA, str(path))
+            # T's size read as the format libvirt recorded (never probed).
+            size = await _images.virtual_size(self.qemu_img, disk.path, disk.format)
+            try:
+                # Made here (O_EXCL, no link followed), QEMU's user's as T is:
+                # libvirt attaches it as it is.
+                await asyncio.to_thread(_new_file, path, await asyncio.to_thread(_owner, disk.path))
+            except OSError as exc:
+                raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from None
+            # -u: T is in use by the running source; nothing of it is opened.
+            await run(self.qemu_img, "create", "-q", "-f", "qcow2", "-u",
+                      "-b", str(disk.path), "-F", disk.format, str(path), str(size))
+            made[disk.target] = path
+        ctx.scratch[PREPARED] = made
+
+    async def create_source_delta(self, *, ctx: StunContext, record: Recorder) -> dict[str, Path]:
+        disks = self._writable(ctx)
+        prepared = ctx.scratch.get(PREPARED)
+        if isinstance(prepared, dict) and set(prepared) == {d.target for d in disks}:
+            await self.virt.snapshot_disks(ctx.source.name, prepared, reuse=True)
+            return {d.target: d.path for d in disks}
+        source_dir = await self._source_dir(ctx)
         overlays: dict[str, Path] = {}
         for disk in disks:
             path = source_dir / f"{ctx.source.name}.{disk.target}.{ctx.job_id}.qcow2"

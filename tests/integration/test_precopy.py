@@ -105,14 +105,17 @@ async def test_ten_clones_of_a_big_busy_running_source(prod):
                     raise AssertionError(f"{job.get('error')}\nclone serial log:\n{tail}")
                 mem = job["result"]["memory"]
                 assert mem["mode"] == "precopy", mem
-                # A TCG guest: the copy is verified against the stopped source (see _shadow).
-                assert mem["verified"] is True and mem["verified_bytes"] > 512 << 20, mem
+                # Verified against the stopped source where this QEMU can lose writes (TCG before 9.0).
+                old_tcg = mem["accel"] == "tcg" and tuple(int(n) for n in mem["qemu"].split(".")[:2]) < (9, 0)
+                assert mem["verified"] is old_tcg, mem
+                if old_tcg:
+                    assert mem["verified_bytes"] > 512 << 20, mem
                 stuns.append(job["result"]["stun_ms"])
                 assert job["result"]["stun_ms"] < config.clone.stun_deadline_ms, job["result"]
                 print(f"clone {i}: stun {job['result']['stun_ms']:.1f} ms, pre-copy {mem['precopy_s']} s, "
                       f"{mem['transferred_bytes']} bytes in {mem['dirty_sync_count']} rounds, "
                       f"QEMU downtime {mem['qemu_downtime_ms']} ms, throttle {mem['throttle_pct']}%, "
-                      f"verify {mem['verify_ms']} ms, {mem['repaired_pages']} pages repaired")
+                      f"verify {mem.get('verify_ms')} ms, {mem.get('repaired_pages')} pages repaired")
                 await devguest.wait_counter(clone_log(config, name), above=0, timeout=120)
                 if i == 1:
                     await check_isolation(config, s, name, digest)

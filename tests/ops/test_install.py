@@ -132,11 +132,16 @@ def test_packages_on_a_host_with_empty_lists(install: Install, first: tuple[str,
     for name, body in fakes.items():
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    env = {**install.env, "PATH": f"{bin_dir}:{install.env['PATH']}", "APT_LISTS_DIR": str(tmp_path / "lists")}
+    # A release whose own QEMU and libvirt are the platform (tests/ops/test_setup_platform.py has Debian 12's).
+    (tmp_path / "debian_version").write_text("13.2\n")
+    env = {**install.env, "PATH": f"{bin_dir}:{install.env['PATH']}", "APT_LISTS_DIR": str(tmp_path / "lists"),
+           "DEBIAN_VERSION_FILE": str(tmp_path / "debian_version"), "APT_ETC": str(tmp_path / "apt")}
     r = subprocess.run([str(INSTALLER), "--no-start"], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"apt-get update (no package lists in {tmp_path}/lists)" in r.stdout
-    assert log.read_text().splitlines() == ["update -qq", "install -y -q qemu-utils"]
+    assert log.read_text().splitlines() == [
+        "update -qq",
+        "install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold qemu-utils"]
 
 
 def test_no_start_touches_no_service(install: Install, first: tuple[str, list[str]]) -> None:
@@ -278,8 +283,15 @@ def test_real_apt_cache_output_parses() -> None:
 
 
 def test_scripts_that_download_use_the_helper() -> None:
-    for script in ("build-guest.sh", "build-debian-guest.sh", "install-service.sh", "install-promtool.sh"):
+    for script in ("build-guest.sh", "build-debian-guest.sh", "install-promtool.sh"):
         text = (ROOT / "scripts" / script).read_text()
         assert "lib/apt.sh" in text and "apt_ensure_lists" in text, script
     assert "apt_retry apt-get download" in (ROOT / "scripts" / "install-promtool.sh").read_text()
-    assert "apt_retry apt-get install" in (ROOT / "scripts" / "install-service.sh").read_text()
+    # The installers install through the platform's helper, which uses apt.sh's.
+    for script in ("install-service.sh", "setup.sh"):
+        text = (ROOT / "scripts" / script).read_text()
+        assert "lib/apt.sh" in text and "lib/platform.sh" in text and "platform_install " in text, script
+        assert "apt-get install" not in text, script
+    platform = (ROOT / "scripts" / "lib" / "platform.sh").read_text()
+    assert "apt_ensure_lists" in platform and "apt_retry apt-get install" in platform
+    assert "apt_retry apt-get download" in platform

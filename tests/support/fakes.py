@@ -211,8 +211,11 @@ class FakeHypervisor:
             await self.undefine(name)
         return outcome
 
-    async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
+    async def snapshot_disks(self, name: str, overlays: dict[str, Path], *, reuse: bool = False) -> None:
         await self._hook("snapshot_disks", name)
+        if reuse:
+            missing = [str(p) for p in overlays.values() if not p.exists()]
+            assert not missing, f"reused overlays must exist: {missing}"
         d = self._get(name)
         root = ET.fromstring(d.xml)
         for disk in root.iterfind("./devices/disk"):
@@ -272,15 +275,22 @@ class FakeHypervisor:
         return self.qemu
 
     async def save_state(self, name: str, path: Path, *, ignore_shared: bool = False,
-                         timeout_s: float = 120.0) -> dict[str, Any]:
+                         mapped_ram_channels: int = 0, timeout_s: float = 120.0) -> dict[str, Any]:
         await self._hook("save_state", name)
-        path.write_bytes(b"state")
+        if mapped_ram_channels and not self.qemu.mapped_ram:
+            raise LibvirtError(f"the mapped-ram format needs QEMU 9.0 or later; this domain runs QEMU {self.qemu.text}")
+        # The header says how it was written: a load must say the same.
+        path.write_bytes(f"state mapped-ram={mapped_ram_channels}".encode())
         return {}
 
     async def load_state(self, name: str, path: Path, *, ignore_shared: bool = False,
-                         timeout_s: float = 120.0) -> None:
+                         mapped_ram_channels: int = 0, timeout_s: float = 120.0) -> None:
         await self._hook("load_state", name)
         assert path.exists()
+        header = path.read_bytes()
+        if header.startswith(b"state mapped-ram=") and header != f"state mapped-ram={mapped_ram_channels}".encode():
+            raise LibvirtError(f"load of {path} with mapped_ram_channels={mapped_ram_channels}: it was saved as "
+                               f"{header.decode()!r}")
 
     async def migrate_live(self, name: str, target: str, *, downtime_ms: int, auto_converge: bool = True) -> None:
         await self._hook("migrate_live", name)
@@ -398,7 +408,7 @@ async def fake_world(tmp_path: Path, **sections: Any) -> tuple[Any, Any, FakeHyp
     """(config, open journal, fake hypervisor with a running source "src") under ``tmp_path``.
 
     ``sections`` replace fields per config section, e.g. ``clone={"max_count": 2}``
-    (``qcow2=`` and ``filecow=``: the backends' sections); the caller closes the journal.
+    (``qcow2=``, ``filecow=`` and ``saverestore=``: the backends' sections); the caller closes the journal.
     """
     from dataclasses import replace
 
@@ -406,8 +416,10 @@ async def fake_world(tmp_path: Path, **sections: Any) -> tuple[Any, Any, FakeHyp
     from instaclone.store import Store
     from instaclone_plugins.filecow import FileCowSettings
     from instaclone_plugins.qcow2 import Qcow2Settings
+    from instaclone_plugins.saverestore import SaveRestoreSettings
 
-    backends = {"qcow2": ("storage.qcow2", Qcow2Settings), "filecow": ("memory.filecow", FileCowSettings)}
+    backends = {"qcow2": ("storage.qcow2", Qcow2Settings), "filecow": ("memory.filecow", FileCowSettings),
+                "saverestore": ("memory.saverestore", SaveRestoreSettings)}
     c = cfg.Config()
     c = replace(c, daemon=replace(c.daemon, state_dir=tmp_path / "state"))
     for name, changes in sections.items():

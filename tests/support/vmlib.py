@@ -53,13 +53,19 @@ class SourceVM:
 
 
 async def boot_source(virt: Hypervisor, scratch: Scratch, name: str, *, memory_mib: int = 256,
-                      file_backed_ram: bool = False, firmware: str = "bios") -> SourceVM:
+                      file_backed_ram: bool = False, firmware: str = "bios",
+                      emulator: Path | None = None) -> SourceVM:
+    """Define and start the busybox test guest ``name`` on an overlay in ``scratch``; wait until it counts.
+
+    ``emulator`` names the QEMU binary it runs on (libvirt's default if None), e.g. the
+    QEMU 7.2 of :func:`tests.support.host.second_qemu`.
+    """
     disk = scratch.path / f"{name}.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(devguest.GUEST_DIR / "base.qcow2"),
                     "-F", "qcow2", str(disk)], check=True)
     vm = SourceVM(name, disk, scratch.path)
     xml = devguest.domain_xml(name, disk=disk, workdir=scratch.path, memory_mib=memory_mib,
-                              file_backed_ram=file_backed_ram, firmware=firmware)
+                              file_backed_ram=file_backed_ram, firmware=firmware, emulator=emulator)
     await virt.define(xml)
     await virt.start(name)
     await devguest.wait_counter(vm.serial_log, above=1, timeout=60 if firmware == "bios" else 120)

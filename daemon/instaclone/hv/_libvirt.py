@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     class Domain:
         def name(self) -> str: ...
         def UUIDString(self) -> str: ...  # noqa: N802
+        def ID(self) -> int: ...  # noqa: N802
         def state(self, flags: int = 0) -> list[int]: ...
         def isActive(self) -> int: ...  # noqa: N802
         def XMLDesc(self, flags: int = 0) -> str: ...  # noqa: N802
@@ -127,6 +128,7 @@ VIR_DOMAIN_UNDEFINE_KEEP_TPM: Final[int] = getattr(libvirt, "VIR_DOMAIN_UNDEFINE
 VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA: Final[int] = libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
 
 VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY: Final[int] = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT: Final[int] = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
 VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA: Final[int] = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
 VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC: Final[int] = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
 

@@ -186,11 +186,13 @@ class Domains(Connection):
 
         await self._call(f"undefine {name!r}", do)
 
-    async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
+    async def snapshot_disks(self, name: str, overlays: dict[str, Path], *, reuse: bool = False) -> None:
         """External disk-only snapshot: each disk target gets a new overlay file.
 
         The old top image becomes the read-only backing file of the overlay.
         No snapshot metadata is kept (the overlays belong to instaclone).
+        ``reuse``: the overlay files exist (``VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT``);
+        libvirt attaches them instead of creating them inside the call.
         """
         disks = "".join(
             f"<disk name='{_xml_attr(tgt)}' snapshot='external'><driver type='qcow2'/>"
@@ -200,6 +202,8 @@ class Domains(Connection):
         xml = f"<domainsnapshot><description>instaclone</description><disks>{disks}</disks></domainsnapshot>"
         flags = (lv.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | lv.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
                  | lv.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+        if reuse:
+            flags |= lv.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
         await self._call(f"disk snapshot of {name!r}", lambda: self._dom(name).snapshotCreateXML(xml, flags))
 
 

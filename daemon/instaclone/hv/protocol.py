@@ -97,8 +97,13 @@ class Hypervisor(Protocol):
         the domain is refused on REPLACED.
         """
 
-    async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
-        """External disk-only snapshot: disk target -> its new overlay file (no metadata kept)."""
+    async def snapshot_disks(self, name: str, overlays: dict[str, Path], *, reuse: bool = False) -> None:
+        """External disk-only snapshot: disk target -> its new overlay file (no metadata kept).
+
+        ``reuse``: the overlays exist already (made outside the stun, backed by
+        the current tops, with their formats named) and are attached as they
+        are; otherwise libvirt creates them inside the call.
+        """
 
     # -- guest agent --------------------------------------------------------------
 
@@ -130,12 +135,22 @@ class Hypervisor(Protocol):
         """The active domain's QEMU version and accelerator, asked of that very QEMU."""
 
     async def save_state(self, name: str, path: Path, *, ignore_shared: bool = False,
-                         timeout_s: float = 120.0) -> dict[str, Any]:
-        """Write the paused domain's migration stream to ``path``; QEMU's final statistics."""
+                         mapped_ram_channels: int = 0, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Write the paused domain's migration stream to ``path``; QEMU's final statistics.
+
+        ``ignore_shared``: device state only (RAM in shared files is left
+        out). ``mapped_ram_channels`` > 0: QEMU's mapped-ram format (RAM pages
+        at fixed offsets, zero pages never written: a sparse file) written by
+        that many parallel channels; LibvirtError on a QEMU before 9.0. 0: the
+        sequential stream, which every QEMU writes.
+        """
 
     async def load_state(self, name: str, path: Path, *, ignore_shared: bool = False,
-                         timeout_s: float = 120.0) -> None:
-        """Feed ``path`` into a domain started paused with ``-incoming defer``."""
+                         mapped_ram_channels: int = 0, timeout_s: float = 120.0) -> None:
+        """Feed ``path`` into a domain started paused with ``-incoming defer``.
+
+        ``ignore_shared`` and ``mapped_ram_channels`` must be those of the save that wrote ``path``.
+        """
 
     async def migrate_live(self, name: str, target: str, *, downtime_ms: int, auto_converge: bool = True) -> None:
         """Start a live pre-copy migration of the running ``name`` into ``target``; returns once it runs.

@@ -124,6 +124,8 @@ async def stun(svc: JobContext, run: Run) -> None:
     A pre-copying backend copies RAM while the source runs and stops it at
     switchover: the stun starts then, not when this step starts.
     """
+    # Outside the stun: the source's new deltas, made while it runs.
+    await svc.storage.prepare_source_delta(ctx=run.context, record=svc.ledger.recorder(run.id, owner=svc.storage.name))
     await run.record(ResourceKind.STUN, run.source, uuid=run.context.source.uuid)
     run.stunned = True
     record = svc.ledger.recorder(run.id, owner=run.memory.name)
@@ -150,6 +152,7 @@ async def source_delta(svc: JobContext, run: Run) -> None:
         ctx.tops = {d.target: d.path for d in ctx.source.disks if not d.readonly}
         return
     record = svc.ledger.recorder(run.id, owner=svc.storage.name)
+    ctx.source_delta_started = time.monotonic()
     ctx.tops = await svc.storage.create_source_delta(ctx=ctx, record=record)
     if run.stunned and await run.memory.switchover(ctx=ctx):
         await end_stun(svc, run)
@@ -261,7 +264,7 @@ async def unstun(svc: JobContext, run: Run) -> None:
 #: The pipeline up to Configured, in order (Requested is the admitted job; see ``prepare``).
 #: Unstunned (``start_member``) follows in the start phase.
 PIPELINE: tuple[Step, ...] = (
-    Step(State.STUNNED, (ResourceKind.STUN,), shared=stun,
+    Step(State.STUNNED, (ResourceKind.SOURCE_DELTA, ResourceKind.STUN), shared=stun,
          applies=lambda run: run.context.source.state == "running"),
     Step(State.SOURCE_DELTA_CREATED, (ResourceKind.SOURCE_DELTA,), shared=source_delta, deadline=True),
     Step(State.CLONE_DELTA_CREATED, (ResourceKind.FILE,), each=clone_deltas, deadline=True),

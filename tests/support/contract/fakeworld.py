@@ -84,9 +84,9 @@ class ContractFake(harness.FakeHypervisor):
         await super().undefine(name)
         self._unmap_ram(name)
 
-    async def snapshot_disks(self, name: str, overlays: dict[str, Path]) -> None:
+    async def snapshot_disks(self, name: str, overlays: dict[str, Path], *, reuse: bool = False) -> None:
         before = {d.target: str(d.path) for d in (await super().lookup(name)).disks}
-        await super().snapshot_disks(name, overlays)
+        await super().snapshot_disks(name, overlays, reuse=reuse)
         for tgt, path in overlays.items():
             self.backing[str(path)] = before[tgt]
 

@@ -58,7 +58,7 @@ def cases_of(storage: str, memory: str, scenario: Scenario, plan: Injector, *,
 FAKE_SCENARIOS = (Scenario("job", count=2, customize=True), Scenario("frozen-job"), Scenario("freeze"),
                   Scenario("unfreeze"))
 #: Memory backends run once more in another mode of theirs (their section's source_mode).
-EXTRA_MODES = ("filecow-precopy",)
+EXTRA_MODES = ("filecow-copy",)
 FAKE_CLONE = "ct"
 
 

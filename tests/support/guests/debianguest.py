@@ -82,7 +82,8 @@ nvram_path = devguest.nvram_path
 
 
 def domain_xml(name: str, *, disk: Path, workdir: Path, firmware: str = "bios", kernel: str = "cloud",
-               memory_mib: int = 512, file_backed_ram: bool = True, nvram: Path | None = None) -> str:
+               memory_mib: int = 512, file_backed_ram: bool = True, nvram: Path | None = None,
+               emulator: Path | None = None) -> str:
     """Libvirt domain XML for the Debian guest.
 
     One vCPU, ACPI, a ``<genid/>`` (libvirt picks the GUID), the qcow2
@@ -90,8 +91,9 @@ def domain_xml(name: str, *, disk: Path, workdir: Path, firmware: str = "bios", 
     logged to :func:`serial_log_path`, the guest agent channel, no USB, no
     balloon, no graphics. ``file_backed_ram`` backs RAM with a shared file.
     ``firmware`` and ``kernel`` are described in the module docstring;
-    ``nvram`` (UEFI only) defaults to :func:`nvram_path`. Paths must be
-    absolute and reachable by libvirt's QEMU user.
+    ``nvram`` (UEFI only) defaults to :func:`nvram_path`. ``emulator`` names
+    the QEMU binary (libvirt's default if None). Paths must be absolute and
+    reachable by libvirt's QEMU user.
     """
     if firmware not in FIRMWARES:
         raise ValueError(f"firmware must be one of {FIRMWARES}, not {firmware!r}")
@@ -105,7 +107,7 @@ def domain_xml(name: str, *, disk: Path, workdir: Path, firmware: str = "bios", 
     dom, os_, _ = devguest.base_domain(
         name, disk=disk, serial_log=serial_log_path(name, workdir), memory_mib=memory_mib,
         file_backed_ram=file_backed_ram, firmware=firmware, machine="q35" if firmware == "uefi" else "pc",
-        nvram=nvram or nvram_path(name, workdir), on_reboot="restart")
+        nvram=nvram or nvram_path(name, workdir), on_reboot="restart", emulator=emulator)
     if direct:
         ET.SubElement(os_, "kernel").text = str((DEBIAN_DIR / f"vmlinuz-{kernel}").resolve())
         ET.SubElement(os_, "initrd").text = str((DEBIAN_DIR / f"initrd-{kernel}.img").resolve())
@@ -183,7 +185,7 @@ async def wait_running(virt: Hypervisor, name: str, timeout: float = 300) -> str
 
 async def boot(virt: Hypervisor, scratch: Any, name: str, *, firmware: str = "bios", kernel: str = "cloud",
                memory_mib: int = 512, file_backed_ram: bool = True, timeout: float = 300,
-               require_running: bool = True) -> DebianVM:
+               require_running: bool = True, emulator: Path | None = None) -> DebianVM:
     """Define and start Debian guest ``name`` on an overlay in ``scratch.path``; wait until it is up.
 
     ``scratch`` is a :class:`tests.support.vmlib.Scratch` (anything with a ``path``
@@ -191,7 +193,7 @@ async def boot(virt: Hypervisor, scratch: Any, name: str, *, firmware: str = "bi
     reports "running" (with ``require_running=False`` "degraded" is accepted
     too). Raises AssertionError if systemd is degraded, TimeoutError if it is
     not up within ``timeout`` s; the domain stays defined either way (remove
-    it with ``virt.undefine(name)``).
+    it with ``virt.undefine(name)``). ``emulator`` as in :func:`domain_xml`.
     """
     workdir = Path(scratch.path)
     disk = workdir / f"{name}.qcow2"
@@ -199,7 +201,7 @@ async def boot(virt: Hypervisor, scratch: Any, name: str, *, firmware: str = "bi
     nvram = nvram_path(name, workdir) if firmware == "uefi" else None
     vm = DebianVM(name, disk, workdir, nvram, serial_log_path(name, workdir), firmware, kernel)
     xml = domain_xml(name, disk=disk, workdir=workdir, firmware=firmware, kernel=kernel,
-                     memory_mib=memory_mib, file_backed_ram=file_backed_ram, nvram=nvram)
+                     memory_mib=memory_mib, file_backed_ram=file_backed_ram, nvram=nvram, emulator=emulator)
     await virt.define(xml)
     t0 = time.monotonic()
     await virt.start(name)

@@ -106,7 +106,7 @@ BALLOONS = ("none", "virtio", "virtio-fpr")
 
 def base_domain(name: str, *, disk: Path, serial_log: Path, memory_mib: int, file_backed_ram: bool,
                 firmware: str = "bios", machine: str = "pc", nvram: Path | None = None,
-                on_reboot: str = "destroy", balloon: str = "none",
+                on_reboot: str = "destroy", balloon: str = "none", emulator: Path | None = None,
                 ) -> tuple[ET.Element, ET.Element, ET.Element]:
     """The parts every test guest shares: (``<domain>``, its ``<os>``, its ``<devices>``).
 
@@ -120,6 +120,8 @@ def base_domain(name: str, *, disk: Path, serial_log: Path, memory_mib: int, fil
     balloon device), ``"virtio"`` (a virtio balloon) or ``"virtio-fpr"`` (a
     virtio balloon with free page reporting, ``freePageReporting='on'``: the
     guest reports pages it freed and QEMU discards them from guest RAM).
+    ``emulator`` names the QEMU binary (``<emulator>``; libvirt's default QEMU
+    if None), such as the QEMU 7.2 of :func:`tests.support.host.second_qemu`.
     Mind: QEMU 7.2 discards by punching holes into the RAM file even when it
     maps it privately, so a filecow clone that discards (free page reporting,
     or an inflated balloon) zeroes pages in the frozen file its siblings map.
@@ -153,6 +155,8 @@ def base_domain(name: str, *, disk: Path, serial_log: Path, memory_mib: int, fil
     ET.SubElement(dom, "on_reboot").text = on_reboot
     ET.SubElement(dom, "on_crash").text = "destroy"
     dev = ET.SubElement(dom, "devices")
+    if emulator is not None:
+        ET.SubElement(dev, "emulator").text = str(emulator)
     d = ET.SubElement(dev, "disk", type="file", device="disk")
     ET.SubElement(d, "driver", name="qemu", type="qcow2")
     ET.SubElement(d, "source", file=str(disk))
@@ -177,19 +181,20 @@ def base_domain(name: str, *, disk: Path, serial_log: Path, memory_mib: int, fil
 
 
 def domain_xml(name: str, *, disk: Path, workdir: Path, memory_mib: int = 256,
-               file_backed_ram: bool = False, firmware: str = "bios", balloon: str = "none") -> str:
+               file_backed_ram: bool = False, firmware: str = "bios", balloon: str = "none",
+               emulator: Path | None = None) -> str:
     """Libvirt domain XML for the test guest.
 
     :func:`base_domain` (serial 0 logged to :func:`serial_log_path`, a UEFI
     variable store at :func:`nvram_path`), direct kernel boot from
     :data:`GUEST_DIR`, and serial 1 a UNIX socket at :func:`cmd_sock_path`
     (QEMU listens). Paths must be absolute and reachable by libvirt's QEMU user.
-    ``balloon`` as in :func:`base_domain` (the guest's initramfs loads
-    virtio_balloon; a guest built before it did ignores the device).
+    ``balloon`` and ``emulator`` as in :func:`base_domain` (the guest's initramfs
+    loads virtio_balloon; a guest built before it did ignores the device).
     """
     dom, os_, dev = base_domain(name, disk=disk, serial_log=serial_log_path(name, workdir),
                                 memory_mib=memory_mib, file_backed_ram=file_backed_ram, firmware=firmware,
-                                nvram=nvram_path(name, workdir), balloon=balloon)
+                                nvram=nvram_path(name, workdir), balloon=balloon, emulator=emulator)
     ET.SubElement(os_, "kernel").text = str(GUEST_DIR / "vmlinuz")
     ET.SubElement(os_, "initrd").text = str(GUEST_DIR / "initrd.img")
     ET.SubElement(os_, "cmdline").text = kernel_cmdline()
@@ -351,10 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--file-backed-ram", action="store_true", help="back guest RAM with a shared file")
     x.add_argument("--balloon", choices=BALLOONS, default="none",
                    help="memory balloon: none (default), virtio, or virtio with free page reporting")
+    x.add_argument("--emulator", type=Path, default=None,
+                   help="the QEMU binary the domain runs (default: libvirt's)")
     a = p.parse_args(argv)
     sys.stdout.write(domain_xml(a.name, disk=a.disk.absolute(), workdir=a.workdir.absolute(),
                                 memory_mib=a.memory_mib, file_backed_ram=a.file_backed_ram,
-                                balloon=a.balloon))
+                                balloon=a.balloon, emulator=a.emulator))
     return 0
 
 

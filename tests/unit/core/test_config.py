@@ -21,7 +21,7 @@ def test_defaults_work():
     assert c.clone.stun_deadline_ms == 2000
     assert c.clone.memory_backends == ("filecow", "saverestore")
     assert c.delta_dir == Path("/var/lib/instaclone/deltas")
-    assert c.section("memory.filecow", FileCowSettings).source_mode == "copy"
+    assert c.section("memory.filecow", FileCowSettings).source_mode == "auto"
 
 
 def test_example_config_is_valid_and_documents_every_key():
@@ -146,5 +146,5 @@ def test_a_reload_names_changed_keys_of_backend_sections_too():
 
     old = backends.config_from_dict({"clone": {"max_count": 3}})
     new = backends.config_from_dict({"memory": {"filecow": {"source_mode": "precopy"}}, "clone": {"max_count": 3}})
-    assert _diff(new, old) == [("memory.filecow.source_mode", "precopy", "copy")]
+    assert _diff(new, old) == [("memory.filecow.source_mode", "precopy", "auto")]
     assert _diff(old, old) == []

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from instaclone.errors import LibvirtTimeout
+from instaclone.hv import QemuFacts
 from tests.support.contract import harness
 from tests.support.contract.fakeworld import FakeWorld
 
@@ -155,26 +156,41 @@ def test_verify_ram_of_files_of_different_sizes_fails(tmp_path: Path) -> None:
         _shadow.verify_ram(src, dst)
 
 
-def test_needs_verify_under_tcg_only() -> None:
-    from instaclone_plugins import _shadow
+def test_verify_decision_follows_the_sources_qemu() -> None:
+    from instaclone import backends
+    from instaclone.hv import QemuFacts
+    from instaclone_plugins.filecow import FileCowMemory, FileCowSettings
+    from tests.support.fakes import FakeHypervisor
 
-    assert _shadow.needs_verify("<domain type='qemu'><name>a</name></domain>")
-    assert not _shadow.needs_verify("<domain type='kvm'><name>a</name></domain>")
+    def decide(facts: QemuFacts, verify: str = "auto") -> tuple[bool, str]:
+        config = backends.config_from_dict({}).with_section("memory.filecow", FileCowSettings(precopy_verify=verify))
+        return FileCowMemory(config=config, virt=FakeHypervisor()).verify_decision(facts)
+
+    old_tcg, new_tcg, old_kvm = QemuFacts((7, 2, 22), "tcg"), QemuFacts((10, 0, 2), "tcg"), QemuFacts((7, 2, 22), "kvm")
+    assert decide(old_tcg) == (True, "QEMU 7.2.22 with TCG can lose guest writes while it migrates (fixed in QEMU 9.0)")
+    assert decide(new_tcg)[0] is False and "tracks the pages" in decide(new_tcg)[1]
+    assert decide(old_kvm)[0] is False
+    assert decide(new_tcg, "always")[0] is True
+    verified, why = decide(old_tcg, "never")
+    assert verified is False and "not checked" in why
 
 
 async def test_precopy_image_is_the_source_ram_at_stun(tmp_path: Path) -> None:
     """The fake's migration copies nothing (the shadow's RAM has its own first page): the verify copies it.
 
-    A TCG source is verified before it runs again; the clones map an image
-    equal to the source's RAM byte for byte, and the job says what was repaired.
+    A TCG source on QEMU 7.2 is verified before it runs again; the clones map
+    an image equal to the source's RAM byte for byte, and the job says what
+    was repaired and why it was verified.
     """
     world = await world_at(tmp_path)
+    world.virt.qemu = QemuFacts((7, 2, 22), "tcg")
     try:
         out = await run_job(world)
         assert out.state.value == "Unstunned", out
         memory = out.result["memory"]
         assert memory["mode"] == "precopy" and memory["verified"] is True, memory
         assert memory["repaired_pages"] == 1 and memory["verified_bytes"] >= PAGE, memory
+        assert (memory["qemu"], memory["accel"]) == ("7.2.22", "tcg") and "lose guest writes" in memory["verify_reason"]
         source_ram = await world.virt.ram_file("src")
         assert source_ram is not None
         for clone in ("pc-1", "pc-2"):
@@ -188,3 +204,22 @@ async def test_precopy_image_is_the_source_ram_at_stun(tmp_path: Path) -> None:
         assert looks and looks[1] < order.index("migrate_live")
     finally:
         await world.store.close()
+
+
+async def test_auto_mode_precopies_where_no_verification_is_needed(tmp_path: Path) -> None:
+    """source_mode "auto": QEMU 10 under TCG pre-copies unverified; QEMU 7.2 under TCG copies, saying why."""
+    for facts, mode in ((QemuFacts((10, 0, 2), "tcg"), "precopy"), (QemuFacts((7, 2, 22), "tcg"), "copy"),
+                        (QemuFacts((7, 2, 22), "kvm"), "precopy")):
+        world = await FakeWorld.create(tmp_path / f"w-{facts.text}-{facts.accel}", storage="fake", memory="filecow")
+        world.virt.qemu = facts
+        try:
+            out = await run_job(world)
+            assert out.state.value == "Unstunned", out
+            memory = out.result["memory"]
+            assert memory["mode"] == mode, (facts, memory)
+            if mode == "precopy":
+                assert memory["verified"] is False and "exactly" in memory["verify_reason"]
+            else:
+                assert "lose guest writes" in memory["mode_reason"] and "verified" not in memory
+        finally:
+            await world.store.close()
