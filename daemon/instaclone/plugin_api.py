@@ -111,6 +111,7 @@ class StunContext:
     memory: MemoryImage | None = None  # the memory backend's image of the source at stun
     memory_cached: bool = False  # the image belongs to a frozen source: not released by the job
     source_ipv4: list[str] | None = None  # guest interfaces with IPv4 at stun; None: unknown
+    source_rsa_host_key: bool | None = None  # whether the source has an RSA SSH host key; None: unknown
     nvram: Path | None = None  # the UEFI variable store clones copy (the source's, or its copy at freeze)
     scratch: dict[str, Any] = field(default_factory=dict)  # a memory backend's notes between its calls
     #: time.monotonic() when the storage backend was asked for the source's new deltas (0: not yet)
@@ -135,6 +136,8 @@ class CloneTarget:
     macs: list[str] = field(default_factory=list)  # one per interface, in device order
     identity: dict[str, Any] = field(default_factory=dict)  # what the guest-side reset did
     nvram: Path | None = None  # the clone's own copy of the source's UEFI variable store
+    #: Milliseconds per phase of its start; a memory backend may add its own (e.g. qemu_start, state_load).
+    phases_ms: dict[str, float] = field(default_factory=dict)
 
 
 async def remove_path(path: Path) -> None:

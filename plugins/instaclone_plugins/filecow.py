@@ -379,7 +379,8 @@ class FileCowMemory(MemoryBackend):
         img = ctx.image
         return domxml.map_frozen_ram(xml, ram=img.path("ram"), ramdir=img.path("ramdir"), incoming=False)
 
-    async def _start_on_image(self, name: str, uuid: str, img: MemoryImage) -> None:
+    async def _start_on_image(self, name: str, uuid: str, img: MemoryImage,
+                              phases_ms: dict[str, float] | None = None) -> None:
         t0 = time.monotonic()
         # The hook links the frozen file for this domain's UUID only, and only
         # while it starts (see libvirt_hook).
@@ -410,11 +411,14 @@ class FileCowMemory(MemoryBackend):
         t2 = time.monotonic()
         await self.virt.load_state(name, img.path("state"), ignore_shared=True,
                                    timeout_s=self.config.clone.step_timeout_s)
-        log.debug("filecow.started", domain=name, start_ms=round((t1 - t0) * 1000, 1),
-                  load_ms=round((time.monotonic() - t2) * 1000, 1))
+        ms = {"qemu_start": round((t1 - t0) * 1000, 1), "ram_check": round((t2 - t1) * 1000, 1),
+              "state_load": round((time.monotonic() - t2) * 1000, 1)}
+        if phases_ms is not None:
+            phases_ms.update(ms)
+        log.debug("filecow.started", domain=name, **ms)
 
     async def start_clone(self, *, ctx: StunContext, clone: CloneTarget) -> None:
-        await self._start_on_image(clone.name, clone.uuid, ctx.image)
+        await self._start_on_image(clone.name, clone.uuid, ctx.image, clone.phases_ms)
 
     async def detach_source(self, *, ctx: StunContext, resume: bool) -> None:
         """Respawn the source as a private child of the frozen file (see the module doc)."""

@@ -38,7 +38,11 @@ async def test_two_clones_have_distinct_identity_and_get_their_data(world):
         seen = []
         for c in job["result"]["clones"]:
             ident = c["identity"]
-            print(c["name"], "phases ms:", ident["phases_ms"])
+            print(c["name"], "phases ms:", ident["phases_ms"], "guest ms:", ident["guest_ms"])
+            # Every phase is timed (filecow: the QEMU start and the state load apart), the guest's too.
+            assert {"qemu_start", "state_load", "nic_replug", "identity_script", "nics_seen", "link_up",
+                    "network_renew", "ipv4_wait", "define"} <= set(ident["phases_ms"]), ident["phases_ms"]
+            assert {"kernel_rng", "hostname", "restart_wait"} <= set(ident["guest_ms"]), ident["guest_ms"]
             assert ident["hostname"] == c["name"]
             assert [i["mac"] for i in ident["interfaces"]] == c["macs"]
             assert any(a.startswith("10.0.2.") for i in ident["interfaces"] for a in i["addresses"]), ident
@@ -78,4 +82,4 @@ async def test_customization_can_be_skipped_and_bad_config_is_refused(world):
         assert job["state"] == "Unstunned", job
         ident = job["result"]["clones"][0]["identity"]
         assert {k: ident[k] for k in ("customized", "reason")} == {"customized": False, "reason": "not requested"}
-        assert set(ident["phases_ms"]) == {"start", "nic_replug", "define"}
+        assert set(ident["phases_ms"]) == {"slot_wait", "memory_start", "link_down", "resume", "nic_replug", "define"}

@@ -46,7 +46,11 @@ class Job(Answer):
     state: State
     spec: dict[str, Any] = Field(description="names, count, backends, flags, config, script, ttl_s, pool")
     error: dict[str, Any] | None = Field(description="code, message, step of a failed job")
-    result: dict[str, Any] = Field(description="clones made (name, uuid, dir...), timings")
+    result: dict[str, Any] = Field(description=(
+        "clones made (name, uuid, dir, identity...), stun_ms, and where the time went: phases_ms (the job's "
+        "phases outside the states, ms: queue, set_up, source_ipv4, stamp, clones_start, result, hand_over) and "
+        "per clone identity.phases_ms (its start's phases, ms; they overlap), identity.ready_ms, "
+        "identity.guest_ms"))
     created_at: float
     updated_at: float
     history: list[HistoryEntry]

@@ -51,4 +51,6 @@ class Agent(Connection):
             if loop.time() > end:
                 raise LibvirtTimeout(f"{argv[0]} in {name!r} did not finish within {timeout_s:g} s")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)  # one status call is ~1 ms; a coarser poll adds up to its step to every command
+            # One status call is ~1 ms; a coarser poll adds up to its step to
+            # every command (a clone's start waits on three of them).
+            delay = min(delay * 2, 0.05)

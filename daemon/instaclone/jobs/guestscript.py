@@ -37,7 +37,8 @@ ioctl($u, 0x40085203, pack("i i", length($d) * 8, length($d)) . $d) or die "RNDA
 ioctl($u, 0x5207, 0) or die "RNDRESEEDCRNG: $!\n";
 """
 
-# $1: new hostname, $2: 1 to keep SSH host keys. stdin, a line each: the
+# $1: new hostname, $2: 1 to keep SSH host keys, $3: seconds to move the
+# clock by ("+1.234567890"; empty: not known). stdin, a line each: the
 # RNG bytes and the seed bytes as printf octal escapes, the new machine-id,
 # the JSON config; then the host-made SSH host keys ("KEY <type>", the
 # private key's lines, "PUB <public key line>") up to "END-KEYS".
@@ -51,6 +52,16 @@ set -u
 name=$1 keep_ssh=$2
 umask 077
 r() { echo "IC-RESULT $1 $2 $3"; }
+# When each step ended, on the guest's clock (a builtin read: no program run).
+tick() { read -r up _ < /proc/uptime; echo "IC-T $1 $up"; }
+tick begin
+# The clock first, by the offset the host measured: relative, so this
+# script's own start-up time does not count. (GNU date; busybox's has no
+# relative -s: the host sets the clock itself when no result says so.)
+if [ -n "${3:-}" ] && date -s "now $3 seconds" >/dev/null 2>&1; then
+    r clock reset "moved by $3 s to the host's clock (its offset through guest-get-time); the RTC is not written"
+fi
+tick clock
 read -r rng; read -r seed; read -r mid; read -r cfg
 mkdir -p /run/instaclone
 printf '%s\n' "$cfg" > /run/instaclone/config.json.tmp &&
@@ -77,6 +88,7 @@ while IFS= read -r line; do
         *) [ -n "$k" ] && printf '%s\n' "$line" >> "$k" ;;
     esac
 done
+tick ssh_keys_in
 
 # machine-id: the host's random id, never derived from DMI (a clone's SMBIOS
 # tables are its source's), also in dbus' copy when that is a file.
@@ -85,17 +97,30 @@ mid_detail="$mid"
 if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then
     printf '%s\n' "$mid" > /var/lib/dbus/machine-id && mid_detail="$mid_detail (also /var/lib/dbus/machine-id)"
 fi
+tick machine_id
 
 # DHCP: leases dropped, clients restarted so that their client id and DUID
 # follow the new machine-id (networkd derives them from it and keeps the old
 # ones until restarted; NetworkManager keeps its DUID in lease files and
 # secret_key; dhclient in its lease file's default-duid). journald writes
 # under the new machine-id only once restarted. The restarts run meanwhile.
-# (by name, not by the comm scan: busybox applets can run as "busybox")
-if command -v killall >/dev/null 2>&1; then killall udhcpc dhclient >/dev/null 2>&1
-elif command -v pkill >/dev/null 2>&1; then pkill -x 'udhcpc|dhclient' >/dev/null 2>&1; fi
+# The leases go before the clients are stopped: the guest may still be
+# handling the new NIC's hot-plug, and a client that starts (ifupdown's
+# dhclient) either starts before the stop and is stopped, or finds no old
+# lease (and no old DUID) to read.
 rm -f /run/udhcpc.* /var/lib/dhcp/*.lease* /var/lib/dhclient/*.lease* /run/systemd/netif/leases/* \
       /var/lib/NetworkManager/*.lease /var/lib/NetworkManager/secret_key 2>/dev/null
+# By name (a busybox applet may run as "busybox"), and only when one may run
+# (killall or pkill is a program: 100-400 ms under TCG): looked for now, after
+# the leases went, so that one started since then has none to read.
+clients=0
+for c in /proc/[0-9]*/comm; do
+    read -r n 2>/dev/null < "$c" && case $n in udhcpc|dhclient|busybox) clients=1; break ;; esac
+done
+if [ $clients = 1 ]; then
+    if command -v killall >/dev/null 2>&1; then killall udhcpc dhclient >/dev/null 2>&1
+    elif command -v pkill >/dev/null 2>&1; then pkill -x 'udhcpc|dhclient' >/dev/null 2>&1; fi
+fi
 for i in /sys/class/net/*; do
     i=${i#/sys/class/net/}
     [ "$i" = lo ] || ip -4 addr flush dev "$i" 2>/dev/null
@@ -117,6 +142,7 @@ if [ $systemd = 1 ]; then
 fi
 rpid=""
 if [ -n "$units" ]; then systemctl restart $units > /run/instaclone/restart.log 2>&1 & rpid=$!; fi
+tick dhcp
 
 # The kernel's random generator, before any secret is made in here.
 f=/run/instaclone/.rng
@@ -129,6 +155,7 @@ else
     r kernel_rng failed "cannot write /dev/urandom"
 fi
 : > "$f"
+tick kernel_rng
 
 # Random seed files, so the next boot does not start from the source's.
 seeds=""
@@ -137,6 +164,7 @@ for s in /var/lib/systemd/random-seed /var/lib/urandom/random-seed; do
 done
 if [ -n "$seeds" ]; then r random_seed reset "replaced with host bytes:$seeds"
 else r random_seed not_present "no random seed file"; fi
+tick random_seed
 
 # Hostname, also on /etc/hosts' 127.0.1.1 line (hostname -f reads it), its
 # domain kept. /etc/hostname is the name systemd sets at boot.
@@ -162,6 +190,7 @@ fi
 "
 (umask 022; printf '%s' "$hosts" > /etc/hosts)
 r hosts reset "$line127"
+tick hostname
 
 # SSH host keys, continued: report, or make what the host did not.
 if [ -z "$had" ]; then
@@ -183,6 +212,7 @@ fi
 for p in /etc/ssh/ssh_host_*_key.pub; do
     [ -f "$p" ] && { IFS= read -r pub < "$p"; echo "IC-PUB $pub"; }
 done
+tick ssh_host_keys
 
 # VM generation ID: the host gave the clone a new one; only a guest kernel
 # with a vmgenid driver reseeds from it.
@@ -190,6 +220,7 @@ gen=unsupported
 for d in /sys/bus/acpi/drivers/vmgenid/*:*; do [ -e "$d" ] && gen=reset; done
 if [ $gen = reset ]; then r vm_generation_id reset "new ID seen by the guest's vmgenid driver"
 else r vm_generation_id unsupported "the guest kernel has no VMGENID driver"; fi
+tick vm_generation_id
 
 if [ -n "$rpid" ] && ! wait "$rpid"; then
     err=""; read -r err < /run/instaclone/restart.log
@@ -197,24 +228,30 @@ if [ -n "$rpid" ] && ! wait "$rpid"; then
 else
     r dhcp reset "$dhcp"
 fi
+tick restart_wait
 r machine_id reset "$mid_detail"
 echo "IC-DONE"
 """
 
-# Re-read the network once the links are up.
+# Re-read the network once the links are up. Shell builtins where they do
+# (under TCG a program costs 100-400 ms): the interfaces from a glob, "up"
+# from their flags (IFF_UP, 0x1), networkd or NetworkManager from the
+# processes' names; one program per interface is left, the client's own.
 RENEW = r"""
-for i in $(ls /sys/class/net); do
+procs=" "
+for c in /proc/[0-9]*/comm; do read -r n 2>/dev/null < "$c" && procs="$procs$n "; done
+for i in /sys/class/net/*; do
+    i=${i#/sys/class/net/}
     [ "$i" = lo ] && continue
-    ip link set "$i" up 2>/dev/null
-    if command -v networkctl >/dev/null 2>&1 && networkctl status >/dev/null 2>&1; then
-        networkctl reconfigure "$i" >/dev/null 2>&1
-    elif command -v nmcli >/dev/null 2>&1; then
-        nmcli device reapply "$i" >/dev/null 2>&1
-    elif command -v dhclient >/dev/null 2>&1; then
-        dhclient -1 "$i" >/dev/null 2>&1 &
-    elif command -v udhcpc >/dev/null 2>&1; then
-        udhcpc -i "$i" -n -q -t 5 -T 1 >/dev/null 2>&1 &
-    fi
+    fl=0; read -r fl 2>/dev/null < "/sys/class/net/$i/flags"
+    [ $((fl & 1)) = 1 ] || ip link set "$i" up 2>/dev/null
+    case $procs in
+        *" systemd-network "*) networkctl reconfigure "$i" >/dev/null 2>&1 ;;
+        *" NetworkManager "*) nmcli device reapply "$i" >/dev/null 2>&1 ;;
+        *) if command -v dhclient >/dev/null 2>&1; then dhclient -1 "$i" >/dev/null 2>&1 &
+           elif command -v udhcpc >/dev/null 2>&1; then udhcpc -i "$i" -n -q -t 5 -T 1 >/dev/null 2>&1 &
+           fi ;;
+    esac
 done
 wait
 echo renewed
@@ -226,7 +263,8 @@ SCRIPT_WRAPPER = ('export IC_CLONE_NAME="$1" IC_SOURCE="$2" IC_JOB_ID="$3"; '
 
 
 def identity_script() -> str:
-    """The identity reset script (``sh -c``; ``$1`` hostname, ``$2`` 1 to keep SSH host keys)."""
+    """The identity reset script (``sh -c``; ``$1`` hostname, ``$2`` 1 to keep SSH host keys, ``$3`` the clock's
+    offset in seconds, signed, or empty)."""
     return _IDENTITY.replace('"$PERL_RESEED"', "'" + _PERL_RESEED.strip() + "'")
 
 
@@ -284,6 +322,27 @@ def ssh_fingerprint(pub_line: str) -> str | None:
     return f"{bits} SHA256:{digest} {comment} ({name})"
 
 
+def parse_marks(out: str) -> dict[str, float]:
+    """Milliseconds each step of the identity script took in the guest, from its ``IC-T`` lines.
+
+    The guest's uptime has a resolution of 10 ms; the first line only starts the clock.
+    """
+    out_ms: dict[str, float] = {}
+    last: float | None = None
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or parts[0] != "IC-T":
+            continue
+        try:
+            at = float(parts[2])
+        except ValueError:
+            continue
+        if last is not None:
+            out_ms[parts[1]] = round(out_ms.get(parts[1], 0.0) + (at - last) * 1000.0, 1)
+        last = at
+    return out_ms
+
+
 def parse_results(out: str) -> tuple[dict[str, dict[str, str]], list[str]]:
     """The identity script's report: item -> {status, detail}, and the new keys' fingerprints."""
     items: dict[str, dict[str, str]] = {}
@@ -304,8 +363,9 @@ def parse_results(out: str) -> tuple[dict[str, dict[str, str]], list[str]]:
 SSH_KEY_TYPES = ("rsa", "ecdsa", "ed25519")
 
 
-async def make_host_keys(comment: str) -> dict[str, tuple[bytes, bytes]] | None:
-    """Fresh SSH host key pairs, made on the host: type -> (private key, public key).
+async def make_host_keys(comment: str,
+                         types: tuple[str, ...] = SSH_KEY_TYPES) -> dict[str, tuple[bytes, bytes]] | None:
+    """Fresh SSH host key pairs of ``types``, made on the host: type -> (private key, public key).
 
     The host's generator is not the clone's (which is its source's until
     reseeded) and is fast: under TCG a guest takes 10-40 s for one RSA key.
@@ -316,7 +376,7 @@ async def make_host_keys(comment: str) -> dict[str, tuple[bytes, bytes]] | None:
     procs: list[asyncio.subprocess.Process] = []
     try:
         try:
-            for t in SSH_KEY_TYPES:
+            for t in types:
                 procs.append(await asyncio.create_subprocess_exec(
                     "ssh-keygen", "-q", "-t", t, "-N", "", "-C", comment, "-f", str(tmp / t),
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -324,7 +384,7 @@ async def make_host_keys(comment: str) -> dict[str, tuple[bytes, bytes]] | None:
         except FileNotFoundError:
             return None
         out: dict[str, tuple[bytes, bytes]] = {}
-        for t, proc in zip(SSH_KEY_TYPES, procs, strict=True):
+        for t, proc in zip(types, procs, strict=True):
             _, err = await proc.communicate()
             if proc.returncode != 0:
                 raise CustomizationFailed(f"ssh-keygen -t {t} on the host failed: {err.decode(errors='replace')}")

@@ -70,6 +70,9 @@ class Run:
     on_done: Callable[[str], None] = lambda job_id: None  # a job of the stun reached its terminal state
     # Clone deltas and definitions made at once inside the stun (qemu-img, libvirt calls).
     io_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(STUN_IO_PARALLEL))
+    #: Milliseconds of what the jobs share outside the pipeline's states (the result's ``phases_ms``).
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    began_at: float = 0.0  # wall clock when the stun's set-up began
 
     @property
     def context(self) -> StunContext:
@@ -308,7 +311,13 @@ async def set_up_run(svc: JobContext, run: Run) -> None:
             ctx.nvram = at_freeze / "nvram.fd"
     elif info.state == "running" and customize.has_agent(info.xml):
         # Outside the stun: which interfaces the clones must get IPv4 on.
+        t = time.monotonic()
         ctx.source_ipv4 = await customize.ipv4_interfaces(svc.virt, run.source)
+        run.phases_ms["source_ipv4"] = _ms_since(t)
+        # Whether the clones need an RSA host key made for them (seconds of host CPU while they start).
+        t = time.monotonic()
+        ctx.source_rsa_host_key = await customize.has_rsa_host_key(svc.virt, run.source)
+        run.phases_ms["source_rsa_key"] = _ms_since(t)
 
 
 class _NoJobLeft(Exception):
@@ -374,8 +383,11 @@ async def stun_phase(svc: JobContext, run: Run) -> bool:
     back, and so was what they shared).
     """
     try:
+        run.began_at = time.time()
         await _hooks(svc, run, State.REQUESTED.value)
+        t = time.monotonic()
         await set_up_run(svc, run)
+        run.phases_ms["set_up"] = _ms_since(t)
         steps = [s for s in PIPELINE if s.applies(run)]
         for step in [s for s in steps if not s.deadline]:
             await run_step(svc, run, step)
@@ -388,8 +400,10 @@ async def stun_phase(svc: JobContext, run: Run) -> bool:
         await _hooks(svc, run, run.step)
         await unstun(svc, run)
         # Outside the stun: what the steps made gets its identity.
+        t = time.monotonic()
         for owner_id in (run.id, *(m.job.id for m in run.alive)):
             await svc.ledger.stamp(owner_id)
+        run.phases_ms["stamp"] = _ms_since(t)
     except _NoJobLeft:
         await _roll_back_shared(svc, run, None)
         return False
@@ -421,8 +435,12 @@ async def start_phase(svc: JobContext, run: Run) -> None:
 async def start_member(svc: JobContext, run: Run, member: Member) -> None:
     """One job's clones start; a clone that fails is removed alone; the job ends Unstunned or Partial."""
     ctx, job = run.context, member.job
+    phases = dict(run.phases_ms)
+    phases["queue"] = round((run.began_at - job.history.entries[0].at) * 1000.0, 1)
     try:
+        t = time.monotonic()
         failures = await start.start_clones(svc, job, ctx, run.memory, member.clones)
+        phases["clones_start"] = _ms_since(t)
         for clone, exc in failures.items():
             err = as_error(exc, State.UNSTUNNED.value)
             left = await svc.ledger.rollback(job.id, source=job.source, clone=clone)
@@ -433,11 +451,15 @@ async def start_member(svc: JobContext, run: Run, member: Member) -> None:
             raise next(iter(failures.values()))
         if ctx.frozen:
             await svc.store.count_frozen_clones(job.source, len(started))
+        t = time.monotonic()
         result = {**await start.result(svc, run.memory, ctx, started, run.stun_ms),
                   "source_clock": run.source_clock, "failed_clones": member.failed_clones,
-                  "stun": {"id": run.id, "jobs": run.job_ids}}
+                  "stun": {"id": run.id, "jobs": run.job_ids}, "phases_ms": phases}
+        phases["result"] = _ms_since(t)
+        t = time.monotonic()
         await svc.ledger.stamp(job.id)  # what the clones' QEMUs made (logs, sockets)
         await start.hand_over(svc, job, started)
+        phases["hand_over"] = _ms_since(t)
     except BaseException as exc:
         await fail_member(svc, run, member, exc)
         if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
@@ -447,6 +469,10 @@ async def start_member(svc: JobContext, run: Run, member: Member) -> None:
     await svc.finish(job, State.PARTIAL if member.failed_clones else State.UNSTUNNED, result=result)
     svc.log.info("job.done", job_id=job.id, source=job.source, clones=[c.name for c in started],
                  failed=[f["name"] for f in member.failed_clones], stun_ms=run.stun_ms, stun_id=run.id)
+
+
+def _ms_since(t: float) -> float:
+    return round((time.monotonic() - t) * 1000.0, 1)
 
 
 # -- failure ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import InstacloneError
 from ..hv import domxml
@@ -21,22 +21,12 @@ from ..plugin_api import CloneTarget, MemoryBackend, StunContext
 from ..requests import validate_script
 from . import customize
 from .context import JobContext
+from .timings import Timings
+
+T = TypeVar("T")
 
 #: A stun longer than this sets the source's clock from the host's afterwards.
 SOURCE_CLOCK_AFTER_STUN_MS = 1000.0
-
-
-class _Laps:
-    """Milliseconds per phase of one clone's start, for its result."""
-
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-        self._t = time.monotonic()
-
-    def __call__(self, phase: str) -> None:
-        now = time.monotonic()
-        self.phases[phase] = round((now - self._t) * 1000.0, 1)
-        self._t = now
 
 
 class _Starter:
@@ -52,65 +42,108 @@ class _Starter:
                         else f"the source has no guest agent channel ({customize.AGENT_CHANNEL})")
 
     async def start(self, clone: CloneTarget, slots: asyncio.Semaphore) -> None:
-        async with slots:
-            lap = _Laps()
-            # The clone's SSH host keys are made on the host while it starts.
-            keys = (await all_or_first_error(self._host_keys(clone), self._boot(clone, lap)))[0]
-            if self.customizing:
-                try:
-                    await self._customize(clone, keys, lap)
-                except InstacloneError as exc:
-                    raise customize.CustomizationFailed(
-                        f"customization of clone {clone.name!r} failed; the clone was removed: "
-                        f"{exc.message}") from exc
-            else:
-                clone.identity = {"customized": False, "reason": self.why_not}
-            # The persistent definition must not keep the one-shot "-incoming
-            # defer" or the image link: a later plain start must cold-boot.
-            virt = self.svc.virt
-            await virt.define(domxml.forget_frozen_ram(await virt.inactive_xml(clone.name)))
-            lap("define")
-            clone.identity["phases_ms"] = lap.phases
+        """Start ``clone``; when this returns it is ready: running, its identity reset, its network up.
 
-    async def _boot(self, clone: CloneTarget, lap: _Laps) -> None:
+        After the resume the NIC replug runs while the persistent
+        definition is cleaned up (host work only); then the identity reset
+        (links still down), then the links come up and the network is
+        re-read. The SSH host keys are made on the host from the start.
+
+        The replug and the reset are not run at once: both are work of the
+        guest's vCPU (ACPI hot-unplug, udev and the network daemon reacting to
+        the new NIC; the reset script's programs), and under TCG with one vCPU
+        running them side by side took longer than one after the other
+        (docs/design/benchmarks.md, "Clone ready time, per phase").
+        """
+        t = Timings(clone.phases_ms)
+        with t.phase("slot_wait"):
+            await slots.acquire()
+        try:
+            keys: asyncio.Future[dict[str, tuple[bytes, bytes]] | None] = asyncio.get_running_loop().create_future()
+            await all_or_first_error(self._host_keys(clone, keys, t), self._start(clone, keys, t))
+        finally:
+            slots.release()
+        clone.identity["phases_ms"] = t.phases
+        clone.identity["ready_ms"] = t.since_start_ms()
+        clone.identity["agent_calls"] = t.agent_calls
+
+    async def _start(self, clone: CloneTarget, keys: Awaitable[dict[str, tuple[bytes, bytes]] | None],
+                     t: Timings) -> None:
         virt = self.svc.virt
-        await self.memory.start_clone(ctx=self.ctx, clone=clone)
+        with t.phase("memory_start"):
+            await self.memory.start_clone(ctx=self.ctx, clone=clone)
         # The guest still has the source's MAC (it is in the migrated device
         # state): no packet may leave before the NIC is replaced, unless the
         # network is isolated.
         if not self.keep_network:
-            for mac in clone.macs:
-                await virt.set_link(clone.name, mac, up=False)
-        await virt.resume(clone.name)
-        lap("start")
+            with t.phase("link_down"):
+                for mac in clone.macs:
+                    await virt.set_link(clone.name, mac, up=False)
+        with t.phase("resume"):
+            await virt.resume(clone.name)
+        await all_or_first_error(self._replug(clone, t), self._define(clone, t))
+        if not self.customizing:
+            clone.identity = {"customized": False, "reason": self.why_not}
+            return
+        clone.identity = await self._reset_identity(clone, keys, t)
+        await _customizing(clone, self._network(clone, t))
+
+    async def _replug(self, clone: CloneTarget, t: Timings) -> None:
         # Links stay down until the identity reset when there is one.
-        for mac in clone.macs:
-            await virt.replace_nic(clone.name, mac, link_up=not self.customizing,
-                                   timeout_s=self.svc.config.clone.nic_release_timeout_s)
-        lap("nic_replug")
+        with t.phase("nic_replug"):
+            for mac in clone.macs:
+                await self.svc.virt.replace_nic(clone.name, mac, link_up=not self.customizing,
+                                                timeout_s=self.svc.config.clone.nic_release_timeout_s)
 
-    async def _host_keys(self, clone: CloneTarget) -> dict[str, tuple[bytes, bytes]] | None:
+    async def _define(self, clone: CloneTarget, t: Timings) -> None:
+        # The persistent definition must not keep the one-shot "-incoming
+        # defer" or the image link: a later plain start must cold-boot. (The
+        # running domain is not touched by it.)
+        virt = self.svc.virt
+        with t.phase("define"):
+            await virt.define(domxml.forget_frozen_ram(await virt.inactive_xml(clone.name)))
+
+    async def _host_keys(self, clone: CloneTarget, keys: asyncio.Future[dict[str, tuple[bytes, bytes]] | None],
+                         t: Timings) -> None:
         if not self.customizing or self.keep_ssh:
-            return None
-        return await customize.make_host_keys(f"root@{clone.name}")
+            keys.set_result(None)
+            return
+        # An RSA key takes a core for about a second here (while the clone's
+        # QEMU starts): made only when the source may have one to replace.
+        types = tuple(k for k in customize.SSH_KEY_TYPES
+                      if k != "rsa" or self.ctx.source_rsa_host_key is not False)
+        with t.phase("host_keys"):
+            keys.set_result(await customize.make_host_keys(f"root@{clone.name}", types))
 
-    async def _customize(self, clone: CloneTarget, keys: dict[str, tuple[bytes, bytes]] | None,
-                         lap: _Laps) -> None:
+    async def _reset_identity(self, clone: CloneTarget, keys: Awaitable[dict[str, tuple[bytes, bytes]] | None],
+                              t: Timings) -> dict[str, Any]:
+        return await _customizing(clone, customize.customize(
+            self.svc.virt, clone.name, hostname=clone.name, config=dict(self.job.spec.config),
+            timeout_s=self.svc.config.clone.customize_timeout_s, keep_ssh_host_keys=self.keep_ssh,
+            host_keys=keys, macs=[] if self.keep_network else clone.macs, timings=t))
+
+    async def _network(self, clone: CloneTarget, t: Timings) -> None:
+        """The links come up (the guest has its new NICs and its new identity), then the network is re-read."""
         virt, timeout = self.svc.virt, self.svc.config.clone.customize_timeout_s
-        clone.identity = await customize.customize(
-            virt, clone.name, hostname=clone.name, config=dict(self.job.spec.config), timeout_s=timeout,
-            keep_ssh_host_keys=self.keep_ssh, host_keys=keys, macs=[] if self.keep_network else clone.macs)
-        lap("identity")
-        for mac in clone.macs:
-            await virt.set_link(clone.name, mac, up=True)
+        with t.phase("link_up"):
+            for mac in clone.macs:
+                await virt.set_link(clone.name, mac, up=True)
         clone.identity["interfaces"] = await customize.renew_network(
-            virt, clone.name, timeout_s=timeout, want_ipv4=self.ctx.source_ipv4)
+            virt, clone.name, timeout_s=timeout, want_ipv4=self.ctx.source_ipv4, timings=t)
         clone.identity["ipv4_waited_for"] = self.ctx.source_ipv4
-        lap("network")
         if self.script:
-            clone.identity["script"] = await customize.run_script(
-                virt, clone.name, self.script, source=self.job.source, job_id=self.job.id, timeout_s=timeout)
-            lap("script")
+            with t.phase("script"):
+                clone.identity["script"] = await customize.run_script(
+                    virt, clone.name, self.script, source=self.job.source, job_id=self.job.id, timeout_s=timeout)
+
+
+async def _customizing(clone: CloneTarget, aw: Awaitable[T]) -> T:
+    """``aw``, a part of the clone's customization: its failure says so."""
+    try:
+        return await aw
+    except InstacloneError as exc:
+        raise customize.CustomizationFailed(
+            f"customization of clone {clone.name!r} failed; the clone was removed: {exc.message}") from exc
 
 
 async def start_clones(svc: JobContext, job: JobRecord, ctx: StunContext, memory: MemoryBackend,

@@ -60,7 +60,7 @@ async def test_each_clone_gets_host_made_secrets_and_its_result(agent_env):
     assert set(calls) == {"c-1", "c-2", "c-3"}
     seen = set()
     for name, (argv, stdin) in calls.items():
-        assert argv[-2:] == [name, "0"]  # hostname; SSH host keys are regenerated
+        assert argv[-3:] == [name, "0", ""]  # hostname; SSH host keys are regenerated; clock offset unknown
         rng, seed, mid, config, rest = stdin.split(b"\n", 4)
         assert octal_bytes(rng) and len(octal_bytes(rng)) == guestscript.RNG_BYTES
         assert len(octal_bytes(seed)) == guestscript.SEED_BYTES
@@ -91,7 +91,7 @@ async def test_keep_ssh_host_keys_from_request_and_config(agent_env):
     job = await run_job(engine, store, name="k1", keep_ssh_host_keys=True)
     assert job.state is State.UNSTUNNED
     argv, stdin = identity_calls(virt)["k1"]
-    assert argv[-1] == "1" and b"\nKEY " not in stdin  # no keys made when they are kept
+    assert argv[-2] == "1" and b"\nKEY " not in stdin  # no keys made when they are kept
     with pytest.raises(InvalidRequest, match="keep_ssh_host_keys"):
         await engine.submit(CloneRequest(source="src", name="k2", keep_ssh_host_keys="yes"))
 
