@@ -229,11 +229,14 @@ class CloneConfig:
         "A shell script on this host run in every clone (/bin/sh -s, through the guest agent) after its "
         "identity reset, like Horizon's post-clone script; a request's own \"script\" replaces it. \"\" runs "
         "none."))
-    max_chain_depth: int = setting(32, min=2, max=1000, help=(
+    max_chain_depth: int = setting(16, min=2, max=24, help=(
         "Every clone of a running source adds one image to the source's backing chain (and a clone's chain "
         "is its source's plus one). Past this many images, a running domain's chain is consolidated after the "
         "job, live: the images only it uses are pulled into its own top (libvirt block pull, keeping the base "
-        "image shared). Frozen sources are never consolidated."))
+        "image shared). Frozen sources are never consolidated. At most 24: libvirt 11 cannot start a domain "
+        "whose disk has a chain of more than 25 images (\"failed to parse JSON: nesting too deep\": QEMU "
+        "describes each image's backing image inside the image's own description, and libvirt's JSON parser "
+        "stops at 32 levels of nesting)."))
 
     @property
     def starting_slots(self) -> int:

@@ -69,7 +69,7 @@ class Facts:
     agent_error: str | None = None
     #: Disk target -> images in its backing chain, or why the depth is unknown.
     chain_depths: Mapping[str, int | str] = field(default_factory=dict)
-    max_chain_depth: int = 32
+    max_chain_depth: int = 16
     #: The configured memory backends in order: (name, None if it can serve the source, else why not).
     memory_backends: Sequence[tuple[str, str | None]] = ()
     storage_backend: str = "qcow2"
