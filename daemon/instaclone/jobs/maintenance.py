@@ -105,20 +105,24 @@ async def _released_chain(svc: JobContext, name: str, uuid: str) -> set[str]:
 
 
 async def consolidate(svc: JobContext, jobs: list[JobRecord]) -> None:
-    """Shorten backing chains longer than ``clone.max_chain_depth`` after successful jobs of one source.
+    """Shorten backing chains longer than ``clone.max_chain_depth`` after the jobs of one stun.
 
-    The source (once for the jobs of one stun) and each job's clones. Only a
-    domain's own top image is written (block pull), so images that other
-    clones are backed by never change; a frozen source's top is itself a
-    backing image and is never touched. The caller holds the source's lock.
-    Failures are logged: the jobs have succeeded already.
+    The source (once for the jobs of one stun, whatever came of them) and the
+    clones of each successful job. Only a domain's own top image is written
+    (block pull), so images that other clones are backed by never change; a
+    frozen source's top is itself a backing image and is never touched. The
+    caller holds the source's lock. Failures are logged: the jobs are over.
     """
-    done = [j for j in jobs if j.state is State.UNSTUNNED]
-    if not done or not svc.storage.supports_consolidation:
+    if not jobs or not svc.storage.supports_consolidation:
         return
+    done = [j for j in jobs if j.state is State.UNSTUNNED]
     frozen = await svc.store.frozen()
-    source = done[0].source
-    targets = [(source, done[0].id), *((n, j.id) for j in done for n in j.spec.names)]
+    source = jobs[0].source
+    # The source whatever came of its jobs: one that failed after the source's
+    # new delta was attached (a stun deadline, a clone that would not start)
+    # still added an image to its chain, and a chain that only grows ends in a
+    # source libvirt 11 cannot start or snapshot any more (max_chain_depth).
+    targets = [(source, jobs[0].id), *((n, j.id) for j in done for n in j.spec.names)]
     for name, job_id in targets:
         if name in frozen:
             continue

@@ -236,3 +236,16 @@ async def test_cancelled_block_pull_aborts_the_job(scripted):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert d.calls[-1] == ("abort", "vda", 0)
+
+
+async def test_failed_jobs_still_consolidate_the_source(chain_env):
+    """A job that fails after the source's new delta was attached still lengthens its chain: consolidated too."""
+    engine, virt, storage, store = chain_env
+    virt.fail["define"] = LibvirtError("injected define failure")  # Configured fails: after SourceDeltaCreated
+    seen = []
+    for i in range(1, 6):
+        job = await _job(engine, store, "src", f"f{i}")
+        assert job.state is State.FAILED, job
+        seen.append(await _top_depth(virt, storage, "src"))
+    assert max(seen) <= 4, seen  # without it: 3, 4, 5, 6, 7
+    assert ("src", "vda", 5) in storage.consolidated
