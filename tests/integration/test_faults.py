@@ -130,7 +130,9 @@ async def test_delta_filesystem_full(world: World):
     await boot_source(world.virt, world.scratch, f"{PREFIX}src2")
     job = await world.clone({"source": f"{PREFIX}src2", "name": f"{PREFIX}c2"})
     assert job["state"] == "Failed", job
-    assert job["error"]["step"] == "SourceDeltaCreated", job["error"]
+    # The source's new delta is made before the stun (qcow2's prepare_source_delta): the full
+    # filesystem fails the job before the source is ever stopped.
+    assert job["error"]["step"] == "Stunned", job["error"]
     assert "No space left on device" in job["error"]["message"] or "space" in job["error"]["message"], job["error"]
     print("delta filesystem full ->", job["error"])
     assert await world.virt.state(f"{PREFIX}src2") == "running"
@@ -151,7 +153,8 @@ async def test_qemu_img_failing(world: World):
     await boot_source(world.virt, world.scratch, f"{PREFIX}src3")
     job = await world.clone({"source": f"{PREFIX}src3", "name": f"{PREFIX}c3"})
     assert job["state"] == "Failed", job
-    assert job["error"]["step"] == "CloneDeltaCreated" and "Input/output error" in job["error"]["message"], job
+    # The job's first qemu-img create is the source's new delta, made before the stun.
+    assert job["error"]["step"] == "Stunned" and "Input/output error" in job["error"]["message"], job
     print("qemu-img failing ->", job["error"])
     assert await world.virt.state(f"{PREFIX}src3") == "running"
     assert await world.leftovers(job["id"], f"{PREFIX}src3") == []
