@@ -8,12 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from instaclone import backends
-from instaclone.plugin_api import Recorder, ResourceKind, StunContext
+from instaclone.plugin_api import Config, Recorder, ResourceKind, StunContext
 from instaclone_plugins.qcow2 import Qcow2Storage
 from tests.support.fakes import FakeHypervisor
 
 
-async def test_source_overlay_made_before_the_stun_then_attached(tmp_path: Path) -> None:
+def world(tmp_path: Path) -> tuple[Path, Config, FakeHypervisor]:
+    """A 64 MiB qcow2 source disk, the default config over ``tmp_path``, a fake libvirt running the source."""
     base = tmp_path / "src.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
     config = backends.config_from_dict({})
@@ -21,6 +22,11 @@ async def test_source_overlay_made_before_the_stun_then_attached(tmp_path: Path)
     config.delta_dir.mkdir(parents=True)
     virt = FakeHypervisor()
     virt.add_source("src", base)
+    return base, config, virt
+
+
+async def test_source_overlay_made_before_the_stun_then_attached(tmp_path: Path) -> None:
+    base, config, virt = world(tmp_path)
     storage = Qcow2Storage(config=config, virt=virt)
     recorded: list[tuple[ResourceKind, str]] = []
 
@@ -49,13 +55,7 @@ async def test_source_overlay_made_before_the_stun_then_attached(tmp_path: Path)
 
 
 async def test_without_preparation_the_snapshot_makes_the_overlay(tmp_path: Path) -> None:
-    base = tmp_path / "src.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
-    config = backends.config_from_dict({})
-    config = replace(config, daemon=replace(config.daemon, state_dir=tmp_path / "state"))
-    config.delta_dir.mkdir(parents=True)
-    virt = FakeHypervisor()
-    virt.add_source("src", base)
+    _, config, virt = world(tmp_path)
     recorded: list[str] = []
 
     async def record(kind: ResourceKind, ref: str, **_: object) -> None:
