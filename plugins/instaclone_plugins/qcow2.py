@@ -63,6 +63,11 @@ def _new_file(path: Path, owner: tuple[int, int] | None = None) -> None:
     os.close(safefs.create_file(path, owner=owner))
 
 
+def _overlay(source_dir: Path, ctx: StunContext, disk: Disk) -> Path:
+    """The source's new overlay of ``disk`` for this job."""
+    return source_dir / f"{ctx.source.name}.{disk.target}.{ctx.job_id}.qcow2"
+
+
 def _owner(path: Path) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_uid, st.st_gid
@@ -120,7 +125,7 @@ class Qcow2Storage(StorageBackend):
         source_dir = await self._source_dir(ctx)
         made: dict[str, Path] = {}
         for disk in disks:
-            path = source_dir / f"{ctx.source.name}.{disk.target}.{ctx.job_id}.qcow2"
+            path = _overlay(source_dir, ctx, disk)
             await record(ResourceKind.SOURCE_DELTA, str(path))
             # T's size read as the format libvirt recorded (never probed).
             size = await _images.virtual_size(self.qemu_img, disk.path, disk.format)
@@ -145,7 +150,7 @@ class Qcow2Storage(StorageBackend):
         source_dir = await self._source_dir(ctx)
         overlays: dict[str, Path] = {}
         for disk in disks:
-            path = source_dir / f"{ctx.source.name}.{disk.target}.{ctx.job_id}.qcow2"
+            path = _overlay(source_dir, ctx, disk)
             await record(ResourceKind.SOURCE_DELTA, str(path))
             overlays[disk.target] = path
         await self.virt.snapshot_disks(ctx.source.name, overlays)

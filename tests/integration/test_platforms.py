@@ -33,12 +33,9 @@ from tests.support.vmlib import (
     TEST_PREFIXES,
     Api,
     Scratch,
-    assert_no_qemu_left,
     boot_source,
     clone_log,
-    make_config,
-    running_daemon,
-    undefine_new,
+    daemon_world,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(libvirt_ready() is not None,
@@ -51,21 +48,13 @@ World = tuple[Scratch, Hypervisor, cfg.Config]
 @pytest.fixture(params=["copy", "auto"])
 async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
     """A daemon whose filecow backend runs with the ``source_mode`` of the parameter."""
-    scratch = Scratch()
-    virt = Hypervisor()
-    await virt.connect()
-    before = set(await virt.list_names())
-    config = make_config(scratch).with_section("memory.filecow", FileCowSettings(source_mode=request.param))
-    daemon = await running_daemon(config)
-    try:
-        yield scratch, virt, config
-    finally:
-        await daemon.stop()
-        await undefine_new(virt, before, TEST_PREFIXES)
+    mode = FileCowSettings(source_mode=request.param)
+    async with daemon_world(TEST_PREFIXES, lambda c: c.with_section("memory.filecow", mode)) as made:
+        virt = made[1]
+        before = set(await virt.list_names())
+        yield made
+        # Every job has ended: a pre-copy shadow still defined would be a leak.
         shadows = [n for n in set(await virt.list_names()) - before if n.startswith("instaclone-shadow-")]
-        await virt.close()
-        scratch.cleanup()
-    assert_no_qemu_left(scratch)
     assert not shadows, f"pre-copy shadow domains left behind: {shadows}"
 
 

@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,15 +118,17 @@ def assert_no_qemu_left(scratch: Scratch) -> None:
 
 
 @asynccontextmanager
-async def daemon_world(prefix: str) -> AsyncIterator[tuple[Scratch, Hypervisor, cfg.Config]]:
-    """A scratch dir, a real daemon on it, a libvirt handle: (scratch, virt, config). Afterwards the
-    daemon stops, the domains named ``prefix``... that the test made are undefined, and no QEMU
-    process of the scratch dir may be left."""
+async def daemon_world(prefix: str | tuple[str, ...],
+                       configure: Callable[[cfg.Config], cfg.Config] = lambda c: c,
+                       ) -> AsyncIterator[tuple[Scratch, Hypervisor, cfg.Config]]:
+    """A scratch dir, a real daemon on it, a libvirt handle: (scratch, virt, config). ``configure``
+    changes the test config before the daemon starts. Afterwards the daemon stops, the domains named
+    ``prefix``... that the test made are undefined, and no QEMU process of the scratch dir may be left."""
     scratch = Scratch()
     virt = Hypervisor()
     await virt.connect()
     before = set(await virt.list_names())
-    config = make_config(scratch)
+    config = configure(make_config(scratch))
     daemon = await running_daemon(config)
     try:
         yield scratch, virt, config
